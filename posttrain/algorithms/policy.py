@@ -1,0 +1,211 @@
+"""Policy-gradient losses: PPO-clip for the policy, clipped value loss for the critic, and
+an entropy bonus. Every token loss is reduced with ``aggregate`` so ``loss_agg_mode`` and
+its step-wide normalisers are shared with SFT.
+
+Seed 000 (PPO/GRPO objective): maximise E[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)]
+with r_t = pi(a_t) / pi_old(a_t) (Schulman et al. 2017, "Proximal Policy Optimization",
+eq. 7). Options:
+- separate ``clip_low`` / ``clip_high`` ("clip-higher", DAPO: Yu et al. 2025 §3.1; e.g.
+  0.2 / 0.28 keeps low-probability tokens explorable);
+- dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5): for
+  A < 0 the loss is bounded by -c * A, so one token with a huge ratio cannot dominate.
+
+GRPO (Shao et al. 2024) is this loss with group advantages and the KL as a separate loss
+term (``kl.kl_estimate`` aggregated with ``aggregate``). Deviation from the papers: the
+log-ratio is clamped to [-20, 20] before exp (no effect on any sane ratio; avoids inf).
+
+All inputs are [B, T] padded (sequence = row) unless ``sequence_index`` is given, in which
+case any matching shape works (packed rows). Metrics are detached floats over THIS call's
+trained tokens. Imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.algorithms.aggregate import aggregate_token_losses, masked_mean
+
+_MAX_LOG_RATIO = 20.0
+
+
+def _sequence_index(like: torch.Tensor, sequence_index: torch.Tensor | None):
+    if sequence_index is not None:
+        return sequence_index
+    if like.dim() == 2:
+        B, T = like.shape
+        return torch.arange(B, device=like.device).unsqueeze(1).expand(B, T)
+    return None
+
+
+def _masked_min_max(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    selected = values[mask != 0]
+    if selected.numel() == 0:
+        return 0.0, 0.0
+    return selected.min().item(), selected.max().item()
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip_c: float | None = None,
+    loss_agg_mode: str = "token-mean",
+    step_trained_tokens: float,
+    step_sequences: float,
+    sequence_index: torch.Tensor | None = None,
+    token_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """PPO-clip surrogate (to minimise), with clip-higher and optional dual clip.
+
+    per token: ratio = exp(logp - old_logp)
+        l = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
+        if dual_clip_c and A < 0: l = min(l, -A * dual_clip_c)
+
+    Args:
+        logp: [B, T] log pi(token) under the policy being trained (carries grad).
+        old_logp: [B, T] log-probs of the same tokens under the policy that sampled them.
+        advantages: [B, T] per-token advantages (``advantages.broadcast_to_tokens`` for
+            sequence-level ones).
+        loss_mask: [B, T] 0/1 trained tokens (masked tokens get exactly zero gradient).
+        clip_low, clip_high: ratio bounds 1 - clip_low, 1 + clip_high (clip_high None =
+            clip_low: symmetric PPO).
+        dual_clip_c: lower bound constant c > 1 for negative advantages (None: off).
+        loss_agg_mode, step_trained_tokens, step_sequences: see ``aggregate``.
+        sequence_index: sequence id per token for packed layouts (None: row = sequence).
+        token_weight: optional per-token weight.
+
+    Returns:
+        ``(loss, metrics)``: loss is this micro-batch's share of the step loss; metrics:
+        ``pg_loss``, ``clip_frac`` (trained tokens where the ratio clip is active),
+        ``dual_clip_frac``, ``ratio/mean``, ``ratio/min``, ``ratio/max``, ``approx_kl``
+        (k3 estimate of KL(pi_old || pi): mean of (ratio - 1) - log ratio).
+    """
+    if clip_high is None:
+        clip_high = clip_low
+    if dual_clip_c is not None and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1, got {dual_clip_c}")
+    advantages = advantages.detach().float()
+    log_ratio = (logp.float() - old_logp.detach().float()).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped_ratio = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = -advantages * clipped_ratio
+    token_loss = torch.maximum(unclipped, clipped)
+    if dual_clip_c is not None:
+        dual_bound = -advantages * dual_clip_c
+        dual_active = (advantages < 0) & (token_loss > dual_bound)
+        token_loss = torch.where(dual_active, dual_bound, token_loss)
+    else:
+        dual_active = torch.zeros_like(advantages, dtype=torch.bool)
+
+    loss = aggregate_token_losses(
+        token_loss, loss_mask, _sequence_index(token_loss, sequence_index), loss_agg_mode,
+        step_trained_tokens=step_trained_tokens, step_sequences=step_sequences,
+        token_weight_N=token_weight,
+    )
+    with torch.no_grad():
+        ratio_min, ratio_max = _masked_min_max(ratio, loss_mask)
+        metrics = {
+            "pg_loss": loss.item(),
+            "clip_frac": masked_mean((clipped > unclipped).float(), loss_mask).item(),
+            "dual_clip_frac": masked_mean(dual_active.float(), loss_mask).item(),
+            "ratio/mean": masked_mean(ratio, loss_mask).item(),
+            "ratio/min": ratio_min,
+            "ratio/max": ratio_max,
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, loss_mask).item(),
+        }
+    return loss, metrics
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    clip_range: float | None = 0.2,
+    loss_agg_mode: str = "token-mean",
+    step_trained_tokens: float,
+    step_sequences: float,
+    sequence_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Clipped value loss for the PPO critic (Schulman et al. 2017 baselines code;
+    Andrychowicz et al. 2021 discuss when clipping helps).
+
+    per token: v_clip = old + clip(v - old, -clip_range, clip_range)
+               l = 0.5 * max((v - R)^2, (v_clip - R)^2)      (plain 0.5 (v - R)^2 if None)
+
+    Args:
+        values: [B, T] critic outputs being trained (carries grad).
+        old_values: [B, T] critic outputs at rollout time (used for GAE).
+        returns: [B, T] value targets (``advantages.gae_advantages``).
+        loss_mask: [B, T] 0/1.
+        clip_range: how far the new value may move from the old one; None = no clipping.
+        loss_agg_mode, step_trained_tokens, step_sequences, sequence_index: see ``aggregate``.
+
+    Returns:
+        ``(loss, metrics)`` with ``vf_loss``, ``vf_clip_frac`` (tokens where the clipped
+        branch is the larger one), ``value/mean``, ``return/mean``, ``value/error`` (mean
+        squared error of the unclipped values).
+    """
+    values_f = values.float()
+    old = old_values.detach().float()
+    targets = returns.detach().float()
+    unclipped = (values_f - targets) ** 2
+    if clip_range is None:
+        token_loss = 0.5 * unclipped
+        clip_active = torch.zeros_like(unclipped, dtype=torch.bool)
+    else:
+        values_clipped = old + (values_f - old).clamp(-clip_range, clip_range)
+        clipped = (values_clipped - targets) ** 2
+        token_loss = 0.5 * torch.maximum(unclipped, clipped)
+        clip_active = clipped > unclipped
+    loss = aggregate_token_losses(
+        token_loss, loss_mask, _sequence_index(token_loss, sequence_index), loss_agg_mode,
+        step_trained_tokens=step_trained_tokens, step_sequences=step_sequences,
+    )
+    with torch.no_grad():
+        metrics = {
+            "vf_loss": loss.item(),
+            "vf_clip_frac": masked_mean(clip_active.float(), loss_mask).item(),
+            "value/mean": masked_mean(values_f, loss_mask).item(),
+            "return/mean": masked_mean(targets, loss_mask).item(),
+            "value/error": masked_mean(unclipped, loss_mask).item(),
+        }
+    return loss, metrics
+
+
+def entropy_bonus(
+    entropy: torch.Tensor,
+    loss_mask: torch.Tensor,
+    coef: float,
+    *,
+    loss_agg_mode: str = "token-mean",
+    step_trained_tokens: float,
+    step_sequences: float,
+    sequence_index: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss term -coef * aggregate(entropy): adding it to the loss rewards higher entropy.
+
+    Args:
+        entropy: [B, T] per-token entropy of the policy's next-token distribution, with grad
+            (``sft.chunked_token_logprobs_and_entropy``).
+        loss_mask: [B, T] 0/1.
+        coef: bonus weight (0 gives a zero loss that still reports the entropy metric).
+        loss_agg_mode, step_trained_tokens, step_sequences, sequence_index: see ``aggregate``.
+
+    Returns:
+        ``(loss, metrics)`` with ``entropy`` (masked mean over this call's tokens).
+    """
+    aggregated = aggregate_token_losses(
+        entropy.float(), loss_mask, _sequence_index(entropy, sequence_index), loss_agg_mode,
+        step_trained_tokens=step_trained_tokens, step_sequences=step_sequences,
+    )
+    loss = -coef * aggregated
+    with torch.no_grad():
+        metrics = {"entropy": masked_mean(entropy.float(), loss_mask).item()}
+    return loss, metrics
