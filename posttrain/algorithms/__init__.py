@@ -1,0 +1,68 @@
+"""Pure tensor math of post-training: losses, advantages, KL. Imports only torch; no config
+objects, no I/O. Each module's docstring cites the paper it implements and its deviations.
+
+- ``aggregate``   loss_agg_mode with step-wide normalisers (split-invariant losses)
+- ``sft``         the single next-token shift; chunked cross-entropy / log-probs / entropy
+- ``preference``  Bradley–Terry reward-model loss
+- ``advantages``  GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE
+- ``policy``      PPO-clip (clip-higher, dual clip), clipped value loss, entropy bonus
+- ``kl``          k1/k2/k3 estimators, fixed and adaptive KL coefficient
+"""
+
+from posttrain.algorithms.advantages import (
+    broadcast_to_tokens,
+    discounted_returns,
+    gae_advantages,
+    grpo_advantages,
+    normalize_advantages,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+    token_level_rewards,
+    zero_variance_group_fraction,
+)
+from posttrain.algorithms.aggregate import (
+    LOSS_AGG_MODES,
+    aggregate_padded_token_losses,
+    aggregate_token_losses,
+    count_trained,
+    count_trained_padded,
+    masked_mean,
+    masked_sum,
+    masked_var,
+)
+from posttrain.algorithms.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_estimate,
+    make_kl_controller,
+)
+from posttrain.algorithms.policy import entropy_bonus, ppo_policy_loss, value_loss
+from posttrain.algorithms.preference import bradley_terry_loss
+from posttrain.algorithms.sft import (
+    IGNORE_INDEX,
+    NextTokenTargets,
+    TrainedPositions,
+    chunked_cross_entropy,
+    chunked_token_logprobs_and_entropy,
+    gather_trained_positions,
+    next_token_targets,
+    row_sequence_index,
+    sequence_index_from_position_ids,
+    sft_token_losses,
+)
+
+__all__ = [
+    "LOSS_AGG_MODES", "aggregate_token_losses", "aggregate_padded_token_losses",
+    "count_trained", "count_trained_padded", "masked_mean", "masked_sum", "masked_var",
+    "IGNORE_INDEX", "NextTokenTargets", "TrainedPositions", "next_token_targets",
+    "sequence_index_from_position_ids", "row_sequence_index", "gather_trained_positions",
+    "chunked_cross_entropy", "chunked_token_logprobs_and_entropy", "sft_token_losses",
+    "bradley_terry_loss",
+    "grpo_advantages", "zero_variance_group_fraction", "rloo_advantages",
+    "broadcast_to_tokens", "token_level_rewards", "discounted_returns",
+    "normalize_advantages", "reinforce_plus_plus_advantages", "gae_advantages",
+    "KL_ESTIMATORS", "kl_estimate", "FixedKLController", "AdaptiveKLController",
+    "make_kl_controller",
+    "ppo_policy_loss", "value_loss", "entropy_bonus",
+]

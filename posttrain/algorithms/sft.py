@@ -18,9 +18,10 @@ What it is for (seed 000 §SFT loss; seed 004 "loss mask", "token consistency"):
    ``F.cross_entropy`` keeps [B*T, V] logits (and their gradient) alive; for 135M-parameter
    SmolLM2 (V = 49152) at 16k tokens that is 3 GiB in fp32 per copy.
 
-Numerics: logits, log-sum-exp and the logit gradient are computed in float32 whatever the
-input dtype; matmuls run in the input dtype (bf16 on GPU) and the weight gradient is
-accumulated in float32 and cast back at the end.
+Numerics: logits, log-sum-exp and the logit gradient are computed in float32 (float64 for
+float64 inputs) whatever the input dtype; matmuls run in the input dtype (bf16 on GPU) and
+the weight gradient is accumulated in float32 and cast back at the end. Outputs are
+float32 (float64 for float64 inputs).
 
 Optional ``logit_scale`` (logits multiplied, e.g. 1/temperature for RL) and ``logit_softcap``
 (Gemma-2 style ``cap * tanh(z / cap)``) are applied in that order after the bias.
@@ -175,7 +176,7 @@ def _chunk_logits(
     logits = hidden_CH @ weight_VH.t()
     if bias_V is not None:
         logits = logits + bias_V
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logit_scale != 1.0:
         logits = logits * logit_scale
     if logit_softcap is None:
@@ -192,9 +193,10 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 logit_softcap, with_entropy):
         N = hidden_NH.shape[0]
         device = hidden_NH.device
-        logp_N = torch.zeros(N, dtype=torch.float32, device=device)
-        lse_N = torch.zeros(N, dtype=torch.float32, device=device)
-        entropy_N = torch.zeros(N, dtype=torch.float32, device=device)
+        acc_dtype = torch.promote_types(hidden_NH.dtype, torch.float32)
+        logp_N = torch.zeros(N, dtype=acc_dtype, device=device)
+        lse_N = torch.zeros(N, dtype=acc_dtype, device=device)
+        entropy_N = torch.zeros(N, dtype=acc_dtype, device=device)
         valid_N = targets_N >= 0
         safe_targets_N = torch.where(valid_N, targets_N, torch.zeros_like(targets_N))
         for start in range(0, N, chunk_size):
@@ -224,17 +226,18 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         N = hidden_NH.shape[0]
         grad_hidden = torch.zeros_like(hidden_NH) if need_hidden else None
+        acc_dtype = lse_N.dtype
         grad_weight = (
-            torch.zeros(weight_VH.shape, dtype=torch.float32, device=weight_VH.device)
+            torch.zeros(weight_VH.shape, dtype=acc_dtype, device=weight_VH.device)
             if need_weight else None
         )
         grad_bias = (
-            torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device)
+            torch.zeros(bias_V.shape, dtype=acc_dtype, device=bias_V.device)
             if (need_bias and bias_V is not None) else None
         )
         if grad_logp_N is None:
-            grad_logp_N = torch.zeros(N, dtype=torch.float32, device=hidden_NH.device)
-        grad_logp_N = torch.where(valid_N, grad_logp_N.float(), torch.zeros_like(lse_N))
+            grad_logp_N = torch.zeros(N, dtype=acc_dtype, device=hidden_NH.device)
+        grad_logp_N = torch.where(valid_N, grad_logp_N.to(acc_dtype), torch.zeros_like(lse_N))
         use_entropy = ctx.with_entropy and grad_entropy_N is not None
         matmul_dtype = hidden_NH.dtype
         for start in range(0, N, ctx.chunk_size):
@@ -250,7 +253,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
             grad_z.scatter_add_(1, targets_N[start:end, None], g[:, None])
             if use_entropy:
                 # H = -sum p log p  ->  dH/dz_j = -p_j (log p_j + H)
-                ge = grad_entropy_N[start:end].float()
+                ge = grad_entropy_N[start:end].to(acc_dtype)
                 grad_z -= ge[:, None] * probs * (logprobs + entropy_N[start:end, None])
             del logits, logprobs, probs
             if tanh is not None:
@@ -262,7 +265,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
                 grad_hidden[start:end] = (grad_z_mm @ weight_VH.to(matmul_dtype)).to(
                     hidden_NH.dtype)
             if need_weight:
-                grad_weight += (grad_z_mm.t() @ h).float()
+                grad_weight += (grad_z_mm.t() @ h).to(acc_dtype)
             if grad_bias is not None:
                 grad_bias += grad_z.sum(0)
         if grad_weight is not None:
