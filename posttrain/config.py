@@ -213,7 +213,7 @@ def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         known = _field_names(schema, loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
         suggestion = f" (did you mean '{'.'.join(loc[:-1] + [hint[0]])}'?)" if hint else ""
         return f"unknown key '{key}'{suggestion}; known keys here: {', '.join(known)}"
     message = error["msg"]

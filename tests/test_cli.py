@@ -1,0 +1,40 @@
+"""The CLI: help lists commands, user errors are one line without traceback."""
+
+import subprocess
+import sys
+
+from posttrain.cli import main
+
+
+def run_cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "posttrain", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "chat" in out
+
+
+def test_chat_missing_model_dir_is_one_line_no_traceback():
+    result = run_cli("chat", "--model", "/no/such/dir", "hi")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: model /no/such/dir not found")
+    assert "Traceback" not in result.stderr
+
+
+def test_chat_renders_template_and_prints_greedy_reply(tiny_model_dir, capsys):
+    """The reply equals plain transformers greedy decoding of the chat-templated prompt."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert main(["chat", "--model", tiny_model_dir, "--max-new-tokens", "6", "hello"]) == 0
+    printed = capsys.readouterr().out
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = tok.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True,
+                                  return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    expected = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert printed == expected + "\n"

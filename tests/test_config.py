@@ -1,0 +1,70 @@
+"""Typed config: YAML + overrides, one-line errors naming file and key."""
+
+import pytest
+
+from posttrain.config import SFTConfig, apply_override, config_to_yaml, load_config
+from posttrain.errors import ConfigError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_overrides_resolve(tmp_path):
+    path = write(tmp_path, "data:\n  train: a.jsonl\noptim:\n  lr: 2.0e-5\n")
+    config = load_config(SFTConfig, path, ["optim.lr=3e-4", "train.max_steps=7", "lora.target_modules=[q_proj,v_proj]"])
+    assert config.optim.lr == 3e-4
+    assert config.train.max_steps == 7
+    assert config.lora.target_modules == ["q_proj", "v_proj"]
+    assert config.data.train == "a.jsonl"
+    assert "lr: 0.0003" in config_to_yaml(config)
+
+
+def test_misspelt_key_names_file_key_and_suggestion(tmp_path):
+    path = write(tmp_path, "data:\n  train: a.jsonl\noptim:\n  lrate: 1e-5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, path)
+    message = str(info.value)
+    assert str(path) in message and "optim.lrate" in message and "did you mean 'optim.lr'" in message
+    assert "\n" not in message
+
+
+def test_unknown_section_and_override_key(tmp_path):
+    path = write(tmp_path, "data:\n  train: a.jsonl\n")
+    with pytest.raises(ConfigError, match="unknown key 'trian'"):
+        load_config(SFTConfig, path, ["trian.max_steps=3"])
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=fast", "optim.lr"),
+        ("train.loss_agg_mode=mean", "train.loss_agg_mode"),
+        ("data.max_length=0", "data.max_length"),
+        ("optim.warmup_ratio=1.5", "optim.warmup_ratio"),
+    ],
+)
+def test_wrong_types_and_impossible_values(tmp_path, override, fragment):
+    path = write(tmp_path, "data:\n  train: a.jsonl\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, path, [override])
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file_bad_yaml_and_bad_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(SFTConfig, tmp_path / "none.yaml")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: invalid YAML"):
+        load_config(SFTConfig, write(tmp_path, "data:\n  train: [a\n"))
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override({}, "no-equals-sign")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(SFTConfig, write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_training_data_required():
+    with pytest.raises(ConfigError, match="data.train"):
+        load_config(SFTConfig, None, [])

@@ -1,0 +1,52 @@
+"""HF rollout engine: exact sampled ids, eos trimming, n per prompt, stop strings."""
+
+import torch
+
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.hf import HFEngine
+
+
+def test_greedy_matches_plain_generate_and_trims_after_eos(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer)
+    prompts = [tokenizer.encode("hello there"), tokenizer.encode("a much longer prompt than the first one")]
+    completions = engine.generate(prompts, SamplingParams(temperature=0, max_new_tokens=8))
+    assert [c.prompt_index for c in completions] == [0, 1]
+    for completion, prompt in zip(completions, prompts):
+        out = tiny_model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id)
+        reference = out[0, len(prompt):].tolist()
+        if tokenizer.eos_token_id in reference:
+            reference = reference[: reference.index(tokenizer.eos_token_id) + 1]
+        assert completion.token_ids == reference  # left padding does not change greedy output
+        assert completion.finish_reason == ("stop" if reference[-1] == tokenizer.eos_token_id else "length")
+
+
+def test_n_samples_per_prompt_with_logprobs(tiny_model, tokenizer):
+    engine = HFEngine(tiny_model, tokenizer, batch_size=3)
+    completions = engine.generate([[1, 2, 3], [4, 5]], SamplingParams(n=3, temperature=1.0, max_new_tokens=4, seed=0,
+                                                                       return_logprobs=True))
+    assert [c.prompt_index for c in completions] == [0, 0, 0, 1, 1, 1]
+    for c in completions:
+        assert len(c.logprobs) == len(c.token_ids) and all(lp <= 0 for lp in c.logprobs)
+    # the reported logprobs are the model's, at temperature 1, of the sampled ids
+    c = completions[0]
+    full = torch.tensor([[1, 2, 3] + c.token_ids])
+    with torch.no_grad():
+        logits = tiny_model(full).logits[0, 2:-1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(c.token_ids)[:, None]).squeeze(-1)
+    assert torch.allclose(torch.tensor(c.logprobs), expected, atol=1e-4)
+
+
+class _FakeTokenizer:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + i) for i in ids if i != 0)
+
+
+def test_stop_string_trims_at_first_token_completing_it():
+    engine = HFEngine.__new__(HFEngine)
+    engine.tokenizer, engine.eos_ids = _FakeTokenizer(), {0}
+    # tokens decode to "abcdcd" then padding (eos id 0 was padding, never sampled)
+    completion = engine._completion(0, [0 + 0, 1, 2, 3, 2, 3, 0, 0][1:], None, SamplingParams(stop=("cd",)))
+    assert completion.token_ids == [1, 2, 3] and completion.text == "bcd" and completion.finish_reason == "stop"
+    no_stop = engine._completion(0, [1, 1, 1], None, SamplingParams(stop=("zz",)))
+    assert no_stop.token_ids == [1, 1, 1] and no_stop.finish_reason == "length"
