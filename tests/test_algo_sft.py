@@ -118,15 +118,15 @@ def test_chunked_cross_entropy_matches_plain_values_and_grads(chunk_size, scale,
     assert torch.all(_grads(got.sum(), [hidden])[0][3] == 0)  # ignored target: no gradient
 
 
-@pytest.mark.parametrize("chunk_size", [3, 64])
-def test_chunked_logprobs_and_entropy_match_plain_values_and_grads(chunk_size):
+@pytest.mark.parametrize("chunk_size, softcap", [(3, None), (64, None), (4, 3.0)])
+def test_chunked_logprobs_and_entropy_match_plain_values_and_grads(chunk_size, softcap):
     hidden, weight, _, targets = _problem(N=10, bias=False, seed=1)
     hidden3 = hidden.reshape(2, 5, -1)
     targets2 = targets.reshape(2, 5)
     logp, ent = chunked_token_logprobs_and_entropy(hidden3, weight, targets2, chunk_size,
-                                                    temperature=0.8)
+                                                    temperature=0.8, logit_softcap=softcap)
     assert logp.shape == (2, 5) and ent.shape == (2, 5)
-    logprobs = torch.log_softmax(_plain_logits(hidden3, weight, None, 1 / 0.8), dim=-1)
+    logprobs = torch.log_softmax(_plain_logits(hidden3, weight, None, 1 / 0.8, softcap), dim=-1)
     ref_logp = logprobs.gather(-1, targets2[..., None]).squeeze(-1)
     ref_ent = -(logprobs.exp() * logprobs).sum(-1)
     torch.testing.assert_close(logp, ref_logp, rtol=1e-9, atol=1e-10)
@@ -151,6 +151,21 @@ def test_bf16_inputs_close_to_fp32():
                                 lm_head_bias_V=bias.detach().bfloat16())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref.detach(), rtol=0.05, atol=0.05)
+
+
+def test_autocast_runs_projection_in_autocast_dtype_and_returns_input_dtype_grads():
+    hidden, weight, _, targets = _problem(N=16, H=16, V=40, dtype=torch.float32, bias=False)
+    plain = F.cross_entropy(hidden @ weight.t(), targets, reduction="none")
+    g_plain = _grads(plain.sum(), [hidden, weight])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_cross_entropy(hidden, weight, targets, 5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, plain, rtol=0.05, atol=0.05)
+    assert not torch.allclose(got, plain, rtol=1e-6, atol=1e-6)  # it really ran in bf16
+    g_got = _grads(got.sum(), [hidden, weight])
+    for a, b in zip(g_got, g_plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
 
 
 def _saved_tensor_numels(fn):

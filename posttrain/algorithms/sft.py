@@ -171,46 +171,68 @@ def _chunk_logits(
     bias_V: torch.Tensor | None,
     logit_scale: float,
     logit_softcap: float | None,
+    acc_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float32 logits [C, V] of one chunk, and tanh(u / cap) if a softcap is used."""
+    """Logits [C, V] of one chunk in ``acc_dtype`` (a fresh buffer the caller may modify
+    in place), and tanh(u / cap) if a softcap is used. hidden and weight share a dtype."""
     logits = hidden_CH @ weight_VH.t()
     if bias_V is not None:
-        logits = logits + bias_V
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        logits.add_(bias_V.to(logits.dtype))
+    logits = logits.to(acc_dtype)
     if logit_scale != 1.0:
-        logits = logits * logit_scale
+        logits.mul_(logit_scale)
     if logit_softcap is None:
         return logits, None
-    tanh = torch.tanh(logits / logit_softcap)
+    tanh = logits.div_(logit_softcap).tanh_()
     return tanh * logit_softcap, tanh
 
 
+def _matmul_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype the projection runs in: the autocast dtype if autocast is on, else the
+    hidden states' dtype. Fixed in forward and reused in backward so that the recomputed
+    logits are bit-identical to the forward ones."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type) and hidden.dtype in (torch.float32, torch.float16,
+                                                                   torch.bfloat16):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
 class _ChunkedLogprobEntropy(torch.autograd.Function):
-    """log p(target) and entropy per row, logits recomputed chunk by chunk in backward."""
+    """log p(target) and entropy per row, logits recomputed chunk by chunk in backward.
+
+    Peak extra memory: forward 2 and backward 2-3 [chunk, V] buffers in ``acc_dtype``
+    (float32), plus a [V, H] float32 accumulator for the weight gradient.
+    """
 
     @staticmethod
     def forward(ctx, hidden_NH, weight_VH, bias_V, targets_N, chunk_size, logit_scale,
                 logit_softcap, with_entropy):
+        matmul_dtype = _matmul_dtype(hidden_NH)
+        acc_dtype = torch.promote_types(matmul_dtype, torch.float32)
         N = hidden_NH.shape[0]
         device = hidden_NH.device
-        acc_dtype = torch.promote_types(hidden_NH.dtype, torch.float32)
         logp_N = torch.zeros(N, dtype=acc_dtype, device=device)
         lse_N = torch.zeros(N, dtype=acc_dtype, device=device)
         entropy_N = torch.zeros(N, dtype=acc_dtype, device=device)
         valid_N = targets_N >= 0
         safe_targets_N = torch.where(valid_N, targets_N, torch.zeros_like(targets_N))
-        for start in range(0, N, chunk_size):
-            end = min(start + chunk_size, N)
-            logits, _ = _chunk_logits(hidden_NH[start:end], weight_VH, bias_V, logit_scale,
-                                      logit_softcap)
-            lse = torch.logsumexp(logits, dim=-1)
-            lse_N[start:end] = lse
-            picked = logits.gather(1, safe_targets_N[start:end, None]).squeeze(1)
-            logp_N[start:end] = picked - lse
-            if with_entropy:
-                probs = torch.exp(logits - lse[:, None])
-                entropy_N[start:end] = lse - (probs * logits).sum(-1)
-            del logits
+        weight_mm = weight_VH.to(matmul_dtype)
+        with torch.autocast(device_type=device.type, enabled=False):
+            for start in range(0, N, chunk_size):
+                end = min(start + chunk_size, N)
+                logits, _ = _chunk_logits(hidden_NH[start:end].to(matmul_dtype), weight_mm,
+                                          bias_V, logit_scale, logit_softcap, acc_dtype)
+                lse = torch.logsumexp(logits, dim=-1)
+                lse_N[start:end] = lse
+                picked = logits.gather(1, safe_targets_N[start:end, None]).squeeze(1)
+                logp_N[start:end] = picked - lse
+                if with_entropy:
+                    logprobs = logits.sub_(lse[:, None])
+                    probs = logprobs.exp()
+                    entropy_N[start:end] = -probs.mul_(logprobs).sum(-1)
+                    del probs
+                del logits
         logp_N = torch.where(valid_N, logp_N, torch.zeros_like(logp_N))
         ctx.save_for_backward(hidden_NH, weight_VH, bias_V, safe_targets_N, valid_N, lse_N,
                               entropy_N)
@@ -218,6 +240,7 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         ctx.logit_scale = logit_scale
         ctx.logit_softcap = logit_softcap
         ctx.with_entropy = with_entropy
+        ctx.matmul_dtype = matmul_dtype
         return logp_N, entropy_N
 
     @staticmethod
@@ -225,49 +248,55 @@ class _ChunkedLogprobEntropy(torch.autograd.Function):
         hidden_NH, weight_VH, bias_V, targets_N, valid_N, lse_N, entropy_N = ctx.saved_tensors
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         N = hidden_NH.shape[0]
-        grad_hidden = torch.zeros_like(hidden_NH) if need_hidden else None
         acc_dtype = lse_N.dtype
+        matmul_dtype = ctx.matmul_dtype
+        device = hidden_NH.device
+        grad_hidden = torch.zeros_like(hidden_NH) if need_hidden else None
         grad_weight = (
-            torch.zeros(weight_VH.shape, dtype=acc_dtype, device=weight_VH.device)
-            if need_weight else None
+            torch.zeros(weight_VH.shape, dtype=acc_dtype, device=device) if need_weight else None
         )
         grad_bias = (
-            torch.zeros(bias_V.shape, dtype=acc_dtype, device=bias_V.device)
+            torch.zeros(bias_V.shape, dtype=acc_dtype, device=device)
             if (need_bias and bias_V is not None) else None
         )
         if grad_logp_N is None:
-            grad_logp_N = torch.zeros(N, dtype=acc_dtype, device=hidden_NH.device)
+            grad_logp_N = torch.zeros(N, dtype=acc_dtype, device=device)
         grad_logp_N = torch.where(valid_N, grad_logp_N.to(acc_dtype), torch.zeros_like(lse_N))
         use_entropy = ctx.with_entropy and grad_entropy_N is not None
-        matmul_dtype = hidden_NH.dtype
-        for start in range(0, N, ctx.chunk_size):
-            end = min(start + ctx.chunk_size, N)
-            h = hidden_NH[start:end]
-            logits, tanh = _chunk_logits(h, weight_VH, bias_V, ctx.logit_scale,
-                                         ctx.logit_softcap)
-            logprobs = logits - lse_N[start:end, None]
-            probs = torch.exp(logprobs)
-            g = grad_logp_N[start:end]
-            # d log p(y) / d z = onehot(y) - p
-            grad_z = probs * (-g[:, None])
-            grad_z.scatter_add_(1, targets_N[start:end, None], g[:, None])
-            if use_entropy:
-                # H = -sum p log p  ->  dH/dz_j = -p_j (log p_j + H)
-                ge = grad_entropy_N[start:end].to(acc_dtype)
-                grad_z -= ge[:, None] * probs * (logprobs + entropy_N[start:end, None])
-            del logits, logprobs, probs
-            if tanh is not None:
-                grad_z = grad_z * (1.0 - tanh * tanh)
-            if ctx.logit_scale != 1.0:
-                grad_z = grad_z * ctx.logit_scale
-            grad_z_mm = grad_z.to(matmul_dtype)
-            if need_hidden:
-                grad_hidden[start:end] = (grad_z_mm @ weight_VH.to(matmul_dtype)).to(
-                    hidden_NH.dtype)
-            if need_weight:
-                grad_weight += (grad_z_mm.t() @ h).to(acc_dtype)
-            if grad_bias is not None:
-                grad_bias += grad_z.sum(0)
+        weight_mm = weight_VH.to(matmul_dtype)
+        with torch.autocast(device_type=device.type, enabled=False):
+            for start in range(0, N, ctx.chunk_size):
+                end = min(start + ctx.chunk_size, N)
+                h = hidden_NH[start:end].to(matmul_dtype)
+                logits, tanh = _chunk_logits(h, weight_mm, bias_V, ctx.logit_scale,
+                                             ctx.logit_softcap, acc_dtype)
+                logprobs = logits.sub_(lse_N[start:end, None])
+                g = grad_logp_N[start:end, None]
+                # d log p(y) / d z = onehot(y) - p ;  H = -sum p log p -> dH/dz = -p (log p + H)
+                if use_entropy:
+                    ge = grad_entropy_N[start:end, None].to(acc_dtype)
+                    coeff = (logprobs + entropy_N[start:end, None]).mul_(ge).add_(g).neg_()
+                    grad_z = logprobs.exp_().mul_(coeff)
+                    del coeff
+                else:
+                    grad_z = logprobs.exp_().mul_(-g)
+                grad_z.scatter_add_(1, targets_N[start:end, None], g)
+                if tanh is not None:
+                    grad_z.mul_(tanh.mul_(tanh).neg_().add_(1.0))
+                    del tanh
+                if ctx.logit_scale != 1.0:
+                    grad_z.mul_(ctx.logit_scale)
+                if grad_bias is not None:
+                    grad_bias += grad_z.sum(0)
+                grad_z_mm = grad_z.to(matmul_dtype)
+                if need_hidden:
+                    grad_hidden[start:end] = (grad_z_mm @ weight_mm).to(hidden_NH.dtype)
+                if need_weight:
+                    if matmul_dtype == acc_dtype:
+                        grad_weight.addmm_(grad_z_mm.t(), h)
+                    else:
+                        grad_weight += (grad_z_mm.t() @ h).to(acc_dtype)
+                del grad_z, grad_z_mm
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight_VH.dtype)
         if grad_bias is not None:
