@@ -178,3 +178,23 @@ def test_masked_mean_and_var():
     assert masked_var(v, m).item() == pytest.approx(1.0)  # unbiased: (1+0+1)/2
     assert masked_var(v, m, unbiased=False).item() == pytest.approx(2 / 3)
     assert masked_mean(v, torch.zeros(4)).item() == 0.0
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_two_simulated_ranks_with_gradient_averaging(mode):
+    """DDP/FSDP average gradients over ranks: each rank scales its share by world_size."""
+    seqs = _make_sequences(seed=5)
+    theta_ref = torch.tensor(0.9, requires_grad=True)
+    (ref_grad,) = torch.autograd.grad(_step_loss_padded(seqs, theta_ref, mode, 8), theta_ref)
+    tokens = sum(int(m.sum()) for _, m, _ in seqs)
+    world_size = 2
+    rank_grads = []
+    for rank in range(world_size):
+        theta = torch.tensor(0.9, requires_grad=True)
+        loss, mask, weight = _padded_microbatch(seqs[rank::world_size], theta)
+        share = aggregate_padded_token_losses(loss, mask, mode, step_trained_tokens=tokens,
+                                              step_sequences=len(seqs), token_weight_BT=weight)
+        (g,) = torch.autograd.grad(share * world_size, theta)
+        rank_grads.append(g)
+    averaged = sum(rank_grads) / world_size  # what all-reduce(AVG) produces
+    assert averaged.item() == pytest.approx(ref_grad.item(), rel=1e-5)
