@@ -60,6 +60,33 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- report
+def _report_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a run directory (one trainer's, or a pipeline's with one sub-run per stage)")
+    parser.add_argument("--output", "-o", default=None, help="HTML file to write (default RUN_DIR/report.html)")
+
+
+@command("report", "write a standalone HTML report (plots, held-out scores, samples) for a run directory",
+         _report_arguments)
+def _report(args: argparse.Namespace) -> int:
+    from posttrain.report import write_report
+
+    path = write_report(args.run_dir, args.output)
+    print(f"report: {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- sft
+@command("sft", "supervised fine-tuning (packing, exact step-wide loss, LoRA, resume; torchrun for FSDP2)",
+         add_config_arguments)
+def _sft(args: argparse.Namespace) -> int:
+    from posttrain.config import SFTConfig, load_config
+    from posttrain.train.sft import run_sft
+
+    run_sft(load_config(SFTConfig, args.config, args.overrides))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -1,0 +1,627 @@
+"""The run report: one standalone HTML page (plots inlined as PNG) and a terminal summary.
+
+``posttrain report RUN_DIR`` (and the end of every pipeline run) reads what the trainers
+left in a run directory (DESIGN.md, "Run directory") and shows it the way the seeds ask a
+post-training run to be judged (seed 000 §6 "完整 Pipeline": evaluate after every phase;
+seed 004 on what to log: loss, lr, grad norm, tokens): loss and learning rate per step,
+gradient norm, reward and accuracy per RL step, KL and entropy, response length, held-out
+accuracy per stage as bars, and sample completions before and after training.
+
+A run directory is either a single trainer's run (``metrics.jsonl`` at its top) or a
+pipeline run whose stages are sub-directories, each a run directory of its own. Held-out
+evaluations are ``eval/*.json`` files (with optional per-sample ``*.jsonl`` beside them)
+anywhere in the tree. Every plot is optional: a metric that is absent is simply not drawn,
+so the same code reports an SFT-only run, an RL-only run and a whole pipeline.
+
+The page has no external assets (no scripts, no fonts, no CDN): it opens offline, can be
+mailed, and is stable to archive.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from posttrain.errors import ConfigError
+
+# Stage directories of a pipeline run, in the order they run (others follow, by name).
+STAGE_ORDER = ("baseline", "sft", "rm", "rl", "final")
+# Keys an eval JSON may use for its headline score, most specific first.
+SCORE_KEYS = ("accuracy", "acc", "pass@1", "score", "mean_score", "reward/mean")
+PIPELINE_STATE_FILE = "pipeline.json"
+
+
+# ----------------------------------------------------------------------------- reading
+@dataclass
+class StageRun:
+    """One trainer's run directory inside the report (a pipeline stage, or the run itself)."""
+
+    name: str
+    path: Path
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of one metric: the records that carry a finite number for ``key``."""
+        steps, values = [], []
+        for index, record in enumerate(self.metrics):
+            value = as_number(record.get(key))
+            if value is None or not math.isfinite(value):
+                continue
+            step = as_number(record.get("step"))
+            steps.append(step if step is not None else float(index))
+            values.append(value)
+        return steps, values
+
+    def keys(self) -> set[str]:
+        return {key for record in self.metrics for key, value in record.items() if as_number(value) is not None}
+
+    def last(self, key: str) -> float | None:
+        _, values = self.series(key)
+        return values[-1] if values else None
+
+    def first(self, key: str) -> float | None:
+        _, values = self.series(key)
+        return values[0] if values else None
+
+
+@dataclass
+class EvalResult:
+    """One held-out evaluation: which model (stage label), its headline score, its samples."""
+
+    label: str
+    path: Path
+    data: dict[str, Any]
+    score_key: str | None
+    score: float | None
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    stages: list[StageRun]
+    evals: list[EvalResult]
+    rl_samples: list[dict[str, Any]]
+
+
+def as_number(value: Any) -> float | None:
+    """A metric value as float: numbers and the strings "nan"/"inf" that metrics.jsonl uses; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str) and value.strip().lower() in {"nan", "inf", "-inf", "+inf"}:
+        return float(value)
+    return None
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    """Records of a JSONL file; torn or non-object lines (a crash mid-write) are skipped."""
+    records: list[dict[str, Any]] = []
+    if not path.is_file():
+        return records
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+                if limit is not None and len(records) >= limit:
+                    break
+    return records
+
+
+def _stage_sort_key(path: Path, declared: list[str]) -> tuple[int, int, str]:
+    name = path.name
+    if name in declared:
+        return (0, declared.index(name), name)
+    for rank, prefix in enumerate(STAGE_ORDER):
+        if name == prefix or name.startswith(prefix + "_") or name.startswith(prefix + "-"):
+            return (1, rank, name)
+    return (2, 0, name)
+
+
+def _declared_stage_order(run_dir: Path) -> list[str]:
+    state_file = run_dir / PIPELINE_STATE_FILE
+    if not state_file.is_file():
+        return []
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError):
+        return []
+    stages = state.get("stages", []) if isinstance(state, dict) else []
+    return [str(stage.get("name")) for stage in stages if isinstance(stage, dict) and stage.get("name")]
+
+
+def find_stage_runs(run_dir: Path) -> list[StageRun]:
+    """The trainer runs in ``run_dir``: itself if it has metrics.jsonl, else its sub-directories that do."""
+    if (run_dir / "metrics.jsonl").is_file():
+        return [StageRun(run_dir.name, run_dir, read_jsonl(run_dir / "metrics.jsonl"))]
+    declared = _declared_stage_order(run_dir)
+    children = [child for child in run_dir.iterdir() if child.is_dir() and (child / "metrics.jsonl").is_file()]
+    children.sort(key=lambda child: _stage_sort_key(child, declared))
+    return [StageRun(child.name, child, read_jsonl(child / "metrics.jsonl")) for child in children]
+
+
+def headline_score(data: dict[str, Any]) -> tuple[str | None, float | None]:
+    """The score an eval JSON reports first: a top-level or ``metrics`` key among SCORE_KEYS.
+
+    >>> headline_score({"task": "add", "metrics": {"accuracy": 0.25, "format": 0.9}})
+    ('accuracy', 0.25)
+    >>> headline_score({"pass@1": 0.5})
+    ('pass@1', 0.5)
+    >>> headline_score({"note": "nothing numeric"})
+    (None, None)
+    """
+    scopes = [data]
+    for nested in ("metrics", "results", "summary"):
+        if isinstance(data.get(nested), dict):
+            scopes.append(data[nested])
+    for key in SCORE_KEYS:
+        for scope in scopes:
+            value = as_number(scope.get(key))
+            if value is not None:
+                return key, value
+    return None, None
+
+
+def _samples_file_for(json_path: Path) -> Path | None:
+    for candidate in (
+        json_path.with_suffix(".jsonl"),
+        json_path.with_name(json_path.stem + ".samples.jsonl"),
+        json_path.with_name(json_path.stem + "_samples.jsonl"),
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _eval_label(run_dir: Path, json_path: Path, data: dict[str, Any]) -> str:
+    for key in ("label", "stage", "name"):
+        if isinstance(data.get(key), str) and data[key]:
+            return data[key]
+    owner = json_path.parent.parent  # <owner>/eval/<file>.json
+    if owner != run_dir and owner.is_relative_to(run_dir):
+        return f"{owner.relative_to(run_dir).as_posix()}/{json_path.stem}"
+    return json_path.stem
+
+
+def find_evals(run_dir: Path, sample_limit: int = 200) -> list[EvalResult]:
+    """Every ``eval/*.json`` under ``run_dir`` (its own and its stages'), in stage order."""
+    declared = _declared_stage_order(run_dir)
+    results: list[EvalResult] = []
+    eval_dirs = [run_dir / "eval"] + [child / "eval" for child in sorted(run_dir.iterdir()) if child.is_dir()]
+    for eval_dir in eval_dirs:
+        if not eval_dir.is_dir():
+            continue
+        for json_path in sorted(eval_dir.glob("*.json")):
+            try:
+                data = json.loads(json_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, OSError):
+                continue
+            if not isinstance(data, dict):
+                continue
+            key, score = headline_score(data)
+            samples_path = _samples_file_for(json_path)
+            samples = read_jsonl(samples_path, limit=sample_limit) if samples_path else []
+            results.append(EvalResult(_eval_label(run_dir, json_path, data), json_path, data, key, score, samples))
+
+    def order(result: EvalResult) -> tuple[int, int, str]:
+        return _stage_sort_key(Path(result.label.split("/")[0]), declared)
+
+    results.sort(key=order)
+    return results
+
+
+def load_report(run_dir: str | Path) -> RunReport:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    stages = find_stage_runs(path)
+    evals = find_evals(path)
+    rl_samples: list[dict[str, Any]] = []
+    for stage in stages:
+        if (stage.path / "samples.jsonl").is_file():
+            rl_samples = read_jsonl(stage.path / "samples.jsonl")
+    if not stages and not evals:
+        raise ConfigError(
+            f"{run_dir} holds no metrics.jsonl (at its top or in a stage sub-directory) and no eval/*.json: "
+            "is it a run directory?"
+        )
+    return RunReport(path, stages, evals, rl_samples)
+
+
+# ----------------------------------------------------------------------------- plots
+@dataclass(frozen=True)
+class PlotSpec:
+    """One figure: ``keys`` drawn per stage (one panel per stage that has any of them)."""
+
+    title: str
+    keys: tuple[str, ...]
+    ylabel: str = ""
+    log_y: bool = False
+    band: dict[str, str] = field(default_factory=dict)  # key -> key of its std (shaded ±1 std)
+    prefix_keys: tuple[str, ...] = ()  # also draw every metric whose name starts with one of these
+
+
+PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("Loss", ("loss", "val/loss"), "loss"),
+    PlotSpec("Learning rate", ("lr",), "lr"),
+    PlotSpec("Gradient norm (before clipping)", ("grad_norm",), "grad norm", log_y=True),
+    PlotSpec("Reward and accuracy per RL step", ("reward/mean", "acc"), "reward / accuracy",
+             band={"reward/mean": "reward/std"}, prefix_keys=("reward/",)),
+    PlotSpec("KL to the reference", ("kl",), "KL"),
+    PlotSpec("Entropy", ("entropy",), "nats / token"),
+    PlotSpec("Response length", ("response_len/mean", "response_len/max"), "tokens"),
+    PlotSpec("Clipped fractions", ("clip_frac", "response_len/clipped_frac"), "fraction"),
+    PlotSpec("Reward-model margin and accuracy", ("margin", "val/acc", "val/margin"), ""),
+    PlotSpec("Throughput", ("tokens_per_sec",), "tokens / s"),
+    PlotSpec("Time per RL step", ("time/generate", "time/score", "time/logprob", "time/update"), "seconds"),
+)
+# reward/<component> lines also excluded: std has its own band, and these are not rewards.
+_NOT_COMPONENTS = {"reward/std", "reward/mean", "reward/min", "reward/max"}
+
+
+def _plot_keys(spec: PlotSpec, stage: StageRun, available: set[str]) -> list[str]:
+    keys = [key for key in spec.keys if key in available]
+    for prefix in spec.prefix_keys:
+        keys += sorted(k for k in available if k.startswith(prefix) and k not in keys and k not in _NOT_COMPONENTS)
+    return keys
+
+
+def _matplotlib():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _figure_png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    _matplotlib().close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def plot_panels(spec: PlotSpec, stages: list[StageRun]) -> list[tuple[StageRun, list[str]]]:
+    """The (stage, metric keys) panels of ``spec``: stages that logged at least one finite value of its keys."""
+    panels = []
+    for stage in stages:
+        keys = [key for key in _plot_keys(spec, stage, stage.keys()) if stage.series(key)[0]]
+        if keys:
+            panels.append((stage, keys))
+    return panels
+
+
+def render_plot(spec: PlotSpec, stages: list[StageRun]) -> str | None:
+    """A base64 PNG of ``spec`` (one panel per stage that has its metrics), or None if none has them."""
+    panels = plot_panels(spec, stages)
+    if not panels:
+        return None
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, len(panels), figsize=(min(5.2 * len(panels), 11), 3.2), squeeze=False)
+    for ax, (stage, keys) in zip(axes[0], panels):
+        for key in keys:
+            steps, values = stage.series(key)
+            style = "o-" if len(steps) <= 30 else "-"
+            line = ax.plot(steps, values, style, markersize=3, linewidth=1.4, label=key)[0]
+            std_key = spec.band.get(key)
+            if std_key:
+                band = dict(zip(*stage.series(std_key)))
+                pairs = [(s, v, band[s]) for s, v in zip(steps, values) if s in band]
+                if pairs:
+                    xs, ys, sd = zip(*pairs)
+                    ax.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
+                                    color=line.get_color(), alpha=0.15, linewidth=0)
+        if spec.log_y and all(v > 0 for key in keys for v in stage.series(key)[1]):
+            ax.set_yscale("log")
+        ax.set_title(stage.name, fontsize=10)
+        ax.set_xlabel("step")
+        if spec.ylabel:
+            ax.set_ylabel(spec.ylabel)
+        ax.grid(alpha=0.3)
+        if len(keys) > 1 or spec.band:
+            ax.legend(fontsize=8)
+    fig.suptitle(spec.title, fontsize=11)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def render_accuracy_bars(evals: list[EvalResult]) -> str | None:
+    """Held-out score per evaluated model, as labelled bars (None when no eval has a score)."""
+    scored = [result for result in evals if result.score is not None]
+    if not scored:
+        return None
+    plt = _matplotlib()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(scored) + 1.5), 3.4))
+    labels = [result.label for result in scored]
+    values = [result.score for result in scored]
+    percent = all(0.0 <= value <= 1.0 for value in values)
+    shown = [100 * value for value in values] if percent else values
+    colors = ["#9aa5b1"] + ["#3b7dd8"] * (len(scored) - 2) + ["#2a9d55"] if len(scored) > 1 else ["#3b7dd8"]
+    bars = ax.bar(range(len(scored)), shown, color=colors[: len(scored)])
+    for bar, value in zip(bars, shown):
+        ax.annotate(f"{value:.1f}{'%' if percent else ''}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(scored)), labels, rotation=15 if len(scored) > 4 else 0)
+    keys = sorted({result.score_key for result in scored if result.score_key})
+    ax.set_ylabel((", ".join(keys) or "score") + (" (%)" if percent else ""))
+    if percent:
+        ax.set_ylim(0, 105)
+    ax.set_title("Held-out evaluation per stage", fontsize=11)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+# ----------------------------------------------------------------------------- samples
+_PROMPT_KEYS = ("prompt", "question", "input")
+_COMPLETION_KEYS = ("completion", "response", "output", "text")
+_SCORE_SAMPLE_KEYS = ("score", "correct", "reward", "acc")
+
+
+def _text_of(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # chat messages
+        parts = [str(m.get("content", "")) for m in value if isinstance(m, dict) and m.get("role") != "system"]
+        return "\n".join(parts) if parts else json.dumps(value)
+    if isinstance(value, dict) and "content" in value:
+        return str(value["content"])
+    return "" if value is None else json.dumps(value)
+
+
+def _first(record: dict[str, Any], keys: Iterable[str]) -> Any:
+    for key in keys:
+        if key in record:
+            return record[key]
+    return None
+
+
+def sample_key(record: dict[str, Any], index: int) -> str:
+    """What identifies the prompt of a per-sample record (its id, else its prompt text, else its position)."""
+    for key in ("id", "index", "prompt_id"):
+        if key in record:
+            return f"{key}:{record[key]}"
+    prompt = _first(record, _PROMPT_KEYS)
+    return _text_of(prompt) if prompt is not None else f"#{index}"
+
+
+def before_after_rows(evals: list[EvalResult], limit: int = 8) -> tuple[list[str], list[dict[str, Any]]]:
+    """Join the first and last evaluations' per-sample records on their prompt.
+
+    Returns (stage labels shown, rows); each row has ``prompt``, ``answer`` and per label a
+    ``(completion, score)`` pair. Prompts whose score changed come first, so the table
+    shows what training changed rather than the first N prompts.
+    """
+    with_samples = [result for result in evals if result.samples]
+    if not with_samples:
+        return [], []
+    shown = [with_samples[0]] if len(with_samples) == 1 else [with_samples[0], *with_samples[1:-1][-1:], with_samples[-1]]
+    labels = [result.label for result in shown]
+    joined: dict[str, dict[str, Any]] = {}
+    order: list[str] = []
+    for result in shown:
+        for index, record in enumerate(result.samples):
+            key = sample_key(record, index)
+            if key not in joined:
+                if result is not shown[0]:
+                    continue  # only prompts the first evaluation has
+                joined[key] = {"prompt": _text_of(_first(record, _PROMPT_KEYS)),
+                               "answer": _text_of(_first(record, ("answer", "reference", "target", "expected")))}
+                order.append(key)
+            completion = _text_of(_first(record, _COMPLETION_KEYS))
+            joined[key][result.label] = (completion, as_number(_first(record, _SCORE_SAMPLE_KEYS)))
+    rows = [joined[key] for key in order]
+
+    def changed(row: dict[str, Any]) -> bool:
+        scores = {row[label][1] for label in labels if label in row}
+        return len(scores) > 1
+
+    rows.sort(key=lambda row: not changed(row))  # stable: changed ones first, in original order
+    return labels, rows[:limit]
+
+
+def rl_sample_rows(records: list[dict[str, Any]], per_end: int = 3) -> list[dict[str, Any]]:
+    """The first and last few RL training samples (step, prompt, completion, reward)."""
+    if not records:
+        return []
+    picked = records[:per_end] + (records[-per_end:] if len(records) > per_end else [])
+    seen, rows = set(), []
+    for record in picked:
+        marker = id(record)
+        if marker in seen:
+            continue
+        seen.add(marker)
+        rows.append({
+            "step": record.get("step", ""),
+            "prompt": _text_of(_first(record, _PROMPT_KEYS)),
+            "completion": _text_of(_first(record, _COMPLETION_KEYS)),
+            "reward": as_number(_first(record, ("reward", "score"))),
+        })
+    return rows
+
+
+# ----------------------------------------------------------------------------- summary
+def summary_rows(report: RunReport) -> list[dict[str, str]]:
+    """One row per stage and per evaluation: what the terminal table and the page's table show."""
+    rows = []
+    for stage in report.stages:
+        steps, _ = stage.series("loss")
+        all_steps = [as_number(r.get("step")) for r in stage.metrics if as_number(r.get("step")) is not None]
+        row = {"stage": stage.name, "steps": str(int(max(all_steps))) if all_steps else "-"}
+        for key, label in (("loss", "loss"), ("val/loss", "val loss"), ("reward/mean", "reward"), ("acc", "acc")):
+            first, last = stage.first(key), stage.last(key)
+            row[label] = "-" if last is None else (
+                f"{first:.3g} → {last:.3g}" if first is not None and len(stage.series(key)[1]) > 1 else f"{last:.3g}")
+        rows.append(row)
+    return rows
+
+
+def eval_rows(report: RunReport) -> list[dict[str, str]]:
+    rows = []
+    baseline = next((result.score for result in report.evals if result.score is not None), None)
+    for result in report.evals:
+        if result.score is None:
+            continue
+        percent = 0.0 <= result.score <= 1.0
+        value = f"{100 * result.score:.1f}%" if percent else f"{result.score:.4g}"
+        gain = "-"
+        if baseline is not None and result is not report.evals[0] and result.score is not None:
+            delta = result.score - baseline
+            gain = f"{100 * delta:+.1f} pts" if percent else f"{delta:+.4g}"
+        count = result.data.get("n", result.data.get("count", result.data.get("num_samples", len(result.samples) or "")))
+        rows.append({"model": result.label, "metric": result.score_key or "score", "score": value,
+                     "vs first": gain, "n": str(count)})
+    return rows
+
+
+def print_summary(report: RunReport, console=None) -> None:
+    """The short terminal summary: one table of stages, one of held-out scores with the gain."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    stage_rows = summary_rows(report)
+    if stage_rows:
+        table = Table(title=f"run {report.run_dir}", title_justify="left")
+        for column in stage_rows[0]:
+            table.add_column(column, justify="left" if column == "stage" else "right")
+        for row in stage_rows:
+            table.add_row(*row.values())
+        console.print(table)
+    scored = eval_rows(report)
+    if scored:
+        table = Table(title="held-out evaluation", title_justify="left")
+        for column in ("model", "score", "vs first", "n"):
+            table.add_column(column, justify="left" if column == "model" else "right")
+        for row in scored:
+            table.add_row(row["model"], row["score"], row["vs first"], row["n"])
+        console.print(table)
+
+
+# ----------------------------------------------------------------------------- HTML
+_CSS = """
+body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0;background:#f6f7f9;color:#1d2430}
+main{max-width:1100px;margin:0 auto;padding:24px}
+h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 10px;border-bottom:1px solid #dde1e6;padding-bottom:4px}
+.sub{color:#5b6573;font-size:13px;margin-bottom:16px}
+.card{background:#fff;border:1px solid #e2e5ea;border-radius:6px;padding:12px;margin:10px 0}
+.grid{display:grid;grid-template-columns:1fr 1fr;column-gap:12px} .grid .card{margin:6px 0} .grid .wide{grid-column:1 / -1}
+table.small{width:auto;min-width:50%}
+img{max-width:100%;display:block;margin:0 auto}
+table{border-collapse:collapse;width:100%;font-size:13px;background:#fff}
+th,td{border:1px solid #e2e5ea;padding:5px 8px;text-align:left;vertical-align:top}
+th{background:#eef1f5} td.num{text-align:right;font-variant-numeric:tabular-nums}
+pre{white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;font-family:ui-monospace,Menlo,Consolas,monospace;max-height:220px;overflow:auto}
+.ok{color:#1e7d45;font-weight:600} .bad{color:#b3261e;font-weight:600}
+.gain{font-size:15px;margin:6px 0}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _score_cell(score: float | None) -> str:
+    if score is None:
+        return ""
+    css = "ok" if score >= 1.0 else ("bad" if score <= 0.0 else "")
+    mark = "✓" if score >= 1.0 else ("✗" if score <= 0.0 else f"{score:.2f}")
+    return f'<span class="{css}">{mark}</span>'
+
+
+def _table(rows: list[dict[str, str]], numeric_from: int = 1) -> str:
+    if not rows:
+        return ""
+    columns = list(rows[0])
+    head = "".join(f"<th>{_esc(column)}</th>" for column in columns)
+    body = "".join(
+        "<tr>" + "".join(
+            f'<td{" class=num" if index >= numeric_from else ""}>{_esc(row.get(column, ""))}</td>'
+            for index, column in enumerate(columns)) + "</tr>"
+        for row in rows
+    )
+    return f"<table class=small><tr>{head}</tr>{body}</table>"
+
+
+def render_html(report: RunReport) -> str:
+    """The whole page as a string (plots inlined as base64 PNG)."""
+    parts = [
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
+        f"<title>posttrain report: {_esc(report.run_dir.name)}</title><style>{_CSS}</style></head><body><main>",
+        f"<h1>posttrain report: {_esc(report.run_dir.name)}</h1>",
+        f'<div class=sub>{_esc(report.run_dir.resolve())} · stages: '
+        f'{_esc(", ".join(stage.name for stage in report.stages) or "none")}</div>',
+    ]
+    scored = eval_rows(report)
+    bars = render_accuracy_bars(report.evals)
+    if scored or bars:
+        parts.append("<h2>Held-out evaluation</h2>")
+        if len(scored) >= 2:
+            first, last = scored[0], scored[-1]
+            parts.append(f'<div class=gain>{_esc(first["model"])} <b>{_esc(first["score"])}</b> → '
+                         f'{_esc(last["model"])} <b>{_esc(last["score"])}</b> ({_esc(last["vs first"])})</div>')
+        if bars:
+            parts.append(f'<div class=card><img alt="held-out accuracy per stage" src="data:image/png;base64,{bars}"></div>')
+        parts.append(_table(scored))
+    stage_rows = summary_rows(report)
+    if stage_rows:
+        parts.append("<h2>Stages</h2>" + _table(stage_rows))
+    plots = [(spec, len(plot_panels(spec, report.stages)), render_plot(spec, report.stages)) for spec in PLOTS]
+    plots = [(spec, panels, png) for spec, panels, png in plots if png]
+    if plots:
+        parts.append("<h2>Training curves</h2><div class=grid>")
+        for spec, panels, png in plots:
+            wide = " wide" if panels > 1 else ""  # multi-stage figures span the row; single ones pair up
+            parts.append(f'<div class="card{wide}"><img alt="{_esc(spec.title)}" src="data:image/png;base64,{png}"></div>')
+        parts.append("</div>")
+    labels, rows = before_after_rows(report.evals)
+    if rows:
+        parts.append(f"<h2>Sample completions: {_esc(' → '.join(labels))}</h2>")
+        head = "<th>prompt</th><th>answer</th>" + "".join(f"<th>{_esc(label)}</th>" for label in labels)
+        body = []
+        for row in rows:
+            cells = [f"<td><pre>{_esc(row['prompt'])}</pre></td>", f"<td><pre>{_esc(row['answer'])}</pre></td>"]
+            for label in labels:
+                completion, score = row.get(label, ("", None))
+                cells.append(f"<td>{_score_cell(score)}<pre>{_esc(completion)}</pre></td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append(f"<table><tr>{head}</tr>{''.join(body)}</table>")
+    rl_rows = rl_sample_rows(report.rl_samples)
+    if rl_rows:
+        parts.append("<h2>RL training samples (first and last logged)</h2>")
+        body = []
+        for row in rl_rows:
+            reward = "" if row["reward"] is None else f"{row['reward']:.3g}"
+            body.append(f"<tr><td class=num>{_esc(row['step'])}</td><td><pre>{_esc(row['prompt'])}</pre></td>"
+                        f"<td><pre>{_esc(row['completion'])}</pre></td><td class=num>{_esc(reward)}</td></tr>")
+        body = "".join(body)
+        parts.append(f"<table><tr><th>step</th><th>prompt</th><th>completion</th><th>reward</th></tr>{body}</table>")
+    if not plots and not scored and not rows:
+        parts.append("<p>No metrics to plot yet.</p>")
+    parts.append("</main></body></html>")
+    return "\n".join(parts)
+
+
+def write_report(run_dir: str | Path, output: str | Path | None = None, *, quiet: bool = False) -> Path:
+    """Write ``report.html`` (or ``output``) for ``run_dir``; print the terminal summary unless quiet."""
+    report = load_report(run_dir)
+    target = Path(output) if output is not None else report.run_dir / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(target.name + ".tmp")
+    temporary.write_text(render_html(report), encoding="utf-8")
+    temporary.replace(target)
+    if not quiet:
+        print_summary(report)
+    return target

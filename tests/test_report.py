@@ -1,0 +1,138 @@
+"""The HTML report: built from synthetic run directories; plots appear exactly when their metrics exist."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from posttrain.cli import main
+from posttrain.errors import ConfigError
+from posttrain.report import (
+    before_after_rows,
+    eval_rows,
+    find_stage_runs,
+    load_report,
+    render_html,
+    summary_rows,
+    write_report,
+)
+
+
+def write_jsonl(path: Path, records: list[dict], torn_tail: str = "") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(record) + "\n" for record in records) + torn_tail)
+
+
+def sft_metrics(steps: int = 5) -> list[dict]:
+    records = [{"step": s, "epoch": s / steps, "lr": 1e-4 * (1 - s / steps), "loss": 2.0 / s, "grad_norm": 1.5 / s,
+                "tokens_per_step": 100, "loss_agg_mode": "token-mean"} for s in range(1, steps + 1)]
+    records.append({"step": steps, "val/loss": 0.9, "val/ppl": 2.46})
+    return records
+
+
+def rl_metrics(steps: int = 4) -> list[dict]:
+    return [{"step": s, "loss": 0.01 * s, "lr": 1e-6, "reward/mean": 0.2 * s, "reward/std": 0.1,
+             "reward/correct": 0.2 * s, "reward/format": 1.0, "acc": 0.2 * s, "kl": 0.001 * s,
+             "entropy": "nan" if s == 2 else 0.5, "response_len/mean": 20 + s} for s in range(1, steps + 1)]
+
+
+def eval_samples(correct: list[bool], completion_prefix: str) -> list[dict]:
+    return [{"id": i, "prompt": f"What is {i} + {i}?", "answer": str(2 * i),
+             "completion": f"{completion_prefix} {2 * i if ok else -1}", "score": float(ok)}
+            for i, ok in enumerate(correct)]
+
+
+@pytest.fixture
+def pipeline_run(tmp_path: Path) -> Path:
+    run = tmp_path / "quickstart"
+    write_jsonl(run / "sft" / "metrics.jsonl", sft_metrics(), torn_tail='{"step": 6, "lo')
+    write_jsonl(run / "rl" / "metrics.jsonl", rl_metrics())
+    write_jsonl(run / "rl" / "samples.jsonl",
+                [{"step": s, "prompt": "1+1?", "completion": f"answer {s}", "reward": s / 4} for s in range(1, 5)])
+    (run / "pipeline.json").write_text(json.dumps({"stages": [{"name": n} for n in
+                                                              ("baseline", "sft", "rl", "final")]}))
+    for label, acc, correct in (("baseline", 0.25, [True, False, False, False]),
+                                ("sft", 0.5, [True, True, False, False]),
+                                ("rl", 0.75, [True, True, True, False])):
+        (run / "eval").mkdir(parents=True, exist_ok=True)
+        (run / "eval" / f"{label}.json").write_text(json.dumps({"label": label, "n": 4, "metrics": {"accuracy": acc}}))
+        write_jsonl(run / "eval" / f"{label}.jsonl", eval_samples(correct, f"<b>{label}</b>"))
+    return run
+
+
+def images(page: str) -> dict[str, bytes]:
+    found = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([^"]+)"', page)
+    return {alt: base64.b64decode(data) for alt, data in found}
+
+
+def test_pipeline_report_has_every_plot_whose_metrics_exist(pipeline_run: Path):
+    page = render_html(load_report(pipeline_run))
+    pngs = images(page)
+    assert set(pngs) == {
+        "held-out accuracy per stage", "Loss", "Learning rate", "Gradient norm (before clipping)",
+        "Reward and accuracy per RL step", "KL to the reference", "Entropy", "Response length",
+    }
+    assert all(png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000 for png in pngs.values())
+    # standalone: nothing fetched from elsewhere, no scripts
+    assert "<script" not in page.lower() and "http://" not in page and "https://" not in page
+    assert len(re.findall(r"<img ", page)) == len(pngs)
+
+
+def test_sft_only_run_skips_absent_metrics(tmp_path: Path):
+    run = tmp_path / "sft-run"
+    write_jsonl(run / "metrics.jsonl", [{"step": s, "loss": 1.0 / s, "lr": 1e-5} for s in range(1, 4)])
+    report = load_report(run)
+    assert [stage.name for stage in report.stages] == ["sft-run"]
+    page = render_html(report)
+    assert set(images(page)) == {"Loss", "Learning rate"}
+    assert "Held-out evaluation" not in page and "Sample completions" not in page
+
+
+def test_stage_order_follows_pipeline_state_and_torn_line_is_ignored(pipeline_run: Path):
+    stages = find_stage_runs(pipeline_run)
+    assert [stage.name for stage in stages] == ["sft", "rl"]
+    assert len(stages[0].metrics) == 6  # 5 steps + 1 validation line; the torn 7th line is dropped
+    steps, values = stages[1].series("entropy")
+    assert steps == [1.0, 3.0, 4.0] and values == [0.5, 0.5, 0.5]  # the "nan" of step 2 is left out
+
+
+def test_summary_rows_and_gain_in_points(pipeline_run: Path):
+    report = load_report(pipeline_run)
+    rows = summary_rows(report)
+    assert rows[0]["stage"] == "sft" and rows[0]["steps"] == "5"
+    assert rows[0]["loss"] == "2 → 0.4"  # 2/1 then 2/5
+    assert rows[1]["reward"] == "0.2 → 0.8" and rows[1]["acc"] == "0.2 → 0.8"
+    scores = eval_rows(report)
+    assert [(r["model"], r["score"], r["vs first"], r["n"]) for r in scores] == [
+        ("baseline", "25.0%", "-", "4"), ("sft", "50.0%", "+25.0 pts", "4"), ("rl", "75.0%", "+50.0 pts", "4")]
+
+
+def test_before_after_table_puts_changed_prompts_first_and_escapes_html(pipeline_run: Path):
+    report = load_report(pipeline_run)
+    labels, rows = before_after_rows(report.evals)
+    assert labels == ["baseline", "sft", "rl"]
+    # prompts 1 and 2 changed score between baseline and rl; 0 and 3 did not
+    assert [row["prompt"] for row in rows] == ["What is 1 + 1?", "What is 2 + 2?", "What is 0 + 0?", "What is 3 + 3?"]
+    assert rows[1]["baseline"] == ("<b>baseline</b> -1", 0.0) and rows[1]["rl"] == ("<b>rl</b> 4", 1.0)
+    page = render_html(report)
+    assert "<b>rl</b>" not in page and "&lt;b&gt;rl&lt;/b&gt; 4" in page
+
+
+def test_cli_report_writes_page_and_prints_summary(pipeline_run: Path, capsys):
+    assert main(["report", str(pipeline_run)]) == 0
+    out = capsys.readouterr().out
+    assert (pipeline_run / "report.html").is_file()
+    assert "held-out evaluation" in out and "+50.0 pts" in out and "report:" in out
+
+
+def test_report_of_a_directory_without_runs_is_a_one_line_user_error(tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no metrics.jsonl"):
+        write_report(tmp_path / "empty")
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: run directory") and err.count("\n") == 1
