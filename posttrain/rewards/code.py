@@ -1,0 +1,171 @@
+"""Code reward: run the completion's program against the row's tests in the sandbox.
+
+Seed 000, section 4.4 ("Rule-based: does the code run and pass") and the ``compute_reward``
+example (``passed / total``). Score = fraction of tests passed, run in
+``posttrain.rewards.sandbox`` (model-written code is hostile input).
+
+Tests come from ``metadata[tests_key]`` in one of these shapes:
+
+- assert-style: a string or a list of strings of Python; each string is one test, run
+  after the solution in a copy of its globals (``"assert add(1, 2) == 3"``; a HumanEval
+  ``test`` program followed by ``check(entry_point)`` is one test);
+- stdin/stdout: ``{"stdin": ..., "stdout": ...}`` or a list of them (also the keys
+  ``input``/``output``); the program runs once per case and passes when its stdout equals
+  the expected one, compared line by line with trailing whitespace ignored.
+
+The program is the fenced code block of the completion (```` ```python ```` or a bare
+fence; the first one by default; an unclosed fence counts until the end), or the whole
+completion when it has none, prefixed by ``metadata["code_prefix"]`` when present (HumanEval:
+the prompt, so a completion may be just the function body). A row without tests scores 0:
+an empty test list must not reward an empty program (seed 000, section 5.2).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+from posttrain.errors import ConfigError, DataError
+from posttrain.rewards.output import RewardOutput, check_batch
+from posttrain.rewards.sandbox import Sandbox, SandboxLimits
+
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
+_CODE_LANGS = {"", "python", "py", "python3"}
+
+
+def extract_code(completion: str, which: Literal["first", "last", "all"] = "first") -> str:
+    """The fenced Python block(s) of ``completion``, or the whole text if there is none.
+
+    >>> extract_code("Here:\\n```python\\ndef f():\\n    return 1\\n```\\nDone.")
+    'def f():\\n    return 1\\n'
+    >>> extract_code("    return x + 1\\n")
+    '    return x + 1\\n'
+    >>> extract_code("```python\\nprint(1)\\n")  # cut off by the token limit
+    'print(1)\\n'
+    """
+    blocks = [body for lang, body in _FENCE.findall(completion) if lang.lower() in _CODE_LANGS]
+    if not blocks:
+        return completion
+    if which == "first":
+        return blocks[0]
+    if which == "last":
+        return blocks[-1]
+    return "\n".join(blocks)
+
+
+def build_program(completion: str, meta: dict, which: Literal["first", "last", "all"] = "first") -> str:
+    code = extract_code(completion, which)
+    prefix = meta.get("code_prefix") or ""
+    if prefix and not prefix.endswith("\n"):
+        prefix += "\n"
+    return prefix + code
+
+
+def normalise_tests(tests) -> tuple[list[str], list[tuple[str, str]]]:
+    """Split a row's tests into (assert-style snippets, (stdin, expected stdout) cases)."""
+    if tests is None:
+        return [], []
+    if isinstance(tests, (str, dict)):
+        tests = [tests]
+    snippets, cases = [], []
+    for t in tests:
+        if isinstance(t, str):
+            snippets.append(t)
+        elif isinstance(t, dict):
+            stdin = t.get("stdin", t.get("input", ""))
+            expected = t.get("stdout", t.get("output"))
+            if expected is None:
+                raise ValueError(f"stdin/stdout test case needs 'stdout' (or 'output'): {sorted(t)}")
+            cases.append((str(stdin), str(expected)))
+        else:
+            raise ValueError(f"a test must be a string or a {{stdin, stdout}} object, not {type(t).__name__}")
+    return snippets, cases
+
+
+def outputs_match(actual: str, expected: str) -> bool:
+    """Line-by-line equality ignoring trailing whitespace and trailing blank lines.
+
+    >>> outputs_match("1 2 \\n3\\n\\n", "1 2\\n3"), outputs_match("1\\n", "2\\n")
+    (True, False)
+    """
+    norm = lambda s: [line.rstrip() for line in s.strip("\n").splitlines()]  # noqa: E731
+    return norm(actual) == norm(expected)
+
+
+@dataclass
+class CodeReward:
+    """Fraction of ``metadata[tests_key]`` the completion's program passes (0.0 without tests).
+
+    >>> reward = CodeReward(wall_seconds=5)
+    >>> out = reward(["p"] * 3,
+    ...     ["```python\\ndef add(a, b):\\n    return a + b\\n```", "def add(a, b):\\n    return a - b", ""],
+    ...     [{"tests": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]}] * 3)
+    >>> out.scores
+    [1.0, 0.5, 0.0]
+    >>> CodeReward(wall_seconds=5)(["p"], ["print(int(input()) * 2)"], [{"tests": [{"stdin": "21", "stdout": "42"}]}]).scores
+    [1.0]
+    """
+
+    tests_key: str = "tests"
+    block: Literal["first", "last", "all"] = "first"
+    wall_seconds: float = 10.0
+    cpu_seconds: int = 10
+    memory_mb: int = 1024
+    max_output_bytes: int = 1_000_000
+    max_workers: int | None = None
+    isolation: Literal["auto", "namespace", "process"] = "auto"
+    name: str = "code"
+    sandbox: Sandbox | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.block not in ("first", "last", "all"):
+            raise ConfigError(f"block: must be first, last or all, not {self.block!r}")
+        if self.wall_seconds <= 0 or self.cpu_seconds <= 0 or self.memory_mb <= 0:
+            raise ConfigError("wall_seconds, cpu_seconds and memory_mb must be positive")
+        if self.sandbox is None:
+            limits = SandboxLimits(
+                wall_seconds=self.wall_seconds,
+                cpu_seconds=self.cpu_seconds,
+                memory_mb=self.memory_mb,
+                max_output_bytes=self.max_output_bytes,
+            )
+            self.sandbox = Sandbox(limits, isolation=self.isolation, max_workers=self.max_workers)
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):
+        metadata = check_batch(prompts, completions, metadata)
+        jobs = []  # (row, kind, payload)
+        totals = []
+        for row, (completion, meta) in enumerate(zip(completions, metadata)):
+            try:
+                snippets, cases = normalise_tests(meta.get(self.tests_key))
+            except ValueError as e:
+                raise DataError(f"row {row}, key {self.tests_key!r}: {e}") from None
+            program = build_program(completion, meta, self.block)
+            totals.append(len(snippets) + len(cases))
+            if snippets:
+                jobs.append((row, "asserts", (program, snippets)))
+            for stdin, expected in cases:
+                jobs.append((row, "stdio", (program, stdin, expected)))
+        results = self.sandbox.map(self._run_job, jobs)
+        passed = [0] * len(completions)
+        statuses: list[list[str]] = [[] for _ in completions]
+        for (row, _, _), (n_passed, status) in zip(jobs, results):
+            passed[row] += n_passed
+            statuses[row].append(status)
+        scores = [p / t if t else 0.0 for p, t in zip(passed, totals)]
+        details = [
+            {"tests_passed": p, "tests_total": t, "status": s} for p, t, s in zip(passed, totals, statuses)
+        ]
+        return RewardOutput(scores, {self.name: list(scores)}, details=details)
+
+    def _run_job(self, job) -> tuple[int, str]:
+        _, kind, payload = job
+        if kind == "asserts":
+            program, snippets = payload
+            result = self.sandbox.run_tests(program, snippets)
+            return sum(result.tests_passed), result.status
+        program, stdin, expected = payload
+        result = self.sandbox.run(program, stdin=stdin)
+        ok = result.ok and outputs_match(result.stdout, expected)
+        return int(ok), result.status

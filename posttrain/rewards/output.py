@@ -1,0 +1,64 @@
+"""The one return type of every reward: per-sample scores plus named components.
+
+A reward is a plain callable ``reward(prompts, completions, metadata) -> RewardOutput`` over
+a batch (seed 000, section 4.4). ``components`` holds the parts a score is made of, keyed by
+the name RL logs as ``reward/<name>``; a single-part reward has one component, its own name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[dict]], "RewardOutput"]
+
+
+@dataclass
+class RewardOutput:
+    """``scores[i]`` rewards completion ``i``; every ``components[name]`` has the same length.
+
+    >>> out = RewardOutput([1.0, 0.0], {"math": [1.0, 0.0]})
+    >>> out.mean("math")
+    0.5
+    """
+
+    scores: list[float]
+    components: dict[str, list[float]] = field(default_factory=dict)
+    details: list[dict] | None = None  # per-sample non-numeric facts (extracted answer, test verdicts)
+
+    def __post_init__(self) -> None:
+        self.scores = [float(s) for s in self.scores]
+        for name, values in self.components.items():
+            if len(values) != len(self.scores):
+                raise ValueError(f"reward component {name!r} has {len(values)} values for {len(self.scores)} scores")
+        if self.details is not None and len(self.details) != len(self.scores):
+            raise ValueError(f"reward details has {len(self.details)} rows for {len(self.scores)} scores")
+
+    def mean(self, component: str | None = None) -> float:
+        values = self.scores if component is None else self.components[component]
+        finite = [v for v in values if math.isfinite(v)]
+        return sum(finite) / len(finite) if finite else float("nan")
+
+
+def as_reward_output(value: Any, name: str, batch_size: int) -> RewardOutput:
+    """Normalise what a user reward returned (RewardOutput, or a list of numbers)."""
+    if isinstance(value, RewardOutput):
+        out = value
+    else:
+        scores = [float(v) for v in value]
+        out = RewardOutput(scores, {name: list(scores)})
+    if len(out.scores) != batch_size:
+        raise ValueError(f"reward {name!r} returned {len(out.scores)} scores for a batch of {batch_size}")
+    return out
+
+
+def check_batch(prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None) -> list[dict]:
+    """Validate batch lengths; ``metadata=None`` means no metadata for any row."""
+    if metadata is None:
+        metadata = [{} for _ in completions]
+    if not (len(prompts) == len(completions) == len(metadata)):
+        raise ValueError(
+            f"reward batch: {len(prompts)} prompts, {len(completions)} completions, {len(metadata)} metadata rows"
+        )
+    return list(metadata)

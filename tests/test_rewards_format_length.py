@@ -1,0 +1,55 @@
+import pytest
+
+from posttrain.errors import ConfigError, DataError
+from posttrain.rewards.format import FormatReward, parse_tool_call
+from posttrain.rewards.length import LengthReward
+
+
+def test_regex_and_tags_components():
+    reward = FormatReward(pattern=r"^<think>.*</think>\s*<answer>.*</answer>$", required_tags=["think", "answer"])
+    out = reward(["q"] * 3, ["<think>a</think> <answer>1</answer>", "<think>a</think><answer>1</answer> tail", "1"])
+    assert out.components["format/regex"] == [1.0, 0.0, 0.0]
+    assert out.components["format/tags"] == [1.0, 1.0, 0.0]
+    assert out.scores == [1.0, 0.0, 0.0]
+    partial = FormatReward(pattern=r"^<think>.*</think>\s*<answer>.*</answer>$", required_tags=["think", "answer"], partial=True)
+    assert partial(["q"] * 2, ["<think>a</think><answer>1</answer> tail", "1"]).scores == [0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    "text, name",
+    [
+        ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "get_weather"),
+        ('Sure.\n```json\n{"name": "f", "parameters": {"x": 1}}\n```', "f"),
+        ('{"name": "f", "arguments": "not json"}', None),
+        ('{"arguments": {}}', None),
+        ("<tool_call>{broken</tool_call>", None),
+    ],
+)
+def test_parse_tool_call(text, name):
+    call = parse_tool_call(text)
+    assert (call["name"] if call else None) == name
+
+
+def test_format_needs_a_check_and_valid_regex():
+    with pytest.raises(ConfigError):
+        FormatReward()
+    with pytest.raises(ConfigError, match="pattern"):
+        FormatReward(pattern="(unclosed")
+
+
+def test_length_penalty_by_hand():
+    reward = LengthReward(budget=5, penalty_per_unit=0.1)
+    assert reward(["q"] * 3, ["abc", "abcde", "abcdefgh"]).scores == pytest.approx([0.0, 0.0, -0.3])
+
+
+class FakeTokenizer:
+    def encode(self, text):
+        return text.split()
+
+
+def test_length_in_tokens_uses_metadata_then_tokenizer():
+    reward = LengthReward(budget=2, unit="tokens", penalty_per_unit=1.0, tokenizer=FakeTokenizer())
+    out = reward(["q"] * 2, ["a b c d", "a b c d"], [{}, {"completion_tokens": 2}])
+    assert out.scores == [-2.0, 0.0]
+    with pytest.raises(DataError):
+        LengthReward(unit="tokens")(["q"], ["a b"], [{}])
