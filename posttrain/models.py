@@ -17,12 +17,15 @@ Every failure a user can cause raises ``ModelLoadError`` with a one-line message
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import importlib.util
 import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -144,8 +147,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Convert a GGUF checkpoint into a safetensors + tokenizer directory (dequantised fp32)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    print(f"posttrain: converting {gguf_path.name} once into the cache (about 20 s)...", file=sys.stderr, flush=True)
     folder, filename = str(gguf_path.parent), gguf_path.name
-    with _quiet_transformers():
+    with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):  # de-quantisation progress bars
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=filename)
             gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
@@ -163,8 +167,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    with _quiet_transformers():
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL, chat_template: str | Path | None = None):
@@ -224,6 +229,8 @@ class _quiet_transformers:
     def __enter__(self):
         from transformers.utils import logging as hf_logging
 
+        self._tqdm_disable = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"  # GGUF de-quantisation and shard writing use plain tqdm
         self._verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
@@ -237,6 +244,10 @@ class _quiet_transformers:
         from transformers.utils import logging as hf_logging
 
         self._warnings.__exit__(*exc_info)
+        if self._tqdm_disable is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = self._tqdm_disable
         hf_logging.set_verbosity(self._verbosity)
         hf_logging.enable_progress_bar()
         return False
