@@ -1,0 +1,302 @@
+"""``posttrain sft``: supervised fine-tuning, exact and resumable, from one CPU to FSDP2.
+
+Seed 000 §SFT (next-token cross-entropy on assistant tokens only) and seed 004 (veRL's FSDP
+SFT trainer: loss masks, token-mean over the whole step, micro-batch vs accumulation,
+scheduler per optimizer step, what to log, pre-flight checks). The loop in ``run_sft`` is
+the whole algorithm; every piece it calls is a named function shared with the reward-model
+and RL trainers (``train.loop``, ``train.checkpoint``, ``train.distributed``,
+``data.batching``).
+
+Order of work: check settings that need nothing loaded -> tokenizer -> render and audit the
+data (refuse to start on hard errors) -> plan every step and check the schedule -> only
+then load the model. So impossible settings fail in one line before any model loads.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from posttrain.config import SFTConfig
+from posttrain.data.batching import StepPlan, StepPlanner, collate, sample_length, split_across_ranks, \
+    split_into_micro_batches, trained_target_count
+from posttrain.errors import ConfigError, DataError
+from posttrain.train import checkpoint as ckpt
+from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
+    shutdown_distributed
+from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
+from posttrain.train.loop import apply_lora, build_optimizer, build_scheduler, choose_attention, \
+    count_parameters, evaluate_nll, optimizer_step, prepare_for_training, resolve_warmup_steps, \
+    sft_micro_batch_loss
+
+
+@dataclass
+class TrainerState:
+    """What a checkpoint records besides tensors (the data position is ``step``)."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    trained_tokens_seen: int = 0
+    elapsed_s: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(step=self.step, tokens_seen=self.tokens_seen,
+                    trained_tokens_seen=self.trained_tokens_seen, elapsed_s=self.elapsed_s)
+
+
+@dataclass
+class SFTResult:
+    run_dir: Path
+    final_dir: Path | None
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> SFTResult:
+    """Train; returns the run directory, final/ and the logged metrics (rank 0).
+
+    ``samples``: optional pre-rendered (train, val) samples (tests, benchmarks); otherwise
+    the data files of ``config.data`` are rendered and audited.
+    """
+    check_settings(config)
+    info = init_distributed()
+    seed_everything(config.train.seed + info.rank)
+    tokenizer = _load_tokenizer(config)
+    train_samples, val_samples = samples if samples is not None else load_sft_samples(config, tokenizer, info)
+    planner = make_planner(config, train_samples, info.world_size)
+    total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
+    warmup_steps = check_schedule(config, total_steps, has_val=bool(val_samples))
+    resume_path = ckpt.resolve_resume(config.train.resume, _run_path(config) / "checkpoints")
+    run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
+                          overwrite=config.run.overwrite, write=info.is_main)
+    model = build_model(config, info)
+    optimizer = build_optimizer(model, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                betas=config.optim.betas, eps=config.optim.eps)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                schedule=config.optim.schedule, min_lr_ratio=config.optim.min_lr_ratio)
+    state = TrainerState()
+    if resume_path is not None:
+        state = TrainerState(**{k: v for k, v in ckpt.load_checkpoint(
+            resume_path, model, optimizer, scheduler, info).items() if k in TrainerState.__dataclass_fields__})
+    announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path)
+    history: list[dict[str, Any]] = []
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main) as logger, \
+            Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,
+                     keys=("loss", "lr", "val/loss", "tokens_per_sec")) as progress:
+        for plan in planner.iter_plans(state.step, total_steps):
+            micro_batches = [collate([train_samples[i] for i in mb], packing=config.train.packing,
+                                     pad_token_id=pad_id).to(info.device)
+                             for mb in plan.micro_batches[info.rank]]
+            result = optimizer_step(
+                model, optimizer, scheduler, micro_batches,
+                lambda m, b: sft_micro_batch_loss(
+                    m, b, loss_agg_mode=config.train.loss_agg_mode, step_trained_tokens=plan.trained_tokens,
+                    step_sequences=plan.trained_sequences, chunk_size=config.train.logits_chunk_size),
+                precision=config.train.precision, device=info.device, max_grad_norm=config.optim.max_grad_norm,
+                world_size=info.world_size, reduce_sum=lambda v: all_reduce_sum(v, info),
+            )
+            state = advance(state, plan, result)
+            metrics = step_metrics(config, plan, result, state)
+            if _due(state.step, config.train.eval_every, total_steps) and val_samples:
+                metrics.update(validate(model, val_samples, config, info, pad_id))
+            if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
+                history.append(logger.log(metrics, step=state.step))
+            progress.update(1, metrics)
+            if _due(state.step, config.train.save_every, total_steps) and config.train.save_every:
+                ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
+                                     info, keep_last=config.train.keep_last)
+    final = ckpt.export_hf(model, tokenizer, run.final, info, merge_lora=config.lora.merge_on_export,
+                           rebuild=lambda: build_model(config, info, unsharded=True))
+    if info.is_main:
+        print(f"sft: {state.step} steps, final model in {final}", file=sys.stderr)
+    shutdown_distributed()
+    return SFTResult(run.path, final, state.step, history)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def check_settings(config: SFTConfig) -> None:
+    """Refuse settings that cannot work, before anything loads (one-line ConfigError)."""
+    train = config.train
+    if train.micro_batch_tokens < config.data.max_length:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({train.micro_batch_tokens}) is smaller than data.max_length "
+            f"({config.data.max_length}): a full-length sample could never fit in a micro-batch; "
+            f"raise micro_batch_tokens or lower max_length"
+        )
+    if config.optim.warmup_steps is not None and train.max_steps is not None and \
+            config.optim.warmup_steps >= train.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps ({config.optim.warmup_steps}) is not shorter than train.max_steps "
+            f"({train.max_steps}): the learning rate would never reach its peak"
+        )
+
+
+def check_schedule(config: SFTConfig, total_steps: int, *, has_val: bool) -> int:
+    """Warmup steps for ``total_steps``; ConfigError if warmup would not end before training."""
+    warmup = resolve_warmup_steps(total_steps, config.optim.warmup_ratio, config.optim.warmup_steps)
+    if warmup >= total_steps and warmup > 0:
+        raise ConfigError(
+            f"optim.warmup_steps ({warmup}) is not shorter than the run ({total_steps} optimizer steps): "
+            f"the learning rate would never reach its peak"
+        )
+    if config.train.eval_every is not None and not has_val:
+        raise ConfigError("train.eval_every is set but there is no validation data: set data.val or data.val_fraction")
+    return warmup
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+
+
+def _run_path(config: SFTConfig) -> Path:
+    return Path(config.run.output_dir) / config.run.name
+
+
+def _load_tokenizer(config: SFTConfig):
+    from posttrain.models import load_tokenizer
+
+    return load_tokenizer(config.model.name, config.model.chat_template)
+
+
+def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple[list, list]:
+    """Render + audit the train (and val) files; refuse to start on hard audit errors.
+
+    Validation: ``data.val`` if set, else a seeded ``data.val_fraction`` of the training
+    samples (at least one), else none.
+    """
+    from posttrain.data import load_sft_data
+    from posttrain.data.audit import preflight
+
+    prepared = load_sft_data(config.data.train, tokenizer, config.data)
+    preflight(prepared, allow_errors=config.data.allow_audit_errors)
+    train = list(prepared.samples)
+    val: list = []
+    if config.data.val:
+        val_prepared = load_sft_data(config.data.val, tokenizer, config.data)
+        preflight(val_prepared, allow_errors=config.data.allow_audit_errors)
+        val = list(val_prepared.samples)
+    elif config.data.val_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(config.train.seed).shuffle(order)
+        n_val = max(1, int(round(config.data.val_fraction * len(train))))
+        held = set(order[:n_val])
+        val = [s for i, s in enumerate(train) if i in held]
+        train = [s for i, s in enumerate(train) if i not in held]
+    if not train:
+        raise DataError(f"{config.data.train}: no training samples left after rendering")
+    return train, val
+
+
+def make_planner(config: SFTConfig, samples: Sequence[Any], world_size: int) -> StepPlanner:
+    lengths = [sample_length(s) for s in samples]
+    too_long = max(lengths)
+    if too_long > config.train.micro_batch_tokens:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({config.train.micro_batch_tokens}) is smaller than a "
+            f"{too_long}-token sample: raise it or lower data.max_length"
+        )
+    return StepPlanner(
+        lengths, [trained_target_count(s) for s in samples],
+        global_batch_size=config.train.global_batch_size, global_batch_tokens=config.train.global_batch_tokens,
+        micro_batch_tokens=config.train.micro_batch_tokens, packing=config.train.packing,
+        world_size=world_size, seed=config.train.seed,
+    )
+
+
+def build_model(config: SFTConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
+    """Load the model (fp32 master weights), add LoRA, set attention/checkpointing, shard."""
+    from posttrain.models import load_model
+
+    model = load_model(config.model.name, dtype=torch.float32)
+    if config.lora.enabled:
+        lora = config.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                           target_modules=lora.target_modules)
+    if unsharded:
+        return model
+    model.to(info.device)
+    prepare_for_training(model, attn_implementation=choose_attention(config.train.packing,
+                                                                      config.model.attn_implementation),
+                         gradient_checkpointing=config.model.gradient_checkpointing)
+    return shard_model(model, info)
+
+
+def advance(state: TrainerState, plan: StepPlan, result: Any) -> TrainerState:
+    return TrainerState(step=plan.step + 1, tokens_seen=state.tokens_seen + plan.tokens,
+                        trained_tokens_seen=state.trained_tokens_seen + plan.trained_tokens,
+                        elapsed_s=state.elapsed_s + result.seconds)
+
+
+def step_metrics(config: SFTConfig, plan: StepPlan, result: Any, state: TrainerState) -> dict[str, Any]:
+    """The per-step metric line (DESIGN.md metric names)."""
+    seconds = max(result.seconds, 1e-9)
+    return {
+        "step": state.step,
+        "epoch": round(plan.epoch_progress, 4),
+        "lr": result.lr,
+        "loss": result.loss,
+        "grad_norm": result.grad_norm,
+        "tokens_per_step": plan.trained_tokens,
+        "masked_token_count": plan.tokens - plan.trained_tokens,
+        "sequences_per_step": len(plan.sample_indices),
+        "total_tokens": state.tokens_seen,
+        "total_trained_tokens": state.trained_tokens_seen,
+        "tokens_per_sec": plan.tokens / seconds,
+        "trained_tokens_per_sec": plan.trained_tokens / seconds,
+        "step_time_s": result.seconds,
+        "loss_agg_mode": config.train.loss_agg_mode,
+    }
+
+
+def validate(model: torch.nn.Module, samples: Sequence[Any], config: SFTConfig, info: DistInfo,
+             pad_id: int) -> dict[str, float]:
+    """val/loss and val/ppl over the whole held-out set, split over ranks in lock-step."""
+    lengths = [sample_length(s) for s in samples]
+    shares = split_across_ranks(list(range(len(samples))), lengths, info.world_size)
+    per_rank = [split_into_micro_batches(share, lengths, config.train.micro_batch_tokens,
+                                         packing=config.train.packing) for share in shares]
+    depth = max(len(m) for m in per_rank)
+    mine = per_rank[info.rank] + [[]] * (depth - len(per_rank[info.rank]))
+    batches = (collate([samples[i] for i in mb], packing=config.train.packing, pad_token_id=pad_id)
+               for mb in mine)
+    return evaluate_nll(model, batches, precision=config.train.precision, device=info.device,
+                        chunk_size=config.train.logits_chunk_size, reduce_sum=lambda v: all_reduce_sum(v, info))
+
+
+def _due(step: int, every: int | None, total_steps: int) -> bool:
+    """Every ``every`` steps and at the last step."""
+    if every is None:
+        return False
+    return step % every == 0 or step == total_steps
+
+
+def announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path) -> None:
+    if not info.is_main:
+        return
+    total, trainable = count_parameters(model)
+    tokens = sum(sample_length(s) for s in train_samples)
+    where = f"{info.world_size} x {info.device.type}" if info.distributed else info.device.type
+    print(
+        f"sft: {len(train_samples)} train / {len(val_samples)} val samples, {tokens} tokens; "
+        f"{total_steps} steps (warmup {warmup_steps}); model {config.model.name} "
+        f"({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained) on {where}, {config.train.precision}"
+        + (f"; resuming from {resume_path}" if resume_path else ""),
+        file=sys.stderr,
+    )
