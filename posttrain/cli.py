@@ -87,6 +87,18 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+@command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
+         add_config_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    from posttrain.config import load_config
+    from posttrain.eval.config import EvalConfig
+    from posttrain.eval.runner import run_eval
+
+    run_eval(load_config(EvalConfig, args.config, args.overrides))
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
