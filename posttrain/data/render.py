@@ -1,0 +1,457 @@
+"""Conversation -> ``input_ids``, ``loss_mask`` (, ``weights``) through the tokenizer's chat template.
+
+Seed 004 sections 3-4: train only what the assistant says (its content, its tool calls and the
+end-of-turn token it must learn to emit), never system, user or tool tokens; and make sure
+``encode(messages) == prompt_ids ⊕ response_ids``, or the mask trains something that does
+not exist at inference.
+
+How the assistant spans are found, for ANY chat template and with no per-family code: for
+every assistant message ``i`` render two prefixes with ``tokenizer.apply_chat_template``,
+
+- ``P_i`` = messages[:i] + the generation prompt (exactly what inference feeds the model), and
+- ``F_i`` = messages[:i+1] (the conversation up to and including the reply),
+
+and tokenise each whole text. The reply's tokens are ``F_i[len(P_i):]``: valid when ``P_i`` is
+a token prefix of ``F_i``. Consecutive turns share one sample when ``F_i`` is a token prefix of
+``P_{i+1}`` (the template renders the history the same way as it grows). That is 2 template
+calls and 2 tokenisations per assistant turn, batched per conversation.
+
+Where the prefix property breaks:
+
+- ``P_i`` not a prefix of ``F_i``: the reply's first tokens merge with the prompt (e.g. a
+  generation prompt ending in a space) - a *consistency failure*, reported with the first
+  differing token, decoded;
+- ``F_i`` not a text prefix of ``P_{i+1}``: the template rewrites history (e.g. it drops earlier
+  ``<think>`` blocks). The conversation is split into one sample per group of turns that
+  render consistently (per assistant turn for such templates), or refused (``history_rewrite=
+  "error"``);
+- text prefix but not a token prefix: tokens merge across the turn boundary - a consistency
+  failure; the conversation is split there too, so the masks stay right.
+
+End of turn: the trained span of a reply runs through its last special token (``<|im_end|>``,
+``<|eot_id|>``, ``</s>``, ...); whitespace the template writes after it (``"\\n"``) is never
+generated, so it is not trained. A trained reply with no special token in its span is reported
+(``untrained_end_of_turn``): the model would never learn to stop.
+
+Templates that silently drop tool calls or tool results are detected per conversation and
+raise DataError instead of training on a conversation that lost them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Sequence
+
+from posttrain.data.formats import normalise_messages
+from posttrain.errors import DataError
+
+TrainOn = Literal["all_assistant", "last_assistant"]
+HistoryRewrite = Literal["split", "error"]
+
+
+@dataclass
+class Span:
+    """Tokens ``[start, end)`` of a sample rendered from one message (or a run of messages)."""
+
+    start: int
+    end: int
+    role: str  # "system", "user", "assistant", "tool", "system+user", or "generation prompt"
+    message_index: int | None = None  # first message of the run; None for the generation prompt
+    trained: bool = False
+
+
+@dataclass
+class RenderedSample:
+    """One training sequence. ``loss_mask[t] == 1``: token ``t`` is a training target (the shift
+    to next-token labels happens once, in the loss). ``weights[t]``: its loss weight (0.0 where
+    untrained), or None when no message carries a ``weight``."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+    weights: list[float] | None = None
+    line: int = 0
+    source: str = ""
+    spans: list[Span] = field(default_factory=list)
+    truncated: bool = False
+    split: bool = False  # one of several samples of a conversation whose template rewrites history
+    consistency_errors: list[str] = field(default_factory=list)
+    untrained_end_of_turn: list[int] = field(default_factory=list)  # 0-based message indices
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trained_token_count(self) -> int:
+        return sum(self.loss_mask)
+
+    @property
+    def masked_token_ratio(self) -> float:
+        """Trained tokens / all tokens (seed 004 section 8)."""
+        return self.trained_token_count / max(1, len(self.input_ids))
+
+
+@dataclass
+class _Turn:
+    index: int  # message index of the assistant reply
+    prompt_text: str
+    full_text: str
+    prompt_ids: list[int]
+    full_ids: list[int]
+    trained: bool
+    weight: float | None
+
+
+# ----------------------------------------------------------------------------- public API
+def render_conversation(
+    messages: list[dict[str, Any]],
+    tokenizer,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    train_on: TrainOn = "all_assistant",
+    train_tool_calls: bool = True,
+    history_rewrite: HistoryRewrite = "split",
+    line: int = 0,
+    source: str = "",
+    chat_template_kwargs: dict[str, Any] | None = None,
+    message_spans: bool = False,
+) -> list[RenderedSample]:
+    """Render normalised ``messages`` (``formats.normalise_messages``) into training samples.
+
+    Returns one sample, or several when the template rewrites history (``history_rewrite=
+    "split"``). Trained: every assistant message (``train_on="all_assistant"``) or the last one;
+    messages with tool calls only if ``train_tool_calls``; a message's own ``train`` overrides
+    both. ``weight`` on a message becomes the loss weight of its tokens. ``message_spans``
+    renders one extra prefix per message so that ``spans`` shows every message boundary
+    (for ``inspect``); without it, consecutive non-assistant messages form one span.
+    Raises DataError (naming ``source:line``) when the conversation cannot be rendered
+    faithfully (template error, dropped tool calls or tool results).
+    """
+    where = f"{source}:{line}" if source else f"line {line}"
+    kwargs = dict(chat_template_kwargs or {})
+    assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if not assistant_indices:
+        raise DataError(f"{where}: no assistant turn (nothing to train on)")
+    if assistant_indices[0] == 0:
+        raise DataError(f"{where}: the conversation starts with an assistant message; a chat template needs a user or system message first")
+    trained = _trained_turns(messages, assistant_indices, train_on, train_tool_calls)
+
+    texts: list[str] = []
+    for i in assistant_indices:
+        texts.append(_apply(tokenizer, messages[:i], tools, True, kwargs, where))
+        texts.append(_apply(tokenizer, messages[: i + 1], tools, False, kwargs, where))
+    ids = encode_texts(tokenizer, texts)
+    turns = [
+        _Turn(i, texts[2 * k], texts[2 * k + 1], ids[2 * k], ids[2 * k + 1], i in trained, messages[i].get("weight"))
+        for k, i in enumerate(assistant_indices)
+    ]
+    warnings = _check_tool_rendering(messages, turns, tokenizer, tools, kwargs, where)
+
+    groups, boundary_errors, rewritten = _group_turns(turns, tokenizer, history_rewrite, where)
+    special_ids = _special_ids(tokenizer)
+    use_weights = any(turn.trained and turn.weight is not None for turn in turns)
+    samples = []
+    for group in groups:
+        if not any(turn.trained for turn in group):
+            continue
+        sample = _assemble(group, messages, tokenizer, special_ids, use_weights, line, source)
+        if message_spans:
+            sample.spans = _message_spans(group, messages, tokenizer, tools, kwargs, where, sample.spans)
+        sample.split = len(groups) > 1
+        sample.consistency_errors = boundary_errors.get(id(group[0]), []) + sample.consistency_errors
+        sample.warnings = list(warnings) + (["chat template rewrites history: conversation split per turn"] if rewritten else [])
+        samples.append(sample)
+    if not samples:  # nothing selected for training: keep one sample so the audit reports its empty mask
+        sample = _assemble(groups[-1], messages, tokenizer, special_ids, use_weights, line, source)
+        sample.warnings = list(warnings)
+        samples.append(sample)
+    return samples
+
+
+def render_prompt(
+    messages_or_str: str | list[dict[str, Any]],
+    tokenizer,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    where: str = "prompt",
+) -> list[int]:
+    """Prompt token ids ending with the generation prompt: what the model continues from (RL, eval).
+
+    The same path as training (chat template text, then one tokenisation), so RL and eval see
+    exactly the prompt tokens SFT trained after.
+    """
+    messages = normalise_messages(messages_or_str, where)  # validates; accepts ShareGPT; idempotent
+    if not messages:
+        raise DataError(f"{where}: a prompt must be a string or a non-empty list of messages")
+    text = _apply(tokenizer, messages, tools, True, dict(chat_template_kwargs or {}), where)
+    return encode_texts(tokenizer, [text])[0]
+
+
+def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Tokenise rendered template texts (the template writes BOS itself: no extra special tokens)."""
+    if not texts:
+        return []
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def truncate_sample(sample: RenderedSample, max_length: int) -> RenderedSample:
+    """The first ``max_length`` tokens of ``sample`` (spans clipped, ``truncated`` set)."""
+    if len(sample.input_ids) <= max_length:
+        return sample
+    spans = [replace(span, end=min(span.end, max_length)) for span in sample.spans if span.start < max_length]
+    return replace(
+        sample,
+        input_ids=sample.input_ids[:max_length],
+        loss_mask=sample.loss_mask[:max_length],
+        weights=sample.weights[:max_length] if sample.weights is not None else None,
+        spans=spans,
+        truncated=True,
+        # a reply cut before its end-of-turn token is the truncation's doing, not the template's
+        untrained_end_of_turn=[i for i in sample.untrained_end_of_turn if _span_end(sample, i) <= max_length],
+    )
+
+
+def first_difference(tokenizer, expected: Sequence[int], actual: Sequence[int]) -> str:
+    """Describe the first position where two token sequences differ, tokens decoded."""
+    position = common_prefix_length(expected, actual)
+
+    def show(seq: Sequence[int]) -> str:
+        if position >= len(seq):
+            return "<end>"
+        return f"{tokenizer.decode([seq[position]])!r} ({seq[position]})"
+
+    return f"token {position}: {show(expected)} vs {show(actual)}"
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    limit = min(len(a), len(b))
+    if list(a[:limit]) == list(b[:limit]):
+        return limit
+    low, high = 0, limit  # binary search on the first difference: list slices compare in C
+    while low < high:
+        mid = (low + high) // 2
+        if list(a[: mid + 1]) == list(b[: mid + 1]):
+            low = mid + 1
+        else:
+            high = mid
+    return low
+
+
+def is_token_prefix(prefix: Sequence[int], sequence: Sequence[int]) -> bool:
+    return len(prefix) <= len(sequence) and list(sequence[: len(prefix)]) == list(prefix)
+
+
+# ----------------------------------------------------------------------------- internals
+def _apply(tokenizer, messages, tools, add_generation_prompt: bool, kwargs: dict, where: str) -> str:
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tools=tools, add_generation_prompt=add_generation_prompt, tokenize=False, **kwargs
+        )
+    except Exception as exc:  # jinja raises TemplateError, TypeError, UndefinedError...
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise DataError(f"{where}: the chat template failed on messages 1-{len(messages)}: {detail}") from None
+    if not isinstance(text, str):
+        raise DataError(f"{where}: the chat template did not return text")
+    return text
+
+
+def _trained_turns(messages, assistant_indices: list[int], train_on: str, train_tool_calls: bool) -> set[int]:
+    if train_on not in ("all_assistant", "last_assistant"):
+        raise ValueError(f"train_on must be all_assistant or last_assistant, got {train_on!r}")
+    trained = set()
+    for i in assistant_indices:
+        message = messages[i]
+        default = (train_on == "all_assistant" or i == assistant_indices[-1]) and (
+            train_tool_calls or not message.get("tool_calls")
+        )
+        if message.get("train", default):
+            trained.add(i)
+    return trained
+
+
+def _group_turns(turns: list[_Turn], tokenizer, history_rewrite: str, where: str):
+    """Split turns where the history stops being a token prefix of the next prompt."""
+    groups: list[list[_Turn]] = [[turns[0]]]
+    boundary_errors: dict[int, list[str]] = {}
+    rewritten = False
+    for previous, turn in zip(turns, turns[1:]):
+        if is_token_prefix(previous.full_ids, turn.prompt_ids):
+            groups[-1].append(turn)
+            continue
+        if turn.prompt_text.startswith(previous.full_text):
+            problem = (
+                f"messages[{turn.index}]: encode(conversation through messages[{previous.index}]) is not a prefix of "
+                f"encode(next prompt): tokens merge across the turn boundary at "
+                f"{first_difference(tokenizer, previous.full_ids, turn.prompt_ids)}"
+            )
+            boundary_errors[id(turn)] = [problem]
+        else:
+            rewritten = True
+            if history_rewrite == "error":
+                raise DataError(
+                    f"{where}: the chat template rewrites history (messages[{previous.index}] renders differently once "
+                    f"later messages follow, e.g. dropped reasoning); set data.history_rewrite=split to train one sample per turn"
+                )
+        groups.append([turn])
+    return groups, boundary_errors, rewritten
+
+
+def _special_ids(tokenizer) -> frozenset[int]:
+    key = (len(tokenizer), tuple(tokenizer.all_special_ids))
+    cached = getattr(tokenizer, "_posttrain_special_ids", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    ids = set(tokenizer.all_special_ids)
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(token, "special", False):
+            ids.add(token_id)
+    result = frozenset(ids)
+    try:
+        tokenizer._posttrain_special_ids = (key, result)
+    except AttributeError:
+        pass
+    return result
+
+
+def _reply_span(turn: _Turn, tokenizer, special_ids) -> tuple[int, int, int, str | None, bool]:
+    """(start, trained_end, end, consistency problem, has end-of-turn) of one reply in ``full_ids``."""
+    problem = None
+    if is_token_prefix(turn.prompt_ids, turn.full_ids):
+        start = len(turn.prompt_ids)
+    else:
+        start = common_prefix_length(turn.prompt_ids, turn.full_ids)
+        problem = (
+            f"messages[{turn.index}]: encode(prompt) is not a prefix of encode(prompt + reply) at "
+            f"{first_difference(tokenizer, turn.prompt_ids, turn.full_ids)}"
+        )
+    end = len(turn.full_ids)
+    last_special = next((k for k in range(end - 1, start - 1, -1) if turn.full_ids[k] in special_ids), None)
+    if last_special is None:
+        return start, end, end, problem, False
+    tail = tokenizer.decode(turn.full_ids[last_special + 1 : end]) if last_special + 1 < end else ""
+    trained_end = last_special + 1 if not tail.strip() else end
+    return start, trained_end, end, problem, True
+
+
+def _assemble(group: list[_Turn], messages, tokenizer, special_ids, use_weights: bool, line: int, source: str) -> RenderedSample:
+    last = group[-1]
+    input_ids = list(last.full_ids)
+    loss_mask = [0] * len(input_ids)
+    weights = [0.0] * len(input_ids) if use_weights else None
+    spans: list[Span] = []
+    problems: list[str] = []
+    untrained_eot: list[int] = []
+    position = 0
+    previous_message = 0
+    for turn in group:
+        start, trained_end, end, problem, has_eot = _reply_span(turn, tokenizer, special_ids)
+        if problem:
+            problems.append(problem)
+        if start > position:
+            spans.append(Span(position, start, _roles(messages, previous_message, turn.index), previous_message))
+        spans.append(Span(start, end, "assistant", turn.index, turn.trained))
+        if turn.trained:
+            for k in range(start, trained_end):
+                loss_mask[k] = 1
+            if weights is not None:
+                weight = 1.0 if turn.weight is None else turn.weight
+                for k in range(start, trained_end):
+                    weights[k] = weight
+            if not has_eot:
+                untrained_eot.append(turn.index)
+        position, previous_message = end, turn.index + 1
+    return RenderedSample(
+        input_ids=input_ids,
+        loss_mask=loss_mask,
+        weights=weights,
+        line=line,
+        source=source,
+        spans=spans,
+        consistency_errors=problems,
+        untrained_end_of_turn=untrained_eot,
+    )
+
+
+def _roles(messages, start: int, stop: int) -> str:
+    roles: list[str] = []
+    for message in messages[start:stop]:
+        if not roles or roles[-1] != message["role"]:
+            roles.append(message["role"])
+    return "+".join(roles) or "template"
+
+
+def _message_spans(group: list[_Turn], messages, tokenizer, tools, kwargs, where, spans: list[Span]) -> list[Span]:
+    """Refine each run of non-assistant messages into one span per message plus the generation
+    prompt (best effort: a boundary whose prefix render is not a token prefix of the sample is
+    left out, and its message stays merged with the next)."""
+    sample_ids = group[-1].full_ids
+    refined: list[Span] = []
+    for k, span in enumerate(spans):
+        if span.role == "assistant":
+            refined.append(span)
+            continue
+        stop = spans[k + 1].message_index  # a prompt span always leads to the reply that follows it
+        prefixes = [_apply(tokenizer, messages[: j + 1], tools, False, kwargs, where) for j in range(span.message_index, stop)]
+        position, first = span.start, span.message_index
+        for j, ids in zip(range(span.message_index, stop), encode_texts(tokenizer, prefixes)):
+            if position < len(ids) <= span.end and is_token_prefix(ids, sample_ids):
+                refined.append(Span(position, len(ids), _roles(messages, first, j + 1), first))
+                position, first = len(ids), j + 1
+        if position < span.end:
+            if first < stop:
+                refined.append(Span(position, span.end, _roles(messages, first, stop), first))
+            else:
+                refined.append(Span(position, span.end, "generation prompt", None))
+    return refined
+
+
+def _span_end(sample: RenderedSample, message_index: int) -> int:
+    for span in sample.spans:
+        if span.role == "assistant" and span.message_index == message_index:
+            return span.end
+    return 0
+
+
+def _check_tool_rendering(messages, turns: list[_Turn], tokenizer, tools, kwargs, where: str) -> list[str]:
+    """Raise DataError when the template drops tool calls or tool results; warn when it ignores ``tools``."""
+    for turn in turns:
+        calls = messages[turn.index].get("tool_calls")
+        if not calls:
+            continue
+        reply_text = turn.full_text[len(turn.prompt_text):] if turn.full_text.startswith(turn.prompt_text) else turn.full_text
+        without_calls = {key: value for key, value in messages[turn.index].items() if key != "tool_calls"}
+        bare = _apply(tokenizer, messages[: turn.index] + [without_calls], tools, False, kwargs, where)
+        names = [call["function"]["name"] for call in calls]
+        missing = [name for name in names if name not in reply_text]
+        if bare == turn.full_text or missing:
+            raise DataError(
+                f"{where}: the chat template drops tool calls (messages[{turn.index}] calls {', '.join(missing or names)}, "
+                f"which the rendered text does not contain); pass --chat-template FILE with a template that renders tool_calls"
+            )
+    by_index = {turn.index: turn for turn in turns}
+    previous_full = ""
+    for j, message in enumerate(messages):
+        if j in by_index:
+            previous_full = by_index[j].full_text
+            continue
+        if message["role"] != "tool" or not message["content"].strip():
+            continue
+        next_turn = next((turn for turn in turns if turn.index > j), None)
+        if next_turn is None:
+            continue  # a trailing tool result is not part of any sample
+        text = next_turn.prompt_text
+        region = text[len(previous_full):] if text.startswith(previous_full) else text
+        if message["content"].strip() not in region:
+            raise DataError(
+                f"{where}: the chat template drops tool results (messages[{j}], role tool, is not in the rendered text); "
+                f"pass --chat-template FILE with a template that renders tool messages"
+            )
+    warnings = []
+    if tools:
+        first_prompt = turns[0].prompt_text
+        ignored = [tool["function"]["name"] for tool in tools if tool["function"]["name"] not in first_prompt]
+        if ignored:
+            warnings.append(f"chat template ignores the tools list ({', '.join(ignored)} not rendered)")
+    return warnings
