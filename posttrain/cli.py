@@ -87,6 +87,17 @@ def _sft(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- rm
+@command("rm", "train a reward model on preference pairs (Bradley-Terry), report held-out accuracy, export HF",
+         add_config_arguments)
+def _rm(args: argparse.Namespace) -> int:
+    from posttrain.config import RMConfig, load_config
+    from posttrain.train.rm import run_rm
+
+    run_rm(load_config(RMConfig, args.config, args.overrides))
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval
 @command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
          add_config_arguments)

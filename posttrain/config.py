@@ -137,6 +137,50 @@ class SFTConfig(Section):
         return self
 
 
+class RewardModelSection(Section):
+    """Reward-model specifics (``rm:`` section of ``posttrain rm``)."""
+
+    margin_key: str | None = Field(
+        "margin", description="row key holding a per-pair margin m in -log sigmoid(r_c - r_r - m); "
+                              "rows without it use 0; null ignores margins")
+    center_rewards_coef: float = Field(
+        0.0, ge=0, description="weight of the reward-centring term (r_c + r_r)^2 per pair; 0 = off (0.01 is common)")
+    group_key: str | None = Field(
+        None, description="row key whose values split the held-out accuracy (val/accuracy/<value>), e.g. an error kind")
+
+
+class RMConfig(Section):
+    """``posttrain rm``: a reward model trained on preference pairs (Bradley–Terry).
+
+    Data rows: ``{"prompt", "chosen", "rejected"}`` (strings or message lists) or
+    ``{"chosen": conversation, "rejected": conversation}``. In ``train``,
+    ``global_batch_size`` counts PAIRS per optimizer step and ``global_batch_tokens`` the
+    tokens of both sides; both sides of a pair always share a micro-batch. ``data.max_length``
+    applies to each side: a pair with an over-long side is dropped (``truncation: right`` or
+    ``drop``: the score token would be cut off) or refused (``error``). ``train.loss_agg_mode``
+    and ``train.logits_chunk_size`` do not apply (one score per sequence, no vocabulary).
+    """
+
+    run: RunConfig = RunConfig(name="rm")
+    model: ModelConfig = ModelConfig()
+    lora: LoRAConfig = LoRAConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    rm: RewardModelSection = RewardModelSection()
+
+    @model_validator(mode="after")
+    def _needs_data(self) -> "RMConfig":
+        if not self.data.train:
+            raise ValueError("data.train: a preference data file is required")
+        if self.train.micro_batch_tokens < 2 * self.data.max_length and self.data.truncation == "error":
+            raise ValueError(
+                "train.micro_batch_tokens is smaller than 2 x data.max_length with truncation=error: "
+                "a pair of full-length sides could never share a micro-batch"
+            )
+        return self
+
+
 class ChatConfig(Section):
     """``posttrain chat``: one reply from a model."""
 

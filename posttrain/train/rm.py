@@ -1,0 +1,459 @@
+"""``posttrain rm``: train a reward model on preference pairs (Bradley–Terry), export it.
+
+Seed 000, Phase 2: collect comparisons (a prompt, a chosen and a rejected response), train a
+model that scores the chosen one higher, check its accuracy on held-out pairs, and use it as
+the reward of RL (``rewards.model``). The loss is ``algorithms.preference.bradley_terry_loss``
+(InstructGPT eq. 1, optional per-pair margin as in Llama 2, optional reward centring).
+
+The model is a causal LM with a scalar head (``posttrain.scalar_head``); its score is read at
+the last token of each response (the end-of-turn token). Both sides of a pair are rendered
+with the same chat template and checks as SFT data (``scalar_head.render_for_scoring``) and
+always share a micro-batch, so a pair's loss is computed inside one forward pass.
+
+Everything else is the SFT machinery, shared, not copied: the step plan
+(``data.batching.StepPlanner``, here over PAIRS: a pair's "length" is its packed token count,
+or two padded rows), collation, ``train.loop.optimizer_step`` (AdamW, schedule per
+optimizer step, clipping, accumulation as a plain sum of step-normalised shares),
+``train.checkpoint`` (atomic checkpoints, exact resume, HF export) and
+``train.distributed`` (FSDP2). The step loss is normalised by the number of pairs in the
+whole optimizer step, so it does not depend on how the step is split into micro-batches or
+ranks (tested).
+
+Deviation: pairs whose either side exceeds ``data.max_length`` are dropped (or refused with
+``truncation: error``) rather than cut, because cutting removes the score token.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from posttrain.algorithms.preference import bradley_terry_loss
+from posttrain.config import RMConfig
+from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate, split_across_ranks, \
+    split_into_micro_batches
+from posttrain.errors import ConfigError, DataError
+from posttrain.scalar_head import ScoredSequence, export_pad_token_id, export_tokenizer, gather_scores, \
+    load_scalar_head_model, make_head_trainable, render_for_scoring, score_positions, token_values
+from posttrain.train import checkpoint as ckpt
+from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
+    shutdown_distributed
+from posttrain.train.logging import MetricsLogger, Progress, prepare_run_dir
+from posttrain.train.loop import apply_lora, autocast_context, build_optimizer, build_scheduler, \
+    choose_attention, count_parameters, optimizer_step, prepare_for_training
+from posttrain.train.sft import TrainerState, advance, check_schedule, seed_everything
+
+PAIR_METRICS = ("accuracy", "margin", "reward/chosen", "reward/rejected")
+
+
+@dataclass
+class PreferencePair:
+    """Both sides of one comparison, rendered up to their score tokens."""
+
+    chosen: ScoredSequence
+    rejected: ScoredSequence
+    margin: float = 0.0
+    group: str | None = None
+    line: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+@dataclass
+class PairMicroBatch:
+    """One forward pass over ``pairs`` pairs: rows [c0, r0, c1, r1, ...] of ``batch``.
+
+    rows_N, columns_N: [2P] position of each sequence's score token; margin_P: [P].
+    """
+
+    batch: MicroBatch
+    rows_N: torch.Tensor
+    columns_N: torch.Tensor
+    margin_P: torch.Tensor
+    groups: list[str | None] = field(default_factory=list)
+
+    @property
+    def pairs(self) -> int:
+        return self.margin_P.numel()
+
+    def to(self, device: torch.device | str) -> "PairMicroBatch":
+        return PairMicroBatch(self.batch.to(device), self.rows_N.to(device), self.columns_N.to(device),
+                              self.margin_P.to(device), self.groups)
+
+
+@dataclass
+class RMResult:
+    run_dir: Path
+    final_dir: Path | None
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    val_metrics: dict[str, float] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMResult:
+    """Train; returns the run directory, final/ (HF format), the logged metrics (rank 0).
+
+    ``pairs``: optional pre-rendered (train, val) ``PreferencePair`` lists (tests).
+    """
+    check_settings(config)
+    info = init_distributed()
+    seed_everything(config.train.seed + info.rank)
+    tokenizer = _load_tokenizer(config)
+    train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(config, tokenizer)
+    planner = make_pair_planner(config, train_pairs, info.world_size)
+    total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
+    warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
+    resume_path = ckpt.resolve_resume(config.train.resume, Path(config.run.output_dir) / config.run.name / "checkpoints")
+    run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
+                          overwrite=config.run.overwrite, write=info.is_main)
+    pad_id = export_pad_token_id(tokenizer) or tokenizer.pad_token_id or 0
+    model = build_model(config, info, pad_id)
+    optimizer = build_optimizer(model, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+                                betas=config.optim.betas, eps=config.optim.eps)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                schedule=config.optim.schedule, min_lr_ratio=config.optim.min_lr_ratio)
+    state = TrainerState()
+    if resume_path is not None:
+        saved = ckpt.load_checkpoint(resume_path, model, optimizer, scheduler, info)
+        state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
+    announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path)
+    history: list[dict[str, Any]] = []
+    val_metrics: dict[str, float] = {}
+    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main) as logger, \
+            Progress(total_steps, "rm", enabled=info.is_main and config.run.progress, initial=state.step,
+                     keys=("loss", "accuracy", "val/accuracy", "lr")) as progress:
+        for plan in planner.iter_plans(state.step, total_steps):
+            micro_batches = [pair_micro_batch([train_pairs[i] for i in mb], config.train.packing, pad_id).to(info.device)
+                             for mb in plan.micro_batches[info.rank]]
+            pair_stats: list[dict[str, float]] = []
+            result = optimizer_step(
+                model, optimizer, scheduler, micro_batches,
+                lambda m, b: pair_loss(m, b, step_pairs=plan.trained_sequences,
+                                       center_rewards_coef=config.rm.center_rewards_coef, sink=pair_stats),
+                precision=config.train.precision, device=info.device, max_grad_norm=config.optim.max_grad_norm,
+                world_size=info.world_size, reduce_sum=lambda v: all_reduce_sum(v, info),
+            )
+            state = advance(state, plan, result)
+            metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info))
+            if _due(state.step, config.train.eval_every, total_steps) and val_pairs:
+                val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
+                metrics.update(val_metrics)
+            if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
+                history.append(logger.log(metrics, step=state.step))
+            progress.update(1, metrics)
+            if _due(state.step, config.train.save_every, total_steps) and config.train.save_every:
+                ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
+                                     info, keep_last=config.train.keep_last)
+    if val_pairs and not val_metrics:
+        val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
+    final = ckpt.export_hf(model, export_tokenizer(tokenizer), run.final, info, merge_lora=config.lora.merge_on_export,
+                           rebuild=lambda: build_model(config, info, pad_id, unsharded=True))
+    if info.is_main:
+        write_eval(run.eval, val_metrics, len(val_pairs))
+        summary = "  ".join(f"{k}={val_metrics[k]:.4g}" for k in ("val/accuracy", "val/loss", "val/margin")
+                            if k in val_metrics)
+        print(f"rm: {state.step} steps in {state.elapsed_s:.0f}s; {summary}; final model in {final}", file=sys.stderr)
+    shutdown_distributed()
+    return RMResult(run.path, final, state.step, history, val_metrics)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def check_settings(config: RMConfig) -> None:
+    """Refuse settings that cannot work before anything loads (one-line ConfigError)."""
+    if config.optim.warmup_steps is not None and config.train.max_steps is not None and \
+            config.optim.warmup_steps >= config.train.max_steps:
+        raise ConfigError(
+            f"optim.warmup_steps ({config.optim.warmup_steps}) is not shorter than train.max_steps "
+            f"({config.train.max_steps}): the learning rate would never reach its peak")
+
+
+def _load_tokenizer(config: RMConfig):
+    from posttrain.models import load_tokenizer
+
+    return load_tokenizer(config.model.name, config.model.chat_template)
+
+
+def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """(prompt, chosen, rejected) messages of one preference row.
+
+    Shapes: ``{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}``
+    (a string prompt is a user message, a string answer an assistant message), or
+    ``{"chosen": conversation, "rejected": conversation}`` (prompt = empty; each
+    conversation carries its own context).
+    """
+    from posttrain.data.formats import normalise_messages
+
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
+    missing = [key for key in ("chosen", "rejected") if key not in row]
+    if missing:
+        keys = ", ".join(sorted(row)) or "none"
+        raise DataError(f"{where}: a preference row needs 'chosen' and 'rejected' (and usually 'prompt'); "
+                        f"missing {', '.join(missing)} (keys: {keys})")
+    prompt = normalise_messages(row["prompt"], f"{where}: prompt") if "prompt" in row else []
+    chosen = normalise_messages(row["chosen"], f"{where}: chosen", default_role="assistant")
+    rejected = normalise_messages(row["rejected"], f"{where}: rejected", default_role="assistant")
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side or side[-1]["role"] != "assistant":
+            raise DataError(f"{where}: {name} must end with an assistant message")
+    if not prompt and (chosen[0]["role"] == "assistant" or rejected[0]["role"] == "assistant"):
+        raise DataError(f"{where}: no prompt: give 'prompt' or make chosen/rejected whole conversations")
+    return prompt, chosen, rejected
+
+
+def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key: str | None,
+                group_key: str | None) -> PreferencePair:
+    """Render one preference row (both sides through the same template and checks)."""
+    from posttrain.data.formats import normalise_tools
+
+    where = f"{source}:{line}"
+    prompt, chosen, rejected = preference_messages(row, where)
+    tools = normalise_tools(row.get("tools"), f"{where}: tools")
+    margin = 0.0
+    if margin_key is not None and row.get(margin_key) is not None:
+        value = row[margin_key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: {margin_key} must be a number, got {value!r}")
+        margin = float(value)
+    group = None if group_key is None or row.get(group_key) is None else str(row[group_key])
+    return PreferencePair(
+        chosen=render_for_scoring(prompt, chosen, tokenizer, tools=tools, line=line, source=source),
+        rejected=render_for_scoring(prompt, rejected, tokenizer, tools=tools, line=line, source=source),
+        margin=margin, group=group, line=line,
+    )
+
+
+def load_pairs(path: str, tokenizer: Any, config: RMConfig) -> tuple[list[PreferencePair], dict[str, int]]:
+    """All pairs of one file, and counts of what was left out (``too_long``, ``bad``)."""
+    from posttrain.data.formats import read_rows
+
+    data = config.data
+    bad_rows: list[tuple[int, str]] = []
+    pairs: list[PreferencePair] = []
+    too_long = 0
+    for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows):
+        try:
+            pair = render_pair(row, tokenizer, line=line, source=str(path), margin_key=config.rm.margin_key,
+                               group_key=config.rm.group_key)
+        except DataError as exc:
+            if not data.skip_bad:
+                raise
+            bad_rows.append((line, str(exc)))
+            continue
+        longest = max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+        if longest > data.max_length:
+            if data.truncation == "error":
+                raise DataError(f"{path}:{line}: a side of this pair has {longest} tokens, more than data.max_length "
+                                f"({data.max_length}); raise it or set data.truncation=drop")
+            too_long += 1
+            continue
+        pairs.append(pair)
+    return pairs, {"too_long": too_long, "bad": len(bad_rows)}
+
+
+def load_preference_data(config: RMConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Train and held-out pairs: ``data.val`` if set, else a seeded ``data.val_fraction``."""
+    train, dropped = load_pairs(config.data.train, tokenizer, config)
+    val: list[PreferencePair] = []
+    if config.data.val:
+        val, val_dropped = load_pairs(config.data.val, tokenizer, config)
+        dropped = {k: dropped[k] + val_dropped[k] for k in dropped}
+    elif config.data.val_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(config.train.seed).shuffle(order)
+        held = set(order[: max(1, int(round(config.data.val_fraction * len(train))))])
+        val = [p for i, p in enumerate(train) if i in held]
+        train = [p for i, p in enumerate(train) if i not in held]
+    if dropped["too_long"] or dropped["bad"]:
+        print(f"rm: left out {dropped['too_long']} pairs longer than data.max_length ({config.data.max_length}) "
+              f"and {dropped['bad']} malformed rows", file=sys.stderr)
+    if not train:
+        raise DataError(f"{config.data.train}: no training pairs left after rendering")
+    return train, val
+
+
+def pair_length(pair: PreferencePair, packing: bool) -> int:
+    """Micro-batch tokens one pair costs: both sides packed, or two rows of the longer side."""
+    if packing:
+        return pair.tokens
+    return 2 * max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+
+
+def make_pair_planner(config: RMConfig, pairs: Sequence[PreferencePair], world_size: int) -> StepPlanner:
+    """The SFT step planner over pairs: each pair counts one towards the step normaliser."""
+    lengths = [pair_length(p, config.train.packing) for p in pairs]
+    if max(lengths) > config.train.micro_batch_tokens:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({config.train.micro_batch_tokens}) is smaller than a {max(lengths)}-token "
+            f"pair (both sides share a micro-batch): raise it or lower data.max_length")
+    return StepPlanner(
+        lengths, [1] * len(pairs),
+        global_batch_size=config.train.global_batch_size, global_batch_tokens=config.train.global_batch_tokens,
+        micro_batch_tokens=config.train.micro_batch_tokens, packing=config.train.packing,
+        world_size=world_size, seed=config.train.seed,
+    )
+
+
+def pair_micro_batch(pairs: Sequence[PreferencePair], packing: bool, pad_token_id: int) -> PairMicroBatch:
+    """Collate pairs as [c0, r0, c1, r1, ...] (an empty list gives a filler micro-batch)."""
+    sequences = [side for pair in pairs for side in (pair.chosen, pair.rejected)]
+    batch = collate(sequences, packing=packing, pad_token_id=pad_token_id)
+    if sequences:
+        rows, columns = score_positions(sequences, batch)
+    else:
+        rows = columns = torch.zeros(0, dtype=torch.long)
+    margin = torch.tensor([pair.margin for pair in pairs], dtype=torch.float32)
+    return PairMicroBatch(batch, rows, columns, margin, [pair.group for pair in pairs])
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def pair_scores(model: torch.nn.Module, micro: PairMicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen [P], rejected [P], all values [B, T]) of one micro-batch."""
+    values_BT = token_values(model, micro.batch)
+    scores_N = gather_scores(values_BT, micro.rows_N, micro.columns_N).reshape(-1, 2)
+    return scores_N[:, 0], scores_N[:, 1], values_BT
+
+
+def pair_loss(model: torch.nn.Module, micro: PairMicroBatch, *, step_pairs: float, center_rewards_coef: float,
+              sink: list[dict[str, float]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the step's Bradley–Terry loss (sum of shares = step mean).
+
+    ``sink`` collects each call's pair metrics (the shared ``optimizer_step`` only sums the
+    loss itself).
+    """
+    chosen_P, rejected_P, values_BT = pair_scores(model, micro)
+    loss, metrics = bradley_terry_loss(chosen_P, rejected_P, margin_P=micro.margin_P,
+                                       centering_coef=center_rewards_coef, step_pairs=step_pairs)
+    if micro.pairs == 0:  # filler micro-batch: keep the graph connected for FSDP's collectives
+        loss = loss + 0.0 * values_BT.sum()
+    if sink is not None:
+        sink.append(metrics)
+    return loss, metrics
+
+
+def summarise_pairs(stats: Sequence[dict[str, float]], info: DistInfo) -> dict[str, float]:
+    """Pair-weighted means of accuracy, margin and rewards over the step (all ranks)."""
+    totals = [sum(s[key] * s["pairs"] for s in stats) for key in PAIR_METRICS] + [sum(s["pairs"] for s in stats)]
+    totals = all_reduce_sum(totals, info)
+    pairs = max(totals[-1], 1.0)
+    return {key: value / pairs for key, value in zip(PAIR_METRICS, totals)} | {"pairs_per_step": int(totals[-1])}
+
+
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, pairs: Sequence[PreferencePair], config: RMConfig, info: DistInfo,
+                   pad_token_id: int) -> dict[str, float]:
+    """val/loss, val/accuracy, val/margin, val/reward/* over every held-out pair (and
+    val/accuracy/<group> per value of ``rm.group_key``), split over ranks in lock-step."""
+    lengths = [pair_length(p, config.train.packing) for p in pairs]
+    shares = split_across_ranks(list(range(len(pairs))), lengths, info.world_size)
+    per_rank = [split_into_micro_batches(share, lengths, config.train.micro_batch_tokens,
+                                         packing=config.train.packing) for share in shares]
+    depth = max(len(m) for m in per_rank)
+    mine = per_rank[info.rank] + [[]] * (depth - len(per_rank[info.rank]))
+    groups = sorted({p.group for p in pairs if p.group is not None})
+    sums = {key: 0.0 for key in ("loss", *PAIR_METRICS, "pairs")}
+    group_sums = {g: [0.0, 0.0] for g in groups}  # correct, count
+    was_training = model.training
+    model.eval()
+    try:
+        for indices in mine:
+            micro = pair_micro_batch([pairs[i] for i in indices], config.train.packing, pad_token_id).to(info.device)
+            with autocast_context(config.train.precision, info.device):
+                chosen_P, rejected_P, _ = pair_scores(model, micro)
+            _, metrics = bradley_terry_loss(chosen_P, rejected_P, margin_P=micro.margin_P,
+                                            centering_coef=config.rm.center_rewards_coef)
+            for key in sums:
+                sums[key] += metrics[key] * (metrics["pairs"] if key != "pairs" else 1.0)
+            correct = (chosen_P > rejected_P).tolist()
+            for group, right in zip(micro.groups, correct):
+                if group is not None:
+                    group_sums[group][0] += float(right)
+                    group_sums[group][1] += 1.0
+    finally:
+        model.train(was_training)
+    keys = list(sums)
+    totals = all_reduce_sum([sums[k] for k in keys] + [v for g in groups for v in group_sums[g]], info)
+    reduced = dict(zip(keys, totals[: len(keys)]))
+    count = max(reduced["pairs"], 1.0)
+    result = {f"val/{key}": reduced[key] / count for key in ("loss", *PAIR_METRICS)}
+    result["val/pairs"] = int(reduced["pairs"])
+    for k, group in enumerate(groups):
+        correct, seen = totals[len(keys) + 2 * k: len(keys) + 2 * k + 2]
+        result[f"val/accuracy/{group}"] = correct / max(seen, 1.0)
+    return result
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def build_model(config: RMConfig, info: DistInfo, pad_token_id: int, *, unsharded: bool = False) -> torch.nn.Module:
+    """Scalar-head model (fp32 master weights), LoRA (head trained in full), attention, shard."""
+    model = load_scalar_head_model(config.model.name, dtype=torch.float32, seed=config.train.seed,
+                                   pad_token_id=pad_token_id)
+    if config.lora.enabled:
+        lora = config.lora
+        model = make_head_trainable(apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                                               target_modules=lora.target_modules))
+    if unsharded:
+        return model
+    model.to(info.device)
+    prepare_for_training(model, attn_implementation=choose_attention(config.train.packing,
+                                                                      config.model.attn_implementation),
+                         gradient_checkpointing=config.model.gradient_checkpointing)
+    return shard_model(model, info)
+
+
+def step_metrics(plan: StepPlan, result: Any, state: TrainerState, pair_metrics: dict[str, float]) -> dict[str, Any]:
+    seconds = max(result.seconds, 1e-9)
+    return {
+        "step": state.step,
+        "epoch": round(plan.epoch_progress, 4),
+        "lr": result.lr,
+        "loss": result.loss,
+        **pair_metrics,
+        "grad_norm": result.grad_norm,
+        "tokens_per_step": plan.tokens,
+        "tokens_per_sec": plan.tokens / seconds,
+        "step_time_s": result.seconds,
+    }
+
+
+def _due(step: int, every: int | None, total_steps: int) -> bool:
+    return every is not None and (step % every == 0 or step == total_steps)
+
+
+def write_eval(eval_dir: Path, val_metrics: dict[str, float], pairs: int) -> None:
+    if not val_metrics:
+        return
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    (eval_dir / "rm_val.json").write_text(json.dumps({"pairs": pairs, **val_metrics}, indent=2) + "\n")
+
+
+def announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path) -> None:
+    if not info.is_main:
+        return
+    total, trainable = count_parameters(model)
+    tokens = sum(p.tokens for p in train_pairs)
+    where = f"{info.world_size} x {info.device.type}" if info.distributed else info.device.type
+    print(
+        f"rm: {len(train_pairs)} train / {len(val_pairs)} val pairs, {tokens} tokens; {total_steps} steps "
+        f"(warmup {warmup_steps}); model {config.model.name} ({total / 1e6:.1f}M params, "
+        f"{trainable / 1e6:.2f}M trained) on {where}, {config.train.precision}"
+        + (f"; resuming from {resume_path}" if resume_path else ""),
+        file=sys.stderr,
+    )
