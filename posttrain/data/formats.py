@@ -129,10 +129,12 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
 
 
 def _parse_object(text: str, where: str) -> dict | DataError:
+    text = text.rstrip()
     try:
         row = json.loads(text)
     except json.JSONDecodeError as exc:
-        return DataError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})")
+        at = "the end of the line" if exc.pos >= len(text) else f"column {exc.colno}"
+        return DataError(f"{where}: malformed JSON ({exc.msg} at {at})")
     if not isinstance(row, dict):
         return DataError(f"{where}: a row must be a JSON object, got {_type_name(row)}")
     return row

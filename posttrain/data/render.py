@@ -157,7 +157,10 @@ def render_conversation(
             continue
         sample = _assemble(group, messages, tokenizer, special_ids, use_weights, line, source)
         if message_spans:
-            sample.spans = _message_spans(group, messages, tokenizer, tools, kwargs, where, sample.spans)
+            try:
+                sample.spans = _message_spans(group, messages, tokenizer, tools, kwargs, where, sample.spans)
+            except DataError:  # some templates refuse a partial conversation: keep the coarser spans
+                pass
         sample.split = len(groups) > 1
         sample.consistency_errors = boundary_errors.get(id(group[0]), []) + sample.consistency_errors
         sample.warnings = list(warnings) + (["chat template rewrites history: conversation split per turn"] if rewritten else [])

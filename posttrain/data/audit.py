@@ -1,0 +1,422 @@
+"""The pre-flight data audit: load + render a data file, check every sample, summarise, refuse.
+
+Seed 004 section 8's checklist, automated and run by every training command before its first
+step (``load_sft_data`` then ``preflight``), and shown by ``posttrain inspect``:
+
+- every row parses and renders (else one line naming file:line; ``skip_bad`` counts and skips);
+- ``encode(whole conversation) == concatenated incremental pieces`` (consistency failures name
+  the line and the first differing token, decoded);
+- every trained assistant turn has its end-of-turn token trained;
+- no sample without trained tokens;
+- ``masked_token_ratio`` (trained / all tokens) per sample: min, mean, max, histogram;
+- truncation to ``max_length`` counted; a sample whose trained tokens were all cut is dropped
+  and counted.
+
+Hard errors (refuse to train unless ``allow_audit_errors``; ``inspect`` exits 1): consistency
+failures, untrained end-of-turn tokens, samples with an empty mask, no usable sample at all.
+
+The views (terminal text with colour or ``[[...]]`` brackets, a standalone HTML page, a JSON
+summary, a JSON-lines dump) live here too: seed 004 section 3.3, "visualise the mask, don't
+trust it".
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from posttrain.data.formats import conversation_from_row, read_rows
+from posttrain.data.render import RenderedSample, render_conversation, truncate_sample
+from posttrain.errors import DataError
+
+HISTOGRAM_BINS = 10
+SHOW_LINES = 10  # line numbers listed per finding in the text summary
+
+
+@dataclass
+class Finding:
+    line: int
+    message: str
+
+
+@dataclass
+class AuditReport:
+    """What the audit found in one data file. Lines are the data file's line/row numbers."""
+
+    source: str
+    rows: int = 0  # rows rendered
+    samples: int = 0  # samples kept for training
+    tokens: int = 0
+    trained_tokens: int = 0
+    ratios: list[float] = field(default_factory=list)  # masked_token_ratio of each kept sample
+    bad_rows: list[Finding] = field(default_factory=list)  # skipped (skip_bad)
+    truncated: list[int] = field(default_factory=list)
+    dropped: list[Finding] = field(default_factory=list)  # all trained tokens cut, or too long with truncation=drop
+    split: list[int] = field(default_factory=list)  # conversations split because the template rewrites history
+    consistency_failures: list[Finding] = field(default_factory=list)
+    untrained_end_of_turn: list[Finding] = field(default_factory=list)
+    empty_masks: list[int] = field(default_factory=list)
+    warnings: list[Finding] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def hard_errors(self) -> list[Finding]:
+        """Every hard error, ordered by line."""
+        found = list(self.consistency_failures) + list(self.untrained_end_of_turn)
+        found += [Finding(line, "no trained tokens in this sample (empty loss mask)") for line in self.empty_masks]
+        found.sort(key=lambda finding: finding.line)
+        if self.samples == 0:
+            found.append(Finding(0, "no usable training sample in the file"))
+        return found
+
+    def ratio_stats(self) -> dict[str, Any]:
+        if not self.ratios:
+            return {"min": None, "mean": None, "max": None, "histogram": [0] * HISTOGRAM_BINS}
+        histogram = [0] * HISTOGRAM_BINS
+        for ratio in self.ratios:
+            histogram[min(HISTOGRAM_BINS - 1, int(ratio * HISTOGRAM_BINS))] += 1
+        return {
+            "min": min(self.ratios),
+            "mean": sum(self.ratios) / len(self.ratios),
+            "max": max(self.ratios),
+            "histogram": histogram,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary as one JSON-able object (``inspect --json``)."""
+
+        def findings(items: list[Finding]) -> list[dict[str, Any]]:
+            return [{"line": item.line, "message": item.message} for item in items]
+
+        return {
+            "source": self.source,
+            "rows": self.rows,
+            "samples": self.samples,
+            "tokens": self.tokens,
+            "trained_tokens": self.trained_tokens,
+            "masked_token_ratio": self.ratio_stats(),
+            "truncated": {"count": len(self.truncated), "lines": self.truncated},
+            "dropped": {"count": len(self.dropped), "samples": findings(self.dropped)},
+            "split_for_history_rewrite": {"count": len(self.split), "lines": self.split},
+            "bad_rows_skipped": {"count": len(self.bad_rows), "rows": findings(self.bad_rows)},
+            "consistency_failures": {"count": len(self.consistency_failures), "samples": findings(self.consistency_failures)},
+            "untrained_end_of_turn": {"count": len(self.untrained_end_of_turn), "samples": findings(self.untrained_end_of_turn)},
+            "empty_masks": {"count": len(self.empty_masks), "lines": self.empty_masks},
+            "warnings": findings(self.warnings),
+            "hard_errors": len(self.hard_errors),
+            "ok": not self.hard_errors,
+            "seconds": round(self.seconds, 3),
+        }
+
+    def summary_lines(self) -> list[str]:
+        """The human summary, one fact per line, line numbers of the samples concerned."""
+        stats = self.ratio_stats()
+        lines = [f"data audit: {self.source}"]
+        lines.append(
+            f"  rows {self.rows}, samples {self.samples}, tokens {self.tokens}, trained tokens {self.trained_tokens}"
+            + (f" ({self.trained_tokens / self.tokens:.1%})" if self.tokens else "")
+        )
+        if stats["min"] is not None:
+            lines.append(
+                f"  masked_token_ratio per sample: min {stats['min']:.3f}  mean {stats['mean']:.3f}  max {stats['max']:.3f}"
+            )
+            lines.append("  histogram " + _histogram_text(stats["histogram"]))
+        lines.append(_count_line("truncated", self.truncated))
+        lines.append(_count_line("dropped (no trained token left)", [f.line for f in self.dropped]))
+        if self.split:
+            lines.append(_count_line("split per turn (template rewrites history)", self.split))
+        if self.bad_rows:
+            lines.append(_count_line("bad rows skipped", [f.line for f in self.bad_rows]))
+            lines += [f"    {f.message}" for f in self.bad_rows[:3]]
+        lines.append(_count_line("consistency failures", [f.line for f in self.consistency_failures], hard=True))
+        lines += [f"    line {f.line}: {f.message}" for f in self.consistency_failures[:3]]
+        lines.append(_count_line("untrained end-of-turn", [f.line for f in self.untrained_end_of_turn], hard=True))
+        lines += [f"    line {f.line}: {f.message}" for f in self.untrained_end_of_turn[:3]]
+        lines.append(_count_line("empty masks", self.empty_masks, hard=True))
+        for message in sorted({f.message for f in self.warnings}):
+            concerned = [f.line for f in self.warnings if f.message == message]
+            lines.append(_count_line(f"warning: {message}", concerned))
+        if self.samples == 0:
+            lines.append("  no usable training sample  <- hard error")
+        errors = self.hard_errors
+        lines.append(f"  result: {'OK' if not errors else f'{len(errors)} hard error(s)'} ({self.seconds:.2f} s)")
+        return lines
+
+
+def _count_line(label: str, lines: list[int], hard: bool = False) -> str:
+    unique = sorted(set(lines))
+    text = f"  {label}: {len(lines)}"
+    if unique:
+        shown = ", ".join(str(line) for line in unique[:SHOW_LINES])
+        more = f" (+{len(unique) - SHOW_LINES} more)" if len(unique) > SHOW_LINES else ""
+        text += f"  (line{'s' if len(unique) > 1 else ''} {shown}{more})"
+        if hard:
+            text += "  <- hard error"
+    return text
+
+
+def _histogram_text(histogram: list[int]) -> str:
+    bars = " ▁▂▃▄▅▆▇█"
+    top = max(histogram) or 1
+    cells = "".join(bars[0 if count == 0 else max(1, round(count / top * 8))] for count in histogram)
+    return f"0 |{cells}| 1   counts per 0.1: {' '.join(str(count) for count in histogram)}"
+
+
+@dataclass
+class PreparedData:
+    """Rendered samples ready for batching, plus the audit of the file they came from."""
+
+    samples: list[RenderedSample]
+    audit: AuditReport
+
+
+# ----------------------------------------------------------------------------- loading
+def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: int = 0) -> PreparedData:
+    """Read, normalise, render, truncate and audit a data file (``data_config``: ``config.DataConfig``).
+
+    Bad rows raise DataError naming ``file:line`` (or are skipped and counted with
+    ``data_config.skip_bad``). Hard audit errors do NOT raise here: ``preflight`` decides.
+    ``prepared.samples`` holds only samples with at least one trained token. The first
+    ``spans_for_first`` samples get per-message spans (for ``inspect``).
+    """
+    started = time.perf_counter()
+    source = str(path)
+    report = AuditReport(source=source)
+    bad_rows: list[tuple[int, str]] = []
+    samples: list[RenderedSample] = []
+    for line, row in read_rows(path, limit=data_config.limit, skip_bad=data_config.skip_bad, bad_rows=bad_rows):
+        where = f"{source}:{line}"
+        try:
+            conversation = conversation_from_row(row, where)
+            rendered = render_conversation(
+                conversation.messages,
+                tokenizer,
+                tools=conversation.tools,
+                train_on=data_config.train_on,
+                train_tool_calls=data_config.train_tool_calls,
+                history_rewrite=data_config.history_rewrite,
+                line=line,
+                source=source,
+                message_spans=len(samples) < spans_for_first,
+            )
+        except DataError as exc:
+            if not data_config.skip_bad:
+                raise
+            bad_rows.append((line, str(exc)))
+            continue
+        report.rows += 1
+        if len(rendered) > 1:
+            report.split.append(line)
+        for sample in rendered:
+            kept = _audit_sample(sample, report, data_config.max_length, data_config.truncation, where)
+            if kept is not None:
+                samples.append(kept)
+    report.bad_rows = [Finding(line, message) for line, message in bad_rows]
+    report.seconds = time.perf_counter() - started
+    return PreparedData(samples=samples, audit=report)
+
+
+def _audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, truncation: str, where: str):
+    """Record one rendered sample's findings; return it (maybe truncated) if it is to be trained."""
+    line = sample.line
+    for problem in sample.consistency_errors:
+        report.consistency_failures.append(Finding(line, problem))
+    for message in sorted(set(sample.warnings)):
+        report.warnings.append(Finding(line, message))
+    if sample.trained_token_count == 0:
+        report.empty_masks.append(line)
+        return None
+    if len(sample.input_ids) > max_length:
+        if truncation == "error":
+            raise DataError(
+                f"{where}: sample has {len(sample.input_ids)} tokens, more than data.max_length={max_length} "
+                f"(data.truncation=error; use right or drop)"
+            )
+        if truncation == "drop":
+            report.dropped.append(Finding(line, f"{len(sample.input_ids)} tokens > max_length {max_length}"))
+            return None
+        sample = truncate_sample(sample, max_length)
+        report.truncated.append(line)
+        if sample.trained_token_count == 0:
+            report.dropped.append(Finding(line, f"all trained tokens lie beyond max_length {max_length}"))
+            return None
+    for index in sample.untrained_end_of_turn:
+        report.untrained_end_of_turn.append(
+            Finding(line, f"messages[{index}] (assistant): no end-of-turn token in the trained span; the model would never learn to stop")
+        )
+    report.samples += 1
+    report.tokens += len(sample.input_ids)
+    report.trained_tokens += sample.trained_token_count
+    report.ratios.append(sample.masked_token_ratio)
+    return sample
+
+
+# ----------------------------------------------------------------------------- pre-flight
+def preflight(prepared: PreparedData, *, allow_errors: bool = False, print_fn: Callable[[str], Any] | None = print) -> None:
+    """Print the audit summary; raise DataError (one line, first offending file:line) on a hard error.
+
+    Every training command calls this before its first step. ``allow_errors`` (config
+    ``data.allow_audit_errors``) prints a warning instead of raising.
+    """
+    report = prepared.audit
+    if print_fn is not None:
+        for text in report.summary_lines():
+            print_fn(text)
+    errors = report.hard_errors
+    if not errors:
+        return
+    first = errors[0]
+    where = f"{report.source}:{first.line}" if first.line else report.source
+    if allow_errors:
+        if print_fn is not None:
+            print_fn(f"warning: {len(errors)} hard data error(s), first {where}: {first.message}; training anyway (data.allow_audit_errors)")
+        return
+    raise DataError(
+        f"{where}: {first.message} (pre-flight audit: {len(errors)} hard error(s); "
+        f"see `posttrain inspect {report.source}`; set data.allow_audit_errors=true to train anyway)"
+    )
+
+
+# ----------------------------------------------------------------------------- views
+ANSI_RESET = "\x1b[0m"
+ANSI_TRAINED = ("\x1b[30;42m", "\x1b[30;102m")  # black on green, alternating shades per token
+ANSI_CONTEXT = ("\x1b[37m", "\x1b[90m")  # grey shades per token
+ANSI_LABEL = "\x1b[1;36m"
+ANSI_PROBLEM = "\x1b[1;31m"
+
+
+def token_pieces(tokenizer, input_ids: list[int]) -> list[tuple[int, int, str]]:
+    """Decode ids into ``(start, end, text)`` pieces: one token each, except that tokens forming
+    one multi-byte character are joined (decoding them alone would give U+FFFD)."""
+    pieces = []
+    start = 0
+    while start < len(input_ids):
+        end = start + 1
+        text = tokenizer.decode(input_ids[start:end])
+        if text.endswith("\ufffd"):
+            for longer_end in range(end + 1, min(len(input_ids), start + 4) + 1):
+                longer = tokenizer.decode(input_ids[start:longer_end])
+                if not longer.endswith("\ufffd"):
+                    text, end = longer, longer_end
+                    break
+        pieces.append((start, end, text))
+        start = end
+    return pieces
+
+
+def _visible(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\t", "→").replace("\n", "↵\n")
+
+
+def format_sample(sample: RenderedSample, tokenizer, *, colour: bool, index: int | None = None, max_tokens: int | None = None) -> str:
+    """The sample token by token: trained tokens highlighted (colour) or in ``[[...]]``, with a
+    ``‹role›`` label at each message boundary."""
+    ids = sample.input_ids if max_tokens is None else sample.input_ids[:max_tokens]
+    title = f"sample {index} " if index is not None else "sample "
+    header = (
+        f"── {title}· {sample.source}:{sample.line} · {len(sample.input_ids)} tokens · "
+        f"{sample.trained_token_count} trained ({sample.masked_token_ratio:.1%})"
+        + (" · truncated" if sample.truncated else "")
+        + (" · split turn" if sample.split else "")
+        + (" · weighted" if sample.weights is not None else "")
+    )
+    labels = {span.start: span.role + (" (trained)" if span.trained else "") for span in sample.spans}
+    out: list[str] = []
+    in_trained = False
+    for k, (start, end, text) in enumerate(token_pieces(tokenizer, ids)):
+        trained = bool(sample.loss_mask[start])
+        if start in labels or any(s in labels for s in range(start + 1, end)):
+            label = labels.get(start) or next(labels[s] for s in range(start + 1, end) if s in labels)
+            if in_trained and not colour:
+                out.append("]]")
+                in_trained = False
+            if out and not out[-1].endswith("\n"):
+                out.append("\n")
+            out.append(f"{ANSI_LABEL}‹{label}›{ANSI_RESET}" if colour else f"‹{label}›")
+        shown = _visible(text)
+        if colour:
+            style = (ANSI_TRAINED if trained else ANSI_CONTEXT)[k % 2]
+            out.append("\n".join(f"{style}{part}{ANSI_RESET}" if part else "" for part in shown.split("\n")))
+        else:
+            if trained and not in_trained:
+                out.append("[[")
+            elif not trained and in_trained:
+                out.append("]]")
+            in_trained = trained
+            out.append(shown)
+    if in_trained and not colour:
+        out.append("]]")
+    body = "".join(out)
+    if max_tokens is not None and len(sample.input_ids) > max_tokens:
+        body += f"\n… ({len(sample.input_ids) - max_tokens} more tokens)"
+    problems = [f"consistency failure: {p}" for p in sample.consistency_errors] + [
+        f"untrained end-of-turn: messages[{i}]" for i in sample.untrained_end_of_turn
+    ]
+    problem_text = "".join(
+        f"\n{ANSI_PROBLEM}! {p}{ANSI_RESET}" if colour else f"\n! {p}" for p in problems
+    )
+    return f"{header}{problem_text}\n{body}\n"
+
+
+def render_html(samples: list[RenderedSample], tokenizer, report: AuditReport) -> str:
+    """A standalone HTML page: the summary and each sample's tokens, trained ones highlighted."""
+    blocks = []
+    for index, sample in enumerate(samples):
+        labels = {span.start: span.role + (" (trained)" if span.trained else "") for span in sample.spans}
+        tokens = []
+        for start, end, text in token_pieces(tokenizer, sample.input_ids):
+            label = next((labels[s] for s in range(start, end) if s in labels), None)
+            if label is not None:
+                tokens.append(f'<span class="role">{html.escape(label)}</span>')
+            classes = "tok trained" if sample.loss_mask[start] else "tok"
+            title = f"ids {sample.input_ids[start:end]}" + (f" weight {sample.weights[start]:g}" if sample.weights else "")
+            shown = html.escape(text).replace("\n", "↵\n")
+            tokens.append(f'<span class="{classes}" title="{title}">{shown}</span>')
+        problems = "".join(
+            f'<div class="problem">{html.escape(p)}</div>'
+            for p in sample.consistency_errors + [f"untrained end-of-turn: messages[{i}]" for i in sample.untrained_end_of_turn]
+        )
+        blocks.append(
+            f'<section><h2>sample {index} · {html.escape(sample.source)}:{sample.line} · {len(sample.input_ids)} tokens · '
+            f"{sample.trained_token_count} trained ({sample.masked_token_ratio:.1%}){' · truncated' if sample.truncated else ''}"
+            f"</h2>{problems}<pre>{''.join(tokens)}</pre></section>"
+        )
+    summary = html.escape("\n".join(report.summary_lines()))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>posttrain inspect: {html.escape(report.source)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 110em; }}
+pre {{ white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 13px; line-height: 1.6; }}
+.tok {{ color: #555; border-right: 1px solid #e4e4e4; }}
+.tok.trained {{ color: #000; background: #b7f0b1; }}
+.role {{ display: inline-block; margin: 0.4em 0.3em 0 0; padding: 0 0.4em; font-size: 11px; color: #fff; background: #3b6ea8; border-radius: 3px; }}
+.problem {{ color: #b00020; font-weight: bold; }}
+.summary {{ background: #f6f6f6; padding: 1em; }}
+</style></head><body>
+<h1>posttrain inspect</h1>
+<p>Green tokens are training targets (loss_mask = 1); grey tokens are context. Hover a token for its ids.</p>
+<pre class="summary">{summary}</pre>
+{''.join(blocks)}
+</body></html>
+"""
+
+
+def write_dump(samples: list[RenderedSample], path: str | Path) -> None:
+    """One JSON line per rendered sample: line, source, input_ids, loss_mask (and weights)."""
+    with open(path, "w", encoding="utf-8") as handle:
+        for sample in samples:
+            record: dict[str, Any] = {
+                "line": sample.line,
+                "source": sample.source,
+                "input_ids": sample.input_ids,
+                "loss_mask": sample.loss_mask,
+            }
+            if sample.weights is not None:
+                record["weights"] = sample.weights
+            if sample.truncated:
+                record["truncated"] = True
+            handle.write(json.dumps(record) + "\n")
