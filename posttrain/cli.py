@@ -110,6 +110,53 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- inspect
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", nargs="?", help="data file (JSONL/JSON/Parquet) or datasets directory; default: data.train of --config")
+    parser.add_argument("--config", default=None, help="a training config: use its data and model sections")
+    parser.add_argument("--model", default=None, help="model spec whose tokenizer renders the data (default smollm2-135m-instruct)")
+    parser.add_argument("--chat-template", default=None, help="Jinja file replacing the tokenizer's chat template")
+    parser.add_argument("-n", type=int, default=5, help="samples shown token by token (default 5)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="show at most this many tokens per sample")
+    parser.add_argument("--html", default=None, metavar="FILE", help="write a standalone HTML page with the coloured view")
+    parser.add_argument("--json", action="store_true", help="print only the summary, as one JSON object")
+    parser.add_argument("--dump", default=None, metavar="FILE", help="write one JSON line per sample: line, input_ids, loss_mask, weights")
+    parser.add_argument("--color", choices=["auto", "always", "never"], default="auto", help="colour the trained tokens (default: on a terminal)")
+    parser.add_argument("--max-length", type=int, default=None, help="data.max_length")
+    parser.add_argument("--truncation", choices=["right", "drop", "error"], default=None, help="data.truncation")
+    parser.add_argument("--train-on", choices=["all_assistant", "last_assistant"], default=None, help="data.train_on")
+    parser.add_argument("--no-train-tool-calls", action="store_true", help="data.train_tool_calls=false")
+    parser.add_argument("--history-rewrite", choices=["split", "error"], default=None, help="data.history_rewrite")
+    parser.add_argument("--skip-bad", action="store_true", help="count and skip malformed rows instead of stopping")
+    parser.add_argument("--limit", type=int, default=None, help="read only the first N rows")
+
+
+@command("inspect", "show the loss mask token by token and audit a data file (exit 1 on a hard error)", _inspect_arguments)
+def _inspect(args: argparse.Namespace) -> int:
+    from posttrain.errors import ConfigError
+    from posttrain.inspect_data import inspect_config, inspect_data, use_colour
+
+    overrides = []
+    for flag, key in (("model", "model.name"), ("chat_template", "model.chat_template"), ("max_length", "data.max_length"),
+                      ("truncation", "data.truncation"), ("train_on", "data.train_on"),
+                      ("history_rewrite", "data.history_rewrite"), ("limit", "data.limit")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    if args.no_train_tool_calls:
+        overrides.append("data.train_tool_calls=false")
+    if args.skip_bad:
+        overrides.append("data.skip_bad=true")
+    config = inspect_config(args.config, overrides)
+    data = args.data or config.data.train
+    if not data:
+        raise ConfigError("inspect: give a DATA file (or --config with data.train)")
+    return inspect_data(
+        data, data_config=config.data, model=config.model.name, chat_template=config.model.chat_template, n=args.n,
+        colour=use_colour(args.color, sys.stdout), as_json=args.json, html_path=args.html, dump_path=args.dump,
+        max_tokens=args.max_tokens,
+    )
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
