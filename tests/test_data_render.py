@@ -31,7 +31,7 @@ EOT = {"bundled": "<|im_end|>", "qwen_tools": "<|im_end|>", "think_strip": "<|im
 def with_template(tokenizer, name_or_text: str):
     clone = copy.deepcopy(tokenizer)
     path = TEMPLATES / f"{name_or_text}.jinja"
-    clone.chat_template = path.read_text() if path.is_file() else name_or_text
+    clone.chat_template = name_or_text if "{" in name_or_text else path.read_text()
     return clone
 
 

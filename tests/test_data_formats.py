@@ -1,0 +1,135 @@
+"""Reading data files and normalising row shapes: exact line numbers, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from posttrain.data.formats import conversation_from_row, normalise_messages, read_rows
+from posttrain.errors import DataError
+
+ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def write_jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_jsonl_line_numbers_blank_lines_and_limit(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROW), "", json.dumps({"x": 1}), json.dumps(ROW)])
+    assert [n for n, _ in read_rows(path)] == [1, 3, 4]
+    assert [n for n, _ in read_rows(path, limit=2)] == [1, 3]
+
+
+def test_malformed_jsonl_names_the_line_or_is_skipped(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(ROW), '{"messages": [', "[1, 2]", json.dumps(ROW)])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: malformed JSON \(.* at the end of the line\)$"):
+        list(read_rows(path))
+    bad = []
+    assert [n for n, _ in read_rows(path, skip_bad=True, bad_rows=bad)] == [1, 4]
+    assert [n for n, _ in bad] == [2, 3] and "d.jsonl:3: a row must be a JSON object, got a list" in bad[1][1]
+
+
+def test_json_parquet_and_datasets_dir(tmp_path):
+    from datasets import Dataset
+
+    rows = [ROW, {"prompt": "p", "completion": "c"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    (tmp_path / "b.json").write_text(json.dumps({"data": rows}))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(row) for row in rows))
+    for name in ("a.json", "b.json", "lines.json"):
+        assert list(read_rows(tmp_path / name)) == [(1, rows[0]), (2, rows[1])], name
+    tool_row = {
+        "messages": [
+            {"role": "user", "content": "w?"},
+            {"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]},
+            {"role": "tool", "content": "1", "tool_calls": None},
+            {"role": "assistant", "content": "done", "tool_calls": None},
+        ]
+    }
+    Dataset.from_list([tool_row, tool_row]).to_parquet(str(tmp_path / "c.parquet"))
+    Dataset.from_list([tool_row]).save_to_disk(str(tmp_path / "ds"))
+    for path in (tmp_path / "c.parquet", tmp_path / "ds"):
+        (n, row), *_ = list(read_rows(path))
+        conversation = conversation_from_row(row, f"{path}:{n}")
+        # Arrow's null-filled struct fields are dropped, JSON-string arguments parsed
+        assert conversation.messages[1] == {
+            "role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"a": 1}}}]
+        }
+        assert "tool_calls" not in conversation.messages[2] and "tool_calls" not in conversation.messages[3]
+
+
+def test_unreadable_inputs(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        list(read_rows(tmp_path / "missing.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unknown data file type '.csv'"):
+        list(read_rows(tmp_path / "x.csv"))
+    (tmp_path / "bad.json").write_text('[{"a": 1},\n {"b": }]')
+    with pytest.raises(DataError, match=r"bad\.json:2: malformed JSON"):
+        list(read_rows(tmp_path / "bad.json"))
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(DataError, match="not a datasets directory"):
+        list(read_rows(tmp_path / "empty_dir"))
+
+
+def test_row_shapes_normalise_to_openai_messages():
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "s"},
+            {"from": "human", "value": "q"},
+            {"from": "function_call", "value": '{"name": "calc", "arguments": {"x": 2}}'},
+            {"from": "observation", "value": "4"},
+            {"from": "gpt", "value": "four"},
+        ]
+    }
+    messages = conversation_from_row(sharegpt, "f:1").messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
+    assert messages[2]["tool_calls"] == [{"type": "function", "function": {"name": "calc", "arguments": {"x": 2}}}]
+    assert conversation_from_row({"conversations": ROW["messages"]}, "f:1").messages == ROW["messages"]
+
+    pc = conversation_from_row(
+        {"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "completion": "d"},
+        "f:2",
+    )
+    assert pc.messages == [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b", "train": False},  # only the completion is trained
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": "d"},
+    ]
+    parts = normalise_messages([{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}], "w")
+    assert parts == [{"role": "user", "content": "ab"}]
+    tools = conversation_from_row({**ROW, "tools": json.dumps([{"name": "f", "parameters": {}}])}, "f:3").tools
+    assert tools == [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "hi"}, r"f:7: no conversation found: expected 'messages', 'conversations' or 'prompt'\+'completion' \(keys: text\)"),
+        ({"messages": []}, "f:7: the conversation is empty"),
+        ({"messages": "hi"}, r"f:7: no assistant turn"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "f:7: no assistant turn"),
+        ({"messages": [{"role": "narrator", "content": "x"}]}, r"f:7: messages\[0\]: unknown role 'narrator'"),
+        ({"messages": [{"from": "alien", "value": "x"}]}, r"f:7: messages\[0\]: unknown role 'alien'"),
+        ({"messages": [{"content": "x"}]}, r"f:7: messages\[0\]: message has no 'role'"),
+        ({"messages": [{"role": "user"}]}, r"f:7: messages\[0\]: user message has no content"),
+        ({"messages": [{"role": "user", "content": 3}]}, r"f:7: messages\[0\]: content must be a string, got int"),
+        ({"messages": [{"role": "user", "content": "x", "train": True}]}, r"only assistant messages can be trained"),
+        ({"messages": [{"role": "assistant", "content": "x", "train": "yes"}]}, r"'train' must be true or false"),
+        ({"messages": [{"role": "assistant", "content": "x", "weight": -1}]}, r"'weight' must be a non-negative number"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, r"content part 0 is 'image_url'"),
+        ({"messages": 5}, r"f:7: messages: expected a string or a list of messages, got int"),
+        ({"messages": [{"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{bad"}}]}]},
+         r"tool_calls\[0\]: arguments of 'f' are not valid JSON"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, r"only assistant messages can carry tool_calls"),
+        ({"prompt": "p", "chosen": "a", "rejected": "b"}, "preference row"),
+    ],
+)
+def test_bad_rows_are_one_line_errors(row, message):
+    with pytest.raises(DataError, match=message) as info:
+        conversation_from_row(row, "f:7")
+    assert "\n" not in str(info.value)
