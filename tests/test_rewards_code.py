@@ -31,7 +31,7 @@ def test_fraction_of_asserts(reward):
     ]
     out = reward(["p"] * 4, completions, [{"tests": tests}] * 4)
     assert out.scores == [1.0, 0.5, 0.0, 0.0]
-    assert out.details[1] == {"tests_passed": 2, "tests_total": 4, "status": ["ok"]}
+    assert out.details[1] == {"extracted": completions[1], "tests_passed": 2, "tests_total": 4, "status": ["ok"]}
 
 
 def test_stdin_stdout_cases(reward):

@@ -155,7 +155,8 @@ class CodeReward:
             statuses[row].append(status)
         scores = [p / t if t else 0.0 for p, t in zip(passed, totals)]
         details = [
-            {"tests_passed": p, "tests_total": t, "status": s} for p, t, s in zip(passed, totals, statuses)
+            {"extracted": extract_code(c, self.block), "tests_passed": p, "tests_total": t, "status": s}
+            for c, p, t, s in zip(completions, passed, totals, statuses)
         ]
         return RewardOutput(scores, {self.name: list(scores)}, details=details)
 

@@ -1,7 +1,7 @@
 """Build a reward from config: a built-in name with parameters, or ``module:function``.
 
-Built-ins: ``math``, ``code``, ``format``, ``length``, ``composite`` and ``model`` (a learned
-reward model, ``posttrain.rewards.model.ModelReward``). Each is imported only when used. A
+Built-ins: ``math``, ``code``, ``format``, ``length``, ``composite``, ``reasoning_gym`` and
+``model`` (a learned reward model, ``posttrain.rewards.model.ModelReward``). Each is imported only when used. A
 spec is a name, or a mapping with ``name`` and its parameters (flat, or under ``params``)::
 
     build_reward("math")
@@ -33,6 +33,7 @@ BUILTIN_REWARDS = {
     "format": "posttrain.rewards.format:FormatReward",
     "length": "posttrain.rewards.length:LengthReward",
     "composite": "posttrain.rewards.composite:CompositeReward",
+    "reasoning_gym": "posttrain.rewards.reasoning_gym:ReasoningGymReward",
     "model": "posttrain.rewards.model:ModelReward",
 }
 

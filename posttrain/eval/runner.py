@@ -1,0 +1,249 @@
+"""``posttrain eval``: generate through the rollout engine, score, report.
+
+``evaluate(model, tokenizer, tasks, sampling)`` works on a live model (trainers call it every
+N steps and log ``eval/<task>/<metric>``); ``run_eval(config)`` loads the model, builds the
+tasks from config, and writes to ``<output_dir>/<run.name>/eval/``:
+
+- ``results.json``: model, config, and per task the metrics below;
+- ``samples.jsonl``: one line per completion (task, id, prompt, completion, extracted answer,
+  reference, score, correct, finish reason);
+- ``config.yaml``: the resolved eval config (the run's own ``config.yaml`` is left alone, so
+  evaluating a training run directory keeps its training config).
+
+Metrics per generation task: ``accuracy`` (share of completions with score >= the task's
+threshold), ``mean_score``, ``pass@k`` (unbiased, Chen et al. 2021; k <= n), ``maj@n``
+(majority vote over extracted answers, n > 1), ``format_rate`` (when the task has a format
+check), ``response_len/mean`` (tokens), ``response_len/clipped_frac`` (hit max_new_tokens),
+``time/generate``, ``time/score``. Perplexity tasks report ``ppl``, ``nll``, ``tokens``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from posttrain.eval.metrics import majority_vote_correct, mean_pass_at_k
+from posttrain.eval.tasks import EvalTask
+from posttrain.rollout.base import SamplingParams
+
+
+@dataclass
+class PerplexityTask:
+    name: str
+    path: str
+    limit: int | None = None
+    seed: int | None = None
+    kind: str = "perplexity"
+
+
+@dataclass
+class TaskResult:
+    name: str
+    metrics: dict[str, float]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _prompt_text(prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m.get("content") or "" for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, pass_k: Sequence[int] = (1,)) -> TaskResult:
+    """Generate ``sampling.n`` completions per item of ``task``, score them, compute metrics."""
+    from posttrain.data.render import render_prompt
+
+    params = replace(sampling, max_new_tokens=task.max_new_tokens) if task.max_new_tokens else sampling
+    prompt_ids = [render_prompt(item.prompt, tokenizer, where=f"{task.name}/{item.item_id}") for item in task.items]
+    start = time.perf_counter()
+    completions = sorted(engine.generate(prompt_ids, params), key=lambda c: c.prompt_index)  # stable: keeps sample order
+    generate_seconds = time.perf_counter() - start
+
+    items = [task.items[c.prompt_index] for c in completions]
+    prompts = [_prompt_text(item.prompt) for item in items]
+    texts = [c.text for c in completions]
+    metadata = [item.metadata for item in items]
+    start = time.perf_counter()
+    scored = task.reward(prompts, texts, metadata)
+    formatted = task.format_reward(prompts, texts, metadata) if task.format_reward is not None else None
+    score_seconds = time.perf_counter() - start
+
+    correct = [s >= task.correct_threshold for s in scored.scores]
+    details = scored.details or [{} for _ in completions]
+    per_item: dict[int, list[int]] = {}
+    for row, c in enumerate(completions):
+        per_item.setdefault(c.prompt_index, []).append(row)
+    n = params.n
+    metrics: dict[str, float] = {
+        "num_prompts": len(task.items),
+        "num_samples": len(completions),
+        "accuracy": sum(correct) / max(1, len(correct)),
+        "mean_score": sum(scored.scores) / max(1, len(scored.scores)),
+    }
+    for k in pass_k:
+        if k <= n:
+            metrics[f"pass@{k}"] = mean_pass_at_k([sum(correct[r] for r in rows) for rows in per_item.values()], n, k)
+    if n > 1 and any("extracted" in d for d in details):
+        votes = [
+            majority_vote_correct([details[r].get("extracted") for r in rows], [correct[r] for r in rows])
+            for rows in per_item.values()
+        ]
+        metrics[f"maj@{n}"] = sum(votes) / len(votes)
+    if formatted is not None:
+        metrics["format_rate"] = sum(s >= 1.0 for s in formatted.scores) / max(1, len(formatted.scores))
+    metrics["response_len/mean"] = sum(len(c.token_ids) for c in completions) / max(1, len(completions))
+    metrics["response_len/clipped_frac"] = sum(c.finish_reason == "length" for c in completions) / max(1, len(completions))
+    metrics["time/generate"] = generate_seconds
+    metrics["time/score"] = score_seconds
+
+    samples = []
+    for row, c in enumerate(completions):
+        item = task.items[c.prompt_index]
+        detail = details[row]
+        samples.append(
+            {
+                "task": task.name,
+                "id": item.item_id,
+                "sample": per_item[c.prompt_index].index(row),
+                "prompt": item.prompt,
+                "completion": c.text,
+                "extracted": detail.get("extracted"),
+                "reference": detail.get("reference"),
+                "score": scored.scores[row],
+                "correct": correct[row],
+                "format_ok": None if formatted is None else formatted.scores[row] >= 1.0,
+                "finish_reason": c.finish_reason,
+                "details": {k: v for k, v in detail.items() if k not in ("extracted", "reference")},
+            }
+        )
+    return TaskResult(task.name, metrics, samples)
+
+
+def evaluate(model, tokenizer, tasks: Sequence[EvalTask | PerplexityTask], sampling: SamplingParams,
+             pass_k: Sequence[int] = (1,), *, engine=None, batch_size: int = 16) -> list[TaskResult]:
+    """Evaluate a live model on ``tasks`` (generation tasks through ``engine``, default HF)."""
+    from posttrain.eval.perplexity import perplexity
+    from posttrain.rollout.hf import HFEngine
+
+    engine = engine or HFEngine(model, tokenizer, batch_size=batch_size)
+    results = []
+    for task in tasks:
+        if isinstance(task, PerplexityTask):
+            start = time.perf_counter()
+            metrics = perplexity(model, tokenizer, task.path, limit=task.limit, seed=task.seed)
+            metrics["time/score"] = time.perf_counter() - start
+            results.append(TaskResult(task.name, metrics))
+        else:
+            results.append(evaluate_task(engine, tokenizer, task, sampling, pass_k))
+    return results
+
+
+def flat_metrics(results: Sequence[TaskResult], prefix: str = "eval") -> dict[str, float]:
+    """``{"eval/<task>/<metric>": value}`` for a trainer's metrics.jsonl."""
+    return {f"{prefix}/{r.name}/{k}": v for r in results for k, v in r.metrics.items()}
+
+
+def build_tasks(config) -> list[EvalTask | PerplexityTask]:
+    """Instantiate the tasks of an ``EvalConfig``."""
+    from posttrain.eval.tasks import load_humaneval, load_jsonl, load_reasoning_gym
+    from posttrain.rewards.registry import build_reward
+
+    tasks: list[EvalTask | PerplexityTask] = []
+    for i, t in enumerate(config.tasks):
+        limit = t.limit if t.limit is not None else config.limit
+        seed = t.seed if t.seed is not None else config.seed
+        if t.name == "humaneval":
+            task = load_humaneval(limit, seed, wall_seconds=config.code_timeout, max_workers=config.sandbox_workers)
+        elif t.name == "reasoning_gym":
+            task = load_reasoning_gym(t.dataset, limit, seed, params=t.params, system_prompt=t.system_prompt)
+        elif t.name == "jsonl":
+            task = load_jsonl(t.path, limit, seed, reward=t.reward, name=t.label)
+        else:
+            tasks.append(PerplexityTask(t.label or f"ppl/{Path(t.path).name}", t.path, limit, seed))
+            continue
+        if t.label:
+            task.name = t.label
+        if t.format is not None:
+            task.format_reward = build_reward({"name": "format", **t.format}, key=f"tasks.{i}.format")
+        task.max_new_tokens = t.max_new_tokens
+        tasks.append(task)
+    names = [task.name for task in tasks]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        from posttrain.errors import ConfigError
+
+        raise ConfigError(f"tasks: two tasks are named {duplicates[0]!r}; give one a 'label'")
+    return tasks
+
+
+def _device(spec: str) -> str:
+    import torch
+
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return spec
+
+
+def format_table(results: Sequence[TaskResult]) -> str:
+    """A plain-text table: one row per task, the headline metrics as columns."""
+    columns = ["task", "prompts", "samples", "accuracy", "pass@k", "maj", "format", "ppl", "len", "gen s", "score s"]
+    rows = []
+    for r in results:
+        m = r.metrics
+        pass_keys = sorted(k for k in m if k.startswith("pass@"))
+        maj_keys = [k for k in m if k.startswith("maj@")]
+        fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
+        rows.append(
+            [
+                r.name,
+                str(m.get("num_prompts", m.get("conversations", "-"))),
+                str(m.get("num_samples", m.get("tokens", "-"))),
+                fmt(m.get("accuracy")),
+                " ".join(f"{k}={m[k]:.3f}" for k in pass_keys) or "-",
+                " ".join(f"{k}={m[k]:.3f}" for k in maj_keys) or "-",
+                fmt(m.get("format_rate")),
+                fmt(m.get("ppl"), ".2f"),
+                fmt(m.get("response_len/mean"), ".0f"),
+                fmt(m.get("time/generate"), ".1f"),
+                fmt(m.get("time/score"), ".1f"),
+            ]
+        )
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
+    line = lambda cells: "  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(row) for row in rows])
+
+
+def run_eval(config, *, print_table: bool = True) -> list[TaskResult]:
+    """Load the model of an ``EvalConfig``, evaluate every task, write results, print a table."""
+    from posttrain.config import config_to_yaml
+    from posttrain.models import load_model, load_tokenizer
+
+    tasks = build_tasks(config)  # config and data errors before the model loads
+    tokenizer = load_tokenizer(config.model.name, chat_template=config.model.chat_template)
+    model = load_model(config.model.name, device=_device(config.device))
+    s = config.sampling
+    sampling = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                              max_new_tokens=s.max_new_tokens, seed=s.seed)
+    results = evaluate(model, tokenizer, tasks, sampling, config.pass_k, batch_size=config.batch_size)
+
+    out_dir = Path(config.run.output_dir) / config.run.name / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(config_to_yaml(config))
+    summary = {
+        "model": config.model.name,
+        "sampling": s.model_dump(),
+        "tasks": {r.name: r.metrics for r in results},
+    }
+    (out_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    with open(out_dir / "samples.jsonl", "w", encoding="utf-8") as f:
+        for r in results:
+            for sample in r.samples:
+                f.write(json.dumps(sample, default=str, ensure_ascii=False) + "\n")
+    if print_table:
+        print(format_table(results))
+        print(f"results: {out_dir / 'results.json'}  samples: {out_dir / 'samples.jsonl'}")
+    return results
