@@ -13,6 +13,7 @@ MODULES = [
     "posttrain.rewards.length",
     "posttrain.rewards.composite",
     "posttrain.rewards.registry",
+    "posttrain.rewards.reasoning_gym",
     "posttrain.rewards.sandbox",
 ]
 
