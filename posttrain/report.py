@@ -72,11 +72,12 @@ class StageRun:
 
 @dataclass
 class EvalResult:
-    """One held-out evaluation: which model (stage label), its headline score, its samples."""
+    """One held-out evaluation of one task: which model (stage label), its headline score, its samples."""
 
     label: str
+    task: str
     path: Path
-    data: dict[str, Any]
+    metrics: dict[str, Any]
     score_key: str | None
     score: float | None
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -175,27 +176,42 @@ def headline_score(data: dict[str, Any]) -> tuple[str | None, float | None]:
 
 def _samples_file_for(json_path: Path) -> Path | None:
     for candidate in (
+        json_path.with_name("samples.jsonl") if json_path.stem == "results" else None,
         json_path.with_suffix(".jsonl"),
         json_path.with_name(json_path.stem + ".samples.jsonl"),
         json_path.with_name(json_path.stem + "_samples.jsonl"),
     ):
-        if candidate.is_file():
+        if candidate is not None and candidate.is_file():
             return candidate
     return None
 
 
 def _eval_label(run_dir: Path, json_path: Path, data: dict[str, Any]) -> str:
-    for key in ("label", "stage", "name"):
+    """Which model an eval file describes: its ``label``, else the directory owning ``eval/``
+    (a pipeline stage: baseline, sft, rl), else the file's name."""
+    for key in ("label", "stage"):
         if isinstance(data.get(key), str) and data[key]:
             return data[key]
     owner = json_path.parent.parent  # <owner>/eval/<file>.json
-    if owner != run_dir and owner.is_relative_to(run_dir):
-        return f"{owner.relative_to(run_dir).as_posix()}/{json_path.stem}"
+    if json_path.stem == "results":
+        return owner.name if owner != run_dir else (run_dir.name)
+    if owner != run_dir:
+        return f"{owner.name}/{json_path.stem}"
     return json_path.stem
 
 
-def find_evals(run_dir: Path, sample_limit: int = 200) -> list[EvalResult]:
-    """Every ``eval/*.json`` under ``run_dir`` (its own and its stages'), in stage order."""
+def _task_metrics(data: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(task name, metrics) pairs of an eval JSON: ``posttrain eval``'s ``{"tasks": {name: metrics}}``,
+    or a flat file whose metrics sit at the top or under ``metrics``."""
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict) and tasks and all(isinstance(v, dict) for v in tasks.values()):
+        return list(tasks.items())
+    name = str(data.get("task", "")) if not isinstance(data.get("task"), dict) else ""
+    return [(name, data)]
+
+
+def find_evals(run_dir: Path, sample_limit: int = 2000) -> list[EvalResult]:
+    """Every ``eval/*.json`` under ``run_dir`` (its own and its stages'), one result per task, in stage order."""
     declared = _declared_stage_order(run_dir)
     results: list[EvalResult] = []
     eval_dirs = [run_dir / "eval"] + [child / "eval" for child in sorted(run_dir.iterdir()) if child.is_dir()]
@@ -209,15 +225,19 @@ def find_evals(run_dir: Path, sample_limit: int = 200) -> list[EvalResult]:
                 continue
             if not isinstance(data, dict):
                 continue
-            key, score = headline_score(data)
+            label = _eval_label(run_dir, json_path, data)
             samples_path = _samples_file_for(json_path)
             samples = read_jsonl(samples_path, limit=sample_limit) if samples_path else []
-            results.append(EvalResult(_eval_label(run_dir, json_path, data), json_path, data, key, score, samples))
+            tasks = _task_metrics(data)
+            for task, metrics in tasks:
+                key, score = headline_score(metrics)
+                own = [s for s in samples if len(tasks) == 1 or s.get("task") == task]
+                results.append(EvalResult(label, task, json_path, metrics, key, score, own))
 
     def order(result: EvalResult) -> tuple[int, int, str]:
         return _stage_sort_key(Path(result.label.split("/")[0]), declared)
 
-    results.sort(key=order)
+    results.sort(key=order)  # stable: tasks keep their file order within a stage
     return results
 
 
@@ -337,28 +357,44 @@ def render_plot(spec: PlotSpec, stages: list[StageRun]) -> str | None:
     return _figure_png(fig)
 
 
+def _task_names(evals: list[EvalResult]) -> list[str]:
+    return list(dict.fromkeys(result.task for result in evals if result.score is not None))
+
+
 def render_accuracy_bars(evals: list[EvalResult]) -> str | None:
-    """Held-out score per evaluated model, as labelled bars (None when no eval has a score)."""
+    """Held-out score per evaluated model (one group of bars per task), or None when no eval has a score."""
     scored = [result for result in evals if result.score is not None]
     if not scored:
         return None
     plt = _matplotlib()
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(scored) + 1.5), 3.4))
-    labels = [result.label for result in scored]
-    values = [result.score for result in scored]
-    percent = all(0.0 <= value <= 1.0 for value in values)
-    shown = [100 * value for value in values] if percent else values
-    colors = ["#9aa5b1"] + ["#3b7dd8"] * (len(scored) - 2) + ["#2a9d55"] if len(scored) > 1 else ["#3b7dd8"]
-    bars = ax.bar(range(len(scored)), shown, color=colors[: len(scored)])
-    for bar, value in zip(bars, shown):
-        ax.annotate(f"{value:.1f}{'%' if percent else ''}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
-    ax.set_xticks(range(len(scored)), labels, rotation=15 if len(scored) > 4 else 0)
+    labels = list(dict.fromkeys(result.label for result in scored))
+    tasks = _task_names(scored)
+    percent = all(0.0 <= result.score <= 1.0 for result in scored)
+    width = 0.8 / len(tasks)
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * len(labels) * max(1, len(tasks) * 0.7) + 1.5), 3.4))
+    single_task_colors = ["#9aa5b1"] + ["#3b7dd8"] * max(0, len(labels) - 2) + ["#2a9d55"]
+    for task_index, task in enumerate(tasks):
+        xs, values = [], []
+        for label_index, label in enumerate(labels):
+            match = next((r for r in scored if r.label == label and r.task == task), None)
+            if match is not None:
+                xs.append(label_index + (task_index - (len(tasks) - 1) / 2) * width)
+                values.append(100 * match.score if percent else match.score)
+        colors = ([single_task_colors[labels.index(labels[round(x)])] for x in xs]
+                  if len(tasks) == 1 and len(labels) > 1 else None)
+        bars = ax.bar(xs, values, width=width * 0.95, color=colors, label=task or None)
+        for bar, value in zip(bars, values):
+            ax.annotate(f"{value:.1f}{'%' if percent else ''}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=9, xytext=(0, 2), textcoords="offset points")
+    ax.set_xticks(range(len(labels)), labels, rotation=15 if len(labels) > 4 else 0)
     keys = sorted({result.score_key for result in scored if result.score_key})
     ax.set_ylabel((", ".join(keys) or "score") + (" (%)" if percent else ""))
     if percent:
-        ax.set_ylim(0, 105)
-    ax.set_title("Held-out evaluation per stage", fontsize=11)
+        ax.set_ylim(0, 108)
+    if len(tasks) > 1:
+        ax.legend(fontsize=8, loc="upper left")
+    title = "Held-out evaluation per stage" + (f": {tasks[0]}" if len(tasks) == 1 and tasks[0] else "")
+    ax.set_title(title, fontsize=11)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _figure_png(fig)
@@ -407,12 +443,16 @@ def before_after_rows(evals: list[EvalResult], limit: int = 8) -> tuple[list[str
     with_samples = [result for result in evals if result.samples]
     if not with_samples:
         return [], []
+    task = with_samples[0].task  # one task's prompts: the first evaluated one that has samples
+    with_samples = [result for result in with_samples if result.task == task]
     shown = [with_samples[0]] if len(with_samples) == 1 else [with_samples[0], *with_samples[1:-1][-1:], with_samples[-1]]
     labels = [result.label for result in shown]
     joined: dict[str, dict[str, Any]] = {}
     order: list[str] = []
     for result in shown:
         for index, record in enumerate(result.samples):
+            if record.get("sample", 0) not in (0, None):
+                continue  # n > 1 completions per prompt: show the first
             key = sample_key(record, index)
             if key not in joined:
                 if result is not shown[0]:
@@ -469,20 +509,29 @@ def summary_rows(report: RunReport) -> list[dict[str, str]]:
 
 
 def eval_rows(report: RunReport) -> list[dict[str, str]]:
+    """One row per (model, task) with a score: the score and its gain over the task's first evaluation."""
     rows = []
-    baseline = next((result.score for result in report.evals if result.score is not None), None)
+    first_score: dict[str, float] = {}
+    several_tasks = len(_task_names(report.evals)) > 1
     for result in report.evals:
         if result.score is None:
             continue
         percent = 0.0 <= result.score <= 1.0
         value = f"{100 * result.score:.1f}%" if percent else f"{result.score:.4g}"
         gain = "-"
-        if baseline is not None and result is not report.evals[0] and result.score is not None:
-            delta = result.score - baseline
+        if result.task in first_score:
+            delta = result.score - first_score[result.task]
             gain = f"{100 * delta:+.1f} pts" if percent else f"{delta:+.4g}"
-        count = result.data.get("n", result.data.get("count", result.data.get("num_samples", len(result.samples) or "")))
-        rows.append({"model": result.label, "metric": result.score_key or "score", "score": value,
-                     "vs first": gain, "n": str(count)})
+        else:
+            first_score[result.task] = result.score
+        count = next((result.metrics[k] for k in ("num_prompts", "n", "count", "num_samples") if k in result.metrics),
+                     len(result.samples) or "")
+        row = {"model": result.label}
+        if several_tasks:
+            row["task"] = result.task
+        row.update({"metric": result.score_key or "score", "score": value, "vs first": gain,
+                    "n": str(int(count)) if isinstance(count, float) and count.is_integer() else str(count)})
+        rows.append(row)
     return rows
 
 
@@ -503,10 +552,11 @@ def print_summary(report: RunReport, console=None) -> None:
     scored = eval_rows(report)
     if scored:
         table = Table(title="held-out evaluation", title_justify="left")
-        for column in ("model", "score", "vs first", "n"):
-            table.add_column(column, justify="left" if column == "model" else "right")
+        columns = [column for column in scored[0] if column != "metric"]
+        for column in columns:
+            table.add_column(column, justify="left" if column in ("model", "task") else "right")
         for row in scored:
-            table.add_row(row["model"], row["score"], row["vs first"], row["n"])
+            table.add_row(*(row[column] for column in columns))
         console.print(table)
 
 
@@ -568,8 +618,9 @@ def render_html(report: RunReport) -> str:
     bars = render_accuracy_bars(report.evals)
     if scored or bars:
         parts.append("<h2>Held-out evaluation</h2>")
-        if len(scored) >= 2:
-            first, last = scored[0], scored[-1]
+        if len(scored) >= 2 and scored[-1]["vs first"] != "-":
+            first = next(row for row in scored if row.get("task") == scored[-1].get("task"))
+            last = scored[-1]
             parts.append(f'<div class=gain>{_esc(first["model"])} <b>{_esc(first["score"])}</b> → '
                          f'{_esc(last["model"])} <b>{_esc(last["score"])}</b> ({_esc(last["vs first"])})</div>')
         if bars:

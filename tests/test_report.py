@@ -40,10 +40,19 @@ def rl_metrics(steps: int = 4) -> list[dict]:
              "entropy": "nan" if s == 2 else 0.5, "response_len/mean": 20 + s} for s in range(1, steps + 1)]
 
 
-def eval_samples(correct: list[bool], completion_prefix: str) -> list[dict]:
-    return [{"id": i, "prompt": f"What is {i} + {i}?", "answer": str(2 * i),
-             "completion": f"{completion_prefix} {2 * i if ok else -1}", "score": float(ok)}
+def eval_samples(correct: list[bool], completion_prefix: str, task: str = "arith") -> list[dict]:
+    """Per-sample records as ``posttrain eval`` writes them (samples.jsonl)."""
+    return [{"task": task, "id": str(i), "sample": 0, "prompt": [{"role": "user", "content": f"What is {i} + {i}?"}],
+             "completion": f"{completion_prefix} {2 * i if ok else -1}", "reference": str(2 * i),
+             "score": float(ok), "correct": ok}
             for i, ok in enumerate(correct)]
+
+
+def write_eval(stage_dir: Path, tasks: dict[str, dict], samples: list[dict]) -> None:
+    """An eval/ directory as ``posttrain eval`` writes it: results.json + samples.jsonl."""
+    (stage_dir / "eval").mkdir(parents=True, exist_ok=True)
+    (stage_dir / "eval" / "results.json").write_text(json.dumps({"model": "m", "tasks": tasks}))
+    write_jsonl(stage_dir / "eval" / "samples.jsonl", samples)
 
 
 @pytest.fixture
@@ -58,9 +67,8 @@ def pipeline_run(tmp_path: Path) -> Path:
     for label, acc, correct in (("baseline", 0.25, [True, False, False, False]),
                                 ("sft", 0.5, [True, True, False, False]),
                                 ("rl", 0.75, [True, True, True, False])):
-        (run / "eval").mkdir(parents=True, exist_ok=True)
-        (run / "eval" / f"{label}.json").write_text(json.dumps({"label": label, "n": 4, "metrics": {"accuracy": acc}}))
-        write_jsonl(run / "eval" / f"{label}.jsonl", eval_samples(correct, f"<b>{label}</b>"))
+        write_eval(run / label, {"arith": {"num_prompts": 4.0, "accuracy": acc, "mean_score": acc}},
+                   eval_samples(correct, f"<b>{label}</b>"))
     return run
 
 
@@ -136,3 +144,21 @@ def test_report_of_a_directory_without_runs_is_a_one_line_user_error(tmp_path: P
     assert main(["report", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: run directory") and err.count("\n") == 1
+
+
+def test_two_tasks_and_flat_eval_files(tmp_path: Path):
+    """Gains are per task; a flat eval JSON (metrics at the top) in a single run directory also works."""
+    run = tmp_path / "pipe"
+    write_eval(run / "baseline", {"add": {"accuracy": 0.2}, "mul": {"accuracy": 0.1}}, [])
+    write_eval(run / "rl", {"add": {"accuracy": 0.7}, "mul": {"accuracy": 0.05}}, [])
+    rows = eval_rows(load_report(run))
+    assert [(r["model"], r["task"], r["vs first"]) for r in rows] == [
+        ("baseline", "add", "-"), ("baseline", "mul", "-"), ("rl", "add", "+50.0 pts"), ("rl", "mul", "-5.0 pts")]
+    assert "held-out accuracy per stage" in images(render_html(load_report(run)))
+
+    single = tmp_path / "single"
+    write_jsonl(single / "metrics.jsonl", [{"step": 1, "loss": 1.0}])
+    (single / "eval").mkdir()
+    (single / "eval" / "gsm.json").write_text(json.dumps({"metrics": {"pass@1": 0.4}}))
+    rows = eval_rows(load_report(single))
+    assert [(r["model"], r["metric"], r["score"]) for r in rows] == [("gsm", "pass@1", "40.0%")]
