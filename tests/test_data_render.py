@@ -322,3 +322,51 @@ def test_rows_that_cannot_be_rendered(templated):
     messages[2]["train"] = messages[4]["train"] = False
     (sample,) = render_conversation(messages, templated["bundled"])
     assert sum(sample.loss_mask) == 0  # kept, so that the audit reports the empty mask
+
+
+# ----------------------------------------------------------------------------- fast tokenisation path
+TRICKY_TEXTS = [
+    "",
+    "<|im_end|><|im_end|>",
+    " <|im_start|> x ",
+    "\n\n<|im_end|>\n\n",
+    "héllo 世界 🙂<|im_end|>é",
+    "<|im_start",
+    "<|im_end|>abc<|eot_id|>def<|start_header_id|>",
+    "  leading and trailing  ",
+    "12345678 9.75",
+    "<|endoftext|><|im_start|>assistant\n",
+    "a<|im_end|>\n\nb<|eot_id|>\n\n",
+]
+
+
+def test_chunk_encoder_is_identical_to_the_tokenizer(templated):
+    """The fast path (pieces shared between prefixes tokenised once) against the tokenizer itself."""
+    from posttrain.data.render import ChunkEncoder, encode_texts
+
+    families = dict(templated, llama3_gpt2_split=llama3_tokenizer(templated["bundled"], llama3_pretokenizer=False))
+    for name, tokenizer in families.items():
+        assert ChunkEncoder.for_tokenizer(tokenizer) is not None, name
+        texts = list(TRICKY_TEXTS)
+        for messages, tools in ((CHAT, None), (TOOL_CHAT, [WEATHER_TOOL])):
+            if name in ("bundled", "think_strip") and tools:
+                continue
+            for i in range(1, len(messages) + 1):
+                texts.append(tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False))
+                texts.append(tokenizer.apply_chat_template(messages[:i], tools=tools, tokenize=False, add_generation_prompt=True))
+        assert encode_texts(tokenizer, texts) == encode_texts(tokenizer, texts, fast=False), name
+
+
+def test_chunk_encoder_refuses_tokenizers_that_look_across_chunks(tokenizer):
+    from tokenizers import AddedToken, pre_tokenizers
+
+    from posttrain.data.render import ChunkEncoder, encode_texts
+
+    metaspace = copy.deepcopy(tokenizer)
+    metaspace.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    stripping = copy.deepcopy(tokenizer)
+    stripping.add_tokens([AddedToken("<sep>", lstrip=True, rstrip=True)])
+    for clone in (metaspace, stripping):
+        assert ChunkEncoder.for_tokenizer(clone) is None
+        assert encode_texts(clone, TRICKY_TEXTS + ["a <sep> b"]) == encode_texts(clone, TRICKY_TEXTS + ["a <sep> b"], fast=False)
+    assert ChunkEncoder.for_tokenizer(tokenizer) is not None

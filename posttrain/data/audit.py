@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from posttrain.data.formats import conversation_from_row, read_rows
-from posttrain.data.render import RenderedSample, render_conversation, truncate_sample
+from posttrain.data.formats import conversation_from_row, read_rows_or_errors
+from posttrain.data.render import RenderedSample, RenderJob, render_batch, truncate_sample
 from posttrain.errors import DataError
 
 HISTOGRAM_BINS = 10
 SHOW_LINES = 10  # line numbers listed per finding in the text summary
+CHUNK_ROWS = 256  # rows rendered per batched tokenizer call
 
 
 @dataclass
@@ -178,44 +179,53 @@ class PreparedData:
 def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: int = 0) -> PreparedData:
     """Read, normalise, render, truncate and audit a data file (``data_config``: ``config.DataConfig``).
 
-    Bad rows raise DataError naming ``file:line`` (or are skipped and counted with
-    ``data_config.skip_bad``). Hard audit errors do NOT raise here: ``preflight`` decides.
-    ``prepared.samples`` holds only samples with at least one trained token. The first
-    ``spans_for_first`` samples get per-message spans (for ``inspect``).
+    The first bad row raises DataError naming ``file:line`` (with ``data_config.skip_bad`` bad
+    rows are skipped and counted instead). Hard audit errors do NOT raise here: ``preflight``
+    decides. ``prepared.samples`` holds only samples with at least one trained token, in file
+    order. Rows are rendered in chunks of ``CHUNK_ROWS`` with one tokenizer call per chunk.
+    The first ``spans_for_first`` rows get per-message spans (for ``inspect``).
     """
     started = time.perf_counter()
     source = str(path)
     report = AuditReport(source=source)
-    bad_rows: list[tuple[int, str]] = []
     samples: list[RenderedSample] = []
-    for line, row in read_rows(path, limit=data_config.limit, skip_bad=data_config.skip_bad, bad_rows=bad_rows):
-        where = f"{source}:{line}"
-        try:
-            conversation = conversation_from_row(row, where)
-            rendered = render_conversation(
-                conversation.messages,
-                tokenizer,
-                tools=conversation.tools,
-                train_on=data_config.train_on,
-                train_tool_calls=data_config.train_tool_calls,
-                history_rewrite=data_config.history_rewrite,
-                line=line,
-                source=source,
-                message_spans=len(samples) < spans_for_first,
-            )
-        except DataError as exc:
-            if not data_config.skip_bad:
-                raise
-            bad_rows.append((line, str(exc)))
-            continue
-        report.rows += 1
-        if len(rendered) > 1:
-            report.split.append(line)
-        for sample in rendered:
-            kept = _audit_sample(sample, report, data_config.max_length, data_config.truncation, where)
-            if kept is not None:
-                samples.append(kept)
-    report.bad_rows = [Finding(line, message) for line, message in bad_rows]
+    pending: list[tuple[int, RenderJob | DataError]] = []
+    options = dict(
+        train_on=data_config.train_on,
+        train_tool_calls=data_config.train_tool_calls,
+        history_rewrite=data_config.history_rewrite,
+    )
+
+    def flush() -> None:
+        results = iter(render_batch([job for _, job in pending if isinstance(job, RenderJob)], tokenizer, **options))
+        for line, job in pending:
+            result = job if isinstance(job, DataError) else next(results)
+            if isinstance(result, DataError):
+                if not data_config.skip_bad:
+                    raise result
+                report.bad_rows.append(Finding(line, str(result)))
+                continue
+            report.rows += 1
+            if len(result) > 1:
+                report.split.append(line)
+            for sample in result:
+                kept = _audit_sample(sample, report, data_config.max_length, data_config.truncation, f"{source}:{line}")
+                if kept is not None:
+                    samples.append(kept)
+        pending.clear()
+
+    for count, (line, row) in enumerate(read_rows_or_errors(path, limit=data_config.limit)):
+        if isinstance(row, DataError):
+            pending.append((line, row))
+        else:
+            try:
+                conversation = conversation_from_row(row, f"{source}:{line}")
+                pending.append((line, RenderJob(conversation.messages, conversation.tools, line, source, count < spans_for_first)))
+            except DataError as exc:
+                pending.append((line, exc))
+        if len(pending) >= CHUNK_ROWS:
+            flush()
+    flush()
     report.seconds = time.perf_counter() - started
     return PreparedData(samples=samples, audit=report)
 

@@ -94,6 +94,17 @@ def read_rows(
         yield n, row
 
 
+def read_rows_or_errors(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict | DataError]]:
+    """Like ``read_rows`` but yields ``(n, DataError)`` for a malformed row instead of raising."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist")
+    for count, item in enumerate(_iter_raw(path)):
+        if limit is not None and count >= limit:
+            return
+        yield item
+
+
 def _iter_raw(path: Path) -> Iterator[tuple[int, dict | DataError]]:
     if path.is_dir():
         yield from _iter_dataset_dir(path)

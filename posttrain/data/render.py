@@ -103,6 +103,21 @@ class _Turn:
     weight: float | None
 
 
+@dataclass
+class RenderJob:
+    """One conversation to render (``render_batch``): normalised messages and where they came from."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+    line: int = 0
+    source: str = ""
+    message_spans: bool = False
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.source else f"line {self.line}"
+
+
 # ----------------------------------------------------------------------------- public API
 def render_conversation(
     messages: list[dict[str, Any]],
@@ -128,20 +143,75 @@ def render_conversation(
     Raises DataError (naming ``source:line``) when the conversation cannot be rendered
     faithfully (template error, dropped tool calls or tool results).
     """
-    where = f"{source}:{line}" if source else f"line {line}"
+    job = RenderJob(messages, tools, line, source, message_spans)
+    (result,) = render_batch(
+        [job], tokenizer, train_on=train_on, train_tool_calls=train_tool_calls,
+        history_rewrite=history_rewrite, chat_template_kwargs=chat_template_kwargs,
+    )
+    if isinstance(result, DataError):
+        raise result
+    return result
+
+
+def render_batch(
+    jobs: Sequence[RenderJob],
+    tokenizer,
+    *,
+    train_on: TrainOn = "all_assistant",
+    train_tool_calls: bool = True,
+    history_rewrite: HistoryRewrite = "split",
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> list[list[RenderedSample] | DataError]:
+    """``render_conversation`` for many conversations, with ONE tokenizer call for all their prefix
+    texts (a fast tokenizer spreads a batch over the CPU cores). Returns, per job, its samples or
+    the DataError that makes it a bad row."""
     kwargs = dict(chat_template_kwargs or {})
+    planned: list[tuple[int, list[str]] | DataError] = []
+    all_texts: list[str] = []
+    for job in jobs:
+        try:
+            texts = _prefix_texts(job, tokenizer, kwargs)
+        except DataError as exc:
+            planned.append(exc)
+            continue
+        planned.append((len(all_texts), texts))
+        all_texts.extend(texts)
+    all_ids = encode_texts(tokenizer, all_texts)
+    results: list[list[RenderedSample] | DataError] = []
+    for job, plan in zip(jobs, planned):
+        if isinstance(plan, DataError):
+            results.append(plan)
+            continue
+        offset, texts = plan
+        try:
+            results.append(
+                _samples_from_prefixes(job, tokenizer, texts, all_ids[offset : offset + len(texts)], train_on,
+                                       train_tool_calls, history_rewrite, kwargs)
+            )
+        except DataError as exc:
+            results.append(exc)
+    return results
+
+
+def _prefix_texts(job: RenderJob, tokenizer, kwargs: dict) -> list[str]:
+    """[P_0, F_0, P_1, F_1, ...]: the prompt and the prompt+reply text of every assistant turn."""
+    messages, where = job.messages, job.where
     assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
     if not assistant_indices:
         raise DataError(f"{where}: no assistant turn (nothing to train on)")
     if assistant_indices[0] == 0:
         raise DataError(f"{where}: the conversation starts with an assistant message; a chat template needs a user or system message first")
-    trained = _trained_turns(messages, assistant_indices, train_on, train_tool_calls)
-
     texts: list[str] = []
     for i in assistant_indices:
-        texts.append(_apply(tokenizer, messages[:i], tools, True, kwargs, where))
-        texts.append(_apply(tokenizer, messages[: i + 1], tools, False, kwargs, where))
-    ids = encode_texts(tokenizer, texts)
+        texts.append(_apply(tokenizer, messages[:i], job.tools, True, kwargs, where))
+        texts.append(_apply(tokenizer, messages[: i + 1], job.tools, False, kwargs, where))
+    return texts
+
+
+def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, train_tool_calls, history_rewrite, kwargs) -> list[RenderedSample]:
+    messages, tools, where, line, source = job.messages, job.tools, job.where, job.line, job.source
+    assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    trained = _trained_turns(messages, assistant_indices, train_on, train_tool_calls)
     turns = [
         _Turn(i, texts[2 * k], texts[2 * k + 1], ids[2 * k], ids[2 * k + 1], i in trained, messages[i].get("weight"))
         for k, i in enumerate(assistant_indices)
@@ -156,7 +226,7 @@ def render_conversation(
         if not any(turn.trained for turn in group):
             continue
         sample = _assemble(group, messages, tokenizer, special_ids, use_weights, line, source)
-        if message_spans:
+        if job.message_spans:
             try:
                 sample.spans = _message_spans(group, messages, tokenizer, tools, kwargs, where, sample.spans)
             except DataError:  # some templates refuse a partial conversation: keep the coarser spans
@@ -192,11 +262,119 @@ def render_prompt(
     return encode_texts(tokenizer, [text])[0]
 
 
-def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-    """Tokenise rendered template texts (the template writes BOS itself: no extra special tokens)."""
+def encode_texts(tokenizer, texts: Sequence[str], *, fast: bool = True) -> list[list[int]]:
+    """Tokenise rendered template texts (the template writes BOS itself: no extra special tokens).
+
+    ``fast``: when the tokenizer is chunk-separable (``ChunkEncoder``), pieces shared between
+    texts (the prefixes of one conversation, a common system prompt) are tokenised once; the
+    result is identical to the tokenizer's own (tested against ``fast=False``).
+    """
     if not texts:
         return []
+    encoder = ChunkEncoder.for_tokenizer(tokenizer) if fast else None
+    if encoder is not None:
+        return encoder.encode(texts)
     return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+class ChunkEncoder:
+    """Exact tokenisation of many texts that share pieces, for chunk-separable fast tokenizers.
+
+    A Hugging Face ``tokenizers`` pipeline first cuts the text at added tokens (``<|im_end|>``,
+    ...), then normalises, pre-tokenises and runs the model on each chunk between them on its
+    own. So ``encode(text)`` is the concatenation of the chunks' encodings - unless a component
+    looks beyond its chunk: added tokens that strip neighbouring whitespace (``lstrip``/
+    ``rstrip``/``single_word``), added tokens matched after normalisation, or a position-aware
+    pre-tokenizer/normaliser (``Metaspace`` prepends only to the first chunk, ``Prepend``...).
+    ``for_tokenizer`` returns None for those (and for slow tokenizers): the caller then uses
+    the tokenizer itself. The prefixes of one conversation share all chunks but the last few,
+    so a batch costs about one tokenisation of each conversation instead of one per prefix.
+    """
+
+    PRE_TOKENIZERS = {"ByteLevel", "Split", "Digits", "Punctuation", "Whitespace", "WhitespaceSplit", "BertPreTokenizer",
+                      "UnicodeScripts", "CharDelimiterSplit", "Sequence"}
+    NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Sequence", "Replace", "StripAccents", "Nmt"}
+
+    def __init__(self, backend, added: dict[str, int]):
+        import re
+
+        self.backend = backend
+        self.added = added
+        contents = sorted(added, key=len, reverse=True)  # leftmost-longest, as the tokenizer matches them
+        self.pattern = re.compile("(" + "|".join(re.escape(content) for content in contents) + ")") if contents else None
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer) -> "ChunkEncoder | None":
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            return None
+        key = (len(tokenizer), str(backend.normalizer), str(backend.pre_tokenizer), len(backend.get_added_tokens_decoder()))
+        cached = getattr(tokenizer, "_posttrain_chunk_encoder", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        encoder = cls._build(backend)
+        try:
+            tokenizer._posttrain_chunk_encoder = (key, encoder)
+        except AttributeError:
+            pass
+        return encoder
+
+    @classmethod
+    def _build(cls, backend) -> "ChunkEncoder | None":
+        import json
+
+        def types(component) -> set[str]:
+            if component is None:
+                return set()
+            found: set[str] = set()
+
+            def walk(node):
+                if isinstance(node, dict):
+                    if "type" in node:
+                        found.add(node["type"])
+                    for value in node.values():
+                        walk(value)
+                elif isinstance(node, list):
+                    for value in node:
+                        walk(value)
+
+            walk(json.loads(component.__getstate__()))
+            return found
+
+        try:
+            normalizer_types, pre_tokenizer_types = types(backend.normalizer), types(backend.pre_tokenizer)
+        except Exception:  # an unfamiliar component that does not serialise: be safe
+            return None
+        if not pre_tokenizer_types <= cls.PRE_TOKENIZERS or not normalizer_types <= cls.NORMALIZERS:
+            return None
+        added: dict[str, int] = {}
+        for token_id, token in backend.get_added_tokens_decoder().items():
+            if token.lstrip or token.rstrip or token.single_word or (token.normalized and normalizer_types):
+                return None
+            added[token.content] = token_id
+        return cls(backend, added)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        split = self.pattern.split if self.pattern is not None else (lambda text: [text])
+        pieces_per_text = [split(text) for text in texts]
+        chunk_ids: dict[str, list[int]] = {}
+        for pieces in pieces_per_text:
+            for chunk in pieces[0::2]:
+                if chunk:
+                    chunk_ids[chunk] = []
+        chunks = list(chunk_ids)
+        for chunk, encoding in zip(chunks, self.backend.encode_batch(chunks, add_special_tokens=False)):
+            chunk_ids[chunk] = encoding.ids
+        encoded = []
+        for pieces in pieces_per_text:
+            ids: list[int] = []
+            for k, piece in enumerate(pieces):
+                if k % 2:
+                    ids.append(self.added[piece])
+                elif piece:
+                    ids.extend(chunk_ids[piece])
+            encoded.append(ids)
+        return encoded
 
 
 def truncate_sample(sample: RenderedSample, max_length: int) -> RenderedSample:
