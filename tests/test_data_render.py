@@ -370,3 +370,16 @@ def test_chunk_encoder_refuses_tokenizers_that_look_across_chunks(tokenizer):
         assert ChunkEncoder.for_tokenizer(clone) is None
         assert encode_texts(clone, TRICKY_TEXTS + ["a <sep> b"]) == encode_texts(clone, TRICKY_TEXTS + ["a <sep> b"], fast=False)
     assert ChunkEncoder.for_tokenizer(tokenizer) is not None
+
+
+def test_json_encoded_tool_results_are_not_mistaken_for_dropped(templated):
+    """A template that writes tool results with tojson (quotes escaped) still renders them."""
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'tool' %}{{ m.content | tojson }}{% else %}{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }}</call>{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    messages = copy.deepcopy(TOOL_CHAT)
+    messages[3]["content"] = '{"city": "Oslo", "note": "line one\nline two"}'
+    (sample,) = render_conversation(messages, with_template(templated["bundled"], template))
+    assert trained_runs(templated["bundled"], sample)[-1] == messages[5]["content"] + "<|im_end|>"

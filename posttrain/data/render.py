@@ -39,6 +39,7 @@ raise DataError instead of training on a conversation that lost them.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Sequence
 
@@ -321,8 +322,6 @@ class ChunkEncoder:
 
     @classmethod
     def _build(cls, backend) -> "ChunkEncoder | None":
-        import json
-
         def types(component) -> set[str]:
             if component is None:
                 return set()
@@ -624,7 +623,9 @@ def _check_tool_rendering(messages, turns: list[_Turn], tokenizer, tools, kwargs
             continue  # a trailing tool result is not part of any sample
         text = next_turn.prompt_text
         region = text[len(previous_full):] if text.startswith(previous_full) else text
-        if message["content"].strip() not in region:
+        content = message["content"].strip()
+        # templates print a tool result as is, or JSON-encode it (quotes and newlines escaped)
+        if not any(form in region for form in (content, json.dumps(content)[1:-1], json.dumps(content, ensure_ascii=False)[1:-1])):
             raise DataError(
                 f"{where}: the chat template drops tool results (messages[{j}], role tool, is not in the rendered text); "
                 f"pass --chat-template FILE with a template that renders tool messages"
