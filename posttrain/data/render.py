@@ -14,7 +14,11 @@ every assistant message ``i`` render two prefixes with ``tokenizer.apply_chat_te
 and tokenise each whole text. The reply's tokens are ``F_i[len(P_i):]``: valid when ``P_i`` is
 a token prefix of ``F_i``. Consecutive turns share one sample when ``F_i`` is a token prefix of
 ``P_{i+1}`` (the template renders the history the same way as it grows). That is 2 template
-calls and 2 tokenisations per assistant turn, batched per conversation.
+calls per assistant turn. Tokenising every prefix in full would cost O(turns x length); for
+tokenizers that encode the chunks between added tokens independently (byte-level BPE such as
+SmolLM2, Llama-3, Qwen) ``ChunkEncoder`` tokenises each distinct chunk once per batch of rows,
+with identical results (tested against the tokenizer), so a conversation costs about one
+tokenisation.
 
 Where the prefix property breaks:
 
@@ -30,7 +34,8 @@ Where the prefix property breaks:
 
 End of turn: the trained span of a reply runs through its last special token (``<|im_end|>``,
 ``<|eot_id|>``, ``</s>``, ...); whitespace the template writes after it (``"\\n"``) is never
-generated, so it is not trained. A trained reply with no special token in its span is reported
+generated, so it is not trained (non-whitespace text after it is trained: the model must
+write it). A trained reply with no special token in its span is reported
 (``untrained_end_of_turn``): the model would never learn to stop.
 
 Templates that silently drop tool calls or tool results are detected per conversation and
