@@ -11,6 +11,7 @@ Sections are shared between commands (``model``, ``data``, ``optim``, ``train``,
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -147,6 +148,9 @@ class RewardModelSection(Section):
         0.0, ge=0, description="weight of the reward-centring term (r_c + r_r)^2 per pair; 0 = off (0.01 is common)")
     group_key: str | None = Field(
         None, description="row key whose values split the held-out accuracy (val/accuracy/<value>), e.g. an error kind")
+    train_top_layers: int | None = Field(
+        None, ge=0, description="train only the top N decoder blocks (+ final norm and head); backward stops "
+                                "below them, so a step costs far less; null = all (or LoRA)")
 
 
 class RMConfig(Section):
@@ -190,6 +194,149 @@ class ChatConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     system: str | None = Field(None, description="optional system message")
     seed: int = 0
+
+
+# ----------------------------------------------------------------------------- RL
+
+
+class RLDataConfig(Section):
+    """Prompt rows for ``posttrain rl``: ``{"prompt"|"messages", "answer"|"tests", ...}``.
+
+    Every key other than the prompt goes to the reward as that row's metadata.
+    """
+
+    train: str | None = Field(None, description="training prompts: JSONL/JSON/Parquet file or datasets directory")
+    eval: str | None = Field(None, description="held-out prompts, scored before training, every train.eval_every steps and after")
+    system: str | None = Field(None, description="system message put before every prompt that has none")
+    max_prompt_length: int = Field(512, gt=0, description="prompts longer than this many tokens are dropped (counted)")
+    limit: int | None = Field(None, gt=0, description="use only the first N training rows")
+    eval_limit: int | None = Field(None, gt=0, description="use only the first N held-out rows")
+
+
+class RolloutConfig(Section):
+    """How completions are sampled (``rollout:`` section)."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description="hf = transformers generate; vllm = vLLM offline engine (extra)")
+    group_size: int = Field(8, gt=0, description="completions sampled per prompt (GRPO's G)")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs are computed at it too")
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 = off")
+    max_new_tokens: int = Field(256, gt=0, description="completion length cap (a capped completion is 'clipped')")
+    stop: list[str] = Field(default_factory=list, description="stop strings (the completion ends after one)")
+    batch_size: int = Field(64, gt=0, description="sequences per generate call (hf engine)")
+    eval_temperature: float = Field(0.0, ge=0, description="sampling temperature of held-out evaluation; 0 = greedy")
+    engine_logprobs: bool | None = Field(
+        None, description="ask the engine for log-probs and log their gap to the trainer's (temperature 1 only); "
+                          "null = on for vllm, off for hf (whose generate keeps every step's logits)")
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vllm: share of GPU memory for weights + KV cache")
+    vllm_kv_cache_gb: float = Field(2.0, gt=0, description="vllm on CPU: KV-cache size in GiB")
+    vllm_enforce_eager: bool = Field(True, description="vllm: no CUDA graphs / torch.compile (faster start)")
+
+
+class CriticConfig(Section):
+    """The PPO critic (``rl.critic``): a scalar-head copy of a causal LM (``posttrain.scalar_head``)."""
+
+    model: str | None = Field(None, description="model spec of the critic's backbone; null = the policy's model")
+    lr: float = Field(1e-5, gt=0, description="critic learning rate (constant after warmup)")
+    value_clip: float | None = Field(0.2, gt=0, description="how far a value may move from its rollout value; null = off")
+    train_top_layers: int | None = Field(
+        None, ge=0, description="train only the top N decoder blocks of the critic (+ norm and head); null = all")
+    warmup_steps: int = Field(0, ge=0, description="first steps train only the critic (the policy waits)")
+
+
+class RLAlgorithmConfig(Section):
+    """The algorithm (``rl:`` section): advantages, policy loss, KL, entropy, DAPO options."""
+
+    algorithm: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
+        "grpo", description="grpo (group-normalised), dr_grpo (no std division), rloo (leave-one-out), "
+                            "reinforce_pp (batch-normalised returns), ppo (GAE with a learned critic)")
+    prompts_per_step: int = Field(8, gt=0, description="prompts sampled per RL step (each gets group_size completions)")
+    ppo_epochs: int = Field(1, gt=0, description="passes over each rollout batch")
+    mini_batch_size: int | None = Field(
+        None, gt=0, description="sequences per optimizer step; null = the whole rollout batch (one step per epoch)")
+    micro_batch_tokens: int = Field(4096, gt=0, description="token budget of one forward/backward (packed)")
+    loss_agg_mode: LossAggMode = Field(
+        "token-mean", description="how token losses are aggregated; 'sum' is divided by sequences x max_new_tokens "
+                                  "(Dr. GRPO's constant normaliser)")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio lower bound 1 - clip_low")
+    clip_high: float | None = Field(None, gt=0, description="ratio upper bound 1 + clip_high (DAPO clip-higher: 0.28); null = clip_low")
+    dual_clip_c: float | None = Field(None, gt=1, description="dual clip bound for negative advantages (e.g. 3); null = off")
+    kl_coef: float = Field(0.0, ge=0, description="KL-to-reference weight beta; 0 skips the reference model entirely")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator")
+    kl_in: Literal["loss", "reward"] = Field("loss", description="KL as a loss term (GRPO) or a per-token reward penalty (PPO)")
+    target_kl: float | None = Field(None, gt=0, description="adaptive KL: steer the measured KL to this (null = fixed beta)")
+    kl_horizon: float = Field(10000.0, gt=0, description="adaptive KL: samples over which beta moves by ~20%")
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus weight")
+    gamma: float = Field(1.0, ge=0, le=1, description="discount (ppo, reinforce_pp)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo)")
+    whiten_advantages: bool = Field(True, description="ppo: normalise GAE advantages over the batch")
+    dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more prompts")
+    max_refill_rounds: int = Field(3, ge=0, description="dynamic sampling: extra generation rounds at most per step")
+    overlong: Literal["none", "filter", "penalty"] = Field(
+        "none", description="completions cut at max_new_tokens: keep, exclude from the loss (DAPO overlong filtering), "
+                            "or penalise (DAPO soft overlong punishment)")
+    overlong_buffer: int = Field(64, ge=1, description="penalty: the last N tokens before max_new_tokens are penalised linearly")
+    overlong_penalty: float = Field(1.0, ge=0, description="penalty: reward subtracted at max_new_tokens")
+    critic: CriticConfig = CriticConfig()
+
+
+class RLTrainConfig(Section):
+    """Steps, precision, logging, evaluation and checkpoints of ``posttrain rl``."""
+
+    steps: int = Field(50, gt=0, description="RL steps (one rollout batch each)")
+    seed: int = Field(0, description="seed of prompt order, sampling and initialisation")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast with fp32 master weights")
+    logits_chunk_size: int = Field(1024, gt=0, description="response tokens per chunk of the output projection")
+    log_every: int = Field(1, gt=0, description="steps between metric lines")
+    samples_every: int | None = Field(5, gt=0, description="steps between appends to samples.jsonl; null = never")
+    samples_per_log: int = Field(4, gt=0, description="completions written to samples.jsonl each time")
+    eval_every: int | None = Field(None, gt=0, description="steps between held-out evaluations (also before and after)")
+    eval_before: bool = Field(True, description="evaluate on data.eval before the first step")
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and at the end)")
+    keep_last: int = Field(2, gt=0, description="checkpoints kept")
+    resume: str | None = Field(None, description="'latest' or a checkpoint directory")
+    export: bool = Field(True, description="write final/ (HF format) at the end")
+
+
+class RLConfig(Section):
+    """``posttrain rl``: on-policy RL (GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic).
+
+    ``reward`` is a reward spec (``posttrain.rewards.build_reward``): a built-in name, a
+    mapping with ``name`` and parameters, a composite, or ``module:function``.
+    """
+
+    run: RunConfig = RunConfig(name="rl")
+    model: ModelConfig = ModelConfig()
+    lora: LoRAConfig = LoRAConfig()
+    data: RLDataConfig = RLDataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: Any = Field("math", description="reward spec: name, {name: ..., params}, composite, or module:function")
+    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant")
+    rl: RLAlgorithmConfig = RLAlgorithmConfig()
+    train: RLTrainConfig = RLTrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RLConfig":
+        rl, rollout = self.rl, self.rollout
+        if not self.data.train:
+            raise ValueError("data.train: a file of training prompts is required")
+        if rl.algorithm in ("grpo", "dr_grpo", "rloo") and rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size: {rl.algorithm} compares completions within a group; it needs >= 2")
+        batch = rl.prompts_per_step * rollout.group_size
+        if rl.mini_batch_size is not None and batch % rl.mini_batch_size:
+            raise ValueError(
+                f"rl.mini_batch_size: {rl.mini_batch_size} does not divide the rollout batch "
+                f"(rl.prompts_per_step x rollout.group_size = {batch})")
+        if rl.mini_batch_size is not None and rl.algorithm in ("grpo", "dr_grpo", "rloo") and \
+                rl.mini_batch_size % rollout.group_size:
+            raise ValueError("rl.mini_batch_size: must be a multiple of rollout.group_size (groups stay together)")
+        if rl.target_kl is not None and rl.kl_coef == 0:
+            raise ValueError("rl.target_kl: adaptive KL needs a starting rl.kl_coef > 0")
+        if rl.overlong == "penalty" and rl.overlong_buffer >= rollout.max_new_tokens:
+            raise ValueError("rl.overlong_buffer: must be smaller than rollout.max_new_tokens")
+        if self.train.eval_every is not None and not self.data.eval:
+            raise ValueError("train.eval_every: set data.eval (held-out prompts) to evaluate")
+        return self
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
@@ -265,6 +412,8 @@ def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
         message = message[len("Value error, ") :]
     if not key:
         return message
+    if isinstance(error.get("input"), dict) and error["type"] == "value_error":
+        return f"{key}: {message}"  # a whole section's check: its message names the key; the input is noise
     return f"{key}: {message} (got {error.get('input')!r})" if error["type"] != "missing" else f"{key}: required"
 
 
@@ -275,6 +424,9 @@ def _field_names(schema: type[BaseModel], loc: list[str]) -> list[str]:
         if field is None:
             return []
         model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):  # Optional[Section]: the section
+            model = next((arg for arg in typing.get_args(model)
+                          if isinstance(arg, type) and issubclass(arg, BaseModel)), model)
     if isinstance(model, type) and issubclass(model, BaseModel):
         return list(model.model_fields)
     return []
@@ -283,3 +435,66 @@ def _field_names(schema: type[BaseModel], loc: list[str]) -> list[str]:
 def config_to_yaml(config: BaseModel) -> str:
     """The resolved config as YAML (what the run directory keeps)."""
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- pipeline
+
+
+class PipelineRunConfig(Section):
+    """Where a pipeline run lives: ``<output_dir>/<name>/`` with one sub-directory per stage."""
+
+    name: str = Field("pipeline", description="run name; the run directory is <output_dir>/<name>")
+    output_dir: str = Field("runs", description="parent directory of run directories")
+    overwrite: bool = Field(False, description="redo every stage, even those already done")
+    report: bool = Field(True, description="write report.html (and print the summary) at the end")
+
+
+class PipelineConfig(Section):
+    """``posttrain pipeline``: baseline eval -> SFT -> eval -> reward model -> RL -> eval, one run directory.
+
+    Each stage section is the config of that stage's own command (``posttrain sft``, ``rm``,
+    ``rl``, ``eval``), so a pipeline config is the union of stage configs; a stage runs when
+    its section is present. The pipeline fills in what links the stages: every stage's
+    ``model.name`` (``model.name`` here for the first, the previous stage's ``final/`` after)
+    and ``run.name`` / ``run.output_dir`` (``<run>/<stage>``); setting those inside a stage
+    section is an error.
+    """
+
+    run: PipelineRunConfig = PipelineRunConfig()
+    model: ModelConfig = Field(ModelConfig(), description="the starting model (what baseline eval and the first stage use)")
+    eval_baseline: bool = Field(True, description="evaluate the starting model before any training (needs 'eval')")
+    eval: "EvalConfig | None" = Field(None, description="held-out evaluation after every stage that changes the policy")
+    sft: SFTConfig | None = Field(None, description="supervised fine-tuning (posttrain sft's config)")
+    rm: RMConfig | None = Field(None, description="reward-model training (posttrain rm's config); RL's 'model' reward uses it")
+    rl: RLConfig | None = Field(None, description="reinforcement learning (posttrain rl's config) from the previous policy")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _links_are_the_pipelines(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        for section_name in ("eval", "sft", "rm", "rl"):
+            section = raw.get(section_name)
+            if not isinstance(section, dict):
+                continue
+            if isinstance(section.get("model"), dict) and "name" in section["model"]:
+                raise ValueError(
+                    f"{section_name}.model.name: the pipeline chains models (the first stage starts from "
+                    f"model.name, later ones from the previous stage's final/); set model.name at the top")
+            for key in ("name", "output_dir"):
+                if isinstance(section.get("run"), dict) and key in section["run"]:
+                    raise ValueError(
+                        f"{section_name}.run.{key}: the pipeline places stages in <run.output_dir>/<run.name>/"
+                        f"{section_name}; set run.{key} at the top")
+        if not any(raw.get(name) is not None for name in ("eval", "sft", "rm", "rl")):
+            raise ValueError("the pipeline has no stages: add at least one of the sections eval, sft, rm, rl")
+        return raw
+
+
+def load_pipeline_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """``load_config`` for PipelineConfig, whose ``eval`` section is ``posttrain.eval.config.EvalConfig``
+    (imported here: that module imports this one)."""
+    from posttrain.eval.config import EvalConfig
+
+    PipelineConfig.model_rebuild(_types_namespace={"EvalConfig": EvalConfig})
+    return load_config(PipelineConfig, path, overrides)

@@ -131,9 +131,38 @@ def load_scalar_head_model(
 
 
 def make_head_trainable(model: torch.nn.Module) -> torch.nn.Module:
-    """After wrapping with LoRA (which freezes everything else), train the head in full too."""
-    for parameter in score_layer(model).parameters():
-        parameter.requires_grad_(True)
+    """After wrapping with LoRA (which freezes everything else), train the head in full too.
+
+    peft's ``SEQ_CLS`` task already trains a copy of ``score`` (its "modules to save"); then
+    nothing changes. Otherwise the head's own weights are unfrozen.
+    """
+    head = score_layer(model)
+    if not any(parameter.requires_grad for parameter in head.parameters()):
+        for parameter in head.parameters():
+            parameter.requires_grad_(True)
+    return model
+
+
+def train_top_layers_only(model: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """Freeze the embeddings and all but the top ``layers`` decoder blocks (the final norm and
+    the head stay trainable). Backward then stops at the first trainable block, so a step
+    costs about one forward plus ``layers / L`` of a backward: partial fine-tuning for
+    reward models and critics on small hardware. ``layers=0`` trains the head (and norm) only.
+    """
+    backbone = getattr(unwrap(model), unwrap(model).base_model_prefix)
+    blocks = getattr(backbone, "layers", None)
+    if blocks is None:
+        raise ValueError(f"cannot find the decoder blocks of {type(backbone).__name__}")
+    if not 0 <= layers <= len(blocks):
+        raise ValueError(f"layers must be between 0 and {len(blocks)}, got {layers}")
+    keep = {id(p) for block in list(blocks)[len(blocks) - layers:] for p in block.parameters()}
+    keep |= {id(p) for p in score_layer(model).parameters()}
+    norm = getattr(backbone, "norm", None)
+    if norm is not None:
+        keep |= {id(p) for p in norm.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
     return model
 
 
@@ -212,6 +241,7 @@ def render_for_scoring(
     chat_template_kwargs: dict[str, Any] | None = None,
     line: int = 0,
     source: str = "",
+    strict: bool = True,
 ) -> ScoredSequence:
     """Render ``prompt + response`` with the chat template and cut it after the score token.
 
@@ -220,6 +250,8 @@ def render_for_scoring(
     on. Raises DataError (naming ``source:line``) when the response has no assistant turn,
     when the template's rendering is inconsistent (encode(prompt) not a prefix of
     encode(prompt + reply)) or when the reply has no end-of-turn token to read the score at.
+    ``strict=False`` (scoring, not training) skips those two checks and scores the tokens the
+    template produces, at the reply's last token.
     """
     from posttrain.data.render import render_conversation
 
@@ -230,9 +262,9 @@ def render_for_scoring(
     samples = render_conversation(messages, tokenizer, tools=tools, train_on="last_assistant",
                                   line=line, source=source, chat_template_kwargs=chat_template_kwargs)
     sample = samples[-1]  # the one holding the last assistant turn when the template splits history
-    if sample.consistency_errors:
+    if strict and sample.consistency_errors:
         raise DataError(f"{where}: {sample.consistency_errors[0]}")
-    if sample.untrained_end_of_turn:
+    if strict and sample.untrained_end_of_turn:
         raise DataError(f"{where}: the reply has no end-of-turn token in its rendering, so there is no token to "
                         f"read its score at")
     try:

@@ -110,12 +110,16 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float,
-               target_modules: Sequence[str] | str) -> torch.nn.Module:
-    """Wrap ``model`` with peft LoRA adapters; only adapter weights stay trainable."""
+               target_modules: Sequence[str] | str, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA adapters; only adapter weights stay trainable.
+
+    ``task_type="SEQ_CLS"`` for scalar-head models (reward model, critic): peft then also
+    trains a full copy of the ``score`` head and ``merge_and_unload`` puts it back.
+    """
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type=task_type,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
     )
     return get_peft_model(model, config)

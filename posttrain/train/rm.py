@@ -40,7 +40,8 @@ from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate, 
     split_into_micro_batches
 from posttrain.errors import ConfigError, DataError
 from posttrain.scalar_head import ScoredSequence, export_pad_token_id, export_tokenizer, gather_scores, \
-    load_scalar_head_model, make_head_trainable, render_for_scoring, score_positions, token_values
+    load_scalar_head_model, make_head_trainable, render_for_scoring, score_positions, token_values, \
+    train_top_layers_only
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
     shutdown_distributed
@@ -117,7 +118,7 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
     resume_path = ckpt.resolve_resume(config.train.resume, Path(config.run.output_dir) / config.run.name / "checkpoints")
     run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
                           overwrite=config.run.overwrite, write=info.is_main)
-    pad_id = export_pad_token_id(tokenizer) or tokenizer.pad_token_id or 0
+    pad_id = _pad_id(tokenizer)
     model = build_model(config, info, pad_id)
     optimizer = build_optimizer(model, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                 betas=config.optim.betas, eps=config.optim.eps)
@@ -408,7 +409,12 @@ def build_model(config: RMConfig, info: DistInfo, pad_token_id: int, *, unsharde
     if config.lora.enabled:
         lora = config.lora
         model = make_head_trainable(apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                                               target_modules=lora.target_modules))
+                                               target_modules=lora.target_modules, task_type="SEQ_CLS"))
+    if config.rm.train_top_layers is not None:
+        try:
+            train_top_layers_only(model, config.rm.train_top_layers)
+        except ValueError as exc:
+            raise ConfigError(f"rm.train_top_layers: {exc}") from None
     if unsharded:
         return model
     model.to(info.device)
@@ -431,6 +437,14 @@ def step_metrics(plan: StepPlan, result: Any, state: TrainerState, pair_metrics:
         "tokens_per_sec": plan.tokens / seconds,
         "step_time_s": result.seconds,
     }
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """Padding id of training batches and of the export (not the end-of-turn token, if possible)."""
+    for candidate in (export_pad_token_id(tokenizer), tokenizer.pad_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
 
 
 def _due(step: int, every: int | None, total_steps: int) -> bool:
