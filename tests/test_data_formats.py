@@ -133,3 +133,11 @@ def test_bad_rows_are_one_line_errors(row, message):
     with pytest.raises(DataError, match=message) as info:
         conversation_from_row(row, "f:7")
     assert "\n" not in str(info.value)
+
+
+def test_docstring_examples():
+    import doctest
+
+    import posttrain.data.formats as formats
+
+    assert doctest.testmod(formats).failed == 0
