@@ -98,6 +98,17 @@ def _rm(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- rl
+@command("rl", "on-policy RL: GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic; DAPO options; hf or vllm rollouts",
+         add_config_arguments)
+def _rl(args: argparse.Namespace) -> int:
+    from posttrain.config import RLConfig, load_config
+    from posttrain.train.rl import run_rl
+
+    run_rl(load_config(RLConfig, args.config, args.overrides))
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval
 @command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
          add_config_arguments)
@@ -155,6 +166,32 @@ def _inspect(args: argparse.Namespace) -> int:
         colour=use_colour(args.color, sys.stdout), as_json=args.json, html_path=args.html, dump_path=args.dump,
         max_tokens=args.max_tokens,
     )
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate every stage (sections, model chain, files, pre-load checks) without loading a model")
+    parser.add_argument("--allow-missing-data", action="store_true",
+                        help="with --dry-run: report missing data files as warnings (a config written for another machine)")
+
+
+@command("pipeline", "run baseline eval -> SFT -> eval -> reward model -> RL -> eval in one run directory, then the report",
+         _pipeline_arguments)
+def _pipeline(args: argparse.Namespace) -> int:
+    from posttrain.config import load_pipeline_config
+    from posttrain.pipeline import dry_run, print_dry_run, run_pipeline
+
+    config = load_pipeline_config(args.config, args.overrides)
+    if args.dry_run:
+        report = dry_run(config, allow_missing_data=args.allow_missing_data)
+        print_dry_run(report, config)
+        return 2 if report.errors else 0
+    if args.allow_missing_data:
+        raise UserError("--allow-missing-data applies to --dry-run only: a real run needs its data")
+    run_pipeline(config)
+    return 0
 
 
 # ----------------------------------------------------------------------------- main
