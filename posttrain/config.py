@@ -298,6 +298,13 @@ class RLTrainConfig(Section):
     export: bool = Field(True, description="write final/ (HF format) at the end")
 
 
+class RLOptimConfig(OptimConfig):
+    """``optim:`` of ``posttrain rl``: as for SFT, with RL's usual small constant learning rate."""
+
+    lr: float = Field(1e-6, gt=0, description="peak learning rate of the policy")
+    schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="decay after warmup")
+
+
 class RLConfig(Section):
     """``posttrain rl``: on-policy RL (GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic).
 
@@ -311,7 +318,7 @@ class RLConfig(Section):
     data: RLDataConfig = RLDataConfig()
     rollout: RolloutConfig = RolloutConfig()
     reward: Any = Field("math", description="reward spec: name, {name: ..., params}, composite, or module:function")
-    optim: OptimConfig = OptimConfig(lr=1e-6, schedule="constant")
+    optim: RLOptimConfig = RLOptimConfig()
     rl: RLAlgorithmConfig = RLAlgorithmConfig()
     train: RLTrainConfig = RLTrainConfig()
 

@@ -7,9 +7,30 @@ ended it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from posttrain.rollout.base import Completion, SamplingParams
+
+
+@contextlib.contextmanager
+def _generation_attention(model):
+    """Generate with SDPA and the KV cache even when the model trains with packed (varlen)
+    attention and ``use_cache=False`` (``train.loop.prepare_for_training``); restored after."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = base.config
+    saved_attn, saved_cache = getattr(config, "_attn_implementation", None), getattr(config, "use_cache", None)
+    switch = saved_attn not in (None, "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+    if switch:
+        config._attn_implementation = "sdpa"
+    config.use_cache = True
+    try:
+        yield
+    finally:
+        if switch:
+            config._attn_implementation = saved_attn
+        config.use_cache = saved_cache
 
 
 class HFEngine:
@@ -64,9 +85,10 @@ class HFEngine:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
-            )
+            with _generation_attention(self.model):
+                out = self.model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
+                )
         finally:
             self.model.train(was_training)
         new_tokens = out.sequences[:, width:].cpu()

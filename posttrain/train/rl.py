@@ -1,0 +1,506 @@
+"""``posttrain rl``: on-policy RL for language models, one loop for every algorithm.
+
+Seed 000, Phase 3 and its PPO/GRPO formulas. One step:
+
+    sample prompts -> generate group_size completions each -> score -> old / reference
+    log-probs (and critic values) -> advantages -> ppo_epochs passes of mini-batch updates
+    -> log -> samples / eval / checkpoint every N steps
+
+Algorithms (``rl.algorithm``): ``grpo`` (Shao et al. 2024), ``dr_grpo`` (Liu et al. 2025: no
+std division; pair it with ``loss_agg_mode: sum``, divided by sequences x max_new_tokens),
+``rloo`` (Ahmadian et al. 2024), ``reinforce_pp`` (Hu 2025) and ``ppo`` (Schulman et al.
+2017; GAE with a learned scalar-head critic, ``posttrain.scalar_head``). DAPO options: clip-higher
+(``rl.clip_high``), dynamic sampling, overlong filtering / soft punishment.
+
+Deviations and shortcuts, stated:
+- When every sample is used once, right after it was sampled (``ppo_epochs: 1`` and one
+  mini-batch), the old log-probs ARE the current ones: that forward pass is skipped and the
+  ratio is exactly 1 (as in TRL and veRL). The engine-vs-trainer gap is then measured in
+  the update's forward.
+- ``kl_coef: 0`` builds no reference model. With LoRA the reference is the base model with
+  the adapter disabled (no second copy in memory); otherwise a frozen copy of the policy.
+- Rollouts use the policy itself (``hf``) or a colocated vLLM engine that receives the new
+  weights after every update (``vllm``); each step's sampling seed is a function of
+  (train.seed, step), so a resumed run samples what the uninterrupted run sampled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from posttrain.algorithms.advantages import zero_variance_group_fraction
+from posttrain.algorithms.kl import make_kl_controller
+from posttrain.config import RLConfig
+from posttrain.errors import ConfigError
+from posttrain.rollout.base import SamplingParams
+from posttrain.train import checkpoint as ckpt
+from posttrain.train.distributed import DistInfo, all_gather_objects, init_distributed, shard_model, \
+    shutdown_distributed
+from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
+from posttrain.train.loop import apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
+    prepare_for_training, resolve_warmup_steps
+from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, append_samples, collect_rollouts, \
+    evaluate_prompts, is_binary, load_prompt_rows
+from posttrain.train.rl_update import LossSettings, compute_advantages, compute_rollout_tensors, critic_micro_loss, \
+    mini_batches, policy_micro_loss, update_model
+
+
+@dataclass
+class RLState:
+    """What a checkpoint records besides tensors."""
+
+    step: int = 0
+    sampler: dict[str, int] = field(default_factory=dict)
+    kl_controller: dict[str, float] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+@dataclass
+class RLResult:
+    run_dir: Path
+    final_dir: Path | None
+    steps: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    eval_before: dict[str, float] = field(default_factory=dict)
+    eval_after: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Trainables:
+    """The policy (and critic) with their optimizers and schedulers, and the reference."""
+
+    policy: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    reference: Any = None  # None or a context-manager factory yielding the reference module
+    critic: torch.nn.Module | None = None
+    critic_optimizer: Any = None
+    critic_scheduler: Any = None
+
+
+def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRow], list[PromptRow]] | None = None,
+           reward_fn: Any = None) -> RLResult:
+    """Train; returns the run directory, final/ and the logged metrics (rank 0).
+
+    ``engine``, ``prompts`` (train, eval rows) and ``reward_fn`` may be passed in (tests,
+    benchmarks); otherwise they are built from ``config``.
+    """
+    info = init_distributed()
+    seed_everything(config.train.seed + info.rank)
+    tokenizer = _load_tokenizer(config)
+    train_rows, eval_rows = prompts if prompts is not None else load_prompts(config, tokenizer)
+    reward_fn = reward_fn if reward_fn is not None else build_reward_fn(config)
+    resume_path = ckpt.resolve_resume(config.train.resume, Path(config.run.output_dir) / config.run.name / "checkpoints")
+    run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
+                          overwrite=config.run.overwrite, write=info.is_main)
+    models = build_trainables(config, info)
+    engine = engine if engine is not None else build_engine(config, models.policy, tokenizer)
+    sampler = PromptSampler(len(train_rows), seed=config.train.seed)
+    kl_controller = make_kl_controller(config.rl.kl_coef, target_kl=config.rl.target_kl, horizon=config.rl.kl_horizon)
+    state = RLState()
+    if resume_path is not None:
+        state = load_rl_checkpoint(resume_path, models, sampler, kl_controller, info)
+        engine.update_weights(models.policy)
+    announce(config, info, models, train_rows, eval_rows, resume_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    result = RLResult(run.path, None, state.step)
+    if eval_rows and config.train.eval_before and state.step == 0:
+        result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info)
+    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main) as logger, \
+            Progress(config.train.steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
+                     keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress:
+        while state.step < config.train.steps:
+            started = time.perf_counter()
+            batch = collect_rollouts(engine, train_rows, sampler, reward_fn, **rollout_arguments(config, state.step))
+            times = {"time/generate": batch.seconds_generate, "time/score": batch.seconds_score}
+            tick = time.perf_counter()
+            gap = compute_rollout_tensors(batch.samples, **rollout_pass_arguments(config, models, info, pad_id))
+            kl_in_reward = config.rl.kl_in == "reward"
+            adv_metrics = compute_advantages(batch.groups, algorithm=config.rl.algorithm, kl_in_reward=kl_in_reward,
+                                             kl_coef=kl_controller.value, kl_estimator=config.rl.kl_estimator,
+                                             gamma=config.rl.gamma, lam=config.rl.lam,
+                                             whiten=config.rl.whiten_advantages)
+            times["time/logprob"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            update_metrics = update(config, models, batch, state.step, kl_controller.value, info, pad_id)
+            engine.update_weights(models.policy)
+            times["time/update"] = time.perf_counter() - tick
+            if config.rl.kl_coef and "kl" in update_metrics:
+                kl_controller.update(update_metrics["kl"], len(batch.samples))
+            state.step += 1
+            state.elapsed_s += time.perf_counter() - started
+            metrics = step_metrics(config, batch, adv_metrics, update_metrics, gap, times, kl_controller.value,
+                                   time.perf_counter() - started)
+            if _due(state.step, config.train.eval_every, config.train.steps) and eval_rows:
+                result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
+                metrics.update(result.eval_after)
+            if info.is_main and _due(state.step, config.train.samples_every, config.train.steps):
+                append_samples(run.samples, state.step, batch, train_rows, config.train.samples_per_log)
+            if state.step % config.train.log_every == 0 or state.step == config.train.steps:
+                result.history.append(logger.log(metrics, step=state.step))
+            progress.update(1, metrics)
+            if _due(state.step, config.train.save_every, config.train.steps):
+                state.sampler, state.kl_controller = sampler.state_dict(), kl_controller.state_dict()
+                save_rl_checkpoint(run, state, models, info, keep_last=config.train.keep_last)
+    if eval_rows and not result.eval_after and config.train.eval_every is None:
+        result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
+    if config.train.export:
+        result.final_dir = ckpt.export_hf(models.policy, tokenizer, run.final, info,
+                                          merge_lora=config.lora.merge_on_export,
+                                          rebuild=lambda: build_policy(config, info, unsharded=True))
+    result.steps = state.step
+    finish(config, info, state, result)
+    shutdown_distributed()
+    return result
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _load_tokenizer(config: RLConfig):
+    from posttrain.models import load_tokenizer
+
+    return load_tokenizer(config.model.name, config.model.chat_template)
+
+
+def load_prompts(config: RLConfig, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow]]:
+    data = config.data
+    train, dropped = load_prompt_rows(data.train, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
+                                      limit=data.limit)
+    if dropped:
+        print(f"rl: dropped {dropped} training prompts longer than {data.max_prompt_length} tokens", file=sys.stderr)
+    held_out: list[PromptRow] = []
+    if data.eval:
+        held_out, _ = load_prompt_rows(data.eval, tokenizer, system=data.system,
+                                       max_prompt_length=data.max_prompt_length, limit=data.eval_limit)
+    return train, held_out
+
+
+def build_reward_fn(config: RLConfig):
+    from posttrain.rewards import build_reward
+
+    return build_reward(config.reward, "reward")
+
+
+def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
+    """The policy: fp32 master weights, optional LoRA, packed attention, optional FSDP2."""
+    from posttrain.models import load_model
+
+    model = load_model(config.model.name, dtype=torch.float32)
+    if config.lora.enabled:
+        lora = config.lora
+        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if unsharded:
+        return model
+    model.to(info.device)
+    prepare_for_training(model, attn_implementation=choose_attention(True, config.model.attn_implementation),
+                         gradient_checkpointing=config.model.gradient_checkpointing)
+    return shard_model(model, info)
+
+
+def build_reference(config: RLConfig, policy: torch.nn.Module, info: DistInfo):
+    """A factory of context managers yielding the frozen reference; None when kl_coef == 0."""
+    if config.rl.kl_coef == 0:
+        return None
+    if config.lora.enabled:
+        @contextlib.contextmanager
+        def adapter_disabled():
+            with policy.disable_adapter():
+                yield policy
+
+        return adapter_disabled
+    if info.distributed:
+        reference = shard_model(_frozen(build_policy(config, info, unsharded=True).to(info.device), config), info)
+    else:
+        reference = _frozen(copy.deepcopy(policy), config)
+
+    @contextlib.contextmanager
+    def frozen_copy():
+        yield reference
+
+    return frozen_copy
+
+
+def _frozen(model: torch.nn.Module, config: RLConfig) -> torch.nn.Module:
+    prepare_for_training(model, attn_implementation=choose_attention(True, config.model.attn_implementation),
+                         gradient_checkpointing=False)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def build_critic(config: RLConfig, info: DistInfo) -> torch.nn.Module:
+    """The PPO critic: a scalar-head model (``posttrain.scalar_head``) on the policy's or its own backbone."""
+    from posttrain.scalar_head import load_scalar_head_model, train_top_layers_only
+
+    critic_config = config.rl.critic
+    critic = load_scalar_head_model(critic_config.model or config.model.name, seed=config.train.seed)
+    if critic_config.train_top_layers is not None:
+        train_top_layers_only(critic, critic_config.train_top_layers)
+    critic.to(info.device)
+    prepare_for_training(critic, attn_implementation=choose_attention(True, config.model.attn_implementation),
+                         gradient_checkpointing=config.model.gradient_checkpointing)
+    return shard_model(critic, info)
+
+
+def optimizer_steps_per_rl_step(config: RLConfig) -> int:
+    batch = config.rl.prompts_per_step * config.rollout.group_size
+    return config.rl.ppo_epochs * (batch // (config.rl.mini_batch_size or batch))
+
+
+def build_trainables(config: RLConfig, info: DistInfo) -> Trainables:
+    optim = config.optim
+    total = config.train.steps * optimizer_steps_per_rl_step(config)
+    warmup = resolve_warmup_steps(total, optim.warmup_ratio, optim.warmup_steps)
+    if warmup >= total and warmup > 0:
+        raise ConfigError(f"optim.warmup_steps ({warmup}) is not shorter than the run ({total} optimizer steps)")
+    policy = build_policy(config, info)
+    optimizer = build_optimizer(policy, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps)
+    scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, schedule=optim.schedule,
+                                min_lr_ratio=optim.min_lr_ratio)
+    models = Trainables(policy, optimizer, scheduler, reference=build_reference(config, policy, info))
+    if config.rl.algorithm == "ppo":
+        models.critic = build_critic(config, info)
+        models.critic_optimizer = build_optimizer(models.critic, lr=config.rl.critic.lr, weight_decay=optim.weight_decay,
+                                                  betas=optim.betas, eps=optim.eps)
+        models.critic_scheduler = build_scheduler(models.critic_optimizer, total_steps=total, warmup_steps=warmup,
+                                                  schedule="constant", min_lr_ratio=1.0)
+    return models
+
+
+def build_engine(config: RLConfig, policy: torch.nn.Module, tokenizer: Any):
+    """The rollout engine named by ``rollout.engine``."""
+    if config.rollout.engine == "vllm":
+        from posttrain.rollout.vllm import VLLMEngine
+
+        return VLLMEngine.from_policy(policy, tokenizer, config.model.name, seed=config.train.seed,
+                                      max_model_len=config.data.max_prompt_length + config.rollout.max_new_tokens,
+                                      gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
+                                      kv_cache_gb=config.rollout.vllm_kv_cache_gb,
+                                      enforce_eager=config.rollout.vllm_enforce_eager)
+    from posttrain.rollout.hf import HFEngine
+
+    return HFEngine(policy, tokenizer, batch_size=config.rollout.batch_size)
+
+
+# ----------------------------------------------------------------------------- one step
+
+
+def engine_logprobs_wanted(config: RLConfig) -> bool:
+    """Engine log-probs are compared at temperature 1 only (the engines report raw log-probs)."""
+    wanted = config.rollout.engine_logprobs
+    if wanted is None:
+        wanted = config.rollout.engine == "vllm"
+    return bool(wanted) and config.rollout.temperature == 1.0
+
+
+def rollout_arguments(config: RLConfig, step: int) -> dict[str, Any]:
+    rollout, rl = config.rollout, config.rl
+    params = SamplingParams(n=rollout.group_size, temperature=rollout.temperature, top_p=rollout.top_p,
+                            top_k=rollout.top_k, max_new_tokens=rollout.max_new_tokens, stop=tuple(rollout.stop),
+                            seed=config.train.seed * 1_000_003 + step, return_logprobs=engine_logprobs_wanted(config))
+    return dict(prompts=rl.prompts_per_step, params=params, dynamic_sampling=rl.dynamic_sampling,
+                max_refill_rounds=rl.max_refill_rounds, overlong=rl.overlong, overlong_buffer=rl.overlong_buffer,
+                overlong_penalty=rl.overlong_penalty)
+
+
+def needs_old_logprobs(config: RLConfig) -> bool:
+    """Old log-probs differ from the first update's only if samples are reused or the KL is a reward."""
+    rl = config.rl
+    batch = rl.prompts_per_step * config.rollout.group_size
+    reused = rl.ppo_epochs > 1 or (rl.mini_batch_size is not None and rl.mini_batch_size < batch)
+    return reused or (rl.kl_coef > 0 and rl.kl_in == "reward")
+
+
+def rollout_pass_arguments(config: RLConfig, models: Trainables, info: DistInfo, pad_id: int) -> dict[str, Any]:
+    return dict(policy=models.policy if needs_old_logprobs(config) else None, reference=models.reference,
+                critic=models.critic, temperature=config.rollout.temperature,
+                chunk_size=config.train.logits_chunk_size, micro_batch_tokens=config.rl.micro_batch_tokens,
+                pad_token_id=pad_id, precision=config.train.precision, device=info.device)
+
+
+def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int, kl_coef: float, info: DistInfo,
+           pad_id: int) -> dict[str, float]:
+    """Critic (ppo) then policy updates over ``ppo_epochs`` passes of mini-batches."""
+    rl = config.rl
+    count = (rl.prompts_per_step * config.rollout.group_size) // (rl.mini_batch_size or
+                                                                   rl.prompts_per_step * config.rollout.group_size)
+    batches = mini_batches(batch.groups, count, seed=config.train.seed * 7919 + step)
+    if not batches:
+        return {}
+    common = dict(ppo_epochs=rl.ppo_epochs, seed=config.train.seed + step, micro_batch_tokens=rl.micro_batch_tokens,
+                  pad_token_id=pad_id, precision=config.train.precision, device=info.device,
+                  max_grad_norm=config.optim.max_grad_norm, world_size=info.world_size)
+    metrics: dict[str, float] = {}
+    if models.critic is not None:
+        critic_metrics = update_model(
+            models.critic, models.critic_optimizer, models.critic_scheduler, batches,
+            lambda m, item, **kw: critic_micro_loss(m, item, value_clip=rl.critic.value_clip,
+                                                    loss_agg_mode=rl.loss_agg_mode, **kw), **common)
+        metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
+        if step < rl.critic.warmup_steps:
+            return metrics
+    settings = LossSettings(
+        clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip_c=rl.dual_clip_c, loss_agg_mode=rl.loss_agg_mode,
+        kl_coef=kl_coef if rl.kl_in == "loss" else 0.0, kl_estimator=rl.kl_estimator, kl_in_loss=rl.kl_in == "loss",
+        entropy_coef=rl.entropy_coef, temperature=config.rollout.temperature,
+        chunk_size=config.train.logits_chunk_size,
+        sum_normaliser=float(max(1, len(batches[0])) * config.rollout.max_new_tokens))
+    policy_metrics = update_model(
+        models.policy, models.optimizer, models.scheduler, batches,
+        lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw), **common)
+    metrics.update(policy_metrics)
+    return metrics
+
+
+def step_metrics(config: RLConfig, batch: RolloutBatch, adv_metrics: dict[str, float],
+                 update_metrics: dict[str, float], gap: dict[str, float], times: dict[str, float], kl_coef: float,
+                 seconds: float) -> dict[str, Any]:
+    """The per-step metric line (DESIGN.md RL metric names plus advantage/ratio/gap stats)."""
+    samples = batch.samples
+    rewards = [s.reward for s in samples]
+    mean = sum(rewards) / len(rewards)
+    std = (sum((r - mean) ** 2 for r in rewards) / max(1, len(rewards) - 1)) ** 0.5
+    lengths = [len(s.response_ids) for s in samples]
+    tokens = sum(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    metrics: dict[str, Any] = {"reward/mean": mean, "reward/std": std}
+    for name in sorted({k for s in samples for k in s.components}):
+        values = [s.components.get(name, 0.0) for s in samples]
+        metrics[f"reward/{name}"] = sum(values) / len(values)
+    raw = [s.raw_reward for s in samples]
+    if is_binary(raw):
+        metrics["acc"] = sum(raw) / len(raw)
+    metrics.update(adv_metrics)
+    metrics.update({k: v for k, v in update_metrics.items()})
+    metrics.update(gap)
+    metrics.update({
+        "kl_coef": kl_coef,
+        "response_len/mean": sum(lengths) / len(lengths),
+        "response_len/max": max(lengths),
+        "response_len/clipped_frac": sum(s.clipped for s in samples) / len(samples),
+        "zero_variance_group_frac": zero_variance_group_fraction(batch.rewards_PG()),
+        "groups/generated": batch.generated_groups,
+        "groups/dropped": batch.dropped_groups,
+        "trained_sequences": sum(s.trained for s in samples),
+        "tokens_per_step": sum(lengths),
+        "tokens_per_sec": tokens / max(seconds, 1e-9),
+        "step_time_s": seconds,
+        **times,
+    })
+    return metrics
+
+
+# ----------------------------------------------------------------------------- eval, checkpoints
+
+
+def run_eval(engine: Any, rows: Sequence[PromptRow], reward_fn: Any, config: RLConfig, run: RunDir, *, step: int,
+             info: DistInfo) -> dict[str, float]:
+    """Score the held-out prompts; writes ``eval/step_<N>.json`` (metrics + every completion)."""
+    metrics, records = evaluate_prompts(engine, rows, reward_fn, temperature=config.rollout.eval_temperature,
+                                        max_new_tokens=config.rollout.max_new_tokens, stop=config.rollout.stop,
+                                        seed=config.train.seed)
+    if info.is_main:
+        run.eval.mkdir(parents=True, exist_ok=True)
+        (run.eval / f"step_{step}.json").write_text(json.dumps({"step": step, "metrics": metrics, "samples": records},
+                                                               indent=1))
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("eval/acc", "eval/reward",
+                                                                               "eval/response_len"))
+        print(f"rl: held-out eval at step {step}: {shown}", file=sys.stderr)
+    return metrics
+
+
+def save_rl_checkpoint(run: RunDir, state: RLState, models: Trainables, info: DistInfo, *, keep_last: int) -> None:
+    """``checkpoints/step_<N>/``: policy (+ critic) weights, optimizers, schedulers, RNG, and
+    the trainer state (step, prompt sampler position, KL controller). Atomic; keeps the last K."""
+    policy_state, policy_optim = ckpt.gather_training_state(models.policy, models.optimizer, info)
+    critic_state = critic_optim = None
+    if models.critic is not None:
+        critic_state, critic_optim = ckpt.gather_training_state(models.critic, models.critic_optimizer, info)
+    rng_states = all_gather_objects(ckpt.rng_state(), info)
+    if not info.is_main:
+        return
+
+    def fill(tmp: Path) -> None:
+        torch.save(policy_state, tmp / "model.pt")
+        torch.save(policy_optim, tmp / "optimizer.pt")
+        torch.save(models.scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_states, tmp / "rng.pt")
+        if critic_state is not None:
+            torch.save(critic_state, tmp / "critic_model.pt")
+            torch.save(critic_optim, tmp / "critic_optimizer.pt")
+            torch.save(models.critic_scheduler.state_dict(), tmp / "critic_scheduler.pt")
+        trainer_state = {"step": state.step, "sampler": state.sampler, "kl_controller": state.kl_controller,
+                         "elapsed_s": state.elapsed_s, "world_size": info.world_size}
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+
+    ckpt.atomic_directory_write(run.checkpoints / f"step_{state.step}", fill)
+    ckpt.prune_checkpoints(run.checkpoints, keep_last)
+
+
+def load_rl_checkpoint(path: Path, models: Trainables, sampler: PromptSampler, kl_controller: Any,
+                       info: DistInfo) -> RLState:
+    """Restore everything ``save_rl_checkpoint`` wrote; returns the trainer state."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    saved = ckpt.load_checkpoint(path, models.policy, models.optimizer, models.scheduler, info)
+    if models.critic is not None:
+        if not (Path(path) / "critic_model.pt").is_file():
+            raise ConfigError(f"train.resume: {path} has no critic (it was not a ppo run)")
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed,
+                                   ignore_frozen_params=True)
+        read = info.is_main or not info.distributed
+        critic_state = torch.load(Path(path) / "critic_model.pt", weights_only=False) if read else {}
+        critic_optim = torch.load(Path(path) / "critic_optimizer.pt", weights_only=False) if read else {}
+        set_state_dict(models.critic, models.critic_optimizer, model_state_dict=critic_state,
+                       optim_state_dict=critic_optim, options=options)
+        models.critic_scheduler.load_state_dict(torch.load(Path(path) / "critic_scheduler.pt", weights_only=False))
+    sampler.load_state_dict(saved["sampler"])
+    if saved.get("kl_controller"):
+        kl_controller.load_state_dict(saved["kl_controller"])
+    return RLState(step=saved["step"], sampler=saved["sampler"], kl_controller=saved.get("kl_controller", {}),
+                   elapsed_s=saved.get("elapsed_s", 0.0))
+
+
+def _due(step: int, every: int | None, total_steps: int) -> bool:
+    """Every ``every`` steps and at the last step."""
+    if every is None:
+        return False
+    return step % every == 0 or step == total_steps
+
+
+def announce(config: RLConfig, info: DistInfo, models: Trainables, train_rows: Sequence[PromptRow],
+             eval_rows: Sequence[PromptRow], resume_path: Path | None) -> None:
+    if not info.is_main:
+        return
+    total, trainable = count_parameters(models.policy)
+    rl, rollout = config.rl, config.rollout
+    reference = "none" if models.reference is None else ("adapter-disabled base" if config.lora.enabled else "frozen copy")
+    print(f"rl: {rl.algorithm}, {len(train_rows)} train / {len(eval_rows)} held-out prompts; {config.train.steps} steps "
+          f"x {rl.prompts_per_step} prompts x {rollout.group_size} completions (<= {rollout.max_new_tokens} tokens, "
+          f"{rollout.engine}); model {config.model.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained); "
+          f"reference: {reference}" + (f"; critic: {config.rl.critic.model or config.model.name}" if models.critic else "")
+          + (f"; resuming from {resume_path}" if resume_path else ""), file=sys.stderr)
+
+
+def finish(config: RLConfig, info: DistInfo, state: RLState, result: RLResult) -> None:
+    if not info.is_main:
+        return
+    before, after = result.eval_before.get("eval/acc"), result.eval_after.get("eval/acc")
+    change = f"; held-out acc {before:.3f} -> {after:.3f}" if before is not None and after is not None else ""
+    print(f"rl: {state.step} steps in {state.elapsed_s:.0f}s{change}; final model in {result.final_dir}", file=sys.stderr)

@@ -1,0 +1,339 @@
+"""Rollouts for ``posttrain rl``: prompts, the seeded prompt sampler, sampling groups of
+completions, scoring them, DAPO's dynamic sampling and overlong shaping, and held-out
+evaluation.
+
+Token in, token out (DESIGN.md contract 4): a prompt is rendered ONCE
+(``data.render.render_prompt``) into ids; the engine returns the exact ids it sampled
+(``rollout.base.Completion``); a ``RolloutSample`` keeps both and the trainer builds its
+batches from ``prompt_ids + response_ids``. Text is decoded only for the reward and the logs.
+
+DAPO (Yu et al. 2025): dynamic sampling (§3.2: groups whose rewards are all equal carry no
+group-relative signal; drop them and sample more prompts, here at most
+``max_refill_rounds`` extra rounds, after which the batch is completed with dropped groups,
+which then add nothing to the policy gradient); overlong filtering (§3.3: truncated
+completions get no loss) and soft overlong punishment (eq. 13: a linear penalty over the last
+``buffer`` tokens before the cap).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from posttrain.errors import DataError
+from posttrain.rollout.base import Completion, SamplingParams
+
+PROMPT_KEYS = ("messages", "prompt")
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+@dataclass
+class PromptRow:
+    """One RL prompt: its rendered ids, its text for the reward, and the row's metadata."""
+
+    prompt_ids: list[int]
+    text: str
+    metadata: dict[str, Any]
+    line: int
+
+
+def prompt_text(messages: Any) -> str:
+    """The text a reward sees as the prompt: the last user message (or the string itself)."""
+    if isinstance(messages, str):
+        return messages
+    for message in reversed(messages):
+        if message.get("role") in ("user", "human") or message.get("from") in ("user", "human"):
+            return str(message.get("content", message.get("value", "")))
+    return str(messages[-1].get("content", ""))
+
+
+def load_prompt_rows(path: str, tokenizer: Any, *, system: str | None, max_prompt_length: int,
+                     limit: int | None = None) -> tuple[list[PromptRow], int]:
+    """Read and render a prompt file; returns (rows, number dropped as too long).
+
+    A row holds its prompt under ``messages`` (chat messages) or ``prompt`` (a string or
+    messages); every other key is metadata for the reward (``answer``, ``tests``, ...).
+    """
+    from posttrain.data.formats import read_rows
+    from posttrain.data.render import render_prompt
+
+    rows: list[PromptRow] = []
+    dropped = 0
+    for line, row in read_rows(path, limit=limit):
+        key = next((k for k in PROMPT_KEYS if k in row), None)
+        if key is None:
+            raise DataError(f"{path}:{line}: an RL prompt row needs a 'messages' or 'prompt' key (keys: {', '.join(row)})")
+        messages = row[key]
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if system and not any(m.get("role") == "system" for m in messages if isinstance(m, dict)):
+            messages = [{"role": "system", "content": system}] + list(messages)
+        ids = render_prompt(messages, tokenizer, tools=row.get("tools"), where=f"{path}:{line}")
+        if len(ids) > max_prompt_length:
+            dropped += 1
+            continue
+        metadata = {k: v for k, v in row.items() if k != key}
+        rows.append(PromptRow(ids, prompt_text(messages), metadata, line))
+    if not rows:
+        raise DataError(f"{path}: no usable prompts (dropped {dropped} longer than data.max_prompt_length)")
+    return rows, dropped
+
+
+class PromptSampler:
+    """Seeded prompt order, epoch after epoch; its position is part of a checkpoint.
+
+    >>> sampler = PromptSampler(3, seed=0)
+    >>> first = sampler.take(2) + sampler.take(2)   # crosses into the second epoch
+    >>> state = sampler.state_dict(); after = sampler.take(3)
+    >>> again = PromptSampler(3, seed=0); again.load_state_dict(state); again.take(3) == after
+    True
+    """
+
+    def __init__(self, size: int, seed: int):
+        if size < 1:
+            raise ValueError("PromptSampler needs at least one prompt")
+        self.size, self.seed = size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> list[int]:
+        order = list(range(self.size))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[int]:
+        taken = []
+        while len(taken) < count:
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+            taken.append(self._order[self.position])
+            self.position += 1
+        return taken
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "size": self.size, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state["size"] != self.size:
+            raise DataError(f"train.resume: the checkpoint saw {state['size']} prompts, this run has {self.size}")
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self._order = self._permutation(self.epoch)
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+@dataclass
+class RolloutSample:
+    """One sampled completion and everything the update computes for it.
+
+    ``input_ids``/``loss_mask`` (the trainer's view) are ``prompt_ids + response_ids`` with
+    the response tokens marked, so ``data.batching.collate`` packs it like an SFT sample.
+    Per-token tensors (``old_logp``, ``ref_logp``, ``values``, ``advantages``, ``returns``)
+    are [R] float32, one entry per response token.
+    """
+
+    row: int
+    group: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    text: str
+    finish_reason: str
+    engine_logp: list[float] | None = None
+    reward: float = 0.0
+    raw_reward: float = 0.0
+    components: dict[str, float] = field(default_factory=dict)
+    trained: bool = True
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.response_ids
+
+    @property
+    def loss_mask(self) -> list[int]:
+        return [0] * len(self.prompt_ids) + [1] * len(self.response_ids)
+
+    @property
+    def clipped(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class RolloutBatch:
+    """The groups of one RL step (``group_size`` samples each, in prompt order)."""
+
+    groups: list[list[RolloutSample]]
+    generated_groups: int = 0
+    dropped_groups: int = 0
+    refill_rounds: int = 0
+    seconds_generate: float = 0.0
+    seconds_score: float = 0.0
+    kept_zero_variance: int = 0
+
+    @property
+    def samples(self) -> list[RolloutSample]:
+        return [s for group in self.groups for s in group]
+
+    def rewards_PG(self) -> torch.Tensor:
+        return torch.tensor([[s.reward for s in group] for group in self.groups], dtype=torch.float32)
+
+
+RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[dict]], Any]
+
+
+def generate_groups(engine: Any, rows: Sequence[PromptRow], row_indices: Sequence[int],
+                    params: SamplingParams, first_group: int) -> list[list[RolloutSample]]:
+    """Sample ``params.n`` completions for each prompt; one group per prompt, in order."""
+    completions: list[Completion] = engine.generate([rows[i].prompt_ids for i in row_indices], params)
+    groups: list[list[RolloutSample]] = [[] for _ in row_indices]
+    for completion in completions:
+        position = completion.prompt_index
+        row = rows[row_indices[position]]
+        groups[position].append(RolloutSample(
+            row=row_indices[position], group=first_group + position, prompt_ids=list(row.prompt_ids),
+            response_ids=list(completion.token_ids), text=completion.text,
+            finish_reason=completion.finish_reason, engine_logp=completion.logprobs,
+        ))
+    return groups
+
+
+def score_groups(groups: Sequence[Sequence[RolloutSample]], rows: Sequence[PromptRow], reward_fn: RewardFn, *,
+                 overlong: str, max_new_tokens: int, overlong_buffer: int, overlong_penalty: float) -> None:
+    """Call the reward once for all samples; apply overlong filtering or penalty (in place)."""
+    samples = [s for group in groups for s in group]
+    if not samples:
+        return
+    out = reward_fn([rows[s.row].text for s in samples], [s.text for s in samples],
+                    [rows[s.row].metadata for s in samples])
+    for index, sample in enumerate(samples):
+        sample.raw_reward = float(out.scores[index])
+        sample.components = {name: float(values[index]) for name, values in out.components.items()}
+        sample.reward = sample.raw_reward
+        if overlong == "filter" and sample.clipped:
+            sample.trained = False
+        elif overlong == "penalty":
+            penalty = overlong_length_penalty(len(sample.response_ids), max_new_tokens, overlong_buffer, overlong_penalty)
+            sample.reward -= penalty
+            if penalty:
+                sample.components["overlong_penalty"] = -penalty
+
+
+def overlong_length_penalty(length: int, max_new_tokens: int, buffer: int, penalty: float) -> float:
+    """DAPO soft overlong punishment (eq. 13), as a positive amount to subtract.
+
+    0 up to ``max_new_tokens - buffer`` tokens, then rising linearly to ``penalty`` at
+    ``max_new_tokens``.
+
+    >>> overlong_length_penalty(90, 100, 20, 1.0), overlong_length_penalty(80, 100, 20, 1.0)
+    (0.5, 0.0)
+    """
+    start = max_new_tokens - buffer
+    if length <= start:
+        return 0.0
+    return min(penalty, penalty * (length - start) / buffer)
+
+
+def has_signal(group: Sequence[RolloutSample]) -> bool:
+    """False when every reward of the group is equal (no group-relative advantage)."""
+    return any(s.reward != group[0].reward for s in group)
+
+
+def collect_rollouts(engine: Any, rows: Sequence[PromptRow], sampler: PromptSampler, reward_fn: RewardFn, *,
+                     prompts: int, params: SamplingParams, dynamic_sampling: bool, max_refill_rounds: int,
+                     overlong: str, overlong_buffer: int, overlong_penalty: float) -> RolloutBatch:
+    """Sample ``prompts`` groups (generate + score), with DAPO dynamic sampling if asked."""
+    batch = RolloutBatch(groups=[])
+    dropped: list[list[RolloutSample]] = []
+    rounds = 0
+    while True:
+        needed = prompts - len(batch.groups)
+        indices = sampler.take(needed)
+        started = time.perf_counter()
+        round_params = params if params.seed is None else _reseed(params, params.seed + 7919 * rounds)
+        groups = generate_groups(engine, rows, indices, round_params, first_group=batch.generated_groups)
+        batch.seconds_generate += time.perf_counter() - started
+        started = time.perf_counter()
+        score_groups(groups, rows, reward_fn, overlong=overlong, max_new_tokens=params.max_new_tokens,
+                     overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty)
+        batch.seconds_score += time.perf_counter() - started
+        batch.generated_groups += len(groups)
+        for group in groups:
+            if dynamic_sampling and not has_signal(group):
+                dropped.append(group)
+            else:
+                batch.groups.append(group)
+        if not dynamic_sampling or len(batch.groups) >= prompts or rounds >= max_refill_rounds:
+            break
+        rounds += 1
+    batch.refill_rounds = rounds
+    batch.dropped_groups = len(dropped)
+    missing = prompts - len(batch.groups)
+    if missing > 0:  # bounded: complete the batch with signal-free groups (zero advantage)
+        batch.groups.extend(dropped[:missing])
+        batch.kept_zero_variance = min(missing, len(dropped))
+    return batch
+
+
+def _reseed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def is_binary(scores: Sequence[float]) -> bool:
+    return bool(scores) and all(s in (0.0, 1.0) for s in scores)
+
+
+def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn, *, temperature: float,
+                     max_new_tokens: int, stop: Sequence[str], seed: int) -> tuple[dict[str, float], list[dict]]:
+    """One completion per held-out prompt (greedy at temperature 0), scored by the reward.
+
+    Returns ``(metrics, records)``: ``eval/reward``, ``eval/acc`` (when rewards are 0/1),
+    ``eval/response_len``, ``eval/clipped_frac``, ``eval/count``; records hold prompt,
+    completion and reward per row.
+    """
+    params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed)
+    completions = engine.generate([row.prompt_ids for row in rows], params)
+    out = reward_fn([row.text for row in rows], [c.text for c in completions], [row.metadata for row in rows])
+    scores = [float(s) for s in out.scores]
+    lengths = [len(c.token_ids) for c in completions]
+    metrics = {
+        "eval/reward": sum(scores) / len(scores),
+        "eval/response_len": sum(lengths) / len(lengths),
+        "eval/clipped_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
+        "eval/count": len(rows),
+    }
+    if is_binary(scores):
+        metrics["eval/acc"] = metrics["eval/reward"]
+    records = [{"prompt": row.text, "completion": c.text, "reward": s, **{k: v for k, v in row.metadata.items()
+                                                                            if isinstance(v, (str, int, float))}}
+               for row, c, s in zip(rows, completions, scores)]
+    return metrics, records
+
+
+def append_samples(path: Path, step: int, batch: RolloutBatch, rows: Sequence[PromptRow], limit: int) -> None:
+    """Append up to ``limit`` samples of this step (whole groups first) to samples.jsonl."""
+    with open(path, "a", encoding="utf-8") as handle:
+        for sample in batch.samples[:limit]:
+            handle.write(json.dumps({
+                "step": step, "group": sample.group, "prompt": rows[sample.row].text, "completion": sample.text,
+                "reward": sample.reward, "components": sample.components, "finish_reason": sample.finish_reason,
+                "response_ids": sample.response_ids,
+            }) + "\n")

@@ -1,0 +1,377 @@
+"""The tensor side of an RL step: log-probs and values of the sampled tokens, advantages,
+and the PPO-style policy and critic updates. The math lives in ``posttrain.algorithms``
+(advantages, policy, kl, aggregate, sft); this module only lays the samples out and calls it.
+
+Layout: samples are packed padding-free (``data.batching.collate_packed``) into micro-batches
+within ``rl.micro_batch_tokens``; the model runs to its final hidden states
+(``train.loop.forward_hidden``) and log-probs / entropies are computed only at the positions
+that predict response tokens, chunk by chunk (``algorithms.sft``). In every micro-batch the
+gathered response tokens come out in sample order, so each sample's per-token tensors
+(``old_logp``, ``advantages``...) are simply concatenated to line up with them.
+
+Log-probs are computed at the sampling temperature (logits / T), the distribution the
+tokens were drawn from. A step's normalisers (trained tokens, sequences) span its whole
+mini-batch (``algorithms.aggregate``), so how it is split into micro-batches never changes
+the loss or the gradient.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from posttrain.algorithms.advantages import (
+    broadcast_to_tokens,
+    gae_advantages,
+    grpo_advantages,
+    normalize_advantages,
+    reinforce_plus_plus_advantages,
+    rloo_advantages,
+    token_level_rewards,
+)
+from posttrain.algorithms.aggregate import aggregate_token_losses
+from posttrain.algorithms.kl import kl_estimate
+from posttrain.algorithms.policy import entropy_bonus, ppo_policy_loss, value_loss
+from posttrain.algorithms.sft import (
+    chunked_token_logprobs_and_entropy,
+    gather_trained_positions,
+    next_token_targets,
+    sequence_index_from_position_ids,
+)
+from posttrain.data.batching import MicroBatch, collate_packed, split_into_micro_batches
+from posttrain.train.loop import autocast_context, forward_hidden, optimizer_step
+from posttrain.train.rl_rollouts import RolloutSample
+
+# ----------------------------------------------------------------------------- layout
+
+
+def pack_micro_batches(samples: Sequence[RolloutSample], micro_batch_tokens: int,
+                       pad_token_id: int) -> list[tuple[list[RolloutSample], MicroBatch]]:
+    """Split samples into packed micro-batches within the token budget (order inside each
+    micro-batch = the order of its sample list)."""
+    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+    bins = split_into_micro_batches(list(range(len(samples))), lengths, micro_batch_tokens, packing=True)
+    out = []
+    for indices in bins:
+        chosen = [samples[i] for i in indices]
+        out.append((chosen, collate_packed(chosen, pad_token_id)))
+    return out
+
+
+@dataclass
+class ResponseTokens:
+    """Per response token of one micro-batch, N = its response tokens (sample order).
+
+    logp, entropy: [N] float32 (carry grad when computed with grad); sequence_index: [N].
+    values: [N] critic values at the predicting positions (when a critic ran).
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None
+    sequence_index: torch.Tensor
+
+
+def response_token_logprobs(model: torch.nn.Module, batch: MicroBatch, *, temperature: float, chunk_size: int,
+                            with_entropy: bool) -> ResponseTokens:
+    """log pi(response token) (and entropy) for every response token of a packed micro-batch."""
+    hidden_BTH, lm_head_weight = forward_hidden(model, batch)
+    sequence_index = sequence_index_from_position_ids(batch.position_ids)
+    targets = next_token_targets(batch.input_ids, batch.loss_mask, None, sequence_index)
+    positions = gather_trained_positions(hidden_BTH, targets, sequence_index)
+    logp, entropy = chunked_token_logprobs_and_entropy(
+        positions.hidden, lm_head_weight, positions.targets, chunk_size, temperature=temperature,
+        with_entropy=with_entropy)
+    return ResponseTokens(logp, entropy, positions.sequence_index)
+
+
+def response_token_values(critic: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
+    """The critic's value at each position that predicts a response token: [N] (sample order)."""
+    from posttrain.scalar_head import token_values
+
+    values_BT = token_values(critic, batch)
+    sequence_index = sequence_index_from_position_ids(batch.position_ids)
+    targets = next_token_targets(batch.input_ids, batch.loss_mask, None, sequence_index)
+    keep = targets.target_mask.reshape(-1) != 0
+    return values_BT.reshape(-1)[keep]
+
+
+def split_per_sample(values_N: torch.Tensor, samples: Sequence[RolloutSample]) -> list[torch.Tensor]:
+    return list(torch.split(values_N.detach().float().cpu(), [len(s.response_ids) for s in samples]))
+
+
+def concat_field(samples: Sequence[RolloutSample], name: str, device: torch.device) -> torch.Tensor:
+    return torch.cat([getattr(s, name) for s in samples]).to(device)
+
+
+# ----------------------------------------------------------------------------- rollout-time passes
+
+
+@torch.no_grad()
+def compute_rollout_tensors(samples: Sequence[RolloutSample], *, policy: torch.nn.Module | None,
+                            reference: Callable[[], Any] | None, critic: torch.nn.Module | None,
+                            temperature: float, chunk_size: int, micro_batch_tokens: int, pad_token_id: int,
+                            precision: str, device: torch.device) -> dict[str, float]:
+    """Fill ``old_logp`` (policy given), ``ref_logp`` (reference given) and ``values``
+    (critic given) of every sample, without gradients.
+
+    ``reference`` is a context-manager factory returning the reference module (LoRA: the
+    policy with its adapter disabled; otherwise a frozen copy). Returns the engine-vs-trainer
+    log-prob gap metrics when the engine reported log-probs.
+    """
+    gaps: list[torch.Tensor] = []
+    for chunk, batch in pack_micro_batches(samples, micro_batch_tokens, pad_token_id):
+        batch = batch.to(device)
+        with autocast_context(precision, device):
+            if policy is not None:
+                was_training = policy.training
+                policy.eval()
+                logp = response_token_logprobs(policy, batch, temperature=temperature, chunk_size=chunk_size,
+                                               with_entropy=False).logp
+                policy.train(was_training)
+                for sample, values in zip(chunk, split_per_sample(logp, chunk)):
+                    sample.old_logp = values
+                    if sample.engine_logp is not None:
+                        gaps.append(torch.tensor(sample.engine_logp, dtype=torch.float32) - values)
+            if reference is not None:
+                with reference() as ref_model:
+                    ref_logp = response_token_logprobs(ref_model, batch, temperature=temperature,
+                                                       chunk_size=chunk_size, with_entropy=False).logp
+                for sample, values in zip(chunk, split_per_sample(ref_logp, chunk)):
+                    sample.ref_logp = values
+            if critic is not None:
+                values_N = response_token_values(critic, batch)
+                for sample, values in zip(chunk, split_per_sample(values_N, chunk)):
+                    sample.values = values
+    return logprob_gap_metrics(gaps)
+
+
+def logprob_gap_metrics(gaps: Sequence[torch.Tensor]) -> dict[str, float]:
+    """Engine log-prob minus trainer log-prob of the same sampled tokens."""
+    if not gaps:
+        return {}
+    gap = torch.cat(list(gaps))
+    return {"logprob_gap/mean_abs": gap.abs().mean().item(), "logprob_gap/max_abs": gap.abs().max().item(),
+            "logprob_gap/mean": gap.mean().item()}
+
+
+# ----------------------------------------------------------------------------- advantages
+
+
+def sequence_kl(sample: RolloutSample, estimator: str) -> torch.Tensor:
+    """Per-token KL estimate to the reference at rollout time: [R]."""
+    return kl_estimate(sample.old_logp, sample.ref_logp, estimator)
+
+
+def pad_token_tensors(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad [R_i] tensors into ([B, R], mask [B, R])."""
+    width = max(t.numel() for t in tensors)
+    out = torch.zeros(len(tensors), width)
+    mask = torch.zeros(len(tensors), width)
+    for row, t in enumerate(tensors):
+        out[row, : t.numel()] = t
+        mask[row, : t.numel()] = 1
+    return out, mask
+
+
+@torch.no_grad()
+def compute_advantages(groups: Sequence[Sequence[RolloutSample]], *, algorithm: str, kl_in_reward: bool,
+                       kl_coef: float, kl_estimator: str, gamma: float, lam: float,
+                       whiten: bool) -> dict[str, float]:
+    """Fill ``advantages`` (and ``returns`` for ppo) of every sample; returns their stats.
+
+    grpo / dr_grpo / rloo: one scalar per sample from its group, broadcast to its tokens;
+    with the KL in the reward, a sample's reward first loses beta * sum_t KL_t.
+    reinforce_pp / ppo: token-level rewards (outcome on the last token minus beta * KL_t),
+    then batch-normalised discounted returns (REINFORCE++) or GAE with the critic (PPO).
+    """
+    samples = [s for group in groups for s in group]
+    if algorithm in ("grpo", "dr_grpo", "rloo"):
+        rewards = torch.tensor([[s.reward for s in group] for group in groups], dtype=torch.float32)
+        if kl_in_reward and kl_coef:
+            rewards -= kl_coef * torch.tensor([[sequence_kl(s, kl_estimator).sum().item() for s in group]
+                                               for group in groups])
+        if algorithm == "rloo":
+            adv_PG = rloo_advantages(rewards)
+        else:
+            adv_PG = grpo_advantages(rewards, scale_by_std=algorithm == "grpo")
+        for sample, advantage in zip(samples, adv_PG.reshape(-1).tolist()):
+            sample.advantages = torch.full((len(sample.response_ids),), advantage)
+    else:
+        mask = pad_token_tensors([torch.ones(len(s.response_ids)) for s in samples])[1]
+        kl_BT = None
+        if kl_in_reward and kl_coef:
+            kl_BT = pad_token_tensors([sequence_kl(s, kl_estimator) for s in samples])[0]
+        token_rewards = token_level_rewards(torch.tensor([s.reward for s in samples]), mask, kl_BT=kl_BT,
+                                            kl_coef=kl_coef)
+        if algorithm == "reinforce_pp":
+            adv_BT = reinforce_plus_plus_advantages(token_rewards, mask, gamma=gamma)
+            returns_BT = None
+        else:
+            values_BT = pad_token_tensors([s.values for s in samples])[0]
+            adv_BT, returns_BT = gae_advantages(token_rewards, values_BT, mask, gamma=gamma, lam=lam)
+            if whiten:
+                adv_BT = normalize_advantages(adv_BT, mask)
+        for row, sample in enumerate(samples):
+            n = len(sample.response_ids)
+            sample.advantages = adv_BT[row, :n].clone()
+            if returns_BT is not None:
+                sample.returns = returns_BT[row, :n].clone()
+    flat = torch.cat([s.advantages for s in samples if s.trained] or [torch.zeros(1)])
+    return {"adv/mean": flat.mean().item(), "adv/std": flat.std().item() if flat.numel() > 1 else 0.0,
+            "adv/min": flat.min().item(), "adv/max": flat.max().item()}
+
+
+# ----------------------------------------------------------------------------- updates
+
+
+def mini_batches(groups: Sequence[Sequence[RolloutSample]], count: int, seed: int) -> list[list[RolloutSample]]:
+    """Shuffle whole groups (seeded), then deal the samples into ``count`` equal mini-batches.
+
+    With a mini-batch size that is a multiple of the group size, groups stay whole. Samples
+    excluded from the loss (overlong filtering) are left out; empty mini-batches are dropped.
+    """
+    order = list(range(len(groups)))
+    random.Random(seed).shuffle(order)
+    flat = [s for g in order for s in groups[g]]
+    per = -(-len(flat) // count)
+    chunks = [[s for s in flat[start: start + per] if s.trained] for start in range(0, len(flat), per)]
+    return [chunk for chunk in chunks if chunk]
+
+
+@dataclass
+class LossSettings:
+    """Scalars the policy loss needs (no config object enters the math)."""
+
+    clip_low: float
+    clip_high: float | None
+    dual_clip_c: float | None
+    loss_agg_mode: str
+    kl_coef: float
+    kl_estimator: str
+    kl_in_loss: bool
+    entropy_coef: float
+    temperature: float
+    chunk_size: int
+    sum_normaliser: float  # 'sum' mode: divide by this (Dr. GRPO: sequences x max_new_tokens)
+
+
+def policy_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], MicroBatch], *,
+                      settings: LossSettings, step_tokens: float, step_sequences: float,
+                      sink: list[dict[str, float]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the policy loss: PPO-clip + beta * KL + entropy bonus."""
+    samples, batch = item
+    device = batch.input_ids.device
+    tokens = response_token_logprobs(model, batch, temperature=settings.temperature, chunk_size=settings.chunk_size,
+                                     with_entropy=True)
+    logp = tokens.logp
+    mask = torch.ones_like(logp)
+    old_logp = concat_field(samples, "old_logp", device) if samples[0].old_logp is not None else logp.detach()
+    advantages = concat_field(samples, "advantages", device)
+    common = dict(loss_agg_mode=settings.loss_agg_mode, step_trained_tokens=step_tokens,
+                  step_sequences=step_sequences, sequence_index=tokens.sequence_index)
+    loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=settings.clip_low,
+                                    clip_high=settings.clip_high, dual_clip_c=settings.dual_clip_c, **common)
+    if settings.kl_coef and settings.kl_in_loss:
+        kl = kl_estimate(logp, concat_field(samples, "ref_logp", device), settings.kl_estimator)
+        kl_loss = aggregate_token_losses(kl, mask, tokens.sequence_index, settings.loss_agg_mode,
+                                         step_trained_tokens=step_tokens, step_sequences=step_sequences)
+        loss = loss + settings.kl_coef * kl_loss
+        metrics["kl"] = kl.detach().mean().item()
+    elif samples[0].ref_logp is not None:
+        metrics["kl"] = kl_estimate(logp.detach(), concat_field(samples, "ref_logp", device),
+                                    settings.kl_estimator).mean().item()
+    entropy = tokens.entropy
+    if settings.entropy_coef:
+        bonus, entropy_metrics = entropy_bonus(entropy, mask, settings.entropy_coef, **common)
+        loss = loss + bonus
+    else:
+        entropy_metrics = {"entropy": entropy.detach().mean().item()}
+    metrics.update(entropy_metrics)
+    if settings.loss_agg_mode == "sum":
+        loss = loss / settings.sum_normaliser
+    metrics["tokens"] = float(logp.numel())
+    if samples[0].engine_logp is not None and samples[0].old_logp is None:
+        gap = torch.tensor([v for s in samples for v in s.engine_logp], dtype=torch.float32) - logp.detach().cpu()
+        metrics["_gap"] = gap
+    sink.append(metrics)
+    return loss, {"trained_tokens": float(logp.numel())}
+
+
+def critic_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], MicroBatch], *, value_clip: float | None,
+                      loss_agg_mode: str, step_tokens: float, step_sequences: float,
+                      sink: list[dict[str, float]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """This micro-batch's share of the clipped value loss."""
+    samples, batch = item
+    device = batch.input_ids.device
+    values = response_token_values(model, batch)
+    sequence_index = torch.repeat_interleave(torch.arange(len(samples), device=device),
+                                             torch.tensor([len(s.response_ids) for s in samples], device=device))
+    loss, metrics = value_loss(values, concat_field(samples, "values", device), concat_field(samples, "returns", device),
+                               torch.ones_like(values), clip_range=value_clip,
+                               loss_agg_mode="token-mean" if loss_agg_mode == "sum" else loss_agg_mode,
+                               step_trained_tokens=step_tokens, step_sequences=step_sequences,
+                               sequence_index=sequence_index)
+    metrics["tokens"] = float(values.numel())
+    sink.append(metrics)
+    return loss, {"trained_tokens": float(values.numel())}
+
+
+def weighted_mean_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Token-weighted mean of each metric over micro-batches (min / max for ratio extremes)."""
+    out: dict[str, float] = {}
+    total = sum(r["tokens"] for r in records) or 1.0
+    keys = {k for r in records for k in r if k not in ("tokens", "_gap")}
+    for key in keys:
+        present = [r for r in records if key in r]
+        if key.endswith("/min"):
+            out[key] = min(r[key] for r in present)
+        elif key.endswith("/max"):
+            out[key] = max(r[key] for r in present)
+        else:
+            weight = sum(r["tokens"] for r in present) or total
+            out[key] = sum(r[key] * r["tokens"] for r in present) / weight
+    gaps = [r["_gap"] for r in records if "_gap" in r]
+    out.update(logprob_gap_metrics(gaps))
+    return out
+
+
+def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches: Sequence[list[RolloutSample]],
+                 loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]], *, ppo_epochs: int, seed: int,
+                 micro_batch_tokens: int, pad_token_id: int, precision: str, device: torch.device,
+                 max_grad_norm: float | None, world_size: int = 1) -> dict[str, float]:
+    """``ppo_epochs`` passes; one optimizer step per mini-batch; returns averaged metrics.
+
+    ``loss_fn(model, item, step_tokens=, step_sequences=, sink=)`` is ``policy_micro_loss``
+    or ``critic_micro_loss`` with its settings bound.
+    """
+    records: list[dict[str, Any]] = []
+    grad_norms, losses, lrs = [], [], []
+    for epoch in range(ppo_epochs):
+        for index, mini in enumerate(batches if epoch == 0 else _reshuffle(batches, seed + epoch)):
+            step_tokens = float(sum(len(s.response_ids) for s in mini))
+            step_sequences = float(len(mini))
+            items = [(chunk, batch.to(device)) for chunk, batch in
+                     pack_micro_batches(mini, micro_batch_tokens, pad_token_id)]
+            result = optimizer_step(
+                model, optimizer, scheduler, items,
+                lambda m, item: loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=records),
+                precision=precision, device=device, max_grad_norm=max_grad_norm, world_size=world_size)
+            grad_norms.append(result.grad_norm)
+            lrs.append(result.lr)
+            losses.append(result.loss)
+    metrics = weighted_mean_metrics(records)
+    metrics["loss"] = sum(losses) / len(losses)
+    metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
+    metrics["optimizer_steps"] = len(losses)
+    metrics["lr"] = lrs[0]
+    return metrics
+
+
+def _reshuffle(batches: Sequence[list[RolloutSample]], seed: int) -> list[list[RolloutSample]]:
+    """Later epochs see the same samples in a new (seeded) mini-batch order."""
+    order = list(range(len(batches)))
+    random.Random(seed).shuffle(order)
+    return [batches[i] for i in order]
