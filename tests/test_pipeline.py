@@ -237,3 +237,27 @@ def test_quickstart_passes_dry_run_with_its_shipped_data(capsys):
     assert main(["pipeline", str(REPO / "configs" / "quickstart.yaml"), "--dry-run"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
     assert "baseline" in out and "eval_rl" in out and "warning" not in out
+
+
+# ----------------------------------------------------------------------------- real stages, tiny model
+@pytest.mark.slow
+def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path: Path, data, tiny_model_dir, capsys):
+    """baseline eval -> SFT -> eval on the tiny random model: markers, SFT final/ evaluated, report written."""
+    overrides = [
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=tiny", f"model.name={tiny_model_dir}",
+        f"sft.data.train={data['sft']}", "sft.train.max_steps=2", "sft.train.global_batch_size=4",
+        "sft.train.save_every=1", "sft.run.tensorboard=false", "sft.run.progress=false",
+        f"eval.tasks=[{{name: jsonl, path: {data['eval']}}}]", "eval.sampling.max_new_tokens=4", "eval.device=cpu",
+    ]
+    status = run_pipeline(load_pipeline_config(None, overrides))
+    run = tmp_path / "runs" / "tiny"
+    assert list(status) == ["baseline", "sft", "eval_sft"]
+    assert (run / "sft" / "final" / "config.json").is_file()
+    assert json.loads((run / "sft" / "eval" / "results.json").read_text())["model"] == str(run / "sft" / "final")
+    assert (run / "baseline" / "eval" / "samples.jsonl").is_file()
+    assert (run / "report.html").is_file()
+    out = capsys.readouterr().out
+    assert "held-out evaluation" in out and "baseline" in out
+
+    rerun = run_pipeline(load_pipeline_config(None, overrides), runners=Recorder(fail_on="baseline").runners())
+    assert rerun == status  # nothing ran again: the recorder would have raised
