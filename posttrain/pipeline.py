@@ -69,11 +69,12 @@ class Stage:
     fingerprint: str = ""
 
 
-def stage_fingerprint(config: BaseModel, upstream: list[str]) -> str:
-    """A stable hash of a stage's resolved config and its upstream stages' fingerprints.
+def stage_fingerprint(config: BaseModel, upstream: list[str], files: list[str] = ()) -> str:
+    """A stable hash of a stage's resolved config, its upstream stages' fingerprints and its input files.
 
     Fields the pipeline sets per attempt (``train.resume``, ``run.overwrite``) and pure display
-    settings (``run.progress``) are left out, so resuming does not count as a change.
+    settings (``run.progress``) are left out, so resuming does not count as a change. Input
+    files count by size and modification time: regenerating a data file redoes the stage.
     """
     dumped = config.model_dump(mode="json")
     if isinstance(dumped.get("train"), dict):
@@ -81,7 +82,14 @@ def stage_fingerprint(config: BaseModel, upstream: list[str]) -> str:
     if isinstance(dumped.get("run"), dict):
         dumped["run"].pop("overwrite", None)
         dumped["run"].pop("progress", None)
-    text = json.dumps({"config": dumped, "upstream": upstream}, sort_keys=True)
+    stamps = {}
+    for path in files:
+        try:
+            stat = Path(path).expanduser().stat()
+            stamps[path] = [stat.st_size, stat.st_mtime_ns]
+        except OSError:
+            stamps[path] = None
+    text = json.dumps({"config": dumped, "upstream": upstream, "files": stamps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -148,7 +156,8 @@ def build_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         add_eval("rl")
     by_name = {stage.name: stage for stage in stages}
     for stage in stages:
-        stage.fingerprint = stage_fingerprint(stage.config, [by_name[d].fingerprint for d in stage.depends_on])
+        inputs = [path for _, path, what in stage_files(stage) if what in ("data", "template")]
+        stage.fingerprint = stage_fingerprint(stage.config, [by_name[d].fingerprint for d in stage.depends_on], inputs)
     return stages
 
 

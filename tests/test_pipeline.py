@@ -261,3 +261,11 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path: Path, data, tiny_mo
 
     rerun = run_pipeline(load_pipeline_config(None, overrides), runners=Recorder(fail_on="baseline").runners())
     assert rerun == status  # nothing ran again: the recorder would have raised
+
+
+def test_regenerated_data_file_redoes_its_stage(tmp_path: Path, data):
+    run_pipeline(full_config(tmp_path, data), runners=Recorder().runners())
+    Path(data["rl"]).write_text(Path(data["rl"]).read_text() + json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    again = Recorder()
+    run_pipeline(full_config(tmp_path, data), runners=again.runners())
+    assert again.calls == [("rl", False), ("eval_rl", False)]

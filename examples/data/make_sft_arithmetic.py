@@ -26,14 +26,16 @@ PROBLEM = re.compile(r"What is (\d+) \+ (\d+)\?")
 def worked_answer(a: int, b: int) -> str:
     """The target reply for ``a + b`` (two-digit operands).
 
+    Compact on purpose (no spaces around digits: each space is a token of its own), so
+    every generated reply is short on a CPU.
+
     >>> worked_answer(57, 73)
-    '50 + 70 = 120. 7 + 3 = 10. 120 + 10 = 130. The answer is 130.'
+    '50+70=120, 7+3=10, 120+10=130. The answer is 130.'
     >>> worked_answer(41, 35)
-    '40 + 30 = 70. 1 + 5 = 6. 70 + 6 = 76. The answer is 76.'
+    '40+30=70, 1+5=6, 70+6=76. The answer is 76.'
     """
     tens, ones = a // 10 * 10 + b // 10 * 10, a % 10 + b % 10
-    return (f"{a // 10 * 10} + {b // 10 * 10} = {tens}. {a % 10} + {b % 10} = {ones}. "
-            f"{tens} + {ones} = {a + b}. The answer is {a + b}.")
+    return f"{a // 10 * 10}+{b // 10 * 10}={tens}, {a % 10}+{b % 10}={ones}, {tens}+{ones}={a + b}. The answer is {a + b}."
 
 
 def sft_rows(prompt_rows: list[dict]) -> list[dict]:
