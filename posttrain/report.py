@@ -535,6 +535,22 @@ def eval_rows(report: RunReport) -> list[dict[str, str]]:
     return rows
 
 
+def headline(report: RunReport) -> str | None:
+    """One line with the first task's held-out score per stage and the total gain, or None.
+
+    e.g. ``held-out addition: baseline 25.0% -> sft 70.0% -> rl 78.0% (+53.0 pts)``
+    """
+    rows = [row for row in eval_rows(report)]
+    if not rows:
+        return None
+    task = rows[0].get("task")
+    rows = [row for row in rows if row.get("task") == task]
+    chain = " -> ".join(f"{row['model']} {row['score']}" for row in rows)
+    gain = f" ({rows[-1]['vs first']})" if len(rows) > 1 and rows[-1]["vs first"] != "-" else ""
+    name = task or next((r.task for r in report.evals if r.score is not None and r.task), "")
+    return f"held-out {name + ': ' if name else ''}{chain}{gain}"
+
+
 def print_summary(report: RunReport, console=None) -> None:
     """The short terminal summary: one table of stages, one of held-out scores with the gain."""
     from rich.console import Console
@@ -558,6 +574,9 @@ def print_summary(report: RunReport, console=None) -> None:
         for row in scored:
             table.add_row(*(row[column] for column in columns))
         console.print(table)
+        line = headline(report)
+        if line and len(scored) > 1:
+            console.print(line, highlight=False)
 
 
 # ----------------------------------------------------------------------------- HTML

@@ -135,6 +135,7 @@ def test_cli_report_writes_page_and_prints_summary(pipeline_run: Path, capsys):
     out = capsys.readouterr().out
     assert (pipeline_run / "report.html").is_file()
     assert "held-out evaluation" in out and "+50.0 pts" in out and "report:" in out
+    assert "held-out arith: baseline 25.0% -> sft 50.0% -> rl 75.0% (+50.0 pts)" in out
 
 
 def test_report_of_a_directory_without_runs_is_a_one_line_user_error(tmp_path: Path, capsys):
