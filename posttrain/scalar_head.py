@@ -102,6 +102,9 @@ def load_scalar_head_model(
             config = AutoConfig.from_pretrained(source)
         except Exception as exc:
             raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
+        quant = getattr(config, "quantization_config", None)
+        if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+            del config.quantization_config  # stale entry of an old GGUF conversion: the weights are plain
         fresh_head = not is_scalar_head_config(config)
         if fresh_head:
             config.num_labels = 1

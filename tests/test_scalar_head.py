@@ -160,3 +160,19 @@ def test_scored_sequence_collates_like_a_rendered_sample(tokenizer):
     assert batch.cu_seq_lens.tolist() == [0, 3, 6]
     rows, columns = score_positions([sequence, sequence], batch)
     assert rows.tolist() == [0, 0] and columns.tolist() == [2, 5]
+
+
+def test_stale_gguf_quantization_entry_is_ignored(tiny_model_dir, tmp_path):
+    """Old GGUF conversions kept ``quantization_config: gguf`` over plain weights; such a
+    config must not make the scalar-head model unsaveable."""
+    import json
+    import shutil
+
+    stale = tmp_path / "stale"
+    shutil.copytree(tiny_model_dir, stale)
+    config = json.loads((stale / "config.json").read_text())
+    config["quantization_config"] = {"dequantize": False, "gguf_file": "x.gguf", "quant_method": "gguf"}
+    (stale / "config.json").write_text(json.dumps(config))
+    model = load_scalar_head_model(str(stale))
+    model.save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())

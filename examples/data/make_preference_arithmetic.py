@@ -1,15 +1,21 @@
 """Write the arithmetic preference data set used by ``configs/rm_quickstart.yaml``.
 
-Each row is a verifiable arithmetic question (sums, differences, products, small word
-problems) with two answers: ``chosen`` is correct, ``rejected`` contains one error of a
-named kind (``error`` key, used to break accuracy down by kind):
+Each row is a verifiable arithmetic question with two answers: ``chosen`` is correct,
+``rejected`` contains one error of a named kind (the ``error`` key; ``rm.group_key: error``
+breaks held-out accuracy down by kind):
 
-- ``slip``      the computation and the final answer are both off (a carrying slip, +-1..3, +-10);
-- ``mismatch``  the computation is right but the final answer says another number;
+- ``slip``      a step and everything after it are off (+-1..3 or +-10, as a carrying slip);
+- ``mismatch``  every step is right but the final answer says another number;
 - ``wrong_op``  the answer applies the wrong operation (adds instead of subtracting, ...);
 - ``evasive``   no answer at all (restates the question or gives up).
 
-The train and held-out files use disjoint questions. Deterministic for a given seed::
+Half the questions are the RL quickstart's task, two-digit additions "What is a + b?", and
+half of those are answered in the worked style the SFT quickstart teaches ("50 + 70 = 120.
+7 + 3 = 10. 120 + 10 = 130. The answer is 130."), so the trained model can score the
+pipeline's policy; the rest are differences, products and small word problems answered in
+one line. No question of the RL held-out file (``rl_arithmetic_eval.jsonl``, either operand
+order) appears here, and the train and held-out files of this set share no question.
+Deterministic for a given seed::
 
     python examples/data/make_preference_arithmetic.py            # the shipped files
     python examples/data/make_preference_arithmetic.py --train 2000 --val 400 --out /tmp/rm
@@ -22,6 +28,7 @@ import json
 import random
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
 NAMES = ["Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Goran", "Hana", "Ivan", "Jun", "Kofi", "Lena"]
 ITEMS = ["apples", "books", "coins", "marbles", "pencils", "stamps", "cards", "shells"]
 ERROR_KINDS = ("slip", "mismatch", "wrong_op", "evasive")
@@ -34,8 +41,10 @@ def apply(op: str, a: int, b: int) -> int:
 
 def question(rng: random.Random) -> dict:
     """A question, its operation and operands."""
-    kind = rng.choice(["add", "sub", "mul", "word_add", "word_sub"])
-    if kind in ("add", "word_add"):
+    kind = rng.choice(["rl_add", "rl_add", "rl_add", "add", "sub", "mul", "word_add", "word_sub"])
+    if kind == "rl_add":
+        op, a, b = "add", rng.randint(10, 99), rng.randint(10, 99)
+    elif kind in ("add", "word_add"):
         op, a, b = "add", rng.randint(2, 99), rng.randint(2, 99)
     elif kind in ("sub", "word_sub"):
         op = "sub"
@@ -43,7 +52,9 @@ def question(rng: random.Random) -> dict:
         b = rng.randint(1, a - 1)
     else:
         op, a, b = "mul", rng.randint(2, 12), rng.randint(2, 12)
-    if kind == "word_add":
+    if kind == "rl_add":
+        text = f"What is {a} + {b}?"
+    elif kind == "word_add":
         name, item = rng.choice(NAMES), rng.choice(ITEMS)
         text = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
     elif kind == "word_sub":
@@ -51,11 +62,20 @@ def question(rng: random.Random) -> dict:
         text = f"{name} had {a} {item} and gave away {b}. How many {item} are left?"
     else:
         text = rng.choice([
-            f"What is {a} {SYMBOL[op]} {b}?",
             f"Compute {a} {SYMBOL[op]} {b}.",
             f"Calculate {a} {SYMBOL[op]} {b}.",
+            f"What is {a} {SYMBOL[op]} {b}?",
         ])
-    return {"prompt": text, "op": op, "a": a, "b": b}
+    return {"prompt": text, "op": op, "a": a, "b": b, "stepwise": kind == "rl_add" and rng.random() < 0.5}
+
+
+def stepwise(a: int, b: int, tens_error: int = 0, ones_error: int = 0, final: int | None = None) -> str:
+    """The SFT quickstart's worked addition, optionally with a slip in one step (propagated)."""
+    tens = a // 10 * 10 + b // 10 * 10 + tens_error
+    ones = a % 10 + b % 10 + ones_error
+    total = tens + ones
+    return (f"{a // 10 * 10} + {b // 10 * 10} = {tens}. {a % 10} + {b % 10} = {ones}. "
+            f"{tens} + {ones} = {total}. The answer is {total if final is None else final}.")
 
 
 def worked(op: str, a: int, b: int, result: int, final: int, rng: random.Random) -> str:
@@ -70,16 +90,23 @@ def wrong_number(correct: int, rng: random.Random) -> int:
             return candidate
 
 
-def pair(rng: random.Random, error: str) -> dict:
+def pair(rng: random.Random, error: str, excluded: set[tuple[int, int]]) -> dict | None:
     q = question(rng)
     op, a, b = q["op"], q["a"], q["b"]
+    if op == "add" and (min(a, b), max(a, b)) in excluded:
+        return None
     correct = apply(op, a, b)
-    chosen = worked(op, a, b, correct, correct, rng)
+    chosen = stepwise(a, b) if q["stepwise"] else worked(op, a, b, correct, correct, rng)
     if error == "slip":
-        wrong = wrong_number(correct, rng)
-        rejected = worked(op, a, b, wrong, wrong, rng)
+        if q["stepwise"]:
+            slip = rng.choice([-10, 10]) if rng.random() < 0.5 else 0
+            rejected = stepwise(a, b, tens_error=slip, ones_error=0 if slip else rng.choice([-2, -1, 1, 2]))
+        else:
+            wrong = wrong_number(correct, rng)
+            rejected = worked(op, a, b, wrong, wrong, rng)
     elif error == "mismatch":
-        rejected = worked(op, a, b, correct, wrong_number(correct, rng), rng)
+        wrong = wrong_number(correct, rng)
+        rejected = stepwise(a, b, final=wrong) if q["stepwise"] else worked(op, a, b, correct, wrong, rng)
     elif error == "wrong_op":
         other = rng.choice([o for o in ("add", "sub", "mul") if o != op and apply(o, a, b) != correct])
         value = apply(other, a, b)
@@ -91,14 +118,29 @@ def pair(rng: random.Random, error: str) -> dict:
             "This needs a calculator, so I cannot answer it.",
             f"Let me think about {a} and {b}. It is a number.",
         ])
-    return {"prompt": q["prompt"], "chosen": chosen, "rejected": rejected, "error": error, "answer": correct}
+    return {"prompt": q["prompt"], "chosen": chosen, "rejected": rejected, "error": error, "answer": str(correct)}
 
 
-def generate(count: int, rng: random.Random, seen: set[str]) -> list[dict]:
+def rl_heldout_problems(path: Path) -> set[tuple[int, int]]:
+    """Operand pairs (smaller first) of the RL held-out additions, to keep them out of this set."""
+    import re
+
+    if not path.is_file():
+        return set()
+    found = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = re.fullmatch(r"What is (\d+) \+ (\d+)\?", json.loads(line)["prompt"]) if line.strip() else None
+        if match:
+            a, b = int(match.group(1)), int(match.group(2))
+            found.add((min(a, b), max(a, b)))
+    return found
+
+
+def generate(count: int, rng: random.Random, seen: set[str], excluded: set[tuple[int, int]]) -> list[dict]:
     rows = []
     while len(rows) < count:
-        row = pair(rng, ERROR_KINDS[len(rows) % len(ERROR_KINDS)])
-        if row["prompt"] in seen:
+        row = pair(rng, ERROR_KINDS[len(rows) % len(ERROR_KINDS)], excluded)
+        if row is None or row["prompt"] in seen:
             continue
         seen.add(row["prompt"])
         rows.append(row)
@@ -108,20 +150,24 @@ def generate(count: int, rng: random.Random, seen: set[str]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=800, help="training pairs")
-    parser.add_argument("--val", type=int, default=200, help="held-out pairs (questions unseen in train)")
+    parser.add_argument("--train", type=int, default=600, help="training pairs")
+    parser.add_argument("--val", type=int, default=100, help="held-out pairs (questions unseen in train)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(Path(__file__).parent), help="output directory")
+    parser.add_argument("--out", default=str(HERE), help="output directory")
+    parser.add_argument("--exclude", default=str(HERE / "rl_arithmetic_eval.jsonl"),
+                        help="RL held-out prompt file whose additions must not appear here")
     args = parser.parse_args()
     rng = random.Random(args.seed)
+    excluded = rl_heldout_problems(Path(args.exclude))
     seen: set[str] = set()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, count in (("train", args.train), ("val", args.val)):
-        rows = generate(count, rng, seen)
+        rows = generate(count, rng, seen, excluded)
         path = out / f"preference_arithmetic_{name}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} pairs to {path}")
+    print(f"(left out the {len(excluded)} additions of {args.exclude})")
 
 
 if __name__ == "__main__":

@@ -158,10 +158,11 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
                                      info, keep_last=config.train.keep_last)
     if val_pairs and not val_metrics:
         val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
+    if info.is_main:
+        write_eval(run.eval, val_metrics, len(val_pairs))
     final = ckpt.export_hf(model, export_tokenizer(tokenizer), run.final, info, merge_lora=config.lora.merge_on_export,
                            rebuild=lambda: build_model(config, info, pad_id, unsharded=True))
     if info.is_main:
-        write_eval(run.eval, val_metrics, len(val_pairs))
         summary = "  ".join(f"{k}={val_metrics[k]:.4g}" for k in ("val/accuracy", "val/loss", "val/margin")
                             if k in val_metrics)
         print(f"rm: {state.step} steps in {state.elapsed_s:.0f}s; {summary}; final model in {final}", file=sys.stderr)
