@@ -37,6 +37,9 @@ laptop); run RL on real model output where ``namespace`` isolation is available 
 a container with CAP_SYS_ADMIN). Neither mode uses seccomp; the kernel attack surface is
 that of an ordinary unprivileged process.
 
+Cost: about 50 ms per run here (two interpreter starts, a handful of mounts); the 164
+HumanEval canonical solutions take 18 s with 1 worker and 7 s with 4 on a 2-core machine.
+
 Test results travel on a separate pipe as lines carrying a per-run random nonce,
 so ``exit(0)`` or printing a fake "all passed" cannot fake a pass. A program that walks
 the interpreter's frames could still find the nonce: the reward is hard to game by
