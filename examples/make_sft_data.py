@@ -141,7 +141,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "data"))
     parser.add_argument("--train", type=int, default=800)
-    parser.add_argument("--val", type=int, default=64)
+    parser.add_argument("--val", type=int, default=32)
     args = parser.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,7 @@ class TrainConfig(Section):
     precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 = autocast with fp32 master weights")
     logits_chunk_size: int = Field(1024, gt=0, description="trained positions per chunk of the output projection")
     seed: int = Field(0, description="seed for data order, dropout and initialisation")
+    shuffle: bool = Field(True, description="reshuffle the training data every epoch (seeded); false = file order")
     log_every: int = Field(1, gt=0, description="optimizer steps between metric lines")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between validation passes")
     save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints (and at the end)")

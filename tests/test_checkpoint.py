@@ -85,7 +85,7 @@ def test_resume_is_bit_identical_to_straight_run(dropout_model_dir, tmp_path, mo
     assert [h["step"] for h in resumed.history] == [3, 4]
     # the resumed run appended to the same metrics file
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert steps == [0, 1, 2, 3, 4]  # step 0: the validation baseline before training
 
 
 @pytest.mark.slow

@@ -72,7 +72,9 @@ def test_two_processes_match_one_process(tmp_path, tokenizer, agg):
     tokenizer.save_pretrained(model_dir)
     one, run_one = run_worker(tmp_path, str(model_dir), 1, agg)
     two, run_two = run_worker(tmp_path, str(model_dir), 2, agg)
-    assert [h["step"] for h in one] == [h["step"] for h in two] == [1, 2, 3]
+    assert [h["step"] for h in one] == [h["step"] for h in two] == [0, 1, 2, 3]
+    assert two[0]["val/loss"] == pytest.approx(one[0]["val/loss"], rel=1e-5)  # before training
+    one, two = one[1:], two[1:]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)

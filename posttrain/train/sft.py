@@ -93,6 +93,8 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
     with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main) as logger, \
             Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,
                      keys=("loss", "lr", "val/loss", "tokens_per_sec")) as progress:
+        if state.step == 0 and config.train.eval_every and val_samples:  # the baseline the curve falls from
+            history.append(logger.log(validate(model, val_samples, config, info, pad_id), step=0))
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [collate([train_samples[i] for i in mb], packing=config.train.packing,
                                      pad_token_id=pad_id).to(info.device)
@@ -219,7 +221,7 @@ def make_planner(config: SFTConfig, samples: Sequence[Any], world_size: int) -> 
         lengths, [trained_target_count(s) for s in samples],
         global_batch_size=config.train.global_batch_size, global_batch_tokens=config.train.global_batch_tokens,
         micro_batch_tokens=config.train.micro_batch_tokens, packing=config.train.packing,
-        world_size=world_size, seed=config.train.seed,
+        world_size=world_size, seed=config.train.seed, shuffle=config.train.shuffle,
     )
 
 

@@ -1,0 +1,267 @@
+"""posttrain SFT vs TRL's SFTTrainer on this machine: trained tokens/s, peak memory, MFU,
+loss-curve agreement. Run: ``python benchmarks/bench_sft.py`` (a few minutes on a CPU).
+
+Same model (the bundled SmolLM2-135M-Instruct, loaded the same way), the same token ids
+and loss masks (rendered once by posttrain and handed to both; TRL gets them as a
+pre-tokenised dataset with a ``labels`` column), the same batches in the same order (no
+shuffling in either), the same global batch, max length, precision, optimizer (AdamW
+0.9/0.999, constant lr, clip 1.0) and loss (token-mean over the step's trained tokens).
+Each system runs in its own subprocess, so its peak RSS (``ru_maxrss``) is its own.
+
+Each at its best setting on this CPU: posttrain packs padding-free (one micro-batch per
+step, varlen attention, logits only at trained positions); TRL is run without gradient
+checkpointing (its default is on) both with padding (``padding``) and with its
+padding-free collator (``padding_free``); the faster TRL run is the reference. Both
+processes get the same glibc allocator tuning (``train.loop.tune_cpu_allocator``) unless
+``--no-allocator-tuning``. The first step of each run is excluded from rates (warm-up).
+
+MFU = 6 * N * (all tokens/s) / (matmul FLOP/s measured here, in the run's precision):
+N counts every parameter (embeddings included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _load_samples(path: str):
+    from types import SimpleNamespace
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
+    return [SimpleNamespace(input_ids=r["input_ids"], loss_mask=r["loss_mask"], weights=None) for r in rows]
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def worker_posttrain(args) -> dict:
+    import torch
+
+    from posttrain.config import SFTConfig, validate_config
+    from posttrain.train.sft import run_sft
+
+    samples = _load_samples(args.data)
+    out = tempfile.mkdtemp(prefix="bench-posttrain-")
+    config = validate_config(SFTConfig, {
+        "run": {"name": "bench", "output_dir": out, "progress": False, "tensorboard": False},
+        "data": {"train": args.data, "max_length": args.max_length},
+        "optim": {"lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "schedule": "constant",
+                  "warmup_steps": 0, "max_grad_norm": 1.0},
+        "train": {"max_steps": args.steps, "global_batch_size": args.batch, "shuffle": False,
+                  "micro_batch_tokens": args.micro_batch_tokens, "packing": True, "precision": args.precision,
+                  "loss_agg_mode": "token-mean", "seed": 0},
+    })
+    if args.no_allocator_tuning:
+        import posttrain.train.sft as sft_module
+
+        sft_module.tune_cpu_allocator = lambda: False
+    torch.manual_seed(0)
+    result = run_sft(config, samples=(samples, []))
+    steps = [h for h in result.history if "loss" in h]
+    return {"losses": [h["loss"] for h in steps], "step_s": [h["step_time_s"] for h in steps],
+            "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import TrainerCallback
+    from trl import SFTConfig as TRLConfig
+    from trl import SFTTrainer
+
+    from posttrain.models import load_model, load_tokenizer
+    from posttrain.train.loop import tune_cpu_allocator
+
+    if not args.no_allocator_tuning:
+        tune_cpu_allocator()
+    samples = _load_samples(args.data)
+    rows = [{"input_ids": s.input_ids, "labels": [t if m else -100 for t, m in zip(s.input_ids, s.loss_mask)]}
+            for s in samples]
+    dataset = Dataset.from_list(rows)
+    tokenizer = load_tokenizer()
+    torch.manual_seed(0)
+    model = load_model(dtype=torch.float32)
+    model.config._attn_implementation = "sdpa"
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.step_s, self.losses, self._t = [], [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self._t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.step_s.append(time.perf_counter() - self._t)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    class InOrderSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    timer = Timer()
+    trl_args = TRLConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
+        warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+        bf16=args.precision == "bf16", logging_steps=1, save_strategy="no", report_to=[], eval_strategy="no",
+        max_length=args.max_length, packing=False, padding_free=args.trl_mode == "padding_free",
+        gradient_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True, disable_tqdm=True,
+    )
+    trainer = InOrderSFTTrainer(model=model, args=trl_args, train_dataset=dataset, processing_class=tokenizer,
+                                callbacks=[timer])
+    trainer.train()
+    return {"losses": timer.losses, "step_s": timer.step_s, "peak_rss_mib": _peak_rss_mib()}
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def measure_matmul_flops(precision: str, seconds: float = 3.0, size: int = 2048) -> float:
+    """Sustained FLOP/s of square matmuls in the run's dtype on this machine, right now."""
+    import torch
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - started)
+
+
+def prepare_data(args, path: Path) -> tuple[int, list[tuple[int, int]]]:
+    """Render the first rows once with posttrain; returns (rows, per-sample (tokens, trained targets))."""
+    from posttrain.config import DataConfig
+    from posttrain.data import load_sft_data
+    from posttrain.models import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    prepared = load_sft_data(args.data_file, tokenizer,
+                             DataConfig(train=args.data_file, max_length=args.max_length, limit=args.batch * args.steps))
+    with open(path, "w") as handle:
+        for s in prepared.samples:
+            handle.write(json.dumps({"input_ids": list(s.input_ids), "loss_mask": list(s.loss_mask)}) + "\n")
+    return len(prepared.samples), [(len(s.input_ids), sum(s.loss_mask[1:])) for s in prepared.samples]
+
+
+def run_worker(kind: str, args, data_path: Path, trl_mode: str = "padding") -> dict:
+    command = [sys.executable, __file__, "--worker", kind, "--data", str(data_path), "--trl-mode", trl_mode,
+               "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
+               "--precision", args.precision, "--lr", str(args.lr),
+               "--micro-batch-tokens", str(args.micro_batch_tokens)]
+    if args.no_allocator_tuning:
+        command.append("--no-allocator-tuning")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} worker failed:\n{done.stderr[-4000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def rates(result: dict, per_step: list[tuple[int, int]]) -> tuple[float, float]:
+    """(all tokens/s, trained tokens/s) over steps 2.. (step 1 is warm-up)."""
+    seconds = sum(result["step_s"][1:])
+    tokens = sum(t for t, _ in per_step[1:])
+    trained = sum(n for _, n in per_step[1:])
+    return tokens / seconds, trained / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="posttrain SFT vs TRL SFTTrainer")
+    parser.add_argument("--worker", choices=["posttrain", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--trl-mode", default="padding", choices=["padding", "padding_free"], help=argparse.SUPPRESS)
+    parser.add_argument("--data-file", default=str(REPO / "examples" / "data" / "sft_chat.jsonl"))
+    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is warm-up)")
+    parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per optimizer step)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="posttrain's per-micro-batch budget")
+    parser.add_argument("--trl-modes", default="padding,padding_free", help="TRL collators to try; the best counts")
+    parser.add_argument("--no-allocator-tuning", action="store_true")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    if args.worker:
+        result = worker_posttrain(args) if args.worker == "posttrain" else worker_trl(args)
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-sft-"))
+    data_path = workdir / "tokens.jsonl"
+    rows, per_sample = prepare_data(args, data_path)
+    per_step = [tuple(map(sum, zip(*per_sample[k:k + args.batch]))) for k in range(0, rows, args.batch)]
+    per_step = per_step[:args.steps]
+    from posttrain.models import load_model
+
+    n_params = sum(p.numel() for p in load_model().parameters())
+    print(f"data: {rows} rows from {args.data_file}, {sum(t for t, _ in per_step)} tokens "
+          f"({sum(n for _, n in per_step)} trained) in {len(per_step)} steps of {args.batch}; "
+          f"max_length {args.max_length}; {args.precision}; torch threads {torch.get_num_threads()}; "
+          f"load average {os.getloadavg()[0]:.1f}")
+    flops_before = measure_matmul_flops(args.precision)
+
+    results = {"posttrain": run_worker("posttrain", args, data_path)}
+    for mode in [m for m in args.trl_modes.split(",") if m]:
+        results[f"trl/{mode}"] = run_worker("trl", args, data_path, trl_mode=mode)
+    flops_after = measure_matmul_flops(args.precision)
+    flops = (flops_before + flops_after) / 2
+
+    print(f"\nmatmul rate ({args.precision}, 2048^2): {flops / 1e9:.1f} GFLOP/s "
+          f"(before {flops_before / 1e9:.1f}, after {flops_after / 1e9:.1f})")
+    print(f"{'system':<20}{'tokens/s':>10}{'trained tok/s':>15}{'peak RSS MiB':>14}{'wall s':>9}")
+    table = {}
+    for name, result in results.items():
+        all_rate, trained_rate = rates(result, per_step)
+        table[name] = {"tokens_per_s": all_rate, "trained_tokens_per_s": trained_rate, **result}
+        print(f"{name:<20}{all_rate:>10.1f}{trained_rate:>15.1f}{result['peak_rss_mib']:>14.0f}{result['wall_s']:>9.0f}")
+    trl_names = [n for n in table if n.startswith("trl/")]
+    ours = table["posttrain"]
+    summary = {"matmul_flops": flops, "n_params": n_params, "systems": table}
+    if trl_names:
+        best = max(trl_names, key=lambda n: table[n]["trained_tokens_per_s"])
+        ratio = ours["trained_tokens_per_s"] / table[best]["trained_tokens_per_s"]
+        memory = ours["peak_rss_mib"] / table[best]["peak_rss_mib"]
+        print(f"\nposttrain / best TRL ({best}): {ratio:.2f}x trained tokens/s, peak RSS {memory:.2f}x")
+        diffs = [abs(a - b) / max(abs(b), 1e-9) for a, b in zip(ours["losses"], table[best]["losses"])]
+        print("loss per step (posttrain | " + best + "):")
+        for k, (a, b) in enumerate(zip(ours["losses"], table[best]["losses"])):
+            print(f"  step {k + 1}: {a:.4f} | {b:.4f}")
+        print(f"loss curves: mean relative difference {sum(diffs) / len(diffs):.2%}, max {max(diffs):.2%}")
+        summary.update(best_trl=best, speed_ratio=ratio, memory_ratio=memory, loss_rel_diff_max=max(diffs))
+    mfu = 6 * n_params * ours["tokens_per_s"] / flops
+    print(f"posttrain MFU: 6 x {n_params / 1e6:.1f}M x {ours['tokens_per_s']:.1f} tokens/s / "
+          f"{flops / 1e9:.1f} GFLOP/s = {mfu:.1%}")
+    summary["posttrain_mfu"] = mfu
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
