@@ -235,6 +235,44 @@ class ScoredSequence:
         return len(self.input_ids) - 1
 
 
+def render_response(
+    prompt_messages: list[dict[str, Any]],
+    response_messages: list[dict[str, Any]],
+    tokenizer: Any,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    chat_template_kwargs: dict[str, Any] | None = None,
+    line: int = 0,
+    source: str = "",
+):
+    """``prompt + response`` rendered by the SFT path (``data.render.render_conversation``, the
+    last assistant turn trained): a ``RenderedSample`` the data audit can check as it is.
+
+    Raises DataError (naming ``source:line``) when the response does not end with an
+    assistant message or the template fails.
+    """
+    from posttrain.data.render import render_conversation
+
+    where = f"{source}:{line}" if source else f"line {line}"
+    if not response_messages or response_messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: a scored response must end with an assistant message")
+    messages = list(prompt_messages) + list(response_messages)
+    samples = render_conversation(messages, tokenizer, tools=tools, train_on="last_assistant",
+                                  line=line, source=source, chat_template_kwargs=chat_template_kwargs)
+    return samples[-1]  # the one holding the last assistant turn when the template splits history
+
+
+def to_scored_sequence(sample: Any) -> ScoredSequence:
+    """Cut a rendered sample after its score token (its last trained token)."""
+    try:
+        end = score_index(sample.loss_mask) + 1
+    except ValueError:
+        where = f"{sample.source}:{sample.line}" if sample.source else f"line {sample.line}"
+        raise DataError(f"{where}: the response renders to no trained token, so there is nothing to score") from None
+    return ScoredSequence(input_ids=list(sample.input_ids[:end]), loss_mask=list(sample.loss_mask[:end]),
+                          line=sample.line, source=sample.source)
+
+
 def render_for_scoring(
     prompt_messages: list[dict[str, Any]],
     response_messages: list[dict[str, Any]],
@@ -248,34 +286,22 @@ def render_for_scoring(
 ) -> ScoredSequence:
     """Render ``prompt + response`` with the chat template and cut it after the score token.
 
-    The same path as SFT rendering (``data.render.render_conversation``, last assistant turn
-    trained), so the reward model sees exactly the tokens a policy produced and was trained
-    on. Raises DataError (naming ``source:line``) when the response has no assistant turn,
-    when the template's rendering is inconsistent (encode(prompt) not a prefix of
-    encode(prompt + reply)) or when the reply has no end-of-turn token to read the score at.
-    ``strict=False`` (scoring, not training) skips those two checks and scores the tokens the
-    template produces, at the reply's last token.
+    The same path as SFT rendering, so the reward model sees exactly the tokens a policy
+    produced and was trained on. ``strict`` raises DataError (naming ``source:line``) when
+    the template's rendering is inconsistent (encode(prompt) not a prefix of
+    encode(prompt + reply)) or when the reply has no end-of-turn token to read the score
+    at; ``strict=False`` (scoring, not training) scores the tokens the template produces,
+    at the reply's last token. (The trainer audits whole files with ``data.audit`` instead.)
     """
-    from posttrain.data.render import render_conversation
-
+    sample = render_response(prompt_messages, response_messages, tokenizer, tools=tools,
+                             chat_template_kwargs=chat_template_kwargs, line=line, source=source)
     where = f"{source}:{line}" if source else f"line {line}"
-    messages = list(prompt_messages) + list(response_messages)
-    if not response_messages or response_messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: a scored response must end with an assistant message")
-    samples = render_conversation(messages, tokenizer, tools=tools, train_on="last_assistant",
-                                  line=line, source=source, chat_template_kwargs=chat_template_kwargs)
-    sample = samples[-1]  # the one holding the last assistant turn when the template splits history
     if strict and sample.consistency_errors:
         raise DataError(f"{where}: {sample.consistency_errors[0]}")
     if strict and sample.untrained_end_of_turn:
         raise DataError(f"{where}: the reply has no end-of-turn token in its rendering, so there is no token to "
                         f"read its score at")
-    try:
-        end = score_index(sample.loss_mask) + 1
-    except ValueError:
-        raise DataError(f"{where}: the response renders to no tokens") from None
-    return ScoredSequence(input_ids=list(sample.input_ids[:end]), loss_mask=list(sample.loss_mask[:end]),
-                          line=line, source=source)
+    return to_scored_sequence(sample)
 
 
 def score_positions(sequences: Sequence[ScoredSequence], batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,8 +100,30 @@ def test_too_long_pairs_are_dropped_or_refused(tmp_path, tokenizer, tiny_model_d
     assert len(pairs) == 3
     strict = config_for(tmp_path, tiny_model_dir, train, data={"truncation": "error"},
                         train={"micro_batch_tokens": 256})
-    with pytest.raises(DataError, match=r"t.jsonl:4: a side of this pair has \d+ tokens, more than data.max_length"):
+    with pytest.raises(DataError, match=r"t.jsonl:4: sample has \d+ tokens, more than data.max_length=128"):
         load_preference_data(strict, tokenizer)
+
+
+def test_preflight_audit_runs_on_both_sides(tmp_path, tokenizer, tiny_model_dir, capsys):
+    """The SFT audit summary is printed, and a side with no end-of-turn token (a template
+    that writes none) is a hard error that stops the run unless allowed."""
+    rows = arithmetic_rows(2)
+    train = write_rows(tmp_path / "t.jsonl", rows)
+    pairs, _ = load_preference_data(config_for(tmp_path, tiny_model_dir, train), tokenizer)
+    out = capsys.readouterr().out
+    assert "data audit:" in out and "rows 2, samples 4" in out and "result: OK" in out
+    template = tmp_path / "no_eot.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"
+                        "{% if add_generation_prompt %}assistant:\n{% endif %}")
+    config = config_for(tmp_path, tiny_model_dir, train, model={"chat_template": str(template)})
+    from posttrain.models import load_tokenizer
+
+    plain = load_tokenizer(tiny_model_dir, str(template))
+    with pytest.raises(DataError, match=r"t.jsonl:1: .*no end-of-turn token.*pre-flight audit: 4 hard error"):
+        load_preference_data(config, plain)
+    allowed = config.model_copy(update={"data": config.data.model_copy(update={"allow_audit_errors": True})})
+    pairs, _ = load_preference_data(allowed, plain)
+    assert len(pairs) == 2
 
 
 def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer):

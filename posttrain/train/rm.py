@@ -7,8 +7,9 @@ the reward of RL (``rewards.model``). The loss is ``algorithms.preference.bradle
 
 The model is a causal LM with a scalar head (``posttrain.scalar_head``); its score is read at
 the last token of each response (the end-of-turn token). Both sides of a pair are rendered
-with the same chat template and checks as SFT data (``scalar_head.render_for_scoring``) and
-always share a micro-batch, so a pair's loss is computed inside one forward pass.
+with the same chat template as SFT data, go through the same pre-flight audit
+(``data.audit``: consistency, end-of-turn token, empty masks, length) and always share a
+micro-batch, so a pair's loss is computed inside one forward pass.
 
 Everything else is the SFT machinery, shared, not copied: the step plan
 (``data.batching.StepPlanner``, here over PAIRS: a pair's "length" is its packed token count,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,8 +42,8 @@ from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate, 
     split_into_micro_batches
 from posttrain.errors import ConfigError, DataError
 from posttrain.scalar_head import ScoredSequence, export_pad_token_id, export_tokenizer, gather_scores, \
-    load_scalar_head_model, make_head_trainable, render_for_scoring, score_positions, token_values, \
-    train_top_layers_only
+    load_scalar_head_model, make_head_trainable, render_for_scoring, render_response, score_positions, \
+    to_scored_sequence, token_values, train_top_layers_only
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
     shutdown_distributed
@@ -111,7 +113,8 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
     info = init_distributed()
     seed_everything(config.train.seed + info.rank)
     tokenizer = _load_tokenizer(config)
-    train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(config, tokenizer)
+    train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(config, tokenizer,
+                                                                                  verbose=info.is_main)
     planner = make_pair_planner(config, train_pairs, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
@@ -216,14 +219,7 @@ def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict], 
     return prompt, chosen, rejected
 
 
-def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key: str | None,
-                group_key: str | None) -> PreferencePair:
-    """Render one preference row (both sides through the same template and checks)."""
-    from posttrain.data.formats import normalise_tools
-
-    where = f"{source}:{line}"
-    prompt, chosen, rejected = preference_messages(row, where)
-    tools = normalise_tools(row.get("tools"), f"{where}: tools")
+def _margin_and_group(row: dict, where: str, margin_key: str | None, group_key: str | None) -> tuple[float, str | None]:
     margin = 0.0
     if margin_key is not None and row.get(margin_key) is not None:
         value = row[margin_key]
@@ -231,6 +227,33 @@ def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key
             raise DataError(f"{where}: {margin_key} must be a number, got {value!r}")
         margin = float(value)
     group = None if group_key is None or row.get(group_key) is None else str(row[group_key])
+    return margin, group
+
+
+def render_pair_samples(row: dict, tokenizer: Any, *, line: int, source: str, margin_key: str | None,
+                        group_key: str | None) -> tuple[Any, Any, float, str | None]:
+    """(chosen, rejected) ``RenderedSample``s of one row, through the same template and
+    rendering as SFT data, plus the pair's margin and group."""
+    from posttrain.data.formats import normalise_tools
+
+    where = f"{source}:{line}"
+    prompt, chosen, rejected = preference_messages(row, where)
+    tools = normalise_tools(row.get("tools"), f"{where}: tools")
+    margin, group = _margin_and_group(row, where, margin_key, group_key)
+    sides = [render_response(prompt, side, tokenizer, tools=tools, line=line, source=source)
+             for side in (chosen, rejected)]
+    return sides[0], sides[1], margin, group
+
+
+def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key: str | None,
+                group_key: str | None) -> PreferencePair:
+    """One row as a pair, strictly checked (DataError on any rendering problem)."""
+    where = f"{source}:{line}"
+    prompt, chosen, rejected = preference_messages(row, where)
+    margin, group = _margin_and_group(row, where, margin_key, group_key)
+    from posttrain.data.formats import normalise_tools
+
+    tools = normalise_tools(row.get("tools"), f"{where}: tools")
     return PreferencePair(
         chosen=render_for_scoring(prompt, chosen, tokenizer, tools=tools, line=line, source=source),
         rejected=render_for_scoring(prompt, rejected, tokenizer, tools=tools, line=line, source=source),
@@ -238,50 +261,62 @@ def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key
     )
 
 
-def load_pairs(path: str, tokenizer: Any, config: RMConfig) -> tuple[list[PreferencePair], dict[str, int]]:
-    """All pairs of one file, and counts of what was left out (``too_long``, ``bad``)."""
+def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = True) -> list[PreferencePair]:
+    """Render every pair of one file and run the SFT pre-flight audit on both sides.
+
+    The audit (``data.audit``) records consistency failures, missing end-of-turn tokens,
+    empty masks and over-long sides exactly as for SFT data, prints its summary and refuses
+    to start on a hard error (unless ``data.allow_audit_errors``). A pair with an over-long
+    side is dropped (``truncation: right`` or ``drop``: cutting would remove the score
+    token) or refused (``error``). Malformed rows stop the run, or are skipped and counted
+    with ``data.skip_bad``.
+    """
+    from posttrain.data.audit import AuditReport, Finding, PreparedData, _audit_sample, preflight
     from posttrain.data.formats import read_rows
 
     data = config.data
+    report = AuditReport(source=str(path))
+    started = time.perf_counter()
     bad_rows: list[tuple[int, str]] = []
     pairs: list[PreferencePair] = []
-    too_long = 0
+    kept_samples: list[Any] = []
+    too_long = "error" if data.truncation == "error" else "drop"
     for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows):
         try:
-            pair = render_pair(row, tokenizer, line=line, source=str(path), margin_key=config.rm.margin_key,
-                               group_key=config.rm.group_key)
+            chosen, rejected, margin, group = render_pair_samples(
+                row, tokenizer, line=line, source=str(path), margin_key=config.rm.margin_key,
+                group_key=config.rm.group_key)
         except DataError as exc:
             if not data.skip_bad:
                 raise
             bad_rows.append((line, str(exc)))
             continue
-        longest = max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
-        if longest > data.max_length:
-            if data.truncation == "error":
-                raise DataError(f"{path}:{line}: a side of this pair has {longest} tokens, more than data.max_length "
-                                f"({data.max_length}); raise it or set data.truncation=drop")
-            too_long += 1
+        report.rows += 1
+        kept = [_audit_sample(side, report, data.max_length, too_long, f"{path}:{line}") for side in (chosen, rejected)]
+        if any(side is None for side in kept):
             continue
-        pairs.append(pair)
-    return pairs, {"too_long": too_long, "bad": len(bad_rows)}
+        kept_samples.extend(kept)
+        pairs.append(PreferencePair(to_scored_sequence(kept[0]), to_scored_sequence(kept[1]), margin, group, line))
+    report.bad_rows.extend(Finding(line, message) for line, message in bad_rows)
+    report.seconds = time.perf_counter() - started
+    preflight(PreparedData(samples=kept_samples, audit=report), allow_errors=data.allow_audit_errors,
+              print_fn=print if verbose else None)
+    return pairs
 
 
-def load_preference_data(config: RMConfig, tokenizer: Any) -> tuple[list[PreferencePair], list[PreferencePair]]:
+def load_preference_data(config: RMConfig, tokenizer: Any, *, verbose: bool = True
+                         ) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Train and held-out pairs: ``data.val`` if set, else a seeded ``data.val_fraction``."""
-    train, dropped = load_pairs(config.data.train, tokenizer, config)
+    train = load_pairs(config.data.train, tokenizer, config, verbose=verbose)
     val: list[PreferencePair] = []
     if config.data.val:
-        val, val_dropped = load_pairs(config.data.val, tokenizer, config)
-        dropped = {k: dropped[k] + val_dropped[k] for k in dropped}
+        val = load_pairs(config.data.val, tokenizer, config, verbose=verbose)
     elif config.data.val_fraction > 0:
         order = list(range(len(train)))
         random.Random(config.train.seed).shuffle(order)
         held = set(order[: max(1, int(round(config.data.val_fraction * len(train))))])
         val = [p for i, p in enumerate(train) if i in held]
         train = [p for i, p in enumerate(train) if i not in held]
-    if dropped["too_long"] or dropped["bad"]:
-        print(f"rm: left out {dropped['too_long']} pairs longer than data.max_length ({config.data.max_length}) "
-              f"and {dropped['bad']} malformed rows", file=sys.stderr)
     if not train:
         raise DataError(f"{config.data.train}: no training pairs left after rendering")
     return train, val
