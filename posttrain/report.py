@@ -329,6 +329,8 @@ def render_plot(spec: PlotSpec, stages: list[StageRun]) -> str | None:
     if not panels:
         return None
     plt = _matplotlib()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, len(panels), figsize=(min(5.2 * len(panels), 11), 3.2), squeeze=False)
     for ax, (stage, keys) in zip(axes[0], panels):
         for key in keys:
@@ -343,8 +345,10 @@ def render_plot(spec: PlotSpec, stages: list[StageRun]) -> str | None:
                     xs, ys, sd = zip(*pairs)
                     ax.fill_between(xs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
                                     color=line.get_color(), alpha=0.15, linewidth=0)
-        if spec.log_y and all(v > 0 for key in keys for v in stage.series(key)[1]):
+        shown = [v for key in keys for v in stage.series(key)[1]]
+        if spec.log_y and min(shown) > 0 and max(shown) / min(shown) > 20:  # log only where it helps
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(stage.name, fontsize=10)
         ax.set_xlabel("step")
         if spec.ylabel:
@@ -370,8 +374,9 @@ def render_accuracy_bars(evals: list[EvalResult]) -> str | None:
     labels = list(dict.fromkeys(result.label for result in scored))
     tasks = _task_names(scored)
     percent = all(0.0 <= result.score <= 1.0 for result in scored)
-    width = 0.8 / len(tasks)
+    width = min(0.8, 0.6 * len(tasks)) / len(tasks)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * len(labels) * max(1, len(tasks) * 0.7) + 1.5), 3.4))
+    ax.set_xlim(-0.6, len(labels) - 0.4)
     single_task_colors = ["#9aa5b1"] + ["#3b7dd8"] * max(0, len(labels) - 2) + ["#2a9d55"]
     for task_index, task in enumerate(tasks):
         xs, values = [], []
