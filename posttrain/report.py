@@ -89,6 +89,7 @@ class RunReport:
     stages: list[StageRun]
     evals: list[EvalResult]
     rl_samples: list[dict[str, Any]]
+    pipeline: list[dict[str, Any]] = field(default_factory=list)  # pipeline.json's stages (status, wall_s)
 
 
 def as_number(value: Any) -> float | None:
@@ -256,7 +257,30 @@ def load_report(run_dir: str | Path) -> RunReport:
             f"{run_dir} holds no metrics.jsonl (at its top or in a stage sub-directory) and no eval/*.json: "
             "is it a run directory?"
         )
-    return RunReport(path, stages, evals, rl_samples)
+    return RunReport(path, stages, evals, rl_samples, _pipeline_stages(path))
+
+
+def _pipeline_stages(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        state = json.loads((run_dir / PIPELINE_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return []
+    stages = state.get("stages") if isinstance(state, dict) else None
+    return [stage for stage in stages or [] if isinstance(stage, dict)]
+
+
+def pipeline_rows(report: RunReport) -> list[dict[str, str]]:
+    """One row per pipeline stage: kind, status, wall time (empty for a single trainer's run)."""
+    rows = []
+    for stage in report.pipeline:
+        wall = as_number(stage.get("wall_s"))
+        rows.append({"stage": str(stage.get("name", "")), "kind": str(stage.get("kind", "")),
+                     "status": str(stage.get("status", "")),
+                     "wall": "-" if wall is None else (f"{wall:.0f} s" if wall < 120 else f"{wall / 60:.1f} min")})
+    total = sum(as_number(stage.get("wall_s")) or 0.0 for stage in report.pipeline)
+    if rows and total:
+        rows.append({"stage": "total", "kind": "", "status": "", "wall": f"{total / 60:.1f} min"})
+    return rows
 
 
 # ----------------------------------------------------------------------------- plots
@@ -653,6 +677,9 @@ def render_html(report: RunReport) -> str:
     stage_rows = summary_rows(report)
     if stage_rows:
         parts.append("<h2>Stages</h2>" + _table(stage_rows))
+    timing = pipeline_rows(report)
+    if timing:
+        parts.append("<h2>Pipeline</h2>" + _table(timing, numeric_from=3))
     plots = [(spec, len(plot_panels(spec, report.stages)), render_plot(spec, report.stages)) for spec in PLOTS]
     plots = [(spec, panels, png) for spec, panels, png in plots if png]
     if plots:

@@ -13,6 +13,7 @@ from posttrain.cli import main
 from posttrain.errors import ConfigError
 from posttrain.report import (
     before_after_rows,
+    pipeline_rows,
     eval_rows,
     find_stage_runs,
     load_report,
@@ -62,8 +63,11 @@ def pipeline_run(tmp_path: Path) -> Path:
     write_jsonl(run / "rl" / "metrics.jsonl", rl_metrics())
     write_jsonl(run / "rl" / "samples.jsonl",
                 [{"step": s, "prompt": "1+1?", "completion": f"answer {s}", "reward": s / 4} for s in range(1, 5)])
-    (run / "pipeline.json").write_text(json.dumps({"stages": [{"name": n} for n in
-                                                              ("baseline", "sft", "rl", "final")]}))
+    (run / "pipeline.json").write_text(json.dumps({"stages": [
+        {"name": "baseline", "kind": "eval", "status": "done", "wall_s": 30.0},
+        {"name": "sft", "kind": "sft", "status": "done", "wall_s": 150.0},
+        {"name": "rl", "kind": "rl", "status": "running"},
+        {"name": "final", "kind": "eval", "status": "pending"}]}))
     for label, acc, correct in (("baseline", 0.25, [True, False, False, False]),
                                 ("sft", 0.5, [True, True, False, False]),
                                 ("rl", 0.75, [True, True, True, False])):
@@ -163,3 +167,11 @@ def test_two_tasks_and_flat_eval_files(tmp_path: Path):
     (single / "eval" / "gsm.json").write_text(json.dumps({"metrics": {"pass@1": 0.4}}))
     rows = eval_rows(load_report(single))
     assert [(r["model"], r["metric"], r["score"]) for r in rows] == [("gsm", "pass@1", "40.0%")]
+
+
+def test_pipeline_table_shows_status_and_wall_time(pipeline_run: Path):
+    rows = pipeline_rows(load_report(pipeline_run))
+    assert [(r["stage"], r["status"], r["wall"]) for r in rows] == [
+        ("baseline", "done", "30 s"), ("sft", "done", "2.5 min"), ("rl", "running", "-"), ("final", "pending", "-"),
+        ("total", "", "3.0 min")]
+    assert "<h2>Pipeline</h2>" in render_html(load_report(pipeline_run))
