@@ -186,3 +186,18 @@ def test_worker_pool_runs_in_parallel():
     elapsed = time.monotonic() - start
     assert [r.stdout for r in results] == ["0\n", "1\n", "2\n", "3\n"]
     assert elapsed < 1.6  # four 0.5 s sleeps, not serialised
+
+
+def test_filling_the_disk_is_cut_off(box):
+    """One file is capped by RLIMIT_FSIZE (SIGXFSZ); in `namespace` mode all writes share a small tmpfs."""
+    result = box.run("with open('big.bin', 'wb') as f:\n    f.write(b'x' * (40 * 1024 * 1024))\nprint('wrote')")
+    assert result.status == "error" and "wrote" not in result.stdout
+    if box.isolation == "namespace":
+        program = (
+            "for i in range(100):\n"
+            "    with open(f'part{i}.bin', 'wb') as f:\n"
+            "        f.write(b'x' * (8 * 1024 * 1024))\n"
+            "print('wrote')"
+        )
+        result = box.run(program)
+        assert result.status == "error" and "No space left" in result.stderr
