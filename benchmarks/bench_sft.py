@@ -122,8 +122,9 @@ def worker_trl(args) -> dict:
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
         warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
         bf16=args.precision == "bf16", logging_steps=1, save_strategy="no", report_to=[], eval_strategy="no",
-        max_length=args.max_length, packing=False, padding_free=args.trl_mode == "padding_free",
-        gradient_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True, disable_tqdm=True,
+        # padding-free without packing refuses max_length; the rows are already truncated to it
+        max_length=None if args.trl_mode == "padding_free" else args.max_length, packing=False,
+        padding_free=args.trl_mode == "padding_free", activation_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True, disable_tqdm=True,
     )
     trainer = InOrderSFTTrainer(model=model, args=trl_args, train_dataset=dataset, processing_class=tokenizer,
                                 callbacks=[timer])

@@ -198,3 +198,19 @@ def test_bf16_autocast_loss_close_to_fp32(packed_model):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             half = float(loss_of(packed_model, batch, "token-mean", tokens, sequences))
     assert half == pytest.approx(full, rel=2e-2)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
+    from conftest import build_tiny_llama
+
+    samples = make_samples(4, seed=6)
+    tokens, sequences = step_counts(samples)
+    grads = []
+    for checkpointing in (False, True):
+        model = build_tiny_llama(tokenizer, vocab_size=512)
+        prepare_for_training(model, attn_implementation=choose_attention(True, None),
+                             gradient_checkpointing=checkpointing)
+        assert model.is_gradient_checkpointing == checkpointing
+        grads.append(grads_after(model, [collate_packed(samples)], "token-mean", tokens, sequences))
+    assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-8)

@@ -93,6 +93,11 @@ def varlen_sdpa_attention(
     Returns:
         ([1, T, Hq, D] attention output, None).
     """
+    out_dtype = query.dtype
+    if query.device.type == "cpu" and out_dtype == torch.bfloat16:
+        # CPU SDPA forward+backward is ~25% cheaper in fp32 than in bf16 (measured, 1 thread,
+        # 9 heads x 200 tokens); the output goes back to bf16 for the next matmul.
+        query, key, value = query.float(), key.float(), value.float()
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key = key.repeat_interleave(groups, dim=1)
@@ -102,7 +107,7 @@ def varlen_sdpa_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
             is_causal=attention_mask is None and query.shape[2] > 1,
         )
-        return out.transpose(1, 2).contiguous(), None
+        return out.transpose(1, 2).contiguous().to(out_dtype), None
     if query.shape[0] != 1:
         raise ValueError("packed attention expects a single packed row")
     bounds = cu_seq_lens_q.tolist()
@@ -113,7 +118,7 @@ def varlen_sdpa_attention(
             dropout_p=dropout, scale=scaling, is_causal=end - start > 1,
         ))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous().to(out_dtype), None
 
 
 def register_varlen_attention() -> str:
