@@ -1,0 +1,419 @@
+"""posttrain rl on a tiny random Llama: every algorithm runs and learns something finite,
+the trainer trains on the exact sampled ids, exact resume, split invariance, and the pieces
+of the step (advantages layout, dynamic sampling, overlong shaping, LoRA reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from posttrain.config import RLConfig, validate_config
+from posttrain.errors import ConfigError
+from posttrain.rewards.output import RewardOutput
+from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutSample, collect_rollouts, \
+    overlong_length_penalty
+from posttrain.train.rl_update import compute_advantages, mini_batches, pack_micro_batches
+
+from conftest import build_tiny_llama
+
+TRAIN_FILE = "examples/data/rl_arithmetic_train.jsonl"
+EVAL_FILE = "examples/data/rl_arithmetic_eval.jsonl"
+
+
+def vowel_reward(prompts, completions, metadata):
+    """A reward with variance even for a random model: share of vowels in the text."""
+    scores = [sum(text.count(v) for v in "aeiou") / max(1, len(text)) for text in completions]
+    return RewardOutput(scores, {"vowels": scores})
+
+
+def make_config(model_dir: str, out: Path, **sections) -> RLConfig:
+    raw = {
+        "model": {"name": model_dir},
+        "data": {"train": TRAIN_FILE, "limit": 64},
+        "rollout": {"group_size": 4, "max_new_tokens": 6, "engine_logprobs": True},
+        "rl": {"prompts_per_step": 2},
+        "optim": {"lr": 1e-3},
+        "train": {"steps": 2, "samples_every": 1},
+        "run": {"output_dir": str(out), "progress": False, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        if isinstance(values, dict):
+            raw.setdefault(section, {}).update(values)
+        else:
+            raw[section] = values
+    return validate_config(RLConfig, raw)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def initial_weights(model_dir: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(model_dir) / "model.safetensors"))
+
+
+@pytest.mark.parametrize("algorithm,extra", [
+    ("grpo", {}),
+    ("dr_grpo", {"loss_agg_mode": "sum"}),
+    ("rloo", {"kl_coef": 0.05, "kl_estimator": "k1"}),
+    ("reinforce_pp", {"kl_coef": 0.05, "kl_in": "reward"}),
+    ("ppo", {"kl_coef": 0.05, "kl_in": "reward", "ppo_epochs": 2, "mini_batch_size": 4}),
+])
+def test_every_algorithm_trains_finite_and_changes_weights(algorithm, extra, tiny_model_dir, tmp_path):
+    from posttrain.train.rl import run_rl
+
+    config = make_config(tiny_model_dir, tmp_path, rl={"algorithm": algorithm, **extra},
+                         run={"name": algorithm})
+    result = run_rl(config, reward_fn=vowel_reward)
+    assert len(result.history) == 2
+    for record in result.history:
+        for key in ("loss", "grad_norm", "reward/mean", "entropy", "clip_frac", "ratio/mean", "adv/std",
+                    "response_len/mean", "time/generate", "time/update", "zero_variance_group_frac"):
+            assert isinstance(record[key], (int, float)) and record[key] == record[key], (key, record.get(key))
+        assert record["grad_norm"] > 0
+    if algorithm == "ppo":
+        assert result.history[0]["critic/grad_norm"] > 0
+        assert result.history[0]["optimizer_steps"] == 4  # 2 epochs x (8 samples / 4)
+    if extra.get("kl_coef"):
+        assert "kl" in result.history[-1]
+    before, after = initial_weights(tiny_model_dir), final_weights(result.run_dir)
+    changed = [name for name in after if not torch.equal(before[name], after[name])]
+    assert changed, "no weight changed"
+    samples = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "reward", "response_ids"} <= set(samples[0])
+
+
+@pytest.mark.slow
+def test_exact_resume_ppo_with_adaptive_kl(tiny_model_dir, tmp_path):
+    """4 steps straight == 2 steps + resume + 2 steps (policy, critic, KL controller, sampler)."""
+    from posttrain.train.rl import run_rl
+
+    rl = {"algorithm": "ppo", "kl_coef": 0.1, "target_kl": 0.01, "kl_horizon": 100.0, "kl_in": "reward",
+          "mini_batch_size": 4}
+    straight = run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "straight"},
+                                  train={"steps": 4, "save_every": 4}), reward_fn=vowel_reward)
+    run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "split"},
+                       train={"steps": 2, "save_every": 2, "export": False}), reward_fn=vowel_reward)
+    resumed = run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "split"},
+                                 train={"steps": 4, "save_every": 4, "resume": "latest"}), reward_fn=vowel_reward)
+    assert resumed.history[0]["step"] == 3
+    assert straight.history[2]["reward/mean"] == resumed.history[0]["reward/mean"]
+    assert straight.history[3]["kl_coef"] == resumed.history[1]["kl_coef"] != 0.1  # the controller moved
+    a, b = final_weights(straight.run_dir), final_weights(resumed.run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    critic_a = torch.load(straight.run_dir / "checkpoints" / "step_4" / "critic_model.pt")
+    critic_b = torch.load(resumed.run_dir / "checkpoints" / "step_4" / "critic_model.pt")
+    assert all(torch.equal(critic_a[k], critic_b[k]) for k in critic_a)
+    state = json.loads((resumed.run_dir / "checkpoints" / "step_4" / "trainer_state.json").read_text())
+    assert state["sampler"]["position"] == 8 and state["kl_controller"]["value"] == pytest.approx(
+        straight.history[3]["kl_coef"])
+
+
+class ReplayEngine:
+    """Returns fixed token ids that do NOT survive decode -> encode (``h`` + ``ello`` decodes to
+    "hello", which re-encodes as one token), with log-probs computed by a plain full forward
+    of the policy: if the trainer re-tokenised text or misplaced a position, the gap shows."""
+
+    def __init__(self, model, ids: list[int]):
+        self.model, self.ids, self.calls = model, ids, 0
+
+    def generate(self, prompt_ids, params: SamplingParams):
+        out = []
+        for index, prompt in enumerate(prompt_ids):
+            full = torch.tensor([prompt + self.ids])
+            with torch.no_grad():
+                logits = self.model(input_ids=full).logits[0].float() / params.temperature
+            logp = torch.log_softmax(logits, -1)[len(prompt) - 1: -1].gather(
+                -1, torch.tensor(self.ids)[:, None]).squeeze(-1).tolist()
+            for _ in range(params.n):
+                out.append(Completion(index, list(self.ids), "hello", "length",
+                                      logp if params.return_logprobs else None))
+        self.calls += 1
+        return out
+
+    def update_weights(self, model) -> None:
+        self.model = model
+
+
+def test_token_in_token_out(tiny_model_dir, tmp_path, tokenizer):
+    from posttrain.train import rl as rl_module
+
+    ids = tokenizer.encode("h", add_special_tokens=False) + tokenizer.encode("ello", add_special_tokens=False)
+    assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) != ids
+    config = make_config(tiny_model_dir, tmp_path, rl={"ppo_epochs": 2}, train={"steps": 1})
+    seen: list[list[int]] = []
+    original = rl_module.compute_rollout_tensors
+
+    def spy(samples, **kwargs):
+        seen.extend(s.input_ids[len(s.prompt_ids):] for s in samples)
+        for chunk, batch in pack_micro_batches(samples, 4096, 0):
+            flat = batch.input_ids[0][batch.loss_mask[0] != 0].tolist()
+            assert flat == [t for s in chunk for t in s.response_ids]
+        return original(samples, **kwargs)
+
+    rl_module.compute_rollout_tensors = spy
+    try:
+        policy_holder = {}
+        original_build = rl_module.build_trainables
+
+        def build(config, info):
+            models = original_build(config, info)
+            policy_holder["engine"] = ReplayEngine(models.policy, ids)
+            return models
+
+        rl_module.build_trainables = build
+        result = rl_module.run_rl(config, engine=_LazyEngine(policy_holder), reward_fn=vowel_reward)
+    finally:
+        rl_module.compute_rollout_tensors = original
+        rl_module.build_trainables = original_build
+    assert seen and all(response == ids for response in seen)
+    assert result.history[0]["logprob_gap/max_abs"] < 1e-4
+
+
+class _LazyEngine:
+    """Forwards to the engine built once the policy exists."""
+
+    def __init__(self, holder):
+        self.holder = holder
+
+    def generate(self, *args, **kwargs):
+        return self.holder["engine"].generate(*args, **kwargs)
+
+    def update_weights(self, model):
+        self.holder["engine"].update_weights(model)
+
+
+def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer):
+    """One optimizer step gives the same weights whatever the micro-batch token budget."""
+    from posttrain.train.rl_update import LossSettings, policy_micro_loss, update_model
+    from posttrain.train.loop import prepare_for_training, choose_attention
+
+    torch.manual_seed(0)
+    groups = []
+    for g in range(2):
+        group = []
+        for i in range(3):
+            response = torch.randint(100, 2000, (3 + 2 * i + g,)).tolist()
+            sample = RolloutSample(row=g, group=g, prompt_ids=[1, 5 + g, 7], response_ids=response, text="",
+                                   finish_reason="stop", reward=float(i))
+            group.append(sample)
+        groups.append(group)
+    compute_advantages(groups, algorithm="grpo", kl_in_reward=False, kl_coef=0.0, kl_estimator="k3", gamma=1.0,
+                       lam=1.0, whiten=False)
+    settings = LossSettings(clip_low=0.2, clip_high=0.28, dual_clip_c=None, loss_agg_mode="seq-mean-token-mean",
+                            kl_coef=0.0, kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=0.7,
+                            chunk_size=4, sum_normaliser=1.0)
+    results = []
+    for budget in (4096, 12):
+        model = build_tiny_llama(tokenizer)
+        prepare_for_training(model, attn_implementation=choose_attention(True, None), gradient_checkpointing=False)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        batches = mini_batches(groups, 1, seed=0)
+        update_model(model, optimizer, scheduler, batches,
+                     lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw), ppo_epochs=1, seed=0,
+                     micro_batch_tokens=budget, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
+                     max_grad_norm=None)
+        results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    assert len(pack_micro_batches([s for g in groups for s in g], 12, 0)) > 1
+    moved = max((results[0][k] - build_tiny_llama(tokenizer).state_dict()[k]).abs().max().item() for k in results[0])
+    assert moved > 1e-4
+    for key in results[0]:
+        torch.testing.assert_close(results[0][key], results[1][key], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _sample(group: int, reward: float, length: int = 2, finish: str = "stop") -> RolloutSample:
+    return RolloutSample(row=group, group=group, prompt_ids=[1], response_ids=list(range(10, 10 + length)), text="x",
+                         finish_reason=finish, reward=reward)
+
+
+def test_grpo_advantages_are_broadcast_per_sample():
+    groups = [[_sample(0, 1.0), _sample(0, 0.0, 3)], [_sample(1, 2.0), _sample(1, 2.0)]]
+    compute_advantages(groups, algorithm="grpo", kl_in_reward=False, kl_coef=0, kl_estimator="k3", gamma=1, lam=1,
+                       whiten=False)
+    # group 0: mean 0.5, unbiased std 0.7071 -> +-0.7071; group 1: all equal -> 0
+    assert groups[0][0].advantages.tolist() == pytest.approx([0.70710, 0.70710], abs=1e-4)
+    assert groups[0][1].advantages.tolist() == pytest.approx([-0.70710] * 3, abs=1e-4)
+    assert groups[1][0].advantages.tolist() == [0.0, 0.0]
+    compute_advantages(groups, algorithm="dr_grpo", kl_in_reward=False, kl_coef=0, kl_estimator="k3", gamma=1,
+                       lam=1, whiten=False)
+    assert groups[0][0].advantages.tolist() == [0.5, 0.5]
+    compute_advantages(groups, algorithm="rloo", kl_in_reward=False, kl_coef=0, kl_estimator="k3", gamma=1,
+                       lam=1, whiten=False)
+    assert groups[0][1].advantages.tolist() == [-1.0] * 3
+
+
+def test_grpo_kl_in_reward_lowers_the_reward_before_normalising():
+    groups = [[_sample(0, 1.0), _sample(0, 1.0)]]
+    groups[0][0].old_logp, groups[0][0].ref_logp = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
+    groups[0][1].old_logp, groups[0][1].ref_logp = torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -2.0])
+    compute_advantages(groups, algorithm="dr_grpo", kl_in_reward=True, kl_coef=0.5, kl_estimator="k1", gamma=1,
+                       lam=1, whiten=False)
+    # k1 sums: 0 and 2 -> rewards 1 and 0 -> centred +-0.5
+    assert groups[0][0].advantages.tolist() == [0.5, 0.5] and groups[0][1].advantages.tolist() == [-0.5, -0.5]
+
+
+def test_mini_batches_keep_groups_whole_and_skip_untrained():
+    groups = [[_sample(g, float(i)) for i in range(2)] for g in range(4)]
+    groups[3][1].trained = False
+    batches = mini_batches(groups, 2, seed=3)
+    assert len(batches) == 2
+    for batch in batches:
+        assert len({s.group for s in batch}) == 2
+    assert sum(len(b) for b in batches) == 7
+
+
+def test_overlong_penalty_is_linear_in_the_buffer():
+    assert overlong_length_penalty(10, 32, 8, 1.0) == 0.0
+    assert overlong_length_penalty(24, 32, 8, 1.0) == 0.0
+    assert overlong_length_penalty(28, 32, 8, 1.0) == pytest.approx(0.5)
+    assert overlong_length_penalty(32, 32, 8, 2.0) == pytest.approx(2.0)
+
+
+class ScriptedEngine:
+    """Prompt row r always yields completions whose text is its row number (for a scripted reward)."""
+
+    def __init__(self, lengths=None):
+        self.calls = 0
+
+    def generate(self, prompt_ids, params):
+        self.calls += 1
+        return [Completion(i, [5, 6], str(p[0]), "stop") for i, p in enumerate(prompt_ids) for _ in range(params.n)]
+
+    def update_weights(self, model):
+        pass
+
+
+def _rows(n):
+    return [PromptRow([r], f"p{r}", {}, r + 1) for r in range(n)]
+
+
+def test_dynamic_sampling_drops_flat_groups_and_refills_bounded():
+    rows = _rows(10)
+    counter = {"i": 0}
+
+    def reward(prompts, completions, metadata):
+        # rows 0-4 give all-equal rewards, rows 5-9 give varied ones
+        scores = []
+        for text in completions:
+            counter["i"] += 1
+            scores.append(0.0 if int(text) < 5 else float(counter["i"] % 2))
+        return RewardOutput(scores, {"r": scores})
+
+    sampler = PromptSampler(10, seed=1)
+    params = SamplingParams(n=2, max_new_tokens=4, seed=0)
+    batch = collect_rollouts(ScriptedEngine(), rows, sampler, reward, prompts=4, params=params, dynamic_sampling=True,
+                             max_refill_rounds=5, overlong="none", overlong_buffer=1, overlong_penalty=0.0)
+    assert len(batch.groups) == 4
+    assert all(int(g[0].text) >= 5 for g in batch.groups)
+    assert batch.dropped_groups == batch.generated_groups - 4
+
+    engine = ScriptedEngine()
+    flat = collect_rollouts(engine, rows, PromptSampler(10, seed=1), lambda p, c, m: RewardOutput([0.0] * len(c)),
+                            prompts=3, params=params, dynamic_sampling=True, max_refill_rounds=2, overlong="none",
+                            overlong_buffer=1, overlong_penalty=0.0)
+    assert engine.calls == 3 and len(flat.groups) == 3 and flat.kept_zero_variance == 3
+
+
+def test_overlong_filter_excludes_clipped_samples():
+    class Clipping(ScriptedEngine):
+        def generate(self, prompt_ids, params):
+            return [Completion(i, [5, 6, 7, 8], "1", "length" if k == 0 else "stop")
+                    for i, _ in enumerate(prompt_ids) for k in range(params.n)]
+
+    batch = collect_rollouts(Clipping(), _rows(3), PromptSampler(3, seed=0),
+                             lambda p, c, m: RewardOutput([1.0] * len(c)), prompts=2,
+                             params=SamplingParams(n=3, max_new_tokens=4), dynamic_sampling=False,
+                             max_refill_rounds=0, overlong="filter", overlong_buffer=1, overlong_penalty=0.0)
+    assert [s.trained for s in batch.groups[0]] == [False, True, True]
+
+
+def test_prompt_sampler_resumes_mid_epoch():
+    a = PromptSampler(5, seed=3)
+    a.take(7)
+    b = PromptSampler(5, seed=3)
+    b.load_state_dict(a.state_dict())
+    assert a.take(9) == b.take(9)
+    c = PromptSampler(5, seed=3)
+    first_epoch = c.take(5)
+    assert sorted(first_epoch) == list(range(5))
+
+
+def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_model_dir, tmp_path):
+    from posttrain.train.rl import build_reference, build_policy
+    from posttrain.train.distributed import init_distributed
+    from posttrain.train.rl_update import response_token_logprobs
+    from posttrain.data.batching import collate_packed
+
+    config = make_config(tiny_model_dir, tmp_path, lora={"enabled": True, "r": 4}, rl={"kl_coef": 0.1})
+    info = init_distributed()
+    policy = build_policy(config, info)
+    reference = build_reference(config, policy, info)
+    sample = _sample(0, 1.0, length=5)
+    batch = collate_packed([sample])
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(0.5)
+        trained = response_token_logprobs(policy, batch, temperature=1.0, chunk_size=8, with_entropy=False).logp
+        with reference() as ref_model:
+            ref = response_token_logprobs(ref_model, batch, temperature=1.0, chunk_size=8, with_entropy=False).logp
+        base = build_policy(make_config(tiny_model_dir, tmp_path), info)
+        expected = response_token_logprobs(base, batch, temperature=1.0, chunk_size=8, with_entropy=False).logp
+    assert not torch.allclose(trained, ref)
+    torch.testing.assert_close(ref, expected)
+    assert sum(p.numel() for p in policy.parameters()) < 2 * sum(p.numel() for p in base.parameters())
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rollout": {"group_size": 1}})
+    with pytest.raises(ConfigError, match="rl.mini_batch_size"):
+        validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"prompts_per_step": 3, "mini_batch_size": 5}})
+    with pytest.raises(ConfigError, match="rl.target_kl"):
+        validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"target_kl": 0.1}})
+    with pytest.raises(ConfigError, match="data.train"):
+        validate_config(RLConfig, {})
+    with pytest.raises(ConfigError, match="rl.clip_hihg"):
+        validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"clip_hihg": 0.3}})
+
+
+def test_quickstart_configs_validate():
+    from posttrain.config import load_config
+
+    for name in ("configs/grpo_quickstart.yaml", "configs/ppo_quickstart.yaml", "configs/quickstart.yaml"):
+        if name == "configs/quickstart.yaml":
+            import yaml
+
+            from posttrain.config import validate_config as validate
+
+            validate(RLConfig, {**yaml.safe_load(Path(name).read_text())["rl"]})
+            continue
+        config = load_config(RLConfig, name)
+        assert Path(config.data.train).is_file() and Path(config.data.eval).is_file()
+
+
+def test_arithmetic_splits_never_overlap():
+    def problems(path):
+        out = set()
+        for line in Path(path).read_text().splitlines():
+            question = json.loads(line)["prompt"].split("?")[0]
+            a, b = question.removeprefix("What is ").split(" + ")
+            out.add(frozenset((int(a), int(b))) if a != b else frozenset((int(a),)))
+        return out
+
+    for train_file, eval_file in ((TRAIN_FILE, EVAL_FILE), ("examples/data/rl_arithmetic_form_train.jsonl",
+                                                              "examples/data/rl_arithmetic_form_eval.jsonl")):
+        train, held_out = problems(train_file), problems(eval_file)
+        assert len(held_out) == 200 and len(train) == 2000 and not train & held_out
