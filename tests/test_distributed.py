@@ -39,17 +39,21 @@ WORKER = textwrap.dedent("""
         "train": {"global_batch_size": 6, "micro_batch_tokens": 64, "max_steps": 3, "eval_every": 3,
                   "save_every": 3, "loss_agg_mode": os.environ.get("AGG", "token-mean")},
     })
+    if os.environ.get("LORA"):
+        config.lora.enabled = True
+        config.lora.r = 4
+        config.lora.target_modules = ["q_proj", "v_proj", "down_proj"]
     result = run_sft(config, samples=(train, val))
     if int(os.environ.get("RANK", "0")) == 0:
         print("RESULT " + json.dumps(result.history))
 """)
 
 
-def run_worker(tmp_path: Path, model_dir: str, nproc: int, agg: str) -> list[dict]:
+def run_worker(tmp_path: Path, model_dir: str, nproc: int, agg: str, lora: bool = False) -> list[dict]:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    out = tmp_path / f"out{nproc}"
-    env = {**os.environ, "AGG": agg, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+    out = tmp_path / f"out{nproc}{'-lora' if lora else ''}"
+    env = {**os.environ, "AGG": agg, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LORA": "1" if lora else "",
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if nproc == 1:
         command = [sys.executable, str(script), model_dir, str(out)]
@@ -88,6 +92,25 @@ def test_two_processes_match_one_process(tmp_path, tokenizer, agg):
     # rank 0 wrote a gathered (full-shape) checkpoint
     saved = torch.load(run_two / "checkpoints" / "step_3" / "model.pt", weights_only=False)
     assert saved["model.embed_tokens.weight"].shape == (320, 64)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_lora(tmp_path, tokenizer):
+    from conftest import build_tiny_llama
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "model"
+    build_tiny_llama(tokenizer, vocab_size=320).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    one, run_one = run_worker(tmp_path, str(model_dir), 1, "token-mean", lora=True)
+    two, run_two = run_worker(tmp_path, str(model_dir), 2, "token-mean", lora=True)
+    for a, b in zip(one[1:], two[1:]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    w1 = load_file(str(run_one / "final" / "model.safetensors"))
+    w2 = load_file(str(run_two / "final" / "model.safetensors"))
+    assert not any("lora" in name for name in w2)  # merged on export, also under FSDP
+    for name in w1:
+        torch.testing.assert_close(w2[name], w1[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_single_process_helpers_are_identities():

@@ -69,7 +69,7 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
     info = init_distributed()
     if info.device.type == "cpu":
         tune_cpu_allocator()
-    seed_everything(config.train.seed + info.rank)
+    seed_everything(config.train.seed)  # same on every rank: FSDP shards each rank's own init of new weights
     tokenizer = _load_tokenizer(config)
     train_samples, val_samples = samples if samples is not None else load_sft_samples(config, tokenizer, info)
     planner = make_planner(config, train_samples, info.world_size)
@@ -79,6 +79,7 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
     run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
                           overwrite=config.run.overwrite, write=info.is_main)
     model = build_model(config, info)
+    seed_everything(config.train.seed + info.rank)  # dropout differs between ranks, as their data does
     optimizer = build_optimizer(model, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
                                 betas=config.optim.betas, eps=config.optim.eps)
     scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
