@@ -318,7 +318,8 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[str, Callable] | None 
             continue
         resume = False
         if marker is not None:
-            _say(f"{stage.name}: its config changed since it finished: running it again")
+            _say(f"{stage.name}: its config, input files or an upstream stage changed since it finished: "
+                 f"running it again")
         elif not config.run.overwrite:
             attempt = _attempt_record(run_dir, stage)
             resume = attempt is not None and attempt.get("fingerprint") == stage.fingerprint and stage.kind != "eval"
