@@ -186,7 +186,8 @@ def run_worker(kind: str, args, data_path: Path, trl_mode: str = "padding") -> d
                "--micro-batch-tokens", str(args.micro_batch_tokens)]
     if args.no_allocator_tuning:
         command.append("--no-allocator-tuning")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": str(args.threads)}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -219,6 +220,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="posttrain's per-micro-batch budget")
     parser.add_argument("--trl-modes", default="padding,padding_free", help="TRL collators to try; the best counts")
     parser.add_argument("--no-allocator-tuning", action="store_true")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch/OpenMP threads for both systems (default: all cores, or 1 when the machine is "
+                             "busier than its core count: spinning OpenMP threads then cost more than they give)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -229,6 +233,10 @@ def main() -> None:
 
     import torch
 
+    if args.threads is None:
+        cores = os.cpu_count() or 1
+        args.threads = 1 if os.getloadavg()[0] > cores else cores
+    torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     data_path = workdir / "tokens.jsonl"
     rows, per_sample = prepare_data(args, data_path)
