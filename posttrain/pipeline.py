@@ -72,25 +72,41 @@ class Stage:
 def stage_fingerprint(config: BaseModel, upstream: list[str], files: list[str] = ()) -> str:
     """A stable hash of a stage's resolved config, its upstream stages' fingerprints and its input files.
 
-    Fields the pipeline sets per attempt (``train.resume``, ``run.overwrite``) and pure display
-    settings (``run.progress``) are left out, so resuming does not count as a change. Input
-    files count by size and modification time: regenerating a data file redoes the stage.
+    Only values that differ from the schema's defaults count (a field added to a schema in a
+    later version does not redo finished stages). Fields the pipeline sets per attempt
+    (``train.resume``, ``run.overwrite``) and display settings (``run.progress``) are left
+    out, so resuming does not count as a change. Input files count by content (``file_stamp``):
+    changed data redoes the stage, rewriting identical data does not.
     """
-    dumped = config.model_dump(mode="json")
+    dumped = config.model_dump(mode="json", exclude_defaults=True)
     if isinstance(dumped.get("train"), dict):
         dumped["train"].pop("resume", None)
     if isinstance(dumped.get("run"), dict):
         dumped["run"].pop("overwrite", None)
         dumped["run"].pop("progress", None)
-    stamps = {}
-    for path in files:
-        try:
-            stat = Path(path).expanduser().stat()
-            stamps[path] = [stat.st_size, stat.st_mtime_ns]
-        except OSError:
-            stamps[path] = None
+    stamps = {path: file_stamp(Path(path).expanduser()) for path in files}
     text = json.dumps({"config": dumped, "upstream": upstream, "files": stamps}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def file_stamp(path: Path, edge_bytes: int = 1 << 20) -> str | None:
+    """A cheap content stamp of a data file: its size and a hash of its first and last MiB
+    (whole small files; huge ones are not read in full). None if it does not exist.
+    A directory (a datasets dir) is stamped by its files' names and sizes."""
+    try:
+        if path.is_dir():
+            listing = sorted((str(p.relative_to(path)), p.stat().st_size) for p in path.rglob("*") if p.is_file())
+            return hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+        size = path.stat().st_size
+        digest = hashlib.sha256(str(size).encode())
+        with open(path, "rb") as handle:
+            digest.update(handle.read(edge_bytes))
+            if size > 2 * edge_bytes:
+                handle.seek(size - edge_bytes)
+            digest.update(handle.read(edge_bytes))
+        return digest.hexdigest()[:16]
+    except OSError:
+        return None
 
 
 def _with(section: BaseModel, **updates: Any) -> BaseModel:

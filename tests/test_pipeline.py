@@ -265,6 +265,10 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path: Path, data, tiny_mo
 
 def test_regenerated_data_file_redoes_its_stage(tmp_path: Path, data):
     run_pipeline(full_config(tmp_path, data), runners=Recorder().runners())
+    Path(data["rl"]).write_text(Path(data["rl"]).read_text())  # rewritten, same content: nothing to redo
+    same = Recorder()
+    run_pipeline(full_config(tmp_path, data), runners=same.runners())
+    assert same.calls == []
     Path(data["rl"]).write_text(Path(data["rl"]).read_text() + json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
     again = Recorder()
     run_pipeline(full_config(tmp_path, data), runners=again.runners())
