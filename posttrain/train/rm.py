@@ -150,7 +150,7 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
             )
             state = advance(state, plan, result)
             metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info))
-            if _due(state.step, config.train.eval_every, total_steps) and val_pairs:
+            if val_pairs and (_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
                 metrics.update(val_metrics)
             if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
@@ -159,7 +159,7 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
             if _due(state.step, config.train.save_every, total_steps) and config.train.save_every:
                 ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
                                      info, keep_last=config.train.keep_last)
-    if val_pairs and not val_metrics:
+    if val_pairs and not val_metrics:  # resumed at the very end: nothing was evaluated in this process
         val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
     if info.is_main:
         write_eval(run.eval, val_metrics, len(val_pairs))
