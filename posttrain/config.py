@@ -278,6 +278,9 @@ class RLAlgorithmConfig(Section):
                             "or penalise (DAPO soft overlong punishment)")
     overlong_buffer: int = Field(64, ge=1, description="penalty: the last N tokens before max_new_tokens are penalised linearly")
     overlong_penalty: float = Field(1.0, ge=0, description="penalty: reward subtracted at max_new_tokens")
+    train_top_layers: int | None = Field(
+        None, ge=0, description="policy: train only the top N decoder blocks and the final norm (embeddings and "
+                                "the rest frozen), so backward stops below them; null = all (or LoRA)")
     critic: CriticConfig = CriticConfig()
 
 

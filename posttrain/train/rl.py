@@ -206,12 +206,40 @@ def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -
     if config.lora.enabled:
         lora = config.lora
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    if config.rl.train_top_layers is not None:
+        train_top_layers(model, config.rl.train_top_layers)
     if unsharded:
         return model
     model.to(info.device)
     prepare_for_training(model, attn_implementation=choose_attention(True, config.model.attn_implementation),
                          gradient_checkpointing=config.model.gradient_checkpointing)
     return shard_model(model, info)
+
+
+def train_top_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
+    """Freeze everything but the top ``layers`` decoder blocks and the final norm (in place).
+
+    Autograd then stops at the lowest trainable block: a policy step costs one forward plus
+    about ``layers / L`` of a backward (partial fine-tuning for small hardware).
+    """
+    from posttrain.train.distributed import decoder_layers
+
+    blocks = decoder_layers(model)
+    if layers > len(blocks):
+        raise ConfigError(f"rl.train_top_layers: the model has {len(blocks)} decoder blocks, got {layers}")
+    keep = {id(p) for block in blocks[len(blocks) - layers:] for p in block.parameters()}
+    norm = getattr(unwrap_decoder(model), "norm", None)
+    if norm is not None:
+        keep |= {id(p) for p in norm.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
+    return model
+
+
+def unwrap_decoder(model: torch.nn.Module) -> torch.nn.Module:
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return causal_lm.get_decoder()
 
 
 def build_reference(config: RLConfig, policy: torch.nn.Module, info: DistInfo):
