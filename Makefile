@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.posttrain-installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install demo test test-fast bench lint clean-cache
 
@@ -24,14 +25,21 @@ $(STAMP): pyproject.toml | $(PY)
 
 install: $(STAMP)
 
+# The main job: baseline eval -> SFT -> RL -> eval on the bundled model, then runs/quickstart/report.html.
 demo: $(STAMP)
-	$(VENV)/bin/posttrain chat "Explain in two sentences what supervised fine-tuning does to a language model."
+	$(VENV)/bin/posttrain pipeline configs/quickstart.yaml $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Side-by-side benchmarks against TRL (installs the `bench` extra: trl, psutil).
+bench: $(STAMP)
+	$(PIP) install -e ".[bench]" "$(TORCH)"
+	$(PY) benchmarks/bench_sft.py
+	$(PY) benchmarks/bench_grpo.py
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check posttrain tests benchmarks
