@@ -289,7 +289,13 @@ def export_hf(
         config.use_cache = True
 
         def fill(tmp: Path) -> None:
-            target.save_pretrained(tmp, safe_serialization=True)
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # no "Writing model shards" bar in the trainer's output
+            try:
+                target.save_pretrained(tmp, safe_serialization=True)
+            finally:
+                hf_logging.enable_progress_bar()
             tokenizer.save_pretrained(tmp)
 
         try:
