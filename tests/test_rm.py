@@ -234,3 +234,15 @@ def test_lora_and_top_layers_train_only_what_they_say(tmp_path, tiny_model_dir):
     assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight,
                            initial.model.layers[0].self_attn.q_proj.weight)
     assert torch.equal(merged.model.embed_tokens.weight, initial.model.embed_tokens.weight)
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
+    from posttrain.cli import main
+
+    config = tmp_path / "rm.yaml"
+    config.write_text(f"data:\n  train: {tmp_path / 'missing.jsonl'}\nrun:\n  output_dir: {tmp_path}\n")
+    assert main(["rm", str(config), "run.tensorboard=false"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: data file {tmp_path / 'missing.jsonl'} does not exist"]
+    assert main(["rm", str(config), "rm.margin=1"]) == 2
+    assert "unknown key 'rm.margin'" in capsys.readouterr().err
