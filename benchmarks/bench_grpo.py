@@ -98,7 +98,12 @@ def worker_trl(args) -> dict:
     source = resolve_model_dir("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    if hasattr(config, "quantization_config"):  # the GGUF conversion's leftover: HF's Trainer refuses it
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
     rows = _rows(args.prompts * (args.steps + 1))
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}
                                  for r in rows])
