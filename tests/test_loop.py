@@ -214,3 +214,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tokenizer):
         grads.append(grads_after(model, [collate_packed(samples)], "token-mean", tokens, sequences))
     assert grads[1][0] == pytest.approx(grads[0][0], rel=1e-6)
     torch.testing.assert_close(grads[1][1], grads[0][1], rtol=1e-5, atol=1e-8)
+
+
+def test_is_due_every_n_steps_and_at_the_last():
+    from posttrain.train.loop import is_due
+
+    assert [s for s in range(1, 11) if is_due(s, 4, 10)] == [4, 8, 10]
+    assert not any(is_due(s, None, 10) for s in range(1, 11))

@@ -428,3 +428,8 @@ def evaluate_nll(
         nll_sum, count = reduce_sum([nll_sum, count])
     loss = nll_sum / max(count, 1.0)
     return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/tokens": int(count)}
+
+
+def is_due(step: int, every: int | None, total_steps: int) -> bool:
+    """True every ``every`` optimizer steps and at the last step; never when ``every`` is None."""
+    return every is not None and (step % every == 0 or step == total_steps)

@@ -50,7 +50,7 @@ from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_gather_objects, init_distributed, shard_model, \
     shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
-from posttrain.train.loop import apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
+from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
     prepare_for_training, resolve_warmup_steps
 from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, append_samples, collect_rollouts, \
     accuracy, evaluate_prompts, load_prompt_rows
@@ -144,15 +144,15 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
             state.elapsed_s += time.perf_counter() - started
             metrics = step_metrics(config, batch, adv_metrics, update_metrics, gap, times, kl_controller.value,
                                    time.perf_counter() - started)
-            if _due(state.step, config.train.eval_every, config.train.steps) and eval_rows:
+            if is_due(state.step, config.train.eval_every, config.train.steps) and eval_rows:
                 result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
                 metrics.update(result.eval_after)
-            if info.is_main and _due(state.step, config.train.samples_every, config.train.steps):
+            if info.is_main and is_due(state.step, config.train.samples_every, config.train.steps):
                 append_samples(run.samples, state.step, batch, train_rows, config.train.samples_per_log)
             if state.step % config.train.log_every == 0 or state.step == config.train.steps:
                 result.history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            if _due(state.step, config.train.save_every, config.train.steps):
+            if is_due(state.step, config.train.save_every, config.train.steps):
                 state.sampler, state.kl_controller = sampler.state_dict(), kl_controller.state_dict()
                 save_rl_checkpoint(run, state, models, info, keep_last=config.train.keep_last)
     if eval_rows and not result.eval_after and config.train.eval_every is None:
@@ -511,11 +511,6 @@ def load_rl_checkpoint(path: Path, models: Trainables, sampler: PromptSampler, k
                    elapsed_s=saved.get("elapsed_s", 0.0))
 
 
-def _due(step: int, every: int | None, total_steps: int) -> bool:
-    """Every ``every`` steps and at the last step."""
-    if every is None:
-        return False
-    return step % every == 0 or step == total_steps
 
 
 def announce(config: RLConfig, info: DistInfo, models: Trainables, train_rows: Sequence[PromptRow],

@@ -48,7 +48,7 @@ from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
     shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, prepare_run_dir
-from posttrain.train.loop import apply_lora, autocast_context, build_optimizer, build_scheduler, \
+from posttrain.train.loop import is_due, apply_lora, autocast_context, build_optimizer, build_scheduler, \
     choose_attention, count_parameters, optimizer_step, prepare_for_training
 from posttrain.train.sft import TrainerState, advance, check_schedule, seed_everything
 
@@ -150,13 +150,13 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
             )
             state = advance(state, plan, result)
             metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info))
-            if val_pairs and (_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
+            if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
                 metrics.update(val_metrics)
             if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
                 history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            if _due(state.step, config.train.save_every, total_steps) and config.train.save_every:
+            if is_due(state.step, config.train.save_every, total_steps):
                 ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
                                      info, keep_last=config.train.keep_last)
     if val_pairs and not val_metrics:  # resumed at the very end: nothing was evaluated in this process
@@ -481,10 +481,6 @@ def _pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def _due(step: int, every: int | None, total_steps: int) -> bool:
-    return every is not None and (step % every == 0 or step == total_steps)
 
 
 def write_eval(eval_dir: Path, val_metrics: dict[str, float], pairs: int) -> None:

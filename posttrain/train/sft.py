@@ -32,7 +32,7 @@ from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
     shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
-from posttrain.train.loop import apply_lora, build_optimizer, build_scheduler, choose_attention, \
+from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, \
     count_parameters, evaluate_nll, optimizer_step, prepare_for_training, resolve_warmup_steps, \
     sft_micro_batch_loss, tune_cpu_allocator
 
@@ -110,12 +110,12 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
             )
             state = advance(state, plan, result)
             metrics = step_metrics(config, plan, result, state)
-            if _due(state.step, config.train.eval_every, total_steps) and val_samples:
+            if is_due(state.step, config.train.eval_every, total_steps) and val_samples:
                 metrics.update(validate(model, val_samples, config, info, pad_id))
             if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
                 history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            if _due(state.step, config.train.save_every, total_steps) and config.train.save_every:
+            if is_due(state.step, config.train.save_every, total_steps):
                 ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
                                      info, keep_last=config.train.keep_last)
     final = ckpt.export_hf(model, tokenizer, run.final, info, merge_lora=config.lora.merge_on_export,
@@ -284,13 +284,6 @@ def validate(model: torch.nn.Module, samples: Sequence[Any], config: SFTConfig, 
                for mb in mine)
     return evaluate_nll(model, batches, precision=config.train.precision, device=info.device,
                         chunk_size=config.train.logits_chunk_size, reduce_sum=lambda v: all_reduce_sum(v, info))
-
-
-def _due(step: int, every: int | None, total_steps: int) -> bool:
-    """Every ``every`` steps and at the last step."""
-    if every is None:
-        return False
-    return step % every == 0 or step == total_steps
 
 
 def announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path) -> None:
