@@ -256,6 +256,9 @@ class RLAlgorithmConfig(Section):
     mini_batch_size: int | None = Field(
         None, gt=0, description="sequences per optimizer step; null = the whole rollout batch (one step per epoch)")
     micro_batch_tokens: int = Field(4096, gt=0, description="token budget of one forward/backward (packed)")
+    share_prompt: bool = Field(True, description="lay out each group's prompt once in the log-prob and update "
+                                                 "passes (same math, fewer tokens); false: one packed sequence "
+                                                 "per completion")
     loss_agg_mode: LossAggMode = Field(
         "token-mean", description="how token losses are aggregated; 'sum' is divided by sequences x max_new_tokens "
                                   "(Dr. GRPO's constant normaliser)")

@@ -44,6 +44,7 @@ import torch
 
 from posttrain.data.batching import MicroBatch, collate
 from posttrain.errors import DataError, ModelLoadError
+from posttrain.train.loop import model_inputs
 
 # ----------------------------------------------------------------------------- model
 
@@ -185,13 +186,7 @@ def token_values(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
 
     handle = score_layer(model).register_forward_hook(keep_output)
     try:
-        kwargs: dict[str, Any] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-        if batch.packed:
-            kwargs.update(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
-                          max_length_q=batch.max_seq_len, max_length_k=batch.max_seq_len)
-        else:
-            kwargs["attention_mask"] = batch.attention_mask
-        model(**kwargs)
+        model(**model_inputs(batch))
     finally:
         handle.remove()
     return captured[-1].squeeze(-1).float()

@@ -22,7 +22,11 @@ Layouts:
 - packed (padding-free): one row ``[1, T]`` holding several sequences back to back,
   ``position_ids`` restarting at 0 for each, and ``cu_seq_lens`` (cumulative lengths, the
   flash-attention varlen convention) so attention never crosses a sequence boundary;
-- padded: ``[B, T_max]`` rows, right padding, a 0/1 ``attention_mask``.
+- padded: ``[B, T_max]`` rows, right padding, a 0/1 ``attention_mask``;
+- shared-prompt (RL): each group's prompt once, then its completions, all in one block whose
+  boolean mask lets every completion see the prompt and its own earlier tokens, never a
+  sibling (``collate_shared_prompt``). A group of G completions of length C after a prompt
+  of length P costs ``P + G*C`` tokens instead of ``G*(P + C)``; the math is unchanged.
 
 Samples are duck-typed: anything with ``input_ids``, ``loss_mask`` and optionally
 ``weights`` (``posttrain.data.render.RenderedSample``).
@@ -277,6 +281,12 @@ class MicroBatch:
     cu_seq_lens: [S + 1] int32 cumulative sequence lengths when packed (varlen attention).
     max_seq_len: longest sequence (packed).
     num_tokens: real (non-padding) tokens.
+    block_masks: shared-prompt layout only: per ``cu_seq_lens`` block, a [L, L] bool mask
+        (True = may attend) replacing plain causal attention inside that block.
+    extras: layout-specific tensors; the shared-prompt layout puts there, per response token
+        in sample order (N tokens): ``predict_index`` [N] (the row position whose hidden
+        state predicts it), ``predict_targets`` [N] (its id), ``predict_sequence`` [N]
+        (its sample's index in the micro-batch).
     """
 
     input_ids: torch.Tensor
@@ -288,6 +298,7 @@ class MicroBatch:
     max_seq_len: int = 0
     num_tokens: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
+    block_masks: list[torch.Tensor] | None = None
 
     @property
     def packed(self) -> bool:
@@ -299,8 +310,84 @@ class MicroBatch:
 
         return MicroBatch(
             move(self.input_ids), move(self.loss_mask), move(self.position_ids), move(self.weights),
-            move(self.attention_mask), move(self.cu_seq_lens), self.max_seq_len, self.num_tokens, self.extras,
+            move(self.attention_mask), move(self.cu_seq_lens), self.max_seq_len, self.num_tokens,
+            {key: move(value) for key, value in self.extras.items()},
+            None if self.block_masks is None else [move(m) for m in self.block_masks],
         )
+
+
+def shared_prompt_block_mask(prompt_length: int, completion_lengths: Sequence[int]) -> torch.Tensor:
+    """Attention mask of one shared-prompt block: [L, L] bool, L = P + sum(C_i), True = may attend.
+
+    Prompt rows attend causally within the prompt; completion i's rows attend to the whole
+    prompt and causally within completion i (never to another completion).
+
+    Example, P = 2, C = (1, 2) (rows = queries):
+    ``[[1,0,0,0,0], [1,1,0,0,0], [1,1,1,0,0], [1,1,0,1,0], [1,1,0,1,1]]``.
+    """
+    total = prompt_length + sum(completion_lengths)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    mask[:prompt_length, :prompt_length] = torch.ones(prompt_length, prompt_length, dtype=torch.bool).tril()
+    start = prompt_length
+    for length in completion_lengths:
+        end = start + length
+        mask[start:end, :prompt_length] = True
+        mask[start:end, start:end] = torch.ones(length, length, dtype=torch.bool).tril()
+        start = end
+    return mask
+
+
+def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]) -> MicroBatch:
+    """Lay out (prompt ids, [completion ids, ...]) groups with each prompt stored once.
+
+    Per group one block ``prompt + completion_1 + ... + completion_k``; position ids run
+    0..P-1 over the prompt and P..P+C_i-1 over each completion (what each would have alone).
+    A completion's first token is predicted by the prompt's last position, shared by the
+    group; later tokens by the previous token of the same completion. Response tokens come
+    out in sample order (group by group, completion by completion) in ``extras``.
+    """
+    ids: list[int] = []
+    mask: list[int] = []
+    positions: list[int] = []
+    predict_index: list[int] = []
+    predict_targets: list[int] = []
+    predict_sequence: list[int] = []
+    block_masks: list[torch.Tensor] = []
+    cu = [0]
+    longest = 0
+    sample = 0
+    for prompt, completions in groups:
+        if not prompt:
+            raise ValueError("a shared-prompt group needs a non-empty prompt")
+        start = len(ids)
+        ids.extend(prompt)
+        mask.extend([0] * len(prompt))
+        positions.extend(range(len(prompt)))
+        for completion in completions:
+            offset = len(ids)
+            ids.extend(completion)
+            mask.extend([1] * len(completion))
+            positions.extend(range(len(prompt), len(prompt) + len(completion)))
+            for j, token in enumerate(completion):
+                predict_index.append(start + len(prompt) - 1 if j == 0 else offset + j - 1)
+                predict_targets.append(int(token))
+                predict_sequence.append(sample)
+            longest = max(longest, len(prompt) + len(completion))
+            sample += 1
+        block_masks.append(shared_prompt_block_mask(len(prompt), [len(c) for c in completions]))
+        cu.append(len(ids))
+    return MicroBatch(
+        input_ids=torch.tensor([ids], dtype=torch.long),
+        loss_mask=torch.tensor([mask], dtype=torch.long),
+        position_ids=torch.tensor([positions], dtype=torch.long),
+        cu_seq_lens=torch.tensor(cu, dtype=torch.int32),
+        max_seq_len=longest,
+        num_tokens=len(ids),
+        extras={"predict_index": torch.tensor(predict_index, dtype=torch.long),
+                "predict_targets": torch.tensor(predict_targets, dtype=torch.long),
+                "predict_sequence": torch.tensor(predict_sequence, dtype=torch.long)},
+        block_masks=block_masks,
+    )
 
 
 def _weights_of(sample: Any) -> list[float] | None:

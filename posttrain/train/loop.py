@@ -81,6 +81,7 @@ def varlen_sdpa_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    posttrain_block_masks: Sequence[torch.Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention inside each packed sequence (transformers attention interface).
@@ -89,6 +90,9 @@ def varlen_sdpa_attention(
         query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (packed row, batch of one).
         cu_seq_lens_q: [S + 1] cumulative sequence lengths; None falls back to plain
             causal attention over the row (a single sequence).
+        posttrain_block_masks: optional, one [L_s, L_s] bool mask per block of
+            ``cu_seq_lens_q`` used instead of causal attention inside it (the shared-prompt
+            layout of ``data.batching.collate_shared_prompt``).
 
     Returns:
         ([1, T, Hq, D] attention output, None).
@@ -112,10 +116,11 @@ def varlen_sdpa_attention(
         raise ValueError("packed attention expects a single packed row")
     bounds = cu_seq_lens_q.tolist()
     pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:]):
+    for block, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
+        block_mask = None if posttrain_block_masks is None else posttrain_block_masks[block]
         pieces.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
-            dropout_p=dropout, scale=scaling, is_causal=end - start > 1,
+            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=block_mask,
+            dropout_p=dropout, scale=scaling, is_causal=block_mask is None and end - start > 1,
         ))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous().to(out_dtype), None
@@ -208,20 +213,27 @@ def forward_hidden(model: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Ten
 
     handle = decoder.register_forward_hook(keep_output)
     try:
-        kwargs: dict[str, Any] = dict(
-            input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False,
-            logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch.input_ids.device),
-        )
-        if batch.packed:
-            kwargs.update(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
-                          max_length_q=batch.max_seq_len, max_length_k=batch.max_seq_len)
-        else:
-            kwargs["attention_mask"] = batch.attention_mask
-        model(**kwargs)
+        model(**model_inputs(batch),
+              logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch.input_ids.device))
     finally:
         handle.remove()
     lm_head = causal_lm.get_output_embeddings()
     return captured[-1], lm_head.weight
+
+
+def model_inputs(batch: MicroBatch) -> dict[str, Any]:
+    """Keyword arguments of a transformers forward for ``batch``: packed rows carry their
+    sequence bounds (and shared-prompt block masks) to the varlen attention, padded rows
+    their attention mask."""
+    kwargs: dict[str, Any] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    if batch.packed:
+        kwargs.update(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
+                      max_length_q=batch.max_seq_len, max_length_k=batch.max_seq_len)
+        if batch.block_masks is not None:
+            kwargs["posttrain_block_masks"] = batch.block_masks
+    else:
+        kwargs["attention_mask"] = batch.attention_mask
+    return kwargs
 
 
 def sft_micro_batch_loss(

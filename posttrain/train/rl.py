@@ -365,7 +365,8 @@ def rollout_pass_arguments(config: RLConfig, models: Trainables, info: DistInfo,
     return dict(policy=models.policy if needs_old_logprobs(config) else None, reference=models.reference,
                 critic=models.critic, temperature=config.rollout.temperature,
                 chunk_size=config.train.logits_chunk_size, micro_batch_tokens=config.rl.micro_batch_tokens,
-                pad_token_id=pad_id, precision=config.train.precision, device=info.device)
+                share_prompt=config.rl.share_prompt, pad_token_id=pad_id, precision=config.train.precision,
+                device=info.device)
 
 
 def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int, kl_coef: float, info: DistInfo,
@@ -378,7 +379,7 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
     if not batches:
         return {}
     common = dict(ppo_epochs=rl.ppo_epochs, seed=config.train.seed + step, micro_batch_tokens=rl.micro_batch_tokens,
-                  pad_token_id=pad_id, precision=config.train.precision, device=info.device,
+                  share_prompt=rl.share_prompt, pad_token_id=pad_id, precision=config.train.precision, device=info.device,
                   max_grad_norm=config.optim.max_grad_norm, world_size=1)  # ranks share the batch: see module doc
     metrics: dict[str, float] = {}
     if models.critic is not None:

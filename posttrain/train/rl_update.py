@@ -41,17 +41,23 @@ from posttrain.algorithms.sft import (
     next_token_targets,
     sequence_index_from_position_ids,
 )
-from posttrain.data.batching import MicroBatch, collate_packed, split_into_micro_batches
+from posttrain.data.batching import MicroBatch, collate_packed, collate_shared_prompt, split_into_micro_batches
 from posttrain.train.loop import autocast_context, forward_hidden, optimizer_step
 from posttrain.train.rl_rollouts import RolloutSample
 
 # ----------------------------------------------------------------------------- layout
 
 
-def pack_micro_batches(samples: Sequence[RolloutSample], micro_batch_tokens: int,
-                       pad_token_id: int) -> list[tuple[list[RolloutSample], MicroBatch]]:
+def pack_micro_batches(samples: Sequence[RolloutSample], micro_batch_tokens: int, pad_token_id: int,
+                       share_prompt: bool = False) -> list[tuple[list[RolloutSample], MicroBatch]]:
     """Split samples into packed micro-batches within the token budget (order inside each
-    micro-batch = the order of its sample list)."""
+    micro-batch = the order of its sample list).
+
+    ``share_prompt``: samples with the same prompt ids are laid out with the prompt once
+    (``share_prompt_micro_batches``); otherwise every sample is its own packed sequence.
+    """
+    if share_prompt:
+        return share_prompt_micro_batches(samples, micro_batch_tokens)
     lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
     bins = split_into_micro_batches(list(range(len(samples))), lengths, micro_batch_tokens, packing=True)
     out = []
@@ -59,6 +65,39 @@ def pack_micro_batches(samples: Sequence[RolloutSample], micro_batch_tokens: int
         chosen = [samples[i] for i in indices]
         out.append((chosen, collate_packed(chosen, pad_token_id)))
     return out
+
+
+def share_prompt_micro_batches(samples: Sequence[RolloutSample],
+                               micro_batch_tokens: int) -> list[tuple[list[RolloutSample], MicroBatch]]:
+    """Group samples by prompt, store each prompt once per micro-batch, fill micro-batches
+    in order within the token budget (a group larger than the budget is split, each part
+    with its own copy of the prompt; one completion always fits a micro-batch of its own)."""
+    groups: dict[tuple[int, ...], list[RolloutSample]] = {}
+    for sample in samples:
+        groups.setdefault(tuple(sample.prompt_ids), []).append(sample)
+    parts: list[tuple[tuple[int, ...], list[RolloutSample]]] = []
+    for prompt, members in groups.items():
+        part: list[RolloutSample] = []
+        cost = len(prompt)
+        for sample in members:
+            if part and cost + len(sample.response_ids) > micro_batch_tokens:
+                parts.append((prompt, part))
+                part, cost = [], len(prompt)
+            part.append(sample)
+            cost += len(sample.response_ids)
+        parts.append((prompt, part))
+    bins: list[list[tuple[tuple[int, ...], list[RolloutSample]]]] = []
+    bin_cost = 0
+    for prompt, part in parts:
+        cost = len(prompt) + sum(len(s.response_ids) for s in part)
+        if not bins or bin_cost + cost > micro_batch_tokens:
+            bins.append([])
+            bin_cost = 0
+        bins[-1].append((prompt, part))
+        bin_cost += cost
+    return [([s for _, part in chosen for s in part],
+             collate_shared_prompt([(list(prompt), [s.response_ids for s in part]) for prompt, part in chosen]))
+            for chosen in bins]
 
 
 @dataclass
@@ -78,24 +117,30 @@ def response_token_logprobs(model: torch.nn.Module, batch: MicroBatch, *, temper
                             with_entropy: bool) -> ResponseTokens:
     """log pi(response token) (and entropy) for every response token of a packed micro-batch."""
     hidden_BTH, lm_head_weight = forward_hidden(model, batch)
-    sequence_index = sequence_index_from_position_ids(batch.position_ids)
-    targets = next_token_targets(batch.input_ids, batch.loss_mask, None, sequence_index)
-    positions = gather_trained_positions(hidden_BTH, targets, sequence_index)
+    if "predict_index" in batch.extras:  # shared-prompt layout: the predicting positions are listed
+        hidden = hidden_BTH.reshape(-1, hidden_BTH.shape[-1]).index_select(0, batch.extras["predict_index"])
+        targets, sequence_index = batch.extras["predict_targets"], batch.extras["predict_sequence"]
+    else:
+        sequence_index_BT = sequence_index_from_position_ids(batch.position_ids)
+        positions = gather_trained_positions(
+            hidden_BTH, next_token_targets(batch.input_ids, batch.loss_mask, None, sequence_index_BT),
+            sequence_index_BT)
+        hidden, targets, sequence_index = positions.hidden, positions.targets, positions.sequence_index
     logp, entropy = chunked_token_logprobs_and_entropy(
-        positions.hidden, lm_head_weight, positions.targets, chunk_size, temperature=temperature,
-        with_entropy=with_entropy)
-    return ResponseTokens(logp, entropy, positions.sequence_index)
+        hidden, lm_head_weight, targets, chunk_size, temperature=temperature, with_entropy=with_entropy)
+    return ResponseTokens(logp, entropy, sequence_index)
 
 
 def response_token_values(critic: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """The critic's value at each position that predicts a response token: [N] (sample order)."""
     from posttrain.scalar_head import token_values
 
-    values_BT = token_values(critic, batch)
+    values_T = token_values(critic, batch).reshape(-1)
+    if "predict_index" in batch.extras:
+        return values_T.index_select(0, batch.extras["predict_index"])
     sequence_index = sequence_index_from_position_ids(batch.position_ids)
     targets = next_token_targets(batch.input_ids, batch.loss_mask, None, sequence_index)
-    keep = targets.target_mask.reshape(-1) != 0
-    return values_BT.reshape(-1)[keep]
+    return values_T[targets.target_mask.reshape(-1) != 0]
 
 
 def split_per_sample(values_N: torch.Tensor, samples: Sequence[RolloutSample]) -> list[torch.Tensor]:
@@ -113,7 +158,7 @@ def concat_field(samples: Sequence[RolloutSample], name: str, device: torch.devi
 def compute_rollout_tensors(samples: Sequence[RolloutSample], *, policy: torch.nn.Module | None,
                             reference: Callable[[], Any] | None, critic: torch.nn.Module | None,
                             temperature: float, chunk_size: int, micro_batch_tokens: int, pad_token_id: int,
-                            precision: str, device: torch.device) -> dict[str, float]:
+                            precision: str, device: torch.device, share_prompt: bool = False) -> dict[str, float]:
     """Fill ``old_logp`` (policy given), ``ref_logp`` (reference given) and ``values``
     (critic given) of every sample, without gradients.
 
@@ -122,7 +167,7 @@ def compute_rollout_tensors(samples: Sequence[RolloutSample], *, policy: torch.n
     log-prob gap metrics when the engine reported log-probs.
     """
     gaps: list[torch.Tensor] = []
-    for chunk, batch in pack_micro_batches(samples, micro_batch_tokens, pad_token_id):
+    for chunk, batch in pack_micro_batches(samples, micro_batch_tokens, pad_token_id, share_prompt):
         batch = batch.to(device)
         with autocast_context(precision, device):
             if policy is not None:
@@ -341,7 +386,7 @@ def weighted_mean_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]
 def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches: Sequence[list[RolloutSample]],
                  loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]], *, ppo_epochs: int, seed: int,
                  micro_batch_tokens: int, pad_token_id: int, precision: str, device: torch.device,
-                 max_grad_norm: float | None, world_size: int = 1) -> dict[str, float]:
+                 max_grad_norm: float | None, world_size: int = 1, share_prompt: bool = False) -> dict[str, float]:
     """``ppo_epochs`` passes; one optimizer step per mini-batch; returns averaged metrics.
 
     ``loss_fn(model, item, step_tokens=, step_sequences=, sink=)`` is ``policy_micro_loss``
@@ -354,7 +399,7 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
             step_tokens = float(sum(len(s.response_ids) for s in mini))
             step_sequences = float(len(mini))
             items = [(chunk, batch.to(device)) for chunk, batch in
-                     pack_micro_batches(mini, micro_batch_tokens, pad_token_id)]
+                     pack_micro_batches(mini, micro_batch_tokens, pad_token_id, share_prompt)]
             result = optimizer_step(
                 model, optimizer, scheduler, items,
                 lambda m, item: loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=records),
