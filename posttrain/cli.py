@@ -34,6 +34,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
 
 
+def flag_overrides(args: argparse.Namespace, flags_to_keys: tuple[tuple[str, str], ...]) -> list[str]:
+    """``key=value`` overrides for every command-line flag that was given (not None)."""
+    return [f"{key}={getattr(args, flag)}" for flag, key in flags_to_keys if getattr(args, flag) is not None]
+
+
 # ----------------------------------------------------------------------------- chat
 def _chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="the user message")
@@ -50,11 +55,9 @@ def _chat(args: argparse.Namespace) -> int:
     from posttrain.chat import chat
     from posttrain.config import ChatConfig, load_config
 
-    overrides = list(args.overrides)
-    for flag, key in (("model", "model.name"), ("system", "system"), ("chat_template", "model.chat_template"),
-                      ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
+    overrides = list(args.overrides) + flag_overrides(args, (
+        ("model", "model.name"), ("system", "system"), ("chat_template", "model.chat_template"),
+        ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature")))
     config = load_config(ChatConfig, None, overrides)
     print(chat(config, args.prompt))
     return 0
@@ -76,49 +79,40 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- sft
-@command("sft", "supervised fine-tuning (packing, exact step-wide loss, LoRA, resume; torchrun for FSDP2)",
-         add_config_arguments)
-def _sft(args: argparse.Namespace) -> int:
-    from posttrain.config import SFTConfig, load_config
-    from posttrain.train.sft import run_sft
+# ----------------------------------------------------------------------------- sft, rm, rl, eval
+def config_command(name: str, help_line: str, config_class: str, runner: str) -> None:
+    """Register ``posttrain NAME CONFIG [key.sub=value ...]``, the shape of every trainer.
 
-    run_sft(load_config(SFTConfig, args.config, args.overrides))
-    return 0
+    ``config_class`` and ``runner`` are ``"module:attribute"`` names, imported only when the
+    command runs (``posttrain --help`` stays fast): the config is loaded from the file and
+    the overrides, validated, and handed to the runner.
+    """
 
+    def run(args: argparse.Namespace) -> int:
+        from posttrain.config import load_config
 
-# ----------------------------------------------------------------------------- rm
-@command("rm", "train a reward model on preference pairs (Bradley-Terry), report held-out accuracy, export HF",
-         add_config_arguments)
-def _rm(args: argparse.Namespace) -> int:
-    from posttrain.config import RMConfig, load_config
-    from posttrain.train.rm import run_rm
+        load_attribute(runner)(load_config(load_attribute(config_class), args.config, args.overrides))
+        return 0
 
-    run_rm(load_config(RMConfig, args.config, args.overrides))
-    return 0
+    command(name, help_line, add_config_arguments)(run)
 
 
-# ----------------------------------------------------------------------------- rl
-@command("rl", "on-policy RL: GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic; DAPO options; hf or vllm rollouts",
-         add_config_arguments)
-def _rl(args: argparse.Namespace) -> int:
-    from posttrain.config import RLConfig, load_config
-    from posttrain.train.rl import run_rl
+def load_attribute(qualified: str):
+    """``"package.module:name"`` -> that object."""
+    import importlib
 
-    run_rl(load_config(RLConfig, args.config, args.overrides))
-    return 0
+    module, _, attribute = qualified.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
-# ----------------------------------------------------------------------------- eval
-@command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
-         add_config_arguments)
-def _eval(args: argparse.Namespace) -> int:
-    from posttrain.config import load_config
-    from posttrain.eval.config import EvalConfig
-    from posttrain.eval.runner import run_eval
-
-    run_eval(load_config(EvalConfig, args.config, args.overrides))
-    return 0
+config_command("sft", "supervised fine-tuning (packing, exact step-wide loss, LoRA, resume; torchrun for FSDP2)",
+               "posttrain.config:SFTConfig", "posttrain.train.sft:run_sft")
+config_command("rm", "train a reward model on preference pairs (Bradley-Terry), report held-out accuracy, export HF",
+               "posttrain.config:RMConfig", "posttrain.train.rm:run_rm")
+config_command("rl", "on-policy RL: GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic; DAPO options; hf or vllm rollouts",
+               "posttrain.config:RLConfig", "posttrain.train.rl:run_rl")
+config_command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
+               "posttrain.eval.config:EvalConfig", "posttrain.eval.runner:run_eval")
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -147,12 +141,10 @@ def _inspect(args: argparse.Namespace) -> int:
     from posttrain.errors import ConfigError
     from posttrain.inspect_data import inspect_config, inspect_data, use_colour
 
-    overrides = []
-    for flag, key in (("model", "model.name"), ("chat_template", "model.chat_template"), ("max_length", "data.max_length"),
-                      ("truncation", "data.truncation"), ("train_on", "data.train_on"),
-                      ("history_rewrite", "data.history_rewrite"), ("limit", "data.limit")):
-        if getattr(args, flag) is not None:
-            overrides.append(f"{key}={getattr(args, flag)}")
+    overrides = flag_overrides(args, (
+        ("model", "model.name"), ("chat_template", "model.chat_template"), ("max_length", "data.max_length"),
+        ("truncation", "data.truncation"), ("train_on", "data.train_on"), ("history_rewrite", "data.history_rewrite"),
+        ("limit", "data.limit")))
     if args.no_train_tool_calls:
         overrides.append("data.train_tool_calls=false")
     if args.skip_bad:

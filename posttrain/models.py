@@ -178,12 +178,7 @@ def load_tokenizer(spec: str = DEFAULT_MODEL, chat_template: str | Path | None =
     """Load the tokenizer of ``spec``; ``chat_template`` (a Jinja file) replaces its template."""
     from transformers import AutoTokenizer
 
-    source = resolve_model_dir(spec)
-    with _quiet_transformers():
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as exc:
-            raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
+    _, tokenizer = _load_quietly(spec, AutoTokenizer.from_pretrained)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template is not None:
@@ -200,22 +195,52 @@ def load_model(spec: str = DEFAULT_MODEL, *, dtype: Any = None, device: Any = No
     """Load a causal LM from ``spec`` (alias, HF directory, .gguf file or hub id)."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model_dir(spec)
-    with _quiet_transformers():
-        try:
-            kwargs = _drop_stale_gguf_quantization(source, kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-        except Exception as exc:
-            raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
+    _, model = _load_quietly(spec, lambda source: AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, **_drop_stale_gguf_quantization(source, kwargs)))
     if device is not None:
         model.to(device)
     return model
 
 
-def _drop_stale_gguf_quantization(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+def load_model_config(spec: str = DEFAULT_MODEL) -> tuple[str, Any]:
+    """(resolved source, its transformers config) for a model spec, without a stale GGUF
+    ``quantization_config`` entry (see ``_drop_gguf_quantization_entry``).
+
+    For loaders that adjust the config before building a model class of their own (the
+    scalar-head model of ``posttrain.scalar_head``). Raises ModelLoadError (one line).
+    """
+    from transformers import AutoConfig
+
+    source, config = _load_quietly(spec, AutoConfig.from_pretrained)
+    _drop_gguf_quantization_entry(config)
+    return source, config
+
+
+def _load_quietly(spec: str, load: Any) -> tuple[str, Any]:
+    """(source, ``load(source)``) for the resolved spec, transformers' chatter silenced; any
+    failure becomes a one-line ModelLoadError."""
+    source = resolve_model_dir(spec)
+    with _quiet_transformers():
+        try:
+            return source, load(source)
+        except Exception as exc:
+            raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
+
+
+def _drop_gguf_quantization_entry(config: Any) -> bool:
     """Caches converted before the fix above kept ``quantization_config: gguf`` in config.json
-    although the weights are plain fp32; such a model refuses ``save_pretrained``. Load it
-    with that entry removed."""
+    although the weights are plain fp32; such a model refuses ``save_pretrained``. Removes
+    that entry from ``config``; True if there was one."""
+    quant = getattr(config, "quantization_config", None)
+    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
+        del config.quantization_config
+        return True
+    return False
+
+
+def _drop_stale_gguf_quantization(source: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` kwargs that pass a config without the stale GGUF entry, if the
+    cached config.json has one."""
     config_file = Path(source) / "config.json"
     if "config" in kwargs or not config_file.is_file():
         return kwargs
@@ -224,11 +249,7 @@ def _drop_stale_gguf_quantization(source: str, kwargs: dict[str, Any]) -> dict[s
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(source)
-    quant = getattr(config, "quantization_config", None)
-    if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
-        del config.quantization_config
-        return {**kwargs, "config": config}
-    return kwargs
+    return {**kwargs, "config": config} if _drop_gguf_quantization_entry(config) else kwargs
 
 
 def _load_failure_message(spec: str, source: str, exc: Exception) -> str:

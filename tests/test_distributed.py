@@ -3,15 +3,12 @@ on the same global batch; single-process helpers behave as identities."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_harness import run_worker, small_vocab_model_dir
 
 from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, broadcast_object, \
     init_distributed, shard_model
@@ -49,33 +46,18 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def run_worker(tmp_path: Path, model_dir: str, nproc: int, agg: str, lora: bool = False) -> list[dict]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    out = tmp_path / f"out{nproc}{'-lora' if lora else ''}"
-    env = {**os.environ, "AGG": agg, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "LORA": "1" if lora else "",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    if nproc == 1:
-        command = [sys.executable, str(script), model_dir, str(out)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(script), model_dir, str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), out / "run"
+def run_sft_worker(tmp_path: Path, model_dir: Path, nproc: int, agg: str, lora: bool = False) -> tuple[list[dict], Path]:
+    return run_worker(WORKER, tmp_path, model_dir, nproc, name=f"out{nproc}{'-lora' if lora else ''}",
+                      env={"AGG": agg, "LORA": "1" if lora else ""})
 
 
 @pytest.mark.parametrize("agg", ["token-mean", pytest.param("seq-mean-token-mean", marks=pytest.mark.slow)])
 def test_two_processes_match_one_process(tmp_path, tokenizer, agg):
-    from conftest import build_tiny_llama
     from safetensors.torch import load_file
 
-    model_dir = tmp_path / "model"
-    build_tiny_llama(tokenizer, vocab_size=320).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    one, run_one = run_worker(tmp_path, str(model_dir), 1, agg)
-    two, run_two = run_worker(tmp_path, str(model_dir), 2, agg)
+    model_dir = small_vocab_model_dir(tmp_path, tokenizer)
+    one, run_one = run_sft_worker(tmp_path, model_dir, 1, agg)
+    two, run_two = run_sft_worker(tmp_path, model_dir, 2, agg)
     assert [h["step"] for h in one] == [h["step"] for h in two] == [0, 1, 2, 3]
     assert two[0]["val/loss"] == pytest.approx(one[0]["val/loss"], rel=1e-5)  # before training
     one, two = one[1:], two[1:]
@@ -96,14 +78,11 @@ def test_two_processes_match_one_process(tmp_path, tokenizer, agg):
 
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_lora(tmp_path, tokenizer):
-    from conftest import build_tiny_llama
     from safetensors.torch import load_file
 
-    model_dir = tmp_path / "model"
-    build_tiny_llama(tokenizer, vocab_size=320).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    one, run_one = run_worker(tmp_path, str(model_dir), 1, "token-mean", lora=True)
-    two, run_two = run_worker(tmp_path, str(model_dir), 2, "token-mean", lora=True)
+    model_dir = small_vocab_model_dir(tmp_path, tokenizer)
+    one, run_one = run_sft_worker(tmp_path, model_dir, 1, "token-mean", lora=True)
+    two, run_two = run_sft_worker(tmp_path, model_dir, 2, "token-mean", lora=True)
     for a, b in zip(one[1:], two[1:]):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     w1 = load_file(str(run_one / "final" / "model.safetensors"))

@@ -4,15 +4,11 @@ final weights."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
+from distributed_harness import run_worker, small_vocab_model_dir
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -46,33 +42,13 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def run_worker(tmp_path: Path, model_dir: str, nproc: int) -> tuple[list[dict], Path]:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    out = tmp_path / f"out{nproc}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    if nproc == 1:
-        command = [sys.executable, str(script), model_dir, str(out)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   str(script), model_dir, str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    line = next(x for x in done.stdout.splitlines() if x.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):]), out / "run"
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path, tokenizer):
-    from conftest import build_tiny_llama
     from safetensors.torch import load_file
 
-    model_dir = tmp_path / "model"
-    build_tiny_llama(tokenizer, vocab_size=320).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    one, run_one = run_worker(tmp_path, str(model_dir), 1)
-    two, run_two = run_worker(tmp_path, str(model_dir), 2)
+    model_dir = small_vocab_model_dir(tmp_path, tokenizer)
+    one, run_one = run_worker(WORKER, tmp_path, model_dir, 1, timeout=900)
+    two, run_two = run_worker(WORKER, tmp_path, model_dir, 2, timeout=900)
     assert [h["step"] for h in one] == [h["step"] for h in two] == [1, 2, 3]
     for a, b in zip(one, two):
         for key in ("loss", "accuracy", "margin", "reward/chosen", "grad_norm"):

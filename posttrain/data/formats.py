@@ -77,14 +77,7 @@ def read_rows(
     DataError naming ``file:n``; with ``skip_bad`` it is appended to ``bad_rows`` as
     ``(n, message)`` and skipped instead. ``limit`` counts rows read, bad ones included.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    count = 0
-    for n, row in _iter_raw(path):
-        if limit is not None and count >= limit:
-            return
-        count += 1
+    for n, row in read_rows_or_errors(path, limit=limit):
         if isinstance(row, DataError):
             if not skip_bad:
                 raise row
@@ -330,12 +323,17 @@ def _join_text_parts(parts: list, where: str) -> str:
     return "".join(texts)
 
 
+def _parse_json_text(text: str, where: str, what: str) -> Any:
+    """``json.loads(text)``; a one-line DataError ``<where>: <what> not valid JSON (<why>)``."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: {what} not valid JSON ({exc.msg})") from None
+
+
 def _parse_sharegpt_call(value: Any, where: str) -> dict:
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: function_call value is not JSON ({exc.msg})") from None
+        value = _parse_json_text(value, where, "function_call value is")
     if not isinstance(value, dict):
         raise DataError(f"{where}: function_call value must be a JSON object with 'name' and 'arguments'")
     return value
@@ -358,10 +356,7 @@ def normalise_tool_calls(value: Any, where: str) -> list[dict[str, Any]]:
             raise DataError(f"{here}: tool call has no function name")
         arguments = function.get("arguments", function.get("parameters", {}))
         if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments) if arguments.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{here}: arguments of '{name}' are not valid JSON ({exc.msg})") from None
+            arguments = _parse_json_text(arguments, here, f"arguments of '{name}' are") if arguments.strip() else {}
         if not isinstance(arguments, dict):
             raise DataError(f"{here}: arguments of '{name}' must be an object, got {_type_name(arguments)}")
         normalised: dict[str, Any] = {"type": "function", "function": {"name": name, "arguments": arguments}}
@@ -376,10 +371,7 @@ def normalise_tools(value: Any, where: str) -> list[dict[str, Any]] | None:
     if value is None or value == [] or value == "":
         return None
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+        value = _parse_json_text(value, where, "is")
     if not isinstance(value, list):
         raise DataError(f"{where}: must be a list of tool definitions, got {_type_name(value)}")
     tools = []

@@ -91,6 +91,24 @@ EXTRACTORS = {
 }
 
 
+def check_extract_methods(methods: str | Sequence[str]) -> list[str]:
+    """Extraction methods as a list (one name may be given as a string); ConfigError naming
+    the ``extract`` parameter when one is unknown or none is given.
+
+    >>> check_extract_methods("boxed")
+    ['boxed']
+    >>> check_extract_methods(["boxed", "guess"])
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.ConfigError: extract: unknown method(s) ['guess']; choose from ['answer_tag', 'boxed', 'hash', 'last_number']
+    """
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    unknown = [m for m in methods if m not in EXTRACTORS]
+    if unknown or not methods:
+        raise ConfigError(f"extract: unknown method(s) {unknown}; choose from {sorted(EXTRACTORS)}")
+    return methods
+
+
 def extract_answer(text: str, methods: Sequence[str] = ("boxed", "hash", "answer_tag", "last_number")) -> str | None:
     """Apply extractors in order; the first that finds something wins.
 
@@ -204,11 +222,7 @@ class MathReward:
     name: str = "math"
 
     def __post_init__(self) -> None:
-        if isinstance(self.extract, str):
-            self.extract = [self.extract]
-        unknown = [m for m in self.extract if m not in EXTRACTORS]
-        if unknown or not self.extract:
-            raise ConfigError(f"extract: unknown method(s) {unknown}; choose from {sorted(EXTRACTORS)}")
+        self.extract = check_extract_methods(self.extract)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):
         metadata = check_batch(prompts, completions, metadata)

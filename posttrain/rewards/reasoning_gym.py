@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Sequence
 
 from posttrain.errors import ConfigError
-from posttrain.rewards.math import EXTRACTORS, answers_match, extract_answer
+from posttrain.rewards.math import answers_match, check_extract_methods, extract_answer
 from posttrain.rewards.output import RewardOutput, check_batch
 
 
@@ -49,11 +49,7 @@ class ReasoningGymReward:
     name: str = "reasoning_gym"
 
     def __post_init__(self) -> None:
-        if isinstance(self.extract, str):
-            self.extract = [self.extract]
-        unknown = [m for m in self.extract if m not in EXTRACTORS]
-        if unknown or not self.extract:
-            raise ConfigError(f"extract: unknown method(s) {unknown}; choose from {sorted(EXTRACTORS)}")
+        self.extract = check_extract_methods(self.extract)
         if self.dataset is not None:
             _scorer(self.dataset)
 

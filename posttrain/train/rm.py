@@ -38,19 +38,17 @@ import torch
 
 from posttrain.algorithms.preference import bradley_terry_loss
 from posttrain.config import RMConfig
-from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate, split_across_ranks, \
-    split_into_micro_batches
+from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate
 from posttrain.errors import ConfigError, DataError
 from posttrain.scalar_head import ScoredSequence, export_pad_token_id, export_tokenizer, gather_scores, \
     load_scalar_head_model, make_head_trainable, render_for_scoring, render_response, score_positions, \
     to_scored_sequence, token_values, train_top_layers_only
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
-    shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, prepare_run_dir
-from posttrain.train.loop import is_due, apply_lora, autocast_context, build_optimizer, build_scheduler, \
-    choose_attention, count_parameters, optimizer_step, prepare_for_training
-from posttrain.train.sft import TrainerState, advance, check_schedule, seed_everything
+from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
+from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics, prepare_run_dir
+from posttrain.train.loop import is_due, apply_lora, autocast_context, optimizer_step
+from posttrain.train.sft import TrainerState, advance, announce_run, build_optimizer_and_scheduler, check_schedule, \
+    lockstep_micro_batches, place_for_training, restore_state, seed_everything
 
 PAIR_METRICS = ("accuracy", "margin", "reward/chosen", "reward/rejected")
 
@@ -123,14 +121,8 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
                           overwrite=config.run.overwrite, write=info.is_main)
     pad_id = _pad_id(tokenizer)
     model = build_model(config, info, pad_id)
-    optimizer = build_optimizer(model, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-                                betas=config.optim.betas, eps=config.optim.eps)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
-                                schedule=config.optim.schedule, min_lr_ratio=config.optim.min_lr_ratio)
-    state = TrainerState()
-    if resume_path is not None:
-        saved = ckpt.load_checkpoint(resume_path, model, optimizer, scheduler, info)
-        state = TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
+    optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps, warmup_steps)
+    state = restore_state(resume_path, model, optimizer, scheduler, info)
     announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path)
     history: list[dict[str, Any]] = []
     val_metrics: dict[str, float] = {}
@@ -396,12 +388,8 @@ def evaluate_pairs(model: torch.nn.Module, pairs: Sequence[PreferencePair], conf
                    pad_token_id: int) -> dict[str, float]:
     """val/loss, val/accuracy, val/margin, val/reward/* over every held-out pair (and
     val/accuracy/<group> per value of ``rm.group_key``), split over ranks in lock-step."""
-    lengths = [pair_length(p, config.train.packing) for p in pairs]
-    shares = split_across_ranks(list(range(len(pairs))), lengths, info.world_size)
-    per_rank = [split_into_micro_batches(share, lengths, config.train.micro_batch_tokens,
-                                         packing=config.train.packing) for share in shares]
-    depth = max(len(m) for m in per_rank)
-    mine = per_rank[info.rank] + [[]] * (depth - len(per_rank[info.rank]))
+    mine = lockstep_micro_batches([pair_length(p, config.train.packing) for p in pairs],
+                                  config.train.micro_batch_tokens, config.train.packing, info)
     groups = sorted({p.group for p in pairs if p.group is not None})
     sums = {key: 0.0 for key in ("loss", *PAIR_METRICS, "pairs")}
     group_sums = {g: [0.0, 0.0] for g in groups}  # correct, count
@@ -451,28 +439,13 @@ def build_model(config: RMConfig, info: DistInfo, pad_token_id: int, *, unsharde
             train_top_layers_only(model, config.rm.train_top_layers)
         except ValueError as exc:
             raise ConfigError(f"rm.train_top_layers: {exc}") from None
-    if unsharded:
-        return model
-    model.to(info.device)
-    prepare_for_training(model, attn_implementation=choose_attention(config.train.packing,
-                                                                      config.model.attn_implementation),
-                         gradient_checkpointing=config.model.gradient_checkpointing)
-    return shard_model(model, info)
+    return model if unsharded else place_for_training(model, config, info)
 
 
 def step_metrics(plan: StepPlan, result: Any, state: TrainerState, pair_metrics: dict[str, float]) -> dict[str, Any]:
-    seconds = max(result.seconds, 1e-9)
-    return {
-        "step": state.step,
-        "epoch": round(plan.epoch_progress, 4),
-        "lr": result.lr,
-        "loss": result.loss,
-        **pair_metrics,
-        "grad_norm": result.grad_norm,
-        "tokens_per_step": plan.tokens,
-        "tokens_per_sec": plan.tokens / seconds,
-        "step_time_s": result.seconds,
-    }
+    """The per-step metric line: the shared optimizer-step keys plus the pair metrics."""
+    return optimizer_step_metrics(result, step=state.step, epoch=plan.epoch_progress, tokens=plan.tokens,
+                                  **pair_metrics)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -491,15 +464,5 @@ def write_eval(eval_dir: Path, val_metrics: dict[str, float], pairs: int) -> Non
 
 
 def announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path) -> None:
-    if not info.is_main:
-        return
-    total, trainable = count_parameters(model)
-    tokens = sum(p.tokens for p in train_pairs)
-    where = f"{info.world_size} x {info.device.type}" if info.distributed else info.device.type
-    print(
-        f"rm: {len(train_pairs)} train / {len(val_pairs)} val pairs, {tokens} tokens; {total_steps} steps "
-        f"(warmup {warmup_steps}); model {config.model.name} ({total / 1e6:.1f}M params, "
-        f"{trainable / 1e6:.2f}M trained) on {where}, {config.train.precision}"
-        + (f"; resuming from {resume_path}" if resume_path else ""),
-        file=sys.stderr,
-    )
+    announce_run("rm", config, info, model, f"{len(train_pairs)} train / {len(val_pairs)} val pairs",
+                 sum(p.tokens for p in train_pairs), total_steps, warmup_steps, resume_path)

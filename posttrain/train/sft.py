@@ -14,10 +14,8 @@ then load the model. So impossible settings fail in one line before any model lo
 
 from __future__ import annotations
 
-import math
 import random
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +29,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
     shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
+from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics, prepare_run_dir
 from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, \
     count_parameters, evaluate_nll, optimizer_step, prepare_for_training, resolve_warmup_steps, \
     sft_micro_batch_loss, tune_cpu_allocator
@@ -80,14 +78,8 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
                           overwrite=config.run.overwrite, write=info.is_main)
     model = build_model(config, info)
     seed_everything(config.train.seed + info.rank)  # dropout differs between ranks, as their data does
-    optimizer = build_optimizer(model, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-                                betas=config.optim.betas, eps=config.optim.eps)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
-                                schedule=config.optim.schedule, min_lr_ratio=config.optim.min_lr_ratio)
-    state = TrainerState()
-    if resume_path is not None:
-        state = TrainerState(**{k: v for k, v in ckpt.load_checkpoint(
-            resume_path, model, optimizer, scheduler, info).items() if k in TrainerState.__dataclass_fields__})
+    optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps, warmup_steps)
+    state = restore_state(resume_path, model, optimizer, scheduler, info)
     announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path)
     history: list[dict[str, Any]] = []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -235,13 +227,48 @@ def build_model(config: SFTConfig, info: DistInfo, *, unsharded: bool = False) -
         lora = config.lora
         model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                            target_modules=lora.target_modules)
-    if unsharded:
-        return model
+    return model if unsharded else place_for_training(model, config, info)
+
+
+def place_for_training(model: torch.nn.Module, config: Any, info: DistInfo) -> torch.nn.Module:
+    """Move to this rank's device, set attention and gradient checkpointing from
+    ``config.train.packing`` / ``config.model``, shard over ranks (FSDP2 when distributed)."""
     model.to(info.device)
     prepare_for_training(model, attn_implementation=choose_attention(config.train.packing,
                                                                       config.model.attn_implementation),
                          gradient_checkpointing=config.model.gradient_checkpointing)
     return shard_model(model, info)
+
+
+def build_optimizer_and_scheduler(model: torch.nn.Module, optim: Any, total_steps: int,
+                                  warmup_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW and its per-optimizer-step schedule from an ``optim`` config section."""
+    optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
+                                schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
+    return optimizer, scheduler
+
+
+def restore_state(resume_path: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scheduler: Any, info: DistInfo) -> TrainerState:
+    """A fresh state, or the one saved in ``resume_path`` (tensors restored in place)."""
+    if resume_path is None:
+        return TrainerState()
+    saved = ckpt.load_checkpoint(resume_path, model, optimizer, scheduler, info)
+    return TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
+
+
+def lockstep_micro_batches(lengths: Sequence[int], micro_batch_tokens: int, packing: bool,
+                           info: DistInfo) -> list[list[int]]:
+    """This rank's micro-batches (sample indices) of a held-out pass over every sample.
+
+    Samples are shared over ranks by length; every rank gets the same number of
+    micro-batches (empty fillers at the end), so collectives inside forward stay in step.
+    """
+    shares = split_across_ranks(list(range(len(lengths))), lengths, info.world_size)
+    per_rank = [split_into_micro_batches(share, lengths, micro_batch_tokens, packing=packing) for share in shares]
+    depth = max(len(m) for m in per_rank)
+    return per_rank[info.rank] + [[]] * (depth - len(per_rank[info.rank]))
 
 
 def advance(state: TrainerState, plan: StepPlan, result: Any) -> TrainerState:
@@ -251,35 +278,20 @@ def advance(state: TrainerState, plan: StepPlan, result: Any) -> TrainerState:
 
 
 def step_metrics(config: SFTConfig, plan: StepPlan, result: Any, state: TrainerState) -> dict[str, Any]:
-    """The per-step metric line (DESIGN.md metric names)."""
-    seconds = max(result.seconds, 1e-9)
-    return {
-        "step": state.step,
-        "epoch": round(plan.epoch_progress, 4),
-        "lr": result.lr,
-        "loss": result.loss,
-        "grad_norm": result.grad_norm,
-        "tokens_per_step": plan.trained_tokens,
-        "masked_token_count": plan.tokens - plan.trained_tokens,
-        "sequences_per_step": len(plan.sample_indices),
-        "total_tokens": state.tokens_seen,
-        "total_trained_tokens": state.trained_tokens_seen,
-        "tokens_per_sec": plan.tokens / seconds,
-        "trained_tokens_per_sec": plan.trained_tokens / seconds,
-        "step_time_s": result.seconds,
-        "loss_agg_mode": config.train.loss_agg_mode,
-    }
+    """The per-step metric line (DESIGN.md metric names; docs/METRICS.md)."""
+    return optimizer_step_metrics(
+        result, step=state.step, epoch=plan.epoch_progress, tokens=plan.tokens, trained_tokens=plan.trained_tokens,
+        masked_token_count=plan.tokens - plan.trained_tokens, sequences_per_step=len(plan.sample_indices),
+        total_tokens=state.tokens_seen, total_trained_tokens=state.trained_tokens_seen,
+        loss_agg_mode=config.train.loss_agg_mode,
+    )
 
 
 def validate(model: torch.nn.Module, samples: Sequence[Any], config: SFTConfig, info: DistInfo,
              pad_id: int) -> dict[str, float]:
     """val/loss and val/ppl over the whole held-out set, split over ranks in lock-step."""
-    lengths = [sample_length(s) for s in samples]
-    shares = split_across_ranks(list(range(len(samples))), lengths, info.world_size)
-    per_rank = [split_into_micro_batches(share, lengths, config.train.micro_batch_tokens,
-                                         packing=config.train.packing) for share in shares]
-    depth = max(len(m) for m in per_rank)
-    mine = per_rank[info.rank] + [[]] * (depth - len(per_rank[info.rank]))
+    mine = lockstep_micro_batches([sample_length(s) for s in samples], config.train.micro_batch_tokens,
+                                  config.train.packing, info)
     batches = (collate([samples[i] for i in mb], packing=config.train.packing, pad_token_id=pad_id)
                for mb in mine)
     return evaluate_nll(model, batches, precision=config.train.precision, device=info.device,
@@ -287,14 +299,19 @@ def validate(model: torch.nn.Module, samples: Sequence[Any], config: SFTConfig, 
 
 
 def announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path) -> None:
+    announce_run("sft", config, info, model, f"{len(train_samples)} train / {len(val_samples)} val samples",
+                 sum(sample_length(s) for s in train_samples), total_steps, warmup_steps, resume_path)
+
+
+def announce_run(trainer: str, config: Any, info: DistInfo, model: torch.nn.Module, data: str, tokens: int,
+                 total_steps: int, warmup_steps: int, resume_path: Path | None) -> None:
+    """One stderr line on rank 0: data, steps, model size, where it runs, resume point."""
     if not info.is_main:
         return
     total, trainable = count_parameters(model)
-    tokens = sum(sample_length(s) for s in train_samples)
     where = f"{info.world_size} x {info.device.type}" if info.distributed else info.device.type
     print(
-        f"sft: {len(train_samples)} train / {len(val_samples)} val samples, {tokens} tokens; "
-        f"{total_steps} steps (warmup {warmup_steps}); model {config.model.name} "
+        f"{trainer}: {data}, {tokens} tokens; {total_steps} steps (warmup {warmup_steps}); model {config.model.name} "
         f"({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained) on {where}, {config.train.precision}"
         + (f"; resuming from {resume_path}" if resume_path else ""),
         file=sys.stderr,
