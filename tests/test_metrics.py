@@ -20,6 +20,8 @@ def test_token_counts_and_rates_with_a_loss_mask():
     assert line["step"] == 7 and line["epoch"] == 1.2346
     assert (line["lr"], line["loss"], line["grad_norm"], line["step_time_s"]) == (1e-4, 2.5, 0.75, 4.0)
     assert line["tokens_per_step"] == 30  # trained tokens (the SFT issue's definition)
+    assert line["masked_token_count"] == 30  # sum(m_t), seed 004: the effective batch size
+    assert line["untrained_token_count"] == 90
     assert line["tokens_per_sec"] == pytest.approx(120 / 4.0)
     assert line["trained_tokens_per_sec"] == pytest.approx(30 / 4.0)
     assert line["loss_agg_mode"] == "token-mean"
@@ -28,7 +30,7 @@ def test_token_counts_and_rates_with_a_loss_mask():
 def test_without_a_loss_mask_tokens_per_step_counts_every_token():
     line = optimizer_step_metrics(RESULT, step=1, epoch=0.5, tokens=64, pairs_per_step=4, accuracy=0.75)
     assert line["tokens_per_step"] == 64 and line["pairs_per_step"] == 4 and line["accuracy"] == 0.75
-    assert "trained_tokens_per_sec" not in line
+    assert not {"trained_tokens_per_sec", "masked_token_count", "untrained_token_count"} & set(line)
 
 
 def test_zero_seconds_does_not_divide_by_zero():

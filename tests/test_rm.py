@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,28 @@ def test_summarise_pairs_weights_by_pairs():
     assert out["accuracy"] == 0.75 and out["margin"] == pytest.approx(5 / 4) and out["pairs_per_step"] == 4
 
 
+def test_step_metrics_count_real_tokens_not_padding():
+    """Padded micro-batches cost two rows of the longer side per pair (the planner's
+    ``plan.tokens`` = 2*5 + 2*4 = 18); the logged tokens are the pairs' own 5+3 + 4+4 = 16."""
+    from types import SimpleNamespace
+
+    from posttrain.data.batching import StepPlan
+    from posttrain.scalar_head import ScoredSequence
+    from posttrain.train.rm import PreferencePair, step_metrics
+    from posttrain.train.sft import TrainerState
+
+    def side(n):
+        return ScoredSequence(input_ids=list(range(3, 3 + n)), loss_mask=[0] + [1] * (n - 1))
+
+    pairs = [PreferencePair(side(5), side(3)), PreferencePair(side(4), side(4)), PreferencePair(side(9), side(9))]
+    plan = StepPlan(step=0, epoch=0, index_in_epoch=0, steps_in_epoch=2, sample_indices=(0, 1),
+                    micro_batches=(((0, 1),),), tokens=18, trained_tokens=2, trained_sequences=2)
+    line = step_metrics(plan, SimpleNamespace(loss=0.69, grad_norm=1.0, lr=1e-5, seconds=2.0), TrainerState(step=1),
+                        {"accuracy": 0.5, "pairs_per_step": 2}, pairs)
+    assert line["tokens_per_step"] == 16 and line["tokens_per_sec"] == pytest.approx(8.0)
+    assert line["pairs_per_step"] == 2 and line["epoch"] == 0.5 and "masked_token_count" not in line
+
+
 def test_train_end_to_end_export_and_reload(tmp_path, tiny_model_dir, tokenizer):
     train = write_rows(tmp_path / "train.jsonl", arithmetic_rows(48, seed=0))
     val = write_rows(tmp_path / "val.jsonl", arithmetic_rows(16, seed=99))
@@ -185,6 +208,8 @@ def test_train_end_to_end_export_and_reload(tmp_path, tiny_model_dir, tokenizer)
     assert len(val_losses) == 2 and val_losses[-1] < 0.3, val_losses
     assert history[-1]["val/accuracy"] >= 0.9
     assert {"val/accuracy/x", "val/accuracy/y", "val/margin", "val/loss", "accuracy", "margin"} <= set(history[-1])
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "METRICS.md").read_text()
+    assert not [k for h in history for k in h if f"`{k}`" not in documented and not k.startswith("val/accuracy/")]
     evaluated = json.loads((result.run_dir / "eval" / "rm_val.json").read_text())
     assert evaluated["val/accuracy"] == history[-1]["val/accuracy"] and evaluated["pairs"] == 16
     # parameters changed, head and backbone

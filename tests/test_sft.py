@@ -43,11 +43,15 @@ def test_sft_on_shipped_data_loss_falls_and_exports(tiny_model_dir, tmp_path, ca
     assert train_lines[-1]["loss"] < train_lines[0]["loss"] - 0.5
     assert val_lines[-1]["val/loss"] < val_lines[0]["val/loss"] - 0.5
     assert val_lines[-1]["val/ppl"] == pytest.approx(math.exp(val_lines[-1]["val/loss"]), rel=1e-6)
-    for key in ("epoch", "lr", "tokens_per_step", "masked_token_count", "total_tokens", "tokens_per_sec",
-                "loss_agg_mode"):
+    for key in ("epoch", "lr", "tokens_per_step", "masked_token_count", "untrained_token_count", "total_tokens",
+                "tokens_per_sec", "loss_agg_mode"):
         assert key in train_lines[0], key
     first = train_lines[0]
-    assert first["tokens_per_step"] > 0 and first["masked_token_count"] > 0  # prompts are not trained
+    # masked_token_count = sum(m_t), the trained targets (seed 004); prompts are not trained
+    assert first["masked_token_count"] == first["tokens_per_step"] > 0 and first["untrained_token_count"] > 0
+    assert first["masked_token_count"] + first["untrained_token_count"] == first["total_tokens"]
+    documented = (REPO / "docs" / "METRICS.md").read_text()
+    assert not [key for line in lines for key in line if f"`{key}`" not in documented]
     assert first["loss_agg_mode"] == "token-mean" and first["epoch"] == pytest.approx(1 / 3, abs=1e-3)
     assert list((result.run_dir / "tb").iterdir())  # TensorBoard events
     assert (result.final_dir / "model.safetensors").is_file() and (result.final_dir / "tokenizer.json").is_file()
@@ -106,3 +110,37 @@ def test_val_fraction_holds_out_training_rows(tiny_model_dir, tmp_path):
     train, val = sft_module.load_sft_samples(config, load_tokenizer(tiny_model_dir), init_distributed("cpu"))
     assert len(val) == 3 and len(train) == 9
     assert not {tuple(s.input_ids) for s in val} & {tuple(s.input_ids) for s in train}
+
+
+def test_masked_token_count_is_the_loss_normaliser_by_hand(tiny_model_dir, tmp_path):
+    """One step over two hand-made samples: 7 + 4 trained targets of 16 tokens.
+
+    A sample's trained targets are its loss_mask shifted by one (the first token is never a
+    target): [0,0,0,1,1,1,1,1,1,1] trains 7 targets, [0,0,1,1,1,1] trains 4. The logged
+    loss (before the update) must be the NLL summed over exactly those 11 positions / 11.
+    """
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    samples = [SimpleNamespace(input_ids=[5, 17, 42, 99, 7, 8, 230, 11, 64, 3], loss_mask=[0] * 3 + [1] * 7,
+                               weights=None),
+               SimpleNamespace(input_ids=[9, 250, 31, 77, 120, 4], loss_mask=[0] * 2 + [1] * 4, weights=None)]
+    config = config_for(tiny_model_dir, tmp_path, global_batch_size=2, max_steps=1, eval_every=None,
+                        precision="fp32")
+    config.optim.warmup_steps = 0
+    line = run_sft(config, samples=(samples, [])).history[-1]
+    assert (line["masked_token_count"], line["tokens_per_step"], line["untrained_token_count"]) == (11, 11, 5)
+    assert line["total_tokens"] == 16 and line["sequences_per_step"] == 2
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    nll_sum = 0.0
+    with torch.no_grad():
+        for sample in samples:
+            ids = torch.tensor([sample.input_ids])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), dim=-1)
+            for t in range(len(sample.input_ids) - 1):
+                if sample.loss_mask[t + 1]:
+                    nll_sum -= float(logp[t, sample.input_ids[t + 1]])
+    assert line["loss"] == pytest.approx(nll_sum / 11, rel=1e-4)

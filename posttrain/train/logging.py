@@ -148,19 +148,24 @@ def optimizer_step_metrics(result: Any, *, step: int, epoch: float, tokens: int,
 
     ``result`` is the step's ``train.loop.StepResult`` (``loss``, ``grad_norm``, ``lr``,
     ``seconds``); ``tokens`` counts every token of the step over all ranks (no padding);
-    ``trained_tokens`` counts the positions the loss averages over, over all ranks, for
-    trainers with a token loss mask. ``extra`` keys are appended as they are.
+    ``trained_tokens`` counts the positions the loss averages over, sum(m_t) of seed 004
+    §2.1, over all ranks, for trainers with a token loss mask. ``extra`` keys are appended
+    as they are. Meanings and units of every key: docs/METRICS.md.
 
     Keys: ``step``, ``epoch`` (fractional, at the end of the step), ``lr`` (the rate this
     step used), ``loss``, ``grad_norm`` (before clipping), ``tokens_per_step`` (trained
     tokens when there is a mask, else all tokens), ``tokens_per_sec``, ``step_time_s``; with
-    ``trained_tokens`` also ``trained_tokens_per_sec``.
+    ``trained_tokens`` also ``masked_token_count`` (= trained tokens: the effective batch
+    size seed 004 asks to log), ``untrained_token_count`` (tokens - trained tokens:
+    prompts, other roles, first tokens) and ``trained_tokens_per_sec``.
 
     >>> from types import SimpleNamespace
     >>> result = SimpleNamespace(loss=2.5, grad_norm=1.0, lr=1e-4, seconds=2.0)
     >>> line = optimizer_step_metrics(result, step=3, epoch=0.123456, tokens=100, trained_tokens=30)
-    >>> line["epoch"], line["tokens_per_step"], line["tokens_per_sec"], line["trained_tokens_per_sec"]
-    (0.1235, 30, 50.0, 15.0)
+    >>> line["epoch"], line["tokens_per_step"], line["masked_token_count"], line["untrained_token_count"]
+    (0.1235, 30, 30, 70)
+    >>> line["tokens_per_sec"], line["trained_tokens_per_sec"]
+    (50.0, 15.0)
     >>> sorted(optimizer_step_metrics(result, step=3, epoch=0.5, tokens=100, pairs_per_step=4))
     ['epoch', 'grad_norm', 'loss', 'lr', 'pairs_per_step', 'step', 'step_time_s', 'tokens_per_sec', 'tokens_per_step']
     """
@@ -174,6 +179,8 @@ def optimizer_step_metrics(result: Any, *, step: int, epoch: float, tokens: int,
         "tokens_per_step": tokens if trained_tokens is None else trained_tokens,
     }
     if trained_tokens is not None:
+        metrics["masked_token_count"] = trained_tokens
+        metrics["untrained_token_count"] = tokens - trained_tokens
         metrics["trained_tokens_per_sec"] = trained_tokens / seconds
     metrics["tokens_per_sec"] = tokens / seconds
     metrics["step_time_s"] = result.seconds

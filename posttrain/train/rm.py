@@ -141,7 +141,7 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
                 world_size=info.world_size, reduce_sum=lambda v: all_reduce_sum(v, info),
             )
             state = advance(state, plan, result)
-            metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info))
+            metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info), train_pairs)
             if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
                 metrics.update(val_metrics)
@@ -442,10 +442,17 @@ def build_model(config: RMConfig, info: DistInfo, pad_token_id: int, *, unsharde
     return model if unsharded else place_for_training(model, config, info)
 
 
-def step_metrics(plan: StepPlan, result: Any, state: TrainerState, pair_metrics: dict[str, float]) -> dict[str, Any]:
-    """The per-step metric line: the shared optimizer-step keys plus the pair metrics."""
-    return optimizer_step_metrics(result, step=state.step, epoch=plan.epoch_progress, tokens=plan.tokens,
-                                  **pair_metrics)
+def step_metrics(plan: StepPlan, result: Any, state: TrainerState, pair_metrics: dict[str, float],
+                 pairs: Sequence[PreferencePair]) -> dict[str, Any]:
+    """The per-step metric line: the shared optimizer-step keys plus the pair metrics.
+
+    The Bradley-Terry loss has no token mask: ``tokens_per_step`` counts every token of
+    both sides of the step's pairs (all ranks, padding excluded, unlike ``plan.tokens``,
+    which is the planner's micro-batch cost: two padded rows per pair without packing), and
+    the effective batch size is ``pairs_per_step``. No ``masked_token_count`` is logged.
+    """
+    tokens = sum(pairs[i].tokens for i in plan.sample_indices)
+    return optimizer_step_metrics(result, step=state.step, epoch=plan.epoch_progress, tokens=tokens, **pair_metrics)
 
 
 def _pad_id(tokenizer: Any) -> int:

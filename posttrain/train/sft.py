@@ -281,7 +281,7 @@ def step_metrics(config: SFTConfig, plan: StepPlan, result: Any, state: TrainerS
     """The per-step metric line (DESIGN.md metric names; docs/METRICS.md)."""
     return optimizer_step_metrics(
         result, step=state.step, epoch=plan.epoch_progress, tokens=plan.tokens, trained_tokens=plan.trained_tokens,
-        masked_token_count=plan.tokens - plan.trained_tokens, sequences_per_step=len(plan.sample_indices),
+        sequences_per_step=len(plan.sample_indices),
         total_tokens=state.tokens_seen, total_trained_tokens=state.trained_tokens_seen,
         loss_agg_mode=config.train.loss_agg_mode,
     )
