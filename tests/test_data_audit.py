@@ -152,3 +152,23 @@ def test_shipped_tool_use_file(tokenizer):
         load_sft_data(rows, tokenizer, DataConfig())
     skipped = load_sft_data(rows, tokenizer, DataConfig(skip_bad=True)).audit
     assert [f.line for f in skipped.bad_rows] == [1, 2, 3, 4, 5, 6]
+
+
+def test_audit_sample_records_and_decides_by_hand():
+    """The public per-sample check on hand-made samples: counts, cut, drop, refuse."""
+    from posttrain.data.audit import AuditReport, audit_sample
+    from posttrain.data.render import RenderedSample
+
+    report = AuditReport(source="f.jsonl")
+    kept = audit_sample(RenderedSample([1, 2, 3, 4], [0, 0, 1, 1], line=1), report, 8, "right", "f.jsonl:1")
+    assert kept is not None and (report.samples, report.tokens, report.trained_tokens, report.ratios) == (1, 4, 2, [0.5])
+    cut = audit_sample(RenderedSample([1, 2, 3, 4, 5, 6], [0, 1, 1, 1, 1, 1], line=2), report, 4, "right", "f.jsonl:2")
+    assert cut.input_ids == [1, 2, 3, 4] and cut.trained_token_count == 3 and report.truncated == [2]
+    late = RenderedSample([1, 2, 3, 4, 5, 6], [0, 0, 0, 0, 1, 1], line=3)
+    assert audit_sample(late, report, 4, "right", "f.jsonl:3") is None  # every trained token cut
+    assert audit_sample(late, report, 4, "drop", "f.jsonl:3") is None
+    assert [f.line for f in report.dropped] == [3, 3]
+    assert audit_sample(RenderedSample([1, 2], [0, 0], line=4), report, 8, "right", "f.jsonl:4") is None
+    assert report.empty_masks == [4] and report.samples == 2 and report.tokens == 8
+    with pytest.raises(DataError, match=r"^f.jsonl:3: sample has 6 tokens, more than data.max_length=4"):
+        audit_sample(late, report, 4, "error", "f.jsonl:3")

@@ -209,7 +209,7 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
             if len(result) > 1:
                 report.split.append(line)
             for sample in result:
-                kept = _audit_sample(sample, report, data_config.max_length, data_config.truncation, f"{source}:{line}")
+                kept = audit_sample(sample, report, data_config.max_length, data_config.truncation, f"{source}:{line}")
                 if kept is not None:
                     samples.append(kept)
         pending.clear()
@@ -230,8 +230,31 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
     return PreparedData(samples=samples, audit=report)
 
 
-def _audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, truncation: str, where: str):
-    """Record one rendered sample's findings; return it (maybe truncated) if it is to be trained."""
+def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, truncation: str,
+                 where: str) -> RenderedSample | None:
+    """Check one rendered sample, record its findings in ``report``, and say whether to train it.
+
+    The per-sample half of the pre-flight audit, for every loader that renders samples its
+    own way (SFT files here, both sides of preference pairs in ``train.rm``); ``preflight``
+    then prints the report and refuses hard errors.
+
+    Args:
+        sample: a rendered sample (``data.render.RenderedSample``).
+        report: the file's ``AuditReport``; updated in place (consistency failures,
+            warnings, empty masks, truncated / dropped lines, untrained end-of-turn tokens,
+            and for kept samples the sample / token / trained-token counts and ratio).
+        max_length: ``data.max_length`` in tokens.
+        truncation: ``data.truncation``: ``right`` cuts the sample, ``drop`` skips it,
+            ``error`` raises.
+        where: ``file:line`` for the error message.
+
+    Returns:
+        The sample to train (cut to ``max_length`` with ``right``), or None when it has no
+        trained token (before or after cutting) or is dropped for its length.
+
+    Raises:
+        DataError: one line naming ``where``, for a too-long sample with ``truncation="error"``.
+    """
     line = sample.line
     for problem in sample.consistency_errors:
         report.consistency_failures.append(Finding(line, problem))

@@ -263,7 +263,7 @@ def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = T
     token) or refused (``error``). Malformed rows stop the run, or are skipped and counted
     with ``data.skip_bad``.
     """
-    from posttrain.data.audit import AuditReport, Finding, PreparedData, _audit_sample, preflight
+    from posttrain.data.audit import AuditReport, Finding, PreparedData, audit_sample, preflight
     from posttrain.data.formats import read_rows
 
     data = config.data
@@ -284,7 +284,7 @@ def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = T
             bad_rows.append((line, str(exc)))
             continue
         report.rows += 1
-        kept = [_audit_sample(side, report, data.max_length, too_long, f"{path}:{line}") for side in (chosen, rejected)]
+        kept = [audit_sample(side, report, data.max_length, too_long, f"{path}:{line}") for side in (chosen, rejected)]
         if any(side is None for side in kept):
             continue
         kept_samples.extend(kept)
