@@ -15,6 +15,10 @@ step (``load_sft_data`` then ``preflight``), and shown by ``posttrain inspect``:
 Hard errors (refuse to train unless ``allow_audit_errors``; ``inspect`` exits 1): consistency
 failures, untrained end-of-turn tokens, samples with an empty mask, no usable sample at all.
 
+RL prompt files go through the same report and ``preflight`` (``load_prompt_data``,
+``preflight_prompts``): every row parses and holds a non-empty prompt that renders, prompts
+longer than ``data.max_prompt_length`` are dropped and counted, no prompt left is a hard error.
+
 The views (terminal text with colour or ``[[...]]`` brackets, a standalone HTML page, a JSON
 summary, a JSON-lines dump) live here too: seed 004 section 3.3, "visualise the mask, don't
 trust it".
@@ -49,8 +53,9 @@ class AuditReport:
     """What the audit found in one data file. Lines are the data file's line/row numbers."""
 
     source: str
+    kind: str = "samples"  # "samples" (training conversations) or "prompts" (RL prompt rows)
     rows: int = 0  # rows rendered
-    samples: int = 0  # samples kept for training
+    samples: int = 0  # samples (or prompts) kept for training
     tokens: int = 0
     trained_tokens: int = 0
     ratios: list[float] = field(default_factory=list)  # masked_token_ratio of each kept sample
@@ -71,7 +76,9 @@ class AuditReport:
         found += [Finding(line, "no trained tokens in this sample (empty loss mask)") for line in self.empty_masks]
         found.sort(key=lambda finding: finding.line)
         if self.samples == 0:
-            found.append(Finding(0, "no usable training sample in the file"))
+            found.append(Finding(0, "no usable prompt in the file" + (
+                f" ({len(self.dropped)} longer than data.max_prompt_length)" if self.dropped else "")
+                if self.kind == "prompts" else "no usable training sample in the file"))
         return found
 
     def ratio_stats(self) -> dict[str, Any]:
@@ -95,6 +102,7 @@ class AuditReport:
 
         return {
             "source": self.source,
+            "kind": self.kind,
             "rows": self.rows,
             "samples": self.samples,
             "tokens": self.tokens,
@@ -115,6 +123,8 @@ class AuditReport:
 
     def summary_lines(self) -> list[str]:
         """The human summary, one fact per line, line numbers of the samples concerned."""
+        if self.kind == "prompts":
+            return self._prompt_summary_lines()
         stats = self.ratio_stats()
         lines = [f"data audit: {self.source}"]
         lines.append(
@@ -148,6 +158,21 @@ class AuditReport:
         return lines
 
 
+    def _prompt_summary_lines(self) -> list[str]:
+        mean = f", mean {self.tokens / self.samples:.1f} per prompt" if self.samples else ""
+        lines = [f"data audit: {self.source} (RL prompts)",
+                 f"  rows {self.rows}, prompts {self.samples}, prompt tokens {self.tokens}{mean}",
+                 _count_line("dropped (longer than data.max_prompt_length)", [f.line for f in self.dropped])]
+        if self.bad_rows:
+            lines.append(_count_line("bad rows skipped", [f.line for f in self.bad_rows]))
+            lines += [f"    {f.message}" for f in self.bad_rows[:3]]
+        if self.samples == 0:
+            lines.append("  no usable prompt  <- hard error")
+        errors = self.hard_errors
+        lines.append(f"  result: {'OK' if not errors else f'{len(errors)} hard error(s)'} ({self.seconds:.2f} s)")
+        return lines
+
+
 def _count_line(label: str, lines: list[int], hard: bool = False) -> str:
     unique = sorted(set(lines))
     text = f"  {label}: {len(lines)}"
@@ -172,6 +197,25 @@ class PreparedData:
     """Rendered samples ready for batching, plus the audit of the file they came from."""
 
     samples: list[RenderedSample]
+    audit: AuditReport
+
+
+@dataclass
+class RenderedPrompt:
+    """One checked RL prompt row: its ids up to the generation prompt, its normalised
+    messages (system message added) and the row's other keys (the reward's metadata)."""
+
+    line: int
+    prompt_ids: list[int]
+    messages: list[dict[str, Any]]
+    metadata: dict[str, Any]
+
+
+@dataclass
+class PreparedPrompts:
+    """Checked, rendered RL prompts, plus the audit of the file they came from."""
+
+    prompts: list[RenderedPrompt]
     audit: AuditReport
 
 
@@ -288,8 +332,64 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
     return sample
 
 
+def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
+                     too_long: str = "drop", limit: int | None = None, skip_bad: bool = False) -> PreparedPrompts:
+    """Read, check and render an RL prompt file, auditing it like SFT data.
+
+    Every row must parse and hold a non-empty prompt (``data.formats.prompt_from_row``) that
+    renders through the chat template (``data.render.render_prompt``): the first bad row
+    raises DataError naming ``file:line`` (``skip_bad``: counted and skipped instead). A
+    prompt longer than ``max_prompt_length`` tokens is dropped and counted (``too_long``
+    ``"drop"``, what ``data.max_prompt_length`` documents) or raises (``"error"``). No
+    prompt left is a hard error for ``preflight``. Nothing here loads a model.
+    """
+    from posttrain.data.formats import prompt_from_row
+    from posttrain.data.render import render_prompt
+
+    if too_long not in ("drop", "error"):
+        raise ValueError(f"too_long must be 'drop' or 'error', got {too_long!r}")
+    started = time.perf_counter()
+    report = AuditReport(source=str(path), kind="prompts")
+    prompts: list[RenderedPrompt] = []
+    for line, row in read_rows_or_errors(path, limit=limit):
+        where = f"{path}:{line}"
+        try:
+            if isinstance(row, DataError):
+                raise row
+            prompt = prompt_from_row(row, where, system=system)
+            ids = render_prompt(prompt.messages, tokenizer, tools=prompt.tools, where=where)
+        except DataError as exc:
+            if not skip_bad:
+                raise
+            report.bad_rows.append(Finding(line, str(exc)))
+            continue
+        report.rows += 1
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            if too_long == "error":
+                raise DataError(f"{where}: prompt has {len(ids)} tokens, more than data.max_prompt_length="
+                                f"{max_prompt_length}")
+            report.dropped.append(Finding(line, f"{len(ids)} tokens > max_prompt_length {max_prompt_length}"))
+            continue
+        report.samples += 1
+        report.tokens += len(ids)
+        prompts.append(RenderedPrompt(line, ids, prompt.messages, prompt.extra))
+    report.seconds = time.perf_counter() - started
+    return PreparedPrompts(prompts=prompts, audit=report)
+
+
+def preflight_prompts(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
+                      too_long: str = "drop", limit: int | None = None,
+                      print_fn: Callable[[str], Any] | None = print) -> PreparedPrompts:
+    """``load_prompt_data`` then ``preflight``: what ``posttrain rl`` runs on its prompt files
+    before any model loads (one-line DataError naming ``file:line`` on a bad row)."""
+    prepared = load_prompt_data(path, tokenizer, system=system, max_prompt_length=max_prompt_length,
+                                too_long=too_long, limit=limit)
+    preflight(prepared, print_fn=print_fn)
+    return prepared
+
+
 # ----------------------------------------------------------------------------- pre-flight
-def preflight(prepared: PreparedData, *, allow_errors: bool = False, print_fn: Callable[[str], Any] | None = print) -> None:
+def preflight(prepared: PreparedData | PreparedPrompts, *, allow_errors: bool = False, print_fn: Callable[[str], Any] | None = print) -> None:
     """Print the audit summary; raise DataError (one line, first offending file:line) on a hard error.
 
     Every training command calls this before its first step. ``allow_errors`` (config
@@ -308,6 +408,8 @@ def preflight(prepared: PreparedData, *, allow_errors: bool = False, print_fn: C
         if print_fn is not None:
             print_fn(f"warning: {len(errors)} hard data error(s), first {where}: {first.message}; training anyway (data.allow_audit_errors)")
         return
+    if report.kind == "prompts":
+        raise DataError(f"{where}: {first.message} (pre-flight audit of RL prompts)")
     raise DataError(
         f"{where}: {first.message} (pre-flight audit: {len(errors)} hard error(s); "
         f"see `posttrain inspect {report.source}`; set data.allow_audit_errors=true to train anyway)"

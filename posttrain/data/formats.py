@@ -209,6 +209,43 @@ def _drop_nulls(value: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- row shapes
+PROMPT_KEYS = ("messages", "prompt")  # where an RL prompt row holds its prompt, first found wins
+
+
+def prompt_from_row(row: dict, where: str, *, system: str | None = None) -> Conversation:
+    """Check and normalise one RL prompt row: ``{"messages"|"prompt": ..., <metadata>...}``.
+
+    The prompt is a non-empty string (one user message) or a list of messages (OpenAI or
+    ShareGPT shape) with some text. ``system`` is put first when the prompt has no system
+    message. ``extra`` holds every other key (``answer``, ``tests``, ``tools``, ...): the
+    reward's metadata. Raises DataError (one line, naming ``where``) on a missing prompt, a
+    wrong type, or an empty prompt.
+
+    >>> prompt_from_row({"prompt": "2+2?", "answer": "4"}, "f.jsonl:1", system="Be brief.").messages
+    [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': '2+2?'}]
+    >>> prompt_from_row({"prompt": "  "}, "f.jsonl:2")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.DataError: f.jsonl:2: prompt is empty
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be an object, got {_type_name(row)}")
+    key = next((k for k in PROMPT_KEYS if k in row), None)
+    if key is None:
+        keys = ", ".join(sorted(row)) or "none"
+        raise DataError(f"{where}: an RL prompt row needs a 'messages' or 'prompt' key (keys: {keys})")
+    value = row[key]
+    if not isinstance(value, (str, list, dict)):
+        raise DataError(f"{where}: {key} must be a string or a list of messages, got {_type_name(value)}")
+    messages = normalise_messages(value, f"{where}: {key}")
+    if not any(isinstance(m.get("content"), str) and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: {key} is empty")
+    if system and not any(m["role"] == "system" for m in messages):
+        messages = [{"role": "system", "content": system}] + messages
+    tools = normalise_tools(row.get("tools"), f"{where}: tools")
+    return Conversation(messages=messages, tools=tools, extra={k: v for k, v in row.items() if k != key})
+
+
 def conversation_from_row(row: dict, where: str, *, require_assistant: bool = True) -> Conversation:
     """Normalise one SFT row (messages / conversations / ShareGPT / prompt+completion)."""
     if not isinstance(row, dict):
