@@ -102,14 +102,11 @@ def varlen_sdpa_attention(
         # CPU SDPA forward+backward is ~25% cheaper in fp32 than in bf16 (measured, 1 thread,
         # 9 heads x 200 tokens); the output goes back to bf16 for the next matmul.
         query, key, value = query.float(), key.float(), value.float()
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    gqa = query.shape[1] != key.shape[1]  # grouped-query attention without copying key/value heads
     if cu_seq_lens_q is None or attention_mask is not None:
         out = F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            is_causal=attention_mask is None and query.shape[2] > 1,
+            is_causal=attention_mask is None and query.shape[2] > 1, enable_gqa=gqa,
         )
         return out.transpose(1, 2).contiguous().to(out_dtype), None
     if query.shape[0] != 1:
@@ -120,7 +117,7 @@ def varlen_sdpa_attention(
         block_mask = None if posttrain_block_masks is None else posttrain_block_masks[block]
         pieces.append(F.scaled_dot_product_attention(
             query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=block_mask,
-            dropout_p=dropout, scale=scaling, is_causal=block_mask is None and end - start > 1,
+            dropout_p=dropout, scale=scaling, is_causal=block_mask is None and end - start > 1, enable_gqa=gqa,
         ))
     out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
     return out.transpose(1, 2).contiguous().to(out_dtype), None
