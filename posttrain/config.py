@@ -225,6 +225,9 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(256, gt=0, description="completion length cap (a capped completion is 'clipped')")
     stop: list[str] = Field(default_factory=list, description="stop strings (the completion ends after one)")
     batch_size: int = Field(64, gt=0, description="sequences per generate call (hf engine)")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="hf engine: weights generation runs with (bf16 = a bf16 copy of the policy, refreshed "
+                            "after every update); auto = train.precision")
     eval_temperature: float = Field(0.0, ge=0, description="sampling temperature of held-out evaluation; 0 = greedy")
     engine_logprobs: bool | None = Field(
         None, description="ask the engine for log-probs and log their gap to the trainer's (temperature 1 only); "

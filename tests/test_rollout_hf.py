@@ -50,3 +50,43 @@ def test_stop_string_trims_at_first_token_completing_it():
     assert completion.token_ids == [1, 2, 3] and completion.text == "bcd" and completion.finish_reason == "stop"
     no_stop = engine._completion(0, [1, 1, 1], None, SamplingParams(stop=("zz",)))
     assert no_stop.token_ids == [1, 1, 1] and no_stop.finish_reason == "length"
+
+
+def test_shared_prefill_samples_what_separate_prefills_sample(tiny_model, tokenizer):
+    """The n copies of a prompt prefilled once: same greedy ids, same sampled ids for a seed,
+    same reported log-probs as prefilling every row (prompts of different lengths: left padding)."""
+    prompts = [tokenizer.encode("hello there"), tokenizer.encode("a much longer prompt than the first one")]
+    for params in (SamplingParams(n=3, temperature=0, max_new_tokens=6, return_logprobs=True),
+                   SamplingParams(n=3, temperature=1.0, max_new_tokens=6, seed=3, return_logprobs=True)):
+        shared = HFEngine(tiny_model, tokenizer, share_prefill=True).generate(prompts, params)
+        separate = HFEngine(tiny_model, tokenizer, share_prefill=False).generate(prompts, params)
+        assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
+        for a, b in zip(shared, separate):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    engine = HFEngine(tiny_model, tokenizer)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in prompts for _ in range(2)])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts for _ in range(2)])[:, None]).long()
+    cache = engine._shared_prefill(ids, mask, [0, 0, 1, 1])
+    assert cache.get_seq_length() == width - 1
+    assert engine._shared_prefill(ids, mask, [0, 1, 2, 3]) is None  # nothing repeats: plain generate
+
+
+def test_bf16_generation_copy_follows_the_policy(tokenizer):
+    from conftest import build_tiny_llama
+
+    policy = build_tiny_llama(tokenizer)
+    engine = HFEngine(policy, tokenizer, dtype=torch.bfloat16)
+    assert engine.model is not policy and next(engine.model.parameters()).dtype == torch.bfloat16
+    assert next(policy.parameters()).dtype == torch.float32  # the trainer's weights are untouched
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=5)
+    before = [c.token_ids for c in engine.generate([[1, 2, 3]], params)]
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    engine.update_weights(policy)
+    for name, p in engine.model.state_dict().items():
+        torch.testing.assert_close(p, policy.state_dict()[name].to(torch.bfloat16))
+    after = [c.token_ids for c in engine.generate([[1, 2, 3]], params)]
+    assert before != after
+    assert HFEngine(policy, tokenizer, dtype=torch.float32).model is policy  # same dtype: no copy

@@ -3,11 +3,20 @@
 Completions are returned in prompt order, ``n`` per prompt, each trimmed after its first
 end-of-sequence token (kept: the model must learn to emit it) or after the stop string that
 ended it.
+
+Two savings that leave the sampled distribution as it is:
+- shared prefill: the ``n`` copies of a prompt are prefilled once and the key/value cache is
+  repeated to their rows (a group of 8 pays for one prompt instead of 8);
+- ``dtype``: generation may run on a copy of the policy in another dtype (bf16 on a CPU with
+  bf16 matmuls, like vLLM serving bf16 weights), refreshed by ``update_weights`` after every
+  update. The trainer still trains on the exact sampled ids at its own precision; the
+  log-prob gap between the two is logged when the engine reports log-probs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 
@@ -34,19 +43,31 @@ def _generation_attention(model):
 
 
 class HFEngine:
-    """Generates with the live policy module itself, so ``update_weights`` has nothing to copy."""
+    """Generates with the live policy module itself, so ``update_weights`` has nothing to copy.
 
-    def __init__(self, model, tokenizer, *, batch_size: int = 64):
-        self.model = model
+    ``synced_gpus``: the policy is sharded over ranks (FSDP) that generate different prompts;
+    every rank keeps running forward passes until all ranks' sequences are done (transformers'
+    ``synced_gpus``). The ranks must then call ``generate`` with as many sequences each.
+    """
+
+    def __init__(self, model, tokenizer, *, batch_size: int = 64, synced_gpus: bool = False,
+                 dtype: torch.dtype | None = None, share_prefill: bool = True):
+        self.dtype = None if dtype is None or _is_sharded(model) or _dtype_of(model) == dtype else dtype
+        self.model = model if self.dtype is None else copy.deepcopy(model).to(self.dtype).eval()
+        self.share_prefill = share_prefill and not synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.synced_gpus = synced_gpus
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     def update_weights(self, model) -> None:
-        self.model = model
+        if self.dtype is None:
+            self.model = model
+        else:  # refresh the generation copy in place (load_state_dict casts to its dtype)
+            self.model.load_state_dict(model.state_dict())
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -76,6 +97,8 @@ class HFEngine:
             return_dict_in_generate=True,
             output_logits=params.return_logprobs,
         )
+        if self.synced_gpus:
+            kwargs["synced_gpus"] = True
         if sampling:
             kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
         else:
@@ -84,11 +107,14 @@ class HFEngine:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
         was_training = self.model.training
         self.model.eval()
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         try:
             with _generation_attention(self.model):
-                out = self.model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
-                )
+                if self.share_prefill:
+                    cache = self._shared_prefill(input_ids, attention_mask, indices)
+                    if cache is not None:
+                        kwargs["past_key_values"] = cache
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.model.train(was_training)
         new_tokens = out.sequences[:, width:].cpu()
@@ -100,6 +126,27 @@ class HFEngine:
             self._completion(index, new_tokens[row].tolist(), None if logprobs is None else logprobs[row].tolist(), params)
             for row, index in enumerate(indices)
         ]
+
+    def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, indices: list[int]):
+        """The key/value cache of every row's prompt but its last token, computed once per
+        distinct prompt and repeated to the rows that share it; None when no prompt repeats.
+
+        input_ids, attention_mask: [B, W] left-padded; indices: [B] prompt index of each row.
+        Position ids follow generate's rule (attention-mask cumsum), so the cache equals the
+        one generate would build itself.
+        """
+        distinct = list(dict.fromkeys(indices))
+        if len(distinct) == len(indices) or input_ids.shape[1] < 2:
+            return None
+        first_row = torch.tensor([indices.index(i) for i in distinct], device=input_ids.device)
+        ids_UW = input_ids.index_select(0, first_row)[:, :-1]
+        mask_UW = attention_mask.index_select(0, first_row)[:, :-1]
+        positions = (mask_UW.long().cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids_UW, attention_mask=mask_UW, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        cache = out.past_key_values
+        cache.batch_select_indices(torch.tensor([distinct.index(i) for i in indices], device=input_ids.device))
+        return cache
 
     def _completion(self, index: int, tokens: list[int], logprobs: list[float] | None, params: SamplingParams) -> Completion:
         finish = "length"
@@ -136,3 +183,12 @@ class HFEngine:
             else:
                 low = middle + 1
         return low
+
+
+def _dtype_of(model) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _is_sharded(model) -> bool:
+    """FSDP2-sharded (DTensor) parameters: the engine must use the live module."""
+    return any(hasattr(p, "full_tensor") for p in model.parameters())
