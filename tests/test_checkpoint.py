@@ -56,9 +56,18 @@ def final_weights(result):
     return load_file(str(Path(result.final_dir) / "model.safetensors"))
 
 
-def test_resume_is_bit_identical_to_straight_run(dropout_model_dir, tmp_path, monkeypatch):
+def with_lora(config, lora: bool):
+    if lora:  # adapters with dropout: the checkpoint must hold the adapter, its optimizer state and the RNG
+        config.lora.enabled, config.lora.r, config.lora.dropout = True, 4, 0.1
+        config.lora.target_modules = ["q_proj", "v_proj", "down_proj"]
+        config.lora.merge_on_export = True
+    return config
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_is_bit_identical_to_straight_run(dropout_model_dir, tmp_path, monkeypatch, lora):
     train, val = synthetic_samples(12, 0), synthetic_samples(2, 1)
-    straight = run_sft(sft_config(dropout_model_dir, tmp_path / "a"), samples=(train, val))
+    straight = run_sft(with_lora(sft_config(dropout_model_dir, tmp_path / "a"), lora), samples=(train, val))
 
     real_save = ckpt.save_checkpoint
 
@@ -68,13 +77,19 @@ def test_resume_is_bit_identical_to_straight_run(dropout_model_dir, tmp_path, mo
 
     monkeypatch.setattr(sft_module.ckpt, "save_checkpoint", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        run_sft(sft_config(dropout_model_dir, tmp_path / "b"), samples=(train, val))
+        run_sft(with_lora(sft_config(dropout_model_dir, tmp_path / "b"), lora), samples=(train, val))
     monkeypatch.setattr(sft_module.ckpt, "save_checkpoint", real_save)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "b" / "run" / "checkpoints")] == ["step_2"]
-    resumed = run_sft(sft_config(dropout_model_dir, tmp_path / "b", resume="latest"), samples=(train, val))
+    resumed = run_sft(with_lora(sft_config(dropout_model_dir, tmp_path / "b", resume="latest"), lora),
+                      samples=(train, val))
 
     a, b = final_weights(straight), final_weights(resumed)
     assert a.keys() == b.keys()
+    if lora:  # the merged export moved the adapted projections away from the base
+        from safetensors.torch import load_file
+
+        base = load_file(str(Path(dropout_model_dir) / "model.safetensors"))
+        assert any(not torch.equal(a[n], base[n]) for n in a if "q_proj" in n)
     for name in a:
         assert torch.equal(a[name], b[name]), name
     straight_lines = {h["step"]: h for h in straight.history}
