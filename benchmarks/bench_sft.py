@@ -212,7 +212,7 @@ def main() -> None:
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--trl-mode", default="padding", choices=["padding", "padding_free"], help=argparse.SUPPRESS)
     parser.add_argument("--data-file", default=str(REPO / "examples" / "data" / "sft_chat.jsonl"))
-    parser.add_argument("--steps", type=int, default=8, help="optimizer steps per run (the first is warm-up)")
+    parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per optimizer step)")
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
