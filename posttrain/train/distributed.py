@@ -112,6 +112,16 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     return tensor.tolist()
 
 
+def all_reduce_max(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise maximum of a list of floats over ranks (float64); identity alone.
+    (A minimum is ``-max(-x)``.)"""
+    if not info.distributed:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=info.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def all_gather_objects(value: Any, info: DistInfo) -> list[Any]:
     """Every rank's ``value`` (picklable), in rank order; ``[value]`` alone."""
     if not info.distributed:

@@ -22,10 +22,21 @@ Deviations and shortcuts, stated:
 - Rollouts use the policy itself (``hf``) or a colocated vLLM engine that receives the new
   weights after every update (``vllm``); each step's sampling seed is a function of
   (train.seed, step), so a resumed run samples what the uninterrupted run sampled.
-- Under torchrun, FSDP2 shards the policy, reference and critic (memory), but every rank
-  samples and trains on the SAME prompts with the same seeds: ranks do not split the rollout
-  batch yet, so more GPUs do not make a step faster. The loss is not multiplied by the world
-  size (FSDP's gradient average of identical, or near-identical, shares is the gradient).
+
+Data parallel (torchrun, K ranks; FSDP2 shards the policy, reference and critic): a step's
+``rl.prompts_per_step`` prompts (a multiple of K) are drawn by the same seeded sampler on
+every rank and dealt by whole groups, prompt i to rank i % K; each rank generates, scores
+and trains on its own groups only, with its own sampling seed. Group-relative advantages
+(grpo, dr_grpo, rloo) need only the group and are computed where it lives; batch-normalised
+ones (reinforce_pp, ppo with whitening) are computed on the gathered batch, so they equal one
+process's. The update's normalisers (tokens, sequences of a mini-batch) are summed over
+ranks and each rank's loss share is multiplied by K before backward (FSDP averages
+gradients), so a step's gradient is the one process would compute on the same samples;
+every rank runs as many micro-batches and optimizer steps as the others (one-token fillers
+with zero loss), since FSDP's collectives must stay in step. The logged metrics and
+samples.jsonl cover every rank's samples. With mini-batches, the k-th mini-batch is the
+union of each rank's k-th share (a different, equally random split than one process's).
+DAPO dynamic sampling refills each rank's own share (``rl_rollouts.collect_rollouts``).
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,15 +59,15 @@ from posttrain.config import RLConfig
 from posttrain.errors import ConfigError
 from posttrain.rollout.base import SamplingParams
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.distributed import DistInfo, all_gather_objects, init_distributed, shard_model, \
-    shutdown_distributed
+from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, \
+    init_distributed, shard_model, shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
 from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
     prepare_for_training, resolve_warmup_steps
-from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, append_samples, collect_rollouts, \
-    accuracy, evaluate_prompts, load_prompt_rows
+from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, RolloutSample, append_samples, \
+    collect_rollouts, accuracy, evaluate_prompts, gather_batch, load_prompt_rows
 from posttrain.train.rl_update import LossSettings, compute_advantages, compute_rollout_tensors, critic_micro_loss, \
-    mini_batches, policy_micro_loss, update_model
+    mini_batches, pack_micro_batches, policy_micro_loss, update_model
 
 
 @dataclass
@@ -98,8 +110,9 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
     ``engine``, ``prompts`` (train, eval rows) and ``reward_fn`` may be passed in (tests,
     benchmarks); otherwise they are built from ``config``.
     """
+    check_settings(config)
     info = init_distributed()
-    seed_everything(config.train.seed + info.rank)
+    seed_everything(config.train.seed)  # same on every rank while building: FSDP shards each rank's own init
     tokenizer = _load_tokenizer(config)
     train_rows, eval_rows = prompts if prompts is not None else load_prompts(config, tokenizer)
     reward_fn = reward_fn if reward_fn is not None else build_reward_fn(config)
@@ -107,7 +120,9 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
     run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
                           overwrite=config.run.overwrite, write=info.is_main)
     models = build_trainables(config, info)
-    engine = engine if engine is not None else build_engine(config, models.policy, tokenizer)
+    if info.distributed:
+        seed_everything(config.train.seed + info.rank)
+    engine = engine if engine is not None else build_engine(config, models.policy, tokenizer, info)
     sampler = PromptSampler(len(train_rows), seed=config.train.seed)
     kl_controller = make_kl_controller(config.rl.kl_coef, target_kl=config.rl.target_kl, horizon=config.rl.kl_horizon)
     state = RLState()
@@ -124,31 +139,29 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
                      keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress:
         while state.step < config.train.steps:
             started = time.perf_counter()
-            batch = collect_rollouts(engine, train_rows, sampler, reward_fn, **rollout_arguments(config, state.step))
-            times = {"time/generate": batch.seconds_generate, "time/score": batch.seconds_score}
+            batch = collect_rollouts(engine, train_rows, sampler, reward_fn,
+                                     **rollout_arguments(config, state.step, info))  # this rank's groups
+            whole = gather_batch(batch, info)  # every rank's samples (no tensors): metrics, samples.jsonl
+            times = {"time/generate": whole.seconds_generate, "time/score": whole.seconds_score}
             tick = time.perf_counter()
-            gap = compute_rollout_tensors(batch.samples, **rollout_pass_arguments(config, models, info, pad_id))
-            kl_in_reward = config.rl.kl_in == "reward"
-            adv_metrics = compute_advantages(batch.groups, algorithm=config.rl.algorithm, kl_in_reward=kl_in_reward,
-                                             kl_coef=kl_controller.value, kl_estimator=config.rl.kl_estimator,
-                                             gamma=config.rl.gamma, lam=config.rl.lam,
-                                             whiten=config.rl.whiten_advantages)
+            gap = rollout_passes(batch.samples, info, **rollout_pass_arguments(config, models, info, pad_id))
+            adv_metrics = advantages(config, batch, kl_controller.value, info)
             times["time/logprob"] = time.perf_counter() - tick
             tick = time.perf_counter()
             update_metrics = update(config, models, batch, state.step, kl_controller.value, info, pad_id)
             engine.update_weights(models.policy)
             times["time/update"] = time.perf_counter() - tick
             if config.rl.kl_coef and "kl" in update_metrics:
-                kl_controller.update(update_metrics["kl"], len(batch.samples))
+                kl_controller.update(update_metrics["kl"], len(whole.samples))
             state.step += 1
             state.elapsed_s += time.perf_counter() - started
-            metrics = step_metrics(config, batch, adv_metrics, update_metrics, gap, times, kl_controller.value,
+            metrics = step_metrics(config, whole, adv_metrics, update_metrics, gap, times, kl_controller.value,
                                    time.perf_counter() - started)
             if is_due(state.step, config.train.eval_every, config.train.steps) and eval_rows:
                 result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
                 metrics.update(result.eval_after)
             if info.is_main and is_due(state.step, config.train.samples_every, config.train.steps):
-                append_samples(run.samples, state.step, batch, train_rows, config.train.samples_per_log)
+                append_samples(run.samples, state.step, whole, train_rows, config.train.samples_per_log)
             if state.step % config.train.log_every == 0 or state.step == config.train.steps:
                 result.history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
@@ -169,6 +182,17 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+def check_settings(config: RLConfig, world_size: int | None = None) -> None:
+    """Refuse settings that cannot work, before anything loads (one-line ConfigError).
+
+    ``world_size``: the number of ranks (default: torchrun's ``WORLD_SIZE``, else 1).
+    """
+    ranks = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if config.rl.prompts_per_step % ranks:
+        raise ConfigError(f"rl.prompts_per_step ({config.rl.prompts_per_step}) is not a multiple of the "
+                          f"{ranks} ranks: each rank samples an equal share of whole groups")
 
 
 def seed_everything(seed: int) -> None:
@@ -317,8 +341,8 @@ def build_trainables(config: RLConfig, info: DistInfo) -> Trainables:
     return models
 
 
-def build_engine(config: RLConfig, policy: torch.nn.Module, tokenizer: Any):
-    """The rollout engine named by ``rollout.engine``."""
+def build_engine(config: RLConfig, policy: torch.nn.Module, tokenizer: Any, info: DistInfo | None = None):
+    """The rollout engine named by ``rollout.engine`` (``hf`` under FSDP: ranks generate in step)."""
     if config.rollout.engine == "vllm":
         from posttrain.rollout.vllm import VLLMEngine
 
@@ -329,7 +353,8 @@ def build_engine(config: RLConfig, policy: torch.nn.Module, tokenizer: Any):
                                       enforce_eager=config.rollout.vllm_enforce_eager)
     from posttrain.rollout.hf import HFEngine
 
-    return HFEngine(policy, tokenizer, batch_size=config.rollout.batch_size)
+    return HFEngine(policy, tokenizer, batch_size=config.rollout.batch_size,
+                    synced_gpus=info is not None and info.distributed)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -343,14 +368,19 @@ def engine_logprobs_wanted(config: RLConfig) -> bool:
     return bool(wanted) and config.rollout.temperature == 1.0
 
 
-def rollout_arguments(config: RLConfig, step: int) -> dict[str, Any]:
+RANK_SEED_STRIDE = 1_000_000_007  # rank r samples with seed + r x this (rank 0: the single-process seed)
+
+
+def rollout_arguments(config: RLConfig, step: int, info: DistInfo | None = None) -> dict[str, Any]:
     rollout, rl = config.rollout, config.rl
+    rank = info.rank if info is not None else 0
     params = SamplingParams(n=rollout.group_size, temperature=rollout.temperature, top_p=rollout.top_p,
                             top_k=rollout.top_k, max_new_tokens=rollout.max_new_tokens, stop=tuple(rollout.stop),
-                            seed=config.train.seed * 1_000_003 + step, return_logprobs=engine_logprobs_wanted(config))
+                            seed=config.train.seed * 1_000_003 + step + RANK_SEED_STRIDE * rank,
+                            return_logprobs=engine_logprobs_wanted(config))
     return dict(prompts=rl.prompts_per_step, params=params, dynamic_sampling=rl.dynamic_sampling,
                 max_refill_rounds=rl.max_refill_rounds, overlong=rl.overlong, overlong_buffer=rl.overlong_buffer,
-                overlong_penalty=rl.overlong_penalty)
+                overlong_penalty=rl.overlong_penalty, info=info)
 
 
 def needs_old_logprobs(config: RLConfig) -> bool:
@@ -369,18 +399,111 @@ def rollout_pass_arguments(config: RLConfig, models: Trainables, info: DistInfo,
                 device=info.device)
 
 
+def filler_sample(pad_id: int) -> RolloutSample:
+    """A one-token prompt with a one-token response and every per-token field set: what a rank
+    runs (and discards) when it has fewer micro-batches than another, so FSDP's collectives
+    stay in step."""
+    zeros = torch.zeros(1)
+    return RolloutSample(row=-1, group=-1, prompt_ids=[pad_id], response_ids=[pad_id], text="", finish_reason="stop",
+                         old_logp=zeros, ref_logp=zeros, values=zeros, advantages=zeros, returns=zeros)
+
+
+def rollout_passes(samples: Sequence[RolloutSample], info: DistInfo, **arguments: Any) -> dict[str, float]:
+    """``compute_rollout_tensors`` on this rank's samples; under FSDP every rank then runs
+    filler micro-batches up to the largest count, and the engine-vs-trainer gap metrics are
+    combined over ranks (token-weighted)."""
+    if not info.distributed:
+        return compute_rollout_tensors(samples, **arguments)
+    mine = len(pack_micro_batches(samples, arguments["micro_batch_tokens"], arguments["pad_token_id"],
+                                  arguments["share_prompt"]))
+    depth = int(all_reduce_max([float(mine)], info)[0])  # before any forward: collectives in order
+    gap = compute_rollout_tensors(samples, **arguments)
+    for _ in range(depth - mine):
+        compute_rollout_tensors([filler_sample(arguments["pad_token_id"])], **arguments)
+    tokens = float(sum(len(s.response_ids) for s in samples if s.engine_logp is not None)) if gap else 0.0
+    parts = [(part, n) for part, n in all_gather_objects((gap, tokens), info) if part]
+    if not parts:
+        return {}
+    total = sum(n for _, n in parts) or 1.0
+    return {"logprob_gap/mean_abs": sum(p["logprob_gap/mean_abs"] * n for p, n in parts) / total,
+            "logprob_gap/max_abs": max(p["logprob_gap/max_abs"] for p, _ in parts),
+            "logprob_gap/mean": sum(p["logprob_gap/mean"] * n for p, n in parts) / total}
+
+
+def batch_normalised(config: RLConfig) -> bool:
+    """Whether the advantages need statistics of the whole batch (not only of a group)."""
+    return config.rl.algorithm == "reinforce_pp" or (config.rl.algorithm == "ppo" and config.rl.whiten_advantages)
+
+
+def advantages(config: RLConfig, batch: RolloutBatch, kl_coef: float, info: DistInfo) -> dict[str, float]:
+    """Fill this rank's samples' advantages (and returns); returns stats over every rank.
+
+    Group-relative advantages are computed locally; batch-normalised ones on the gathered
+    batch (rewards, lengths and the per-token KL / values they need), in global prompt order,
+    so K ranks compute exactly what one process computes."""
+    rl = config.rl
+    settings = dict(algorithm=rl.algorithm, kl_in_reward=rl.kl_in == "reward", kl_coef=kl_coef,
+                    kl_estimator=rl.kl_estimator, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten_advantages)
+    if not info.distributed:
+        return compute_advantages(batch.groups, **settings)
+    if not batch_normalised(config):
+        compute_advantages(batch.groups, **settings)
+        return global_advantage_stats(batch.samples, info)
+    mine = [[advantage_inputs(s) for s in group] for group in batch.groups]
+    parts = all_gather_objects(mine, info)
+    size = info.world_size
+    metrics = compute_advantages([parts[i % size][i // size] for i in range(len(mine) * size)], **settings)
+    for sample, filled in zip(batch.samples, [s for group in parts[info.rank] for s in group]):
+        sample.advantages, sample.returns = filled.advantages, filled.returns
+    return metrics
+
+
+def advantage_inputs(sample: RolloutSample) -> RolloutSample:
+    """What ``compute_advantages`` reads of a sample: reward, length, trained, log-probs, values."""
+    return RolloutSample(row=sample.row, group=sample.group, prompt_ids=[], response_ids=sample.response_ids, text="",
+                         finish_reason=sample.finish_reason, reward=sample.reward, trained=sample.trained,
+                         old_logp=sample.old_logp, ref_logp=sample.ref_logp, values=sample.values)
+
+
+def global_advantage_stats(samples: Sequence[RolloutSample], info: DistInfo) -> dict[str, float]:
+    """``adv/mean``, ``adv/std`` (unbiased), ``adv/min``, ``adv/max`` over every rank's trained tokens."""
+    trained = [s.advantages.double() for s in samples if s.trained]
+    flat = torch.cat(trained) if trained else torch.zeros(0, dtype=torch.float64)
+    count, total, squares = all_reduce_sum([float(flat.numel()), flat.sum().item(), (flat ** 2).sum().item()], info)
+    inf = float("inf")
+    neg_low, high = all_reduce_max([-flat.min().item() if flat.numel() else -inf,
+                                    flat.max().item() if flat.numel() else -inf], info)
+    if count == 0:
+        return {"adv/mean": 0.0, "adv/std": 0.0, "adv/min": 0.0, "adv/max": 0.0}
+    mean = total / count
+    variance = max(0.0, (squares - count * mean * mean) / (count - 1)) if count > 1 else 0.0
+    return {"adv/mean": mean, "adv/std": variance ** 0.5, "adv/min": -neg_low, "adv/max": high}
+
+
 def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int, kl_coef: float, info: DistInfo,
            pad_id: int) -> dict[str, float]:
-    """Critic (ppo) then policy updates over ``ppo_epochs`` passes of mini-batches."""
+    """Critic (ppo) then policy updates over ``ppo_epochs`` passes of mini-batches.
+
+    Data parallel: this rank's samples are dealt into its share of each mini-batch; a
+    mini-batch empty on every rank is skipped everywhere, so all ranks take the same steps."""
     rl = config.rl
     count = (rl.prompts_per_step * config.rollout.group_size) // (rl.mini_batch_size or
                                                                    rl.prompts_per_step * config.rollout.group_size)
-    batches = mini_batches(batch.groups, count, seed=config.train.seed * 7919 + step)
+    batches = mini_batches(batch.groups, count, seed=config.train.seed * 7919 + step, keep_empty=info.distributed)
+    sizes = [float(len(b)) for b in batches]
+    if info.distributed:
+        sizes = all_reduce_sum(sizes, info)
+        batches = [b for b, size in zip(batches, sizes) if size > 0]
+        sizes = [size for size in sizes if size > 0]
     if not batches:
         return {}
+    filler = None
+    if info.distributed:
+        chunk, micro = pack_micro_batches([filler_sample(pad_id)], rl.micro_batch_tokens, pad_id, rl.share_prompt)[0]
+        filler = (chunk, micro.to(info.device))
     common = dict(ppo_epochs=rl.ppo_epochs, seed=config.train.seed + step, micro_batch_tokens=rl.micro_batch_tokens,
                   share_prompt=rl.share_prompt, pad_token_id=pad_id, precision=config.train.precision, device=info.device,
-                  max_grad_norm=config.optim.max_grad_norm, world_size=1)  # ranks share the batch: see module doc
+                  max_grad_norm=config.optim.max_grad_norm, world_size=info.world_size, info=info, filler=filler)
     metrics: dict[str, float] = {}
     if models.critic is not None:
         critic_metrics = update_model(
@@ -395,7 +518,7 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
         kl_coef=kl_coef if rl.kl_in == "loss" else 0.0, kl_estimator=rl.kl_estimator, kl_in_loss=rl.kl_in == "loss",
         entropy_coef=rl.entropy_coef, temperature=config.rollout.temperature,
         chunk_size=config.train.logits_chunk_size,
-        sum_normaliser=float(max(1, len(batches[0])) * config.rollout.max_new_tokens))
+        sum_normaliser=float(max(1, int(sizes[0])) * config.rollout.max_new_tokens))
     policy_metrics = update_model(
         models.policy, models.optimizer, models.scheduler, batches,
         lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw), **common)

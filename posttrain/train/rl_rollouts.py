@@ -13,6 +13,10 @@ group-relative signal; drop them and sample more prompts, here at most
 which then add nothing to the policy gradient); overlong filtering (§3.3: truncated
 completions get no loss) and soft overlong punishment (eq. 13: a linear penalty over the last
 ``buffer`` tokens before the cap).
+
+Data parallel (torchrun): each rank samples and scores its own share of a step's prompts
+(``collect_rollouts``); ``gather_batch`` gives every rank the whole step's samples, without
+their tensors, for the metrics and samples.jsonl.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 
 from posttrain.errors import DataError
 from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.train.distributed import DistInfo, all_gather_objects
 
 PROMPT_KEYS = ("messages", "prompt")
 
@@ -254,14 +259,27 @@ def has_signal(group: Sequence[RolloutSample]) -> bool:
 
 def collect_rollouts(engine: Any, rows: Sequence[PromptRow], sampler: PromptSampler, reward_fn: RewardFn, *,
                      prompts: int, params: SamplingParams, dynamic_sampling: bool, max_refill_rounds: int,
-                     overlong: str, overlong_buffer: int, overlong_penalty: float) -> RolloutBatch:
-    """Sample ``prompts`` groups (generate + score), with DAPO dynamic sampling if asked."""
+                     overlong: str, overlong_buffer: int, overlong_penalty: float,
+                     info: DistInfo | None = None) -> RolloutBatch:
+    """Sample this rank's share of ``prompts`` groups (generate + score), with DAPO dynamic
+    sampling if asked.
+
+    Data parallel (``info`` with K ranks; K divides ``prompts``): every rank draws the same
+    prompts from ``sampler`` (so its position is the same everywhere) and keeps every K-th,
+    prompt i going to rank i % K; each rank generates and scores only its own groups.
+    Dynamic sampling refills each rank's own share: a round draws K x (the largest share
+    still missing) prompts, so every rank generates the same number of prompts per round (an
+    engine holding sharded weights needs every rank's forward passes); groups beyond a
+    rank's missing share are discarded. Alone (K = 1) a round draws exactly what is missing.
+    """
+    rank, world_size = (info.rank, info.world_size) if info is not None else (0, 1)
+    share = prompts // world_size
     batch = RolloutBatch(groups=[])
     dropped: list[list[RolloutSample]] = []
     rounds = 0
+    missing = [share] * world_size  # every rank's missing groups
     while True:
-        needed = prompts - len(batch.groups)
-        indices = sampler.take(needed)
+        indices = sampler.take(max(missing) * world_size)[rank::world_size]
         started = time.perf_counter()
         round_params = params if params.seed is None else _reseed(params, params.seed + 7919 * rounds)
         groups = generate_groups(engine, rows, indices, round_params, first_group=batch.generated_groups)
@@ -274,18 +292,59 @@ def collect_rollouts(engine: Any, rows: Sequence[PromptRow], sampler: PromptSamp
         for group in groups:
             if dynamic_sampling and not has_signal(group):
                 dropped.append(group)
-            else:
+            elif len(batch.groups) < share:
                 batch.groups.append(group)
-        if not dynamic_sampling or len(batch.groups) >= prompts or rounds >= max_refill_rounds:
+        if not dynamic_sampling:
+            break
+        missing = _every_rank(share - len(batch.groups), info)
+        if max(missing) == 0 or rounds >= max_refill_rounds:
             break
         rounds += 1
     batch.refill_rounds = rounds
     batch.dropped_groups = len(dropped)
-    missing = prompts - len(batch.groups)
-    if missing > 0:  # bounded: complete the batch with signal-free groups (zero advantage)
-        batch.groups.extend(dropped[:missing])
-        batch.kept_zero_variance = min(missing, len(dropped))
+    short = share - len(batch.groups)
+    if short > 0:  # bounded: complete the batch with signal-free groups (zero advantage)
+        batch.groups.extend(dropped[:short])
+        batch.kept_zero_variance = min(short, len(dropped))
     return batch
+
+
+def _every_rank(value: int, info: DistInfo | None) -> list[int]:
+    return [value] if info is None else all_gather_objects(value, info)
+
+
+def gather_batch(batch: RolloutBatch, info: DistInfo) -> RolloutBatch:
+    """The whole step's batch on every rank: every rank's groups in global prompt order (prompt
+    i came from rank i % K as its (i // K)-th group), samples without their tensors, counts
+    summed and times the slowest rank's. Alone: ``batch`` itself.
+
+    Group ids are renumbered by global position.
+    """
+    if not info.distributed:
+        return batch
+    mine = {"groups": [[_scalar_copy(s) for s in group] for group in batch.groups],
+            "counts": [batch.generated_groups, batch.dropped_groups, batch.kept_zero_variance],
+            "refill_rounds": batch.refill_rounds, "seconds": [batch.seconds_generate, batch.seconds_score]}
+    parts = all_gather_objects(mine, info)
+    per_rank = len(parts[0]["groups"])
+    groups = [parts[position % info.world_size]["groups"][position // info.world_size]
+              for position in range(per_rank * info.world_size)]
+    for position, group in enumerate(groups):
+        for sample in group:
+            sample.group = position
+    generated, dropped, kept = (sum(part["counts"][k] for part in parts) for k in range(3))
+    return RolloutBatch(groups=groups, generated_groups=generated, dropped_groups=dropped,
+                        refill_rounds=max(part["refill_rounds"] for part in parts),
+                        seconds_generate=max(part["seconds"][0] for part in parts),
+                        seconds_score=max(part["seconds"][1] for part in parts), kept_zero_variance=kept)
+
+
+def _scalar_copy(sample: RolloutSample) -> RolloutSample:
+    """The sample without its per-token tensors (what metrics and samples.jsonl read)."""
+    return RolloutSample(row=sample.row, group=sample.group, prompt_ids=sample.prompt_ids,
+                         response_ids=sample.response_ids, text=sample.text, finish_reason=sample.finish_reason,
+                         reward=sample.reward, raw_reward=sample.raw_reward, components=dict(sample.components),
+                         trained=sample.trained)
 
 
 def _reseed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -42,6 +42,7 @@ from posttrain.algorithms.sft import (
     sequence_index_from_position_ids,
 )
 from posttrain.data.batching import MicroBatch, collate_packed, collate_shared_prompt, split_into_micro_batches
+from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
 from posttrain.train.loop import autocast_context, forward_hidden, optimizer_step
 from posttrain.train.rl_rollouts import RolloutSample
 
@@ -272,18 +273,22 @@ def compute_advantages(groups: Sequence[Sequence[RolloutSample]], *, algorithm: 
 # ----------------------------------------------------------------------------- updates
 
 
-def mini_batches(groups: Sequence[Sequence[RolloutSample]], count: int, seed: int) -> list[list[RolloutSample]]:
-    """Shuffle whole groups (seeded), then deal the samples into ``count`` equal mini-batches.
+def mini_batches(groups: Sequence[Sequence[RolloutSample]], count: int, seed: int,
+                 keep_empty: bool = False) -> list[list[RolloutSample]]:
+    """Shuffle whole groups (seeded), then deal the samples into ``count`` equal mini-batches
+    (as equal as they can be when ``count`` does not divide them).
 
     With a mini-batch size that is a multiple of the group size, groups stay whole. Samples
-    excluded from the loss (overlong filtering) are left out; empty mini-batches are dropped.
+    excluded from the loss (overlong filtering) are left out; empty mini-batches are dropped,
+    unless ``keep_empty`` (data parallel: a rank's share of a mini-batch may be empty while
+    another rank's is not), which always returns ``count`` lists.
     """
     order = list(range(len(groups)))
     random.Random(seed).shuffle(order)
     flat = [s for g in order for s in groups[g]]
-    per = -(-len(flat) // count)
-    chunks = [[s for s in flat[start: start + per] if s.trained] for start in range(0, len(flat), per)]
-    return [chunk for chunk in chunks if chunk]
+    bounds = [len(flat) * k // count for k in range(count + 1)]
+    chunks = [[s for s in flat[start: end] if s.trained] for start, end in zip(bounds[:-1], bounds[1:])]
+    return chunks if keep_empty else [chunk for chunk in chunks if chunk]
 
 
 @dataclass
@@ -386,12 +391,21 @@ def weighted_mean_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]
 def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches: Sequence[list[RolloutSample]],
                  loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]], *, ppo_epochs: int, seed: int,
                  micro_batch_tokens: int, pad_token_id: int, precision: str, device: torch.device,
-                 max_grad_norm: float | None, world_size: int = 1, share_prompt: bool = False) -> dict[str, float]:
+                 max_grad_norm: float | None, world_size: int = 1, share_prompt: bool = False,
+                 info: DistInfo | None = None, filler: Any = None) -> dict[str, float]:
     """``ppo_epochs`` passes; one optimizer step per mini-batch; returns averaged metrics.
 
     ``loss_fn(model, item, step_tokens=, step_sequences=, sink=)`` is ``policy_micro_loss``
     or ``critic_micro_loss`` with its settings bound.
+
+    Data parallel (``info`` with several ranks): ``batches`` are this rank's shares of the
+    global mini-batches (as many on every rank; a share may be empty). The normalisers are
+    summed over ranks, each share's loss is multiplied by ``world_size`` (FSDP averages
+    gradients), every rank runs as many micro-batches as the busiest one (the ``filler`` item,
+    a one-token sample whose loss is multiplied by 0, makes up the difference) and the
+    metrics cover every rank's micro-batches.
     """
+    distributed = info is not None and info.distributed
     records: list[dict[str, Any]] = []
     grad_norms, losses, lrs = [], [], []
     for epoch in range(ppo_epochs):
@@ -400,13 +414,25 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
             step_sequences = float(len(mini))
             items = [(chunk, batch.to(device)) for chunk, batch in
                      pack_micro_batches(mini, micro_batch_tokens, pad_token_id, share_prompt)]
+            if distributed:
+                step_tokens, step_sequences = all_reduce_sum([step_tokens, step_sequences], info)
+                items += [filler] * (int(all_reduce_max([float(len(items))], info)[0]) - len(items))
+
+            def micro_loss(m, item, step_tokens=step_tokens, step_sequences=step_sequences):
+                if item is filler:  # keeps FSDP's collectives in step; adds nothing
+                    loss, _ = loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=[])
+                    return loss * 0.0, {}
+                return loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=records)
+
             result = optimizer_step(
-                model, optimizer, scheduler, items,
-                lambda m, item: loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=records),
-                precision=precision, device=device, max_grad_norm=max_grad_norm, world_size=world_size)
+                model, optimizer, scheduler, items, micro_loss,
+                precision=precision, device=device, max_grad_norm=max_grad_norm, world_size=world_size,
+                reduce_sum=(lambda values: all_reduce_sum(values, info)) if distributed else None)
             grad_norms.append(result.grad_norm)
             lrs.append(result.lr)
             losses.append(result.loss)
+    if distributed:
+        records = [record for part in all_gather_objects(records, info) for record in part]
     metrics = weighted_mean_metrics(records)
     metrics["loss"] = sum(losses) / len(losses)
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)

@@ -1,0 +1,153 @@
+"""posttrain rl is data-parallel: two CPU processes (torchrun, gloo, FSDP2) each sample and
+train on half of a step's prompts, and give the same logged metrics, samples.jsonl and final
+weights as one process on the same prompts (grpo: group-relative advantages computed per
+rank; reinforce_pp: batch-normalised advantages over the gathered batch). Completions come
+from an engine that depends only on the prompt, so both runs sample the same tokens. The
+prompts dealt to rank 0 are long and rank 1's short, so rank 1 runs filler micro-batches.
+DAPO dynamic sampling with overlong filtering (ranks refilling different amounts, one rank
+with nothing to train) and the hf engine (ranks generating in step) must run to the end."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+import torch
+from distributed_harness import run_worker, small_vocab_model_dir
+
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    torch.set_num_threads(1)
+    from posttrain.config import RLConfig, validate_config
+    from posttrain.rewards.output import RewardOutput
+    from posttrain.rollout.base import Completion
+    from posttrain.train import distributed, rl
+    from posttrain.train.rl import run_rl
+    from posttrain.train.rl_rollouts import PromptRow
+
+    rl.shutdown_distributed = distributed.barrier  # one process group for all the runs below
+
+    model_dir, out = sys.argv[1], sys.argv[2]
+    LONG = {0, 4, 5, 7}  # PromptSampler(8, seed=0) deals rows 4, 5 then 0, 7 to rank 0 of 2
+
+    def prompt_ids(row):
+        if row in LONG:
+            return [1] + [(row * 11 + j * 7) % 280 + 10 for j in range(29)]
+        return [1, 10 + row, 20 + row]
+
+    rows = [PromptRow(prompt_ids(r), f"row {r}", {}, r + 1) for r in range(8)]
+
+    class PromptDeterminedEngine:
+        \"\"\"Completions depend only on the prompt (never on the seed or the rank). ``dapo``: rows
+        with sum % 3 == 0 give a group of identical completions (no signal) and short prompts
+        give completions cut at max_new_tokens (filtered out of the loss).\"\"\"
+
+        def __init__(self, dapo=False):
+            self.dapo = dapo
+
+        def generate(self, prompts, params):
+            completions = []
+            for index, prompt in enumerate(prompts):
+                base = sum(prompt) + len(prompt)
+                for k in range(params.n):
+                    k = 0 if self.dapo and base % 3 == 0 else k
+                    length = 1 + (base + 2 * k) % params.max_new_tokens
+                    if self.dapo and len(prompt) < 5:
+                        length = params.max_new_tokens
+                    ids = [(base * 7 + k * 13 + j * 29) % 290 + 5 for j in range(length)]
+                    text = "".join("aeioubcdfg"[t % 10] for t in ids)
+                    finish = "length" if length == params.max_new_tokens else "stop"
+                    completions.append(Completion(index, ids, text, finish))
+            return completions
+
+        def update_weights(self, model):
+            pass
+
+    def vowels(prompts, completions, metadata):
+        scores = [sum(c in "aeiou" for c in text) / len(text) for text in completions]
+        return RewardOutput(scores, {"vowels": scores})
+
+    def config(name, algorithm, engine="hf", steps=2, **rl):
+        return validate_config(RLConfig, {
+            "model": {"name": model_dir}, "data": {"train": "unused.jsonl"},
+            "rollout": {"group_size": 3, "max_new_tokens": 5, "engine": engine},
+            "rl": {"algorithm": algorithm, "prompts_per_step": 4, "micro_batch_tokens": 48, "kl_coef": 0.05, **rl},
+            "optim": {"lr": 1e-2},
+            "train": {"steps": steps, "samples_every": 1, "samples_per_log": 100, "save_every": steps},
+            "run": {"output_dir": out, "name": name, "progress": False, "tensorboard": False},
+        })
+
+    histories = {}
+    runs = {
+        "grpo": config("grpo", "grpo", entropy_coef=0.01),
+        "reinforce_pp": config("reinforce_pp", "reinforce_pp", kl_in="reward", share_prompt=False,
+                               loss_agg_mode="seq-mean-token-mean"),
+        "dapo": config("dapo", "grpo", dynamic_sampling=True, max_refill_rounds=2, overlong="filter",
+                       mini_batch_size=6, clip_high=0.28),
+    }
+    for name, cfg in runs.items():
+        engine = PromptDeterminedEngine(dapo=name == "dapo")
+        histories[name] = run_rl(cfg, engine=engine, prompts=(rows, []), reward_fn=vowels).history
+    # the hf engine under FSDP: ranks generate different prompts in step (no fixed completions)
+    histories["hf"] = run_rl(config("hf", "grpo", steps=1), prompts=(rows, []), reward_fn=vowels).history
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("RESULT " + json.dumps(histories))
+    distributed.shutdown_distributed()
+""")
+
+# pg_loss is logged as the token-weighted mean of the micro-batches' loss SHARES, which depends
+# on how the step is split (also in one process); ``loss`` (their sum) is the step's loss
+NOT_COMPARED = ("time/", "tokens_per_sec", "step_time_s", "pg_loss")
+
+
+def samples_of(run_dir):
+    return [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    model_dir = small_vocab_model_dir(tmp_path, tokenizer)
+    one, out_one = run_worker(WORKER, tmp_path, model_dir, 1, timeout=900)
+    two, out_two = run_worker(WORKER, tmp_path, model_dir, 2, timeout=900)
+    out_one, out_two = out_one.parent, out_two.parent
+    for name in ("grpo", "reinforce_pp"):
+        assert [h["step"] for h in one[name]] == [h["step"] for h in two[name]] == [1, 2]
+        for a, b in zip(one[name], two[name]):
+            assert a.keys() == b.keys()
+            for key in a:
+                if not key.startswith(NOT_COMPARED):
+                    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (name, a["step"], key)
+            assert a["grad_norm"] > 0 and (a["kl"] > 0 or a["step"] == 1)  # step 1: policy == reference
+            assert a["trained_sequences"] == 12 and a["adv/std"] > 0.5
+        assert samples_of(out_two / name) == samples_of(out_one / name)
+        assert len(samples_of(out_one / name)) == 24  # every rank's samples, both steps
+        before = load_file(str(model_dir / "model.safetensors"))
+        w1 = load_file(str(out_one / name / "final" / "model.safetensors"))
+        w2 = load_file(str(out_two / name / "final" / "model.safetensors"))
+        assert w1.keys() == w2.keys()
+        assert max((w1[k] - before[k]).abs().max().item() for k in w1) > 1e-3  # training moved the weights
+        for key in w1:
+            torch.testing.assert_close(w2[key], w1[key], rtol=1e-4, atol=1e-5, msg=f"{name}: {key}")
+        state_one = json.loads((out_one / name / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+        state_two = json.loads((out_two / name / "checkpoints" / "step_2" / "trainer_state.json").read_text())
+        assert state_one["sampler"] == state_two["sampler"] and state_two["world_size"] == 2
+    for history in (two["dapo"], one["dapo"]):
+        assert [h["step"] for h in history] == [1, 2]
+        assert history[0]["groups/dropped"] > 0 and history[0]["groups/generated"] > 4  # refilled
+        assert all(h["trained_sequences"] < 12 and h["grad_norm"] > 0 for h in history)  # clipped ones filtered
+    assert two["hf"][0]["tokens_per_step"] > 0 and two["hf"][0]["grad_norm"] > 0
+
+
+def test_prompts_per_step_must_split_evenly_over_ranks():
+    from posttrain.config import RLConfig, validate_config
+    from posttrain.errors import ConfigError
+    from posttrain.train.rl import check_settings
+
+    config = validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"prompts_per_step": 6}})
+    check_settings(config, world_size=3)
+    with pytest.raises(ConfigError, match=r"rl\.prompts_per_step \(6\).*4 ranks"):
+        check_settings(config, world_size=4)
