@@ -1,7 +1,8 @@
 """posttrain rl is data-parallel: two CPU processes (torchrun, gloo, FSDP2) each sample and
 train on half of a step's prompts, and give the same logged metrics, samples.jsonl and final
 weights as one process on the same prompts (grpo: group-relative advantages computed per
-rank; reinforce_pp: batch-normalised advantages over the gathered batch). Completions come
+rank; reinforce_pp and ppo (critic, whitened GAE): batch-normalised advantages over the
+gathered batch; grpo with LoRA: the reference is the adapter-disabled policy). Completions come
 from an engine that depends only on the prompt, so both runs sample the same tokens. The
 prompts dealt to rank 0 are long and rank 1's short, so rank 1 runs filler micro-batches.
 DAPO dynamic sampling with overlong filtering (ranks refilling different amounts, one rank
@@ -84,9 +85,12 @@ WORKER = textwrap.dedent("""
         "grpo": config("grpo", "grpo", entropy_coef=0.01),
         "reinforce_pp": config("reinforce_pp", "reinforce_pp", kl_in="reward", share_prompt=False,
                                loss_agg_mode="seq-mean-token-mean"),
+        "ppo": config("ppo", "ppo", kl_in="reward", ppo_epochs=2),
         "dapo": config("dapo", "grpo", dynamic_sampling=True, max_refill_rounds=2, overlong="filter",
                        mini_batch_size=6, clip_high=0.28),
     }
+    runs["grpo_lora"] = config("grpo_lora", "grpo")
+    runs["grpo_lora"].lora.enabled, runs["grpo_lora"].lora.r = True, 4
     for name, cfg in runs.items():
         engine = PromptDeterminedEngine(dapo=name == "dapo")
         histories[name] = run_rl(cfg, engine=engine, prompts=(rows, []), reward_fn=vowels).history
@@ -97,9 +101,10 @@ WORKER = textwrap.dedent("""
     distributed.shutdown_distributed()
 """)
 
-# pg_loss is logged as the token-weighted mean of the micro-batches' loss SHARES, which depends
-# on how the step is split (also in one process); ``loss`` (their sum) is the step's loss
-NOT_COMPARED = ("time/", "tokens_per_sec", "step_time_s", "pg_loss")
+# pg_loss and vf_loss are logged as token-weighted means of the micro-batches' loss SHARES,
+# which depend on how a step is split (also in one process); ``loss`` and ``critic/loss``
+# (sums of the shares) are the steps' losses
+NOT_COMPARED = ("time/", "tokens_per_sec", "step_time_s", "pg_loss", "critic/vf_loss")
 
 
 def samples_of(run_dir):
@@ -114,7 +119,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer):
     one, out_one = run_worker(WORKER, tmp_path, model_dir, 1, timeout=900)
     two, out_two = run_worker(WORKER, tmp_path, model_dir, 2, timeout=900)
     out_one, out_two = out_one.parent, out_two.parent
-    for name in ("grpo", "reinforce_pp"):
+    for name in ("grpo", "reinforce_pp", "ppo", "grpo_lora"):
         assert [h["step"] for h in one[name]] == [h["step"] for h in two[name]] == [1, 2]
         for a, b in zip(one[name], two[name]):
             assert a.keys() == b.keys()
@@ -139,6 +144,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer):
         assert [h["step"] for h in history] == [1, 2]
         assert history[0]["groups/dropped"] > 0 and history[0]["groups/generated"] > 4  # refilled
         assert all(h["trained_sequences"] < 12 and h["grad_norm"] > 0 for h in history)  # clipped ones filtered
+    assert two["ppo"][0]["optimizer_steps"] == 2 and two["ppo"][0]["critic/grad_norm"] > 0
     assert two["hf"][0]["tokens_per_step"] > 0 and two["hf"][0]["grad_norm"] > 0
 
 
