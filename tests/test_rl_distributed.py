@@ -70,13 +70,13 @@ WORKER = textwrap.dedent("""
         scores = [sum(c in "aeiou" for c in text) / len(text) for text in completions]
         return RewardOutput(scores, {"vowels": scores})
 
-    def config(name, algorithm, engine="hf", steps=2, **rl):
+    def config(name, algorithm, engine="hf", steps=2, train=(), **rl):
         return validate_config(RLConfig, {
             "model": {"name": model_dir}, "data": {"train": "unused.jsonl"},
             "rollout": {"group_size": 3, "max_new_tokens": 5, "engine": engine},
             "rl": {"algorithm": algorithm, "prompts_per_step": 4, "micro_batch_tokens": 48, "kl_coef": 0.05, **rl},
             "optim": {"lr": 1e-2},
-            "train": {"steps": steps, "samples_every": 1, "samples_per_log": 100, "save_every": steps},
+            "train": {"steps": steps, "samples_every": 1, "samples_per_log": 100, "save_every": steps, **dict(train)},
             "run": {"output_dir": out, "name": name, "progress": False, "tensorboard": False},
         })
 
@@ -94,6 +94,13 @@ WORKER = textwrap.dedent("""
     for name, cfg in runs.items():
         engine = PromptDeterminedEngine(dapo=name == "dapo")
         histories[name] = run_rl(cfg, engine=engine, prompts=(rows, []), reward_fn=vowels).history
+    # exact resume: 2 steps == 1 step + resume + 1 step (sampler position, adaptive KL, weights)
+    adaptive = dict(target_kl=0.001, kl_horizon=10.0)
+    runs = {"straight": config("straight", "grpo", **adaptive),
+            "split": config("split", "grpo", steps=1, train={"export": False}, **adaptive),
+            "resumed": config("split", "grpo", train={"resume": "latest"}, **adaptive)}
+    for name, cfg in runs.items():
+        histories[name] = run_rl(cfg, engine=PromptDeterminedEngine(), prompts=(rows, []), reward_fn=vowels).history
     # the hf engine under FSDP: ranks generate different prompts in step (no fixed completions)
     histories["hf"] = run_rl(config("hf", "grpo", steps=1), prompts=(rows, []), reward_fn=vowels).history
     if int(os.environ.get("RANK", "0")) == 0:
@@ -144,6 +151,15 @@ def test_two_processes_match_one_process(tmp_path, tokenizer):
         assert [h["step"] for h in history] == [1, 2]
         assert history[0]["groups/dropped"] > 0 and history[0]["groups/generated"] > 4  # refilled
         assert all(h["trained_sequences"] < 12 and h["grad_norm"] > 0 for h in history)  # clipped ones filtered
+    for history, out in ((one, out_one), (two, out_two)):
+        straight, resumed = history["straight"], history["resumed"]
+        assert resumed[0]["step"] == 2 and straight[1]["kl_coef"] != 0.05  # the KL controller moved
+        for key in ("reward/mean", "loss", "grad_norm", "kl", "kl_coef"):
+            assert resumed[0][key] == pytest.approx(straight[1][key], rel=1e-5, abs=1e-8), key
+        a = load_file(str(out / "straight" / "final" / "model.safetensors"))
+        b = load_file(str(out / "split" / "final" / "model.safetensors"))
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
     assert two["ppo"][0]["optimizer_steps"] == 2 and two["ppo"][0]["critic/grad_norm"] > 0
     assert two["hf"][0]["tokens_per_step"] > 0 and two["hf"][0]["grad_norm"] > 0
 

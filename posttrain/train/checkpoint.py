@@ -228,8 +228,6 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     Call on every rank after sharding and building the optimizer. The RNG of rank r is
     restored from rank r's saved state (same world size required).
     """
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("world_size", 1) != info.world_size:
@@ -240,12 +238,24 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     read_here = info.is_main or not info.distributed
     model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=False) if read_here else {}
     optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False) if read_here else {}
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=_options(info, loading=True))
+    load_full_state(model, optimizer, model_state, optim_state, info)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_states = torch.load(path / "rng.pt", weights_only=False)
     set_rng_state(rng_states[info.rank])
     return state
+
+
+def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict[str, Any],
+                    optim_state: dict[str, Any], info: DistInfo) -> None:
+    """Load full (unsharded) weight and optimizer state dicts, read on rank 0 only under FSDP
+    (other ranks pass ``{}`` and receive a broadcast). Model and optimizer are loaded by two
+    calls: torch's combined ``set_state_dict`` treats an empty model dict as "optimizer only",
+    so ranks other than 0 would skip the model's broadcasts and the ranks would hang."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    options = _options(info, loading=True)
+    set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    set_model_state_dict(model, model_state, options=options)
 
 
 # ----------------------------------------------------------------------------- export

@@ -614,19 +614,14 @@ def save_rl_checkpoint(run: RunDir, state: RLState, models: Trainables, info: Di
 def load_rl_checkpoint(path: Path, models: Trainables, sampler: PromptSampler, kl_controller: Any,
                        info: DistInfo) -> RLState:
     """Restore everything ``save_rl_checkpoint`` wrote; returns the trainer state."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     saved = ckpt.load_checkpoint(path, models.policy, models.optimizer, models.scheduler, info)
     if models.critic is not None:
         if not (Path(path) / "critic_model.pt").is_file():
             raise ConfigError(f"train.resume: {path} has no critic (it was not a ppo run)")
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=info.distributed,
-                                   ignore_frozen_params=True)
         read = info.is_main or not info.distributed
         critic_state = torch.load(Path(path) / "critic_model.pt", weights_only=False) if read else {}
         critic_optim = torch.load(Path(path) / "critic_optimizer.pt", weights_only=False) if read else {}
-        set_state_dict(models.critic, models.critic_optimizer, model_state_dict=critic_state,
-                       optim_state_dict=critic_optim, options=options)
+        ckpt.load_full_state(models.critic, models.critic_optimizer, critic_state, critic_optim, info)
         models.critic_scheduler.load_state_dict(torch.load(Path(path) / "critic_scheduler.pt", weights_only=False))
     sampler.load_state_dict(saved["sampler"])
     if saved.get("kl_controller"):
