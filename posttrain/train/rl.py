@@ -210,6 +210,12 @@ def _load_tokenizer(config: RLConfig):
 
 def load_prompts(config: RLConfig, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow]]:
     data = config.data
+    from posttrain.data.audit import preflight_prompts  # bad rows: one line naming file:line, before any model loads
+
+    for path, limit in ((data.train, data.limit), (data.eval, data.eval_limit)):
+        if path:
+            preflight_prompts(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
+                              limit=limit, print_fn=print if os.environ.get("RANK", "0") == "0" else None)
     train, dropped = load_prompt_rows(data.train, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
                                       limit=data.limit)
     if dropped:
@@ -353,8 +359,10 @@ def build_engine(config: RLConfig, policy: torch.nn.Module, tokenizer: Any, info
                                       enforce_eager=config.rollout.vllm_enforce_eager)
     from posttrain.rollout.hf import HFEngine
 
+    precision = config.train.precision if config.rollout.precision == "auto" else config.rollout.precision
     return HFEngine(policy, tokenizer, batch_size=config.rollout.batch_size,
-                    synced_gpus=info is not None and info.distributed)
+                    synced_gpus=info is not None and info.distributed,
+                    dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
 
 
 # ----------------------------------------------------------------------------- one step
