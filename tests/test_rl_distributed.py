@@ -108,10 +108,7 @@ WORKER = textwrap.dedent("""
     distributed.shutdown_distributed()
 """)
 
-# pg_loss and vf_loss are logged as token-weighted means of the micro-batches' loss SHARES,
-# which depend on how a step is split (also in one process); ``loss`` and ``critic/loss``
-# (sums of the shares) are the steps' losses
-NOT_COMPARED = ("time/", "tokens_per_sec", "step_time_s", "pg_loss", "critic/vf_loss")
+NOT_COMPARED = ("time/", "tokens_per_sec", "step_time_s")
 
 
 def samples_of(run_dir):

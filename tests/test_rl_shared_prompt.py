@@ -5,6 +5,7 @@ values and a whole optimizer step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from posttrain.data.batching import collate_shared_prompt, shared_prompt_block_mask
@@ -129,16 +130,22 @@ def test_one_optimizer_step_is_the_same_shared_or_not_and_whatever_the_budget(to
     settings = LossSettings(clip_low=0.2, clip_high=0.28, dual_clip_c=None, loss_agg_mode="seq-mean-token-mean",
                             kl_coef=0.0, kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=0.7,
                             chunk_size=4, sum_normaliser=1.0)
-    results = []
+    results, losses = [], []
     for share, budget in ((False, 4096), (True, 4096), (True, 12)):
         model = varlen(build_tiny_llama(tokenizer))
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        update_model(model, optimizer, scheduler, mini_batches(groups, 1, seed=0),
-                     lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw), ppo_epochs=1, seed=0,
-                     micro_batch_tokens=budget, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
-                     max_grad_norm=None, share_prompt=share)
+        metrics = update_model(model, optimizer, scheduler, mini_batches(groups, 1, seed=0),
+                               lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw),
+                               ppo_epochs=1, seed=0, micro_batch_tokens=budget, pad_token_id=0, precision="fp32",
+                               device=torch.device("cpu"), max_grad_norm=None, share_prompt=share)
         results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        losses.append((metrics["loss"], metrics["pg_loss"], metrics["optimizer_steps"]))
+    # the logged policy loss is the step's, however the step was laid out or split
+    assert losses[2][2] == 1
+    for loss, pg_loss, _ in losses[1:]:
+        assert loss == pytest.approx(losses[0][0], rel=1e-5, abs=1e-7)
+        assert pg_loss == pytest.approx(losses[0][1], rel=1e-5, abs=1e-7)
     start = build_tiny_llama(tokenizer).state_dict()
     assert max((results[0][k] - start[k]).abs().max().item() for k in start) > 1e-3
     for other in results[1:]:

@@ -369,14 +369,27 @@ def critic_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], M
     return loss, {"trained_tokens": float(values.numel())}
 
 
+LOSS_SHARE_KEYS = ("pg_loss", "vf_loss")  # a micro-batch's share of its optimizer step's loss
+
+
 def weighted_mean_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
-    """Token-weighted mean of each metric over micro-batches (min / max for ratio extremes)."""
+    """Token-weighted mean of each metric over micro-batches (min / max for ratio extremes).
+
+    Loss shares (``LOSS_SHARE_KEYS``, already divided by step-wide normalisers) are summed
+    within their optimizer step (``_step``) and averaged over steps, so they do not depend
+    on how a step was split into micro-batches or ranks.
+    """
     out: dict[str, float] = {}
     total = sum(r["tokens"] for r in records) or 1.0
-    keys = {k for r in records for k in r if k not in ("tokens", "_gap")}
+    keys = {k for r in records for k in r if k not in ("tokens", "_gap", "_step")}
     for key in keys:
         present = [r for r in records if key in r]
-        if key.endswith("/min"):
+        if key in LOSS_SHARE_KEYS and all("_step" in r for r in present):
+            per_step: dict[int, float] = {}
+            for r in present:
+                per_step[r["_step"]] = per_step.get(r["_step"], 0.0) + r[key]
+            out[key] = sum(per_step.values()) / len(per_step)
+        elif key.endswith("/min"):
             out[key] = min(r[key] for r in present)
         elif key.endswith("/max"):
             out[key] = max(r[key] for r in present)
@@ -428,6 +441,8 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
                 model, optimizer, scheduler, items, micro_loss,
                 precision=precision, device=device, max_grad_norm=max_grad_norm, world_size=world_size,
                 reduce_sum=(lambda values: all_reduce_sum(values, info)) if distributed else None)
+            for record in records:
+                record.setdefault("_step", len(losses))
             grad_norms.append(result.grad_norm)
             lrs.append(result.lr)
             losses.append(result.loss)
