@@ -48,7 +48,6 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
     rank to ``LOCAL_RANK``.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     if use_cuda:

@@ -24,7 +24,6 @@ from typing import Any, Callable, Sequence
 import torch
 
 from posttrain.algorithms.advantages import (
-    broadcast_to_tokens,
     gae_advantages,
     grpo_advantages,
     normalize_advantages,
