@@ -96,17 +96,12 @@ def worker_trl(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from posttrain.models import resolve_model_dir
+    from posttrain.models import load_model_config
 
     torch.manual_seed(0)
-    source = resolve_model_dir("smollm2-135m-instruct")
+    source, config = load_model_config("smollm2-135m-instruct")  # without a stale GGUF quantization entry
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(source)
-    if hasattr(config, "quantization_config"):  # the GGUF conversion's leftover: HF's Trainer refuses it
-        del config.quantization_config
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
     rows = _rows(args.prompts * (args.steps + 1))
     dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]}

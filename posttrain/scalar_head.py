@@ -43,8 +43,9 @@ from typing import Any, Sequence
 import torch
 
 from posttrain.data.batching import MicroBatch, collate
+from posttrain.data.render import location, render_conversation
 from posttrain.errors import DataError, ModelLoadError
-from posttrain.train.loop import model_inputs
+from posttrain.train.loop import model_inputs, train_top_blocks_only
 
 # ----------------------------------------------------------------------------- model
 
@@ -141,26 +142,11 @@ def make_head_trainable(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def train_top_layers_only(model: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """Freeze the embeddings and all but the top ``layers`` decoder blocks (the final norm and
-    the head stay trainable). Backward then stops at the first trainable block, so a step
-    costs about one forward plus ``layers / L`` of a backward: partial fine-tuning for
+    """Freeze the embeddings and all but the top ``layers`` decoder blocks; the final norm and
+    the head stay trainable (``train.loop.train_top_blocks_only``): partial fine-tuning for
     reward models and critics on small hardware. ``layers=0`` trains the head (and norm) only.
     """
-    backbone = getattr(unwrap(model), unwrap(model).base_model_prefix)
-    blocks = getattr(backbone, "layers", None)
-    if blocks is None:
-        raise ValueError(f"cannot find the decoder blocks of {type(backbone).__name__}")
-    if not 0 <= layers <= len(blocks):
-        raise ValueError(f"layers must be between 0 and {len(blocks)}, got {layers}")
-    keep = {id(p) for block in list(blocks)[len(blocks) - layers:] for p in block.parameters()}
-    keep |= {id(p) for p in score_layer(model).parameters()}
-    norm = getattr(backbone, "norm", None)
-    if norm is not None:
-        keep |= {id(p) for p in norm.parameters()}
-    for parameter in model.parameters():
-        if id(parameter) not in keep:
-            parameter.requires_grad_(False)
-    return model
+    return train_top_blocks_only(model, layers, also_train=[score_layer(model)])
 
 
 def token_values(model: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
@@ -239,11 +225,8 @@ def render_response(
     Raises DataError (naming ``source:line``) when the response does not end with an
     assistant message or the template fails.
     """
-    from posttrain.data.render import render_conversation
-
-    where = f"{source}:{line}" if source else f"line {line}"
     if not response_messages or response_messages[-1]["role"] != "assistant":
-        raise DataError(f"{where}: a scored response must end with an assistant message")
+        raise DataError(f"{location(source, line)}: a scored response must end with an assistant message")
     messages = list(prompt_messages) + list(response_messages)
     samples = render_conversation(messages, tokenizer, tools=tools, train_on="last_assistant",
                                   line=line, source=source, chat_template_kwargs=chat_template_kwargs)
@@ -255,8 +238,8 @@ def to_scored_sequence(sample: Any) -> ScoredSequence:
     try:
         end = score_index(sample.loss_mask) + 1
     except ValueError:
-        where = f"{sample.source}:{sample.line}" if sample.source else f"line {sample.line}"
-        raise DataError(f"{where}: the response renders to no trained token, so there is nothing to score") from None
+        raise DataError(f"{location(sample.source, sample.line)}: the response renders to no trained token, "
+                        "so there is nothing to score") from None
     return ScoredSequence(input_ids=list(sample.input_ids[:end]), loss_mask=list(sample.loss_mask[:end]),
                           line=sample.line, source=sample.source)
 
@@ -283,7 +266,7 @@ def render_for_scoring(
     """
     sample = render_response(prompt_messages, response_messages, tokenizer, tools=tools,
                              chat_template_kwargs=chat_template_kwargs, line=line, source=source)
-    where = f"{source}:{line}" if source else f"line {line}"
+    where = location(source, line)
     if strict and sample.consistency_errors:
         raise DataError(f"{where}: {sample.consistency_errors[0]}")
     if strict and sample.untrained_end_of_turn:

@@ -81,9 +81,10 @@ def test_bf16_generation_copy_follows_the_policy(tokenizer):
     assert next(policy.parameters()).dtype == torch.float32  # the trainer's weights are untouched
     params = SamplingParams(n=2, temperature=0, max_new_tokens=5)
     before = [c.token_ids for c in engine.generate([[1, 2, 3]], params)]
+    generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in policy.parameters():
-            p.add_(torch.randn_like(p) * 0.5)
+            p.add_(torch.randn(p.shape, generator=generator) * 0.5)
     engine.update_weights(policy)
     for name, p in engine.model.state_dict().items():
         torch.testing.assert_close(p, policy.state_dict()[name].to(torch.bfloat16))

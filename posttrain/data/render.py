@@ -121,7 +121,12 @@ class RenderJob:
 
     @property
     def where(self) -> str:
-        return f"{self.source}:{self.line}" if self.source else f"line {self.line}"
+        return location(self.source, self.line)
+
+
+def location(source: str, line: int) -> str:
+    """How errors name a row: ``file:line``, or ``line N`` when there is no file."""
+    return f"{source}:{line}" if source else f"line {line}"
 
 
 # ----------------------------------------------------------------------------- public API

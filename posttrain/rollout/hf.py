@@ -43,7 +43,9 @@ def _generation_attention(model):
 
 
 class HFEngine:
-    """Generates with the live policy module itself, so ``update_weights`` has nothing to copy.
+    """Generates with the live policy module itself (``update_weights`` has nothing to copy),
+    or, given a ``dtype`` other than the policy's, with a copy in that dtype that
+    ``update_weights`` refreshes in place.
 
     ``synced_gpus``: the policy is sharded over ranks (FSDP) that generate different prompts;
     every rank keeps running forward passes until all ranks' sequences are done (transformers'

@@ -146,6 +146,29 @@ def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def train_top_blocks_only(model: torch.nn.Module, blocks: int,
+                          also_train: Sequence[torch.nn.Module] = ()) -> torch.nn.Module:
+    """Freeze everything but the top ``blocks`` decoder blocks, the final norm and the
+    modules in ``also_train`` (a scalar head), in place; returns ``model``.
+
+    Autograd then stops at the lowest trainable block: a step costs one forward plus about
+    ``blocks / L`` of a backward (partial fine-tuning for small hardware). ``blocks=0``
+    trains the norm (and ``also_train``) only. Raises ValueError outside ``0..L``.
+    """
+    decoder = unwrap_causal_lm(model).get_decoder()
+    layers = list(getattr(decoder, "layers", None) or [])
+    if not layers:
+        raise ValueError(f"cannot find the decoder blocks of {type(decoder).__name__}")
+    if not 0 <= blocks <= len(layers):
+        raise ValueError(f"the model has {len(layers)} decoder blocks, got {blocks}")
+    keep_modules = layers[len(layers) - blocks:] + [getattr(decoder, "norm", None), *also_train]
+    keep = {id(p) for module in keep_modules if module is not None for p in module.parameters()}
+    for parameter in model.parameters():
+        if id(parameter) not in keep:
+            parameter.requires_grad_(False)
+    return model
+
+
 def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float,
                target_modules: Sequence[str] | str, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
     """Wrap ``model`` with peft LoRA adapters; only adapter weights stay trainable.

@@ -63,11 +63,11 @@ from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce
     init_distributed, shard_model, shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
 from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
-    prepare_for_training, resolve_warmup_steps
+    prepare_for_training, resolve_warmup_steps, train_top_blocks_only
 from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, RolloutSample, append_samples, \
-    collect_rollouts, accuracy, evaluate_prompts, gather_batch, load_prompt_rows
+    collect_rollouts, accuracy, evaluate_prompts, gather_batch, in_prompt_order, prompt_rows, without_tensors
 from posttrain.train.rl_update import LossSettings, compute_advantages, compute_rollout_tensors, critic_micro_loss, \
-    mini_batches, pack_micro_batches, policy_micro_loss, update_model
+    mini_batches, pack_micro_batches, plan_micro_batches, policy_micro_loss, update_model
 
 
 @dataclass
@@ -114,7 +114,7 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
     info = init_distributed()
     seed_everything(config.train.seed)  # same on every rank while building: FSDP shards each rank's own init
     tokenizer = _load_tokenizer(config)
-    train_rows, eval_rows = prompts if prompts is not None else load_prompts(config, tokenizer)
+    train_rows, eval_rows = prompts if prompts is not None else load_prompts(config, tokenizer, info)
     reward_fn = reward_fn if reward_fn is not None else build_reward_fn(config)
     resume_path = ckpt.resolve_resume(config.train.resume, Path(config.run.output_dir) / config.run.name / "checkpoints")
     run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
@@ -208,23 +208,19 @@ def _load_tokenizer(config: RLConfig):
     return load_tokenizer(config.model.name, config.model.chat_template)
 
 
-def load_prompts(config: RLConfig, tokenizer: Any) -> tuple[list[PromptRow], list[PromptRow]]:
-    data = config.data
-    from posttrain.data.audit import preflight_prompts  # bad rows: one line naming file:line, before any model loads
+def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list[PromptRow], list[PromptRow]]:
+    """Train and held-out prompts, each file read, checked, rendered and audited once
+    (``data.audit.preflight_prompts``: a bad row is a one-line error naming file:line, over-long
+    prompts are dropped and counted), before any model loads; the summary prints on rank 0."""
+    from posttrain.data.audit import preflight_prompts
 
-    for path, limit in ((data.train, data.limit), (data.eval, data.eval_limit)):
-        if path:
-            preflight_prompts(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
-                              limit=limit, print_fn=print if os.environ.get("RANK", "0") == "0" else None)
-    train, dropped = load_prompt_rows(data.train, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
-                                      limit=data.limit)
-    if dropped:
-        print(f"rl: dropped {dropped} training prompts longer than {data.max_prompt_length} tokens", file=sys.stderr)
-    held_out: list[PromptRow] = []
-    if data.eval:
-        held_out, _ = load_prompt_rows(data.eval, tokenizer, system=data.system,
-                                       max_prompt_length=data.max_prompt_length, limit=data.eval_limit)
-    return train, held_out
+    data = config.data
+
+    def load(path: str, limit: int | None) -> list[PromptRow]:
+        return prompt_rows(preflight_prompts(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
+                                             limit=limit, print_fn=print if info.is_main else None))
+
+    return load(data.train, data.limit), load(data.eval, data.eval_limit) if data.eval else []
 
 
 def build_reward_fn(config: RLConfig):
@@ -252,29 +248,12 @@ def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -
 
 
 def train_top_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """Freeze everything but the top ``layers`` decoder blocks and the final norm (in place).
-
-    Autograd then stops at the lowest trainable block: a policy step costs one forward plus
-    about ``layers / L`` of a backward (partial fine-tuning for small hardware).
-    """
-    from posttrain.train.distributed import decoder_layers
-
-    blocks = decoder_layers(model)
-    if layers > len(blocks):
-        raise ConfigError(f"rl.train_top_layers: the model has {len(blocks)} decoder blocks, got {layers}")
-    keep = {id(p) for block in blocks[len(blocks) - layers:] for p in block.parameters()}
-    norm = getattr(unwrap_decoder(model), "norm", None)
-    if norm is not None:
-        keep |= {id(p) for p in norm.parameters()}
-    for parameter in model.parameters():
-        if id(parameter) not in keep:
-            parameter.requires_grad_(False)
-    return model
-
-
-def unwrap_decoder(model: torch.nn.Module) -> torch.nn.Module:
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return causal_lm.get_decoder()
+    """Train only the top ``layers`` decoder blocks and the final norm of the policy
+    (``train.loop.train_top_blocks_only``); a bad count names ``rl.train_top_layers``."""
+    try:
+        return train_top_blocks_only(model, layers)
+    except ValueError as exc:
+        raise ConfigError(f"rl.train_top_layers: {exc}") from None
 
 
 def build_reference(config: RLConfig, policy: torch.nn.Module, info: DistInfo):
@@ -422,8 +401,7 @@ def rollout_passes(samples: Sequence[RolloutSample], info: DistInfo, **arguments
     combined over ranks (token-weighted)."""
     if not info.distributed:
         return compute_rollout_tensors(samples, **arguments)
-    mine = len(pack_micro_batches(samples, arguments["micro_batch_tokens"], arguments["pad_token_id"],
-                                  arguments["share_prompt"]))
+    mine = len(plan_micro_batches(samples, arguments["micro_batch_tokens"], arguments["share_prompt"]))
     depth = int(all_reduce_max([float(mine)], info)[0])  # before any forward: collectives in order
     gap = compute_rollout_tensors(samples, **arguments)
     for _ in range(depth - mine):
@@ -457,20 +435,12 @@ def advantages(config: RLConfig, batch: RolloutBatch, kl_coef: float, info: Dist
     if not batch_normalised(config):
         compute_advantages(batch.groups, **settings)
         return global_advantage_stats(batch.samples, info)
-    mine = [[advantage_inputs(s) for s in group] for group in batch.groups]
-    parts = all_gather_objects(mine, info)
-    size = info.world_size
-    metrics = compute_advantages([parts[i % size][i // size] for i in range(len(mine) * size)], **settings)
+    inputs = ("old_logp", "ref_logp", "values")  # with reward, length and trained: what compute_advantages reads
+    parts = all_gather_objects([[without_tensors(s, keep=inputs) for s in group] for group in batch.groups], info)
+    metrics = compute_advantages(in_prompt_order(parts), **settings)
     for sample, filled in zip(batch.samples, [s for group in parts[info.rank] for s in group]):
         sample.advantages, sample.returns = filled.advantages, filled.returns
     return metrics
-
-
-def advantage_inputs(sample: RolloutSample) -> RolloutSample:
-    """What ``compute_advantages`` reads of a sample: reward, length, trained, log-probs, values."""
-    return RolloutSample(row=sample.row, group=sample.group, prompt_ids=[], response_ids=sample.response_ids, text="",
-                         finish_reason=sample.finish_reason, reward=sample.reward, trained=sample.trained,
-                         old_logp=sample.old_logp, ref_logp=sample.ref_logp, values=sample.values)
 
 
 def global_advantage_stats(samples: Sequence[RolloutSample], info: DistInfo) -> dict[str, float]:

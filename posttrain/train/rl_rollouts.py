@@ -34,9 +34,6 @@ from posttrain.errors import DataError
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.train.distributed import DistInfo, all_gather_objects
 
-PROMPT_KEYS = ("messages", "prompt")
-
-
 # ----------------------------------------------------------------------------- prompts
 
 
@@ -60,36 +57,11 @@ def prompt_text(messages: Any) -> str:
     return str(messages[-1].get("content", ""))
 
 
-def load_prompt_rows(path: str, tokenizer: Any, *, system: str | None, max_prompt_length: int,
-                     limit: int | None = None) -> tuple[list[PromptRow], int]:
-    """Read and render a prompt file; returns (rows, number dropped as too long).
-
-    A row holds its prompt under ``messages`` (chat messages) or ``prompt`` (a string or
-    messages); every other key is metadata for the reward (``answer``, ``tests``, ...).
-    """
-    from posttrain.data.formats import read_rows
-    from posttrain.data.render import render_prompt
-
-    rows: list[PromptRow] = []
-    dropped = 0
-    for line, row in read_rows(path, limit=limit):
-        key = next((k for k in PROMPT_KEYS if k in row), None)
-        if key is None:
-            raise DataError(f"{path}:{line}: an RL prompt row needs a 'messages' or 'prompt' key (keys: {', '.join(row)})")
-        messages = row[key]
-        if isinstance(messages, str):
-            messages = [{"role": "user", "content": messages}]
-        if system and not any(m.get("role") == "system" for m in messages if isinstance(m, dict)):
-            messages = [{"role": "system", "content": system}] + list(messages)
-        ids = render_prompt(messages, tokenizer, tools=row.get("tools"), where=f"{path}:{line}")
-        if len(ids) > max_prompt_length:
-            dropped += 1
-            continue
-        metadata = {k: v for k, v in row.items() if k != key}
-        rows.append(PromptRow(ids, prompt_text(messages), metadata, line))
-    if not rows:
-        raise DataError(f"{path}: no usable prompts (dropped {dropped} longer than data.max_prompt_length)")
-    return rows, dropped
+def prompt_rows(prepared: Any) -> list[PromptRow]:
+    """The trainer's rows of a checked, rendered prompt file (``data.audit.load_prompt_data``:
+    a row holds its prompt under ``messages`` or ``prompt``; every other key is metadata for
+    the reward, ``answer``, ``tests``, ...)."""
+    return [PromptRow(p.prompt_ids, prompt_text(p.messages), p.metadata, p.line) for p in prepared.prompts]
 
 
 class PromptSampler:
@@ -314,21 +286,19 @@ def _every_rank(value: int, info: DistInfo | None) -> list[int]:
 
 
 def gather_batch(batch: RolloutBatch, info: DistInfo) -> RolloutBatch:
-    """The whole step's batch on every rank: every rank's groups in global prompt order (prompt
-    i came from rank i % K as its (i // K)-th group), samples without their tensors, counts
-    summed and times the slowest rank's. Alone: ``batch`` itself.
+    """The whole step's batch on every rank: every rank's groups in global prompt order,
+    samples without their tensors, counts summed and times the slowest rank's. Alone:
+    ``batch`` itself.
 
     Group ids are renumbered by global position.
     """
     if not info.distributed:
         return batch
-    mine = {"groups": [[_scalar_copy(s) for s in group] for group in batch.groups],
+    mine = {"groups": [[without_tensors(s) for s in group] for group in batch.groups],
             "counts": [batch.generated_groups, batch.dropped_groups, batch.kept_zero_variance],
             "refill_rounds": batch.refill_rounds, "seconds": [batch.seconds_generate, batch.seconds_score]}
     parts = all_gather_objects(mine, info)
-    per_rank = len(parts[0]["groups"])
-    groups = [parts[position % info.world_size]["groups"][position // info.world_size]
-              for position in range(per_rank * info.world_size)]
+    groups = in_prompt_order([part["groups"] for part in parts])
     for position, group in enumerate(groups):
         for sample in group:
             sample.group = position
@@ -339,12 +309,25 @@ def gather_batch(batch: RolloutBatch, info: DistInfo) -> RolloutBatch:
                         seconds_score=max(part["seconds"][1] for part in parts), kept_zero_variance=kept)
 
 
-def _scalar_copy(sample: RolloutSample) -> RolloutSample:
-    """The sample without its per-token tensors (what metrics and samples.jsonl read)."""
-    return RolloutSample(row=sample.row, group=sample.group, prompt_ids=sample.prompt_ids,
-                         response_ids=sample.response_ids, text=sample.text, finish_reason=sample.finish_reason,
-                         reward=sample.reward, raw_reward=sample.raw_reward, components=dict(sample.components),
-                         trained=sample.trained)
+def in_prompt_order(per_rank: Sequence[Sequence[Any]]) -> list[Any]:
+    """Every rank's groups (equal counts) in the step's prompt order: prompt i was dealt to
+    rank i % K as its (i // K)-th group (``collect_rollouts``).
+
+    >>> in_prompt_order([["p0", "p2"], ["p1", "p3"]])
+    ['p0', 'p1', 'p2', 'p3']
+    """
+    ranks = len(per_rank)
+    return [per_rank[i % ranks][i // ranks] for i in range(len(per_rank[0]) * ranks)]
+
+
+def without_tensors(sample: RolloutSample, keep: Sequence[str] = ()) -> RolloutSample:
+    """A copy of ``sample`` to send to other ranks: its per-token tensors dropped, except the
+    ones named in ``keep`` (what metrics, samples.jsonl or batch-wide advantages read)."""
+    from dataclasses import replace
+
+    fields = ("engine_logp", "old_logp", "ref_logp", "values", "advantages", "returns")
+    return replace(sample, components=dict(sample.components),
+                   **{name: None for name in fields if name not in keep})
 
 
 def _reseed(params: SamplingParams, seed: int) -> SamplingParams:

@@ -36,7 +36,6 @@ from posttrain.algorithms.kl import kl_estimate
 from posttrain.algorithms.policy import entropy_bonus, ppo_policy_loss, value_loss
 from posttrain.algorithms.sft import (
     chunked_token_logprobs_and_entropy,
-    gather_trained_positions,
     next_token_targets,
     sequence_index_from_position_ids,
 )
@@ -51,53 +50,62 @@ from posttrain.train.rl_rollouts import RolloutSample
 def pack_micro_batches(samples: Sequence[RolloutSample], micro_batch_tokens: int, pad_token_id: int,
                        share_prompt: bool = False) -> list[tuple[list[RolloutSample], MicroBatch]]:
     """Split samples into packed micro-batches within the token budget (order inside each
-    micro-batch = the order of its sample list).
+    micro-batch = the order of its sample list): ``plan_micro_batches`` then
+    ``collate_rollouts``."""
+    return [(chunk, collate_rollouts(chunk, pad_token_id, share_prompt))
+            for chunk in plan_micro_batches(samples, micro_batch_tokens, share_prompt)]
 
-    ``share_prompt``: samples with the same prompt ids are laid out with the prompt once
-    (``share_prompt_micro_batches``); otherwise every sample is its own packed sequence.
+
+def plan_micro_batches(samples: Sequence[RolloutSample], micro_batch_tokens: int,
+                       share_prompt: bool = False) -> list[list[RolloutSample]]:
+    """Which samples go into which micro-batch (no tensors built).
+
+    Plain: every sample is its own packed sequence (first-fit decreasing by length).
+    ``share_prompt``: samples are grouped by prompt ids and each group costs its prompt once;
+    micro-batches are filled in order, and a group larger than the budget is split, each part
+    paying for its own copy of the prompt (one completion always gets a micro-batch).
     """
-    if share_prompt:
-        return share_prompt_micro_batches(samples, micro_batch_tokens)
-    lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
-    bins = split_into_micro_batches(list(range(len(samples))), lengths, micro_batch_tokens, packing=True)
-    out = []
-    for indices in bins:
-        chosen = [samples[i] for i in indices]
-        out.append((chosen, collate_packed(chosen, pad_token_id)))
-    return out
-
-
-def share_prompt_micro_batches(samples: Sequence[RolloutSample],
-                               micro_batch_tokens: int) -> list[tuple[list[RolloutSample], MicroBatch]]:
-    """Group samples by prompt, store each prompt once per micro-batch, fill micro-batches
-    in order within the token budget (a group larger than the budget is split, each part
-    with its own copy of the prompt; one completion always fits a micro-batch of its own)."""
+    if not share_prompt:
+        lengths = [len(s.prompt_ids) + len(s.response_ids) for s in samples]
+        bins = split_into_micro_batches(list(range(len(samples))), lengths, micro_batch_tokens, packing=True)
+        return [[samples[i] for i in indices] for indices in bins]
     groups: dict[tuple[int, ...], list[RolloutSample]] = {}
     for sample in samples:
         groups.setdefault(tuple(sample.prompt_ids), []).append(sample)
-    parts: list[tuple[tuple[int, ...], list[RolloutSample]]] = []
+    parts: list[list[RolloutSample]] = []
     for prompt, members in groups.items():
         part: list[RolloutSample] = []
         cost = len(prompt)
         for sample in members:
             if part and cost + len(sample.response_ids) > micro_batch_tokens:
-                parts.append((prompt, part))
+                parts.append(part)
                 part, cost = [], len(prompt)
             part.append(sample)
             cost += len(sample.response_ids)
-        parts.append((prompt, part))
-    bins: list[list[tuple[tuple[int, ...], list[RolloutSample]]]] = []
+        parts.append(part)
+    bins: list[list[RolloutSample]] = []
     bin_cost = 0
-    for prompt, part in parts:
-        cost = len(prompt) + sum(len(s.response_ids) for s in part)
+    for part in parts:
+        cost = len(part[0].prompt_ids) + sum(len(s.response_ids) for s in part)
         if not bins or bin_cost + cost > micro_batch_tokens:
             bins.append([])
             bin_cost = 0
-        bins[-1].append((prompt, part))
+        bins[-1].extend(part)
         bin_cost += cost
-    return [([s for _, part in chosen for s in part],
-             collate_shared_prompt([(list(prompt), [s.response_ids for s in part]) for prompt, part in chosen]))
-            for chosen in bins]
+    return bins
+
+
+def collate_rollouts(chunk: Sequence[RolloutSample], pad_token_id: int, share_prompt: bool = False) -> MicroBatch:
+    """One micro-batch's tensors: one packed sequence per sample, or (``share_prompt``) each
+    run of consecutive samples with the same prompt ids as one shared-prompt group."""
+    if not share_prompt:
+        return collate_packed(chunk, pad_token_id)
+    groups: list[tuple[list[int], list[list[int]]]] = []
+    for sample in chunk:
+        if not groups or groups[-1][0] != sample.prompt_ids:
+            groups.append((sample.prompt_ids, []))
+        groups[-1][1].append(sample.response_ids)
+    return collate_shared_prompt(groups)
 
 
 @dataclass
@@ -117,15 +125,8 @@ def response_token_logprobs(model: torch.nn.Module, batch: MicroBatch, *, temper
                             with_entropy: bool) -> ResponseTokens:
     """log pi(response token) (and entropy) for every response token of a packed micro-batch."""
     hidden_BTH, lm_head_weight = forward_hidden(model, batch)
-    if "predict_index" in batch.extras:  # shared-prompt layout: the predicting positions are listed
-        hidden = hidden_BTH.reshape(-1, hidden_BTH.shape[-1]).index_select(0, batch.extras["predict_index"])
-        targets, sequence_index = batch.extras["predict_targets"], batch.extras["predict_sequence"]
-    else:
-        sequence_index_BT = sequence_index_from_position_ids(batch.position_ids)
-        positions = gather_trained_positions(
-            hidden_BTH, next_token_targets(batch.input_ids, batch.loss_mask, None, sequence_index_BT),
-            sequence_index_BT)
-        hidden, targets, sequence_index = positions.hidden, positions.targets, positions.sequence_index
+    index, targets, sequence_index = response_positions(batch)
+    hidden = hidden_BTH.reshape(-1, hidden_BTH.shape[-1]).index_select(0, index)
     logp, entropy = chunked_token_logprobs_and_entropy(
         hidden, lm_head_weight, targets, chunk_size, temperature=temperature, with_entropy=with_entropy)
     return ResponseTokens(logp, entropy, sequence_index)
@@ -135,12 +136,22 @@ def response_token_values(critic: torch.nn.Module, batch: MicroBatch) -> torch.T
     """The critic's value at each position that predicts a response token: [N] (sample order)."""
     from posttrain.scalar_head import token_values
 
-    values_T = token_values(critic, batch).reshape(-1)
+    return token_values(critic, batch).reshape(-1).index_select(0, response_positions(batch)[0])
+
+
+def response_positions(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per response token (N, sample order): the flat row position whose hidden state predicts
+    it, its id and its sample's index in the micro-batch; each [N] int64.
+
+    The shared-prompt layout lists them (``data.batching.collate_shared_prompt``); in packed
+    rows position t predicts t + 1 within its own sequence (``algorithms.sft.next_token_targets``).
+    """
     if "predict_index" in batch.extras:
-        return values_T.index_select(0, batch.extras["predict_index"])
-    sequence_index = sequence_index_from_position_ids(batch.position_ids)
-    targets = next_token_targets(batch.input_ids, batch.loss_mask, None, sequence_index)
-    return values_T[targets.target_mask.reshape(-1) != 0]
+        return batch.extras["predict_index"], batch.extras["predict_targets"], batch.extras["predict_sequence"]
+    sequence_index = sequence_index_from_position_ids(batch.position_ids).reshape(-1)
+    shifted = next_token_targets(batch.input_ids.reshape(-1), batch.loss_mask.reshape(-1), None, sequence_index)
+    index = shifted.target_mask.nonzero().squeeze(-1)
+    return index, shifted.targets[index], sequence_index[index]
 
 
 def split_per_sample(values_N: torch.Tensor, samples: Sequence[RolloutSample]) -> list[torch.Tensor]:
@@ -436,12 +447,13 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
                     return loss * 0.0, {}
                 return loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=records)
 
+            first_record = len(records)
             result = optimizer_step(
                 model, optimizer, scheduler, items, micro_loss,
                 precision=precision, device=device, max_grad_norm=max_grad_norm, world_size=world_size,
                 reduce_sum=(lambda values: all_reduce_sum(values, info)) if distributed else None)
-            for record in records:
-                record.setdefault("_step", len(losses))
+            for record in records[first_record:]:
+                record["_step"] = len(losses)
             grad_norms.append(result.grad_norm)
             lrs.append(result.lr)
             losses.append(result.loss)
