@@ -270,6 +270,10 @@ class RLAlgorithmConfig(Section):
     dual_clip_c: float | None = Field(None, gt=1, description="dual clip bound for negative advantages (e.g. 3); null = off")
     kl_coef: float = Field(0.0, ge=0, description="KL-to-reference weight beta; 0 skips the reference model entirely")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator")
+    kl_clamp: float | None = Field(
+        10.0, gt=0, description="clamp each token's KL estimate to [-kl_clamp, kl_clamp] (k3 is exp(log-ratio) and "
+                                "unbounded: 16 at log-ratio 3, veRL clamps its low_var_kl at 10 too); a clamped "
+                                "token gets no KL gradient; null = unbounded")
     kl_in: Literal["loss", "reward"] = Field("loss", description="KL as a loss term (GRPO) or a per-token reward penalty (PPO)")
     target_kl: float | None = Field(None, gt=0, description="adaptive KL: steer the measured KL to this (null = fixed beta)")
     kl_horizon: float = Field(10000.0, gt=0, description="adaptive KL: samples over which beta moves by ~20%")
@@ -315,6 +319,10 @@ class RLOptimConfig(OptimConfig):
     schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="decay after warmup")
 
 
+# Attention backends that apply the shared-prompt block masks (None = posttrain's choice: varlen SDPA).
+SHARED_PROMPT_ATTENTION = (None, "posttrain_varlen")
+
+
 class RLConfig(Section):
     """``posttrain rl``: on-policy RL (GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic).
 
@@ -353,6 +361,13 @@ class RLConfig(Section):
             raise ValueError("rl.overlong_buffer: must be smaller than rollout.max_new_tokens")
         if self.train.eval_every is not None and not self.data.eval:
             raise ValueError("train.eval_every: set data.eval (held-out prompts) to evaluate")
+        attention = self.model.attn_implementation
+        if rl.share_prompt and attention not in SHARED_PROMPT_ATTENTION:
+            raise ValueError(
+                f"rl.share_prompt: the shared-prompt layout needs an attention that honours its mask (completions "
+                f"see their prompt, never their siblings); model.attn_implementation={attention!r} cannot, so "
+                f"completions would attend to each other. Unset model.attn_implementation or set "
+                f"rl.share_prompt=false")
         return self
 
 

@@ -116,3 +116,25 @@ def test_advantages_carry_no_gradient():
     v = torch.tensor([[0.5, 0.6]], requires_grad=True)
     adv, ret = gae_advantages(torch.tensor([[0.0, 1.0]]), v, torch.ones(1, 2))
     assert not adv.requires_grad and not ret.requires_grad
+
+
+@pytest.mark.parametrize("value", [0.1, 0.3, 0.7])
+def test_equal_non_round_returns_whiten_to_zero(value):
+    """All-equal returns carry no signal. In float32 the batch mean of 0.7s is off by a
+    rounding error, the std is as small, and their ratio used to give every token an
+    advantage of order 1 (0.84 for 0.7) with one sign."""
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    returns = torch.full((3, 5), value) * mask
+    assert normalize_advantages(returns, mask).abs().max().item() < 1e-6
+    token_rewards = token_level_rewards(torch.full((3,), value), mask)
+    assert reinforce_plus_plus_advantages(token_rewards, mask).abs().max().item() < 1e-6
+    adv, _ = gae_advantages(token_rewards, torch.zeros(3, 5), mask, gamma=1.0, lam=1.0)  # A_t = 0.7 everywhere
+    assert normalize_advantages(adv, mask).abs().max().item() < 1e-6
+    assert grpo_advantages(torch.full((4, 6), value)).abs().max().item() < 1e-6
+
+
+def test_whitening_keeps_real_spread_and_float32():
+    mask = torch.ones(1, 4)
+    out = normalize_advantages(torch.tensor([[0.7, 0.7, 0.7, 0.8]]), mask)
+    assert out.dtype == torch.float32
+    assert out[0, 3].item() == pytest.approx(1.5, abs=1e-3)  # one outlier in four: (x - mean) / std = 1.5

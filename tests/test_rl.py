@@ -5,6 +5,7 @@ of the step (advantages layout, dynamic sampling, overlong shaping, LoRA referen
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -445,3 +446,36 @@ def test_train_top_layers_freezes_everything_below(tiny_model_dir, tmp_path):
     assert trainable and all(name.startswith(("model.layers.1.", "model.norm.")) for name in trainable)
     with pytest.raises(ConfigError, match="rl.train_top_layers"):
         build_policy(make_config(tiny_model_dir, tmp_path, rl={"train_top_layers": 3}), init_distributed())
+
+
+def test_kl_in_reward_is_clamped_by_default_and_configurable():
+    """k3 at log-ratio 3 is e^3 - 3 - 1 = 16.1 per token; the RL step clamps it at rl.kl_clamp (10)."""
+    def run(**clamp):
+        groups = [[_sample(0, 0.0), _sample(0, 0.0)]]
+        groups[0][0].old_logp, groups[0][0].ref_logp = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
+        groups[0][1].old_logp, groups[0][1].ref_logp = torch.tensor([-3.0, -3.0]), torch.tensor([0.0, 0.0])
+        compute_advantages(groups, algorithm="dr_grpo", kl_in_reward=True, kl_coef=1.0, kl_estimator="k3",
+                           gamma=1, lam=1, whiten=False, **clamp)
+        return groups[0][0].advantages[0].item()
+    assert run() == pytest.approx(10.0)  # rewards 0 and -20 -> centred +10 / -10
+    assert run(kl_clamp=None) == pytest.approx(math.exp(3) - 4)
+    assert validate_config(RLConfig, {"data": {"train": "x.jsonl"}}).rl.kl_clamp == 10.0
+    assert validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"kl_clamp": None}}).rl.kl_clamp is None
+
+
+@pytest.mark.parametrize("attention", ["flash_attention_2", "sdpa", "eager"])
+def test_share_prompt_with_an_attention_that_ignores_its_mask_is_refused_in_one_line(tmp_path, capsys, attention):
+    """Only posttrain's varlen attention applies the shared-prompt block masks: any other
+    backend would let completions attend to their siblings. Refused before any file is read."""
+    from posttrain.cli import main
+    from posttrain.config import SHARED_PROMPT_ATTENTION
+    from posttrain.train.loop import VARLEN_ATTENTION
+
+    assert VARLEN_ATTENTION in SHARED_PROMPT_ATTENTION
+    config = tmp_path / "rl.yaml"
+    config.write_text(f"model:\n  attn_implementation: {attention}\ndata:\n  train: {tmp_path / 'absent.jsonl'}\n")
+    assert main(["rl", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "rl.share_prompt" in err and attention in err, err
+    assert validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "model": {"attn_implementation": attention},
+                                      "rl": {"share_prompt": False}}).rl.share_prompt is False

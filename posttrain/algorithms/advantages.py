@@ -57,18 +57,18 @@ def grpo_advantages(
     Returns:
         [P, G] float32 advantages, one per completion.
     """
-    rewards = rewards_PG.float()
-    if rewards.dim() != 2:
-        raise ValueError(f"expected rewards [P, G], got shape {tuple(rewards.shape)}")
+    if rewards_PG.dim() != 2:
+        raise ValueError(f"expected rewards [P, G], got shape {tuple(rewards_PG.shape)}")
+    rewards = rewards_PG.double()  # see normalize_advantages: float32 means of equal values round
     centred = rewards - rewards.mean(dim=1, keepdim=True)
     if not scale_by_std:
-        return centred
+        return centred.float()
     G = rewards.shape[1]
     if G > 1:
         std = rewards.std(dim=1, keepdim=True, unbiased=unbiased_std)
     else:
         std = torch.zeros_like(rewards)
-    return centred / (std + epsilon)
+    return (centred / (std + epsilon)).float()
 
 
 @torch.no_grad()
@@ -196,14 +196,19 @@ def normalize_advantages(
     Returns:
         [B, T] float32, 0 where the mask is 0. With several ranks this whitens per rank
         unless the caller gathers the batch first.
+
+    Computed in float64: in float32 the mean of N equal non-round values (0.1, 0.7...)
+    differs from them by a rounding error, the std is of the same size, and their ratio
+    gives every token an advantage of order 1 with one sign. In float64 the sum of float32
+    inputs is exact for any batch that fits in memory, so equal returns centre to exactly 0.
     """
-    adv = advantages_BT.float()
+    adv = advantages_BT.double()
     mask = response_mask_BT != 0
     mean = masked_mean(adv, mask)
     std = masked_var(adv, mask).sqrt()
     out = (adv - mean) if shift_mean else adv
     out = out / (std + epsilon)
-    return torch.where(mask, out, torch.zeros_like(out))
+    return torch.where(mask, out, torch.zeros_like(out)).float()
 
 
 @torch.no_grad()

@@ -429,7 +429,8 @@ def advantages(config: RLConfig, batch: RolloutBatch, kl_coef: float, info: Dist
     so K ranks compute exactly what one process computes."""
     rl = config.rl
     settings = dict(algorithm=rl.algorithm, kl_in_reward=rl.kl_in == "reward", kl_coef=kl_coef,
-                    kl_estimator=rl.kl_estimator, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten_advantages)
+                    kl_estimator=rl.kl_estimator, gamma=rl.gamma, lam=rl.lam, whiten=rl.whiten_advantages,
+                    kl_clamp=rl.kl_clamp)
     if not info.distributed:
         return compute_advantages(batch.groups, **settings)
     if not batch_normalised(config):
@@ -494,6 +495,7 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
     settings = LossSettings(
         clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip_c=rl.dual_clip_c, loss_agg_mode=rl.loss_agg_mode,
         kl_coef=kl_coef if rl.kl_in == "loss" else 0.0, kl_estimator=rl.kl_estimator, kl_in_loss=rl.kl_in == "loss",
+        kl_clamp=rl.kl_clamp,
         entropy_coef=rl.entropy_coef, temperature=config.rollout.temperature,
         chunk_size=config.train.logits_chunk_size,
         sum_normaliser=float(max(1, int(sizes[0])) * config.rollout.max_new_tokens))

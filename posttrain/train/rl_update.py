@@ -216,9 +216,9 @@ def logprob_gap_metrics(gaps: Sequence[torch.Tensor]) -> dict[str, float]:
 # ----------------------------------------------------------------------------- advantages
 
 
-def sequence_kl(sample: RolloutSample, estimator: str) -> torch.Tensor:
-    """Per-token KL estimate to the reference at rollout time: [R]."""
-    return kl_estimate(sample.old_logp, sample.ref_logp, estimator)
+def sequence_kl(sample: RolloutSample, estimator: str, clamp: float | None) -> torch.Tensor:
+    """Per-token KL estimate to the reference at rollout time, clamped to [-clamp, clamp]: [R]."""
+    return kl_estimate(sample.old_logp, sample.ref_logp, estimator, clamp=clamp)
 
 
 def pad_token_tensors(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +235,7 @@ def pad_token_tensors(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, to
 @torch.no_grad()
 def compute_advantages(groups: Sequence[Sequence[RolloutSample]], *, algorithm: str, kl_in_reward: bool,
                        kl_coef: float, kl_estimator: str, gamma: float, lam: float,
-                       whiten: bool) -> dict[str, float]:
+                       whiten: bool, kl_clamp: float | None = 10.0) -> dict[str, float]:
     """Fill ``advantages`` (and ``returns`` for ppo) of every sample; returns their stats.
 
     grpo / dr_grpo / rloo: one scalar per sample from its group, broadcast to its tokens;
@@ -247,7 +247,7 @@ def compute_advantages(groups: Sequence[Sequence[RolloutSample]], *, algorithm: 
     if algorithm in ("grpo", "dr_grpo", "rloo"):
         rewards = torch.tensor([[s.reward for s in group] for group in groups], dtype=torch.float32)
         if kl_in_reward and kl_coef:
-            rewards -= kl_coef * torch.tensor([[sequence_kl(s, kl_estimator).sum().item() for s in group]
+            rewards -= kl_coef * torch.tensor([[sequence_kl(s, kl_estimator, kl_clamp).sum().item() for s in group]
                                                for group in groups])
         if algorithm == "rloo":
             adv_PG = rloo_advantages(rewards)
@@ -259,7 +259,7 @@ def compute_advantages(groups: Sequence[Sequence[RolloutSample]], *, algorithm: 
         mask = pad_token_tensors([torch.ones(len(s.response_ids)) for s in samples])[1]
         kl_BT = None
         if kl_in_reward and kl_coef:
-            kl_BT = pad_token_tensors([sequence_kl(s, kl_estimator) for s in samples])[0]
+            kl_BT = pad_token_tensors([sequence_kl(s, kl_estimator, kl_clamp) for s in samples])[0]
         token_rewards = token_level_rewards(torch.tensor([s.reward for s in samples]), mask, kl_BT=kl_BT,
                                             kl_coef=kl_coef)
         if algorithm == "reinforce_pp":
@@ -316,6 +316,7 @@ class LossSettings:
     temperature: float
     chunk_size: int
     sum_normaliser: float  # 'sum' mode: divide by this (Dr. GRPO: sequences x max_new_tokens)
+    kl_clamp: float | None = 10.0  # each token's KL estimate clamped to [-kl_clamp, kl_clamp]; None = unbounded
 
 
 def policy_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], MicroBatch], *,
@@ -335,14 +336,15 @@ def policy_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], M
     loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=settings.clip_low,
                                     clip_high=settings.clip_high, dual_clip_c=settings.dual_clip_c, **common)
     if settings.kl_coef and settings.kl_in_loss:
-        kl = kl_estimate(logp, concat_field(samples, "ref_logp", device), settings.kl_estimator)
+        kl = kl_estimate(logp, concat_field(samples, "ref_logp", device), settings.kl_estimator,
+                         clamp=settings.kl_clamp)
         kl_loss = aggregate_token_losses(kl, mask, tokens.sequence_index, settings.loss_agg_mode,
                                          step_trained_tokens=step_tokens, step_sequences=step_sequences)
         loss = loss + settings.kl_coef * kl_loss
         metrics["kl"] = kl.detach().mean().item()
     elif samples[0].ref_logp is not None:
         metrics["kl"] = kl_estimate(logp.detach(), concat_field(samples, "ref_logp", device),
-                                    settings.kl_estimator).mean().item()
+                                    settings.kl_estimator, clamp=settings.kl_clamp).mean().item()
     entropy = tokens.entropy
     if settings.entropy_coef:
         bonus, entropy_metrics = entropy_bonus(entropy, mask, settings.entropy_coef, **common)
