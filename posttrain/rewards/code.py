@@ -1,14 +1,24 @@
 """Code reward: run the completion's program against the row's tests in the sandbox.
 
-Seed 000, section 4.4 ("Rule-based: does the code run and pass") and the ``compute_reward``
-example (``passed / total``). Score = fraction of tests passed, run in
+A rule-based reward in the sense of execution feedback for code (Chen et al. 2021,
+"Evaluating Large Language Models Trained on Code", the HumanEval paper, which runs
+unit tests in a sandbox). Score = fraction of tests passed, run in
 ``posttrain.rewards.sandbox`` (model-written code is hostile input).
 
 Tests come from ``metadata[tests_key]`` in one of these shapes:
 
-- assert-style: a string or a list of strings of Python; each string is one test, run
-  after the solution in a copy of its globals (``"assert add(1, 2) == 3"``; a HumanEval
-  ``test`` program followed by ``check(entry_point)`` is one test);
+- assert-style: a string or a list of strings of Python; each string is one test
+  (``"assert add(1, 2) == 3"``; a HumanEval ``test`` program followed by
+  ``check(entry_point)`` is one test). Tests never run in the program's interpreter: the
+  program runs in the sandbox and answers calls; the tests run in a separate judge
+  process that calls the program's functions with plain data and gets plain data back
+  (``posttrain.rewards.sandbox_judge``), so a completion cannot patch what the tests use,
+  find them in memory, or return objects that lie about equality.
+  ``metadata["code_prefix"]`` (HumanEval: the prompt) is trusted row data: the judge runs
+  it itself, so the tests' helpers (HumanEval/32's ``poly``) are the row's, never the
+  completion's. The function the tests call is ``metadata["entry_point"]``, else the last
+  function the prefix defines, else every name the tests use that neither the prefix, the
+  test nor the builtins define;
 - stdin/stdout: ``{"stdin": ..., "stdout": ...}`` or a list of them (also the keys
   ``input``/``output``); the program runs once per case and passes when its stdout equals
   the expected one, compared line by line with trailing whitespace ignored.
@@ -17,18 +27,25 @@ The program is the fenced code block of the completion (```` ```python ```` or a
 fence; the first one by default; an unclosed fence counts until the end), or the whole
 completion when it has none, prefixed by ``metadata["code_prefix"]`` when present (HumanEval:
 the prompt, so a completion may be just the function body). A row without tests scores 0:
-an empty test list must not reward an empty program (seed 000, section 5.2).
+an empty test list must not reward an empty program.
+
+Isolation: ``namespace`` (see ``posttrain.rewards.sandbox``) is required. ``process``
+isolation, or ``auto`` where namespaces are unavailable, is refused with a one-line
+``ConfigError`` unless ``unsafe_process_isolation=True``: it runs model-written code with
+the whole filesystem in view, behind an audit hook that is not a security boundary.
 """
 
 from __future__ import annotations
 
+import ast
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.rewards.output import RewardOutput, check_batch
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits
+from posttrain.rewards.sandbox import Sandbox, SandboxLimits, namespace_available
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _CODE_LANGS = {"", "python", "py", "python3"}
@@ -93,9 +110,57 @@ def outputs_match(actual: str, expected: str) -> bool:
     return norm(actual) == norm(expected)
 
 
+PROCESS_REFUSED = (
+    "'process' isolation runs model-written code as a plain process that can read the whole filesystem "
+    "(the venv's benchmark answers included), behind an audit hook that is not a security boundary; "
+    "use 'namespace' (root on Linux) or set unsafe_process_isolation: true to accept the risk"
+)
+
+
+def choose_isolation(isolation: str, unsafe_process_isolation: bool = False) -> str:
+    """The isolation a reward may use: ``namespace``, or ``process`` only when opted in.
+
+    ``auto`` means ``namespace`` where it works; it never falls back to ``process`` silently.
+    """
+    if isolation not in ("auto", "namespace", "process"):
+        raise ConfigError(f"isolation: must be auto, namespace or process, not {isolation!r}")
+    if isolation == "auto":
+        if namespace_available():
+            return "namespace"
+        if not unsafe_process_isolation:
+            raise ConfigError(
+                "isolation: auto found no namespace isolation here (it needs root on Linux) and does not fall "
+                "back to 'process' for rewards: " + PROCESS_REFUSED)
+        warnings.warn("code reward: namespace isolation is unavailable; running model-written code in 'process' "
+                      "isolation because unsafe_process_isolation is set", RuntimeWarning, stacklevel=3)
+        return "process"
+    if isolation == "process" and not unsafe_process_isolation:
+        raise ConfigError("isolation: " + PROCESS_REFUSED)
+    return isolation
+
+
+def last_function(source: str) -> str | None:
+    """The name of the last top-level function ``source`` defines (HumanEval's entry point).
+
+    >>> last_function("def poly(xs, x):\\n    return 0\\ndef find_zero(xs):\\n    'doc'\\n")
+    'find_zero'
+    """
+    if not source.strip():
+        return None
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return None
+    names = [node.name for node in body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    return names[-1] if names else None
+
+
 @dataclass
 class CodeReward:
     """Fraction of ``metadata[tests_key]`` the completion's program passes (0.0 without tests).
+
+    ``isolation``: ``auto`` (= ``namespace``, or a one-line error where namespaces are
+    unavailable) or ``namespace``; ``process`` only with ``unsafe_process_isolation=True``.
 
     >>> reward = CodeReward(wall_seconds=5)
     >>> out = reward(["p"] * 3,
@@ -115,6 +180,7 @@ class CodeReward:
     max_output_bytes: int = 1_000_000
     max_workers: int | None = None
     isolation: Literal["auto", "namespace", "process"] = "auto"
+    unsafe_process_isolation: bool = False
     name: str = "code"
     sandbox: Sandbox | None = field(default=None, repr=False)
 
@@ -130,7 +196,13 @@ class CodeReward:
                 memory_mb=self.memory_mb,
                 max_output_bytes=self.max_output_bytes,
             )
-            self.sandbox = Sandbox(limits, isolation=self.isolation, max_workers=self.max_workers)
+            isolation = choose_isolation(self.isolation, self.unsafe_process_isolation)
+            try:
+                self.sandbox = Sandbox(limits, isolation=isolation, max_workers=self.max_workers)
+            except ValueError as e:
+                raise ConfigError(f"isolation: {e}") from None
+        elif self.sandbox.isolation == "process" and not self.unsafe_process_isolation:
+            raise ConfigError("sandbox: " + PROCESS_REFUSED)
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):
         metadata = check_batch(prompts, completions, metadata)
@@ -144,7 +216,9 @@ class CodeReward:
             program = build_program(completion, meta, self.block)
             totals.append(len(snippets) + len(cases))
             if snippets:
-                jobs.append((row, "asserts", (program, snippets)))
+                prefix = meta.get("code_prefix") or ""
+                entry = meta.get("entry_point") or last_function(prefix)
+                jobs.append((row, "asserts", (program, snippets, prefix, entry)))
             for stdin, expected in cases:
                 jobs.append((row, "stdio", (program, stdin, expected)))
         results = self.sandbox.map(self._run_job, jobs)
@@ -163,8 +237,8 @@ class CodeReward:
     def _run_job(self, job) -> tuple[int, str]:
         _, kind, payload = job
         if kind == "asserts":
-            program, snippets = payload
-            result = self.sandbox.run_tests(program, snippets)
+            program, snippets, prefix, entry = payload
+            result = self.sandbox.run_tests(program, snippets, trusted_prefix=prefix, entry_point=entry)
             return sum(result.tests_passed), result.status
         program, stdin, expected = payload
         result = self.sandbox.run(program, stdin=stdin)

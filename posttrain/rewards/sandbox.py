@@ -1,56 +1,98 @@
-"""Run model-written Python as hostile input: one fresh, limited, isolated process per run.
+"""Run model-written Python as hostile input: fresh, limited, isolated processes per run.
 
-Used by the ``code`` reward (RL, seed section 4.4 "Rule-based: does the code pass") and by
-HumanEval evaluation. Every run is ``python -I`` in a new session with an empty
-environment, its own temporary working directory, hard resource limits and a wall-clock
-deadline; the caller reads at most ``max_output_bytes`` and kills the run beyond that.
+Used by the ``code`` reward (RL) and by HumanEval evaluation. ``Sandbox.run`` runs a
+program with a given stdin (stdin/stdout tests); ``Sandbox.run_tests`` runs a program and a
+list of assert-style tests **in two different processes**: the program (untrusted) only
+answers calls, the tests run in a separate judge process under another uid, and only
+plain data crosses between them (``sandbox_judge.py`` describes the wire). So nothing the
+program does inside its interpreter (replacing builtins, walking frames or ``gc``,
+patching ``math``/``random``, returning objects whose ``__eq__`` lies) reaches the code
+that decides pass or fail, and the program holds no channel to the caller's verdict.
 
 Isolation layers and how strong each one is (be honest about what protects what):
 
-=========================  =====================================  ==========================
-layer                      ``namespace`` (root; default when it   ``process`` (fallback,
-                           works)                                 any user)
-=========================  =====================================  ==========================
-separate interpreter       ``python -I -B``, fresh per run         same
-env vars of the parent     not passed (fixed minimal env)          same
-CPU / memory / file size   RLIMIT_CPU, RLIMIT_AS, RLIMIT_FSIZE     same (kernel-enforced)
-wall clock, output size    caller kills the whole session          same
-network                    new network namespace: no interfaces    audit hook refuses socket
-                           but a down loopback (kernel-enforced)   creation (bypassable by
-                                                                   native code; defence only)
-files outside the workdir  chroot into a tmpfs root with read-only audit hook refuses writes
-                           binds of only /usr, the interpreter,    outside the workdir;
-                           the venv and /dev/{null,zero,random,    reads are NOT restricted
-                           urandom}: the rest of the machine is    (same uid as the caller)
-                           not even visible; /tmp is size-limited
-processes / fork bombs     a private uid per worker slot +         audit hook refuses fork,
-                           RLIMIT_NPROC; after the run every       exec, subprocess, kill;
-                           process of that uid is SIGKILLed        process group killed after
-killing the caller         impossible: different uid, no caps      audit hook refuses os.kill
-leftovers                  tmpfs vanishes with the namespace       temp dir removed
-=========================  =====================================  ==========================
+=========================  ========================================  ============================
+layer                      ``namespace`` (root on Linux; required    ``process`` (unsafe; an
+                           for RL rewards and eval)                  explicit opt-in)
+=========================  ========================================  ============================
+who judges the tests       a separate judge process, another uid,    a separate judge process;
+                           plain data only (see above)               another uid when root, else
+                                                                     the same uid (non-dumpable)
+program's interpreter      the base interpreter (not the venv's),    same
+                           ``-I -S -B``, fresh per run
+env vars of the parent     not passed (fixed minimal env)            same
+files                      chroot into a tmpfs root with read-only   everything the uid can read
+                           binds of ``/usr``, ``/lib*``, the base    (the project, the venv and
+                           interpreter's prefix and four ``/dev``    its benchmark data, home);
+                           nodes; every ``site-packages`` and        a PEP 578 audit hook refuses
+                           ``dist-packages`` covered by an empty     writes outside the temp dir
+                           read-only tmpfs: the project, the venv,   (bypassable)
+                           home and ``/proc`` are not there
+uid                        two private uids per worker slot          private uids when root,
+                           (program, judge), never the caller's      else the caller's own
+system calls (seccomp)     denied: ptrace, mount, unshare/setns,     same filter (when the
+                           keyctl, bpf, perf, io_uring, non-unix     caller may install it)
+                           sockets, pidfd_*, kexec, ... (see
+                           ``sandbox_seccomp.py``)
+network                    new network namespace (only a down        seccomp refuses non-unix
+                           loopback) and seccomp                     sockets; audit hook
+memory, processes          the whole run: a cgroup (v2, or v1        same cgroup when root; else
+                           memory + pids) holds the program and      per process (RLIMIT_AS) and
+                           all it forks: ``memory_mb`` and           per uid (RLIMIT_NPROC) only
+                           ``max_processes`` bound them together;
+                           plus RLIMIT_AS/CPU/FSIZE/NOFILE per
+                           process
+disk                       one size-limited tmpfs for the whole      RLIMIT_FSIZE per file only
+                           run (``tmpfs_mb``); RLIMIT_FSIZE per file
+wall clock, output size    the caller kills the run at               same
+                           ``wall_seconds`` / ``max_output_bytes``
+killing the caller         impossible: other uid, no capabilities    root: other uid; else only
+                                                                     the audit hook (bypassable)
+leftovers                  tmpfs and namespaces vanish; every        temp dir removed; processes
+                           process of the run's uids and cgroup is   of the uids / cgroup /
+                           SIGKILLed; keyrings denied by seccomp     process group killed; files
+                                                                     written elsewhere stay
+=========================  ========================================  ============================
 
-Audit hooks (PEP 578) are not a security boundary: code that reaches native code (an
-extension module already imported, or a bug in CPython) can bypass them. ``process``
-isolation therefore only suits trusted-ish code (for example canonical solutions on a
-laptop); run RL on real model output where ``namespace`` isolation is available (root or
-a container with CAP_SYS_ADMIN). Neither mode uses seccomp; the kernel attack surface is
-that of an ordinary unprivileged process.
+``process`` isolation never runs code as root: as root it drops to the private uids, and
+refuses (one-line ``ValueError``) when that uid cannot execute the interpreter (one under
+``/root``, say); pass ``python=`` an interpreter outside a private home, or use
+``namespace``.
 
-Cost: about 50 ms per run here (two interpreter starts, a handful of mounts); the 164
-HumanEval canonical solutions take 18 s with 1 worker and 7 s with 4 on a 2-core machine.
+Where the kernel offers less, the sandbox says so once (``RuntimeWarning``): without a
+writable cgroup (``memory``/``pids`` v1 controllers or a v2 hierarchy with both enabled,
+under this process's own cgroup) ``memory_mb`` bounds each process and ``max_processes``
+each uid, not the run; without seccomp (no ``libseccomp.so.2``) the system calls above are
+allowed (namespace isolation still hides files and network; keyring entries could then
+outlive a run on the same uid).
 
-Test results travel on a separate pipe as lines carrying a per-run random nonce,
-so ``exit(0)`` or printing a fake "all passed" cannot fake a pass. A program that walks
-the interpreter's frames could still find the nonce: the reward is hard to game by
-accident or by simple tricks, not impossible to game by design.
+``process`` isolation runs model-written code with the filesystem in view and behind an
+audit hook (PEP 578: "not a security boundary"), so ``CodeReward`` (RL rewards, eval)
+refuses it unless the config says ``unsafe_process_isolation: true``, and ``auto`` never
+falls back to it there.
+
+References: PEP 578 (audit hooks); ``seccomp(2)``, ``seccomp_rule_add(3)``,
+``seccomp_export_bpf(3)``; ``namespaces(7)``, ``pid_namespaces(7)``, ``chroot(2)``;
+the kernel's ``Documentation/admin-guide/cgroup-v2.rst`` and
+``Documentation/admin-guide/cgroup-v1/{memory,pids}.rst``.
+
+Cost (``namespace``, a 2-core machine shared with other jobs, load 4-8; old = the
+previous design: tests in the program's interpreter, no seccomp, no cgroup; medians of
+40 interleaved runs): ``run`` 140 ms old, 145 ms now; ``run_tests`` 128 ms old, 154 ms
+now (the judge is a fork of the bootstrap's interpreter, not a third start-up). Seccomp
+costs nothing measurable per run (within noise; building the filter takes ~35 ms once per
+caller process); the cgroup's system calls take ~2 ms per run (create + limits 0.3 ms,
+attaching the program 1.3 ms, kill + remove 0.4 ms), within the noise of the medians.
+The 164 HumanEval canonical solutions all pass: 143 -> 165 ms per problem with 1 worker,
+88 -> 107 ms with the default workers (2 here), same load, back to back. On the idle
+machine the old design took 83 ms (1 worker) and 58 ms (2).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
-import secrets
 import selectors
 import shutil
 import signal
@@ -60,14 +102,18 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
+from posttrain.rewards import sandbox_seccomp
+
 Isolation = Literal["auto", "namespace", "process"]
 
 _BOOT_SOURCE = Path(__file__).with_name("sandbox_boot.py").read_text()
+_STAGE2_SOURCE = Path(__file__).with_name("sandbox_judge.py").read_text()
 _EXIT_SETUP_FAILED = 120
 _SANDBOX_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -81,21 +127,29 @@ _SANDBOX_ENV = {
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-run limits. Small defaults: a reward call is a few asserts, not a workload."""
+    """Per-run limits. Small defaults: a reward call is a few asserts, not a workload.
+
+    ``memory_mb`` and ``max_processes`` bound the program and everything it forks together
+    where a cgroup is available (see the module docstring), else each process / uid.
+    """
 
     wall_seconds: float = 10.0
-    cpu_seconds: int = 10
+    cpu_seconds: int = 10  # per process (RLIMIT_CPU); the run as a whole: wall_seconds
     memory_mb: int = 1024
-    max_processes: int = 32  # threads count too (RLIMIT_NPROC); namespace isolation only
+    max_processes: int = 32  # threads count too
     max_output_bytes: int = 1_000_000  # stdout + stderr read at most; beyond: killed
     max_file_bytes: int = 16 * 1024 * 1024
     max_open_files: int = 256
     tmpfs_mb: int = 64  # namespace isolation: everything the run may write, in total
+    max_message_bytes: int = 16 * 1024 * 1024  # one call's arguments or return value
 
 
 @dataclass
 class SandboxResult:
-    """What one run did. ``status``: ok | error | timeout | output_limit | setup_failed."""
+    """What one run did. ``status``: ok | error | timeout | output_limit | setup_failed.
+
+    For ``run_tests``, ``ok`` means the judge ran every test (each may have failed).
+    """
 
     status: str
     returncode: int | None
@@ -110,41 +164,97 @@ class SandboxResult:
         return self.status == "ok"
 
 
-def _namespace_binds() -> list[str]:
-    """Host paths the chroot needs, read-only: the system, the interpreter and the venv."""
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+def _warn_once(key: str, message: str) -> None:
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def base_python() -> str:
+    """The real interpreter binary behind this one (a venv's ``python`` is only a link)."""
+    exe = getattr(sys, "_base_executable", None) or sys.executable
+    real = os.path.realpath(exe)
+    return real if os.path.exists(real) else os.path.realpath(sys.executable)
+
+
+def _within(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def _namespace_binds(python: str) -> list[str]:
+    """Host paths the chroot needs, read-only: the system and the base interpreter's prefix."""
     paths = ["/usr", "/etc/ld.so.cache", "/etc/localtime"]
-    for prefix in {sys.base_prefix, sys.prefix, os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}:
-        if not any(prefix == p or prefix.startswith(p.rstrip("/") + "/") for p in paths):
+    # the program's interpreter, and this one's standard library (the judge runs in it)
+    prefixes = {os.path.dirname(os.path.dirname(python)), os.path.realpath(sys.base_prefix),
+                os.path.realpath(sys.base_exec_prefix)}
+    for prefix in sorted(prefixes):
+        if not _within(prefix, paths):
             paths.append(prefix)
-    # Host directories that are real directories (not /usr symlinks) and hold libraries.
-    for name in ("/bin", "/lib", "/lib64", "/sbin"):
+    for name in ("/bin", "/lib", "/lib64", "/sbin"):  # real directories (not /usr symlinks)
         if os.path.isdir(name) and not os.path.islink(name):
             paths.append(name)
     return paths
 
 
+def _masked_dirs(binds: Sequence[str]) -> list[str]:
+    """Every ``site-packages``/``dist-packages`` under the binds: installed packages (and
+    their data files, such as a benchmark's canonical solutions) are not the stdlib."""
+    found = set()
+    for root in binds:
+        if not os.path.isdir(root):
+            continue
+        for pattern in ("lib*/python*/site-packages", "lib*/python*/dist-packages",
+                        "local/lib*/python*/site-packages", "local/lib*/python*/dist-packages"):
+            for hit in glob.glob(os.path.join(root, pattern)):
+                real = os.path.realpath(hit)
+                if os.path.isdir(real) and _within(real, binds):
+                    found.add(real)
+    return sorted(found)
+
+
+def _unreachable_by_others(path: str) -> str | None:
+    """The first directory on ``path`` (or the file) a private uid may not traverse/execute."""
+    parts = Path(path).parts
+    for i in range(1, len(parts) + 1):
+        p = os.path.join(*parts[:i])
+        try:
+            mode = os.stat(p).st_mode
+        except OSError:
+            return p
+        if not mode & 0o001:
+            return p
+    return None
+
+
 class _UidSlot:
-    """Claim an unused uid for one run, across processes, with an abstract unix socket lock.
+    """Claim a pair of unused uids (program, judge) for one run, across processes.
 
     The lock is a bound name in the abstract socket namespace: no file is created and the
     kernel releases it when the holder dies.
     """
 
-    def __init__(self, uid_base: int, uid_count: int):
-        self.uid_base, self.uid_count = uid_base, uid_count
+    def __init__(self, uid_base: int, slot_count: int):
+        self.uid_base, self.slot_count = uid_base, slot_count
 
-    def acquire(self) -> tuple[int, socket.socket]:
+    def acquire(self) -> tuple[int, int, socket.socket]:
         deadline = time.monotonic() + 60
         while True:
-            for uid in range(self.uid_base, self.uid_base + self.uid_count):
+            for slot in range(self.slot_count):
+                uid = self.uid_base + 2 * slot
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 try:
                     sock.bind("\0posttrain-sandbox-uid-%d" % uid)
-                    return uid, sock
+                    return uid, uid + 1, sock
                 except OSError:
                     sock.close()
             if time.monotonic() > deadline:
-                raise RuntimeError("no free sandbox uid slot in %d..%d" % (self.uid_base, self.uid_base + self.uid_count))
+                raise RuntimeError("no free sandbox uid slot in %d..%d" % (self.uid_base, self.uid_base + 2 * self.slot_count))
             time.sleep(0.01)
 
 
@@ -184,8 +294,191 @@ def kill_uid(uid: int, rounds: int = 200) -> int:
     raise RuntimeError("processes of sandbox uid %d survive SIGKILL" % uid)
 
 
+# ------------------------------------------------------------------------ cgroups
+class _CgroupSupport:
+    """Where this process may create run cgroups: v2 (memory + pids) or v1 memory and pids.
+
+    New groups go under this process's own cgroup (so the limits of whoever runs posttrain
+    still apply above them), named ``posttrain-sandbox-<pid>-<n>``.
+    """
+
+    def __init__(self):
+        self.version: int | None = None
+        self.bases: dict[str, str] = {}
+        self.why = ""
+        try:
+            self._probe()
+        except OSError as e:
+            self.version, self.bases, self.why = None, {}, str(e)
+
+    def _probe(self) -> None:
+        mounts_v1, mount_v2 = {}, None
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fstype, _, options = right.split()[:3]
+                mountpoint = left.split()[4]
+                if fstype == "cgroup2":
+                    mount_v2 = mount_v2 or mountpoint
+                elif fstype == "cgroup":
+                    for ctl in options.split(","):
+                        if ctl in ("memory", "pids"):
+                            mounts_v1[ctl] = mountpoint
+        own_v1, own_v2 = {}, None
+        with open("/proc/self/cgroup") as f:
+            for line in f:
+                _, ctls, path = line.rstrip("\n").split(":", 2)
+                if ctls == "":
+                    own_v2 = path
+                for ctl in ctls.split(","):
+                    own_v1[ctl] = path
+        if mount_v2 is not None and own_v2 is not None:
+            base = mount_v2 + own_v2.rstrip("/")
+            if self._v2_ready(base):
+                self.version, self.bases = 2, {"unified": base}
+                return
+        if "memory" in mounts_v1 and "pids" in mounts_v1 and "memory" in own_v1 and "pids" in own_v1:
+            bases = {c: mounts_v1[c] + own_v1[c].rstrip("/") for c in ("memory", "pids")}
+            if all(os.access(b, os.W_OK) for b in bases.values()):
+                self.version, self.bases = 1, bases
+                return
+            self.why = "no write access to %s" % " / ".join(bases.values())
+            return
+        self.why = self.why or "no cgroup v2 with memory+pids enabled and no v1 memory+pids hierarchies"
+
+    def _v2_ready(self, base: str) -> bool:
+        try:
+            with open(os.path.join(base, "cgroup.subtree_control")) as f:
+                enabled = set(f.read().split())
+            if not {"memory", "pids"} <= enabled:
+                with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                    f.write("+memory +pids")  # EBUSY when this cgroup holds processes (not the root)
+            return os.access(base, os.W_OK)
+        except OSError as e:
+            self.why = "cgroup v2 at %s: cannot enable memory+pids for children (%s)" % (base, e.strerror)
+            return False
+
+
+_cgroup_support: _CgroupSupport | None = None
+_cgroup_lock = threading.Lock()
+_cgroup_seq = [0]
+
+
+def cgroup_support() -> _CgroupSupport:
+    global _cgroup_support
+    with _cgroup_lock:
+        if _cgroup_support is None:
+            _cgroup_support = _CgroupSupport()
+            _remove_stale_groups(_cgroup_support)
+        return _cgroup_support
+
+
+def _remove_stale_groups(support: _CgroupSupport) -> None:
+    """Empty groups left by a caller that died (their name carries its pid)."""
+    for base in support.bases.values():
+        for path in glob.glob(os.path.join(base, "posttrain-sandbox-*-*")):
+            try:
+                pid = int(os.path.basename(path).split("-")[2])
+                if pid != os.getpid() and not os.path.exists("/proc/%d" % pid):
+                    os.rmdir(path)
+            except (ValueError, OSError):
+                pass
+
+
+class _RunCgroup:
+    """One run's cgroup(s): created with its limits, emptied and removed afterwards."""
+
+    def __init__(self, support: _CgroupSupport, limits: SandboxLimits):
+        with _cgroup_lock:
+            _cgroup_seq[0] += 1
+            name = "posttrain-sandbox-%d-%d" % (os.getpid(), _cgroup_seq[0])
+        self.version = support.version
+        self.dirs = {ctl: os.path.join(base, name) for ctl, base in support.bases.items()}
+        memory = str(int(limits.memory_mb) * 1024 * 1024)
+        try:
+            for d in self.dirs.values():
+                os.mkdir(d, 0o755)
+            if self.version == 2:
+                d = self.dirs["unified"]
+                self._write(d, "memory.max", memory)
+                self._write(d, "memory.swap.max", "0", optional=True)
+                self._write(d, "pids.max", str(limits.max_processes))
+            else:
+                self._write(self.dirs["memory"], "memory.limit_in_bytes", memory)
+                self._write(self.dirs["memory"], "memory.memsw.limit_in_bytes", memory, optional=True)
+                self._write(self.dirs["pids"], "pids.max", str(limits.max_processes))
+        except OSError:
+            self.remove()
+            raise
+
+    @staticmethod
+    def _write(d: str, name: str, value: str, optional: bool = False) -> None:
+        try:
+            with open(os.path.join(d, name), "w") as f:
+                f.write(value)
+        except FileNotFoundError:
+            if not optional:
+                raise
+
+    @property
+    def procs_files(self) -> list[str]:
+        return [os.path.join(d, "cgroup.procs") for d in self.dirs.values()]
+
+    def oom_kills(self) -> int:
+        d = self.dirs.get("unified") or self.dirs.get("memory")
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            with open(os.path.join(d, name)) as f:
+                for line in f:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def kill(self) -> None:
+        """SIGKILL everything in the group until it is empty (processes cannot leave it)."""
+        if self.version == 2:
+            try:
+                self._write(self.dirs["unified"], "cgroup.kill", "1")
+            except OSError:
+                pass
+        for _ in range(400):
+            pids = set()
+            for procs in self.procs_files:
+                try:
+                    with open(procs) as f:
+                        pids.update(int(p) for p in f.read().split())
+                except OSError:
+                    pass
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.005)
+
+    def remove(self) -> None:
+        for d in self.dirs.values():
+            for _ in range(200):
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:  # EBUSY while the last killed tasks are being released
+                    time.sleep(0.005)
+
+
+# ------------------------------------------------------------------------ sandbox
 class Sandbox:
-    """Run untrusted Python programs, one isolated process each, ``max_workers`` at a time.
+    """Run untrusted Python programs, one isolated run each, ``max_workers`` at a time.
+
+    ``python``: the interpreter that runs the code (default: the base interpreter behind
+    this one; never a virtualenv's, whose packages the code must not see).
 
     >>> box = Sandbox(SandboxLimits(wall_seconds=5))
     >>> box.run("print(sum(range(10)))").stdout
@@ -202,25 +495,56 @@ class Sandbox:
         isolation: Isolation = "auto",
         max_workers: int | None = None,
         uid_base: int = 1_990_000,
+        python: str | None = None,
     ):
         self.limits = limits or SandboxLimits()
         self.max_workers = max_workers or max(1, min(8, os.cpu_count() or 1))
         self.uid_slots = _UidSlot(uid_base, 64)
         self.isolation = resolve_isolation(isolation)
-        self._binds = _namespace_binds()
+        if isolation == "auto" and self.isolation == "process":
+            _warn_once("auto-process", "posttrain sandbox: namespace isolation is not available here (it needs root "
+                       "on Linux), so isolation=auto runs code in 'process' mode, which is NOT a security boundary")
+        self.python = os.path.realpath(python) if python else base_python()
+        if not os.access(self.python, os.X_OK):
+            raise ValueError(f"python: {self.python} is not an executable interpreter")
+        self._binds = _namespace_binds(self.python)
+        self._masked = _masked_dirs(self._binds)
+        self._root = os.geteuid() == 0 if hasattr(os, "geteuid") else False
+        if self.isolation == "process" and self._root:
+            blocked = _unreachable_by_others(self.python)
+            if blocked:
+                raise ValueError(
+                    f"isolation='process' never runs code as root, and a private uid cannot run {self.python} "
+                    f"({blocked} is not world-searchable); use isolation='namespace'")
+        bpf, why = sandbox_seccomp.filter_bpf() if sys.platform.startswith("linux") else (None, "not Linux")
+        self._seccomp = bpf.hex() if bpf else None
+        if bpf is None:
+            _warn_once("seccomp", f"posttrain sandbox: no seccomp filter ({why}); sandboxed code may call ptrace, "
+                       "mount, unshare, keyctl, bpf and open network sockets, limited only by the isolation mode")
+        self._cgroups = cgroup_support() if self._root and sys.platform.startswith("linux") else None
+        if self._cgroups is None or self._cgroups.version is None:
+            why = self._cgroups.why if self._cgroups is not None else "creating cgroups needs root"
+            _warn_once("cgroup", f"posttrain sandbox: no run-wide cgroup ({why}); memory_mb bounds each process "
+                       "(RLIMIT_AS) and max_processes each uid (RLIMIT_NPROC), not the run as a whole")
 
     # ----------------------------------------------------------------- public
     def run(self, program: str, stdin: str = "", limits: SandboxLimits | None = None) -> SandboxResult:
         """Run ``program`` as a script with ``stdin``; status ``ok`` iff it exits 0 in limits."""
         return self._run(program, None, stdin, limits or self.limits)
 
-    def run_tests(self, program: str, tests: Sequence[str], limits: SandboxLimits | None = None) -> SandboxResult:
-        """Define ``program``, then run each test snippet against a copy of its globals.
+    def run_tests(self, program: str, tests: Sequence[str], limits: SandboxLimits | None = None, *,
+                  trusted_prefix: str = "", entry_point: str | None = None) -> SandboxResult:
+        """Run ``program``; run each test snippet in the judge, calling the program's functions.
 
         ``tests_passed[i]`` is True iff test ``i`` ran without raising; a test that never
-        ran (timeout, crash, output limit) counts as failed.
+        ran (timeout, crash, output limit) counts as failed. ``trusted_prefix`` (the row's
+        own code, such as a HumanEval prompt) runs in the judge and its names are the
+        judge's own, except ``entry_point``, which is always the program's. Without an
+        ``entry_point``, every name a test uses that is neither a builtin nor defined by the
+        prefix or the test is looked up in the program.
         """
-        return self._run(program, list(tests), "", limits or self.limits)
+        judge = {"tests": list(tests), "prefix": trusted_prefix, "entry_point": entry_point}
+        return self._run(program, judge, "", limits or self.limits)
 
     def map(self, fn, items: Sequence) -> list:
         """Apply ``fn`` (which calls ``run``/``run_tests``) to items on the bounded pool."""
@@ -230,14 +554,12 @@ class Sandbox:
             return list(pool.map(fn, items))
 
     # --------------------------------------------------------------- internal
-    def _run(self, program: str, tests: list[str] | None, stdin: str, limits: SandboxLimits) -> SandboxResult:
-        nonce = secrets.token_hex(16)
-        payload = json.dumps(
-            {"program": program, "tests": tests, "nonce": nonce, "audit": self.isolation == "process"}
-        ).encode()
+    def _run(self, program: str, judge: dict | None, stdin: str, limits: SandboxLimits) -> SandboxResult:
+        namespace = self.isolation == "namespace"
         cfg = {
             "isolation": self.isolation,
-            "python": sys.executable,
+            "python": self.python,
+            "stage2": _STAGE2_SOURCE,
             "env": _SANDBOX_ENV,
             "cpu_seconds": max(1, int(limits.cpu_seconds)),
             "memory_bytes": int(limits.memory_mb) * 1024 * 1024,
@@ -247,25 +569,44 @@ class Sandbox:
             "tmpfs_kb": int(limits.tmpfs_mb) * 1024,
             "tmpfs_inodes": 4096,
             "ro_binds": self._binds,
+            "masked": self._masked,
+            "seccomp": self._seccomp,
+            "uid": None,
+            "judge_uid": None,
+            "cgroup_procs": [],
         }
-        uid, lock, workdir = None, None, None
+        program_payload = {"program": program, "audit": not namespace,
+                           "max_message_bytes": int(limits.max_message_bytes)}
+        if judge is not None:
+            judge = dict(judge, max_message_bytes=int(limits.max_message_bytes), undumpable=not self._root)
+        lock, workdir, group = None, None, None
         try:
-            if self.isolation == "namespace":
-                uid, lock = self.uid_slots.acquire()
-                cfg["uid"] = uid
-            else:
+            if self._root:
+                cfg["uid"], cfg["judge_uid"], lock = self.uid_slots.acquire()
+            if not namespace:
                 workdir = tempfile.mkdtemp(prefix="posttrain-sandbox-")
+                if self._root:
+                    os.chown(workdir, cfg["uid"], cfg["uid"])
                 cfg["workdir"] = workdir
-            return self._spawn(cfg, payload, stdin.encode(), nonce, tests, limits, uid)
+            if self._cgroups is not None and self._cgroups.version is not None:
+                group = _RunCgroup(self._cgroups, limits)
+                cfg["cgroup_procs"] = group.procs_files
+            payload = json.dumps({"program": program_payload, "judge": judge}).encode()
+            return self._spawn(cfg, payload, stdin.encode(), None if judge is None else len(judge["tests"]), limits, group)
         finally:
+            if group is not None:
+                group.kill()
+                group.remove()
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             if lock is not None:
                 lock.close()
 
-    def _spawn(self, cfg, payload, stdin, nonce, tests, limits, uid) -> SandboxResult:
-        report_r, report_w = os.pipe()
-        os.set_inheritable(report_w, True)
+    def _spawn(self, cfg, payload, stdin, n_tests, limits, group) -> SandboxResult:
+        tests = n_tests is not None
+        report_r, report_w = os.pipe() if tests else (None, None)
+        if tests:
+            os.set_inheritable(report_w, True)
         start = time.monotonic()
         cfg = dict(cfg, report_fd=report_w)
         try:
@@ -277,29 +618,32 @@ class Sandbox:
                 env={},
                 cwd="/",
                 start_new_session=True,
-                pass_fds=(report_w,),
+                pass_fds=(report_w,) if tests else (),
             )
         finally:
-            os.close(report_w)
+            if tests:
+                os.close(report_w)
         writer = threading.Thread(target=_feed, args=(proc.stdin, b"%010d" % len(payload) + payload + stdin), daemon=True)
         writer.start()
         out, err, report, status = self._collect(proc, report_r, start + limits.wall_seconds, limits.max_output_bytes)
         returncode = proc.poll()
         wall = time.monotonic() - start
-        self._cleanup(proc, uid)
+        self._cleanup(proc, cfg, group)
         writer.join(timeout=1)
         if returncode is None:
             returncode = proc.wait()
+        passed, done = _parse_report(report, n_tests) if tests else ([], False)
         if status is None:
-            if returncode == 0:
-                status = "ok"
-            elif returncode == _EXIT_SETUP_FAILED and b"sandbox setup failed" in err:
+            if returncode == _EXIT_SETUP_FAILED and b"sandbox setup failed" in err:
                 status = "setup_failed"
+            elif (done and returncode == 0) or (not tests and returncode == 0):
+                status = "ok"
             elif returncode in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL):
                 status = "timeout"
             else:
                 status = "error"
-        passed = _parse_report(report, nonce, len(tests) if tests is not None else 0)
+        if group is not None and group.oom_kills():
+            err += b"\nsandbox: the run reached memory_mb=%d and the kernel killed a process\n" % limits.memory_mb
         return SandboxResult(
             status=status,
             returncode=returncode,
@@ -315,8 +659,9 @@ class Sandbox:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ, "out")
         sel.register(proc.stderr, selectors.EVENT_READ, "err")
-        report_file = os.fdopen(report_fd, "rb", buffering=0)
-        sel.register(report_file, selectors.EVENT_READ, "report")
+        report_file = os.fdopen(report_fd, "rb", buffering=0) if report_fd is not None else None
+        if report_file is not None:
+            sel.register(report_file, selectors.EVENT_READ, "report")
         status = None
         exited_at = None
         try:
@@ -335,26 +680,28 @@ class Sandbox:
                         sel.unregister(key.fileobj)
                         continue
                     bufs[key.data] += chunk
-                    if len(bufs["out"]) + len(bufs["err"]) > max_output:
-                        status = "output_limit"
-                        break
-                    if len(bufs["report"]) > 1_000_000:
+                    if len(bufs["out"]) + len(bufs["err"]) > max_output or len(bufs["report"]) > 1_000_000:
                         status = "output_limit"
                         break
                 if status is not None:
                     break
         finally:
             sel.close()
-            report_file.close()
+            if report_file is not None:
+                report_file.close()
         for name in ("out", "err"):
             del bufs[name][max_output:]
         return bytes(bufs["out"]), bytes(bufs["err"]), bytes(bufs["report"]), status
 
-    def _cleanup(self, proc, uid):
-        if uid is not None:
-            # Killing the run's uid kills the PID namespace's init, so the kernel kills and
-            # reaps the rest; the root boot process then exits by itself.
-            kill_uid(uid)
+    def _cleanup(self, proc, cfg, group):
+        if group is not None:
+            group.kill()
+        for uid in (cfg["uid"], cfg["judge_uid"]):
+            if uid is not None:
+                # Killing the run's uids kills the PID namespace's processes; the root boot
+                # process then exits by itself.
+                kill_uid(uid)
+        if cfg["uid"] is not None:
             try:
                 proc.wait(timeout=2)
             except subprocess.TimeoutExpired:
@@ -379,22 +726,39 @@ def _feed(stream, data: bytes) -> None:
         pass
 
 
-def _parse_report(report: bytes, nonce: str, n_tests: int) -> list[bool]:
+def _parse_report(report: bytes, n_tests: int) -> tuple[list[bool], bool]:
+    """The judge's ``<index> pass|fail`` lines (first verdict per index wins) and ``done``."""
     verdict = [False] * n_tests
     seen = set()
+    done = False
     for line in report.decode("ascii", "replace").splitlines():
         parts = line.split()
-        if len(parts) != 3 or parts[0] != nonce or not parts[1].isdigit():
+        if parts == ["done"]:
+            done = True
             continue
-        i = int(parts[1])
+        if len(parts) != 2 or not parts[0].isdigit():
+            continue
+        i = int(parts[0])
         if 0 <= i < n_tests and i not in seen:
             seen.add(i)
-            verdict[i] = parts[2] == "pass"
-    return verdict
+            verdict[i] = parts[1] == "pass"
+    return verdict, done
 
 
 _isolation_cache: dict[str, str] = {}
 _isolation_lock = threading.Lock()
+
+
+def namespace_available() -> bool:
+    """Whether a probe run in ``namespace`` isolation works here (root, Linux); cached."""
+    with _isolation_lock:
+        if "namespace" not in _isolation_cache:
+            ok = False
+            if sys.platform.startswith("linux") and os.geteuid() == 0:
+                probe = Sandbox(SandboxLimits(wall_seconds=10), isolation="namespace", max_workers=1)
+                ok = probe.run("print('ok')").stdout == "ok\n"
+            _isolation_cache["namespace"] = "yes" if ok else "no"
+        return _isolation_cache["namespace"] == "yes"
 
 
 def resolve_isolation(isolation: Isolation) -> str:
@@ -403,15 +767,7 @@ def resolve_isolation(isolation: Isolation) -> str:
         if isolation not in ("namespace", "process"):
             raise ValueError("isolation must be auto, namespace or process, not %r" % isolation)
         return isolation
-    with _isolation_lock:
-        if "auto" not in _isolation_cache:
-            chosen = "process"
-            if sys.platform.startswith("linux") and os.geteuid() == 0:
-                probe = Sandbox(SandboxLimits(wall_seconds=10), isolation="namespace", max_workers=1)
-                if probe.run("print('ok')").stdout == "ok\n":
-                    chosen = "namespace"
-            _isolation_cache["auto"] = chosen
-        return _isolation_cache["auto"]
+    return "namespace" if namespace_available() else "process"
 
 
 def describe(result: SandboxResult) -> dict:

@@ -1,27 +1,35 @@
 """Bootstrap of one sandboxed run. A standalone script: it imports nothing from posttrain.
 
 ``posttrain.rewards.sandbox`` starts ``python -I -S -B -c <this file's text> <config json>``
-with an empty environment, a new session, stdin/stdout/stderr pipes and a results pipe whose
-number is in the config. Stdin starts with a 10-digit length and that many bytes of JSON payload (program,
-tests, nonce); whatever follows is the program's own stdin.
+with an empty environment, a new session, stdin/stdout/stderr pipes and, for test runs, a
+report pipe whose number is in the config. Stdin starts with a 10-digit length and that
+many bytes of JSON payload (``{"program": ..., "judge": ... or null}``); whatever follows
+is the program's own stdin.
 
-Two phases:
+Trusted steps (as the caller's uid; root in ``namespace`` isolation):
 
-1. ``boot`` (trusted, runs as the caller's uid; as root in ``namespace`` isolation):
-   - ``namespace``: unshare mount/network/IPC/UTS/PID namespaces; build a new root on a
-     size-limited tmpfs holding read-only bind mounts of only what Python needs
-     (``/usr``, the interpreter prefix, the virtualenv, a few ``/dev`` nodes) and a
-     writable ``/tmp``; ``chroot`` into it; fork the PID namespace's init, which sets
-     resource limits and drops to the run's unprivileged uid/gid with no supplementary
-     groups (all capabilities are lost) before ``exec``; the boot process only waits.
-   - ``process``: set resource limits and ``chdir`` into the temporary directory the
-     caller made; nothing else (see the strength table in ``sandbox.py``).
-   The payload is written to a file that is opened and unlinked before untrusted code
-   exists, so the untrusted program cannot read the nonce from disk.
-2. ``stage2`` (``exec``-ed fresh interpreter ``python -I -B``): reads the payload from
-   the inherited fd, installs audit hooks in ``process`` isolation, then runs the program
-   (script mode) or the program followed by each test in a fresh copy of its globals
-   (tests mode), reporting ``<nonce> <index> <pass|fail>`` lines on the results pipe.
+1. open the run's cgroup ``cgroup.procs`` files (before the filesystem disappears);
+2. ``namespace``: unshare mount/network/IPC/UTS/PID namespaces; build a new root on a
+   size-limited tmpfs holding read-only bind mounts of only what the base interpreter
+   needs (``/usr``, its prefix, ``/lib*``, four ``/dev`` nodes) with every
+   ``site-packages``/``dist-packages`` directory covered by an empty read-only tmpfs and a
+   writable ``/tmp``; ``chroot`` into it. ``process``: ``chdir`` into the caller's temp dir;
+3. write each side's payload to a file that is opened and unlinked at once, so only the
+   holder of the descriptor can read it;
+4. fork the supervisor (in ``namespace`` isolation the PID namespace's init: when it exits
+   the kernel kills every other process of the run), which forks
+   - the program: joins the run's cgroup, sets resource limits, drops to the run's uid with
+     no groups (all capabilities lost), keeps only fds 0-2, its payload (3) and its end of
+     the call pipes (4 requests in, 5 replies out), installs the seccomp filter, ``exec``s
+     the base interpreter with ``sandbox_judge.py`` (role ``script`` or ``server``);
+   - for test runs, the judge: the same steps under a second uid, without the cgroup (the
+     program cannot starve it of memory), with fds 3 (its payload: tests, trusted
+     prefix), 4 (replies in), 5 (requests out) and 6 (the report pipe to the caller); it
+     runs ``sandbox_judge.run_judge`` in this forked (trusted) interpreter rather than
+     paying for a new one (``process`` isolation: in a fresh program interpreter, since
+     a private uid may not reach this one's standard library);
+   and waits for the judge (test runs) or the program (script runs), then exits with its
+   status.
 """
 import json
 import os
@@ -30,99 +38,52 @@ import sys
 
 EXIT_SETUP_FAILED = 120
 
-STAGE2 = r'''
-import os, sys
-_fd, _report_fd = int(sys.argv[1]), int(sys.argv[2]); del sys.argv[1:]
-with os.fdopen(_fd, "rb") as _f:
-    _payload = __import__("json").loads(_f.read())
-def _make_hook(root):
-    import os.path as _p
-    _blocked_prefixes = ("socket.", "ctypes.", "subprocess.", "os.exec", "os.spawn", "os.posix_spawn",
-                         "os.system", "os.fork", "os.kill", "os.killpg", "os.setuid", "os.setgid", "pty.")
-    _write_events = ("os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown", "os.symlink",
-                     "os.link", "os.truncate", "os.utime", "shutil.rmtree", "shutil.copyfile", "shutil.move")
-    _write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-    def _inside(path):
-        try:
-            real = _p.realpath(os.fsdecode(path) if not isinstance(path, int) else ".")
-        except Exception:
-            return False
-        return real == root or real.startswith(root + "/")
-    def _hook(event, args):
-        if event.startswith(_blocked_prefixes) or event == "import" and args[0] in ("_ctypes", "_posixsubprocess"):
-            raise PermissionError("sandbox: %s is not allowed" % event)
-        if event == "open":
-            path, mode, flags = args
-            if isinstance(path, (str, bytes)) and (_p.realpath(os.fsdecode(path)) + "/").startswith("/proc/"):
-                raise PermissionError("sandbox: /proc is not readable")
-            writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                isinstance(flags, int) and flags & _write_flags)
-            if writing and not isinstance(path, int) and not _inside(path):
-                raise PermissionError("sandbox: writing outside the working directory is not allowed")
-        elif event in _write_events:
-            for a in args[:2]:
-                if isinstance(a, (str, bytes, os.PathLike)) and not _inside(a):
-                    raise PermissionError("sandbox: %s outside the working directory is not allowed" % event)
-    return _hook
-if _payload["audit"]:
-    sys.addaudithook(_make_hook(os.path.realpath(os.getcwd())))
-del _make_hook
-def _main(payload):
-    nonce, program, tests = payload["nonce"], payload["program"], payload["tests"]
-    report = os.fdopen(_report_fd, "w", buffering=1) if tests is not None else None
-    del payload
-    code = compile(program, "solution.py", "exec")
-    if tests is None:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
-        return
-    ns = {"__name__": "__main__", "__builtins__": __builtins__}
-    try:
-        exec(code, ns)
-    except BaseException as e:
-        print("solution raised %s: %s" % (type(e).__name__, e), file=sys.stderr)
-        for i in range(len(tests)):
-            report.write("%s %d fail\n" % (nonce, i))
-        return
-    for i, test in enumerate(tests):
-        try:
-            exec(compile(test, "test_%d.py" % i, "exec"), dict(ns))
-            ok = True
-        except BaseException as e:
-            print("test %d failed: %s: %s" % (i, type(e).__name__, str(e)[:200]), file=sys.stderr)
-            ok = False
-        report.write("%s %d %s\n" % (nonce, i, "pass" if ok else "fail"))
-_main(globals().pop("_payload"))
-'''
-
-
-def _libc():
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(result, what):
-        if result != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, "%s: %s" % (what, os.strerror(err)))
-
-    def unshare(flags):
-        check(libc.unshare(flags), "unshare")
-
-    def die_with_parent():
-        check(libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl")
-
-    def mount(source, target, fstype, flags, data=None):
-        enc = lambda s: s.encode() if s is not None else None  # noqa: E731
-        check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-              "mount %s" % target)
-
-    return unshare, mount, die_with_parent
-
-
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = (
     0x00020000, 0x04000000, 0x08000000, 0x20000000, 0x40000000)
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 22, 38, 36
+SECCOMP_MODE_FILTER = 2
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MAX_FD = 65536
+
+
+class Libc:
+    """The few libc calls the standard library does not wrap (Linux); None elsewhere."""
+
+    def __init__(self):
+        import ctypes
+
+        self.ctypes = ctypes
+        self.libc = ctypes.CDLL(None, use_errno=True)
+
+    def _check(self, result, what):
+        if result != 0:
+            err = self.ctypes.get_errno()
+            raise OSError(err, "%s: %s" % (what, os.strerror(err)))
+
+    def prctl(self, option, arg2=0, what="prctl"):
+        c = self.ctypes
+        self._check(self.libc.prctl(c.c_int(option), c.c_ulong(arg2), c.c_ulong(0), c.c_ulong(0), c.c_ulong(0)), what)
+
+    def unshare(self, flags):
+        self._check(self.libc.unshare(self.ctypes.c_int(flags)), "unshare")
+
+    def mount(self, source, target, fstype, flags, data=None):
+        enc = lambda s: s.encode() if s is not None else None  # noqa: E731
+        self._check(self.libc.mount(enc(source), enc(target), enc(fstype), self.ctypes.c_ulong(flags), enc(data)),
+                    "mount %s" % target)
+
+    def install_seccomp(self, bpf):
+        """``prctl(PR_SET_NO_NEW_PRIVS)`` then ``prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER)``."""
+        c = self.ctypes
+
+        class SockFprog(c.Structure):
+            _fields_ = [("len", c.c_ushort), ("filter", c.c_void_p)]
+
+        buf = c.create_string_buffer(bpf, len(bpf))
+        prog = SockFprog(len(bpf) // 8, c.cast(buf, c.c_void_p))
+        self.prctl(PR_SET_NO_NEW_PRIVS, 1, "prctl(PR_SET_NO_NEW_PRIVS)")
+        self._check(self.libc.prctl(c.c_int(PR_SET_SECCOMP), c.c_ulong(SECCOMP_MODE_FILTER), c.byref(prog),
+                                    c.c_ulong(0), c.c_ulong(0)), "prctl(PR_SET_SECCOMP)")
 
 
 def _read_exact(fd, n):
@@ -136,10 +97,10 @@ def _read_exact(fd, n):
     return b"".join(chunks)
 
 
-def _build_root(cfg, mount):
+def _build_root(cfg, libc):
     """Mount a tmpfs at /tmp (this namespace only) and build the new root under it."""
-    mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-          "size=%dk,nr_inodes=%d,mode=755" % (cfg["tmpfs_kb"], cfg["tmpfs_inodes"]))
+    libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+               "size=%dk,nr_inodes=%d,mode=755" % (cfg["tmpfs_kb"], cfg["tmpfs_inodes"]))
     root = "/tmp/root"
     os.mkdir(root, 0o755)
     for name in ("bin", "lib", "lib64", "sbin", "lib32", "libx32"):
@@ -155,18 +116,21 @@ def _build_root(cfg, mount):
         else:
             os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
             open(target, "w").close()
-        mount(host, target, None, MS_BIND | MS_REC)
-        mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        libc.mount(host, target, None, MS_BIND | MS_REC)
+        libc.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    for hidden in cfg["masked"]:  # site-packages and friends: an empty, read-only directory
+        if os.path.isdir(root + hidden):
+            libc.mount("tmpfs", root + hidden, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,nr_inodes=4,mode=555")
     os.makedirs(root + "/dev", 0o755)
     for node in ("null", "zero", "random", "urandom"):
         open(root + "/dev/" + node, "w").close()
-        mount("/dev/" + node, root + "/dev/" + node, None, MS_BIND)
+        libc.mount("/dev/" + node, root + "/dev/" + node, None, MS_BIND)
     os.mkdir(root + "/tmp")
     os.chmod(root + "/tmp", 0o1777)
     return root
 
 
-def _set_limits(cfg):
+def _set_limits(cfg, uid):
     def lim(which, soft, hard=None):
         resource.setrlimit(which, (soft, soft if hard is None else hard))
 
@@ -175,7 +139,7 @@ def _set_limits(cfg):
     lim(resource.RLIMIT_FSIZE, cfg["max_file_bytes"])
     lim(resource.RLIMIT_NOFILE, cfg["max_open_files"])
     lim(resource.RLIMIT_CORE, 0)
-    if cfg["isolation"] == "namespace":  # per-uid count: only meaningful for the run's own uid
+    if uid is not None:  # a per-uid count: only meaningful for a private uid
         lim(resource.RLIMIT_NPROC, cfg["max_processes"])
 
 
@@ -187,8 +151,119 @@ def _drop_privileges(uid):
         raise OSError("failed to drop privileges")
 
 
-def _exit_like(status):
-    """Exit with the child's wait status: its code, or 128 + the signal that killed it."""
+def _place_fds(mapping):
+    """Make ``target`` a copy of ``source`` for each pair, then close every other fd above 2."""
+    import fcntl
+
+    high = {target: fcntl.fcntl(source, fcntl.F_DUPFD, 100) for target, source in mapping.items()}
+    for target, fd in high.items():
+        os.dup2(fd, target)
+    os.closerange(max(mapping, default=2) + 1, MAX_FD)
+
+
+def _payload_fd(data):
+    path = ".payload-%d-%d" % (os.getpid(), id(data))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, json.dumps(data).encode())
+    os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    os.unlink(path)
+    return fd
+
+
+def _enter_sandbox(cfg, libc, uid, memory_bytes):
+    """Limits, then the private uid (no groups, no capabilities), then the seccomp filter."""
+    _set_limits(dict(cfg, memory_bytes=memory_bytes), uid)
+    if uid is not None:
+        _drop_privileges(uid)
+    if libc is not None:
+        libc.prctl(PR_SET_PDEATHSIG, 9)  # after the uid change, which clears it
+        if cfg["seccomp"]:
+            libc.install_seccomp(bytes.fromhex(cfg["seccomp"]))
+
+
+def _exec_sandboxed(cfg, libc, role, uid, memory_bytes):
+    _enter_sandbox(cfg, libc, uid, memory_bytes)
+    python = cfg["python"]
+    os.execve(python, [python, "-I", "-S", "-B", "-c", cfg["stage2"], role], cfg["env"])
+
+
+def _supervise(cfg, libc, program_fd, judge_fd, cgroup_fds):
+    """Fork the program (and the judge), wait for the one that decides, exit with its status."""
+    tests = judge_fd is not None
+    if tests:
+        req_r, req_w = os.pipe()
+        rep_r, rep_w = os.pipe()
+    program = os.fork()
+    if program == 0:
+        try:
+            for fd in cgroup_fds:
+                os.write(fd, b"0")  # "0": the writing process itself (and all it will fork)
+            fds = {3: program_fd, 4: req_r, 5: rep_w} if tests else {3: program_fd}
+            _place_fds(fds)
+            _exec_sandboxed(cfg, libc, "server" if tests else "script", cfg["uid"], cfg["memory_bytes"])
+        except BaseException as e:
+            os.write(2, ("sandbox setup failed: %s\n" % e).encode())
+        os._exit(EXIT_SETUP_FAILED)
+    main = program
+    if tests:
+        judge = os.fork()
+        if judge == 0:
+            try:
+                null = os.open("/dev/null", os.O_RDONLY)
+                os.dup2(null, 0)
+                os.dup2(2, 1)
+                _place_fds({3: judge_fd, 4: rep_r, 5: req_w, 6: cfg["report_fd"]})
+                os.chdir("/")
+                judge_memory = max(cfg["memory_bytes"], 1 << 30)
+                if cfg["isolation"] != "namespace":
+                    # this interpreter's standard library may be out of the judge uid's reach
+                    # (a private home): run the judge in the program's interpreter instead
+                    _exec_sandboxed(cfg, libc, "judge", cfg["judge_uid"], judge_memory)
+                _enter_sandbox(cfg, libc, cfg["judge_uid"], judge_memory)
+            except BaseException as e:
+                os.write(2, ("sandbox setup failed: %s\n" % e).encode())
+                os._exit(EXIT_SETUP_FAILED)
+            # A fresh interpreter would cost a start-up: the judge runs in this forked one,
+            # which is trusted code and shares no memory with the program's process.
+            code = 1
+            try:
+                judge_ns = {"__name__": "sandbox_judge"}
+                exec(compile(cfg["stage2"], "sandbox_judge.py", "exec"), judge_ns)
+                judge_ns["run_judge"]()
+                code = 0
+            except BaseException as e:
+                os.write(2, ("judge failed: %s: %s\n" % (type(e).__name__, e)).encode())
+            finally:
+                for stream in (sys.stdout, sys.stderr):
+                    try:
+                        stream.flush()
+                    except Exception:
+                        pass
+            os._exit(code)
+        main = judge
+        for fd in (req_r, req_w, rep_r, rep_w, judge_fd):
+            os.close(fd)
+    os.close(program_fd)
+    for fd in cgroup_fds:
+        os.close(fd)
+    if cfg.get("report_fd") is not None:
+        os.close(cfg["report_fd"])
+    os.close(0)
+    while True:
+        try:
+            pid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            os._exit(EXIT_SETUP_FAILED)
+        if pid == main:
+            break
+    if tests:
+        try:
+            os.kill(program, 9)  # the judge is done: the program has nothing left to answer
+        except OSError:
+            pass
     if os.WIFSIGNALED(status):
         os._exit(128 + os.WTERMSIG(status))
     os._exit(os.WEXITSTATUS(status))
@@ -196,59 +271,49 @@ def _exit_like(status):
 
 def boot():
     cfg = json.loads(sys.argv[1])
-    payload = _read_exact(0, int(_read_exact(0, 10)))
+    payload = json.loads(_read_exact(0, int(_read_exact(0, 10))))
     namespace = cfg["isolation"] == "namespace"
     try:
-        unshare, mount, die_with_parent = _libc()
-        die_with_parent()  # the caller dies -> this run dies (and with it, the namespace)
+        libc = Libc()
+        libc.prctl(PR_SET_PDEATHSIG, 9)  # the caller dies -> this run dies (and with it, the namespace)
     except (OSError, AttributeError):  # not Linux: the caller's own cleanup has to do
-        unshare = mount = die_with_parent = None
+        libc = None
     try:
+        cgroup_fds = [os.open(path, os.O_WRONLY) for path in cfg["cgroup_procs"]]
         if namespace:
-            unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID)
-            mount(None, "/", None, MS_REC | MS_PRIVATE)
-            root = _build_root(cfg, mount)
-            os.chroot(root)
+            libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWPID)
+            libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
+            os.chroot(_build_root(cfg, libc))
             os.chdir("/tmp")
         else:
             os.chdir(cfg["workdir"])
-        payload_path = ".payload-%d" % os.getpid()
-        fd = os.open(payload_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.write(fd, payload)
-        os.close(fd)
-        payload_fd = os.open(payload_path, os.O_RDONLY)
-        os.unlink(payload_path)
-        os.set_inheritable(payload_fd, True)
-    except Exception as e:  # the caller reads this line and may fall back to `process`
+            if libc is not None:  # orphans of the run become ours, so they are reaped here
+                libc.prctl(PR_SET_CHILD_SUBREAPER, 1)
+        program_fd = _payload_fd(payload["program"])
+        judge_fd = _payload_fd(payload["judge"]) if payload["judge"] is not None else None
+    except Exception as e:  # the caller reads this line
         os.write(2, ("sandbox setup failed: %s\n" % e).encode())
         os._exit(EXIT_SETUP_FAILED)
-    python = cfg["python"]
-    argv = [python, "-I", "-B", "-c", STAGE2, str(payload_fd), str(cfg["report_fd"])]
     if not namespace:
-        _set_limits(cfg)
-        os.execve(python, argv, cfg["env"])
-    # The first child in the new PID namespace is its init: when it dies the kernel kills
-    # and reaps every other process of the run. This process stays outside, as root, only
-    # to wait for it (the untrusted uid cannot signal it).
+        _supervise(cfg, libc, program_fd, judge_fd, cgroup_fds)
+    # The first child in the new PID namespace is its init (the supervisor): when it exits
+    # the kernel kills and reaps every other process of the run. This process stays
+    # outside, as root, only to wait for it (the untrusted uids cannot signal it).
     child = os.fork()
     if child == 0:
-        try:
-            _set_limits(cfg)
-            _drop_privileges(cfg["uid"])
-            die_with_parent()
-            os.execve(python, argv, cfg["env"])
-        except BaseException as e:
-            os.write(2, ("sandbox setup failed: %s\n" % e).encode())
-        os._exit(EXIT_SETUP_FAILED)
-    os.close(payload_fd)
-    os.close(cfg["report_fd"])
+        _supervise(cfg, libc, program_fd, judge_fd, cgroup_fds)
+    for fd in [program_fd, judge_fd, *cgroup_fds, cfg.get("report_fd")]:
+        if fd is not None:
+            os.close(fd)
     while True:
         try:
             _, status = os.waitpid(child, 0)
             break
         except InterruptedError:
             continue
-    _exit_like(status)
+    if os.WIFSIGNALED(status):
+        os._exit(128 + os.WTERMSIG(status))
+    os._exit(os.WEXITSTATUS(status))
 
 
 if __name__ == "__main__":
