@@ -197,18 +197,20 @@ def normalize_advantages(
         [B, T] float32, 0 where the mask is 0. With several ranks this whitens per rank
         unless the caller gathers the batch first.
 
-    Computed in float64: in float32 the mean of N equal non-round values (0.1, 0.7...)
-    differs from them by a rounding error, the std is of the same size, and their ratio
-    gives every token an advantage of order 1 with one sign. In float64 the sum of float32
-    inputs is exact for any batch that fits in memory, so equal returns centre to exactly 0.
+    The mean is summed in float64: in float32 the mean of N equal non-round values (0.1,
+    0.7...) differs from them by a rounding error, the std is of the same size, and their
+    ratio gives every token an advantage of order 1 with one sign. In float64 the sum of
+    float32 inputs is exact for any batch that fits in memory, so the mean of equal values
+    rounds back to exactly that value and they centre to 0.
     """
-    adv = advantages_BT.double()
+    adv = advantages_BT.float()
     mask = response_mask_BT != 0
-    mean = masked_mean(adv, mask)
-    std = masked_var(adv, mask).sqrt()
-    out = (adv - mean) if shift_mean else adv
+    mean = masked_mean(adv.double(), mask).float()
+    centred = adv - mean
+    std = masked_var(centred, mask).sqrt()
+    out = centred if shift_mean else adv
     out = out / (std + epsilon)
-    return torch.where(mask, out, torch.zeros_like(out)).float()
+    return torch.where(mask, out, torch.zeros_like(out))
 
 
 @torch.no_grad()
