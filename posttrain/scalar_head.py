@@ -96,7 +96,7 @@ def load_scalar_head_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models import _load_failure_message, _quiet_transformers, load_model_config
+    from posttrain.models import _load_failure_message, _quiet_transformers, adapter_base, load_model_config, merge_adapter
 
     source, config = load_model_config(spec)  # without a stale GGUF quantization entry
     with _quiet_transformers():
@@ -119,6 +119,8 @@ def load_scalar_head_model(
             raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
         except Exception as exc:
             raise ModelLoadError(_load_failure_message(spec, source, exc)) from None
+    if adapter_base(spec) is not None:  # a PEFT adapter directory: its base, adapter merged
+        model = merge_adapter(model, spec)
     if fresh_head:
         head = score_layer(model)
         generator = torch.Generator().manual_seed(seed)

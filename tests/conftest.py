@@ -16,6 +16,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from posttrain.log import install_console  # noqa: E402
+
+install_console()  # library messages print as under the command line, where tests read them
+
 
 @pytest.fixture(scope="session")
 def tokenizer():

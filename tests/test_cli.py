@@ -62,3 +62,24 @@ def test_training_commands_load_config_with_overrides_and_call_their_runner(tmp_
     (config,) = seen
     assert type(config).__name__ == config_class
     assert (config.run.name, config.run.output_dir) == ("from-file", "elsewhere")
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "rl"])
+def test_a_config_directory_is_named_as_a_directory(tmp_path, capsys, name):
+    assert main([name, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: config file {tmp_path} is a directory; give one YAML config file\n"
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`posttrain config rl | head -1`: the reader has gone; no BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write of the child fails with EPIPE
+    try:
+        child = subprocess.run([sys.executable, "-m", "posttrain", "config", "rl"], stdout=write_end,
+                               stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert child.returncode == 141 and "Traceback" not in child.stderr, child.stderr

@@ -68,3 +68,18 @@ def test_missing_file_bad_yaml_and_bad_override(tmp_path):
 def test_training_data_required():
     with pytest.raises(ConfigError, match="data.train"):
         load_config(SFTConfig, None, [])
+
+
+def test_a_directory_is_not_called_missing(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "b.yaml").write_text("data:\n  train: x.jsonl\n")
+    (tmp_path / "mine" / "a.yaml").write_text("data:\n  train: y.jsonl\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, tmp_path / "mine")
+    assert str(info.value) == (f"config file {tmp_path / 'mine'} is a directory; give one YAML config file "
+                               f"(e.g. {tmp_path / 'mine' / 'a.yaml'}, {tmp_path / 'mine' / 'b.yaml'})")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"empty is a directory; give one YAML config file$"):
+        load_config(SFTConfig, tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"nothing\.yaml does not exist$"):
+        load_config(SFTConfig, tmp_path / "nothing.yaml")

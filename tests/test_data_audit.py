@@ -172,3 +172,66 @@ def test_audit_sample_records_and_decides_by_hand():
     assert report.empty_masks == [4] and report.samples == 2 and report.tokens == 8
     with pytest.raises(DataError, match=r"^f.jsonl:3: sample has 6 tokens, more than data.max_length=4"):
         audit_sample(late, report, 4, "error", "f.jsonl:3")
+
+
+# ----------------------------------------------------------------------------- issue 13
+def test_empty_replies_and_uncalled_tool_results_are_refused_or_skipped(tokenizer, tmp_path):
+    """With a tool-capable template each of these rows would render and train; they are bad rows."""
+    from posttrain.data.formats import BadRowError
+
+    call = {"type": "function", "function": {"name": "convert", "arguments": {"amount": 5, "to": "EUR"}}}
+    rows = [
+        chat("Convert 5 USD to EUR.", "About 4.60 EUR."),
+        chat("Convert 7 USD to EUR.", ""),
+        chat("Convert 9 USD to EUR.", "\n  \n"),
+        {"messages": [{"role": "user", "content": "Convert 3 USD."}, {"role": "assistant", "content": "One moment."},
+                      {"role": "tool", "content": "2.76"}, {"role": "assistant", "content": "2.76 EUR."}]},
+        {"messages": [{"role": "user", "content": "Convert 5 USD."}, {"role": "assistant", "content": "", "tool_calls": [call]},
+                      {"role": "tool", "content": "4.60"}, {"role": "assistant", "content": "4.60 EUR."}]},
+    ]
+    path = write_rows(tmp_path / "fx.jsonl", rows)
+    qwen = templated(tokenizer, "qwen_tools")
+    with pytest.raises(BadRowError) as info:
+        load_sft_data(path, qwen, DataConfig())
+    assert str(info.value) == f"{path}:2: messages[1]: empty assistant reply (blank content and no tool calls)"
+    report = load_sft_data(path, qwen, DataConfig(skip_bad=True)).audit
+    assert [f.line for f in report.bad_rows] == [2, 3, 4] and report.samples == 2 and report.hard_errors == []
+    assert report.bad_rows[2].message == (f"{path}:4: messages[2]: tool result with no assistant tool call before it "
+                                          f"(messages[1] is an assistant message without tool_calls)")
+    assert any("bad rows skipped: 3  (lines 2, 3, 4)" in line for line in report.summary_lines())
+
+
+def test_truncation_that_cuts_the_end_of_turn_is_said_in_the_summary(tokenizer, tmp_path):
+    rows = [chat("Describe the sea.", "Grey and wide and cold " * 12), chat("hi", "hello"),
+            chat("Count to three.", "One, two, three.")]
+    path = write_rows(tmp_path / "long.jsonl", rows)
+    short = len(tokenizer.encode(tokenizer.apply_chat_template(rows[2]["messages"], tokenize=False), add_special_tokens=False))
+    prepared = load_sft_data(path, tokenizer, DataConfig(max_length=short - 1))  # the third row loses only "\n"
+    report = prepared.audit
+    assert report.truncated == [1, 3] and report.truncated_end_of_turn == [1] and report.hard_errors == []
+    assert ("    of which end-of-turn cut off (the model will not learn to stop on these rows): 1  (line 1)"
+            in report.summary_lines())
+    assert report.to_dict()["truncated_end_of_turn"] == {"count": 1, "lines": [1]}
+    from posttrain.data.audit import format_sample
+
+    assert "! end-of-turn cut off by truncation: messages[1]" in format_sample(prepared.samples[0], tokenizer, colour=False)
+
+
+def test_a_token_merge_split_is_not_called_a_history_rewrite(tokenizer, tmp_path):
+    # a reply ending in "\n\n" is one token at the end of its own render, two once plain text follows it
+    merging = templated(tokenizer, "{% for m in messages %}{% if m.role == 'user' %}{{ m.content }}<|im_end|>"
+                                   "{% else %}<|im_start|>{{ m.content }}{% endif %}{% endfor %}"
+                                   "{% if add_generation_prompt %}<|im_start|>{% endif %}")
+    row = {"messages": [{"role": "user", "content": "list"}, {"role": "assistant", "content": "- a\n- b\n\n"},
+                        {"role": "user", "content": "more"}, {"role": "assistant", "content": "- c<|im_end|>"}]}
+    path = write_rows(tmp_path / "m.jsonl", [row])
+    prepared = load_sft_data(path, merging, DataConfig())
+    report = prepared.audit
+    assert report.split == [] and [f.line for f in report.consistency_failures] == [1]
+    assert "tokens merge across the turn boundary" in report.consistency_failures[0].message
+    summary = "\n".join(report.summary_lines())
+    assert "rewrites history" not in summary
+    from posttrain.data.audit import format_sample
+
+    views = [format_sample(sample, merging, colour=False) for sample in prepared.samples]
+    assert all("split turn (tokens merge across a turn boundary)" in view for view in views)

@@ -109,7 +109,7 @@ def test_row_shapes_normalise_to_openai_messages():
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"text": "hi"}, r"f:7: no conversation found: expected 'messages', 'conversations' or 'prompt'\+'completion' \(keys: text\)"),
+        ({"txt": "hi"}, r"f:7: no conversation found: expected 'messages', 'conversations', 'prompt'\+'completion' or 'text' \(keys: txt\)"),
         ({"messages": []}, "f:7: the conversation is empty"),
         ({"messages": "hi"}, r"f:7: no assistant turn"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "f:7: no assistant turn"),
@@ -141,3 +141,110 @@ def test_docstring_examples():
     import posttrain.data.formats as formats
 
     assert doctest.testmod(formats).failed == 0
+
+
+# ----------------------------------------------------------------------------- issue 13: rows that must not train
+def test_invalid_utf8_is_a_bad_row_naming_its_line_and_file_offset(tmp_path):
+    """The offset is the byte's place in the whole file, however many lines and read chunks come
+    before it; skip_bad skips only that line."""
+    from posttrain.data.formats import BadRowError
+
+    lines = [json.dumps({"messages": [{"role": "user", "content": "ünïcode " * (40 * k)},
+                                      {"role": "assistant", "content": "fine"}]}).encode() for k in range(1, 200)]
+    target = 137  # 1-based line holding the bad byte, well past the first read chunk
+    lines[target - 1] = lines[target - 1].replace(b"fine", b"fi\xc3\x28ne")  # a lead byte then no continuation
+    data = b"\r\n".join(lines) + b"\r\n"
+    path = tmp_path / "u.jsonl"
+    path.write_bytes(data)
+    offset = data.index(b"\xc3\x28")
+    column = offset - (data.rindex(b"\n", 0, offset) + 1) + 1
+    assert offset > 65536
+    expected = (f"{path}:{target}: not UTF-8 text (invalid continuation byte (0xc3 0x28) at byte offset {offset} of "
+                f"the file, column {column})")
+    with pytest.raises(BadRowError) as info:
+        list(read_rows(path))
+    assert str(info.value) == expected
+    bad = []
+    kept = [n for n, _ in read_rows(path, skip_bad=True, bad_rows=bad)]
+    assert bad == [(target, expected)] and kept == [n for n in range(1, 200) if n != target]
+
+    # the same bytes as JSON Lines in a .json file: still one bad row; as a JSON array: the file is unreadable
+    (tmp_path / "u.json").write_bytes(data)
+    assert len([n for n, _ in read_rows(tmp_path / "u.json", skip_bad=True)]) == 198
+    array = b"[" + b",\n".join(lines) + b"]"
+    (tmp_path / "a.json").write_bytes(array)
+    array_offset = array.index(b"\xc3\x28")
+    with pytest.raises(DataError, match=rf"a\.json:{target}: not UTF-8 text \(invalid continuation byte \(0xc3 0x28\) at byte "
+                                        rf"offset {array_offset} of the file") as info:
+        list(read_rows(tmp_path / "a.json", skip_bad=True))
+    assert not isinstance(info.value, BadRowError)  # a whole-file problem: nothing to skip
+
+
+def test_bom_and_gzip_jsonl(tmp_path):
+    import gzip
+
+    text = json.dumps(ROW) + "\n" + json.dumps(ROW) + "\n"
+    (tmp_path / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    assert [n for n, _ in read_rows(tmp_path / "b.jsonl")] == [1, 2]
+    (tmp_path / "g.jsonl.gz").write_bytes(gzip.compress(text.encode() + b'{"x": "\xff"}\n'))
+    with pytest.raises(DataError, match=r"g\.jsonl\.gz:3: not UTF-8 text \(invalid start byte \(0xff\) at byte offset "
+                                        rf"{len(text.encode()) + 7} of the file, column 8\)"):
+        list(read_rows(tmp_path / "g.jsonl.gz"))
+    (tmp_path / "t.jsonl.gz").write_bytes(gzip.compress(text.encode())[:-12])
+    with pytest.raises(DataError, match=r"t\.jsonl\.gz: cannot read"):
+        list(read_rows(tmp_path / "t.jsonl.gz"))
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"messages": [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": ""}]},
+         r"^f:7: messages\[1\]: empty assistant reply \(blank content and no tool calls\)$"),
+        ({"conversations": [{"from": "human", "value": "Tell me a joke."}, {"from": "gpt", "value": " \n\t "}]},
+         r"^f:7: conversations\[1\]: empty assistant reply"),
+        ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "   "},
+                     {"role": "user", "content": "b"}], "completion": "c"},
+         r"^f:7: prompt\[1\]: empty assistant reply"),
+        ({"prompt": "Capital of Peru?", "completion": "\n\n"}, r"^f:7: completion\[0\]: empty assistant reply"),
+        ({"messages": [{"role": "user", "content": "Look it up."}, {"role": "tool", "content": "{\"rows\": 3}"},
+                       {"role": "assistant", "content": "There are 3 rows."}]},
+         r"^f:7: messages\[1\]: tool result with no assistant tool call before it \(messages\[0\] is a user message\)$"),
+        ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Let me check."},
+                       {"role": "tool", "content": "42"}, {"role": "assistant", "content": "It is 42."}]},
+         r"^f:7: messages\[2\]: tool result with no assistant tool call before it \(messages\[1\] is an assistant "
+         r"message without tool_calls\)$"),
+        ({"messages": [{"role": "tool", "content": "orphan"}, {"role": "user", "content": "x"},
+                       {"role": "assistant", "content": "y"}]},
+         r"^f:7: messages\[0\]: tool result with no assistant tool call before it \(the conversation starts with it\)$"),
+    ],
+)
+def test_empty_replies_and_uncalled_tool_results_are_refused(row, message):
+    with pytest.raises(DataError, match=message):
+        conversation_from_row(row, "f:7")
+
+
+def test_tool_results_after_a_tool_call_and_blank_content_beside_calls_are_fine():
+    call = {"type": "function", "function": {"name": "lookup", "arguments": {"q": "x"}}}
+    row = {"messages": [
+        {"role": "user", "content": "Find x and y."},
+        {"role": "assistant", "content": "", "tool_calls": [call, call]},  # blank text beside calls is normal
+        {"role": "tool", "content": "x=1"}, {"role": "tool", "content": "y=2"},
+        {"role": "assistant", "content": None, "tool_calls": [call]}, {"role": "tool", "content": "again"},
+        {"role": "assistant", "content": "x=1, y=2."},
+    ]}
+    assert len(conversation_from_row(row, "f:1").messages) == 7
+
+
+def test_file_level_errors_are_not_bad_rows(tmp_path):
+    """Only a row can be skipped: a missing file, a directory, an unknown type are plain DataErrors."""
+    from posttrain.data.formats import BadRowError
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "x.csv").write_text("a,b\n")
+    for path in (tmp_path / "missing.jsonl", tmp_path / "d", tmp_path / "x.csv"):
+        with pytest.raises(DataError) as info:
+            list(read_rows(path, skip_bad=True))
+        assert not isinstance(info.value, BadRowError)
+    path = write_jsonl(tmp_path / "r.jsonl", ["[1]"])
+    with pytest.raises(BadRowError, match=r"r\.jsonl:1: a row must be a JSON object"):
+        list(read_rows(path))

@@ -383,3 +383,66 @@ def test_json_encoded_tool_results_are_not_mistaken_for_dropped(templated):
     messages[3]["content"] = '{"city": "Oslo", "note": "line one\nline two"}'
     (sample,) = render_conversation(messages, with_template(templated["bundled"], template))
     assert trained_runs(templated["bundled"], sample)[-1] == messages[5]["content"] + "<|im_end|>"
+
+
+# ----------------------------------------------------------------------------- issue 13
+SEARCH_TOOL = {"type": "function", "function": {"name": "search_flights", "parameters": {"type": "object"}}}
+
+
+def flight_chat(text_beside_call: str):
+    return normalise_messages(
+        [
+            {"role": "user", "content": "Any flights from Lima to Cusco tomorrow morning?"},
+            {"role": "assistant", "content": text_beside_call,
+             "tool_calls": [{"type": "function", "function": {"name": "search_flights",
+                                                              "arguments": {"from": "LIM", "to": "CUZ"}}}]},
+            {"role": "tool", "content": "LA2021 06:10, LA2035 08:45"},
+            {"role": "assistant", "content": "Two: 06:10 and 08:45."},
+        ],
+        "flights",
+    )
+
+
+def test_template_dropping_text_beside_tool_calls_is_refused(templated):
+    """A Llama-3.1-style template renders an assistant turn that calls a tool as the call alone:
+    the words beside the call would silently vanish from training."""
+    tokenizer = llama3_tokenizer(templated["bundled"])
+    tokenizer.chat_template = (TEMPLATES / "llama3_tool_call_only.jinja").read_text()
+    messages = flight_chat("I'll look up the morning departures for you.")
+    with pytest.raises(DataError) as info:
+        render_conversation(messages, tokenizer, tools=[SEARCH_TOOL], line=12, source="fl.jsonl")
+    assert str(info.value) == (
+        "fl.jsonl:12: the chat template drops the text beside tool calls (messages[1] has content and calls "
+        "search_flights; the rendered text is the same without the content); pass --chat-template FILE with a "
+        "template that renders both")
+    (sample,) = render_conversation(flight_chat(""), tokenizer, tools=[SEARCH_TOOL])  # nothing beside the call: fine
+    assert trained_runs(tokenizer, sample)[0] == '{"name": "search_flights", "parameters": {"from": "LIM", "to": "CUZ"}}<|eot_id|>'
+    (sample,) = render_conversation(messages, llama3_tokenizer(templated["bundled"]), tools=[SEARCH_TOOL])
+    assert trained_runs(tokenizer, sample)[0].startswith("I'll look up the morning departures for you.\n{")
+
+
+def test_truncation_that_cuts_the_end_of_turn_is_recorded(templated):
+    tokenizer = templated["bundled"]
+    (sample,) = render_conversation(CHAT, tokenizer)
+    replies = {span.message_index: span for span in sample.spans if span.role == "assistant"}
+    first_eot = max(k for k in range(replies[2].start, replies[2].end) if sample.loss_mask[k])
+    assert truncate_sample(sample, first_eot).cut_end_of_turn == [2]  # cut inside the first reply
+    assert truncate_sample(sample, first_eot + 1).cut_end_of_turn == []  # its end-of-turn kept, the next reply cut off whole
+    assert truncate_sample(sample, replies[4].start + 2).cut_end_of_turn == [4]
+    assert truncate_sample(sample, replies[4].end - 1).cut_end_of_turn == []  # only the untrained "\n" after <|im_end|> lost
+
+
+def test_split_reason_tells_a_token_merge_from_a_history_rewrite(templated):
+    merging = with_template(templated["bundled"],
+                            "{% for m in messages %}{{ m.content }}{% if m.role == 'user' %}<|im_end|>{% endif %}{% endfor %}")
+    messages = normalise_messages(
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "first line\n\n"},
+         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "second"}], "m")
+    samples = render_conversation(messages, merging)
+    assert [s.split_reason for s in samples] == ["token merge", "token merge"]
+    assert not any("rewrites history" in w for s in samples for w in s.warnings)
+    thinking = copy.deepcopy(CHAT)
+    thinking[2]["content"] = "<think>square it</think>\n144."
+    assert {s.split_reason for s in render_conversation(thinking, templated["think_strip"])} == {"history rewrite"}
+    (whole,) = render_conversation(CHAT, templated["bundled"])
+    assert whole.split_reason == "" and not whole.split

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from posttrain.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,3 +83,107 @@ def test_options_from_a_training_config(tokenizer, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["truncated"]["count"] == 0
     assert main(["inspect", TOOL_USE, "--max-length", "1"]) == 2  # config validation: one-line error, status 2
     assert "data.max_length" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- issue 13
+HINT = "--skip-bad counts and skips bad rows"
+
+
+def test_only_a_bad_row_carries_the_skip_bad_hint(tokenizer, tmp_path, capsys):
+    """A missing file, a directory, an unreadable file or a setting cannot be skipped row by row."""
+    good = json.dumps({"messages": [{"role": "user", "content": "Pick a fruit."}, {"role": "assistant", "content": "Mango."}]})
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "latin1.json").write_bytes(b'[{"prompt": "caf\xe9", "completion": "ok"}]')
+    (tmp_path / "long.jsonl").write_text(good + "\n")
+    file_level = {
+        str(tmp_path / "absent.jsonl"): f"error: data file {tmp_path / 'absent.jsonl'} does not exist",
+        str(tmp_path / "folder"): f"error: {tmp_path / 'folder'}: not a datasets directory saved with save_to_disk",
+        str(tmp_path / "latin1.json"): f"error: {tmp_path / 'latin1.json'}:1: not UTF-8 text (invalid continuation byte "
+                                       f"(0xe9 0x22) at byte offset 16 of the file, column 17)",
+    }
+    for path, message in file_level.items():
+        assert main(["inspect", path, "-n", "0"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(message) and HINT not in err and err.count("\n") == 1
+    assert main(["inspect", str(tmp_path / "long.jsonl"), "--max-length", "4", "--truncation", "error"]) == 1
+    err = capsys.readouterr().err
+    assert "more than data.max_length=4" in err and HINT not in err
+    bad_row = tmp_path / "row.jsonl"
+    bad_row.write_text(good + "\n" + good.replace("Mango.", "") + "\n")
+    assert main(["inspect", str(bad_row), "-n", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: {bad_row}:2: messages[1]: empty assistant reply (blank content and no tool calls)\n"
+                   f"(stopped at the first bad row; {HINT})\n")
+
+
+def test_invalid_utf8_line_is_named_and_skipped(tokenizer, tmp_path, capsys):
+    rows = [json.dumps({"messages": [{"role": "user", "content": f"Number {k}?"}, {"role": "assistant", "content": str(k)}]})
+            for k in range(6)]
+    data = "\n".join(rows).encode().replace(b"Number 4", b"Numb\xf0\x9f\x98er 4") + b"\n"  # a 4-byte lead cut short
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(data)
+    offset = data.index(b"\xf0")
+    column = offset - data.rindex(b"\n", 0, offset)
+    assert main(["inspect", str(path), "-n", "0"]) == 1
+    assert (f"error: {path}:5: not UTF-8 text (invalid continuation byte (0xf0 0x9f 0x98 0x65) at byte offset "
+            f"{offset} of the file, column {column})") in capsys.readouterr().err
+    assert main(["inspect", str(path), "-n", "0", "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "rows 5, samples 5" in out and "bad rows skipped: 1  (line 5)" in out
+
+
+def write_config(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("shipped", ["sft_quickstart.yaml", "rm_quickstart.yaml", "grpo_quickstart.yaml",
+                                     "ppo_quickstart.yaml", "quickstart.yaml"])
+def test_every_shipped_training_config_is_accepted(tokenizer, capsys, shipped):
+    assert main(["inspect", "--config", str(ROOT / "configs" / shipped), "--limit", "4", "-n", "0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["ok"] and summary["rows"] == 4
+
+
+def test_rl_reward_model_dpo_and_pipeline_configs_audit_their_own_data(tokenizer, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(row) for row in [
+        {"prompt": "What is 6 * 7?", "answer": "42"}, {"prompt": "   ", "answer": "0"},
+        {"messages": [{"role": "user", "content": "Spell 'cat' backwards."}], "answer": "tac"}]) + "\n")
+    rl = write_config(tmp_path / "rl.yaml", f"data:\n  train: {prompts}\n  eval: {prompts}\n  system: Answer briefly.\n"
+                                            "rollout:\n  group_size: 4\nreward: math\nrl:\n  algorithm: rloo\n")
+    assert main(["inspect", "--config", rl, "-n", "1", "--color", "never"]) == 1
+    assert f"error: {prompts}:2: prompt is empty" in capsys.readouterr().err
+    assert main(["inspect", "--config", rl, "-n", "1", "--color", "never", "--skip-bad", "--max-length", "30"]) == 0
+    out = capsys.readouterr().out
+    assert "Answer briefly." in out and "[[" not in out  # a prompt is context only
+    assert "rows 2, prompts 2" in out and "bad rows skipped: 1  (line 2)" in out
+    assert main(["inspect", "--config", rl, "--truncation", "drop"]) == 2
+    assert "error: inspect: data.truncation does not apply to RL prompts" in capsys.readouterr().err
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps(row) for row in [
+        {"prompt": "Capital of Chile?", "chosen": "Santiago.", "rejected": "Lima."},
+        {"prompt": "Capital of Chile?", "chosen": "Santiago.", "rejected": "Santiago."}]) + "\n")
+    rm = write_config(tmp_path / "rm.yaml", f"data:\n  train: {pairs}\nrm:\n  margin_key: null\n")
+    assert main(["inspect", "--config", rm, "-n", "2", "--color", "never"]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {pairs}:2: chosen and rejected are the same response" in err and HINT in err
+    assert main(["inspect", "--config", rm, "-n", "2", "--color", "never", "--skip-bad"]) == 0
+    out = capsys.readouterr().out
+    assert "sample 0 (chosen)" in out and "[[Santiago.<|im_end|>]]" in out and "[[Lima.<|im_end|>]]" in out
+    assert "rows 1, samples 2" in out and "bad rows skipped: 1  (line 2)" in out
+
+    dpo = write_config(tmp_path / "dpo.yaml", f"data:\n  train: {pairs}\n  skip_bad: true\ndpo:\n  beta: 0.2\n")
+    assert main(["inspect", "--config", dpo, "-n", "0", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 2 and summary["bad_rows_skipped"]["count"] == 1
+
+    pipeline = write_config(tmp_path / "pipe.yaml", f"rm:\n  data:\n    train: {pairs}\n    skip_bad: true\n"
+                                                    f"rl:\n  data:\n    train: {prompts}\n")
+    assert main(["inspect", "--config", pipeline, "-n", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 2
+    assert main(["inspect", "--config", pipeline, "--stage", "rl", "-n", "0", "--json", "--skip-bad"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "prompts"
+    assert main(["inspect", "--config", pipeline, "--stage", "sft"]) == 2
+    assert "has no such training stage (stages: rm, rl)" in capsys.readouterr().err

@@ -63,3 +63,33 @@ def test_chat_template_file_replaces_template(tmp_path):
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "[user] x\n"
     with pytest.raises(ModelLoadError, match="does not exist"):
         load_tokenizer(DEFAULT_MODEL, chat_template=tmp_path / "nope.jinja")
+
+
+def test_gguf_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
+    """The same GGUF bytes under another path or name (a symlinked venv, a copy) reuse one
+    conversion; different bytes at the same path get their own."""
+    from posttrain import models
+
+    monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
+    conversions = []
+
+    def fake_convert(gguf_path, out_dir):
+        conversions.append(gguf_path)
+        (out_dir / "config.json").write_text("{}")
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "convert_gguf", fake_convert)
+    original = tmp_path / "venv-a" / "model.gguf"
+    original.parent.mkdir()
+    original.write_bytes(b"GGUF" + bytes(range(256)) * 64)
+    (tmp_path / "venv-b").symlink_to(tmp_path / "venv-a")
+    copy = tmp_path / "elsewhere" / "renamed.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(original.read_bytes())
+
+    first = resolve_model_dir(str(original))
+    assert resolve_model_dir(str(tmp_path / "venv-b" / "model.gguf")) == first
+    assert resolve_model_dir(str(copy)) == first
+    assert len(conversions) == 1
+    original.write_bytes(b"GGUF" + bytes(range(255, -1, -1)) * 65)  # new content, same path
+    assert resolve_model_dir(str(original)) != first and len(conversions) == 2

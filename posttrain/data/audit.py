@@ -1,27 +1,33 @@
 """The pre-flight data audit: load + render a data file, check every sample, summarise, refuse.
 
-Seed 004 section 8's checklist, automated and run by every training command before its first
-step (``load_sft_data`` then ``preflight``), and shown by ``posttrain inspect``:
+The checklist of ``docs/PREFLIGHT.md``, automated and run by every training command before its
+first step (``load_sft_data`` then ``preflight``), and shown by ``posttrain inspect``:
 
-- every row parses and renders (else one line naming file:line; ``skip_bad`` counts and skips);
+- every row parses, is a conversation a model should learn from (``formats.check_turns``: no
+  empty assistant reply, no tool result without a tool call) and renders without losing
+  content (``render``) - else one line naming file:line; ``skip_bad`` counts and skips;
 - ``encode(whole conversation) == concatenated incremental pieces`` (consistency failures name
   the line and the first differing token, decoded);
 - every trained assistant turn has its end-of-turn token trained;
 - no sample without trained tokens;
 - ``masked_token_ratio`` (trained / all tokens) per sample: min, mean, max, histogram;
-- truncation to ``max_length`` counted; a sample whose trained tokens were all cut is dropped
-  and counted.
+- truncation to ``max_length`` counted, and among those the samples whose cut removed a
+  trained end-of-turn token (the model will not learn to stop on them); a sample whose trained
+  tokens were all cut is dropped and counted.
 
 Hard errors (refuse to train unless ``allow_audit_errors``; ``inspect`` exits 1): consistency
 failures, untrained end-of-turn tokens, samples with an empty mask, no usable sample at all.
 
 RL prompt files go through the same report and ``preflight`` (``load_prompt_data``,
-``preflight_prompts``): every row parses and holds a non-empty prompt that renders, prompts
-longer than ``data.max_prompt_length`` are dropped and counted, no prompt left is a hard error.
+``preflight_prompts``): every row parses and holds a non-empty prompt that renders and every
+field its reward reads (``rewards.registry.reward_fields``: ``answer`` for ``math``, the named
+columns of a TRL-style function), prompts longer than ``data.max_prompt_length`` are dropped
+and counted, no prompt left is a hard error. ``data.columns`` renames fields first; TRL's
+``{"text"}`` rows are counted as language-modelling rows (loss on every token).
 
 The views (terminal text with colour or ``[[...]]`` brackets, a standalone HTML page, a JSON
-summary, a JSON-lines dump) live here too: seed 004 section 3.3, "visualise the mask, don't
-trust it".
+summary, a JSON-lines dump) live here too: look at the mask, do not trust it
+(``docs/PREFLIGHT.md``).
 """
 
 from __future__ import annotations
@@ -33,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from posttrain.data.formats import conversation_from_row, read_rows_or_errors
-from posttrain.data.render import RenderedSample, RenderJob, render_batch, truncate_sample
+from posttrain.data.formats import BadRowError, conversation_from_row, read_rows_or_errors, text_from_row
+from posttrain.data.render import RenderedSample, RenderJob, render_batch, render_text, truncate_sample
 from posttrain.errors import DataError
+from posttrain.log import say_stdout
 
 HISTOGRAM_BINS = 10
 SHOW_LINES = 10  # line numbers listed per finding in the text summary
@@ -61,8 +68,11 @@ class AuditReport:
     ratios: list[float] = field(default_factory=list)  # masked_token_ratio of each kept sample
     bad_rows: list[Finding] = field(default_factory=list)  # skipped (skip_bad)
     truncated: list[int] = field(default_factory=list)
+    truncated_end_of_turn: list[int] = field(default_factory=list)  # truncated samples that lost a trained end-of-turn
     dropped: list[Finding] = field(default_factory=list)  # all trained tokens cut, or too long with truncation=drop
+    text_rows: list[int] = field(default_factory=list)  # language-modelling rows ({"text"}): loss on every token
     split: list[int] = field(default_factory=list)  # conversations split because the template rewrites history
+    # (a split where tokens merge across a turn boundary is not a rewrite: it is a consistency failure)
     consistency_failures: list[Finding] = field(default_factory=list)
     untrained_end_of_turn: list[Finding] = field(default_factory=list)
     empty_masks: list[int] = field(default_factory=list)
@@ -109,8 +119,10 @@ class AuditReport:
             "trained_tokens": self.trained_tokens,
             "masked_token_ratio": self.ratio_stats(),
             "truncated": {"count": len(self.truncated), "lines": self.truncated},
+            "truncated_end_of_turn": {"count": len(self.truncated_end_of_turn), "lines": self.truncated_end_of_turn},
             "dropped": {"count": len(self.dropped), "samples": findings(self.dropped)},
             "split_for_history_rewrite": {"count": len(self.split), "lines": self.split},
+            "text_rows": {"count": len(self.text_rows), "lines": self.text_rows},
             "bad_rows_skipped": {"count": len(self.bad_rows), "rows": findings(self.bad_rows)},
             "consistency_failures": {"count": len(self.consistency_failures), "samples": findings(self.consistency_failures)},
             "untrained_end_of_turn": {"count": len(self.untrained_end_of_turn), "samples": findings(self.untrained_end_of_turn)},
@@ -136,7 +148,13 @@ class AuditReport:
                 f"  masked_token_ratio per sample: min {stats['min']:.3f}  mean {stats['mean']:.3f}  max {stats['max']:.3f}"
             )
             lines.append("  histogram " + _histogram_text(stats["histogram"]))
+        if self.text_rows:
+            lines.append(_count_line('language-modelling rows ({"text"}: no chat template, loss on every token)',
+                                     self.text_rows))
         lines.append(_count_line("truncated", self.truncated))
+        if self.truncated_end_of_turn:
+            lines.append(_count_line("  of which end-of-turn cut off (the model will not learn to stop on these rows)",
+                                     self.truncated_end_of_turn))
         lines.append(_count_line("dropped (no trained token left)", [f.line for f in self.dropped]))
         if self.split:
             lines.append(_count_line("split per turn (template rewrites history)", self.split))
@@ -209,6 +227,7 @@ class RenderedPrompt:
     prompt_ids: list[int]
     messages: list[dict[str, Any]]
     metadata: dict[str, Any]
+    conversational: bool = False  # the row gave its prompt as messages (TRL's "conversational" format)
 
 
 @dataclass
@@ -243,14 +262,14 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
     def flush() -> None:
         results = iter(render_batch([job for _, job in pending if isinstance(job, RenderJob)], tokenizer, **options))
         for line, job in pending:
-            result = job if isinstance(job, DataError) else next(results)
+            result = next(results) if isinstance(job, RenderJob) else job  # a DataError or a rendered text row
             if isinstance(result, DataError):
                 if not data_config.skip_bad:
-                    raise result
+                    raise BadRowError(str(result)) from None
                 report.bad_rows.append(Finding(line, str(result)))
                 continue
             report.rows += 1
-            if len(result) > 1:
+            if any(sample.split_reason == "history rewrite" for sample in result):
                 report.split.append(line)
             for sample in result:
                 kept = audit_sample(sample, report, data_config.max_length, data_config.truncation, f"{source}:{line}")
@@ -258,9 +277,16 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
                     samples.append(kept)
         pending.clear()
 
-    for count, (line, row) in enumerate(read_rows_or_errors(path, limit=data_config.limit)):
+    columns = getattr(data_config, "columns", None)
+    for count, (line, row) in enumerate(read_rows_or_errors(path, limit=data_config.limit, columns=columns)):
         if isinstance(row, DataError):
             pending.append((line, row))
+        elif text_from_row(row) is not None:
+            try:
+                pending.append((line, [render_text(text_from_row(row), tokenizer, line=line, source=source)]))
+                report.text_rows.append(line)
+            except DataError as exc:
+                pending.append((line, exc))
         else:
             try:
                 conversation = conversation_from_row(row, f"{source}:{line}")
@@ -318,6 +344,8 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
             return None
         sample = truncate_sample(sample, max_length)
         report.truncated.append(line)
+        if sample.cut_end_of_turn and sample.trained_token_count:
+            report.truncated_end_of_turn.append(line)
         if sample.trained_token_count == 0:
             report.dropped.append(Finding(line, f"all trained tokens lie beyond max_length {max_length}"))
             return None
@@ -333,7 +361,8 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
 
 
 def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
-                     too_long: str = "drop", limit: int | None = None, skip_bad: bool = False) -> PreparedPrompts:
+                     too_long: str = "drop", limit: int | None = None, skip_bad: bool = False,
+                     columns: dict[str, str] | None = None, reward_fields: dict[str, str] | None = None) -> PreparedPrompts:
     """Read, check and render an RL prompt file, auditing it like SFT data.
 
     Every row must parse and hold a non-empty prompt (``data.formats.prompt_from_row``) that
@@ -342,6 +371,10 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
     prompt longer than ``max_prompt_length`` tokens is dropped and counted (``too_long``
     ``"drop"``, what ``data.max_prompt_length`` documents) or raises (``"error"``). No
     prompt left is a hard error for ``preflight``. Nothing here loads a model.
+
+    ``columns`` (``data.columns``) renames fields first. ``reward_fields`` (``{field: reward}``,
+    ``rewards.registry.reward_fields``): a row without one of them is a bad row naming the
+    field, since its reward would score every completion 0 without a word.
     """
     from posttrain.data.formats import prompt_from_row
     from posttrain.data.render import render_prompt
@@ -351,16 +384,17 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
     started = time.perf_counter()
     report = AuditReport(source=str(path), kind="prompts")
     prompts: list[RenderedPrompt] = []
-    for line, row in read_rows_or_errors(path, limit=limit):
+    for line, row in read_rows_or_errors(path, limit=limit, columns=columns):
         where = f"{path}:{line}"
         try:
             if isinstance(row, DataError):
                 raise row
             prompt = prompt_from_row(row, where, system=system)
+            check_reward_fields(prompt.extra, reward_fields or {}, where)
             ids = render_prompt(prompt.messages, tokenizer, tools=prompt.tools, where=where)
         except DataError as exc:
             if not skip_bad:
-                raise
+                raise BadRowError(str(exc)) from None
             report.bad_rows.append(Finding(line, str(exc)))
             continue
         report.rows += 1
@@ -372,24 +406,43 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
             continue
         report.samples += 1
         report.tokens += len(ids)
-        prompts.append(RenderedPrompt(line, ids, prompt.messages, prompt.extra))
+        conversational = isinstance(row.get("messages", row.get("prompt")), (list, dict))
+        prompts.append(RenderedPrompt(line, ids, prompt.messages, prompt.extra, conversational))
     report.seconds = time.perf_counter() - started
     return PreparedPrompts(prompts=prompts, audit=report)
 
 
+def check_reward_fields(metadata: dict[str, Any], reward_fields: dict[str, str], where: str) -> None:
+    """DataError naming ``where`` and the first field of ``reward_fields`` (``{field: reward}``)
+    that ``metadata`` (a prompt row's other fields) lacks, with the fields it has.
+
+    >>> check_reward_fields({"question": "2+2?"}, {"answer": "math"}, "f.parquet:3")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.DataError: f.parquet:3: no 'answer' field, which reward 'math' reads (fields: question); map one with data.columns.answer=<field, dotted for nested>
+    """
+    for name, reward in reward_fields.items():
+        if metadata.get(name) is None:
+            fields = ", ".join(sorted(metadata)) or "none besides the prompt"
+            raise DataError(f"{where}: no '{name}' field, which reward '{reward}' reads (fields: {fields}); "
+                            f"map one with data.columns.{name}=<field, dotted for nested>")
+
+
 def preflight_prompts(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
                       too_long: str = "drop", limit: int | None = None,
-                      print_fn: Callable[[str], Any] | None = print) -> PreparedPrompts:
+                      print_fn: Callable[[str], Any] | None = say_stdout, columns: dict[str, str] | None = None,
+                      reward_fields: dict[str, str] | None = None) -> PreparedPrompts:
     """``load_prompt_data`` then ``preflight``: what ``posttrain rl`` runs on its prompt files
-    before any model loads (one-line DataError naming ``file:line`` on a bad row)."""
+    before any model loads (one-line DataError naming ``file:line`` on a bad row, or on a row
+    without a field its reward reads)."""
     prepared = load_prompt_data(path, tokenizer, system=system, max_prompt_length=max_prompt_length,
-                                too_long=too_long, limit=limit)
+                                too_long=too_long, limit=limit, columns=columns, reward_fields=reward_fields)
     preflight(prepared, print_fn=print_fn)
     return prepared
 
 
 # ----------------------------------------------------------------------------- pre-flight
-def preflight(prepared: PreparedData | PreparedPrompts, *, allow_errors: bool = False, print_fn: Callable[[str], Any] | None = print) -> None:
+def preflight(prepared: PreparedData | PreparedPrompts, *, allow_errors: bool = False, print_fn: Callable[[str], Any] | None = say_stdout) -> None:
     """Print the audit summary; raise DataError (one line, first offending file:line) on a hard error.
 
     Every training command calls this before its first step. ``allow_errors`` (config
@@ -417,6 +470,7 @@ def preflight(prepared: PreparedData | PreparedPrompts, *, allow_errors: bool = 
 
 
 # ----------------------------------------------------------------------------- views
+SPLIT_REASONS = {"history rewrite": "template rewrites history", "token merge": "tokens merge across a turn boundary"}
 ANSI_RESET = "\x1b[0m"
 ANSI_TRAINED = ("\x1b[30;42m", "\x1b[30;102m")  # black on green, alternating shades per token
 ANSI_CONTEXT = ("\x1b[37m", "\x1b[90m")  # grey shades per token
@@ -447,7 +501,7 @@ def _visible(text: str) -> str:
     return text.replace("\r", "\\r").replace("\t", "→").replace("\n", "↵\n")
 
 
-def format_sample(sample: RenderedSample, tokenizer, *, colour: bool, index: int | None = None, max_tokens: int | None = None) -> str:
+def format_sample(sample: RenderedSample, tokenizer, *, colour: bool, index: int | str | None = None, max_tokens: int | None = None) -> str:
     """The sample token by token: trained tokens highlighted (colour) or in ``[[...]]``, with a
     ``‹role›`` label at each message boundary."""
     ids = sample.input_ids if max_tokens is None else sample.input_ids[:max_tokens]
@@ -456,7 +510,7 @@ def format_sample(sample: RenderedSample, tokenizer, *, colour: bool, index: int
         f"── {title}· {sample.source}:{sample.line} · {len(sample.input_ids)} tokens · "
         f"{sample.trained_token_count} trained ({sample.masked_token_ratio:.1%})"
         + (" · truncated" if sample.truncated else "")
-        + (" · split turn" if sample.split else "")
+        + (f" · split turn ({SPLIT_REASONS.get(sample.split_reason, sample.split_reason)})" if sample.split else "")
         + (" · weighted" if sample.weights is not None else "")
     )
     labels = {span.start: span.role + (" (trained)" if span.trained else "") for span in sample.spans}
@@ -490,7 +544,7 @@ def format_sample(sample: RenderedSample, tokenizer, *, colour: bool, index: int
         body += f"\n… ({len(sample.input_ids) - max_tokens} more tokens)"
     problems = [f"consistency failure: {p}" for p in sample.consistency_errors] + [
         f"untrained end-of-turn: messages[{i}]" for i in sample.untrained_end_of_turn
-    ]
+    ] + [f"end-of-turn cut off by truncation: messages[{i}]" for i in sample.cut_end_of_turn]
     problem_text = "".join(
         f"\n{ANSI_PROBLEM}! {p}{ANSI_RESET}" if colour else f"\n! {p}" for p in problems
     )

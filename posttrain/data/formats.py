@@ -6,17 +6,25 @@ number), JSON (an array of rows, or JSON Lines in a ``.json`` file), Parquet and
 Rows are numbered from 1: the line in a JSONL file, the row index otherwise. Every problem
 raises ``DataError("<file>:<n>: <problem>")``, one line.
 
-Row shapes (seed 004 section 3 names the roles; the OpenAI shape is the reference):
+Row shapes (the OpenAI chat-completions message shape is the reference):
 
 - ``{"messages": [...], "tools": [...]}``: messages ``{"role": "system"|"user"|"assistant"|"tool",
   "content": str, "tool_calls": [...], "train": bool, "weight": float}``;
-- ``{"conversations": [...]}``: the same list under the seed's key, or ShareGPT
+- ``{"conversations": [...]}``: the same list under another common key, or ShareGPT
   ``{"from": "human"|"gpt"|"system"|"function_call"|"observation"|..., "value": str}``;
 - ``{"prompt": str|messages, "completion": str|messages}``: only the completion is trained
-  (assistant turns inside the prompt are marked ``train: false`` unless they say otherwise).
+  (assistant turns inside the prompt are marked ``train: false`` unless they say otherwise);
+- ``{"text": str}`` (TRL's language-modelling rows): no chat template, loss on every token
+  (``text_from_row``, rendered by ``render.render_text``);
+- RL prompt rows ``{"prompt"|"messages", ...}`` (``prompt_from_row``), veRL's parquet shape
+  included (``reward_model.ground_truth`` is the ``answer``).
 
-Preference rows ``{"prompt", "chosen", "rejected"}`` are rendered by the reward-model code
-with ``normalise_messages`` + ``render.render_conversation``.
+Sources may also be hub datasets and folders of data files (``datasets.load_dataset``), and
+``data.columns`` renames fields, dotted paths into nested ones (``apply_columns``), before any
+of this reads a row.
+
+Preference rows ``{"prompt", "chosen", "rejected"}`` are read by ``data.preference`` (shared by
+``posttrain rm`` and ``posttrain dpo``) and rendered with ``render.render_conversation``.
 
 Tool calls are normalised to the shape chat templates expect (Hugging Face chat-template
 docs): ``{"type": "function", "function": {"name": str, "arguments": dict}}``; JSON-string
@@ -26,9 +34,10 @@ arguments (the OpenAI wire shape) are parsed.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from posttrain.errors import DataError
 
@@ -64,43 +73,222 @@ class Conversation:
 
 
 # ----------------------------------------------------------------------------- reading files
+class BadRowError(DataError):
+    """One malformed row, raised because ``data.skip_bad`` is off: with it on, the row would be
+    counted and skipped. (A problem with the whole file, or a setting such as
+    ``data.truncation=error``, stays a plain DataError: ``skip_bad`` cannot help there.)"""
+
+
 def read_rows(
     path: str | Path,
     *,
     limit: int | None = None,
     skip_bad: bool = False,
     bad_rows: list[tuple[int, str]] | None = None,
+    columns: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[int, dict]]:
-    """Yield ``(n, row)`` for each row of a JSONL/JSON/Parquet file or ``datasets`` directory.
+    """Yield ``(n, row)`` for each row of a JSONL/JSON/Parquet file, a ``datasets`` directory
+    or a hub dataset (``org/name[@config][:split]``, see ``read_rows_or_errors``).
 
     ``n`` is 1-based: the line number in JSONL, the row index otherwise. A malformed row raises
-    DataError naming ``file:n``; with ``skip_bad`` it is appended to ``bad_rows`` as
+    BadRowError naming ``file:n``; with ``skip_bad`` it is appended to ``bad_rows`` as
     ``(n, message)`` and skipped instead. ``limit`` counts rows read, bad ones included.
+    ``columns`` (``data.columns``) renames fields first (``apply_columns``).
     """
-    for n, row in read_rows_or_errors(path, limit=limit):
+    for n, row in read_rows_or_errors(path, limit=limit, columns=columns):
         if isinstance(row, DataError):
             if not skip_bad:
-                raise row
+                raise BadRowError(str(row))
             if bad_rows is not None:
                 bad_rows.append((n, str(row)))
             continue
         yield n, row
 
 
-def read_rows_or_errors(path: str | Path, *, limit: int | None = None) -> Iterator[tuple[int, dict | DataError]]:
-    """Like ``read_rows`` but yields ``(n, DataError)`` for a malformed row instead of raising."""
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    for count, item in enumerate(_iter_raw(path)):
+def read_rows_or_errors(path: str | Path, *, limit: int | None = None,
+                        columns: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict | DataError]]:
+    """Like ``read_rows`` but yields ``(n, DataError)`` for a malformed row instead of raising.
+
+    ``path`` is a local file or directory, or, when no such path exists, a dataset spec
+    ``NAME[@CONFIG][:SPLIT]`` read with ``datasets.load_dataset(NAME, CONFIG, split=SPLIT)``
+    (split ``train`` by default; Hugging Face datasets docs, "Load"): a hub id ``org/name``,
+    or a local folder of data files (``data/train-*.parquet``, a downloaded hub repository).
+    ``columns`` maps each row through ``apply_columns`` before anything else reads it.
+
+    A problem with the whole file (missing, unreadable, not a data file, an unreachable hub)
+    raises DataError: no row can be read, so ``skip_bad`` has nothing to skip.
+    """
+    local = Path(path).expanduser()
+    if local.exists():
+        rows = _iter_raw(local)
+    else:
+        name, config, split = parse_dataset_spec(str(path))
+        if Path(name).expanduser().is_dir():
+            rows = _iter_raw(Path(name).expanduser(), config=config, split=split)
+        elif is_hub_dataset_id(name):
+            rows = _iter_arrow_rows(Path(str(path)), _load_hub_dataset(name, config, split, str(path)))
+        else:
+            raise DataError(f"data file {path} does not exist")
+    for count, (n, row) in enumerate(rows):
         if limit is not None and count >= limit:
             return
-        yield item
+        if columns and not isinstance(row, DataError):
+            try:
+                row = apply_columns(row, columns, f"{path}:{n}")
+            except DataError as exc:
+                row = exc
+        yield n, row
 
 
-def _iter_raw(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+# ----------------------------------------------------------------------------- datasets library sources
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".gz", ".csv", ".arrow", ".txt")
+
+
+def parse_dataset_spec(spec: str) -> tuple[str, str | None, str]:
+    """``NAME[@CONFIG][:SPLIT]`` -> ``(name, config, split)``; the split defaults to ``train`` and
+    may use the datasets slicing syntax (``train[:100]``).
+
+    >>> parse_dataset_spec("openai/gsm8k@main:test[:50]")
+    ('openai/gsm8k', 'main', 'test[:50]')
+    >>> parse_dataset_spec("org/name")
+    ('org/name', None, 'train')
+    """
+    name, _, split = spec.partition(":")
+    name, _, config = name.partition("@")
+    return name, config or None, split or "train"
+
+
+def is_hub_dataset_id(name: str) -> bool:
+    """``org/name`` that is not a local path nor a data file name (what ``load_dataset`` fetches).
+
+    >>> is_hub_dataset_id("openai/gsm8k"), is_hub_dataset_id("data/train.jsonl"), is_hub_dataset_id("./a/b")
+    (True, False, False)
+    """
+    parts = name.split("/")
+    return (len(parts) == 2 and all(re.fullmatch(r"[A-Za-z0-9][\w.-]*", part) for part in parts)
+            and not name.lower().endswith(DATA_SUFFIXES))
+
+
+def is_hub_dataset_spec(spec: str) -> bool:
+    """A data setting that names a hub dataset (no local path by that name): checked when it loads."""
+    return not Path(spec).expanduser().exists() and is_hub_dataset_id(parse_dataset_spec(spec)[0])
+
+
+def _load_hub_dataset(name: str, config: str | None, split: str, where: str):
+    """``datasets.load_dataset(name, config, split=split)``; one-line DataError when it fails. Without
+    a reachable hub the call runs in datasets' offline mode, so a cached copy still loads and a
+    missing one fails at once instead of after minutes of retries."""
+    from posttrain.models import hub_status
+
+    reachable, host = hub_status()
+    try:
+        with _hub_offline(not reachable):
+            return _load_dataset(name, config, split)
+    except Exception as exc:  # datasets / huggingface_hub raise many types
+        if not reachable:
+            raise DataError(
+                f"{where}: cannot load dataset '{name}': the Hugging Face hub ({host}) is not reachable from this "
+                f"machine and the dataset is not in the local datasets cache; download it where the hub is "
+                f"reachable and give its local folder (or save_to_disk directory) instead") from None
+        raise DataError(f"{where}: cannot load dataset '{name}' with datasets.load_dataset ({_one_line(exc)})") from None
+
+
+def _load_dataset(name: str, config: str | None, split: str):
+    import datasets
+
+    with _quiet_datasets():
+        return datasets.load_dataset(name, config, split=split)
+
+
+class _quiet_datasets:
+    """No datasets progress bars or info logs while posttrain reads data (the audit reports it)."""
+
+    def __enter__(self):
+        import datasets
+
+        self.verbosity = datasets.logging.get_verbosity()
+        self.bars = datasets.is_progress_bar_enabled()
+        datasets.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+        return self
+
+    def __exit__(self, *exc_info):
+        import datasets
+
+        datasets.logging.set_verbosity(self.verbosity)
+        if self.bars:
+            datasets.enable_progress_bars()
+        return False
+
+
+class _hub_offline:
+    """Switch datasets and huggingface_hub to offline mode for one call (both read the flag at call time)."""
+
+    def __init__(self, active: bool):
+        self.active = active
+
+    def __enter__(self):
+        if self.active:
+            import datasets.config
+            from huggingface_hub import constants
+
+            self.saved = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
+            datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+        return self
+
+    def __exit__(self, *exc_info):
+        if self.active:
+            import datasets.config
+            from huggingface_hub import constants
+
+            datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = self.saved
+        return False
+
+
+# ----------------------------------------------------------------------------- column mapping
+def apply_columns(row: dict, columns: Mapping[str, str], where: str) -> dict:
+    """``data.columns``: ``{target: source}``; set ``row[target]`` to the value at the dotted path
+    ``source`` (``reward_model.ground_truth`` reads ``row["reward_model"]["ground_truth"]``; a
+    number indexes a list: ``messages.0.content``). Other fields stay. DataError naming
+    ``where`` and the key when a path is absent from the row.
+
+    >>> apply_columns({"question": "2+2?", "reward_model": {"ground_truth": "4"}},
+    ...               {"prompt": "question", "answer": "reward_model.ground_truth"}, "f:1")["answer"]
+    '4'
+    >>> apply_columns({"q": "hi"}, {"prompt": "question"}, "f.parquet:3")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.DataError: f.parquet:3: data.columns.prompt: no field 'question' in this row (fields: q)
+    """
+    out = dict(row)
+    for target, source in columns.items():
+        found, value = lookup_path(row, source)
+        if not found:
+            fields = ", ".join(sorted(row)) or "none"
+            raise DataError(f"{where}: data.columns.{target}: no field '{source}' in this row (fields: {fields})")
+        out[target] = value
+    return out
+
+
+def lookup_path(row: Any, path: str) -> tuple[bool, Any]:
+    """``(found, value)`` at the dotted ``path`` in nested dicts and lists."""
+    value = row
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, list) and part.lstrip("-").isdigit() and -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return False, None
+    return True, value
+
+
+def _iter_raw(path: Path, *, config: str | None = None, split: str = "train") -> Iterator[tuple[int, dict | DataError]]:
     if path.is_dir():
-        yield from _iter_dataset_dir(path)
+        if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file() or not _holds_data_files(path):
+            yield from _iter_dataset_dir(path, split)
+        else:  # a folder of data files (a hub repository's layout): datasets picks the builder
+            yield from _iter_arrow_rows(path, _load_folder(path, config, split))
         return
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
     if suffix in (".jsonl", ".ndjson", ".jsonl.gz"):
@@ -113,23 +301,49 @@ def _iter_raw(path: Path) -> Iterator[tuple[int, dict | DataError]]:
         raise DataError(f"{path}: unknown data file type '{path.suffix}' (use .jsonl, .json, .parquet or a datasets directory)")
 
 
-def _open_text(path: Path):
+def _open_binary(path: Path):
     if path.suffix == ".gz":
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rb")
+    return open(path, "rb")
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    """Rows of a JSON Lines file, read as bytes and decoded line by line, so that invalid UTF-8
+    is one bad row naming its line and its byte offset in the file (in the decompressed text
+    for ``.gz``), which ``skip_bad`` can skip. Lines end at ``\\n`` (``\\r\\n`` too), as editors
+    count them; a UTF-8 byte-order mark on line 1 is ignored."""
+    offset = 0  # file offset of the current line
     try:
-        with _open_text(path) as handle:
-            for n, text in enumerate(handle, start=1):
+        with _open_binary(path) as handle:
+            for n, raw in enumerate(handle, start=1):
+                start, offset = offset, offset + len(raw)
+                skip = len(UTF8_BOM) if n == 1 and raw.startswith(UTF8_BOM) else 0
+                try:
+                    text = raw[skip:].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield n, DataError(f"{path}:{n}: not UTF-8 text ({_decode_problem(exc, start + skip, start)})")
+                    continue
                 if not text.strip():
                     continue
                 yield n, _parse_object(text, f"{path}:{n}")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (OSError, EOFError) as exc:  # a corrupt or truncated .gz, a read error
+        raise DataError(f"{path}: cannot read ({_one_line(exc)})") from None
+
+
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
+def _decode_problem(exc: UnicodeDecodeError, object_start: int, line_start: int) -> str:
+    """``invalid start byte (0xff) at byte offset 1234 of the file, column 5``: ``exc`` came from
+    decoding bytes that start at file offset ``object_start``. The offset (0-based, as ``xxd`` and
+    ``od`` print it) is where the bad sequence starts; the column is 1-based, in bytes from
+    ``line_start``. For a bad continuation byte the bytes shown end with that byte."""
+    offset = object_start + exc.start
+    end = exc.end + 1 if "continuation" in exc.reason else exc.end
+    shown = " ".join(f"0x{byte:02x}" for byte in exc.object[exc.start : end])
+    return f"{exc.reason} ({shown}) at byte offset {offset} of the file, column {offset - line_start + 1}"
 
 
 def _parse_object(text: str, where: str) -> dict | DataError:
@@ -145,10 +359,17 @@ def _parse_object(text: str, where: str) -> dict | DataError:
 
 
 def _iter_json(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+    raw = path.read_bytes()
+    skip = len(UTF8_BOM) if raw.startswith(UTF8_BOM) else 0
     try:
-        text = path.read_text(encoding="utf-8")
+        text = raw[skip:].decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        if _looks_like_json_lines(raw[skip:].decode("utf-8", errors="replace")):
+            yield from _iter_jsonl(path)  # the bad bytes are one bad row, named by its line
+            return
+        line = raw[: skip + exc.start].count(b"\n") + 1
+        line_start = raw.rfind(b"\n", 0, skip + exc.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text ({_decode_problem(exc, skip, line_start)})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -171,27 +392,52 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict | DataError]]:
             yield n, row
 
 
+def _looks_like_json_lines(text: str) -> bool:
+    """A ``.json`` file holding JSON Lines: an object first, and more than one value."""
+    if not text.lstrip().startswith("{"):
+        return False
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as exc:
+        return exc.pos > 0
+    return False
+
+
 def _load_parquet(path: Path):
     from datasets import Dataset
 
     try:
-        return Dataset.from_parquet(str(path), keep_in_memory=True)
+        with _quiet_datasets():
+            return Dataset.from_parquet(str(path), keep_in_memory=True)
     except Exception as exc:  # pyarrow raises many types for a bad file
         raise DataError(f"{path}: cannot read Parquet ({_one_line(exc)})") from None
 
 
-def _iter_dataset_dir(path: Path) -> Iterator[tuple[int, dict | DataError]]:
+def _iter_dataset_dir(path: Path, split: str = "train") -> Iterator[tuple[int, dict | DataError]]:
     from datasets import DatasetDict, load_from_disk
 
     try:
         dataset = load_from_disk(str(path))
     except Exception as exc:
-        raise DataError(f"{path}: not a datasets directory saved with save_to_disk ({_one_line(exc)})") from None
+        raise DataError(f"{path}: not a datasets directory saved with save_to_disk, nor a folder of data files "
+                        f"({_one_line(exc)})") from None
     if isinstance(dataset, DatasetDict):
-        if "train" not in dataset:
-            raise DataError(f"{path}: a DatasetDict without a 'train' split (splits: {', '.join(dataset)})")
-        dataset = dataset["train"]
+        if split not in dataset:
+            raise DataError(f"{path}: a DatasetDict without a '{split}' split (splits: {', '.join(dataset)})")
+        dataset = dataset[split]
     yield from _iter_arrow_rows(path, dataset)
+
+
+def _holds_data_files(path: Path) -> bool:
+    return any(child.is_file() and child.name.lower().endswith(DATA_SUFFIXES) for child in path.rglob("*")
+               if ".git" not in child.parts)
+
+
+def _load_folder(path: Path, config: str | None, split: str):
+    try:
+        return _load_dataset(str(path), config, split)
+    except Exception as exc:
+        raise DataError(f"{path}: cannot load this folder with datasets.load_dataset ({_one_line(exc)})") from None
 
 
 def _iter_arrow_rows(path: Path, dataset) -> Iterator[tuple[int, dict | DataError]]:
@@ -243,7 +489,36 @@ def prompt_from_row(row: dict, where: str, *, system: str | None = None) -> Conv
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + messages
     tools = normalise_tools(row.get("tools"), f"{where}: tools")
-    return Conversation(messages=messages, tools=tools, extra={k: v for k, v in row.items() if k != key})
+    return Conversation(messages=messages, tools=tools, extra=verl_answer({k: v for k, v in row.items() if k != key}))
+
+
+def verl_answer(metadata: dict[str, Any]) -> dict[str, Any]:
+    """veRL's RL row shape, read as it is: ``reward_model.ground_truth`` becomes ``answer`` when the
+    row has none (veRL docs, "Prepare Data for Post-Training": ``data_source``, ``prompt`` as chat
+    messages, ``ability``, ``reward_model: {style, ground_truth}``, ``extra_info``); every field
+    stays in the metadata too.
+
+    >>> verl_answer({"data_source": "openai/gsm8k", "reward_model": {"style": "rule", "ground_truth": "72"}})["answer"]
+    '72'
+    """
+    reward_model = metadata.get("reward_model")
+    if "answer" not in metadata and isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return {**metadata, "answer": reward_model["ground_truth"]}
+    return metadata
+
+
+def text_from_row(row: dict) -> str | None:
+    """The text of a language-modelling row (TRL's ``{"text": ...}``, trained on every token), or
+    None when the row is a conversation (TRL SFT trainer docs, "Dataset formats").
+
+    >>> text_from_row({"text": "The sky is blue."}), text_from_row({"messages": [], "text": "x"})
+    ('The sky is blue.', None)
+    """
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+        return None
+    if any(key in row for key in ("messages", "conversations", "prompt", "completion", "chosen")):
+        return None
+    return row["text"]
 
 
 def conversation_from_row(row: dict, where: str, *, require_assistant: bool = True) -> Conversation:
@@ -265,15 +540,57 @@ def conversation_from_row(row: dict, where: str, *, require_assistant: bool = Tr
     else:
         keys = ", ".join(sorted(row)) or "none"
         raise DataError(
-            f"{where}: no conversation found: expected 'messages', 'conversations' or 'prompt'+'completion' (keys: {keys})"
+            f"{where}: no conversation found: expected 'messages', 'conversations', 'prompt'+'completion' or 'text' "
+            f"(keys: {keys})"
         )
     if not messages:
         raise DataError(f"{where}: the conversation is empty")
     if require_assistant and not any(message["role"] == "assistant" for message in messages):
         raise DataError(f"{where}: no assistant turn (nothing to train on)")
+    if "messages" in row or "conversations" in row:
+        names = [f"{key}[{index}]" for index in range(len(messages))]
+    else:
+        names = [f"prompt[{index}]" for index in range(len(prompt))] + [f"completion[{index}]" for index in range(len(completion))]
+    check_turns(messages, where, names)
     tools = normalise_tools(row.get("tools"), f"{where}: tools")
     extra = {key: value for key, value in row.items() if key not in ("messages", "conversations", "prompt", "completion", "tools")}
     return Conversation(messages=messages, tools=tools, extra=extra)
+
+
+def check_turns(messages: list[dict[str, Any]], where: str, names: list[str] | None = None) -> None:
+    """Refuse a conversation that a chat template would render but no model should learn from.
+
+    - an assistant message with blank content and no tool calls ("empty assistant reply"):
+      trained, it teaches the model to end its turn at once; whitespace is as empty as "";
+    - a ``tool`` message whose nearest earlier non-tool message is not an assistant message
+      with ``tool_calls``: a tool result nothing asked for (the OpenAI chat format answers
+      each assistant tool call with tool messages that follow it).
+
+    ``names[i]`` names message ``i`` in the error (default ``messages[i]``); DataError, one
+    line, ``<where>: <name>: <problem>``.
+
+    >>> check_turns([{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}], "f.jsonl:3")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.DataError: f.jsonl:3: messages[1]: empty assistant reply (blank content and no tool calls)
+    """
+    names = names or [f"messages[{index}]" for index in range(len(messages))]
+    caller = None  # index of the message a tool result answers: the assistant turn before the tool run
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if role == "assistant" and not message.get("tool_calls") and not message["content"].strip():
+            raise DataError(f"{where}: {names[index]}: empty assistant reply (blank content and no tool calls)")
+        if role != "tool":
+            caller = index
+            continue
+        if caller is None:
+            raise DataError(f"{where}: {names[index]}: tool result with no assistant tool call before it "
+                            f"(the conversation starts with it)")
+        previous = messages[caller]
+        if previous["role"] != "assistant" or not previous.get("tool_calls"):
+            what = "an assistant message without tool_calls" if previous["role"] == "assistant" else f"a {previous['role']} message"
+            raise DataError(f"{where}: {names[index]}: tool result with no assistant tool call before it "
+                            f"({names[caller]} is {what})")
 
 
 def normalise_messages(value: Any, where: str, *, default_role: str = "user") -> list[dict[str, Any]]:

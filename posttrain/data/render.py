@@ -1,6 +1,6 @@
 """Conversation -> ``input_ids``, ``loss_mask`` (, ``weights``) through the tokenizer's chat template.
 
-Seed 004 sections 3-4: train only what the assistant says (its content, its tool calls and the
+``docs/PREFLIGHT.md``: train only what the assistant says (its content, its tool calls and the
 end-of-turn token it must learn to emit), never system, user or tool tokens; and make sure
 ``encode(messages) == prompt_ids ⊕ response_ids``, or the mask trains something that does
 not exist at inference.
@@ -30,7 +30,9 @@ Where the prefix property breaks:
   render consistently (per assistant turn for such templates), or refused (``history_rewrite=
   "error"``);
 - text prefix but not a token prefix: tokens merge across the turn boundary - a consistency
-  failure; the conversation is split there too, so the masks stay right.
+  failure, not a history rewrite (the text is the same; its tokenisation is not); the
+  conversation is split there too, so the masks stay right (``split_reason`` tells the two
+  apart).
 
 End of turn: the trained span of a reply runs through its last special token (``<|im_end|>``,
 ``<|eot_id|>``, ``</s>``, ...); whitespace the template writes after it (``"\\n"``) is never
@@ -38,8 +40,11 @@ generated, so it is not trained (non-whitespace text after it is trained: the mo
 write it). A trained reply with no special token in its span is reported
 (``untrained_end_of_turn``): the model would never learn to stop.
 
-Templates that silently drop tool calls or tool results are detected per conversation and
-raise DataError instead of training on a conversation that lost them.
+Templates that silently drop tool calls, the text an assistant writes beside its tool calls
+(Llama 3.1's template renders only the call: see its model card's prompt format,
+https://www.llama.com/docs/model-cards-and-prompt-formats/llama3_1/), or tool results are
+detected per conversation and raise DataError instead of training on a conversation that lost
+them.
 """
 
 from __future__ import annotations
@@ -79,9 +84,11 @@ class RenderedSample:
     source: str = ""
     spans: list[Span] = field(default_factory=list)
     truncated: bool = False
-    split: bool = False  # one of several samples of a conversation whose template rewrites history
+    split: bool = False  # one of several samples of one conversation (see split_reason)
+    split_reason: str = ""  # "history rewrite" (the template re-renders earlier turns) or "token merge"
     consistency_errors: list[str] = field(default_factory=list)
     untrained_end_of_turn: list[int] = field(default_factory=list)  # 0-based message indices
+    cut_end_of_turn: list[int] = field(default_factory=list)  # trained replies whose end-of-turn truncation cut off
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -94,7 +101,7 @@ class RenderedSample:
 
     @property
     def masked_token_ratio(self) -> float:
-        """Trained tokens / all tokens (seed 004 section 8)."""
+        """Trained tokens / all tokens (``docs/PREFLIGHT.md``)."""
         return self.trained_token_count / max(1, len(self.input_ids))
 
 
@@ -243,6 +250,7 @@ def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, trai
             except DataError:  # some templates refuse a partial conversation: keep the coarser spans
                 pass
         sample.split = len(groups) > 1
+        sample.split_reason = ("history rewrite" if rewritten else "token merge") if sample.split else ""
         sample.consistency_errors = boundary_errors.get(id(group[0]), []) + sample.consistency_errors
         sample.warnings = list(warnings) + (["chat template rewrites history: conversation split per turn"] if rewritten else [])
         samples.append(sample)
@@ -251,6 +259,30 @@ def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, trai
         sample.warnings = list(warnings)
         samples.append(sample)
     return samples
+
+
+def render_text(text: str, tokenizer, *, line: int = 0, source: str = "") -> RenderedSample:
+    """A language-modelling row (TRL's ``{"text": ...}``): the text tokenised as it is (no chat
+    template, the tokenizer's own special tokens) with the end-of-sequence token appended, as
+    TRL's SFT trainer does for such rows; every token is a target except the first, which
+    nothing precedes. Empty text is a DataError naming the row.
+
+    >>> class Tok:
+    ...     eos_token_id = 0
+    ...     def __call__(self, text, add_special_tokens=True): return {"input_ids": [5, 6, 7]}
+    >>> sample = render_text("abc", Tok(), line=3)
+    >>> sample.input_ids, sample.loss_mask
+    ([5, 6, 7, 0], [0, 1, 1, 1])
+    """
+    if not text.strip():
+        raise DataError(f"{location(source, line)}: text is empty")
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+    loss_mask = [0] + [1] * (len(ids) - 1)
+    return RenderedSample(input_ids=ids, loss_mask=loss_mask, line=line, source=source,
+                          spans=[Span(0, len(ids), "text", None, True)])
 
 
 def render_prompt(
@@ -391,6 +423,11 @@ def truncate_sample(sample: RenderedSample, max_length: int) -> RenderedSample:
     if len(sample.input_ids) <= max_length:
         return sample
     spans = [replace(span, end=min(span.end, max_length)) for span in sample.spans if span.start < max_length]
+    # a trained reply that starts before the cut and whose last trained token (its end-of-turn
+    # token, unless the template writes none) lies beyond it: the model will not learn to stop there
+    cut = [span.message_index for span in sample.spans
+           if span.trained and span.start < max_length and span.message_index not in sample.untrained_end_of_turn
+           and _last_trained(sample.loss_mask, span) >= max_length]
     return replace(
         sample,
         input_ids=sample.input_ids[:max_length],
@@ -400,7 +437,13 @@ def truncate_sample(sample: RenderedSample, max_length: int) -> RenderedSample:
         truncated=True,
         # a reply cut before its end-of-turn token is the truncation's doing, not the template's
         untrained_end_of_turn=[i for i in sample.untrained_end_of_turn if _span_end(sample, i) <= max_length],
+        cut_end_of_turn=cut,
     )
+
+
+def _last_trained(loss_mask: list[int], span: Span) -> int:
+    """Position of the last trained token in ``span`` (-1 if none)."""
+    return next((k for k in range(span.end - 1, span.start - 1, -1) if loss_mask[k]), -1)
 
 
 def first_difference(tokenizer, expected: Sequence[int], actual: Sequence[int]) -> str:
@@ -605,7 +648,8 @@ def _span_end(sample: RenderedSample, message_index: int) -> int:
 
 
 def _check_tool_rendering(messages, turns: list[_Turn], tokenizer, tools, kwargs, where: str) -> list[str]:
-    """Raise DataError when the template drops tool calls or tool results; warn when it ignores ``tools``."""
+    """Raise DataError when the template drops tool calls, the text beside them, or tool results;
+    warn when it ignores ``tools``."""
     for turn in turns:
         calls = messages[turn.index].get("tool_calls")
         if not calls:
@@ -620,6 +664,14 @@ def _check_tool_rendering(messages, turns: list[_Turn], tokenizer, tools, kwargs
                 f"{where}: the chat template drops tool calls (messages[{turn.index}] calls {', '.join(missing or names)}, "
                 f"which the rendered text does not contain); pass --chat-template FILE with a template that renders tool_calls"
             )
+        if messages[turn.index]["content"].strip():
+            silent = {**messages[turn.index], "content": ""}
+            if _apply(tokenizer, messages[: turn.index] + [silent], tools, False, kwargs, where) == turn.full_text:
+                raise DataError(
+                    f"{where}: the chat template drops the text beside tool calls (messages[{turn.index}] has content and "
+                    f"calls {', '.join(names)}; the rendered text is the same without the content); pass --chat-template "
+                    f"FILE with a template that renders both"
+                )
     by_index = {turn.index: turn for turn in turns}
     previous_full = ""
     for j, message in enumerate(messages):

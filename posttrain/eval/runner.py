@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from posttrain.eval.metrics import majority_vote_correct, mean_pass_at_k
+from posttrain.log import say
 from posttrain.eval.tasks import EvalTask
 from posttrain.rollout.base import SamplingParams
 
@@ -157,7 +158,8 @@ def build_tasks(config) -> list[EvalTask | PerplexityTask]:
         limit = t.limit if t.limit is not None else config.limit
         seed = t.seed if t.seed is not None else config.seed
         if t.name == "humaneval":
-            task = load_humaneval(limit, seed, wall_seconds=config.code_timeout, max_workers=config.sandbox_workers)
+            task = load_humaneval(limit, seed, wall_seconds=config.code_timeout, max_workers=config.sandbox_workers,
+                                  unsafe_process_isolation=config.unsafe_process_isolation)
         elif t.name == "reasoning_gym":
             task = load_reasoning_gym(t.dataset, limit, seed, params=t.params, system_prompt=t.system_prompt)
         elif t.name == "jsonl":
@@ -244,6 +246,6 @@ def run_eval(config, *, print_table: bool = True) -> list[TaskResult]:
             for sample in r.samples:
                 f.write(json.dumps(sample, default=str, ensure_ascii=False) + "\n")
     if print_table:
-        print(format_table(results))
-        print(f"results: {out_dir / 'results.json'}  samples: {out_dir / 'samples.jsonl'}")
+        say(format_table(results), stdout=True)
+        say(f"results: {out_dir / 'results.json'}  samples: {out_dir / 'samples.jsonl'}", stdout=True)
     return results

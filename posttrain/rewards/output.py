@@ -41,6 +41,27 @@ class RewardOutput:
         return sum(finite) / len(finite) if finite else float("nan")
 
 
+class PromptText(str):
+    """The prompt text a reward sees, remembering the prompt's messages when the row gave it as
+    a conversation (``messages`` is None for a plain-string prompt). Any reward may treat it as
+    the ``str`` it is; the TRL calling convention (``registry.TRLReward``) passes the messages.
+
+    >>> p = PromptText("2+2?", [{"role": "user", "content": "2+2?"}])
+    >>> p == "2+2?", p.messages[0]["role"]
+    (True, 'user')
+    """
+
+    messages: list[dict] | None
+
+    def __new__(cls, text: str, messages: list[dict] | None = None) -> "PromptText":
+        value = super().__new__(cls, text)
+        value.messages = messages
+        return value
+
+    def __reduce__(self):  # pickled across ranks with its messages
+        return (PromptText, (str(self), self.messages))
+
+
 def as_reward_output(value: Any, name: str, batch_size: int) -> RewardOutput:
     """Normalise what a user reward returned (RewardOutput, or a list of numbers)."""
     if isinstance(value, RewardOutput):

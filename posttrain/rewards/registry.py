@@ -9,8 +9,19 @@ spec is a name, or a mapping with ``name`` and its parameters (flat, or under ``
     build_reward({"name": "my_rewards:brevity", "params": {"limit": 50}})
 
 For ``module:attr`` user code: with parameters ``attr(**params)`` must return the reward;
-without, a class is instantiated and a function is the reward itself. User rewards may
-return a ``RewardOutput`` or a plain list of floats (wrapped, component = the name).
+without, a class is instantiated and a function is the reward itself. Two calling
+conventions, told apart by the signature:
+
+- posttrain's ``fn(prompts, completions, metadata)`` (exactly these three parameters): may
+  return a ``RewardOutput`` or a plain list of floats (wrapped, component = the name);
+- TRL's (any other signature, typically ``fn(completions, **kwargs)`` or
+  ``fn(prompts, completions, ground_truth, **kwargs)``): keyword arguments ``prompts``,
+  ``completions`` and one list per other column of the rows; returns floats or None
+  (``TRLReward``; TRL GRPO trainer docs, "Using a custom reward function",
+  https://huggingface.co/docs/trl/grpo_trainer#using-a-custom-reward-function).
+
+``reward_fields(spec)`` says which row fields a reward reads, so the RL prompt audit can
+refuse rows that lack them before any model loads.
 
 Contract for ``model`` (and any class registered here): ``Cls(**params)`` builds a callable
 ``(prompts, completions, metadata) -> RewardOutput``; parameter errors raise ``ConfigError``
@@ -21,11 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
+import logging
 from typing import Any, Mapping, Sequence
 
 from posttrain.errors import ConfigError
-from posttrain.rewards.output import RewardFn, as_reward_output, check_batch
+from posttrain.rewards.output import RewardFn, RewardOutput, as_reward_output, check_batch
 
 BUILTIN_REWARDS = {
     "math": "posttrain.rewards.math:MathReward",
@@ -49,6 +62,110 @@ class UserReward:
         return as_reward_output(self.fn(prompts, completions, metadata), self.name, len(completions))
 
 
+TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
+logger = logging.getLogger(__name__)
+
+
+class TRLReward:
+    """A reward function written for TRL's ``GRPOTrainer``, called the way TRL calls it.
+
+    ``fn(prompts=..., completions=..., **columns)``: ``columns`` holds one list per field of
+    the rows' metadata (every field but the prompt, None where a row lacks it); a function
+    without ``**kwargs`` gets only the columns it names. A row whose prompt was a list of
+    messages is *conversational* (TRL's word): its prompt is passed as those messages and its
+    completion as ``[{"role": "assistant", "content": text}]``; otherwise both are strings. The
+    function returns one float per completion, or None where it does not apply: that sample
+    scores 0.0 (TRL sums rewards with nansum, so None adds nothing) and is counted in
+    ``details``. Not passed: ``completion_ids`` and ``trainer_state`` (the reward sees text).
+
+    >>> def correct(completions, ground_truth, **kwargs):
+    ...     return [1.0 if c[0]["content"] == g else 0.0 for c, g in zip(completions, ground_truth)]
+    >>> from posttrain.rewards.output import PromptText
+    >>> prompts = [PromptText("2+2?", [{"role": "user", "content": "2+2?"}])] * 2
+    >>> TRLReward(correct, "correct")(prompts, ["4", "5"], [{"ground_truth": "4"}] * 2).scores
+    [1.0, 0.0]
+    """
+
+    def __init__(self, fn, name: str):
+        self.fn, self.name = fn, name
+        parameters = _parameters(fn)
+        self.takes_any = parameters is None or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+        self.names = set(parameters or ())
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):
+        metadata = check_batch(prompts, completions, metadata)
+        messages = [getattr(prompt, "messages", None) for prompt in prompts]
+        arguments: dict[str, Any] = {
+            "prompts": [m if m is not None else str(p) for p, m in zip(prompts, messages)],
+            "completions": [[{"role": "assistant", "content": c}] if m is not None else c
+                            for c, m in zip(completions, messages)],
+        }
+        columns = dict.fromkeys(key for meta in metadata for key in meta if key not in TRL_ARGUMENTS)
+        for key in columns:
+            if self.takes_any or key in self.names:
+                arguments[key] = [meta.get(key) for meta in metadata]
+        if not self.takes_any:
+            arguments = {key: value for key, value in arguments.items() if key in self.names}
+        values = self.fn(**arguments)
+        if values is None or not hasattr(values, "__len__") or len(values) != len(completions):
+            got = "None" if values is None else f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
+            raise ValueError(f"reward {self.name!r} returned {got} for a batch of {len(completions)} completions")
+        scores = [0.0 if value is None else float(value) for value in values]
+        unscored = sum(value is None for value in values)
+        if unscored:
+            logger.debug("reward %r returned None for %d of %d completions (scored 0)", self.name, unscored, len(values))
+        details = [{"reward_none": True} if value is None else {} for value in values]
+        return RewardOutput(scores, {self.name: list(scores)}, details=details)
+
+
+def _parameters(fn) -> Mapping[str, inspect.Parameter] | None:
+    try:
+        return inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return None
+
+
+def is_trl_style(fn) -> bool:
+    """True unless ``fn`` takes exactly posttrain's ``(prompts, completions, metadata)``."""
+    parameters = _parameters(fn)
+    if parameters is None:
+        return False
+    positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    has_kwargs = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+    return has_kwargs or positional != ["prompts", "completions", "metadata"] and "completions" in parameters
+
+
+def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
+    """``{field: reward name}``: the row fields the reward ``spec`` reads and cannot score without,
+    found without building it (a ``model`` reward would load a model). ``math`` reads its
+    ``answer_key``, ``code`` its ``tests_key``, a composite what its terms read, a TRL-style
+    function the columns it names without a default; anything else: nothing declared.
+
+    >>> reward_fields({"name": "composite", "terms": {"math": {}, "format": {"pattern": "x"}}})
+    {'answer': 'math'}
+    """
+    name, params = _split_spec(spec, key)
+    if name == "composite":
+        found: dict[str, str] = {}
+        for term_name, term in (params.get("terms") or {}).items():
+            term = dict(term or {})
+            term.pop("weight", None)
+            found.update(reward_fields({"name": term.pop("reward", term_name), **term}, f"{key}.terms.{term_name}"))
+        return found
+    if name == "math":
+        return {str(params.get("answer_key", "answer")): name}
+    if name == "code":
+        return {str(params.get("tests_key", "tests")): name}
+    if ":" in name and not params:
+        target = _import(name, key)
+        if callable(target) and not inspect.isclass(target) and is_trl_style(target):
+            short = name.rpartition(":")[2]
+            return {field: short for field, p in (_parameters(target) or {}).items()
+                    if field not in TRL_ARGUMENTS and p.default is p.empty
+                    and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {}
+
+
 def _split_spec(spec: Any, key: str) -> tuple[str, dict]:
     if hasattr(spec, "model_dump"):
         spec = spec.model_dump()
@@ -70,8 +187,8 @@ def _import(path: str, key: str):
     if not module_name or not attr:
         raise ConfigError(f"{key}.name: {path!r} is neither a built-in reward {sorted(BUILTIN_REWARDS)} nor 'module:function'")
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
+        module = _import_module(module_name)
+    except (ImportError, OSError) as e:
         raise ConfigError(f"{key}.name: cannot import {module_name!r} ({e})") from None
     try:
         obj = module
@@ -80,6 +197,36 @@ def _import(path: str, key: str):
     except AttributeError:
         raise ConfigError(f"{key}.name: module {module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _import_module(module_name: str):
+    """A module by dotted name (found on ``sys.path``, then in the working directory, as
+    ``python -m`` would) or by file path (``rewards/mine.py``)."""
+    import sys
+    from pathlib import Path
+
+    if module_name.endswith(".py"):
+        path = Path(module_name).expanduser().resolve()
+        if not path.is_file():
+            raise ImportError(f"no file {module_name}")
+        name = f"posttrain_user_reward_{path.stem}_{abs(hash(str(path))):x}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[name]
+                raise
+        return sys.modules[name]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError:
+        if "" in sys.path or str(Path.cwd()) in sys.path:
+            raise
+        sys.path.append(str(Path.cwd()))
+        return importlib.import_module(module_name)
 
 
 def _known_params(target) -> set[str] | None:
@@ -137,7 +284,10 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
         built = target
     if not callable(built):
         raise ConfigError(f"{key}.name: {name!r} did not give a callable reward")
-    return UserReward(built, name.rpartition(":")[2].rpartition(".")[2])
+    short = name.rpartition(":")[2].rpartition(".")[2]
+    if is_trl_style(built):
+        return TRLReward(built, short)
+    return UserReward(built, short)
 
 
 def _build_composite(params: dict, key: str) -> RewardFn:
