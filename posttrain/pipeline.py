@@ -4,18 +4,18 @@ Seed 000 §6 ("完整 Pipeline"): Phase 1 SFT, Phase 2 reward (a learned reward 
 rules), Phase 3 RL from the SFT model, with an evaluation after every phase. Here that is the
 stage chain
 
-    baseline eval -> sft -> eval -> rm -> rl -> eval
+    baseline eval -> sft -> eval -> dpo -> eval -> rm -> rl -> eval
 
 where every stage is optional except that at least one must exist; a stage runs when its
 section is in the config. Stages pass artefacts by path only: SFT's ``final/`` becomes the
-RL policy and its frozen reference, the reward model's ``final/`` becomes RL's ``model``
-reward. A pipeline run directory ``<output_dir>/<name>/`` holds
+DPO policy and its reference, the last policy stage's ``final/`` becomes the RL policy and
+its frozen reference, the reward model's ``final/`` becomes RL's ``model`` reward. A pipeline run directory ``<output_dir>/<name>/`` holds
 
     pipeline.yaml        the resolved pipeline config
     pipeline.json        the stage plan and each stage's status (read by the report)
     stages/<stage>.json  the completion marker of a stage (written atomically at its end)
-    sft/ rm/ rl/         each a trainer run directory (metrics.jsonl, checkpoints/, final/)
-    eval/<label>.json    held-out evaluations: baseline, sft, rl (+ per-sample JSONL)
+    sft/ dpo/ rm/ rl/    each a trainer run directory (metrics.jsonl, checkpoints/, final/)
+    eval/<label>.json    held-out evaluations: baseline, sft, dpo, rl (+ per-sample JSONL)
     report.html          the report (``posttrain report``)
 
 Rerunning the same command skips completed stages (their marker matches the stage's
@@ -40,7 +40,6 @@ import hashlib
 import json
 import os
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +48,9 @@ from typing import Any, Callable
 from pydantic import BaseModel
 
 from posttrain.config import PipelineConfig, config_to_yaml
+from posttrain.data.formats import is_hub_dataset_spec, parse_dataset_spec
 from posttrain.errors import ConfigError
+from posttrain.log import say
 
 MARKER_VERSION = 1
 
@@ -154,6 +155,13 @@ def build_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         stages.append(Stage("sft", "sft", sft, current_model, output, [producer] if producer else []))
         current_model, producer = str(output), "sft"
         add_eval("sft")
+    if config.dpo is not None:
+        dpo = _with(config.dpo, **_stage_model(config.dpo, current_model, template),
+                    run__output_dir=str(run_dir), run__name="dpo")
+        output = run_dir / "dpo" / "final"
+        stages.append(Stage("dpo", "dpo", dpo, current_model, output, [producer] if producer else []))
+        current_model, producer = str(output), "dpo"
+        add_eval("dpo")
     reward_model: str | None = None
     if config.rm is not None:
         rm = _with(config.rm, **_stage_model(config.rm, current_model, template),
@@ -265,6 +273,14 @@ def run_sft_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
     return {"steps": result.steps, "final": str(result.final_dir) if result.final_dir else None}
 
 
+def run_dpo_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
+    from posttrain.train.dpo import run_dpo
+
+    config = _with(stage.config, train__resume="latest" if resume else None, run__overwrite=True)
+    result = run_dpo(config)
+    return {"steps": result.steps, "final": str(stage.output), "val": result.val_metrics}
+
+
 def run_rm_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
     from posttrain.train.rm import run_rm
 
@@ -284,6 +300,7 @@ def run_rl_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
 RUNNERS: dict[str, Callable[[Stage, Path, bool], dict[str, Any]]] = {
     "eval": run_eval_stage,
     "sft": run_sft_stage,
+    "dpo": run_dpo_stage,
     "rm": run_rm_stage,
     "rl": run_rl_stage,
 }
@@ -297,7 +314,7 @@ def run_dir_of(config: PipelineConfig) -> Path:
 
 def _say(message: str) -> None:
     if _rank() == 0:
-        print(f"[pipeline] {message}", file=sys.stderr, flush=True)
+        say(f"[pipeline] {message}")
 
 
 def _wait_for_marker(run_dir: Path, stage: Stage, poll_s: float = 2.0) -> None:
@@ -309,14 +326,25 @@ def _wait_for_marker(run_dir: Path, stage: Stage, poll_s: float = 2.0) -> None:
 
 
 def run_pipeline(config: PipelineConfig, *, runners: dict[str, Callable] | None = None) -> dict[str, Any]:
-    """Run every stage not yet done; return {stage name: its marker}. Writes the report at the end."""
-    runners = runners or RUNNERS
-    run_dir = run_dir_of(config)
+    """Run every stage not yet done; return {stage name: its marker}. Writes the report at the end.
+
+    Rank 0 holds the pipeline directory's lock throughout (``train.session.lock_run_dir``):
+    a second pipeline in the same directory fails at once, naming the holder's pid."""
+    from posttrain.train.session import lock_run_dir, unlock_run_dir
+
     checked = dry_run(config)
     if checked.errors:
         more = f" (and {len(checked.errors) - 1} more: see posttrain pipeline --dry-run)" if len(checked.errors) > 1 else ""
         raise ConfigError(checked.errors[0] + more)
-    stages = checked.stages
+    lock = lock_run_dir(run_dir_of(config)) if _rank() == 0 else None
+    try:
+        return _run_pipeline(config, runners or RUNNERS, checked.stages)
+    finally:
+        unlock_run_dir(lock)
+
+
+def _run_pipeline(config: PipelineConfig, runners: dict[str, Callable], stages: list[Stage]) -> dict[str, Any]:
+    run_dir = run_dir_of(config)
     is_main = _rank() == 0
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +367,9 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[str, Callable] | None 
         elif not config.run.overwrite:
             attempt = _attempt_record(run_dir, stage)
             resume = attempt is not None and attempt.get("fingerprint") == stage.fingerprint and stage.kind != "eval"
+            if resume and not checkpoints_match(stage):
+                _say(f"{stage.name}: its checkpoints were written under another config: starting it over")
+                resume = False
         redone.add(stage.name)
         status[stage.name] = {"status": "running", "fingerprint": stage.fingerprint}
         if is_main:
@@ -369,7 +400,7 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[str, Callable] | None 
             from posttrain.report import write_report
 
             path = write_report(run_dir)
-            print(f"report: {path}")
+            say(f"report: {path}", stdout=True)
     return status
 
 
@@ -390,6 +421,23 @@ def _release_memory() -> None:
             torch.cuda.empty_cache()
     except ImportError:
         pass
+
+
+def checkpoints_match(stage: Stage) -> bool:
+    """Whether the stage's newest checkpoint (if any) was written under the stage's config.
+
+    A stage redone after a config change runs with ``run.overwrite`` (its directory starts
+    clean) and its trainer refuses checkpoints of another config; this check makes the
+    pipeline start such a stage over instead of stopping on that refusal."""
+    from posttrain.train import checkpoint as ckpt
+
+    config = stage.config
+    latest = ckpt.latest_checkpoint(Path(config.run.output_dir) / config.run.name / "checkpoints")
+    if latest is None:
+        return True
+    saved = ckpt.saved_config(latest)
+    allowed = getattr(getattr(config, "train", None), "resume_allow_changes", [])
+    return saved is not None and not ckpt.changed_config_keys(saved, ckpt.config_snapshot(config), allowed)
 
 
 def _attempt_path(run_dir: Path, stage: Stage) -> Path:
@@ -446,7 +494,7 @@ def stage_files(stage: Stage) -> list[tuple[str, str, str]]:
     files: list[tuple[str, str, str]] = []
     if config.model.chat_template:
         files.append((f"{section}.model.chat_template", config.model.chat_template, "template"))
-    if stage.kind in ("sft", "rm"):
+    if stage.kind in ("sft", "dpo", "rm"):
         files += [(f"{section}.data.{key}", getattr(config.data, key), "data") for key in ("train", "val")
                   if getattr(config.data, key)]
     elif stage.kind == "rl":
@@ -492,6 +540,10 @@ def dry_run(config: PipelineConfig, *, allow_missing_data: bool = False) -> DryR
         for key, path, what in stage_files(stage):
             if what == "model":
                 _check_model_spec(path, key, produced, report)
+            elif what == "data" and is_hub_dataset_spec(path):
+                report.warnings.append(f"{key}: '{path}' is a hub dataset, loaded when the stage runs (not checked offline)")
+            elif what == "data" and Path(parse_dataset_spec(path)[0]).expanduser().is_dir():
+                continue  # a local dataset folder with a split or config: DIR:SPLIT
             elif not Path(path).expanduser().exists():
                 message = f"{key}: {path} does not exist"
                 (report.warnings if what == "data" and allow_missing_data else report.errors).append(message)
@@ -587,7 +639,7 @@ def _eval_check(config: BaseModel, produced: set[str]) -> None:
 
 
 PRELOAD_CHECKS: dict[str, Callable[[BaseModel, set[str]], None]] = {
-    "sft": _sft_check, "rm": _rm_check, "rl": _rl_check, "eval": _eval_check}
+    "sft": _sft_check, "dpo": _rm_check, "rm": _rm_check, "rl": _rl_check, "eval": _eval_check}
 
 
 def print_dry_run(report: DryRunReport, config: PipelineConfig) -> None:

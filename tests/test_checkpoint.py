@@ -188,3 +188,25 @@ def test_lora_merged_export_loads_without_peft_and_matches(tiny_model_dir, tmp_p
     changed = {n for n, p in merged.state_dict().items() if not torch.equal(p, original.state_dict()[n])}
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
     assert LoraConfig  # peft was used to train, not needed to load
+
+
+def test_doctests_of_the_checkpoint_module():
+    import doctest
+
+    assert doctest.testmod(ckpt).failed == 0
+
+
+def test_checksums_catch_every_kind_of_damage(tmp_path):
+    from posttrain.train.distributed import DistInfo
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    config = sft_config("m", tmp_path)
+    path = ckpt.write_checkpoint(tmp_path, 3, {"model.pt": {"w": torch.arange(64.0)}}, {"step": 3}, info,
+                                 keep_last=2, config=config)
+    assert ckpt.verify_checkpoint(path) is None
+    assert ckpt.saved_config(path)["optim.lr"] == 3e-3 and ckpt.saved_config(path)["train.max_steps"] == 4
+    assert sorted(json.loads((path / ckpt.CHECKSUMS).read_text())) == ["config.json", "model.pt", "trainer_state.json"]
+    (path / ckpt.CHECKSUMS).write_text("{not json")
+    assert ckpt.verify_checkpoint(path) == "checksums.json is unreadable"
+    (path / ckpt.CHECKSUMS).unlink()
+    assert ckpt.verify_checkpoint(path) == "checksums.json is missing"

@@ -248,3 +248,34 @@ def test_fused_adamw_matches_the_reference_loop(tokenizer):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
         moved = max(moved, (a - start[name]).abs().max().item())
     assert moved > 1e-3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_a_non_finite_step_is_not_applied(packed_model, bad):
+    """A NaN/inf loss (a poisoned token weight) leaves weights and Adam moments untouched; the
+    schedule still advances; the next finite step trains as usual."""
+    samples = make_samples(4, seed=5)
+    poisoned = [SimpleNamespace(**vars(s)) for s in samples]
+    poisoned[1].weights = [bad] * len(poisoned[1].input_ids)
+    tokens, sequences = step_counts(samples)
+    optimizer = build_optimizer(packed_model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = build_scheduler(optimizer, total_steps=4, warmup_steps=0, schedule="linear", min_lr_ratio=0.0)
+
+    def step(batch_samples):
+        return optimizer_step(
+            packed_model, optimizer, scheduler, [collate_packed([s]) for s in batch_samples],
+            lambda m, b: sft_micro_batch_loss(m, b, loss_agg_mode="token-mean", step_trained_tokens=tokens,
+                                              step_sequences=sequences, chunk_size=8),
+            precision="fp32", device=torch.device("cpu"), max_grad_norm=1.0,
+        )
+
+    before = [p.detach().clone() for p in packed_model.parameters()]
+    result = step(poisoned)
+    assert not result.finite and not (math.isfinite(result.loss) and math.isfinite(result.grad_norm))
+    assert all(torch.equal(a, b) for a, b in zip(before, packed_model.parameters()))
+    assert not optimizer.state  # Adam never saw the step: no NaN moments
+    assert all(p.grad is None for p in packed_model.parameters())
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.75)  # the schedule moved on
+    result = step(samples)
+    assert result.finite and all(torch.isfinite(p).all() for p in packed_model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, packed_model.parameters()))

@@ -121,7 +121,7 @@ class Recorder:
         return {"scores": {"t": 0.5}}
 
     def runners(self):
-        return {kind: self for kind in ("eval", "sft", "rm", "rl")}
+        return {kind: self for kind in ("eval", "sft", "dpo", "rm", "rl")}
 
 
 def test_rerun_skips_done_stages_and_resumes_the_interrupted_one(tmp_path: Path, data):
@@ -273,3 +273,129 @@ def test_regenerated_data_file_redoes_its_stage(tmp_path: Path, data):
     again = Recorder()
     run_pipeline(full_config(tmp_path, data), runners=again.runners())
     assert again.calls == [("rl", False), ("eval_rl", False)]
+
+
+# ----------------------------------------------------------------------------- the dpo stage
+def test_dpo_stage_chains_between_sft_and_rl(tmp_path: Path, data):
+    """SFT -> DPO -> RL: DPO starts from SFT's final/, RL from DPO's; each is evaluated."""
+    config = full_config(tmp_path, data, f"dpo.data.train={data['rm']}", "dpo.dpo.beta=0.2")
+    run = tmp_path / "runs" / "p"
+    plan = build_plan(config, run)
+    assert [(s.name, s.kind, s.model_in) for s in plan] == [
+        ("baseline", "eval", "smollm2-135m-instruct"),
+        ("sft", "sft", "smollm2-135m-instruct"),
+        ("eval_sft", "eval", str(run / "sft" / "final")),
+        ("dpo", "dpo", str(run / "sft" / "final")),
+        ("eval_dpo", "eval", str(run / "dpo" / "final")),
+        ("rm", "rm", str(run / "dpo" / "final")),
+        ("rl", "rl", str(run / "dpo" / "final")),
+        ("eval_rl", "eval", str(run / "rl" / "final")),
+    ]
+    stages = {s.name: s for s in plan}
+    assert stages["dpo"].depends_on == ["sft"] and stages["rl"].depends_on == ["dpo", "rm"]
+    assert (stages["dpo"].config.run.output_dir, stages["dpo"].config.run.name) == (str(run), "dpo")
+    changed = {s.name: s.fingerprint for s in build_plan(full_config(
+        tmp_path, data, f"dpo.data.train={data['rm']}", "dpo.dpo.beta=0.3"), run)}
+    assert {n for n, f in changed.items() if f != stages[n].fingerprint} == {"dpo", "eval_dpo", "rm", "rl", "eval_rl"}
+    with pytest.raises(ConfigError, match="dpo.model.name: the pipeline chains models"):
+        full_config(tmp_path, data, f"dpo.data.train={data['rm']}", "dpo.model.name=x")
+    report = dry_run(full_config(tmp_path, data, "dpo.data.train=/missing.jsonl", "dpo.optim.warmup_steps=9",
+                                 "dpo.train.max_steps=3"))
+    assert any(e.startswith("dpo.data.train: /missing.jsonl does not exist") for e in report.errors), report.errors
+    assert any(e.startswith("dpo.optim.warmup_steps (9)") for e in report.errors), report.errors
+
+
+def test_tiny_sft_then_dpo_pipeline(tmp_path: Path, data, tiny_model_dir):
+    """Real SFT and DPO stages on the tiny model: DPO trains SFT's final/ and leaves its own."""
+    overrides = [
+        f"run.output_dir={tmp_path / 'runs'}", "run.name=tiny", f"model.name={tiny_model_dir}", "run.report=false",
+        f"sft.data.train={data['sft']}", "sft.train.max_steps=1", "sft.train.global_batch_size=4",
+        "sft.run.tensorboard=false", "sft.run.progress=false",
+        f"dpo.data.train={data['rm']}", "dpo.train.max_steps=2", "dpo.train.global_batch_size=2",
+        "dpo.run.tensorboard=false", "dpo.run.progress=false", "dpo.optim.lr=1e-3",
+    ]
+    status = run_pipeline(load_pipeline_config(None, overrides))
+    run = tmp_path / "runs" / "tiny"
+    assert list(status) == ["sft", "dpo"] and status["dpo"]["steps"] == 2
+    assert (run / "dpo" / "final" / "config.json").is_file() and (run / "dpo" / "reference_logps.pt").is_file()
+    from posttrain.config import DPOConfig, load_config
+
+    saved = load_config(DPOConfig, run / "dpo" / "config.yaml")
+    assert saved.model.name == str(run / "sft" / "final")
+
+
+# ----------------------------------------------------------------------------- a redone stage interrupted
+def test_a_stage_redone_after_a_change_then_interrupted_never_resumes_the_old_checkpoints(
+        tmp_path: Path, data, tiny_model_dir, monkeypatch, capsys):
+    """sft done under lr A; changed to lr B and interrupted (once after its first checkpoint,
+    once before it even opened its directory): the rerun resumes only B's checkpoints, and the
+    stage is marked done under B's fingerprint with a final/ trained under B."""
+    from posttrain.train import checkpoint as ckpt
+    from posttrain.train import sft as sft_module
+
+    def config(lr: str):
+        return load_pipeline_config(None, [
+            f"run.output_dir={tmp_path / 'runs'}", "run.name=p", "run.report=false", f"model.name={tiny_model_dir}",
+            f"sft.data.train={data['sft']}", "sft.train.max_steps=4", "sft.train.global_batch_size=2",
+            "sft.train.save_every=2", "sft.run.tensorboard=false", "sft.run.progress=false", f"sft.optim.lr={lr}"])
+
+    checkpoints = tmp_path / "runs" / "p" / "sft" / "checkpoints"
+
+    def checkpoint_lrs():
+        return {p.name: ckpt.saved_config(p)["optim.lr"] for p in ckpt.list_checkpoints(checkpoints)}
+
+    run_pipeline(config("1e-3"))
+    assert checkpoint_lrs() == {"step_2": 1e-3, "step_4": 1e-3}
+
+    real_save = ckpt.save_checkpoint
+
+    def save_then_crash(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft_module.ckpt, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(config("2e-3"))
+    monkeypatch.setattr(sft_module.ckpt, "save_checkpoint", real_save)
+    assert checkpoint_lrs() == {"step_2": 2e-3}  # the old step_4 did not survive to be resumed
+    status = run_pipeline(config("2e-3"))
+    assert status["sft"]["status"] == "done" and status["sft"]["steps"] == 4
+    assert "sft: resuming" in capsys.readouterr().err
+    assert checkpoint_lrs() == {"step_2": 2e-3, "step_4": 2e-3}
+
+    def killed_while_loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sft_module, "load_sft_samples", killed_while_loading)
+    with pytest.raises(KeyboardInterrupt):  # redone under lr C, killed before it cleaned its directory
+        run_pipeline(config("3e-3"))
+    monkeypatch.undo()
+    status = run_pipeline(config("3e-3"))
+    assert "sft: its checkpoints were written under another config: starting it over" in capsys.readouterr().err
+    assert status["sft"]["status"] == "done" and checkpoint_lrs() == {"step_2": 3e-3, "step_4": 3e-3}
+
+
+def test_a_second_pipeline_in_the_same_directory_is_refused(tmp_path: Path, data):
+    import os
+
+    from posttrain.train.session import lock_run_dir, unlock_run_dir
+
+    run = tmp_path / "runs" / "p"
+    held = lock_run_dir(run)  # a running pipeline (flock conflicts between two opens, even in one process)
+    recorder = Recorder()
+    try:
+        with pytest.raises(ConfigError) as info:
+            run_pipeline(full_config(tmp_path, data), runners=recorder.runners())
+    finally:
+        unlock_run_dir(held)
+    assert str(info.value) == (f"run.name: {run} is in use by another run (pid {os.getpid()}); wait for it to "
+                               f"finish, or choose another run.name")
+    assert recorder.calls == []
+    run_pipeline(full_config(tmp_path, data), runners=recorder.runners())  # free again
+    assert len(recorder.calls) == 6
+
+
+def test_dpo_quickstart_passes_dry_run_with_its_shipped_data(capsys):
+    assert main(["pipeline", str(REPO / "configs" / "dpo_quickstart.yaml"), "--dry-run"]) == 0, capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "eval_sft" in out and "eval_dpo" in out and "warning" not in out

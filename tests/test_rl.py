@@ -104,7 +104,8 @@ def test_exact_resume_ppo_with_adaptive_kl(tiny_model_dir, tmp_path):
     run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "split"},
                        train={"steps": 2, "save_every": 2, "export": False}), reward_fn=vowel_reward)
     resumed = run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "split"},
-                                 train={"steps": 4, "save_every": 4, "resume": "latest"}), reward_fn=vowel_reward)
+                                 train={"steps": 4, "save_every": 4, "resume": "latest",
+                                        "resume_allow_changes": ["train.steps"]}), reward_fn=vowel_reward)
     assert resumed.history[0]["step"] == 3
     assert straight.history[2]["reward/mean"] == resumed.history[0]["reward/mean"]
     assert straight.history[3]["kl_coef"] == resumed.history[1]["kl_coef"] != 0.1  # the controller moved
@@ -493,3 +494,42 @@ def test_grpo_raises_a_reward_the_policy_can_reach(tiny_model_dir, tmp_path):
     rewards = [record["reward/mean"] for record in run_rl(config, reward_fn=vowel_reward).history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
+
+
+def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(tiny_model_dir, tmp_path, monkeypatch):
+    """Step 2's policy loss is NaN: its update is not applied, nothing of step 2 is saved
+    (no checkpoint, no samples line, no final/), and a rerun resumes from step 1."""
+    from posttrain.train import rl as rl_module
+    from posttrain.train.checkpoint import NonFiniteError, list_checkpoints
+    from posttrain.train.rl import run_rl
+
+    rewards_scored = {"steps": 0}
+
+    def counting_reward(prompts, completions, metadata):
+        rewards_scored["steps"] += 1
+        return vowel_reward(prompts, completions, metadata)
+
+    real_loss = rl_module.policy_micro_loss
+
+    def nan_on_step_2(*args, **kwargs):
+        loss, metrics = real_loss(*args, **kwargs)
+        return (loss * float("nan"), metrics) if rewards_scored["steps"] == 2 else (loss, metrics)
+
+    monkeypatch.setattr(rl_module, "policy_micro_loss", nan_on_step_2)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as info:
+        run_rl(make_config(tiny_model_dir, tmp_path, train={"steps": 3, "save_every": 1}), reward_fn=counting_reward)
+    assert str(info.value) == (
+        f"rl: step 2: 1 of its 1 optimizer steps had a NaN/inf loss or gradient norm, so its update was not applied "
+        f"and the run stopped (none may be skipped, train.skip_nonfinite_steps); the last checkpoint, "
+        f"{run / 'checkpoints' / 'step_1'}, is finite: lower optim.lr or fix the data and resume it with "
+        f"train.resume=latest")
+    assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_1"] and not (run / "final").exists()
+    assert {json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()} == {1}
+
+    monkeypatch.setattr(rl_module, "policy_micro_loss", real_loss)
+    resumed = run_rl(make_config(tiny_model_dir, tmp_path, train={"steps": 3, "save_every": 1, "resume": "latest"}),
+                     reward_fn=vowel_reward)
+    assert [h["step"] for h in resumed.history] == [2, 3]
+    assert all(torch.isfinite(t).all() for t in final_weights(run).values())
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]

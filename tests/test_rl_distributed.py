@@ -98,7 +98,8 @@ WORKER = textwrap.dedent("""
     adaptive = dict(target_kl=0.001, kl_horizon=10.0)
     runs = {"straight": config("straight", "grpo", **adaptive),
             "split": config("split", "grpo", steps=1, train={"export": False}, **adaptive),
-            "resumed": config("split", "grpo", train={"resume": "latest"}, **adaptive)}
+            "resumed": config("split", "grpo", train={"resume": "latest", "resume_allow_changes": ["train.steps"]},
+                              **adaptive)}
     for name, cfg in runs.items():
         histories[name] = run_rl(cfg, engine=PromptDeterminedEngine(), prompts=(rows, []), reward_fn=vowels).history
     # the hf engine under FSDP: ranks generate different prompts in step (no fixed completions)

@@ -235,7 +235,8 @@ def test_resume_is_exact(tmp_path, tiny_model_dir):
     halves = config_for(tmp_path, tiny_model_dir, train, run={"name": "halves"},
                         train={"max_steps": 4, "save_every": 2})
     run_rm(halves.model_copy(update={"train": halves.train.model_copy(update={"max_steps": 2})}))
-    run_rm(halves.model_copy(update={"train": halves.train.model_copy(update={"resume": "latest"})}))
+    run_rm(halves.model_copy(update={"train": halves.train.model_copy(  # the first half ran with max_steps=2
+        update={"resume": "latest", "resume_allow_changes": ["train.max_steps"]})}))
     a = load_scalar_head_model(str(tmp_path / "runs" / "straight" / "final"))
     b = load_scalar_head_model(str(tmp_path / "runs" / "halves" / "final"))
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
@@ -271,3 +272,35 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     assert err == [f"error: data file {tmp_path / 'missing.jsonl'} does not exist"]
     assert main(["rm", str(config), "rm.margin=1"]) == 2
     assert "unknown key 'rm.margin'" in capsys.readouterr().err
+
+
+def test_identical_chosen_and_rejected_are_refused_or_skipped_and_counted(tmp_path, tokenizer, capsys):
+    """A pair whose sides are the same carries no preference: refused in the shared preference-row
+    reader (``data.preference``), so every trainer of comparisons refuses it; data.skip_bad counts it."""
+    from posttrain.data.formats import BadRowError
+
+    rows = arithmetic_rows(3, seed=4)
+    rows.insert(1, {"prompt": "Name a prime above 10.", "chosen": "11", "rejected": "11\n"})
+    rows.insert(3, {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello!"}],
+                    "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " Hello!"}]})
+    rows.append({"prompt": "q", "chosen": "fine", "rejected": ""})  # an empty side is an empty assistant reply
+    train = write_rows(tmp_path / "same.jsonl", rows)
+    with pytest.raises(BadRowError) as info:
+        load_preference_data(config_for(tmp_path, "unused", train), tokenizer)
+    assert str(info.value) == f"{train}:2: chosen and rejected are the same response (the pair expresses no preference)"
+    pairs, _ = load_preference_data(config_for(tmp_path, "unused", train, data={"skip_bad": True}), tokenizer)
+    assert [pair.line for pair in pairs] == [1, 3, 5]
+    out = capsys.readouterr().out
+    assert "bad rows skipped: 3  (lines 2, 4, 6)" in out
+    assert f"{train}:6: rejected[0]: empty assistant reply (blank content and no tool calls)" in out
+    # the prompt differs but the responses do not: still no preference
+    with pytest.raises(DataError, match="f:9: chosen and rejected are the same response"):
+        preference_messages({"prompt": "2+2?", "chosen": [{"role": "assistant", "content": "4"}], "rejected": "4"}, "f:9")
+
+
+def test_preference_reader_doctests():
+    import doctest
+
+    from posttrain.data import preference
+
+    assert doctest.testmod(preference).failed == 0

@@ -55,7 +55,10 @@ def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> Di
         torch_device = torch.device("cuda", local_rank)
     else:
         torch_device = torch.device("cpu")
-    if world_size <= 1:
+    # Under torchrun even one process joins a process group and shards with FSDP2 (the path
+    # a multi-GPU run takes); a plain ``python`` / ``posttrain`` process runs alone.
+    launched_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    if world_size <= 1 and not launched_by_torchrun:
         return DistInfo(0, 1, 0, torch_device, None)
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():

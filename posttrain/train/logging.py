@@ -63,31 +63,86 @@ class RunDir:
         return self.path / "report.html"
 
 
+def holds_run(path: str | Path) -> bool:
+    """Whether ``path`` holds (part of) a run: logged metrics, a checkpoint or a final model."""
+    run = RunDir(Path(path))
+    has_metrics = run.metrics.is_file() and run.metrics.stat().st_size > 0
+    has_checkpoints = run.checkpoints.is_dir() and any(run.checkpoints.glob("step_*"))
+    return has_metrics or has_checkpoints or run.final.exists()
+
+
+def clear_run(run: RunDir) -> None:
+    """Delete what a run wrote (checkpoints, final/, metrics, samples, evaluations,
+    TensorBoard events, report, config): ``run.overwrite`` starts clean. Other files in the
+    directory (the lock, anything the user put there) stay."""
+    import shutil
+
+    for path in (run.checkpoints, run.final, run.tensorboard, run.eval):
+        shutil.rmtree(path, ignore_errors=True)
+    for path in (run.metrics, run.samples, run.report, run.config):
+        path.unlink(missing_ok=True)
+
+
 def prepare_run_dir(
     output_dir: str | Path, name: str, config: BaseModel, *, resuming: bool, overwrite: bool = False, write: bool = True
 ) -> RunDir:
     """Create ``output_dir/name`` and save the resolved config.
 
-    A fresh (not resuming) run refuses a directory that already holds metrics, so an earlier
-    run is never silently mixed with a new one, unless ``overwrite`` (which starts the metrics
-    file afresh). ``write=False`` (non-zero ranks) only computes the paths.
+    A fresh (not resuming) run refuses a directory that already holds a run (metrics, a
+    checkpoint or final/), so an earlier run is never silently mixed with a new one, unless
+    ``overwrite``, which deletes the earlier run's files first (``clear_run``): its
+    checkpoints could otherwise be resumed or prune the new run's own. ``write=False``
+    (non-zero ranks) only computes the paths.
     """
     from posttrain.config import config_to_yaml
 
     run = RunDir(Path(output_dir) / name)
     if not write:
         return run
-    if not resuming and run.metrics.exists() and run.metrics.stat().st_size > 0:
-        if not overwrite:
+    if not resuming:
+        if holds_run(run.path) and not overwrite:
             raise ConfigError(
                 f"run.name: {run.path} already holds a run; set train.resume=latest to continue it, "
                 f"run.overwrite=true to start over, or choose another run.name"
             )
-        run.metrics.unlink()
+        if overwrite:
+            clear_run(run)
     run.path.mkdir(parents=True, exist_ok=True)
     run.checkpoints.mkdir(exist_ok=True)
     run.config.write_text(config_to_yaml(config))
     return run
+
+
+def truncate_jsonl(path: Path, keep_through_step: int) -> None:
+    """Keep the records of ``path`` whose ``step`` is at most ``keep_through_step``; a torn or
+    unreadable line (a crash mid-write) is dropped. Rewritten atomically; no file, no-op."""
+    import os
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= keep_through_step:
+            kept.append(line + "\n")
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text("".join(kept), encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def truncate_run_logs(run: RunDir, step: int) -> None:
+    """Cut ``metrics.jsonl``, ``samples.jsonl`` and ``eval/step_<N>.json`` back to ``step``
+    (the checkpoint a run resumes from), so the steps it runs again are logged once."""
+    truncate_jsonl(run.metrics, step)
+    truncate_jsonl(run.samples, step)
+    for record in run.eval.glob("step_*.json") if run.eval.is_dir() else ():
+        tail = record.stem.rsplit("_", 1)[-1]
+        if tail.isdigit() and int(tail) > step:
+            record.unlink(missing_ok=True)
 
 
 def _plain(value: Any) -> Any:
@@ -98,17 +153,30 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class MetricsLogger:
-    """Writes metrics to ``metrics.jsonl`` (append, flushed per line) and TensorBoard."""
+def _last_byte(path: Path) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1)
 
-    def __init__(self, run: RunDir | None, *, tensorboard: bool = True, enabled: bool = True):
+
+class MetricsLogger:
+    """Writes metrics to ``metrics.jsonl`` (append, flushed per line), TensorBoard and, with
+    ``wandb``, Weights & Biases (``WandbBackend``)."""
+
+    def __init__(self, run: RunDir | None, *, tensorboard: bool = True, enabled: bool = True,
+                 wandb: bool = False, wandb_project: str = "posttrain"):
         self.enabled = enabled and run is not None
         self.run = run
         self._file = None
         self._tb = None
+        self._wandb = None
         if not self.enabled:
             return
+        if wandb:
+            self._wandb = WandbBackend(run, project=wandb_project)
         self._file = open(run.metrics, "a", encoding="utf-8")
+        if self._file.tell() > 0 and _last_byte(run.metrics) != b"\n":
+            self._file.write("\n")  # a torn last line (crash mid-write) must not glue onto the next record
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -119,15 +187,23 @@ class MetricsLogger:
         record = {"step": step, **{key: _plain(value) for key, value in metrics.items() if key != "step"}}
         if not self.enabled:
             return record
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        from posttrain.train.checkpoint import storage_errors
+
+        with storage_errors("writing metrics", self.run.metrics, "; the checkpoints are intact"):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(record, step)
         return record
 
     def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
+            self._wandb = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -140,6 +216,44 @@ class MetricsLogger:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+class WandbBackend:
+    """Metrics to Weights & Biases (``run.wandb: true``), beside metrics.jsonl and TensorBoard.
+
+    ``wandb.init(project, name=<run name>, dir=<run dir>, config=<the resolved config.yaml>,
+    id=..., resume="allow")``: the W&B run id is kept in ``<run>/wandb_id`` so a resumed run
+    continues the same W&B run (W&B docs, "Resume a run"). Mode, entity and credentials come
+    from W&B's own environment variables: ``WANDB_MODE=offline`` writes under ``<run>/wandb``
+    for a later ``wandb sync`` (W&B docs, "Use W&B offline"). Numbers are logged at their
+    optimizer step (``wandb.log(..., step=step)``); a missing ``wandb`` package is a one-line
+    ConfigError naming ``run.wandb``.
+    """
+
+    def __init__(self, run: RunDir, *, project: str):
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("run.wandb: the wandb package is not installed (pip install wandb, or the "
+                              "posttrain[wandb] extra)") from None
+        import uuid
+
+        import yaml
+
+        id_file = run.path / "wandb_id"
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+        id_file.write_text(run_id + "\n")
+        config = yaml.safe_load(run.config.read_text(encoding="utf-8")) if run.config.is_file() else {}
+        self._run = wandb.init(project=project, name=run.path.name, dir=str(run.path), config=config, id=run_id,
+                               resume="allow", settings=wandb.Settings(console="off", silent=True))
+
+    def log(self, record: Mapping[str, Any], step: int) -> None:
+        numbers = {key: value for key, value in record.items()
+                   if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+        self._run.log(numbers, step=step, commit=True)  # each metrics line is a whole step
+
+    def close(self) -> None:
+        self._run.finish()
 
 
 def optimizer_step_metrics(result: Any, *, step: int, epoch: float, tokens: int, trained_tokens: int | None = None,

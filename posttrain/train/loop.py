@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -191,6 +192,10 @@ def prepare_for_training(model: torch.nn.Module, *, attn_implementation: str,
     causal_lm = unwrap_causal_lm(model)
     if attn_implementation == VARLEN_ATTENTION:
         register_varlen_attention()
+    elif attn_implementation in ("posttrain_flex", "auto"):  # FlexAttention on CUDA (train/attention_flex.py)
+        from posttrain.train.attention_flex import resolve_attention
+
+        attn_implementation = resolve_attention(attn_implementation, next(model.parameters()).device)
     causal_lm.config._attn_implementation = attn_implementation
     causal_lm.config.use_cache = False
     if gradient_checkpointing:
@@ -371,6 +376,7 @@ class StepResult:
     nll_sum: float
     trained_tokens: int
     seconds: float
+    finite: bool = True  # False: the loss or gradient norm was NaN/inf and the update was NOT applied
 
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
@@ -395,6 +401,12 @@ def optimizer_step(
     (normalised by step-wide counts) and float metrics. Each share is multiplied by
     ``world_size`` before backward because data-parallel gradients are averaged over ranks.
     ``reduce_sum`` sums [loss, nll_sum, trained_tokens] over ranks (None: one process).
+
+    A step whose (summed) loss or global gradient norm is NaN/inf is not applied: the
+    gradients are dropped, the optimizer does not step (its moments stay finite), the
+    scheduler still does (the schedule follows the step counter) and the result says
+    ``finite=False``; the trainer decides whether to go on (``train.session.check_step_finite``).
+    Every rank reaches the same verdict (the norm and the loss are global).
     """
     started = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
@@ -407,13 +419,19 @@ def optimizer_step(
         nll_sum += metrics.get("nll_sum", 0.0)
         trained += metrics.get("trained_tokens", 0.0)
     grad_norm = clip_gradients(model, max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
     if reduce_sum is not None:
         loss_total, nll_sum, trained = reduce_sum([loss_total, nll_sum, trained])
+    finite = math.isfinite(loss_total) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+        scheduler.step()
+    else:
+        with warnings.catch_warnings():  # torch warns when the schedule moves before any optimizer step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_total, grad_norm=grad_norm, lr=lr, nll_sum=nll_sum,
-                      trained_tokens=int(round(trained)), seconds=time.perf_counter() - started)
+                      trained_tokens=int(round(trained)), seconds=time.perf_counter() - started, finite=finite)
 
 
 def clip_gradients(model: torch.nn.Module, max_grad_norm: float | None) -> float:

@@ -45,7 +45,6 @@ import contextlib
 import copy
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,15 +56,17 @@ from posttrain.algorithms.advantages import zero_variance_group_fraction
 from posttrain.algorithms.kl import make_kl_controller
 from posttrain.config import RLConfig
 from posttrain.errors import ConfigError
+from posttrain.log import say, say_stdout
 from posttrain.rollout.base import SamplingParams
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, \
     init_distributed, shard_model, shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, RunDir, prepare_run_dir
+from posttrain.train.logging import MetricsLogger, Progress, RunDir
 from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
     prepare_for_training, resolve_warmup_steps, train_top_blocks_only
 from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, RolloutSample, append_samples, \
     collect_rollouts, accuracy, evaluate_prompts, gather_batch, in_prompt_order, prompt_rows, without_tensors
+from posttrain.train.session import RunSession, check_step_finite, last_checkpoint_note, open_run
 from posttrain.train.rl_update import LossSettings, compute_advantages, compute_rollout_tensors, critic_micro_loss, \
     mini_batches, pack_micro_batches, plan_micro_batches, policy_micro_loss, update_model
 
@@ -78,6 +79,7 @@ class RLState:
     sampler: dict[str, int] = field(default_factory=dict)
     kl_controller: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    nonfinite_skipped: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (train.skip_nonfinite_steps)
 
 
 @dataclass
@@ -108,17 +110,21 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
     """Train; returns the run directory, final/ and the logged metrics (rank 0).
 
     ``engine``, ``prompts`` (train, eval rows) and ``reward_fn`` may be passed in (tests,
-    benchmarks); otherwise they are built from ``config``.
+    benchmarks); otherwise they are built from ``config``. The run holds its directory's
+    lock and stops cleanly on SIGTERM / Ctrl-C (``train.session``).
     """
     check_settings(config)
+    with RunSession("rl", config) as session:
+        return _run_rl(config, session, engine, prompts, reward_fn)
+
+
+def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, reward_fn: Any) -> RLResult:
     info = init_distributed()
     seed_everything(config.train.seed)  # same on every rank while building: FSDP shards each rank's own init
     tokenizer = _load_tokenizer(config)
     train_rows, eval_rows = prompts if prompts is not None else load_prompts(config, tokenizer, info)
     reward_fn = reward_fn if reward_fn is not None else build_reward_fn(config)
-    resume_path = ckpt.resolve_resume(config.train.resume, Path(config.run.output_dir) / config.run.name / "checkpoints")
-    run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
-                          overwrite=config.run.overwrite, write=info.is_main)
+    run, resume_path = open_run("rl", config, info)
     models = build_trainables(config, info)
     if info.distributed:
         seed_everything(config.train.seed + info.rank)
@@ -134,7 +140,8 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
     result = RLResult(run.path, None, state.step)
     if eval_rows and config.train.eval_before and state.step == 0:
         result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info)
-    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main) as logger, \
+    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
+                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
             Progress(config.train.steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
                      keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress:
         while state.step < config.train.steps:
@@ -149,6 +156,7 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
             times["time/logprob"] = time.perf_counter() - tick
             tick = time.perf_counter()
             update_metrics = update(config, models, batch, state.step, kl_controller.value, info, pad_id)
+            state.nonfinite_skipped = guard_update(config, models, update_metrics, state, run, info)
             engine.update_weights(models.policy)
             times["time/update"] = time.perf_counter() - tick
             if config.rl.kl_coef and "kl" in update_metrics:
@@ -165,9 +173,10 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
             if state.step % config.train.log_every == 0 or state.step == config.train.steps:
                 result.history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            if is_due(state.step, config.train.save_every, config.train.steps):
-                state.sampler, state.kl_controller = sampler.state_dict(), kl_controller.state_dict()
-                save_rl_checkpoint(run, state, models, info, keep_last=config.train.keep_last)
+            state.sampler, state.kl_controller = sampler.state_dict(), kl_controller.state_dict()
+            session.step_boundary(state.step, config.train.steps, info=info, checkpoints=run.checkpoints,
+                                  due=is_due(state.step, config.train.save_every, config.train.steps),
+                                  save=lambda: save_rl_checkpoint(run, state, models, info, config=config))
     if eval_rows and not result.eval_after and config.train.eval_every is None:
         result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
     if config.train.export:
@@ -213,12 +222,15 @@ def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list
     (``data.audit.preflight_prompts``: a bad row is a one-line error naming file:line, over-long
     prompts are dropped and counted), before any model loads; the summary prints on rank 0."""
     from posttrain.data.audit import preflight_prompts
+    from posttrain.rewards.registry import reward_fields
 
     data = config.data
+    fields = reward_fields(config.reward, "reward")  # rows lacking what the reward reads are refused
 
     def load(path: str, limit: int | None) -> list[PromptRow]:
         return prompt_rows(preflight_prompts(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
-                                             limit=limit, print_fn=print if info.is_main else None))
+                                             limit=limit, print_fn=say_stdout if info.is_main else None,
+                                             columns=data.columns, reward_fields=fields))
 
     return load(data.train, data.limit), load(data.eval, data.eval_limit) if data.eval else []
 
@@ -559,36 +571,43 @@ def run_eval(engine: Any, rows: Sequence[PromptRow], reward_fn: Any, config: RLC
                                                                indent=1))
         shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("eval/acc", "eval/reward",
                                                                                "eval/response_len"))
-        print(f"rl: held-out eval at step {step}: {shown}", file=sys.stderr)
+        say(f"rl: held-out eval at step {step}: {shown}")
     return metrics
 
 
-def save_rl_checkpoint(run: RunDir, state: RLState, models: Trainables, info: DistInfo, *, keep_last: int) -> None:
+def save_rl_checkpoint(run: RunDir, state: RLState, models: Trainables, info: DistInfo, *, config: RLConfig) -> None:
     """``checkpoints/step_<N>/``: policy (+ critic) weights, optimizers, schedulers, RNG, and
-    the trainer state (step, prompt sampler position, KL controller). Atomic; keeps the last K."""
-    policy_state, policy_optim = ckpt.gather_training_state(models.policy, models.optimizer, info)
-    critic_state = critic_optim = None
+    the trainer state (step, prompt sampler position, KL controller), written by
+    ``train.checkpoint.save_checkpoint`` (atomic, checksummed, finite, keeps the last K)."""
+    extra: dict[str, Any] = {}
     if models.critic is not None:
         critic_state, critic_optim = ckpt.gather_training_state(models.critic, models.critic_optimizer, info)
-    rng_states = all_gather_objects(ckpt.rng_state(), info)
-    if not info.is_main:
-        return
+        extra = {"critic_model.pt": critic_state, "critic_optimizer.pt": critic_optim,
+                 "critic_scheduler.pt": models.critic_scheduler.state_dict()}
+    trainer_state = {"step": state.step, "sampler": state.sampler, "kl_controller": state.kl_controller,
+                     "elapsed_s": state.elapsed_s, "nonfinite_skipped": state.nonfinite_skipped}
+    ckpt.save_checkpoint(run.checkpoints, state.step, models.policy, models.optimizer, models.scheduler, trainer_state,
+                         info, keep_last=config.train.keep_last, config=config, extra=extra)
 
-    def fill(tmp: Path) -> None:
-        torch.save(policy_state, tmp / "model.pt")
-        torch.save(policy_optim, tmp / "optimizer.pt")
-        torch.save(models.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_states, tmp / "rng.pt")
-        if critic_state is not None:
-            torch.save(critic_state, tmp / "critic_model.pt")
-            torch.save(critic_optim, tmp / "critic_optimizer.pt")
-            torch.save(models.critic_scheduler.state_dict(), tmp / "critic_scheduler.pt")
-        trainer_state = {"step": state.step, "sampler": state.sampler, "kl_controller": state.kl_controller,
-                         "elapsed_s": state.elapsed_s, "world_size": info.world_size}
-        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
 
-    ckpt.atomic_directory_write(run.checkpoints / f"step_{state.step}", fill)
-    ckpt.prune_checkpoints(run.checkpoints, keep_last)
+def guard_update(config: RLConfig, models: Trainables, update_metrics: dict[str, float], state: RLState, run: RunDir,
+                 info: DistInfo) -> int:
+    """After step ``state.step + 1``'s update: count its optimizer steps skipped for a NaN/inf
+    loss or gradient (``train.session.check_step_finite``: stop over
+    ``train.skip_nonfinite_steps``), and stop if the policy's weights are not finite (the
+    next rollout could not sample from them). Returns the run's count of skipped steps."""
+    step = state.step + 1
+    bad = int(update_metrics.get("nonfinite_steps", 0) + update_metrics.get("critic/nonfinite_steps", 0))
+    steps = int(update_metrics.get("optimizer_steps", 0) + update_metrics.get("critic/optimizer_steps", 0))
+    skipped = check_step_finite("rl", step, nonfinite_steps=bad, skipped_before=state.nonfinite_skipped,
+                                limit=config.train.skip_nonfinite_steps, checkpoints=run.checkpoints,
+                                detail=f"{bad} of its {steps} optimizer steps had a NaN/inf loss or gradient norm",
+                                is_main=info.is_main)
+    try:
+        ckpt.check_finite_weights(list(models.policy.named_parameters()), info, f"rl: step {step}")
+    except ckpt.NonFiniteError as exc:
+        raise ckpt.NonFiniteError(f"{exc}; {last_checkpoint_note(run.checkpoints)}") from None
+    return skipped
 
 
 def load_rl_checkpoint(path: Path, models: Trainables, sampler: PromptSampler, kl_controller: Any,
@@ -607,7 +626,7 @@ def load_rl_checkpoint(path: Path, models: Trainables, sampler: PromptSampler, k
     if saved.get("kl_controller"):
         kl_controller.load_state_dict(saved["kl_controller"])
     return RLState(step=saved["step"], sampler=saved["sampler"], kl_controller=saved.get("kl_controller", {}),
-                   elapsed_s=saved.get("elapsed_s", 0.0))
+                   elapsed_s=saved.get("elapsed_s", 0.0), nonfinite_skipped=saved.get("nonfinite_skipped", 0))
 
 
 
@@ -619,11 +638,11 @@ def announce(config: RLConfig, info: DistInfo, models: Trainables, train_rows: S
     total, trainable = count_parameters(models.policy)
     rl, rollout = config.rl, config.rollout
     reference = "none" if models.reference is None else ("adapter-disabled base" if config.lora.enabled else "frozen copy")
-    print(f"rl: {rl.algorithm}, {len(train_rows)} train / {len(eval_rows)} held-out prompts; {config.train.steps} steps "
+    say(f"rl: {rl.algorithm}, {len(train_rows)} train / {len(eval_rows)} held-out prompts; {config.train.steps} steps "
           f"x {rl.prompts_per_step} prompts x {rollout.group_size} completions (<= {rollout.max_new_tokens} tokens, "
           f"{rollout.engine}); model {config.model.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained); "
           f"reference: {reference}" + (f"; critic: {config.rl.critic.model or config.model.name}" if models.critic else "")
-          + (f"; resuming from {resume_path}" if resume_path else ""), file=sys.stderr)
+          + (f"; resuming from {resume_path}" if resume_path else ""))
 
 
 def finish(config: RLConfig, info: DistInfo, state: RLState, result: RLResult) -> None:
@@ -631,4 +650,5 @@ def finish(config: RLConfig, info: DistInfo, state: RLState, result: RLResult) -
         return
     before, after = result.eval_before.get("eval/acc"), result.eval_after.get("eval/acc")
     change = f"; held-out acc {before:.3f} -> {after:.3f}" if before is not None and after is not None else ""
-    print(f"rl: {state.step} steps in {state.elapsed_s:.0f}s{change}; final model in {result.final_dir}", file=sys.stderr)
+    where = f"final model in {result.final_dir}" if result.final_dir else "no final model (train.export=false)"
+    say(f"rl: {state.step} steps in {state.elapsed_s:.0f}s{change}; {where}")

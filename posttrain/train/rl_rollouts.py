@@ -31,6 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from posttrain.errors import DataError
+from posttrain.rewards.output import PromptText
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.train.distributed import DistInfo, all_gather_objects
 
@@ -61,7 +62,8 @@ def prompt_rows(prepared: Any) -> list[PromptRow]:
     """The trainer's rows of a checked, rendered prompt file (``data.audit.load_prompt_data``:
     a row holds its prompt under ``messages`` or ``prompt``; every other key is metadata for
     the reward, ``answer``, ``tests``, ...)."""
-    return [PromptRow(p.prompt_ids, prompt_text(p.messages), p.metadata, p.line) for p in prepared.prompts]
+    return [PromptRow(p.prompt_ids, PromptText(prompt_text(p.messages), p.messages if p.conversational else None),
+                      p.metadata, p.line) for p in prepared.prompts]
 
 
 class PromptSampler:
@@ -391,8 +393,11 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
 
 
 def append_samples(path: Path, step: int, batch: RolloutBatch, rows: Sequence[PromptRow], limit: int) -> None:
-    """Append up to ``limit`` samples of this step (whole groups first) to samples.jsonl."""
-    with open(path, "a", encoding="utf-8") as handle:
+    """Append up to ``limit`` samples of this step (whole groups first) to samples.jsonl
+    (a failed write is one ``StorageError`` line)."""
+    from posttrain.train.checkpoint import storage_errors
+
+    with storage_errors("writing samples", path, "; the checkpoints are intact"), open(path, "a", encoding="utf-8") as handle:
         for sample in batch.samples[:limit]:
             handle.write(json.dumps({
                 "step": step, "group": sample.group, "prompt": rows[sample.row].text, "completion": sample.text,

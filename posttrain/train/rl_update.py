@@ -421,7 +421,8 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
     """``ppo_epochs`` passes; one optimizer step per mini-batch; returns averaged metrics.
 
     ``loss_fn(model, item, step_tokens=, step_sequences=, sink=)`` is ``policy_micro_loss``
-    or ``critic_micro_loss`` with its settings bound.
+    or ``critic_micro_loss`` with its settings bound. ``nonfinite_steps`` counts the
+    optimizer steps not applied because their loss or gradient norm was NaN/inf.
 
     Data parallel (``info`` with several ranks): ``batches`` are this rank's shares of the
     global mini-batches (as many on every rank; a share may be empty). The normalisers are
@@ -433,6 +434,7 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
     distributed = info is not None and info.distributed
     records: list[dict[str, Any]] = []
     grad_norms, losses, lrs = [], [], []
+    nonfinite = 0
     for epoch in range(ppo_epochs):
         for index, mini in enumerate(batches if epoch == 0 else _reshuffle(batches, seed + epoch)):
             step_tokens = float(sum(len(s.response_ids) for s in mini))
@@ -459,12 +461,14 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
             grad_norms.append(result.grad_norm)
             lrs.append(result.lr)
             losses.append(result.loss)
+            nonfinite += not result.finite  # that update was not applied (train.loop.optimizer_step)
     if distributed:
         records = [record for part in all_gather_objects(records, info) for record in part]
     metrics = weighted_mean_metrics(records)
     metrics["loss"] = sum(losses) / len(losses)
     metrics["grad_norm"] = sum(grad_norms) / len(grad_norms)
     metrics["optimizer_steps"] = len(losses)
+    metrics["nonfinite_steps"] = nonfinite
     metrics["lr"] = lrs[0]
     return metrics
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,14 +38,17 @@ import torch
 from posttrain.algorithms.preference import bradley_terry_loss
 from posttrain.config import RMConfig
 from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate
+from posttrain.data.preference import preference_messages  # the shared preference-row reader
 from posttrain.errors import ConfigError, DataError
+from posttrain.log import say, say_stdout
 from posttrain.scalar_head import ScoredSequence, export_pad_token_id, export_tokenizer, gather_scores, \
     load_scalar_head_model, make_head_trainable, render_for_scoring, render_response, score_positions, \
     to_scored_sequence, token_values, train_top_layers_only
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics, prepare_run_dir
+from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
 from posttrain.train.loop import is_due, apply_lora, autocast_context, optimizer_step
+from posttrain.train.session import RunSession, guard_step, open_run
 from posttrain.train.sft import TrainerState, advance, announce_run, build_optimizer_and_scheduler, check_schedule, \
     lockstep_micro_batches, place_for_training, restore_state, seed_everything
 
@@ -105,9 +107,15 @@ class RMResult:
 def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMResult:
     """Train; returns the run directory, final/ (HF format), the logged metrics (rank 0).
 
-    ``pairs``: optional pre-rendered (train, val) ``PreferencePair`` lists (tests).
+    ``pairs``: optional pre-rendered (train, val) ``PreferencePair`` lists (tests). The run
+    holds its directory's lock and stops cleanly on SIGTERM / Ctrl-C (``train.session``).
     """
     check_settings(config)
+    with RunSession("rm", config) as session:
+        return _run_rm(config, session, pairs)
+
+
+def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | None) -> RMResult:
     info = init_distributed()
     seed_everything(config.train.seed + info.rank)
     tokenizer = _load_tokenizer(config)
@@ -116,9 +124,7 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
     planner = make_pair_planner(config, train_pairs, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
-    resume_path = ckpt.resolve_resume(config.train.resume, Path(config.run.output_dir) / config.run.name / "checkpoints")
-    run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
-                          overwrite=config.run.overwrite, write=info.is_main)
+    run, resume_path = open_run("rm", config, info)
     pad_id = _pad_id(tokenizer)
     model = build_model(config, info, pad_id)
     optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps, warmup_steps)
@@ -126,7 +132,8 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
     announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path)
     history: list[dict[str, Any]] = []
     val_metrics: dict[str, float] = {}
-    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main) as logger, \
+    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
+                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
             Progress(total_steps, "rm", enabled=info.is_main and config.run.progress, initial=state.step,
                      keys=("loss", "accuracy", "val/accuracy", "lr")) as progress:
         for plan in planner.iter_plans(state.step, total_steps):
@@ -141,6 +148,8 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
                 world_size=info.world_size, reduce_sum=lambda v: all_reduce_sum(v, info),
             )
             state = advance(state, plan, result)
+            state.nonfinite_skipped = guard_step("rm", state.step, result, state.nonfinite_skipped, config.train,
+                                                 run.checkpoints, info)
             metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info), train_pairs)
             if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
@@ -148,9 +157,12 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
             if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
                 history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            if is_due(state.step, config.train.save_every, total_steps):
-                ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
-                                     info, keep_last=config.train.keep_last)
+            session.step_boundary(
+                state.step, total_steps, due=is_due(state.step, config.train.save_every, total_steps), info=info,
+                checkpoints=run.checkpoints,
+                save=lambda: ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler,
+                                                  state.as_dict(), info, keep_last=config.train.keep_last,
+                                                  config=config))
     if val_pairs and not val_metrics:  # resumed at the very end: nothing was evaluated in this process
         val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
     if info.is_main:
@@ -160,7 +172,7 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
     if info.is_main:
         summary = "  ".join(f"{k}={val_metrics[k]:.4g}" for k in ("val/accuracy", "val/loss", "val/margin")
                             if k in val_metrics)
-        print(f"rm: {state.step} steps in {state.elapsed_s:.0f}s; {summary}; final model in {final}", file=sys.stderr)
+        say(f"rm: {state.step} steps in {state.elapsed_s:.0f}s; {summary}; final model in {final}")
     shutdown_distributed()
     return RMResult(run.path, final, state.step, history, val_metrics)
 
@@ -181,34 +193,6 @@ def _load_tokenizer(config: RMConfig):
     from posttrain.models import load_tokenizer
 
     return load_tokenizer(config.model.name, config.model.chat_template)
-
-
-def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
-    """(prompt, chosen, rejected) messages of one preference row.
-
-    Shapes: ``{"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}``
-    (a string prompt is a user message, a string answer an assistant message), or
-    ``{"chosen": conversation, "rejected": conversation}`` (prompt = empty; each
-    conversation carries its own context).
-    """
-    from posttrain.data.formats import normalise_messages
-
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: a row must be an object, got {type(row).__name__}")
-    missing = [key for key in ("chosen", "rejected") if key not in row]
-    if missing:
-        keys = ", ".join(sorted(row)) or "none"
-        raise DataError(f"{where}: a preference row needs 'chosen' and 'rejected' (and usually 'prompt'); "
-                        f"missing {', '.join(missing)} (keys: {keys})")
-    prompt = normalise_messages(row["prompt"], f"{where}: prompt") if "prompt" in row else []
-    chosen = normalise_messages(row["chosen"], f"{where}: chosen", default_role="assistant")
-    rejected = normalise_messages(row["rejected"], f"{where}: rejected", default_role="assistant")
-    for name, side in (("chosen", chosen), ("rejected", rejected)):
-        if not side or side[-1]["role"] != "assistant":
-            raise DataError(f"{where}: {name} must end with an assistant message")
-    if not prompt and (chosen[0]["role"] == "assistant" or rejected[0]["role"] == "assistant"):
-        raise DataError(f"{where}: no prompt: give 'prompt' or make chosen/rejected whole conversations")
-    return prompt, chosen, rejected
 
 
 def _margin_and_group(row: dict, where: str, margin_key: str | None, group_key: str | None) -> tuple[float, str | None]:
@@ -253,18 +237,35 @@ def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key
     )
 
 
-def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = True) -> list[PreferencePair]:
+def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = True,
+               keys: tuple[str | None, str | None] | None = None) -> list[PreferencePair]:
     """Render every pair of one file and run the SFT pre-flight audit on both sides.
+
+    ``keys``: the row keys of (margin, group); None = ``rm.margin_key``, ``rm.group_key``
+    (other trainers reading preference rows, ``posttrain dpo``, pass their own).
 
     The audit (``data.audit``) records consistency failures, missing end-of-turn tokens,
     empty masks and over-long sides exactly as for SFT data, prints its summary and refuses
     to start on a hard error (unless ``data.allow_audit_errors``). A pair with an over-long
     side is dropped (``truncation: right`` or ``drop``: cutting would remove the score
-    token) or refused (``error``). Malformed rows stop the run, or are skipped and counted
-    with ``data.skip_bad``.
+    token) or refused (``error``). Malformed rows (``data.preference.preference_messages``:
+    identical sides included) stop the run, or are skipped and counted with ``data.skip_bad``.
     """
-    from posttrain.data.audit import AuditReport, Finding, PreparedData, audit_sample, preflight
-    from posttrain.data.formats import read_rows
+    from posttrain.data.audit import preflight
+
+    pairs, prepared = audit_pairs(path, tokenizer, config, keys=keys)
+    preflight(prepared, allow_errors=config.data.allow_audit_errors, print_fn=say_stdout if verbose else None)
+    return pairs
+
+
+def audit_pairs(path: str, tokenizer: Any, config: RMConfig, *,
+                keys: tuple[str | None, str | None] | None = None) -> tuple[list[PreferencePair], Any]:
+    """``load_pairs`` without the verdict: the kept pairs and a ``data.audit.PreparedData``
+    (both rendered sides of every kept pair, in file order, and the audit report), for
+    ``load_pairs`` and ``posttrain inspect``. Raises BadRowError on the first malformed row
+    unless ``data.skip_bad``."""
+    from posttrain.data.audit import AuditReport, Finding, PreparedData, audit_sample
+    from posttrain.data.formats import BadRowError, read_rows
 
     data = config.data
     report = AuditReport(source=str(path))
@@ -273,14 +274,14 @@ def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = T
     pairs: list[PreferencePair] = []
     kept_samples: list[Any] = []
     too_long = "error" if data.truncation == "error" else "drop"
-    for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows):
+    margin_key, group_key = keys if keys is not None else (config.rm.margin_key, config.rm.group_key)
+    for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows, columns=data.columns):
         try:
             chosen, rejected, margin, group = render_pair_samples(
-                row, tokenizer, line=line, source=str(path), margin_key=config.rm.margin_key,
-                group_key=config.rm.group_key)
+                row, tokenizer, line=line, source=str(path), margin_key=margin_key, group_key=group_key)
         except DataError as exc:
             if not data.skip_bad:
-                raise
+                raise BadRowError(str(exc)) from None
             bad_rows.append((line, str(exc)))
             continue
         report.rows += 1
@@ -290,19 +291,20 @@ def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = T
         kept_samples.extend(kept)
         pairs.append(PreferencePair(to_scored_sequence(kept[0]), to_scored_sequence(kept[1]), margin, group, line))
     report.bad_rows.extend(Finding(line, message) for line, message in bad_rows)
+    report.bad_rows.sort(key=lambda finding: finding.line)
     report.seconds = time.perf_counter() - started
-    preflight(PreparedData(samples=kept_samples, audit=report), allow_errors=data.allow_audit_errors,
-              print_fn=print if verbose else None)
-    return pairs
+    return pairs, PreparedData(samples=kept_samples, audit=report)
 
 
-def load_preference_data(config: RMConfig, tokenizer: Any, *, verbose: bool = True
+def load_preference_data(config: RMConfig, tokenizer: Any, *, verbose: bool = True,
+                         keys: tuple[str | None, str | None] | None = None
                          ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Train and held-out pairs: ``data.val`` if set, else a seeded ``data.val_fraction``."""
-    train = load_pairs(config.data.train, tokenizer, config, verbose=verbose)
+    """Train and held-out pairs: ``data.val`` if set, else a seeded ``data.val_fraction``
+    (``keys``: see ``load_pairs``)."""
+    train = load_pairs(config.data.train, tokenizer, config, verbose=verbose, keys=keys)
     val: list[PreferencePair] = []
     if config.data.val:
-        val = load_pairs(config.data.val, tokenizer, config, verbose=verbose)
+        val = load_pairs(config.data.val, tokenizer, config, verbose=verbose, keys=keys)
     elif config.data.val_fraction > 0:
         order = list(range(len(train)))
         random.Random(config.train.seed).shuffle(order)
@@ -332,7 +334,7 @@ def make_pair_planner(config: RMConfig, pairs: Sequence[PreferencePair], world_s
         lengths, [1] * len(pairs),
         global_batch_size=config.train.global_batch_size, global_batch_tokens=config.train.global_batch_tokens,
         micro_batch_tokens=config.train.micro_batch_tokens, packing=config.train.packing,
-        world_size=world_size, seed=config.train.seed,
+        world_size=world_size, seed=config.train.seed, shuffle=config.train.shuffle,
     )
 
 
@@ -375,12 +377,13 @@ def pair_loss(model: torch.nn.Module, micro: PairMicroBatch, *, step_pairs: floa
     return loss, metrics
 
 
-def summarise_pairs(stats: Sequence[dict[str, float]], info: DistInfo) -> dict[str, float]:
-    """Pair-weighted means of accuracy, margin and rewards over the step (all ranks)."""
-    totals = [sum(s[key] * s["pairs"] for s in stats) for key in PAIR_METRICS] + [sum(s["pairs"] for s in stats)]
+def summarise_pairs(stats: Sequence[dict[str, float]], info: DistInfo,
+                    keys: Sequence[str] = PAIR_METRICS) -> dict[str, float]:
+    """Pair-weighted means of ``keys`` (accuracy, margin and rewards) over the step (all ranks)."""
+    totals = [sum(s[key] * s["pairs"] for s in stats) for key in keys] + [sum(s["pairs"] for s in stats)]
     totals = all_reduce_sum(totals, info)
     pairs = max(totals[-1], 1.0)
-    return {key: value / pairs for key, value in zip(PAIR_METRICS, totals)} | {"pairs_per_step": int(totals[-1])}
+    return {key: value / pairs for key, value in zip(keys, totals)} | {"pairs_per_step": int(totals[-1])}
 
 
 @torch.no_grad()
@@ -463,11 +466,12 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def write_eval(eval_dir: Path, val_metrics: dict[str, float], pairs: int) -> None:
+def write_eval(eval_dir: Path, val_metrics: dict[str, float], pairs: int, name: str = "rm_val.json") -> None:
+    """``eval/<name>``: the held-out pair metrics of the end of training (nothing if none)."""
     if not val_metrics:
         return
     eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / "rm_val.json").write_text(json.dumps({"pairs": pairs, **val_metrics}, indent=2) + "\n")
+    (eval_dir / name).write_text(json.dumps({"pairs": pairs, **val_metrics}, indent=2) + "\n")
 
 
 def announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path) -> None:

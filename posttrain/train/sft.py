@@ -15,7 +15,6 @@ then load the model. So impossible settings fail in one line before any model lo
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,13 +25,15 @@ from posttrain.config import SFTConfig
 from posttrain.data.batching import StepPlan, StepPlanner, collate, sample_length, split_across_ranks, \
     split_into_micro_batches, trained_target_count
 from posttrain.errors import ConfigError, DataError
+from posttrain.log import say
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
     shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics, prepare_run_dir
+from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
 from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, \
     count_parameters, evaluate_nll, optimizer_step, prepare_for_training, resolve_warmup_steps, \
     sft_micro_batch_loss, tune_cpu_allocator
+from posttrain.train.session import RunSession, guard_step, open_run
 
 
 @dataclass
@@ -43,10 +44,11 @@ class TrainerState:
     tokens_seen: int = 0
     trained_tokens_seen: int = 0
     elapsed_s: float = 0.0
+    nonfinite_skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (train.skip_nonfinite_steps)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(step=self.step, tokens_seen=self.tokens_seen,
-                    trained_tokens_seen=self.trained_tokens_seen, elapsed_s=self.elapsed_s)
+        return dict(step=self.step, tokens_seen=self.tokens_seen, trained_tokens_seen=self.trained_tokens_seen,
+                    elapsed_s=self.elapsed_s, nonfinite_skipped=self.nonfinite_skipped)
 
 
 @dataclass
@@ -61,9 +63,15 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
     """Train; returns the run directory, final/ and the logged metrics (rank 0).
 
     ``samples``: optional pre-rendered (train, val) samples (tests, benchmarks); otherwise
-    the data files of ``config.data`` are rendered and audited.
+    the data files of ``config.data`` are rendered and audited. The run holds its
+    directory's lock throughout and stops cleanly on SIGTERM / Ctrl-C (``train.session``).
     """
     check_settings(config)
+    with RunSession("sft", config) as session:
+        return _run_sft(config, session, samples)
+
+
+def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] | None) -> SFTResult:
     info = init_distributed()
     if info.device.type == "cpu":
         tune_cpu_allocator()
@@ -73,9 +81,7 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
     planner = make_planner(config, train_samples, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_samples))
-    resume_path = ckpt.resolve_resume(config.train.resume, _run_path(config) / "checkpoints")
-    run = prepare_run_dir(config.run.output_dir, config.run.name, config, resuming=resume_path is not None,
-                          overwrite=config.run.overwrite, write=info.is_main)
+    run, resume_path = open_run("sft", config, info)
     model = build_model(config, info)
     seed_everything(config.train.seed + info.rank)  # dropout differs between ranks, as their data does
     optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps, warmup_steps)
@@ -83,7 +89,8 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
     announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path)
     history: list[dict[str, Any]] = []
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main) as logger, \
+    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
+                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
             Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,
                      keys=("loss", "lr", "val/loss", "tokens_per_sec")) as progress:
         if state.step == 0 and config.train.eval_every and val_samples:  # the baseline the curve falls from
@@ -101,19 +108,24 @@ def run_sft(config: SFTConfig, *, samples: tuple[list, list] | None = None) -> S
                 world_size=info.world_size, reduce_sum=lambda v: all_reduce_sum(v, info),
             )
             state = advance(state, plan, result)
+            state.nonfinite_skipped = guard_step("sft", state.step, result, state.nonfinite_skipped, config.train,
+                                                 run.checkpoints, info)
             metrics = step_metrics(config, plan, result, state)
             if is_due(state.step, config.train.eval_every, total_steps) and val_samples:
                 metrics.update(validate(model, val_samples, config, info, pad_id))
             if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
                 history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            if is_due(state.step, config.train.save_every, total_steps):
-                ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
-                                     info, keep_last=config.train.keep_last)
+            session.step_boundary(
+                state.step, total_steps, due=is_due(state.step, config.train.save_every, total_steps), info=info,
+                checkpoints=run.checkpoints,
+                save=lambda: ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler,
+                                                  state.as_dict(), info, keep_last=config.train.keep_last,
+                                                  config=config))
     final = ckpt.export_hf(model, tokenizer, run.final, info, merge_lora=config.lora.merge_on_export,
                            rebuild=lambda: build_model(config, info, unsharded=True))
     if info.is_main:
-        print(f"sft: {state.step} steps, final model in {final}", file=sys.stderr)
+        say(f"sft: {state.step} steps, final model in {final}")
     shutdown_distributed()
     return SFTResult(run.path, final, state.step, history)
 
@@ -162,10 +174,6 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def _run_path(config: SFTConfig) -> Path:
-    return Path(config.run.output_dir) / config.run.name
-
-
 def _load_tokenizer(config: SFTConfig):
     from posttrain.models import load_tokenizer
 
@@ -180,8 +188,9 @@ def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple
     """
     from posttrain.data import load_sft_data
     from posttrain.data.audit import preflight
+    from posttrain.log import say_stdout
 
-    say = print if info.is_main else None
+    say = say_stdout if info.is_main else None  # the audit summary: stdout, as the command's report
     prepared = load_sft_data(config.data.train, tokenizer, config.data)
     preflight(prepared, allow_errors=config.data.allow_audit_errors, print_fn=say)
     train = list(prepared.samples)
@@ -274,7 +283,7 @@ def lockstep_micro_batches(lengths: Sequence[int], micro_batch_tokens: int, pack
 def advance(state: TrainerState, plan: StepPlan, result: Any) -> TrainerState:
     return TrainerState(step=plan.step + 1, tokens_seen=state.tokens_seen + plan.tokens,
                         trained_tokens_seen=state.trained_tokens_seen + plan.trained_tokens,
-                        elapsed_s=state.elapsed_s + result.seconds)
+                        elapsed_s=state.elapsed_s + result.seconds, nonfinite_skipped=state.nonfinite_skipped)
 
 
 def step_metrics(config: SFTConfig, plan: StepPlan, result: Any, state: TrainerState) -> dict[str, Any]:
@@ -310,9 +319,8 @@ def announce_run(trainer: str, config: Any, info: DistInfo, model: torch.nn.Modu
         return
     total, trainable = count_parameters(model)
     where = f"{info.world_size} x {info.device.type}" if info.distributed else info.device.type
-    print(
+    say(
         f"{trainer}: {data}, {tokens} tokens; {total_steps} steps (warmup {warmup_steps}); model {config.model.name} "
         f"({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained) on {where}, {config.train.precision}"
-        + (f"; resuming from {resume_path}" if resume_path else ""),
-        file=sys.stderr,
+        + (f"; resuming from {resume_path}" if resume_path else "")
     )
