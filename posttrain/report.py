@@ -31,7 +31,7 @@ from typing import Any, Iterable
 from posttrain.errors import ConfigError
 
 # Stage directories of a pipeline run, in the order they run (others follow, by name).
-STAGE_ORDER = ("baseline", "sft", "rm", "rl", "final")
+STAGE_ORDER = ("baseline", "sft", "dpo", "rm", "rl", "final")
 # Keys an eval JSON may use for its headline score, most specific first.
 SCORE_KEYS = ("accuracy", "acc", "pass@1", "score", "mean_score", "reward/mean")
 PIPELINE_STATE_FILE = "pipeline.json"
@@ -307,6 +307,10 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("Response length", ("response_len/mean", "response_len/max"), "tokens"),
     PlotSpec("Clipped fractions", ("clip_frac", "response_len/clipped_frac"), "fraction"),
     PlotSpec("Reward-model margin and accuracy", ("margin", "val/acc", "val/margin"), ""),
+    PlotSpec("DPO implicit rewards", ("rewards/chosen", "rewards/rejected", "rewards/margins", "val/rewards/margins"),
+             "reward"),
+    PlotSpec("DPO preference accuracy", ("rewards/accuracies", "val/rewards/accuracies", "val/mean_logp_accuracy"),
+             "fraction"),
     PlotSpec("Throughput", ("tokens_per_sec",), "tokens / s"),
     PlotSpec("Time per RL step", ("time/generate", "time/score", "time/logprob", "time/update"), "seconds"),
 )

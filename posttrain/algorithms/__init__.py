@@ -3,7 +3,7 @@ objects, no I/O. Each module's docstring cites the paper it implements and its d
 
 - ``aggregate``   loss_agg_mode with step-wide normalisers (split-invariant losses)
 - ``sft``         the single next-token shift; chunked cross-entropy / log-probs / entropy
-- ``preference``  Bradley–Terry reward-model loss
+- ``preference``  Bradley–Terry reward-model loss; DPO (label smoothing), IPO, SimPO
 - ``advantages``  GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE
 - ``policy``      PPO-clip (clip-higher, dual clip), clipped value loss, entropy bonus
 - ``kl``          k1/k2/k3 estimators, fixed and adaptive KL coefficient
@@ -38,7 +38,13 @@ from posttrain.algorithms.kl import (
     make_kl_controller,
 )
 from posttrain.algorithms.policy import entropy_bonus, ppo_policy_loss, value_loss
-from posttrain.algorithms.preference import bradley_terry_loss
+from posttrain.algorithms.preference import (
+    PREFERENCE_LOSS_TYPES,
+    bradley_terry_loss,
+    preference_optimization_loss,
+    preference_optimization_rewards,
+    sequence_logp_sums,
+)
 from posttrain.algorithms.sft import (
     IGNORE_INDEX,
     NextTokenTargets,
@@ -58,7 +64,8 @@ __all__ = [
     "IGNORE_INDEX", "NextTokenTargets", "TrainedPositions", "next_token_targets",
     "sequence_index_from_position_ids", "row_sequence_index", "gather_trained_positions",
     "chunked_cross_entropy", "chunked_token_logprobs_and_entropy", "sft_token_losses",
-    "bradley_terry_loss",
+    "bradley_terry_loss", "PREFERENCE_LOSS_TYPES", "preference_optimization_loss",
+    "preference_optimization_rewards", "sequence_logp_sums",
     "grpo_advantages", "zero_variance_group_fraction", "rloo_advantages",
     "broadcast_to_tokens", "token_level_rewards", "discounted_returns",
     "normalize_advantages", "reinforce_plus_plus_advantages", "gae_advantages",
