@@ -44,7 +44,7 @@ CONFIG_SCHEMAS = {
     "rm": "posttrain.config:RMConfig",
     "dpo": "posttrain.config:DPOConfig",
     "rl": "posttrain.config:RLConfig",
-    "eval": "posttrain.eval.config:EvalConfig",
+    "eval": "posttrain.config:EvalConfig",
     "pipeline": "posttrain.config:PipelineConfig",
     "chat": "posttrain.config:ChatConfig",
 }
@@ -59,11 +59,8 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
          _config_arguments)
 def _config(args: argparse.Namespace) -> int:
     from posttrain.config import describe_schema
-    from posttrain.eval.config import EvalConfig
 
     schema = load_attribute(CONFIG_SCHEMAS[args.schema])
-    if args.schema == "pipeline":
-        schema.model_rebuild(_types_namespace={"EvalConfig": EvalConfig})
     doc = " ".join((schema.__doc__ or "").split()).removeprefix(f"``posttrain {args.schema}``:").strip()
     print(f"# posttrain {args.schema}: {doc}" if doc else f"# posttrain {args.schema}")
     print("# every key with its default; override any as key.sub=value after the config file")
@@ -151,7 +148,7 @@ config_command("dpo", "direct preference optimisation on chosen/rejected pairs: 
 config_command("rl", "on-policy RL: GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic; DAPO options; hf or vllm rollouts",
                "posttrain.config:RLConfig", "posttrain.train.rl:run_rl")
 config_command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
-               "posttrain.eval.config:EvalConfig", "posttrain.eval.runner:run_eval")
+               "posttrain.config:EvalConfig", "posttrain.eval.runner:run_eval")
 
 
 # ----------------------------------------------------------------------------- inspect

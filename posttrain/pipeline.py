@@ -1,6 +1,6 @@
-"""``posttrain pipeline``: the seeds' whole post-training pipeline as one command, one run directory.
+"""``posttrain pipeline``: the whole post-training pipeline as one command, one run directory.
 
-Seed 000 §6 ("完整 Pipeline"): Phase 1 SFT, Phase 2 reward (a learned reward model, or
+docs/PIPELINE.md: Phase 1 SFT, Phase 2 reward (a learned reward model, or
 rules), Phase 3 RL from the SFT model, with an evaluation after every phase. Here that is the
 stage chain
 

@@ -1,9 +1,9 @@
 """The run report: one standalone HTML page (plots inlined as PNG) and a terminal summary.
 
 ``posttrain report RUN_DIR`` (and the end of every pipeline run) reads what the trainers
-left in a run directory (DESIGN.md, "Run directory") and shows it the way the seeds ask a
-post-training run to be judged (seed 000 §6 "完整 Pipeline": evaluate after every phase;
-seed 004 on what to log: loss, lr, grad norm, tokens): loss and learning rate per step,
+left in a run directory (docs/ARCHITECTURE.md, "Run directory") and shows it the way a
+post-training run should be judged (docs/PIPELINE.md: evaluate after every phase;
+docs/PREFLIGHT.md on what to log: loss, lr, grad norm, tokens): loss and learning rate per step,
 gradient norm, reward and accuracy per RL step, KL and entropy, response length, held-out
 accuracy per stage as bars, and sample completions before and after training.
 

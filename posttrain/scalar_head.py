@@ -1,6 +1,6 @@
 """A causal-LM backbone with a scalar head: the reward model, and the critic of PPO.
 
-Seed 000, Phase 2 (reward model) and §PPO (value model): both are the language model with
+The reward model (Ouyang et al. 2022) and PPO's value model (Schulman et al. 2017): both are the language model with
 its vocabulary projection replaced by a linear map ``hidden -> 1``. A reward model reads that
 scalar at ONE token, the last token of the response (its end-of-turn token, where the whole
 response has been seen; InstructGPT, Ouyang et al. 2022 §3.5). A critic reads it at every

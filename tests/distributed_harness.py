@@ -1,5 +1,5 @@
 """Running a trainer in 1 process or under torchrun (N CPU processes, gloo), for the tests
-that check N ranks train exactly like one (DESIGN.md habit 4: 2 ranks vs 1).
+that check N ranks train exactly like one (fast paths checked against slow references: 2 ranks vs 1).
 
 A worker is a Python script (its text) that takes ``model_dir out_dir`` as arguments, trains,
 and on rank 0 prints one line ``RESULT <json>`` with the logged history.

@@ -10,8 +10,14 @@ import pytest
 import torch
 from distributed_harness import run_worker, small_vocab_model_dir
 
-from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_sum, broadcast_object, \
-    init_distributed, shard_model
+from posttrain.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    shard_model,
+)
 
 WORKER = textwrap.dedent("""
     import json, os, sys

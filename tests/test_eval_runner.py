@@ -71,7 +71,7 @@ def test_perplexity_matches_transformers_loss(tmp_path, tiny_model, tokenizer):
 
 def test_config_errors_name_the_key(tmp_path):
     from posttrain.config import load_config
-    from posttrain.eval.config import EvalConfig
+    from posttrain.config import EvalConfig
 
     with pytest.raises(ConfigError, match="tasks.0"):
         load_config(EvalConfig, None, ["tasks=[{name: reasoning_gym}]"])

@@ -230,7 +230,7 @@ def test_chat_and_eval_accept_an_adapter(adapter_dir, tmp_path):
 
     reply = chat(validate_config(ChatConfig, {"model": {"name": str(adapter_dir / "adapter")}, "max_new_tokens": 4}), "Hi")
     assert isinstance(reply, str)
-    from posttrain.eval.config import EvalConfig
+    from posttrain.config import EvalConfig
     from posttrain.eval.runner import run_eval
 
     tasks = write_jsonl(tmp_path / "tasks.jsonl", [{"prompt": "1+1?", "answer": "2"}])

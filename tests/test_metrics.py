@@ -20,7 +20,7 @@ def test_token_counts_and_rates_with_a_loss_mask():
     assert line["step"] == 7 and line["epoch"] == 1.2346
     assert (line["lr"], line["loss"], line["grad_norm"], line["step_time_s"]) == (1e-4, 2.5, 0.75, 4.0)
     assert line["tokens_per_step"] == 30  # trained tokens (the SFT issue's definition)
-    assert line["masked_token_count"] == 30  # sum(m_t), seed 004: the effective batch size
+    assert line["masked_token_count"] == 30  # sum(m_t): the effective batch size (docs/PREFLIGHT.md)
     assert line["untrained_token_count"] == 90
     assert line["tokens_per_sec"] == pytest.approx(120 / 4.0)
     assert line["trained_tokens_per_sec"] == pytest.approx(30 / 4.0)

@@ -17,7 +17,7 @@ def test_builtin_by_name_and_params():
 
 
 def test_seed_compute_reward_as_composite():
-    """Seed 000 compute_reward: 1.0 * passed/total + 0.2 * format - max(0, len - 2000) * 1e-4."""
+    """The composite of docs/PIPELINE.md: 1.0 * passed/total + 0.2 * format - max(0, len - 2000) * 1e-4."""
     reward = build_reward(
         {
             "name": "composite",

@@ -15,8 +15,13 @@ from posttrain.config import RLConfig, validate_config
 from posttrain.errors import ConfigError
 from posttrain.rewards.output import RewardOutput
 from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutSample, collect_rollouts, \
-    overlong_length_penalty
+from posttrain.train.rl_rollouts import (
+    PromptRow,
+    PromptSampler,
+    RolloutSample,
+    collect_rollouts,
+    overlong_length_penalty,
+)
 from posttrain.train.rl_update import compute_advantages, mini_batches, pack_micro_batches
 
 from conftest import build_tiny_llama

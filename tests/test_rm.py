@@ -16,8 +16,15 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.scalar_head import load_scalar_head_model, score_layer, score_sequences
 from posttrain.train.distributed import DistInfo
 from posttrain.train.logging import read_metrics
-from posttrain.train.rm import load_preference_data, pair_loss, pair_micro_batch, preference_messages, render_pair, \
-    run_rm, summarise_pairs
+from posttrain.train.rm import (
+    load_preference_data,
+    pair_loss,
+    pair_micro_batch,
+    preference_messages,
+    render_pair,
+    run_rm,
+    summarise_pairs,
+)
 
 SINGLE = DistInfo(0, 1, 0, torch.device("cpu"), None)
 

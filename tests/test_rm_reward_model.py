@@ -9,8 +9,13 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.rewards.model import ModelReward, prompt_messages
 from posttrain.rewards.registry import build_reward
-from posttrain.scalar_head import export_tokenizer, load_scalar_head_model, render_for_scoring, score_layer, \
-    score_sequences
+from posttrain.scalar_head import (
+    export_tokenizer,
+    load_scalar_head_model,
+    render_for_scoring,
+    score_layer,
+    score_sequences,
+)
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,7 @@ def test_sft_on_shipped_data_loss_falls_and_exports(tiny_model_dir, tmp_path, ca
                 "tokens_per_sec", "loss_agg_mode"):
         assert key in train_lines[0], key
     first = train_lines[0]
-    # masked_token_count = sum(m_t), the trained targets (seed 004); prompts are not trained
+    # masked_token_count = sum(m_t), the trained targets (docs/METRICS.md); prompts are not trained
     assert first["masked_token_count"] == first["tokens_per_step"] > 0 and first["untrained_token_count"] > 0
     assert first["masked_token_count"] + first["untrained_token_count"] == first["total_tokens"]
     documented = (REPO / "docs" / "METRICS.md").read_text()

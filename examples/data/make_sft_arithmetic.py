@@ -7,7 +7,7 @@ The problems are the first ``--count`` rows of ``rl_arithmetic_train.jsonl`` (wr
 that ``configs/quickstart.yaml`` evaluates on. Each answer adds the tens, then the ones, then
 the two partial sums, and ends with ``The answer is N.``, the format the quickstart's format
 reward checks: a 135M model gets each small step right far more often than the whole sum at
-once (seed 000 §2: SFT teaches the format and the procedure; RL then sharpens it).
+once (docs/PIPELINE.md: SFT teaches the format and the procedure; RL then sharpens it).
 
 Rows are chat conversations ``{"messages": [user, assistant]}``. Deterministic.
 """

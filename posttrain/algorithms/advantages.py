@@ -1,6 +1,6 @@
 """Advantage estimators for on-policy RL on language models.
 
-Seed 000 (PPO/GRPO formulas, Phase 3): each sampled response gets a scalar reward; an
+PPO/GRPO (docs/PIPELINE.md, phase 3): each sampled response gets a scalar reward; an
 advantage says how much better than expected each response (or token) was. All functions
 run under ``torch.no_grad()``: advantages are constants for the policy loss.
 

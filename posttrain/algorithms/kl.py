@@ -1,6 +1,6 @@
 """KL divergence to a frozen reference policy: per-token estimators and the coefficient.
 
-Seed 000 (PPO/GRPO objectives, "KL penalty keeps the policy near the SFT model"). The
+A KL penalty keeps the policy near the SFT model (Ouyang et al. 2022; Shao et al. 2024). The
 tokens are sampled from the current policy pi, so KL(pi || pi_ref) = E_pi[log pi - log
 pi_ref] is estimated per token from the two log-probs of the sampled token (Schulman,
 "Approximating KL Divergence", 2020 blog post; r = pi_ref / pi):

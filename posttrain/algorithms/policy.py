@@ -2,7 +2,7 @@
 an entropy bonus. Every token loss is reduced with ``aggregate`` so ``loss_agg_mode`` and
 its step-wide normalisers are shared with SFT.
 
-Seed 000 (PPO/GRPO objective): maximise E[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)]
+The PPO/GRPO objective: maximise E[min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t)]
 with r_t = pi(a_t) / pi_old(a_t) (Schulman et al. 2017, "Proximal Policy Optimization",
 eq. 7). Options:
 - separate ``clip_low`` / ``clip_high`` ("clip-higher", DAPO: Yu et al. 2025 §3.1; e.g.

@@ -1,7 +1,7 @@
 """Preference losses: Bradley–Terry for reward models, and DPO / IPO / SimPO for training a
 policy directly on (chosen, rejected) pairs.
 
-Seed 000, Phase 2 (reward model): the model scores both responses of a pair and is trained
+Reward models (docs/PIPELINE.md, phase 2): the model scores both responses of a pair and is trained
 so that the chosen one scores higher. Bradley & Terry (1952) model
 P(chosen > rejected) = sigma(r_c - r_r); the loss is its negative log-likelihood, as in
 Ouyang et al. 2022 (InstructGPT, eq. 1).
@@ -26,6 +26,14 @@ log-probs of the policy (and of a frozen reference):
 - ``simpo``: SimPO, Meng et al. 2024, eq. 6: reference-free and length-normalised,
   -log sigma(beta * (pi_c / |y_c| - pi_r / |y_r|) - gamma), with label smoothing as above
   (TRL ``CPOTrainer(loss_type="simpo")``; its ``simpo_gamma`` is this gamma).
+
+Optional NLL on the chosen side (``rpo_alpha``), RPO: Pang et al. 2024, "Iterative Reasoning
+Preference Optimization", eq. 2 (TRL's ``rpo_alpha``): loss_p += alpha * NLL_p with
+NLL_p = -pi_c / |y_c|, the chosen response's negative log-likelihood averaged over ITS OWN
+tokens (then averaged over pairs like the preference term). Deviation: TRL averages over all
+chosen tokens of the batch at once; a per-pair mean keeps the loss independent of how a step
+is split into micro-batches. It keeps the likelihood of the preferred answer from falling
+while the margin grows (DPO on summed log-probs can otherwise win by shortening both sides).
 
 The implicit rewards logged (TRL's ``rewards/*``) are beta * (pi - ref) for DPO and IPO
 (the quantities h is built from) and beta * pi / |y| for SimPO.
@@ -180,6 +188,7 @@ def preference_optimization_loss(
     beta: float = 0.1,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
+    rpo_alpha: float | None = None,
     step_pairs: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """DPO (``sigmoid``, with label smoothing = conservative DPO), IPO or SimPO loss of P pairs.
@@ -188,6 +197,8 @@ def preference_optimization_loss(
         label_smoothing: eps in [0, 0.5): probability the preference label is flipped
             (``sigmoid`` and ``simpo``; 0 for ``ipo``).
         simpo_gamma: SimPO's target reward margin gamma (in reward units, beta included).
+        rpo_alpha: weight of the chosen-side NLL (RPO); None or 0 = off. Needs
+            ``chosen_tokens_P`` (per-token normalisation, see ``chosen_nll``).
         step_pairs: pairs in the whole optimizer step; None = the P pairs given.
 
     Returns:
@@ -199,8 +210,12 @@ def preference_optimization_loss(
         metrics (floats, means over this call's pairs, TRL's names): ``loss``,
         ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen - rejected),
         ``rewards/accuracies`` (share with r_c > r_r; ties count as wrong),
-        ``logps/chosen``, ``logps/rejected`` (the log-probs the loss used), ``pairs``.
+        ``logps/chosen``, ``logps/rejected`` (the log-probs the loss used), ``pairs``;
+        with ``rpo_alpha``, loss_p += alpha * NLL_p and ``loss/nll_chosen`` (mean NLL_p, per
+        token, before alpha; ``loss`` includes the weighted term).
     """
+    if rpo_alpha is not None and rpo_alpha < 0:
+        raise ValueError(f"rpo_alpha must be >= 0, got {rpo_alpha}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if loss_type == "ipo" and label_smoothing:
@@ -217,6 +232,12 @@ def preference_optimization_loss(
         per_pair = -F.logsigmoid(scaled) * (1.0 - label_smoothing)
         if label_smoothing:
             per_pair = per_pair - F.logsigmoid(-scaled) * label_smoothing
+    nll = None
+    if rpo_alpha:
+        if chosen_tokens_P is None:
+            raise ValueError("rpo_alpha normalises the chosen NLL per token: pass chosen_tokens_P")
+        nll = chosen_nll(chosen_logps_P, chosen_tokens_P)
+        per_pair = per_pair + rpo_alpha * nll
     pairs = per_pair.numel()
     normaliser = float(pairs if step_pairs is None else step_pairs)
     loss = per_pair.sum() / max(normaliser, 1.0)
@@ -234,4 +255,17 @@ def preference_optimization_loss(
             "logps/rejected": mean(rejected),
             "pairs": float(pairs),
         }
+        if nll is not None:
+            metrics["loss/nll_chosen"] = mean(nll)
     return loss, metrics
+
+
+def chosen_nll(chosen_logps_P: torch.Tensor, chosen_tokens_P: torch.Tensor) -> torch.Tensor:
+    """[P] per-token NLL of each chosen response, -pi_c / |y_c| (|y_c| clamped to >= 1):
+    the RPO term before its weight alpha.
+
+    >>> chosen_nll(torch.tensor([-1.0, -3.0]), torch.tensor([2.0, 3.0]))
+    tensor([0.5000, 1.0000])
+    """
+    tokens = chosen_tokens_P.reshape(-1).float().clamp(min=1.0)
+    return -chosen_logps_P.reshape(-1).float() / tokens

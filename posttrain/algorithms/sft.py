@@ -1,7 +1,7 @@
 """Next-token cross-entropy for SFT, and per-token log-probs/entropy for RL, without ever
 materialising the full [tokens x vocab] logits.
 
-What it is for (seed 000 §SFT loss; seed 004 "loss mask", "token consistency"):
+What it is for (docs/PREFLIGHT.md: loss masks, one tokenisation path):
 
 1. The shift happens exactly once, here. A rendered sample carries ``input_ids`` and a
    ``loss_mask`` ALIGNED to them (1 = this token is a training target). Position ``t``

@@ -1,8 +1,8 @@
 """Which samples go into which optimizer step, rank and micro-batch, and how a micro-batch
 is laid out as tensors (padding-free packing or padded rows).
 
-Seed 004 ("micro-batch vs gradient accumulation", "token consistency") asks that the way a
-batch is split never changes what is learned. The plan here is a pure function of the
+The way a batch is split must never change what is learned (docs/ARCHITECTURE.md,
+"Split invariance"; docs/PREFLIGHT.md on micro-batches vs accumulation). The plan here is a pure function of the
 sample lengths, the seed and the step number, so:
 
 - every rank computes the SAME plan for all ranks without communicating, and so knows the

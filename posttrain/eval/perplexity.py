@@ -1,6 +1,6 @@
 """Perplexity of a model on a held-out chat file, over the tokens SFT would train.
 
-Seed 000, section 3.4 lists held-out loss/perplexity as necessary but not sufficient. Each
+Held-out loss/perplexity is necessary but not sufficient (docs/PIPELINE.md, "Evaluate more than the loss"). Each
 conversation is rendered exactly as for training (``posttrain.data.render``), so the
 measured tokens are the assistant tokens (the loss mask) and perplexity is
 ``exp(sum of token NLL / number of trained tokens)`` over the whole file (token-weighted,

@@ -1,6 +1,6 @@
 """Composite reward: a weighted sum of named rewards, written in config.
 
-Seed 000, section 4.4 ``compute_reward``: ``1.0 * passed/total`` (code) ``+ 0.2`` if the
+The classic composite of docs/PIPELINE.md ("Rewards"): ``1.0 * passed/total`` (code) ``+ 0.2`` if the
 format is right ``- max(0, len - 2000) * 0.0001`` (length). As config::
 
     reward:

@@ -1,7 +1,7 @@
 """Format reward: does the completion follow the required shape?
 
-Seed 000, section 4.4 ("Format check: is the output format compliant", instruction
-following) and section 5.2 (a format reward against answer-only reward hacking). Three
+Is the output format compliant (instruction following; docs/PIPELINE.md, "Rewards"), and a
+format term against answer-only reward hacking (the DeepSeek-R1 report uses one too). Three
 checks, each optional; the score is 1.0 when every enabled check passes (or the fraction
 passed with ``partial=True``), and each check is a component ``format/<check>``:
 

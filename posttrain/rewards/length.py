@@ -1,7 +1,7 @@
 """Length reward: a penalty for every character or token beyond a budget.
 
-Seed 000, section 4.4 ``compute_reward`` example, rule 3: ``-max(0, len(response) - 2000) *
-0.0001`` (against verbose completions). The score is ``-penalty_per_unit * max(0, length -
+The classic length term of a composite reward (docs/PIPELINE.md, "Rewards"), e.g.
+``-max(0, len(response) - 2000) * 0.0001`` against verbose completions. The score is ``-penalty_per_unit * max(0, length -
 budget)``, optionally capped at ``-max_penalty``; it is 0.0 within the budget.
 
 ``unit="chars"`` counts characters. ``unit="tokens"`` uses ``metadata["completion_tokens"]``

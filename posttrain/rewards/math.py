@@ -1,6 +1,7 @@
 """Math reward: extract the final answer from a completion and check it against the reference.
 
-Seed 000, section 4.4 ("Math verify: check whether the final answer is right"). The answer
+Checks whether the final answer is right (docs/PIPELINE.md, "Rewards"; math-verify for the
+equivalence of expressions). The answer
 is taken by the first extractor (in the configured order) that finds one:
 
 - ``boxed``: the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces);

@@ -1,6 +1,6 @@
 """``model`` reward: a trained reward model scores each (prompt, completion).
 
-Seed 000, Phase 2 -> Phase 3: the reward model trained by ``posttrain rm`` (exported to
+docs/PIPELINE.md, phase 2 -> phase 3: the reward model trained by ``posttrain rm`` (exported to
 ``runs/<name>/final/`` in Hugging Face format) becomes the reward of RL. Each completion is
 rendered exactly as the reward model's training pairs were (``scalar_head.render_for_scoring``:
 the reward model's own chat template, the prompt, the completion as the assistant reply) and

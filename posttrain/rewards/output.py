@@ -1,7 +1,7 @@
 """The one return type of every reward: per-sample scores plus named components.
 
 A reward is a plain callable ``reward(prompts, completions, metadata) -> RewardOutput`` over
-a batch (seed 000, section 4.4). ``components`` holds the parts a score is made of, keyed by
+a batch (docs/PIPELINE.md, "Rewards"; TRL's reward functions work on batches too). ``components`` holds the parts a score is made of, keyed by
 the name RL logs as ``reward/<name>``; a single-part reward has one component, its own name.
 """
 

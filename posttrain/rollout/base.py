@@ -7,7 +7,7 @@ Every engine (``hf``: transformers generate; ``vllm``: vLLM's offline engine) im
 
 Prompts arrive already rendered (``posttrain.data.render``); completions carry the exact
 token ids the engine sampled, so RL trains on those ids and never re-tokenises text
-(DESIGN.md, contract 4: one tokenisation contract). Text is decoded for rewards and logs only.
+(docs/ARCHITECTURE.md, "One tokenisation"). Text is decoded for rewards and logs only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Atomic checkpoints, keep-last-K, exact resume, and the HF-format export.
 
-Seed 004 ("checkpoint and resume"): a resumed run must continue the SAME run. A checkpoint
+A resumed run must continue the SAME run (docs/ARCHITECTURE.md, "Exact resume"). A checkpoint
 ``checkpoints/step_<N>/`` holds the trainable weights, the optimizer and scheduler state,
 every rank's RNG state and the trainer state (step, token counters; the data position is a
 pure function of the step, see ``data.batching.StepPlanner``), so N steps straight and

@@ -2,7 +2,7 @@
 helpers and small collectives. One process (no ``torchrun``) is the degenerate case and
 every helper works there too, so trainers call the same functions everywhere.
 
-Seed 004 (veRL's FSDP SFT trainer, "FSDP/FSDP2"): parameters, gradients and optimizer
+FSDP2 (PyTorch's ``fully_shard`` docs; veRL's FSDP trainers do the same): parameters, gradients and optimizer
 state are sharded per decoder layer with ``torch.distributed.fsdp.fully_shard``, then the
 root module is sharded so the embeddings, final norm and output projection are too. Backend
 ``gloo`` on CPU, ``nccl`` on CUDA. Launch with ``torchrun --nproc_per_node=K -m posttrain

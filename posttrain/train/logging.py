@@ -1,6 +1,6 @@
 """The run directory and the logging every trainer shares.
 
-``runs/<name>/`` holds (DESIGN.md, "Run directory"): ``config.yaml`` (the resolved config),
+``runs/<name>/`` holds (docs/ARCHITECTURE.md, "Run directory"): ``config.yaml`` (the resolved config),
 ``metrics.jsonl`` (one JSON object per logged step), TensorBoard event files under ``tb/``,
 ``checkpoints/step_<N>/``, ``final/`` (HF format), and per-trainer extras (``samples.jsonl``,
 ``eval/*.json``, ``report.html``).
@@ -262,15 +262,15 @@ def optimizer_step_metrics(result: Any, *, step: int, epoch: float, tokens: int,
 
     ``result`` is the step's ``train.loop.StepResult`` (``loss``, ``grad_norm``, ``lr``,
     ``seconds``); ``tokens`` counts every token of the step over all ranks (no padding);
-    ``trained_tokens`` counts the positions the loss averages over, sum(m_t) of seed 004
-    §2.1, over all ranks, for trainers with a token loss mask. ``extra`` keys are appended
+    ``trained_tokens`` counts the positions the loss averages over, sum(m_t)
+    (docs/PREFLIGHT.md, "Effective batch"), over all ranks, for trainers with a token loss mask. ``extra`` keys are appended
     as they are. Meanings and units of every key: docs/METRICS.md.
 
     Keys: ``step``, ``epoch`` (fractional, at the end of the step), ``lr`` (the rate this
     step used), ``loss``, ``grad_norm`` (before clipping), ``tokens_per_step`` (trained
     tokens when there is a mask, else all tokens), ``tokens_per_sec``, ``step_time_s``; with
     ``trained_tokens`` also ``masked_token_count`` (= trained tokens: the effective batch
-    size seed 004 asks to log), ``untrained_token_count`` (tokens - trained tokens:
+    size docs/PREFLIGHT.md asks to log), ``untrained_token_count`` (tokens - trained tokens:
     prompts, other roles, first tokens) and ``trained_tokens_per_sec``.
 
     >>> from types import SimpleNamespace
@@ -343,8 +343,14 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         if self._interactive:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, \
-                TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress as RichProgress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = RichProgress(
                 TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -3,7 +3,7 @@
 output projection, AdamW, the learning-rate schedule, one optimizer step over many
 micro-batches, and validation.
 
-Seed 004 lists what goes wrong in hand-written loops and what this module guarantees:
+What goes wrong in hand-written loops (docs/PREFLIGHT.md) and what this module guarantees:
 
 - the scheduler is stepped once per OPTIMIZER step, never per micro-batch ("scheduler
   stepped per micro-step" is the classic bug);
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import random
 import time
 import warnings
 from dataclasses import dataclass
@@ -68,6 +69,18 @@ def tune_cpu_allocator(top_pad_bytes: int = 1 << 30) -> bool:
         return bool(ok)
     except (OSError, AttributeError):
         return False
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, torch's and (if installed) numpy's global generators."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
 
 
 # ----------------------------------------------------------------------------- attention

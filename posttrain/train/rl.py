@@ -1,6 +1,6 @@
 """``posttrain rl``: on-policy RL for language models, one loop for every algorithm.
 
-Seed 000, Phase 3 and its PPO/GRPO formulas. One step:
+Phase 3 of docs/PIPELINE.md. One step:
 
     sample prompts -> generate group_size completions each -> score -> old / reference
     log-probs (and critic values) -> advantages -> ppo_epochs passes of mini-batch updates
@@ -57,18 +57,57 @@ from posttrain.algorithms.kl import make_kl_controller
 from posttrain.config import RLConfig
 from posttrain.errors import ConfigError
 from posttrain.log import say, say_stdout
+from posttrain.models import load_tokenizer
 from posttrain.rollout.base import SamplingParams
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum, \
-    init_distributed, shard_model, shutdown_distributed
+from posttrain.train.distributed import (
+    DistInfo,
+    all_gather_objects,
+    all_reduce_max,
+    all_reduce_sum,
+    init_distributed,
+    shard_model,
+    shutdown_distributed,
+)
 from posttrain.train.logging import MetricsLogger, Progress, RunDir
-from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, count_parameters, \
-    prepare_for_training, resolve_warmup_steps, train_top_blocks_only
-from posttrain.train.rl_rollouts import PromptRow, PromptSampler, RolloutBatch, RolloutSample, append_samples, \
-    collect_rollouts, accuracy, evaluate_prompts, gather_batch, in_prompt_order, prompt_rows, without_tensors
+from posttrain.train.loop import (
+    is_due,
+    apply_lora,
+    build_optimizer,
+    build_scheduler,
+    choose_attention,
+    count_parameters,
+    prepare_for_training,
+    resolve_warmup_steps,
+    seed_everything,
+    train_top_blocks_only,
+)
+from posttrain.train.rl_rollouts import (
+    PromptRow,
+    PromptSampler,
+    RolloutBatch,
+    RolloutSample,
+    append_samples,
+    collect_rollouts,
+    accuracy,
+    evaluate_prompts,
+    gather_batch,
+    in_prompt_order,
+    prompt_rows,
+    without_tensors,
+)
 from posttrain.train.session import RunSession, check_step_finite, last_checkpoint_note, open_run
-from posttrain.train.rl_update import LossSettings, compute_advantages, compute_rollout_tensors, critic_micro_loss, \
-    mini_batches, pack_micro_batches, plan_micro_batches, policy_micro_loss, update_model
+from posttrain.train.rl_update import (
+    LossSettings,
+    compute_advantages,
+    compute_rollout_tensors,
+    critic_micro_loss,
+    mini_batches,
+    pack_micro_batches,
+    plan_micro_batches,
+    policy_micro_loss,
+    update_model,
+)
 
 
 @dataclass
@@ -121,7 +160,7 @@ def run_rl(config: RLConfig, *, engine: Any = None, prompts: tuple[list[PromptRo
 def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, reward_fn: Any) -> RLResult:
     info = init_distributed()
     seed_everything(config.train.seed)  # same on every rank while building: FSDP shards each rank's own init
-    tokenizer = _load_tokenizer(config)
+    tokenizer = load_tokenizer(config.model.name, config.model.chat_template)
     train_rows, eval_rows = prompts if prompts is not None else load_prompts(config, tokenizer, info)
     reward_fn = reward_fn if reward_fn is not None else build_reward_fn(config)
     run, resume_path = open_run("rl", config, info)
@@ -202,19 +241,6 @@ def check_settings(config: RLConfig, world_size: int | None = None) -> None:
     if config.rl.prompts_per_step % ranks:
         raise ConfigError(f"rl.prompts_per_step ({config.rl.prompts_per_step}) is not a multiple of the "
                           f"{ranks} ranks: each rank samples an equal share of whole groups")
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _load_tokenizer(config: RLConfig):
-    from posttrain.models import load_tokenizer
-
-    return load_tokenizer(config.model.name, config.model.chat_template)
 
 
 def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list[PromptRow], list[PromptRow]]:
@@ -521,7 +547,7 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
 def step_metrics(config: RLConfig, batch: RolloutBatch, adv_metrics: dict[str, float],
                  update_metrics: dict[str, float], gap: dict[str, float], times: dict[str, float], kl_coef: float,
                  seconds: float) -> dict[str, Any]:
-    """The per-step metric line (DESIGN.md RL metric names plus advantage/ratio/gap stats)."""
+    """The per-step metric line (docs/METRICS.md: RL metric names plus advantage/ratio/gap stats)."""
     samples = batch.samples
     rewards = [s.reward for s in samples]
     mean = sum(rewards) / len(rewards)

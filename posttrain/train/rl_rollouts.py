@@ -2,7 +2,7 @@
 completions, scoring them, DAPO's dynamic sampling and overlong shaping, and held-out
 evaluation.
 
-Token in, token out (DESIGN.md contract 4): a prompt is rendered ONCE
+Token in, token out (docs/ARCHITECTURE.md, "One tokenisation"): a prompt is rendered ONCE
 (``data.render.render_prompt``) into ids; the engine returns the exact ids it sampled
 (``rollout.base.Completion``); a ``RolloutSample`` keeps both and the trainer builds its
 batches from ``prompt_ids + response_ids``. Text is decoded only for the reward and the logs.

@@ -1,6 +1,6 @@
 """``posttrain rm``: train a reward model on preference pairs (Bradley–Terry), export it.
 
-Seed 000, Phase 2: collect comparisons (a prompt, a chosen and a rejected response), train a
+Phase 2 of docs/PIPELINE.md (Ouyang et al. 2022): collect comparisons (a prompt, a chosen and a rejected response), train a
 model that scores the chosen one higher, check its accuracy on held-out pairs, and use it as
 the reward of RL (``rewards.model``). The loss is ``algorithms.preference.bradley_terry_loss``
 (InstructGPT eq. 1, optional per-pair margin as in Llama 2, optional reward centring).
@@ -41,16 +41,36 @@ from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate
 from posttrain.data.preference import preference_messages  # the shared preference-row reader
 from posttrain.errors import ConfigError, DataError
 from posttrain.log import say, say_stdout
-from posttrain.scalar_head import ScoredSequence, export_pad_token_id, export_tokenizer, gather_scores, \
-    load_scalar_head_model, make_head_trainable, render_for_scoring, render_response, score_positions, \
-    to_scored_sequence, token_values, train_top_layers_only
+from posttrain.models import load_tokenizer
+from posttrain.scalar_head import (
+    ScoredSequence,
+    export_pad_token_id,
+    export_tokenizer,
+    gather_scores,
+    load_scalar_head_model,
+    make_head_trainable,
+    render_for_scoring,
+    render_response,
+    score_positions,
+    to_scored_sequence,
+    token_values,
+    train_top_layers_only,
+)
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
-from posttrain.train.loop import is_due, apply_lora, autocast_context, optimizer_step
+from posttrain.train.loop import apply_lora, autocast_context, is_due, optimizer_step, seed_everything
 from posttrain.train.session import RunSession, guard_step, open_run
-from posttrain.train.sft import TrainerState, advance, announce_run, build_optimizer_and_scheduler, check_schedule, \
-    lockstep_micro_batches, place_for_training, restore_state, seed_everything
+from posttrain.train.sft import (
+    TrainerState,
+    advance,
+    announce_run,
+    build_optimizer_and_scheduler,
+    check_schedule,
+    lockstep_micro_batches,
+    place_for_training,
+    restore_state,
+)
 
 PAIR_METRICS = ("accuracy", "margin", "reward/chosen", "reward/rejected")
 
@@ -118,7 +138,7 @@ def run_rm(config: RMConfig, *, pairs: tuple[list, list] | None = None) -> RMRes
 def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | None) -> RMResult:
     info = init_distributed()
     seed_everything(config.train.seed + info.rank)
-    tokenizer = _load_tokenizer(config)
+    tokenizer = load_tokenizer(config.model.name, config.model.chat_template)
     train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(config, tokenizer,
                                                                                   verbose=info.is_main)
     planner = make_pair_planner(config, train_pairs, info.world_size)
@@ -187,12 +207,6 @@ def check_settings(config: RMConfig) -> None:
         raise ConfigError(
             f"optim.warmup_steps ({config.optim.warmup_steps}) is not shorter than train.max_steps "
             f"({config.train.max_steps}): the learning rate would never reach its peak")
-
-
-def _load_tokenizer(config: RMConfig):
-    from posttrain.models import load_tokenizer
-
-    return load_tokenizer(config.model.name, config.model.chat_template)
 
 
 def _margin_and_group(row: dict, where: str, margin_key: str | None, group_key: str | None) -> tuple[float, str | None]:

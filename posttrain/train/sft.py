@@ -1,8 +1,9 @@
 """``posttrain sft``: supervised fine-tuning, exact and resumable, from one CPU to FSDP2.
 
-Seed 000 §SFT (next-token cross-entropy on assistant tokens only) and seed 004 (veRL's FSDP
-SFT trainer: loss masks, token-mean over the whole step, micro-batch vs accumulation,
-scheduler per optimizer step, what to log, pre-flight checks). The loop in ``run_sft`` is
+Next-token cross-entropy on the assistant's tokens only (docs/PIPELINE.md, phase 1), with
+what veRL's FSDP SFT trainer also gets right (loss masks, token-mean over the whole step,
+micro-batch vs accumulation, scheduler per optimizer step, what to log, pre-flight checks:
+docs/PREFLIGHT.md). The loop in ``run_sft`` is
 the whole algorithm; every piece it calls is a named function shared with the reward-model
 and RL trainers (``train.loop``, ``train.checkpoint``, ``train.distributed``,
 ``data.batching``).
@@ -22,17 +23,42 @@ from typing import Any, Sequence
 import torch
 
 from posttrain.config import SFTConfig
-from posttrain.data.batching import StepPlan, StepPlanner, collate, sample_length, split_across_ranks, \
-    split_into_micro_batches, trained_target_count
+from posttrain.data.batching import (
+    StepPlan,
+    StepPlanner,
+    collate,
+    sample_length,
+    split_across_ranks,
+    split_into_micro_batches,
+    trained_target_count,
+)
 from posttrain.errors import ConfigError, DataError
 from posttrain.log import say
+from posttrain.models import load_tokenizer
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shard_model, \
-    shutdown_distributed
+from posttrain.train.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    init_distributed,
+    shard_model,
+    shutdown_distributed,
+)
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
-from posttrain.train.loop import is_due, apply_lora, build_optimizer, build_scheduler, choose_attention, \
-    count_parameters, evaluate_nll, optimizer_step, prepare_for_training, resolve_warmup_steps, \
-    sft_micro_batch_loss, tune_cpu_allocator
+from posttrain.train.loop import (
+    is_due,
+    apply_lora,
+    build_optimizer,
+    build_scheduler,
+    choose_attention,
+    count_parameters,
+    evaluate_nll,
+    optimizer_step,
+    prepare_for_training,
+    resolve_warmup_steps,
+    seed_everything,
+    sft_micro_batch_loss,
+    tune_cpu_allocator,
+)
 from posttrain.train.session import RunSession, guard_step, open_run
 
 
@@ -76,7 +102,7 @@ def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] 
     if info.device.type == "cpu":
         tune_cpu_allocator()
     seed_everything(config.train.seed)  # same on every rank: FSDP shards each rank's own init of new weights
-    tokenizer = _load_tokenizer(config)
+    tokenizer = load_tokenizer(config.model.name, config.model.chat_template)
     train_samples, val_samples = samples if samples is not None else load_sft_samples(config, tokenizer, info)
     planner = make_planner(config, train_samples, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
@@ -161,23 +187,6 @@ def check_schedule(config: SFTConfig, total_steps: int, *, has_val: bool) -> int
     if config.train.eval_every is not None and not has_val:
         raise ConfigError("train.eval_every is set but there is no validation data: set data.val or data.val_fraction")
     return warmup
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:
-        pass
-
-
-def _load_tokenizer(config: SFTConfig):
-    from posttrain.models import load_tokenizer
-
-    return load_tokenizer(config.model.name, config.model.chat_template)
 
 
 def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple[list, list]:
@@ -287,7 +296,7 @@ def advance(state: TrainerState, plan: StepPlan, result: Any) -> TrainerState:
 
 
 def step_metrics(config: SFTConfig, plan: StepPlan, result: Any, state: TrainerState) -> dict[str, Any]:
-    """The per-step metric line (DESIGN.md metric names; docs/METRICS.md)."""
+    """The per-step metric line (docs/METRICS.md)."""
     return optimizer_step_metrics(
         result, step=state.step, epoch=plan.epoch_progress, tokens=plan.tokens, trained_tokens=plan.trained_tokens,
         sequences_per_step=len(plan.sample_indices),
