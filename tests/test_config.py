@@ -83,3 +83,22 @@ def test_a_directory_is_not_called_missing(tmp_path):
         load_config(SFTConfig, tmp_path / "empty")
     with pytest.raises(ConfigError, match=r"nothing\.yaml does not exist$"):
         load_config(SFTConfig, tmp_path / "nothing.yaml")
+
+
+def test_precision_auto_picks_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    """Emulated bf16 autocast is ~10x slower than fp32 on a CPU without AVX512-BF16/AMX."""
+    import torch
+
+    from posttrain.config import SFTConfig, resolve_precision, validate_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("bf16") == "bf16" and resolve_precision("fp32") == "fp32"
+    config = validate_config(SFTConfig, {"data": {"train": "x.jsonl"}, "train": {"precision": "auto"}})
+    assert config.train.precision == "fp32"  # resolved at load: config.yaml records what ran
