@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import _peak_rss_mib, measure_matmul_flops, rates
+from bench_sft import _peak_rss_mib, measure_matmul_flops, rates, trl_step_timer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,6 @@ def worker_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 
@@ -122,21 +121,6 @@ def worker_trl(args) -> dict:
     model.config._attn_implementation = "sdpa"
     reference = {}
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.step_s, self.step_cpu_s, self.losses, self._t, self._c = [], [], [], 0.0, 0.0
-
-        def on_step_begin(self, *a, **k):
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a, **k):
-            self.step_s.append(time.perf_counter() - self._t)
-            self.step_cpu_s.append(time.process_time() - self._c)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
     class PretokenisedInOrderDPOTrainer(DPOTrainer):
         def _prepare_dataset(self, dataset, *a, **k):
             return dataset  # already tokenised by posttrain: the same ids for both systems
@@ -150,7 +134,7 @@ def worker_trl(args) -> dict:
             reference["s"] = reference.get("s", 0.0) + time.perf_counter() - started
             return result
 
-    timer = Timer()
+    timer = trl_step_timer()
     trl_args = TRLConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-dpo-"), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",

@@ -109,7 +109,6 @@ def worker_trl(args) -> dict:
     import torch
     from datasets import Dataset
     from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
     from trl import SFTConfig as TRLConfig
     from trl import SFTTrainer
 
@@ -127,26 +126,11 @@ def worker_trl(args) -> dict:
     model = load_model(args.model, dtype=torch.float32)
     model.config._attn_implementation = args.trl_attn
 
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.step_s, self.step_cpu_s, self.losses, self._t, self._c = [], [], [], 0.0, 0.0
-
-        def on_step_begin(self, *a, **k):
-            self._t, self._c = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, *a, **k):
-            self.step_s.append(time.perf_counter() - self._t)
-            self.step_cpu_s.append(time.process_time() - self._c)
-
-        def on_log(self, _args, _state, _control, logs=None, **k):
-            if logs and "loss" in logs:
-                self.losses.append(float(logs["loss"]))
-
     class InOrderSFTTrainer(SFTTrainer):
         def _get_train_sampler(self, *a, **k):
             return SequentialSampler(self.train_dataset)
 
-    timer = Timer()
+    timer = trl_step_timer()
     trl_args = TRLConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="constant",
@@ -164,6 +148,29 @@ def worker_trl(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def trl_step_timer():
+    """A transformers ``TrainerCallback`` that records each optimizer step's wall and CPU
+    seconds and the logged losses (TRL's trainers report through these hooks)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.step_s, self.step_cpu_s, self.losses, self._t, self._c = [], [], [], 0.0, 0.0
+
+        def on_step_begin(self, *a, **k):
+            self._t, self._c = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, *a, **k):
+            self.step_s.append(time.perf_counter() - self._t)
+            self.step_cpu_s.append(time.process_time() - self._c)
+
+        def on_log(self, _args, _state, _control, logs=None, **k):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepTimer()
 
 
 def measure_matmul_flops(precision: str, seconds: float = 3.0, size: int = 2048, device: str = "cpu") -> float:
