@@ -117,3 +117,45 @@ def test_bad_arguments(kwargs, message):
 
 def test_docstring_examples():
     assert doctest.testmod(preference).failed == 0
+
+
+def test_rpo_adds_the_per_token_chosen_nll_by_hand():
+    # DPO as in test_dpo_sigmoid_by_hand, plus alpha * mean_p(-pi_c / |y_c|):
+    # pair 0: -(-1) / 2 = 0.5; pair 1: -(-3) / 3 = 1.0; alpha = 0.5 -> + 0.5 * 0.75
+    loss, m = preference_optimization_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.5,
+                                           chosen_tokens_P=CHOSEN_TOKENS, rejected_tokens_P=REJECTED_TOKENS,
+                                           rpo_alpha=0.5)
+    expected = (_nls(0.5) + _nls(-0.25)) / 2 + 0.5 * (0.5 + 1.0) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["loss"] == pytest.approx(expected, rel=1e-6)
+    assert m["loss/nll_chosen"] == pytest.approx(0.75)
+    assert m["rewards/margins"] == pytest.approx((0.5 - 0.25) / 2)  # the rewards do not change
+    assert "loss/nll_chosen" not in preference_optimization_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED)[1]
+    # step share: divided by the step's pairs like the preference term
+    share, _ = preference_optimization_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, beta=0.5,
+                                            chosen_tokens_P=CHOSEN_TOKENS, rpo_alpha=0.5, step_pairs=4)
+    assert share.item() == pytest.approx(expected * 2 / 4, rel=1e-6)
+
+
+def test_rpo_gradient_raises_the_chosen_log_prob_only():
+    chosen = CHOSEN.clone().requires_grad_(True)
+    rejected = REJECTED.clone().requires_grad_(True)
+    alpha = 2.0
+    with_nll, _ = preference_optimization_loss(chosen, rejected, REF_CHOSEN, REF_REJECTED, beta=0.5,
+                                               chosen_tokens_P=CHOSEN_TOKENS, rpo_alpha=alpha)
+    with_nll.backward()
+    grad_c, grad_r = chosen.grad.clone(), rejected.grad.clone()
+    chosen.grad = rejected.grad = None
+    without, _ = preference_optimization_loss(chosen, rejected, REF_CHOSEN, REF_REJECTED, beta=0.5)
+    without.backward()
+    # d/d pi_c of alpha * mean_p(-pi_c / |y_c|) = -alpha / (P |y_c|)
+    torch.testing.assert_close(grad_c - chosen.grad, -alpha / (2 * CHOSEN_TOKENS))
+    torch.testing.assert_close(grad_r, rejected.grad)
+
+
+def test_rpo_needs_token_counts_and_a_non_negative_alpha():
+    with pytest.raises(ValueError, match="chosen_tokens_P"):
+        preference_optimization_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, rpo_alpha=1.0)
+    with pytest.raises(ValueError, match="rpo_alpha"):
+        preference_optimization_loss(CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, chosen_tokens_P=CHOSEN_TOKENS,
+                                     rpo_alpha=-1.0)

@@ -115,6 +115,7 @@ def _full_logits_logps(model, pairs):
     dict(loss_type="sigmoid", beta=0.5, label_smoothing=0.1),
     dict(loss_type="ipo", beta=0.5),
     dict(loss_type="simpo", beta=2.0, simpo_gamma=0.5),
+    dict(loss_type="sigmoid", beta=0.5, rpo_alpha=0.7),  # RPO: + chosen NLL, per token then per pair
 ])
 def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer, options):
     """Sum of micro-batch shares == one micro-batch holding every pair == padded rows (loss
@@ -235,3 +236,21 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):
     assert main(["dpo", str(config), "run.tensorboard=false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: data file {tmp_path / 'missing.jsonl'} does not exist"]
+
+
+def test_rpo_alpha_is_trained_and_logged(tmp_path, tiny_model_dir):
+    """dpo.rpo_alpha adds alpha x the chosen per-token NLL to the loss and logs loss/nll_chosen
+    (step and held-out), documented in docs/METRICS.md."""
+    train = write_rows(tmp_path / "train.jsonl", arithmetic_rows(16, seed=3))
+    val = write_rows(tmp_path / "val.jsonl", arithmetic_rows(8, seed=4))
+    config = config_for(tmp_path, tiny_model_dir, train, val, train={"max_steps": 2, "eval_every": 1},
+                        dpo={"rpo_alpha": 0.5, "group_key": None})
+    history = run_dpo(config).history
+    first = history[0]
+    assert first["step"] == 0 and first["val/loss/nll_chosen"] > 0
+    # at step 0 the preference term is log 2: the rest is alpha x the chosen NLL
+    assert first["val/loss"] == pytest.approx(math.log(2) + 0.5 * first["val/loss/nll_chosen"], abs=1e-4)
+    steps = [h for h in history if h["step"] > 0 and "loss/nll_chosen" in h]
+    assert steps and steps[0]["loss"] == pytest.approx(math.log(2) + 0.5 * steps[0]["loss/nll_chosen"], abs=1e-4)
+    documented = (REPO / "docs" / "METRICS.md").read_text()
+    assert not [k for h in history for k in h if f"`{k}`" not in documented]

@@ -45,6 +45,7 @@ from posttrain.algorithms.preference import (
 from posttrain.config import DPOConfig
 from posttrain.data.batching import MicroBatch, StepPlan, collate, trained_target_count
 from posttrain.log import say
+from posttrain.models import load_tokenizer
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import (
     DistInfo,
@@ -57,6 +58,7 @@ from posttrain.train.loop import (
     autocast_context,
     is_due,
     optimizer_step,
+    seed_everything,
     tune_cpu_allocator,
     unwrap_causal_lm,
 )
@@ -80,7 +82,6 @@ from posttrain.train.sft import (
     lockstep_micro_batches,
     place_for_training,
     restore_state,
-    seed_everything,
 )
 from posttrain.train.sft import build_model as build_sft_model
 
@@ -144,7 +145,7 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
     if info.device.type == "cpu":
         tune_cpu_allocator()
     seed_everything(config.train.seed)
-    tokenizer = _load_tokenizer(config)
+    tokenizer = load_tokenizer(config.model.name, config.model.chat_template)
     train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(
         config, tokenizer, verbose=info.is_main, keys=(None, config.dpo.group_key))
     planner = make_pair_planner(config, train_pairs, info.world_size)
@@ -184,7 +185,7 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
             state = advance(state, plan, result)
             state.nonfinite_skipped = guard_step("dpo", state.step, result, state.nonfinite_skipped, config.train,
                                                  run.checkpoints, info)
-            metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info, PAIR_METRICS),
+            metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info, pair_metric_keys(config)),
                                    train_pairs, targets)
             if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate(model, val_pairs, reference, config, info, pad_id)
@@ -213,12 +214,6 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def _load_tokenizer(config: DPOConfig):
-    from posttrain.models import load_tokenizer
-
-    return load_tokenizer(config.model.name, config.model.chat_template)
 
 
 def build_model(config: DPOConfig, info: DistInfo, *, unsharded: bool = False) -> tuple[torch.nn.Module, str]:
@@ -259,7 +254,12 @@ def loss_options(config: DPOConfig) -> dict[str, Any]:
     """The ``dpo:`` section as keyword arguments of ``preference_optimization_loss``."""
     dpo = config.dpo
     return dict(loss_type=dpo.loss_type, beta=dpo.beta, label_smoothing=dpo.label_smoothing,
-                simpo_gamma=dpo.simpo_gamma)
+                simpo_gamma=dpo.simpo_gamma, rpo_alpha=dpo.rpo_alpha)
+
+
+def pair_metric_keys(config: DPOConfig) -> tuple[str, ...]:
+    """The pair metrics logged per step and held out (``loss/nll_chosen`` with ``rpo_alpha``)."""
+    return PAIR_METRICS + (("loss/nll_chosen",) if config.dpo.rpo_alpha else ())
 
 
 def dpo_micro_batch(pairs: Sequence[PreferencePair], indices: Sequence[int], reference_P2: torch.Tensor | None,
@@ -394,7 +394,7 @@ def evaluate(model: torch.nn.Module, pairs: Sequence[PreferencePair], reference:
     options = loss_options(config)
     _, metrics = preference_optimization_loss(logps[:, 0], logps[:, 1], ref_chosen, ref_rejected,
                                               chosen_tokens_P=tokens[:, 0], rejected_tokens_P=tokens[:, 1], **options)
-    result = {f"val/{key}": metrics[key] for key in ("loss", *PAIR_METRICS)}
+    result = {f"val/{key}": metrics[key] for key in ("loss", *pair_metric_keys(config))}
     result["val/pairs"] = len(pairs)
     means = logps / tokens.clamp(min=1.0)
     result["val/mean_logp_accuracy"] = float((means[:, 0] > means[:, 1]).float().mean()) if len(pairs) else 0.0
