@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from posttrain.config import ChatConfig
-from posttrain.models import load_model, load_tokenizer
+from posttrain.models import inference_dtype, load_model, load_tokenizer
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFEngine
 
 
 def chat(config: ChatConfig, prompt: str) -> str:
     tokenizer = load_tokenizer(config.model.name, chat_template=config.model.chat_template)
-    model = load_model(config.model.name)
+    model = load_model(config.model.name, dtype=inference_dtype(None))
     messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
         {"role": "user", "content": prompt}
     ]

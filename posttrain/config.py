@@ -30,14 +30,9 @@ def resolve_precision(precision: str) -> str:
     (oneDNN's bf16 kernels need AVX512-BF16 or AMX; without them autocast emulates bf16)."""
     if precision != "auto":
         return precision
-    import torch
+    from posttrain.models import bf16_is_native
 
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-    except (AttributeError, RuntimeError):
-        return "fp32"
+    return "bf16" if bf16_is_native() else "fp32"
 
 
 Precision = Annotated[Literal["auto", "fp32", "bf16"], AfterValidator(resolve_precision)]

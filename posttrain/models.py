@@ -264,6 +264,32 @@ def merge_adapter(model: Any, adapter_dir: str | Path) -> Any:
     return merged
 
 
+def bf16_is_native(device_type: str | None = None) -> bool:
+    """Whether ``device_type`` (default: CUDA when visible, else the CPU) computes bf16
+    natively. On a CPU, oneDNN's bf16 kernels need AVX512-BF16 or AMX; without them bf16 is
+    emulated and about 10x slower than fp32."""
+    import torch
+
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def inference_dtype(device: Any) -> Any:
+    """The dtype to load a model in for generation on ``device``: the checkpoint's own
+    (None) where bf16 is native or on a GPU, float32 on a CPU that would emulate a bf16
+    checkpoint (the bundled GGUF converts to bf16)."""
+    import torch
+
+    device_type = torch.device(device).type if device is not None else "cpu"
+    return None if device_type != "cpu" or bf16_is_native("cpu") else torch.float32
+
+
 def load_tokenizer(spec: str = DEFAULT_MODEL, chat_template: str | Path | None = None):
     """Load the tokenizer of ``spec``; ``chat_template`` (a Jinja file) replaces its template."""
     from transformers import AutoTokenizer

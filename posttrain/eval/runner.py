@@ -222,11 +222,12 @@ def format_table(results: Sequence[TaskResult]) -> str:
 def run_eval(config, *, print_table: bool = True) -> list[TaskResult]:
     """Load the model of an ``EvalConfig``, evaluate every task, write results, print a table."""
     from posttrain.config import config_to_yaml
-    from posttrain.models import load_model, load_tokenizer
+    from posttrain.models import inference_dtype, load_model, load_tokenizer
 
     tasks = build_tasks(config)  # config and data errors before the model loads
     tokenizer = load_tokenizer(config.model.name, chat_template=config.model.chat_template)
-    model = load_model(config.model.name, device=_device(config.device))
+    device = _device(config.device)
+    model = load_model(config.model.name, device=device, dtype=inference_dtype(device))
     s = config.sampling
     sampling = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                               max_new_tokens=s.max_new_tokens, seed=s.seed)
