@@ -25,14 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sft import _peak_rss_mib, measure_matmul_flops, rates, trl_step_timer
+from bench_sft import _peak_rss_mib, measure_matmul_flops, rates, spawn_worker, trl_step_timer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -178,15 +177,7 @@ def run_worker(kind: str, args, data_path: Path, trl_mode: str = "ref_model") ->
                "--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
                "--precision", args.precision, "--lr", str(args.lr), "--beta", str(args.beta),
                "--micro-batch-tokens", str(args.micro_batch_tokens)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
-    started = time.perf_counter()
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{kind} worker failed:\n{done.stderr[-4000:]}")
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - started
-    return result
+    return spawn_worker(kind, command, args.threads, TQDM_DISABLE="1")
 
 
 def main() -> None:

@@ -241,8 +241,14 @@ def run_worker(kind: str, args, data_path: Path, trl_mode: str = "padding") -> d
                "--trl-attn", args.trl_attn] + (["--attn", args.attn] if args.attn else [])
     if args.no_allocator_tuning:
         command.append("--no-allocator-tuning")
+    return spawn_worker(kind, command, args.threads)
+
+
+def spawn_worker(kind: str, command: list[str], threads: int, **env_extra: str) -> dict:
+    """Run one system's worker in a fresh process (its own peak RSS, no shared caches) and
+    return the JSON it prints last, plus ``wall_s``."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": str(args.threads)}
+           "OMP_NUM_THREADS": str(threads), **env_extra}
     started = time.perf_counter()
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:

@@ -10,7 +10,7 @@ from posttrain.rollout.hf import HFEngine
 
 def chat(config: ChatConfig, prompt: str) -> str:
     tokenizer = load_tokenizer(config.model.name, chat_template=config.model.chat_template)
-    model = load_model(config.model.name, dtype=inference_dtype(None))
+    model = load_model(config.model.name, dtype=inference_dtype("cpu"))  # chat generates on the CPU
     messages = ([{"role": "system", "content": config.system}] if config.system else []) + [
         {"role": "user", "content": prompt}
     ]

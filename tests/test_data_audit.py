@@ -174,7 +174,7 @@ def test_audit_sample_records_and_decides_by_hand():
         audit_sample(late, report, 4, "error", "f.jsonl:3")
 
 
-# ----------------------------------------------------------------------------- issue 13
+# ----------------------------------------------------------------------------- rows that must be refused or flagged
 def test_empty_replies_and_uncalled_tool_results_are_refused_or_skipped(tokenizer, tmp_path):
     """With a tool-capable template each of these rows would render and train; they are bad rows."""
     from posttrain.data.formats import BadRowError

@@ -143,7 +143,7 @@ def test_docstring_examples():
     assert doctest.testmod(formats).failed == 0
 
 
-# ----------------------------------------------------------------------------- issue 13: rows that must not train
+# ----------------------------------------------------------------------------- rows that must not train
 def test_invalid_utf8_is_a_bad_row_naming_its_line_and_file_offset(tmp_path):
     """The offset is the byte's place in the whole file, however many lines and read chunks come
     before it; skip_bad skips only that line."""

@@ -385,7 +385,7 @@ def test_json_encoded_tool_results_are_not_mistaken_for_dropped(templated):
     assert trained_runs(templated["bundled"], sample)[-1] == messages[5]["content"] + "<|im_end|>"
 
 
-# ----------------------------------------------------------------------------- issue 13
+# ----------------------------------------------------------------------------- templates that drop content, turn splits, cut end-of-turn
 SEARCH_TOOL = {"type": "function", "function": {"name": "search_flights", "parameters": {"type": "object"}}}
 
 

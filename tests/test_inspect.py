@@ -85,7 +85,7 @@ def test_options_from_a_training_config(tokenizer, tmp_path, capsys):
     assert "data.max_length" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- issue 13
+# ----------------------------------------------------------------------------- configs of every command, bad rows and wrong-way errors
 HINT = "--skip-bad counts and skips bad rows"
 
 

@@ -1,4 +1,4 @@
-"""Meeting users where their data and habits are (issue 17): hub datasets through
+"""Meeting users where their data and habits are: hub datasets through
 ``datasets.load_dataset``, ``data.columns``, the RL reward-field audit, TRL ``text`` rows, the
 veRL parquet shape, TRL-style reward functions, PEFT adapters as models, W&B offline, library
 output through ``logging``, and the config schema on the command line."""
@@ -104,6 +104,9 @@ def test_rl_audit_refuses_rows_without_what_the_reward_reads(tokenizer, tmp_path
     with pytest.raises(DataError, match=rf"^{none}:1: no 'answer' field"):
         load_prompt_data(none, tokenizer, reward_fields=fields)
     mapped = load_prompt_data(none, tokenizer, reward_fields=fields, columns={"answer": "solution"})  # the fix it names
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"prompt": "1+1?", "answer": "2"}, {"prompt": "2+2?", "answer": " "}])
+    with pytest.raises(DataError, match=rf"^{blank}:2: 'answer' is empty, so reward 'math' could only score 0"):
+        load_prompt_data(blank, tokenizer, reward_fields=fields)  # present but blank: as silent as missing
     assert mapped.prompts[0].metadata["answer"] == "2"
     composite = {"name": "composite", "terms": {"ok": {"reward": "code"}, "m": {"reward": "math", "answer_key": "gt"}}}
     assert reward_fields(composite) == {"tests": "code", "gt": "math"}

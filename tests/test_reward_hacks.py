@@ -2,7 +2,7 @@
 
 Each test writes the completion a policy under RL pressure could find, shows that it scores
 0 (and, where it helps, that an honest solution under the same conditions scores 1), and
-that the caller survives. Grouped by the classes of issue 12: reaching the harness from
+that the caller survives. Grouped by class (docs/ARCHITECTURE.md, "Rewards are adversarial-safe"; posttrain/rewards/sandbox.py): reaching the harness from
 inside the program, objects that lie, reading the answer key, exceeding limits as a group,
 leaving state behind, kernel escapes, and ``process`` isolation.
 """

@@ -1,4 +1,4 @@
-"""Faults during a training run (issue 13): non-finite steps, a directory holding another run,
+"""Faults during a training run: non-finite steps, a directory holding another run,
 a changed config on resume, two runs at once, a kill before the first checkpoint, damaged
 checkpoints, logs after a resume, an interrupted export, SIGTERM, a full or read-only disk.
 

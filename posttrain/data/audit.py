@@ -420,12 +420,20 @@ def check_reward_fields(metadata: dict[str, Any], reward_fields: dict[str, str],
     Traceback (most recent call last):
     ...
     posttrain.errors.DataError: f.parquet:3: no 'answer' field, which reward 'math' reads (fields: question); map one with data.columns.answer=<field, dotted for nested>
+    >>> check_reward_fields({"answer": " "}, {"answer": "math"}, "f.jsonl:2")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.DataError: f.jsonl:2: 'answer' is empty, so reward 'math' could only score 0 on this row
     """
     for name, reward in reward_fields.items():
-        if metadata.get(name) is None:
+        value = metadata.get(name)
+        if value is None:
             fields = ", ".join(sorted(metadata)) or "none besides the prompt"
             raise DataError(f"{where}: no '{name}' field, which reward '{reward}' reads (fields: {fields}); "
                             f"map one with data.columns.{name}=<field, dotted for nested>")
+        if (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, dict)) and not value):
+            # present but empty: every completion would score 0 (or an empty program pass nothing)
+            raise DataError(f"{where}: '{name}' is empty, so reward '{reward}' could only score 0 on this row")
 
 
 def preflight_prompts(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,

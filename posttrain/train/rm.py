@@ -65,6 +65,7 @@ from posttrain.train.sft import (
     TrainerState,
     advance,
     announce_run,
+    end_step,
     build_optimizer_and_scheduler,
     check_schedule,
     lockstep_micro_batches,
@@ -174,15 +175,8 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
             if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
                 metrics.update(val_metrics)
-            if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
-                history.append(logger.log(metrics, step=state.step))
-            progress.update(1, metrics)
-            session.step_boundary(
-                state.step, total_steps, due=is_due(state.step, config.train.save_every, total_steps), info=info,
-                checkpoints=run.checkpoints,
-                save=lambda: ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler,
-                                                  state.as_dict(), info, keep_last=config.train.keep_last,
-                                                  config=config))
+            end_step(session, config, state, total_steps, metrics, history, logger, progress, run, info,
+                     (model, optimizer, scheduler))
     if val_pairs and not val_metrics:  # resumed at the very end: nothing was evaluated in this process
         val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
     if info.is_main:

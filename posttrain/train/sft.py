@@ -139,15 +139,8 @@ def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] 
             metrics = step_metrics(config, plan, result, state)
             if is_due(state.step, config.train.eval_every, total_steps) and val_samples:
                 metrics.update(validate(model, val_samples, config, info, pad_id))
-            if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
-                history.append(logger.log(metrics, step=state.step))
-            progress.update(1, metrics)
-            session.step_boundary(
-                state.step, total_steps, due=is_due(state.step, config.train.save_every, total_steps), info=info,
-                checkpoints=run.checkpoints,
-                save=lambda: ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler,
-                                                  state.as_dict(), info, keep_last=config.train.keep_last,
-                                                  config=config))
+            end_step(session, config, state, total_steps, metrics, history, logger, progress, run, info,
+                     (model, optimizer, scheduler))
     final = ckpt.export_hf(model, tokenizer, run.final, info, merge_lora=config.lora.merge_on_export,
                            rebuild=lambda: build_model(config, info, unsharded=True))
     if info.is_main:
@@ -187,6 +180,23 @@ def check_schedule(config: SFTConfig, total_steps: int, *, has_val: bool) -> int
     if config.train.eval_every is not None and not has_val:
         raise ConfigError("train.eval_every is set but there is no validation data: set data.val or data.val_fraction")
     return warmup
+
+
+def end_step(session: RunSession, config: Any, state: TrainerState, total_steps: int, metrics: dict[str, Any],
+             history: list[dict[str, Any]], logger: MetricsLogger, progress: Progress, run: Any, info: DistInfo,
+             trained: tuple[torch.nn.Module, Any, Any]) -> None:
+    """The end of a supervised step (sft, rm, dpo): log the metrics when due (and whenever it
+    evaluated), advance the progress bar, then checkpoint ``trained`` = (model, optimizer,
+    scheduler) when due or when a signal asked the run to stop (``RunSession.step_boundary``)."""
+    if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
+        history.append(logger.log(metrics, step=state.step))
+    progress.update(1, metrics)
+    model, optimizer, scheduler = trained
+    session.step_boundary(
+        state.step, total_steps, due=is_due(state.step, config.train.save_every, total_steps), info=info,
+        checkpoints=run.checkpoints,
+        save=lambda: ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
+                                          info, keep_last=config.train.keep_last, config=config))
 
 
 def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple[list, list]:
