@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_pairs(path: str):
-    from posttrain.scalar_head import ScoredSequence
+    from posttrain.models.scalar_head import ScoredSequence
     from posttrain.train.rm import PreferencePair
 
     pairs = []

@@ -352,7 +352,7 @@ class RolloutConfig(Section):
 
 
 class CriticConfig(Section):
-    """The PPO critic (``rl.critic``): a scalar-head copy of a causal LM (``posttrain.scalar_head``)."""
+    """The PPO critic (``rl.critic``): a scalar-head copy of a causal LM (``posttrain.models.scalar_head``)."""
 
     model: str | None = Field(None, description="model spec of the critic's backbone; null = the policy's model")
     lr: float = Field(1e-5, gt=0, description="critic learning rate (constant after warmup)")

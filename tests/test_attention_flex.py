@@ -20,8 +20,8 @@ from test_rl_shared_prompt import make_groups
 
 from posttrain.data.batching import collate_packed, collate_shared_prompt
 from posttrain.errors import ConfigError
-from posttrain.train import attention_flex
-from posttrain.train.attention_flex import (
+from posttrain.models import attention_flex
+from posttrain.models.attention_flex import (
     FLEX_ATTENTION,
     build_block_mask,
     flex_packed_attention,
@@ -29,12 +29,9 @@ from posttrain.train.attention_flex import (
     register_flex_attention,
     resolve_attention,
 )
-from posttrain.train.loop import (
-    VARLEN_ATTENTION,
-    prepare_for_training,
-    sft_micro_batch_loss,
-    varlen_sdpa_attention,
-)
+from posttrain.models.attention import VARLEN_ATTENTION, varlen_sdpa_attention
+from posttrain.models.prepare import prepare_for_training
+from posttrain.train.loop import sft_micro_batch_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
@@ -167,7 +164,7 @@ def test_the_mask_is_built_once_per_forward(tokenizer, monkeypatch):
     real = attention_flex.build_block_mask
     monkeypatch.setattr(attention_flex, "build_block_mask", lambda *a: calls.append(1) or real(*a))
     model = use(build_tiny_llama(tokenizer, vocab_size=512), FLEX_ATTENTION)  # 2 layers
-    from posttrain.train.loop import model_inputs
+    from posttrain.models.prepare import model_inputs
 
     with torch.no_grad():
         model(**model_inputs(collate_packed(make_samples(3))))

@@ -31,12 +31,10 @@ import torch
 from conftest import build_tiny_llama
 
 from posttrain.data.batching import collate_packed, collate_padded
-from posttrain.train.attention_flex import FLEX_ATTENTION, register_flex_attention
-from posttrain.train.loop import (
-    VARLEN_ATTENTION,
-    prepare_for_training,
-    sft_micro_batch_loss,
-)
+from posttrain.models.attention_flex import FLEX_ATTENTION, register_flex_attention
+from posttrain.models.attention import VARLEN_ATTENTION
+from posttrain.models.prepare import prepare_for_training
+from posttrain.train.loop import sft_micro_batch_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "benchmarks" / "gpu" / "models" / "smollm2-135m"

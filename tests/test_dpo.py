@@ -123,7 +123,8 @@ def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer, optio
     from transformers import AutoModelForCausalLM
 
     from posttrain.algorithms.preference import preference_optimization_loss
-    from posttrain.train.loop import choose_attention, prepare_for_training
+    from posttrain.models.attention import choose_attention
+    from posttrain.models.prepare import prepare_for_training
 
     pairs = _pairs(tokenizer, arithmetic_rows(6, seed=1))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -15,7 +15,7 @@ WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from posttrain.config import DPOConfig, validate_config
-    from posttrain.scalar_head import ScoredSequence
+    from posttrain.models.scalar_head import ScoredSequence
     from posttrain.train.dpo import run_dpo
     from posttrain.train.rm import PreferencePair
 

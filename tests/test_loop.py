@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.data.batching import collate_packed, collate_padded
+from posttrain.models.attention import choose_attention
+from posttrain.models.prepare import prepare_for_training
 from posttrain.train.loop import (
     build_optimizer,
     build_scheduler,
-    choose_attention,
     evaluate_nll,
     lr_multiplier,
     optimizer_step,
-    prepare_for_training,
     sft_micro_batch_loss,
 )
 

@@ -68,7 +68,7 @@ def test_chat_template_file_replaces_template(tmp_path):
 def test_gguf_cache_is_keyed_by_content_not_path(tmp_path, monkeypatch):
     """The same GGUF bytes under another path or name (a symlinked venv, a copy) reuse one
     conversion; different bytes at the same path get their own."""
-    from posttrain import models
+    from posttrain.models import loading as models
 
     monkeypatch.setenv("POSTTRAIN_CACHE", str(tmp_path / "cache"))
     conversions = []

@@ -201,7 +201,8 @@ class _LazyEngine:
 def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer):
     """One optimizer step gives the same weights whatever the micro-batch token budget."""
     from posttrain.train.rl_update import LossSettings, policy_micro_loss, update_model
-    from posttrain.train.loop import prepare_for_training, choose_attention
+    from posttrain.models.attention import choose_attention
+    from posttrain.models.prepare import prepare_for_training
 
     torch.manual_seed(0)
     groups = []
@@ -475,7 +476,7 @@ def test_share_prompt_with_an_attention_that_ignores_its_mask_is_refused_in_one_
     backend would let completions attend to their siblings. Refused before any file is read."""
     from posttrain.cli import main
     from posttrain.config import SHARED_PROMPT_ATTENTION
-    from posttrain.train.loop import VARLEN_ATTENTION
+    from posttrain.models.attention import VARLEN_ATTENTION
 
     assert VARLEN_ATTENTION in SHARED_PROMPT_ATTENTION
     config = tmp_path / "rl.yaml"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from posttrain.data.batching import collate_shared_prompt, shared_prompt_block_mask
-from posttrain.train.loop import choose_attention, prepare_for_training
+from posttrain.models.attention import choose_attention
+from posttrain.models.prepare import prepare_for_training
 from posttrain.train.rl_rollouts import RolloutSample
 from posttrain.train.rl_update import (
     LossSettings,
@@ -96,7 +97,7 @@ def test_log_probs_entropies_and_gradients_equal_the_plain_packed_layout(tokeniz
 
 
 def test_critic_values_equal_the_plain_packed_layout(tiny_model_dir):
-    from posttrain.scalar_head import load_scalar_head_model
+    from posttrain.models.scalar_head import load_scalar_head_model
 
     critic = varlen(load_scalar_head_model(tiny_model_dir, seed=0)).eval()
     samples = [s for g in make_groups() for s in g]

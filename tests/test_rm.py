@@ -13,7 +13,7 @@ import torch
 
 from posttrain.config import RMConfig, load_config, validate_config
 from posttrain.errors import ConfigError, DataError
-from posttrain.scalar_head import load_scalar_head_model, score_layer, score_sequences
+from posttrain.models.scalar_head import load_scalar_head_model, score_layer, score_sequences
 from posttrain.train.distributed import DistInfo
 from posttrain.train.logging import read_metrics
 from posttrain.train.rm import (
@@ -136,7 +136,8 @@ def test_preflight_audit_runs_on_both_sides(tmp_path, tokenizer, tiny_model_dir,
 
 def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer):
     """Sum of micro-batch shares == one micro-batch holding every pair (loss and gradient)."""
-    from posttrain.train.loop import choose_attention, prepare_for_training
+    from posttrain.models.attention import choose_attention
+    from posttrain.models.prepare import prepare_for_training
 
     rows = arithmetic_rows(6, seed=1)
     for k, row in enumerate(rows):
@@ -184,7 +185,7 @@ def test_step_metrics_count_real_tokens_not_padding():
     from types import SimpleNamespace
 
     from posttrain.data.batching import StepPlan
-    from posttrain.scalar_head import ScoredSequence
+    from posttrain.models.scalar_head import ScoredSequence
     from posttrain.train.rm import PreferencePair, step_metrics
     from posttrain.train.sft import TrainerState
 

@@ -15,7 +15,7 @@ WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from posttrain.config import RMConfig, validate_config
-    from posttrain.scalar_head import ScoredSequence
+    from posttrain.models.scalar_head import ScoredSequence
     from posttrain.train.rm import PreferencePair, run_rm
 
     model_dir, out = sys.argv[1], sys.argv[2]

@@ -9,7 +9,7 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.rewards.model import ModelReward, prompt_messages
 from posttrain.rewards.registry import build_reward
-from posttrain.scalar_head import (
+from posttrain.models.scalar_head import (
     export_tokenizer,
     load_scalar_head_model,
     render_for_scoring,
@@ -85,7 +85,7 @@ def test_config_errors_name_the_parameter(tmp_path, tiny_model_dir):
         build_reward({"name": "model", "path": tiny_model_dir, "batch_size": 4})
 
 
-@pytest.mark.parametrize("name", ["posttrain.rewards.model", "posttrain.scalar_head"])
+@pytest.mark.parametrize("name", ["posttrain.rewards.model", "posttrain.models.scalar_head"])
 def test_docstring_examples(name):
     import doctest
     import importlib

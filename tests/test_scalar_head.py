@@ -8,7 +8,7 @@ import torch
 
 from posttrain.data.batching import collate
 from posttrain.errors import DataError, ModelLoadError
-from posttrain.scalar_head import (
+from posttrain.models.scalar_head import (
     ScoredSequence,
     export_pad_token_id,
     export_tokenizer,
@@ -21,7 +21,8 @@ from posttrain.scalar_head import (
     score_sequences,
     token_values,
 )
-from posttrain.train.loop import choose_attention, prepare_for_training
+from posttrain.models.attention import choose_attention
+from posttrain.models.prepare import prepare_for_training
 
 USER = [{"role": "user", "content": "What is 2 + 3?"}]
 

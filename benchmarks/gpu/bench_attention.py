@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from posttrain.data.batching import collate_packed, collate_shared_prompt
-from posttrain.train import attention_flex
-from posttrain.train.attention_flex import flex_packed_attention
-from posttrain.train.loop import varlen_sdpa_attention
+from posttrain.models import attention_flex
+from posttrain.models.attention_flex import flex_packed_attention
+from posttrain.models.attention import varlen_sdpa_attention
 
 
 def layouts(tokens: int, prompt: int, group: int, seed: int = 0):

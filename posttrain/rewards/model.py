@@ -70,7 +70,7 @@ class ModelReward:
         from transformers import AutoConfig
 
         from posttrain.models import resolve_model_dir
-        from posttrain.scalar_head import is_scalar_head_config
+        from posttrain.models.scalar_head import is_scalar_head_config
 
         try:
             source = resolve_model_dir(self.path)
@@ -89,7 +89,7 @@ class ModelReward:
             import torch
 
             from posttrain.models import load_tokenizer
-            from posttrain.scalar_head import load_scalar_head_model
+            from posttrain.models.scalar_head import load_scalar_head_model
 
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             tokenizer = load_tokenizer(self.path, self.chat_template)
@@ -103,7 +103,7 @@ class ModelReward:
                  metadata: Sequence[dict] | None = None) -> RewardOutput:
         import torch
 
-        from posttrain.scalar_head import render_for_scoring, score_sequences
+        from posttrain.models.scalar_head import render_for_scoring, score_sequences
 
         metadata = check_batch(prompts, completions, metadata)
         if not completions:

@@ -26,7 +26,7 @@ from posttrain.rollout.base import Completion, SamplingParams
 @contextlib.contextmanager
 def _generation_attention(model):
     """Generate with SDPA and the KV cache even when the model trains with packed (varlen)
-    attention and ``use_cache=False`` (``train.loop.prepare_for_training``); restored after."""
+    attention and ``use_cache=False`` (``models.prepare.prepare_for_training``); restored after."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = base.config
     saved_attn, saved_cache = getattr(config, "_attn_implementation", None), getattr(config, "use_cache", None)

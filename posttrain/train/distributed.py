@@ -95,7 +95,7 @@ def shard_model(model: torch.nn.Module, info: DistInfo, *, reshard_after_forward
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     # The root stays unsharded between forward and backward: the loss reads the output
-    # projection's weight after the forward (``train.loop.forward_hidden``).
+    # projection's weight after the forward (``models.prepare.forward_hidden``).
     fully_shard(model, mesh=mesh, reshard_after_forward=False)
     return model
 

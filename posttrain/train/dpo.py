@@ -54,13 +54,13 @@ from posttrain.train.distributed import (
     shutdown_distributed,
 )
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
+from posttrain.models.prepare import unwrap_causal_lm
 from posttrain.train.loop import (
     autocast_context,
     is_due,
     optimizer_step,
     seed_everything,
     tune_cpu_allocator,
-    unwrap_causal_lm,
 )
 from posttrain.train.rl_update import response_token_logprobs
 from posttrain.train.rm import (

@@ -1,7 +1,7 @@
-"""What every trainer (SFT, reward model, RL) shares, as plain functions: model preparation
-(LoRA, gradient checkpointing, packed attention), the forward pass that stops before the
-output projection, AdamW, the learning-rate schedule, one optimizer step over many
-micro-batches, and validation.
+"""What every trainer (SFT, reward model, RL, DPO) shares, as plain functions: seeding,
+AdamW, the learning-rate schedule, one optimizer step over many micro-batches, and
+validation. Preparing and running the model (LoRA, packed attention, the forward pass that
+stops before the output projection) lives in ``models/prepare.py``.
 
 What goes wrong in hand-written loops (docs/PREFLIGHT.md) and what this module guarantees:
 
@@ -12,13 +12,8 @@ What goes wrong in hand-written loops (docs/PREFLIGHT.md) and what this module g
   not depend on how the step was split; under data parallelism each rank's share is
   multiplied by ``world_size`` because FSDP/DDP average gradients over ranks;
 - logits only where they are trained: the model runs to its final hidden states
-  (``logits_to_keep`` = nothing), the trained positions are gathered and the cross-entropy
-  is computed in chunks (``algorithms.sft``).
-
-Packed micro-batches (``data.batching.collate_packed``) run with the ``posttrain_varlen``
-attention registered here: causal scaled-dot-product attention computed sequence by
-sequence from ``cu_seq_lens``, so no sequence attends to another and no [T, T] mask is
-ever built. With ``flash_attention_2`` the same ``cu_seq_lens`` go to the varlen kernel.
+  (``models.prepare.forward_hidden``), the trained positions are gathered and the
+  cross-entropy is computed in chunks (``algorithms.sft``).
 """
 
 from __future__ import annotations
@@ -29,16 +24,14 @@ import random
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 
 from posttrain.algorithms.aggregate import aggregate_token_losses
 from posttrain.algorithms.sft import sft_token_losses
 from posttrain.data.batching import MicroBatch
-
-VARLEN_ATTENTION = "posttrain_varlen"
+from posttrain.models.prepare import forward_hidden
 
 
 # ----------------------------------------------------------------------------- CPU allocator
@@ -81,197 +74,6 @@ def seed_everything(seed: int) -> None:
         np.random.seed(seed % (2**32))
     except ImportError:
         pass
-
-
-# ----------------------------------------------------------------------------- attention
-
-
-def varlen_sdpa_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    cu_seq_lens_q: torch.Tensor | None = None,
-    posttrain_block_masks: Sequence[torch.Tensor] | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Causal attention inside each packed sequence (transformers attention interface).
-
-    Args:
-        query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (packed row, batch of one).
-        cu_seq_lens_q: [S + 1] cumulative sequence lengths; None falls back to plain
-            causal attention over the row (a single sequence).
-        posttrain_block_masks: optional, one [L_s, L_s] bool mask per block of
-            ``cu_seq_lens_q`` used instead of causal attention inside it (the shared-prompt
-            layout of ``data.batching.collate_shared_prompt``).
-
-    Returns:
-        ([1, T, Hq, D] attention output, None).
-    """
-    out_dtype = query.dtype
-    if query.device.type == "cpu" and out_dtype == torch.bfloat16:
-        # CPU SDPA forward+backward is ~25% cheaper in fp32 than in bf16 (measured, 1 thread,
-        # 9 heads x 200 tokens); the output goes back to bf16 for the next matmul.
-        query, key, value = query.float(), key.float(), value.float()
-    gqa = query.shape[1] != key.shape[1]  # grouped-query attention without copying key/value heads
-    if cu_seq_lens_q is None or attention_mask is not None:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-            is_causal=attention_mask is None and query.shape[2] > 1, enable_gqa=gqa,
-        )
-        return out.transpose(1, 2).contiguous().to(out_dtype), None
-    if query.shape[0] != 1:
-        raise ValueError("packed attention expects a single packed row")
-    bounds = cu_seq_lens_q.tolist()
-    pieces = []
-    for block, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        block_mask = None if posttrain_block_masks is None else posttrain_block_masks[block]
-        pieces.append(F.scaled_dot_product_attention(
-            query[:, :, start:end], key[:, :, start:end], value[:, :, start:end], attn_mask=block_mask,
-            dropout_p=dropout, scale=scaling, is_causal=block_mask is None and end - start > 1, enable_gqa=gqa,
-        ))
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
-    return out.transpose(1, 2).contiguous().to(out_dtype), None
-
-
-def register_varlen_attention() -> str:
-    """Make ``posttrain_varlen`` a transformers attention implementation; returns its name."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VARLEN_ATTENTION, varlen_sdpa_attention)
-    return VARLEN_ATTENTION
-
-
-def choose_attention(packing: bool, requested: str | None) -> str:
-    """The attention backend for training: the user's choice, else varlen SDPA when packing."""
-    if requested:
-        return requested
-    return register_varlen_attention() if packing else "sdpa"
-
-
-# ----------------------------------------------------------------------------- model
-
-
-def unwrap_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers CausalLM inside an optional peft wrapper."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def train_top_blocks_only(model: torch.nn.Module, blocks: int,
-                          also_train: Sequence[torch.nn.Module] = ()) -> torch.nn.Module:
-    """Freeze everything but the top ``blocks`` decoder blocks, the final norm and the
-    modules in ``also_train`` (a scalar head), in place; returns ``model``.
-
-    Autograd then stops at the lowest trainable block: a step costs one forward plus about
-    ``blocks / L`` of a backward (partial fine-tuning for small hardware). ``blocks=0``
-    trains the norm (and ``also_train``) only. Raises ValueError outside ``0..L``.
-    """
-    decoder = unwrap_causal_lm(model).get_decoder()
-    layers = list(getattr(decoder, "layers", None) or [])
-    if not layers:
-        raise ValueError(f"cannot find the decoder blocks of {type(decoder).__name__}")
-    if not 0 <= blocks <= len(layers):
-        raise ValueError(f"the model has {len(layers)} decoder blocks, got {blocks}")
-    keep_modules = layers[len(layers) - blocks:] + [getattr(decoder, "norm", None), *also_train]
-    keep = {id(p) for module in keep_modules if module is not None for p in module.parameters()}
-    for parameter in model.parameters():
-        if id(parameter) not in keep:
-            parameter.requires_grad_(False)
-    return model
-
-
-def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float,
-               target_modules: Sequence[str] | str, task_type: str = "CAUSAL_LM") -> torch.nn.Module:
-    """Wrap ``model`` with peft LoRA adapters; only adapter weights stay trainable.
-
-    ``task_type="SEQ_CLS"`` for scalar-head models (reward model, critic): peft then also
-    trains a full copy of the ``score`` head and ``merge_and_unload`` puts it back.
-    """
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type=task_type,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-    )
-    return get_peft_model(model, config)
-
-
-def prepare_for_training(model: torch.nn.Module, *, attn_implementation: str,
-                         gradient_checkpointing: bool) -> torch.nn.Module:
-    """Set the attention backend, gradient checkpointing and train mode (in place)."""
-    causal_lm = unwrap_causal_lm(model)
-    if attn_implementation == VARLEN_ATTENTION:
-        register_varlen_attention()
-    elif attn_implementation in ("posttrain_flex", "auto"):  # FlexAttention on CUDA (train/attention_flex.py)
-        from posttrain.train.attention_flex import resolve_attention
-
-        attn_implementation = resolve_attention(attn_implementation, next(model.parameters()).device)
-    causal_lm.config._attn_implementation = attn_implementation
-    causal_lm.config.use_cache = False
-    if gradient_checkpointing:
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
-    model.train()
-    return model
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(all parameters, trainable parameters), counting tied weights once."""
-    seen: set[int] = set()
-    total = trainable = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        n = p.numel()
-        total += n
-        trainable += n if p.requires_grad else 0
-    return total, trainable
-
-
-def forward_hidden(model: torch.nn.Module, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the CausalLM up to its final hidden states; no logits are computed.
-
-    The full model's forward is called (so FSDP's root hooks run) with ``logits_to_keep``
-    selecting no position; the decoder's output is captured with a forward hook.
-
-    Returns:
-        (hidden_BTH [B, T, H] after the final norm, lm_head weight [V, H]).
-    """
-    causal_lm = unwrap_causal_lm(model)
-    decoder = causal_lm.get_decoder()
-    captured: list[torch.Tensor] = []
-
-    def keep_output(_module, _inputs, output):
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-    handle = decoder.register_forward_hook(keep_output)
-    try:
-        model(**model_inputs(batch),
-              logits_to_keep=torch.zeros(0, dtype=torch.long, device=batch.input_ids.device))
-    finally:
-        handle.remove()
-    lm_head = causal_lm.get_output_embeddings()
-    return captured[-1], lm_head.weight
-
-
-def model_inputs(batch: MicroBatch) -> dict[str, Any]:
-    """Keyword arguments of a transformers forward for ``batch``: packed rows carry their
-    sequence bounds (and shared-prompt block masks) to the varlen attention, padded rows
-    their attention mask."""
-    kwargs: dict[str, Any] = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
-    if batch.packed:
-        kwargs.update(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
-                      max_length_q=batch.max_seq_len, max_length_k=batch.max_seq_len)
-        if batch.block_masks is not None:
-            kwargs["posttrain_block_masks"] = batch.block_masks
-    else:
-        kwargs["attention_mask"] = batch.attention_mask
-    return kwargs
 
 
 def sft_micro_batch_loss(

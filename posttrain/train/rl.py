@@ -9,7 +9,7 @@ Phase 3 of docs/PIPELINE.md. One step:
 Algorithms (``rl.algorithm``): ``grpo`` (Shao et al. 2024), ``dr_grpo`` (Liu et al. 2025: no
 std division; pair it with ``loss_agg_mode: sum``, divided by sequences x max_new_tokens),
 ``rloo`` (Ahmadian et al. 2024), ``reinforce_pp`` (Hu 2025) and ``ppo`` (Schulman et al.
-2017; GAE with a learned scalar-head critic, ``posttrain.scalar_head``). DAPO options: clip-higher
+2017; GAE with a learned scalar-head critic, ``posttrain.models.scalar_head``). DAPO options: clip-higher
 (``rl.clip_high``), dynamic sampling, overlong filtering / soft punishment.
 
 Deviations and shortcuts, stated:
@@ -70,17 +70,19 @@ from posttrain.train.distributed import (
     shutdown_distributed,
 )
 from posttrain.train.logging import MetricsLogger, Progress, RunDir
-from posttrain.train.loop import (
-    is_due,
+from posttrain.models.attention import choose_attention
+from posttrain.models.prepare import (
     apply_lora,
-    build_optimizer,
-    build_scheduler,
-    choose_attention,
     count_parameters,
     prepare_for_training,
+    train_top_blocks_only,
+)
+from posttrain.train.loop import (
+    build_optimizer,
+    build_scheduler,
+    is_due,
     resolve_warmup_steps,
     seed_everything,
-    train_top_blocks_only,
 )
 from posttrain.train.rl_rollouts import (
     PromptRow,
@@ -287,7 +289,7 @@ def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -
 
 def train_top_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     """Train only the top ``layers`` decoder blocks and the final norm of the policy
-    (``train.loop.train_top_blocks_only``); a bad count names ``rl.train_top_layers``."""
+    (``models.prepare.train_top_blocks_only``); a bad count names ``rl.train_top_layers``."""
     try:
         return train_top_blocks_only(model, layers)
     except ValueError as exc:
@@ -326,8 +328,8 @@ def _frozen(model: torch.nn.Module, config: RLConfig) -> torch.nn.Module:
 
 
 def build_critic(config: RLConfig, info: DistInfo) -> torch.nn.Module:
-    """The PPO critic: a scalar-head model (``posttrain.scalar_head``) on the policy's or its own backbone."""
-    from posttrain.scalar_head import load_scalar_head_model, train_top_layers_only
+    """The PPO critic: a scalar-head model (``posttrain.models.scalar_head``) on the policy's or its own backbone."""
+    from posttrain.models.scalar_head import load_scalar_head_model, train_top_layers_only
 
     critic_config = config.rl.critic
     critic = load_scalar_head_model(critic_config.model or config.model.name, seed=config.train.seed)

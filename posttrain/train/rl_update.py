@@ -4,7 +4,7 @@ and the PPO-style policy and critic updates. The math lives in ``posttrain.algor
 
 Layout: samples are packed padding-free (``data.batching.collate_packed``) into micro-batches
 within ``rl.micro_batch_tokens``; the model runs to its final hidden states
-(``train.loop.forward_hidden``) and log-probs / entropies are computed only at the positions
+(``models.prepare.forward_hidden``) and log-probs / entropies are computed only at the positions
 that predict response tokens, chunk by chunk (``algorithms.sft``). In every micro-batch the
 gathered response tokens come out in sample order, so each sample's per-token tensors
 (``old_logp``, ``advantages``...) are simply concatenated to line up with them.
@@ -41,7 +41,8 @@ from posttrain.algorithms.sft import (
 )
 from posttrain.data.batching import MicroBatch, collate_packed, collate_shared_prompt, split_into_micro_batches
 from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
-from posttrain.train.loop import autocast_context, forward_hidden, optimizer_step
+from posttrain.models.prepare import forward_hidden
+from posttrain.train.loop import autocast_context, optimizer_step
 from posttrain.train.rl_rollouts import RolloutSample
 
 # ----------------------------------------------------------------------------- layout
@@ -134,7 +135,7 @@ def response_token_logprobs(model: torch.nn.Module, batch: MicroBatch, *, temper
 
 def response_token_values(critic: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """The critic's value at each position that predicts a response token: [N] (sample order)."""
-    from posttrain.scalar_head import token_values
+    from posttrain.models.scalar_head import token_values
 
     return token_values(critic, batch).reshape(-1).index_select(0, response_positions(batch)[0])
 

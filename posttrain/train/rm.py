@@ -5,7 +5,7 @@ model that scores the chosen one higher, check its accuracy on held-out pairs, a
 the reward of RL (``rewards.model``). The loss is ``algorithms.preference.bradley_terry_loss``
 (InstructGPT eq. 1, optional per-pair margin as in Llama 2, optional reward centring).
 
-The model is a causal LM with a scalar head (``posttrain.scalar_head``); its score is read at
+The model is a causal LM with a scalar head (``posttrain.models.scalar_head``); its score is read at
 the last token of each response (the end-of-turn token). Both sides of a pair are rendered
 with the same chat template as SFT data, go through the same pre-flight audit
 (``data.audit``: consistency, end-of-turn token, empty masks, length) and always share a
@@ -42,7 +42,7 @@ from posttrain.data.preference import preference_messages  # the shared preferen
 from posttrain.errors import ConfigError, DataError
 from posttrain.log import say, say_stdout
 from posttrain.models import load_tokenizer
-from posttrain.scalar_head import (
+from posttrain.models.scalar_head import (
     ScoredSequence,
     export_pad_token_id,
     export_tokenizer,
@@ -59,7 +59,8 @@ from posttrain.scalar_head import (
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
-from posttrain.train.loop import apply_lora, autocast_context, is_due, optimizer_step, seed_everything
+from posttrain.models.prepare import apply_lora
+from posttrain.train.loop import autocast_context, is_due, optimizer_step, seed_everything
 from posttrain.train.session import RunSession, guard_step, open_run
 from posttrain.train.sft import (
     TrainerState,

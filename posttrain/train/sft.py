@@ -44,16 +44,14 @@ from posttrain.train.distributed import (
     shutdown_distributed,
 )
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
+from posttrain.models.attention import choose_attention
+from posttrain.models.prepare import apply_lora, count_parameters, prepare_for_training
 from posttrain.train.loop import (
-    is_due,
-    apply_lora,
     build_optimizer,
     build_scheduler,
-    choose_attention,
-    count_parameters,
     evaluate_nll,
+    is_due,
     optimizer_step,
-    prepare_for_training,
     resolve_warmup_steps,
     seed_everything,
     sft_micro_batch_loss,

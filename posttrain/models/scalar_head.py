@@ -15,7 +15,7 @@ Representation: the Hugging Face ``XxxForSequenceClassification`` class with
 - initialising from any causal LM directory works unchanged (the backbone's weight names
   are the same; only ``score`` is new), for every architecture transformers ships with a
   sequence-classification class;
-- the shared training machinery (``train.loop.prepare_for_training``, LoRA,
+- the shared training machinery (``models.prepare.prepare_for_training``, LoRA,
   ``train.distributed.shard_model``, ``train.checkpoint``) already handles HF models.
 
 What we do NOT use is HF's own pooling, which reads the rightmost non-padding token and so
@@ -45,7 +45,7 @@ import torch
 from posttrain.data.batching import MicroBatch, collate
 from posttrain.data.render import location, render_conversation
 from posttrain.errors import DataError, ModelLoadError
-from posttrain.train.loop import model_inputs, train_top_blocks_only
+from posttrain.models.prepare import model_inputs, train_top_blocks_only
 
 # ----------------------------------------------------------------------------- model
 
@@ -96,7 +96,7 @@ def load_scalar_head_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models import _load_failure_message, _quiet_transformers, adapter_base, load_model_config, merge_adapter
+    from posttrain.models.loading import _load_failure_message, _quiet_transformers, adapter_base, load_model_config, merge_adapter
 
     source, config = load_model_config(spec)  # without a stale GGUF quantization entry
     with _quiet_transformers():
@@ -145,7 +145,7 @@ def make_head_trainable(model: torch.nn.Module) -> torch.nn.Module:
 
 def train_top_layers_only(model: torch.nn.Module, layers: int) -> torch.nn.Module:
     """Freeze the embeddings and all but the top ``layers`` decoder blocks; the final norm and
-    the head stay trainable (``train.loop.train_top_blocks_only``): partial fine-tuning for
+    the head stay trainable (``models.prepare.train_top_blocks_only``): partial fine-tuning for
     reward models and critics on small hardware. ``layers=0`` trains the head (and norm) only.
     """
     return train_top_blocks_only(model, layers, also_train=[score_layer(model)])

@@ -341,7 +341,7 @@ def load_model_config(spec: str = DEFAULT_MODEL) -> tuple[str, Any]:
     ``quantization_config`` entry (see ``_drop_gguf_quantization_entry``).
 
     For loaders that adjust the config before building a model class of their own (the
-    scalar-head model of ``posttrain.scalar_head``). Raises ModelLoadError (one line).
+    scalar-head model of ``posttrain.models.scalar_head``). Raises ModelLoadError (one line).
     """
     from transformers import AutoConfig
 

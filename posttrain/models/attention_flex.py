@@ -1,6 +1,6 @@
 """Packed and shared-prompt attention on GPU with FlexAttention and a block-sparse mask.
 
-``posttrain_varlen`` (``train.loop.varlen_sdpa_attention``) runs one scaled-dot-product
+``posttrain_varlen`` (``models.attention.varlen_sdpa_attention``) runs one scaled-dot-product
 attention per packed sequence: exact, and cheap on a CPU, but on a GPU it launches one
 kernel per sequence per layer and, for the shared-prompt layout, feeds each block a dense
 [L, L] boolean mask (which rules out the flash kernel). This module registers
@@ -179,7 +179,7 @@ def flex_packed_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """Causal attention inside each packed sequence via one ``flex_attention`` call
-    (transformers attention interface; same contract as ``train.loop.varlen_sdpa_attention``).
+    (transformers attention interface; same contract as ``models.attention.varlen_sdpa_attention``).
 
     Args:
         query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (packed row, batch of one).
@@ -225,7 +225,7 @@ def resolve_attention(requested: str, device: torch.device) -> str:
     if requested == AUTO_ATTENTION:
         if device.type == "cuda":
             return register_flex_attention()
-        from posttrain.train.loop import register_varlen_attention
+        from posttrain.models.attention import register_varlen_attention
 
         return register_varlen_attention()
     if requested == FLEX_ATTENTION:
