@@ -81,9 +81,9 @@ def worker_posttrain(args) -> dict:
         "reward": "math",
         "optim": {"lr": args.lr, "betas": [0.9, 0.999], "weight_decay": 0.0, "schedule": "constant",
                   "max_grad_norm": 1.0},
-        "rl": {"algorithm": "grpo", "prompts_per_step": args.prompts, "kl_coef": 0.0, "ppo_epochs": 1,
-               "loss_agg_mode": "token-mean", "micro_batch_tokens": args.micro_batch_tokens},
-        "train": {"steps": args.steps + 1, "samples_every": None, "eval_before": False, "export": False,
+        "rl": {"algorithm": "grpo", "prompts_per_step": args.prompts, "kl_coef": 0.0, "ppo_epochs": 1},
+        "train": {"max_steps": args.steps + 1, "loss_agg_mode": "token-mean", "micro_batch_tokens": args.micro_batch_tokens,
+                  "samples_every": None, "eval_before": False, "export": False,
                   "seed": 0, "precision": args.precision},
     })
     result = run_rl(config)

@@ -113,6 +113,16 @@ class DataConfig(Section):
     limit: int | None = Field(None, gt=0, description="use only the first N rows")
 
 
+class SFTDataConfig(DataConfig):
+    """``data`` of ``posttrain sft`` (and ``inspect``): the shared data settings plus how tool use is laid out."""
+
+    tool_format: Literal["chat_template", "inline"] = Field(
+        "chat_template", description="tool calls and results: rendered by the tokenizer's chat template, or inline: "
+                                     "python tool use in the last turn laid out by posttrain as the RL turn loop "
+                                     "samples it (```python blocks, <output> blocks not trained), for templates "
+                                     "without tools")
+
+
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0)
@@ -178,7 +188,7 @@ class SFTConfig(Section):
     run: RunConfig = RunConfig(name="sft")
     model: ModelConfig = ModelConfig()
     lora: LoRAConfig = LoRAConfig()
-    data: DataConfig = DataConfig()
+    data: SFTDataConfig = SFTDataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
 
@@ -372,13 +382,9 @@ class RLAlgorithmConfig(Section):
     ppo_epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     mini_batch_size: int | None = Field(
         None, gt=0, description="sequences per optimizer step; null = the whole rollout batch (one step per epoch)")
-    micro_batch_tokens: int = Field(4096, gt=0, description="token budget of one forward/backward (packed)")
     share_prompt: bool = Field(True, description="lay out each group's prompt once in the log-prob and update "
                                                  "passes (same math, fewer tokens); false: one packed sequence "
                                                  "per completion")
-    loss_agg_mode: LossAggMode = Field(
-        "token-mean", description="how token losses are aggregated; 'sum' is divided by sequences x max_new_tokens "
-                                  "(Dr. GRPO's constant normaliser)")
     clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio lower bound 1 - clip_low")
     clip_high: float | None = Field(None, gt=0, description="ratio upper bound 1 + clip_high (DAPO clip-higher: 0.28); null = clip_low")
     dual_clip_c: float | None = Field(None, gt=1, description="dual clip bound for negative advantages (e.g. 3); null = off")
@@ -411,7 +417,11 @@ class RLAlgorithmConfig(Section):
 class RLTrainConfig(RunFaultsConfig):
     """Steps, precision, logging, evaluation and checkpoints of ``posttrain rl``."""
 
-    steps: int = Field(50, gt=0, description="RL steps (one rollout batch each)")
+    max_steps: int = Field(50, gt=0, description="RL steps (one rollout batch each)")
+    micro_batch_tokens: int = Field(4096, gt=0, description="token budget of one forward/backward (packed, per rank)")
+    loss_agg_mode: LossAggMode = Field(
+        "token-mean", description="how token losses are aggregated; 'sum' is divided by sequences x max_new_tokens "
+                                  "(Dr. GRPO's constant normaliser)")
     seed: int = Field(0, description="seed of prompt order, sampling and initialisation")
     precision: Precision = Field(
         "fp32", description="bf16 = autocast with fp32 master weights; auto = bf16 where the hardware computes it "

@@ -372,7 +372,7 @@ def test_code_reward_from_a_cuda_trainer(tiny_model_dir, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"Write add(a, b) returning a + b. ({k})", "tests": tests}) + "\n"
                                for k in range(4)))
     config = make_config(tiny_model_dir, tmp_path, data={"train": str(prompts), "limit": 4}, reward="code",
-                         train={"precision": "bf16", "steps": 1})
+                         train={"precision": "bf16", "max_steps": 1})
     result = run_rl(config)
     assert [h["reward/mean"] for h in result.history] == [0.0]  # a random model writes no passing add()
     used_the_device()

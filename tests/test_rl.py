@@ -43,7 +43,7 @@ def make_config(model_dir: str, out: Path, **sections) -> RLConfig:
         "rollout": {"group_size": 4, "max_new_tokens": 6, "engine_logprobs": True},
         "rl": {"prompts_per_step": 2},
         "optim": {"lr": 1e-3},
-        "train": {"steps": 2, "samples_every": 1},
+        "train": {"max_steps": 2, "samples_every": 1},
         "run": {"output_dir": str(out), "progress": False, "tensorboard": False},
     }
     for section, values in sections.items():
@@ -68,7 +68,7 @@ def initial_weights(model_dir: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("algorithm,extra", [
     ("grpo", {}),
-    ("dr_grpo", {"loss_agg_mode": "sum"}),
+    ("dr_grpo", {"train": {"loss_agg_mode": "sum"}}),
     ("rloo", {"kl_coef": 0.05, "kl_estimator": "k1"}),
     ("reinforce_pp", {"kl_coef": 0.05, "kl_in": "reward"}),
     ("ppo", {"kl_coef": 0.05, "kl_in": "reward", "ppo_epochs": 2, "mini_batch_size": 4}),
@@ -76,7 +76,8 @@ def initial_weights(model_dir: str) -> dict[str, torch.Tensor]:
 def test_every_algorithm_trains_finite_and_changes_weights(algorithm, extra, tiny_model_dir, tmp_path):
     from posttrain.train.rl import run_rl
 
-    config = make_config(tiny_model_dir, tmp_path, rl={"algorithm": algorithm, **extra},
+    train = extra.pop("train", {})
+    config = make_config(tiny_model_dir, tmp_path, rl={"algorithm": algorithm, **extra}, train=train,
                          run={"name": algorithm})
     result = run_rl(config, reward_fn=vowel_reward)
     assert len(result.history) == 2
@@ -105,12 +106,12 @@ def test_exact_resume_ppo_with_adaptive_kl(tiny_model_dir, tmp_path):
     rl = {"algorithm": "ppo", "kl_coef": 0.1, "target_kl": 0.01, "kl_horizon": 100.0, "kl_in": "reward",
           "mini_batch_size": 4}
     straight = run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "straight"},
-                                  train={"steps": 4, "save_every": 4}), reward_fn=vowel_reward)
+                                  train={"max_steps": 4, "save_every": 4}), reward_fn=vowel_reward)
     run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "split"},
-                       train={"steps": 2, "save_every": 2, "export": False}), reward_fn=vowel_reward)
+                       train={"max_steps": 2, "save_every": 2, "export": False}), reward_fn=vowel_reward)
     resumed = run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": "split"},
-                                 train={"steps": 4, "save_every": 4, "resume": "latest",
-                                        "resume_allow_changes": ["train.steps"]}), reward_fn=vowel_reward)
+                                 train={"max_steps": 4, "save_every": 4, "resume": "latest",
+                                        "resume_allow_changes": ["train.max_steps"]}), reward_fn=vowel_reward)
     assert resumed.history[0]["step"] == 3
     assert straight.history[2]["reward/mean"] == resumed.history[0]["reward/mean"]
     assert straight.history[3]["kl_coef"] == resumed.history[1]["kl_coef"] != 0.1  # the controller moved
@@ -155,7 +156,7 @@ def test_token_in_token_out(tiny_model_dir, tmp_path, tokenizer):
 
     ids = tokenizer.encode("h", add_special_tokens=False) + tokenizer.encode("ello", add_special_tokens=False)
     assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) != ids
-    config = make_config(tiny_model_dir, tmp_path, rl={"ppo_epochs": 2}, train={"steps": 1})
+    config = make_config(tiny_model_dir, tmp_path, rl={"ppo_epochs": 2}, train={"max_steps": 1})
     seen: list[list[int]] = []
     original = rl_module.compute_rollout_tensors
 
@@ -496,7 +497,7 @@ def test_grpo_raises_a_reward_the_policy_can_reach(tiny_model_dir, tmp_path):
 
     config = make_config(tiny_model_dir, tmp_path, rl={"algorithm": "grpo", "prompts_per_step": 4},
                          rollout={"group_size": 8, "max_new_tokens": 8, "temperature": 1.0},
-                         optim={"lr": 3e-2}, train={"steps": 12, "samples_every": 100})
+                         optim={"lr": 3e-2}, train={"max_steps": 12, "samples_every": 100})
     rewards = [record["reward/mean"] for record in run_rl(config, reward_fn=vowel_reward).history]
     first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
     assert last > first + 0.1, rewards
@@ -524,7 +525,7 @@ def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(ti
     monkeypatch.setattr(rl_module, "policy_micro_loss", nan_on_step_2)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError) as info:
-        run_rl(make_config(tiny_model_dir, tmp_path, train={"steps": 3, "save_every": 1}), reward_fn=counting_reward)
+        run_rl(make_config(tiny_model_dir, tmp_path, train={"max_steps": 3, "save_every": 1}), reward_fn=counting_reward)
     assert str(info.value) == (
         f"rl: step 2: 1 of its 1 optimizer steps had a NaN/inf loss or gradient norm, so its update was not applied "
         f"and the run stopped (none may be skipped, train.skip_nonfinite_steps); the last checkpoint, "
@@ -534,7 +535,7 @@ def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(ti
     assert {json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()} == {1}
 
     monkeypatch.setattr(rl_module, "policy_micro_loss", real_loss)
-    resumed = run_rl(make_config(tiny_model_dir, tmp_path, train={"steps": 3, "save_every": 1, "resume": "latest"}),
+    resumed = run_rl(make_config(tiny_model_dir, tmp_path, train={"max_steps": 3, "save_every": 1, "resume": "latest"}),
                      reward_fn=vowel_reward)
     assert [h["step"] for h in resumed.history] == [2, 3]
     assert all(torch.isfinite(t).all() for t in final_weights(run).values())

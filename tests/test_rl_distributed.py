@@ -74,9 +74,9 @@ WORKER = textwrap.dedent("""
         return validate_config(RLConfig, {
             "model": {"name": model_dir}, "data": {"train": "unused.jsonl"},
             "rollout": {"group_size": 3, "max_new_tokens": 5, "engine": engine},
-            "rl": {"algorithm": algorithm, "prompts_per_step": 4, "micro_batch_tokens": 48, "kl_coef": 0.05, **rl},
+            "rl": {"algorithm": algorithm, "prompts_per_step": 4, "kl_coef": 0.05, **rl},
             "optim": {"lr": 1e-2},
-            "train": {"steps": steps, "samples_every": 1, "samples_per_log": 100, "save_every": steps, **dict(train)},
+            "train": {"max_steps": steps, "micro_batch_tokens": 48, "samples_every": 1, "samples_per_log": 100, "save_every": steps, **dict(train)},
             "run": {"output_dir": out, "name": name, "progress": False, "tensorboard": False},
         })
 
@@ -84,7 +84,7 @@ WORKER = textwrap.dedent("""
     runs = {
         "grpo": config("grpo", "grpo", entropy_coef=0.01),
         "reinforce_pp": config("reinforce_pp", "reinforce_pp", kl_in="reward", share_prompt=False,
-                               loss_agg_mode="seq-mean-token-mean"),
+                               train={"loss_agg_mode": "seq-mean-token-mean"}),
         "ppo": config("ppo", "ppo", kl_in="reward", ppo_epochs=2),
         "dapo": config("dapo", "grpo", dynamic_sampling=True, max_refill_rounds=2, overlong="filter",
                        mini_batch_size=6, clip_high=0.28),
@@ -98,7 +98,7 @@ WORKER = textwrap.dedent("""
     adaptive = dict(target_kl=0.001, kl_horizon=10.0)
     runs = {"straight": config("straight", "grpo", **adaptive),
             "split": config("split", "grpo", steps=1, train={"export": False}, **adaptive),
-            "resumed": config("split", "grpo", train={"resume": "latest", "resume_allow_changes": ["train.steps"]},
+            "resumed": config("split", "grpo", train={"resume": "latest", "resume_allow_changes": ["train.max_steps"]},
                               **adaptive)}
     for name, cfg in runs.items():
         histories[name] = run_rl(cfg, engine=PromptDeterminedEngine(), prompts=(rows, []), reward_fn=vowels).history

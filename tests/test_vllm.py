@@ -93,7 +93,7 @@ def test_one_grpo_step_through_vllm(engine, policy, tokenizer, tmp_path):
     config = validate_config(RLConfig, {
         "model": {"name": str(model_dir)}, "data": {"train": "examples/data/rl_arithmetic_train.jsonl", "limit": 8},
         "rollout": {"engine": "vllm", "group_size": 4, "max_new_tokens": 6}, "rl": {"prompts_per_step": 2},
-        "optim": {"lr": 1e-3}, "train": {"steps": 1},
+        "optim": {"lr": 1e-3}, "train": {"max_steps": 1},
         "run": {"output_dir": str(tmp_path), "progress": False, "tensorboard": False}})
     result = run_rl(config, reward_fn=reward)
     record = result.history[0]

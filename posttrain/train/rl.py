@@ -183,9 +183,9 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
         result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info)
     with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
                        wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
-            Progress(config.train.steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
+            Progress(config.train.max_steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
                      keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress:
-        while state.step < config.train.steps:
+        while state.step < config.train.max_steps:
             started = time.perf_counter()
             batch = collect_rollouts(engine, train_rows, sampler, reward_fn,
                                      **rollout_arguments(config, state.step, info))  # this rank's groups
@@ -206,17 +206,17 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
             state.elapsed_s += time.perf_counter() - started
             metrics = step_metrics(config, whole, adv_metrics, update_metrics, gap, times, kl_controller.value,
                                    time.perf_counter() - started)
-            if is_due(state.step, config.train.eval_every, config.train.steps) and eval_rows:
+            if is_due(state.step, config.train.eval_every, config.train.max_steps) and eval_rows:
                 result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
                 metrics.update(result.eval_after)
-            if info.is_main and is_due(state.step, config.train.samples_every, config.train.steps):
+            if info.is_main and is_due(state.step, config.train.samples_every, config.train.max_steps):
                 append_samples(run.samples, state.step, whole, train_rows, config.train.samples_per_log)
-            if state.step % config.train.log_every == 0 or state.step == config.train.steps:
+            if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 result.history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
             state.sampler, state.kl_controller = sampler.state_dict(), kl_controller.state_dict()
-            session.step_boundary(state.step, config.train.steps, info=info, checkpoints=run.checkpoints,
-                                  due=is_due(state.step, config.train.save_every, config.train.steps),
+            session.step_boundary(state.step, config.train.max_steps, info=info, checkpoints=run.checkpoints,
+                                  due=is_due(state.step, config.train.save_every, config.train.max_steps),
                                   save=lambda: save_rl_checkpoint(run, state, models, info, config=config))
     if eval_rows and not result.eval_after and config.train.eval_every is None:
         result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
@@ -348,7 +348,7 @@ def optimizer_steps_per_rl_step(config: RLConfig) -> int:
 
 def build_trainables(config: RLConfig, info: DistInfo) -> Trainables:
     optim = config.optim
-    total = config.train.steps * optimizer_steps_per_rl_step(config)
+    total = config.train.max_steps * optimizer_steps_per_rl_step(config)
     warmup = resolve_warmup_steps(total, optim.warmup_ratio, optim.warmup_steps)
     if warmup >= total and warmup > 0:
         raise ConfigError(f"optim.warmup_steps ({warmup}) is not shorter than the run ({total} optimizer steps)")
@@ -421,7 +421,7 @@ def needs_old_logprobs(config: RLConfig) -> bool:
 def rollout_pass_arguments(config: RLConfig, models: Trainables, info: DistInfo, pad_id: int) -> dict[str, Any]:
     return dict(policy=models.policy if needs_old_logprobs(config) else None, reference=models.reference,
                 critic=models.critic, temperature=config.rollout.temperature,
-                chunk_size=config.train.logits_chunk_size, micro_batch_tokens=config.rl.micro_batch_tokens,
+                chunk_size=config.train.logits_chunk_size, micro_batch_tokens=config.train.micro_batch_tokens,
                 share_prompt=config.rl.share_prompt, pad_token_id=pad_id, precision=config.train.precision,
                 device=info.device)
 
@@ -518,9 +518,9 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
         return {}
     filler = None
     if info.distributed:
-        chunk, micro = pack_micro_batches([filler_sample(pad_id)], rl.micro_batch_tokens, pad_id, rl.share_prompt)[0]
+        chunk, micro = pack_micro_batches([filler_sample(pad_id)], config.train.micro_batch_tokens, pad_id, rl.share_prompt)[0]
         filler = (chunk, micro.to(info.device))
-    common = dict(ppo_epochs=rl.ppo_epochs, seed=config.train.seed + step, micro_batch_tokens=rl.micro_batch_tokens,
+    common = dict(ppo_epochs=rl.ppo_epochs, seed=config.train.seed + step, micro_batch_tokens=config.train.micro_batch_tokens,
                   share_prompt=rl.share_prompt, pad_token_id=pad_id, precision=config.train.precision, device=info.device,
                   max_grad_norm=config.optim.max_grad_norm, world_size=info.world_size, info=info, filler=filler)
     metrics: dict[str, float] = {}
@@ -528,12 +528,12 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
         critic_metrics = update_model(
             models.critic, models.critic_optimizer, models.critic_scheduler, batches,
             lambda m, item, **kw: critic_micro_loss(m, item, value_clip=rl.critic.value_clip,
-                                                    loss_agg_mode=rl.loss_agg_mode, **kw), **common)
+                                                    loss_agg_mode=config.train.loss_agg_mode, **kw), **common)
         metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
         if step < rl.critic.warmup_steps:
             return metrics
     settings = LossSettings(
-        clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip_c=rl.dual_clip_c, loss_agg_mode=rl.loss_agg_mode,
+        clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip_c=rl.dual_clip_c, loss_agg_mode=config.train.loss_agg_mode,
         kl_coef=kl_coef if rl.kl_in == "loss" else 0.0, kl_estimator=rl.kl_estimator, kl_in_loss=rl.kl_in == "loss",
         kl_clamp=rl.kl_clamp,
         entropy_coef=rl.entropy_coef, temperature=config.rollout.temperature,
@@ -666,7 +666,7 @@ def announce(config: RLConfig, info: DistInfo, models: Trainables, train_rows: S
     total, trainable = count_parameters(models.policy)
     rl, rollout = config.rl, config.rollout
     reference = "none" if models.reference is None else ("adapter-disabled base" if config.lora.enabled else "frozen copy")
-    say(f"rl: {rl.algorithm}, {len(train_rows)} train / {len(eval_rows)} held-out prompts; {config.train.steps} steps "
+    say(f"rl: {rl.algorithm}, {len(train_rows)} train / {len(eval_rows)} held-out prompts; {config.train.max_steps} steps "
           f"x {rl.prompts_per_step} prompts x {rollout.group_size} completions (<= {rollout.max_new_tokens} tokens, "
           f"{rollout.engine}); model {config.model.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained); "
           f"reference: {reference}" + (f"; critic: {config.rl.critic.model or config.model.name}" if models.critic else "")

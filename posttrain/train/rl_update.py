@@ -3,7 +3,7 @@ and the PPO-style policy and critic updates. The math lives in ``posttrain.algor
 (advantages, policy, kl, aggregate, sft); this module only lays the samples out and calls it.
 
 Layout: samples are packed padding-free (``data.batching.collate_packed``) into micro-batches
-within ``rl.micro_batch_tokens``; the model runs to its final hidden states
+within ``train.micro_batch_tokens``; the model runs to its final hidden states
 (``models.prepare.forward_hidden``) and log-probs / entropies are computed only at the positions
 that predict response tokens, chunk by chunk (``algorithms.sft``). In every micro-batch the
 gathered response tokens come out in sample order, so each sample's per-token tensors
