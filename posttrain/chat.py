@@ -1,4 +1,8 @@
-"""``posttrain chat``: render one prompt with the chat template, generate, return the reply."""
+"""``posttrain chat``: render one prompt with the chat template, generate, return the reply.
+
+With tools (``agent.tools``, ``--tools python``) the reply is a multi-turn trajectory, shown
+turn by turn: what the model wrote, what each tool answered (marked), and a closing line
+with the turns, tool calls and errors."""
 
 from __future__ import annotations
 
@@ -18,5 +22,32 @@ def chat(config: ChatConfig, prompt: str) -> str:
     params = SamplingParams(
         n=1, temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens, seed=config.seed
     )
-    (completion,) = HFEngine(model, tokenizer).generate([list(prompt_ids)], params)
+    engine = HFEngine(model, tokenizer)
+    if config.agent.enabled:
+        return agent_reply(config, engine, tokenizer, messages, list(prompt_ids), params)
+    (completion,) = engine.generate([list(prompt_ids)], params)
     return completion.text.strip()
+
+
+def agent_reply(config: ChatConfig, engine, tokenizer, messages: list[dict], prompt_ids: list[int],
+                params: SamplingParams) -> str:
+    """One trajectory with the configured tools, rendered for a person to read."""
+    from posttrain.agent.build import build_agent
+
+    agent = build_agent(config.agent, tokenizer, max_new_tokens=config.max_new_tokens)
+    (trajectory,) = agent.run(engine, [agent.prompt(messages, prompt_ids, {}, where="prompt")], params)
+    return show_trajectory(trajectory, tokenizer)
+
+
+def show_trajectory(trajectory, tokenizer) -> str:
+    """The response segments in order; env segments (tool output, template glue) marked."""
+    lines = []
+    for segment in trajectory.segments[1:]:
+        text = tokenizer.decode(segment.token_ids, skip_special_tokens=False)
+        if segment.kind == "env":
+            lines.append("\n".join(f"  [tool] {line}" for line in text.strip("\n").splitlines()))
+        else:
+            lines.append(text.strip("\n"))
+    lines.append(f"({trajectory.turns} turns, {trajectory.tool_calls} tool calls, {trajectory.tool_errors} tool errors, "
+                 f"finish: {trajectory.finish_reason})")
+    return "\n".join(lines)

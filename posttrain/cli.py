@@ -81,6 +81,9 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chat-template", default=None, help="Jinja file replacing the tokenizer's chat template")
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    parser.add_argument("--tools", default=None, help="offer tools, comma-separated: python and/or module:function "
+                                                       "(the reply is then shown turn by turn)")
+    parser.add_argument("--tool-format", choices=["inline", "chat_template"], default=None, help="agent.tool_format")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="override ChatConfig values")
 
 
@@ -91,7 +94,9 @@ def _chat(args: argparse.Namespace) -> int:
 
     overrides = list(args.overrides) + flag_overrides(args, (
         ("model", "model.name"), ("system", "system"), ("chat_template", "model.chat_template"),
-        ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature")))
+        ("max_new_tokens", "max_new_tokens"), ("temperature", "temperature"), ("tool_format", "agent.tool_format")))
+    if args.tools:
+        overrides.append("agent.tools=[" + ",".join(tool.strip() for tool in args.tools.split(",")) + "]")
     config = load_config(ChatConfig, None, overrides)
     print(chat(config, args.prompt))
     return 0
@@ -169,6 +174,7 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-on", choices=["all_assistant", "last_assistant"], default=None, help="data.train_on")
     parser.add_argument("--no-train-tool-calls", action="store_true", help="data.train_tool_calls=false")
     parser.add_argument("--history-rewrite", choices=["split", "error"], default=None, help="data.history_rewrite")
+    parser.add_argument("--tool-format", choices=["chat_template", "inline"], default=None, help="data.tool_format (SFT data)")
     parser.add_argument("--skip-bad", action="store_true", help="count and skip malformed rows instead of stopping")
     parser.add_argument("--stage", choices=["sft", "dpo", "rm", "rl"], default=None,
                         help="with a pipeline --config: the stage whose data to inspect (default: its first)")
@@ -183,7 +189,7 @@ def _inspect(args: argparse.Namespace) -> int:
     overrides = flag_overrides(args, (
         ("model", "model.name"), ("chat_template", "model.chat_template"), ("max_length", "data.max_length"),
         ("truncation", "data.truncation"), ("train_on", "data.train_on"), ("history_rewrite", "data.history_rewrite"),
-        ("limit", "data.limit")))
+        ("tool_format", "data.tool_format"), ("limit", "data.limit")))
     if args.no_train_tool_calls:
         overrides.append("data.train_tool_calls=false")
     if args.skip_bad:

@@ -309,10 +309,44 @@ class DPOConfig(Section):
         return self
 
 
+class AgentConfig(Section):
+    """Multi-turn tool use (``agent:`` of ``rl``, ``eval`` and ``chat``): the model writes a tool
+    call, the environment answers, the model reads the answer and goes on (docs/AGENTIC.md).
+    Off unless ``tools`` or ``environment`` is set."""
+
+    tools: list[str] = Field(
+        default_factory=list, description="tools offered: 'python' (runs code in the sandbox) and/or 'module:function' "
+                                          "(a typed, docstringed function; its JSON schema comes from the signature)")
+    tool_format: Literal["inline", "chat_template"] = Field(
+        "inline", description="inline: the model writes a ```python block in its reply, posttrain runs it and appends "
+                              "an <output> block (templates without tools, like the bundled model's); chat_template: "
+                              "the tokenizer's own tool-call rendering (Hermes <tool_call> JSON)")
+    environment: str | None = Field(
+        None, description="optional 'module:Class' with reset(row) and step(calls) -> (observation, done, reward), "
+                          "one instance per trajectory")
+    max_turns: int = Field(4, gt=0, description="model turns per trajectory at most")
+    max_tool_calls: int = Field(4, ge=0, description="tool calls per trajectory at most")
+    max_total_tokens: int = Field(
+        512, gt=0, description="response tokens per trajectory, sampled and tool output together; each turn's "
+                               "max_new_tokens is clamped to what is left")
+    max_tool_output_tokens: int = Field(128, gt=0, description="a tool output longer than this is cut, keeping head and tail")
+    tool_concurrency: int = Field(4, gt=0, description="tool calls running at once (all trajectories together)")
+    tool_timeout: float = Field(5.0, gt=0, description="seconds per python call")
+    python_session: bool = Field(False, description="keep one interpreter state per trajectory (never shared); "
+                                                    "false: every call starts fresh")
+    tool_call_bonus: float = Field(0.0, description="RL reward shaping: added when the trajectory called a tool")
+    tool_error_penalty: float = Field(0.0, ge=0, description="RL reward shaping: subtracted per tool error")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tools or self.environment)
+
+
 class ChatConfig(Section):
-    """``posttrain chat``: one reply from a model."""
+    """``posttrain chat``: one reply from a model (with ``agent.tools``: a trajectory, turn by turn)."""
 
     model: ModelConfig = ModelConfig()
+    agent: AgentConfig = AgentConfig()
     max_new_tokens: int = Field(256, gt=0)
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
@@ -464,6 +498,7 @@ class RLConfig(Section):
     reward: Any = Field("math", description="reward spec: name, {name: ..., params}, composite, or module:function")
     optim: RLOptimConfig = RLOptimConfig()
     rl: RLAlgorithmConfig = RLAlgorithmConfig()
+    agent: AgentConfig = AgentConfig()
     train: RLTrainConfig = RLTrainConfig()
 
     @model_validator(mode="after")
@@ -726,6 +761,9 @@ class EvalTaskConfig(Section):
     )
     system_prompt: str | None = Field("default", description="reasoning_gym: SYSTEM_PROMPTS key, text, or null")
     max_new_tokens: int | None = Field(None, gt=0, description="overrides sampling.max_new_tokens for this task")
+    agent: AgentConfig | None = Field(
+        None, description="offer tools: each completion is a multi-turn trajectory (tool-call rate, error rate and "
+                          "turns are reported; the reward reads the answer after the last tool output)")
 
     @model_validator(mode="after")
     def _required_fields(self) -> "EvalTaskConfig":

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from posttrain.config import (DataConfig, DPOConfig, ModelConfig, RLConfig, RMConfig, Section, SFTConfig,
+from posttrain.config import (DPOConfig, ModelConfig, RLConfig, RMConfig, Section, SFTConfig, SFTDataConfig,
                               apply_override, read_config_file, validate_config)
 from posttrain.errors import ConfigError, DataError
 
@@ -30,7 +30,7 @@ from posttrain.errors import ConfigError, DataError
 class InspectConfig(Section):
     """What ``inspect`` reads without a training config: the ``data`` and ``model`` sections."""
 
-    data: DataConfig = DataConfig()
+    data: SFTDataConfig = SFTDataConfig()
     model: ModelConfig = ModelConfig()
 
 

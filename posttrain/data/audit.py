@@ -257,6 +257,7 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
         train_on=data_config.train_on,
         train_tool_calls=data_config.train_tool_calls,
         history_rewrite=data_config.history_rewrite,
+        tool_format=getattr(data_config, "tool_format", "chat_template"),  # SFT data only (config.SFTDataConfig)
     )
 
     def flush() -> None:

@@ -337,7 +337,9 @@ def shared_prompt_block_mask(prompt_length: int, completion_lengths: Sequence[in
     return mask
 
 
-def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]]) -> MicroBatch:
+def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]
+                                         | tuple[Sequence[int], Sequence[Sequence[int]], Sequence[Sequence[int] | None]]]
+                          ) -> MicroBatch:
     """Lay out (prompt ids, [completion ids, ...]) groups with each prompt stored once.
 
     Per group one block ``prompt + completion_1 + ... + completion_k``; position ids run
@@ -345,6 +347,9 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
     A completion's first token is predicted by the prompt's last position, shared by the
     group; later tokens by the previous token of the same completion. Response tokens come
     out in sample order (group by group, completion by completion) in ``extras``.
+
+    A group may carry a third element, one mask per completion (1 = trained, 0 = an env
+    token of a multi-turn trajectory; None = all trained): only trained tokens are listed.
     """
     ids: list[int] = []
     mask: list[int] = []
@@ -356,19 +361,23 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
     cu = [0]
     longest = 0
     sample = 0
-    for prompt, completions in groups:
+    for prompt, completions, *rest in groups:
+        completion_masks = rest[0] if rest else [None] * len(completions)
         if not prompt:
             raise ValueError("a shared-prompt group needs a non-empty prompt")
         start = len(ids)
         ids.extend(prompt)
         mask.extend([0] * len(prompt))
         positions.extend(range(len(prompt)))
-        for completion in completions:
+        for completion, completion_mask in zip(completions, completion_masks):
             offset = len(ids)
+            trained = [1] * len(completion) if completion_mask is None else list(completion_mask)
             ids.extend(completion)
-            mask.extend([1] * len(completion))
+            mask.extend(trained)
             positions.extend(range(len(prompt), len(prompt) + len(completion)))
             for j, token in enumerate(completion):
+                if not trained[j]:
+                    continue
                 predict_index.append(start + len(prompt) - 1 if j == 0 else offset + j - 1)
                 predict_targets.append(int(token))
                 predict_sequence.append(sample)

@@ -45,6 +45,15 @@ Templates that silently drop tool calls, the text an assistant writes beside its
 https://www.llama.com/docs/model-cards-and-prompt-formats/llama3_1/), or tool results are
 detected per conversation and raise DataError instead of training on a conversation that lost
 them.
+
+``tool_format="inline"`` (``data.tool_format``; ``agent/inline.py``) renders python tool use
+itself, for templates without tools: the messages after the last user message (assistant
+tool calls, tool results, the final answer) become ONE assistant turn laid out as the RL turn
+loop samples it, each piece tokenised on its own: ``P_run`` (the messages before, with the
+generation prompt), then per call ``call_text(content, code)`` (trained) and
+``output_text(result)`` (env: not trained, spans of role ``tool``), then the final text and
+the template's end-of-turn token(s) (trained). Conversations whose last turn calls no tool
+render through the template as usual.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ from posttrain.errors import DataError
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 HistoryRewrite = Literal["split", "error"]
+ToolFormat = Literal["chat_template", "inline"]
 
 
 @dataclass
@@ -69,6 +79,8 @@ class Span:
     role: str  # "system", "user", "assistant", "tool", "system+user", or "generation prompt"
     message_index: int | None = None  # first message of the run; None for the generation prompt
     trained: bool = False
+    # an inline tool turn (tool_format="inline") is one "assistant" span over the whole turn, with
+    # nested spans for each tool output ("tool") and each assistant piece after one ("assistant")
 
 
 @dataclass
@@ -117,6 +129,25 @@ class _Turn:
 
 
 @dataclass
+class _InlinePiece:
+    """One piece of an inline tool turn: its text, tokenised on its own."""
+
+    text: str
+    kind: Literal["call", "output", "final"]
+    message_index: int
+
+
+@dataclass
+class _InlineRun:
+    """The final assistant turn of a conversation in the inline tool format: messages
+    ``start..last`` (assistant tool calls, tool results, the final assistant reply)."""
+
+    start: int
+    last: int
+    pieces: list[_InlinePiece]
+
+
+@dataclass
 class RenderJob:
     """One conversation to render (``render_batch``): normalised messages and where they came from."""
 
@@ -149,6 +180,7 @@ def render_conversation(
     source: str = "",
     chat_template_kwargs: dict[str, Any] | None = None,
     message_spans: bool = False,
+    tool_format: ToolFormat = "chat_template",
 ) -> list[RenderedSample]:
     """Render normalised ``messages`` (``formats.normalise_messages``) into training samples.
 
@@ -158,13 +190,15 @@ def render_conversation(
     both. ``weight`` on a message becomes the loss weight of its tokens. ``message_spans``
     renders one extra prefix per message so that ``spans`` shows every message boundary
     (for ``inspect``); without it, consecutive non-assistant messages form one span.
+    ``tool_format="inline"``: python tool use in the last turn is laid out by posttrain
+    (``agent/inline.py``, module docstring), not by the template.
     Raises DataError (naming ``source:line``) when the conversation cannot be rendered
     faithfully (template error, dropped tool calls or tool results).
     """
     job = RenderJob(messages, tools, line, source, message_spans)
     (result,) = render_batch(
         [job], tokenizer, train_on=train_on, train_tool_calls=train_tool_calls,
-        history_rewrite=history_rewrite, chat_template_kwargs=chat_template_kwargs,
+        history_rewrite=history_rewrite, chat_template_kwargs=chat_template_kwargs, tool_format=tool_format,
     )
     if isinstance(result, DataError):
         raise result
@@ -179,20 +213,24 @@ def render_batch(
     train_tool_calls: bool = True,
     history_rewrite: HistoryRewrite = "split",
     chat_template_kwargs: dict[str, Any] | None = None,
+    tool_format: ToolFormat = "chat_template",
 ) -> list[list[RenderedSample] | DataError]:
     """``render_conversation`` for many conversations, with ONE tokenizer call for all their prefix
     texts (a fast tokenizer spreads a batch over the CPU cores). Returns, per job, its samples or
     the DataError that makes it a bad row."""
+    if tool_format not in ("chat_template", "inline"):
+        raise ValueError(f"tool_format must be chat_template or inline, got {tool_format!r}")
     kwargs = dict(chat_template_kwargs or {})
-    planned: list[tuple[int, list[str]] | DataError] = []
+    planned: list[tuple[int, list[str], _InlineRun | None] | DataError] = []
     all_texts: list[str] = []
     for job in jobs:
         try:
-            texts = _prefix_texts(job, tokenizer, kwargs)
+            run = _inline_run(job.messages, job.where) if tool_format == "inline" else None
+            texts = _prefix_texts(job, tokenizer, kwargs, run)
         except DataError as exc:
             planned.append(exc)
             continue
-        planned.append((len(all_texts), texts))
+        planned.append((len(all_texts), texts, run))
         all_texts.extend(texts)
     all_ids = encode_texts(tokenizer, all_texts)
     results: list[list[RenderedSample] | DataError] = []
@@ -200,21 +238,29 @@ def render_batch(
         if isinstance(plan, DataError):
             results.append(plan)
             continue
-        offset, texts = plan
+        offset, texts, run = plan
         try:
             results.append(
                 _samples_from_prefixes(job, tokenizer, texts, all_ids[offset : offset + len(texts)], train_on,
-                                       train_tool_calls, history_rewrite, kwargs)
+                                       train_tool_calls, history_rewrite, kwargs, run)
             )
         except DataError as exc:
             results.append(exc)
     return results
 
 
-def _prefix_texts(job: RenderJob, tokenizer, kwargs: dict) -> list[str]:
-    """[P_0, F_0, P_1, F_1, ...]: the prompt and the prompt+reply text of every assistant turn."""
+def _turn_indices(messages, run: _InlineRun | None) -> list[int]:
+    """The message index of every assistant turn; an inline tool turn counts once, at its start."""
+    indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    return indices if run is None else [i for i in indices if i < run.start] + [run.start]
+
+
+def _prefix_texts(job: RenderJob, tokenizer, kwargs: dict, run: _InlineRun | None = None) -> list[str]:
+    """[P_0, F_0, P_1, F_1, ...]: the prompt and the prompt+reply text of every assistant turn.
+    For an inline tool turn, F is the prompt + its final reply alone (where the template's
+    end-of-turn token is read)."""
     messages, where = job.messages, job.where
-    assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    assistant_indices = _turn_indices(messages, run)
     if not assistant_indices:
         raise DataError(f"{where}: no assistant turn (nothing to train on)")
     if assistant_indices[0] == 0:
@@ -222,19 +268,35 @@ def _prefix_texts(job: RenderJob, tokenizer, kwargs: dict) -> list[str]:
     texts: list[str] = []
     for i in assistant_indices:
         texts.append(_apply(tokenizer, messages[:i], job.tools, True, kwargs, where))
-        texts.append(_apply(tokenizer, messages[: i + 1], job.tools, False, kwargs, where))
+        reply = [{"role": "assistant", "content": messages[run.last]["content"]}] if run and i == run.start else messages[i : i + 1]
+        texts.append(_apply(tokenizer, messages[:i] + reply, job.tools, False, kwargs, where))
     return texts
 
 
-def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, train_tool_calls, history_rewrite, kwargs) -> list[RenderedSample]:
+def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, train_tool_calls, history_rewrite, kwargs,
+                           run: _InlineRun | None = None) -> list[RenderedSample]:
     messages, tools, where, line, source = job.messages, job.tools, job.where, job.line, job.source
-    assistant_indices = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    trained = _trained_turns(messages, assistant_indices, train_on, train_tool_calls)
+    assistant_indices = _turn_indices(messages, run)
+    # an inline tool turn is selected by its final reply (last_assistant; its own "train" key)
+    selectable = assistant_indices if run is None else assistant_indices[:-1] + [run.last]
+    trained = _trained_turns(messages, selectable, train_on, train_tool_calls)
     turns = [
         _Turn(i, texts[2 * k], texts[2 * k + 1], ids[2 * k], ids[2 * k + 1], i in trained, messages[i].get("weight"))
         for k, i in enumerate(assistant_indices)
     ]
-    warnings = _check_tool_rendering(messages, turns, tokenizer, tools, kwargs, where)
+    pieces: list[tuple[list[int], _InlinePiece, bool]] = []
+    has_eot = False
+    if run is not None:  # the inline turn's reply: the pieces, each tokenised on its own
+        turn = turns[-1]
+        eot = _end_of_turn_ids(turn, _special_ids(tokenizer))
+        has_eot = bool(eot)
+        pieces = _inline_pieces(run, messages, tokenizer, eot, run.last in trained, train_tool_calls)
+        turn.full_ids = turn.prompt_ids + [token for piece_ids, _, _ in pieces for token in piece_ids]
+        turn.trained = any(piece_trained for _, _, piece_trained in pieces)
+        turn.weight = next((messages[p.message_index].get("weight") for _, p, t in pieces
+                            if t and messages[p.message_index].get("weight") is not None), None)
+    checked = turns if run is None else turns[:-1]  # the inline turn is laid out here, not by the template
+    warnings = _check_tool_rendering(messages if run is None else messages[: run.start], checked, tokenizer, tools, kwargs, where)
 
     groups, boundary_errors, rewritten = _group_turns(turns, tokenizer, history_rewrite, where)
     special_ids = _special_ids(tokenizer)
@@ -249,6 +311,8 @@ def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, trai
                 sample.spans = _message_spans(group, messages, tokenizer, tools, kwargs, where, sample.spans)
             except DataError:  # some templates refuse a partial conversation: keep the coarser spans
                 pass
+        if pieces and group[-1] is turns[-1]:
+            _lay_out_inline(sample, pieces, messages, run, has_eot)
         sample.split = len(groups) > 1
         sample.split_reason = ("history rewrite" if rewritten else "token merge") if sample.split else ""
         sample.consistency_errors = boundary_errors.get(id(group[0]), []) + sample.consistency_errors
@@ -256,6 +320,8 @@ def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, trai
         samples.append(sample)
     if not samples:  # nothing selected for training: keep one sample so the audit reports its empty mask
         sample = _assemble(groups[-1], messages, tokenizer, special_ids, use_weights, line, source)
+        if pieces and groups[-1][-1] is turns[-1]:
+            _lay_out_inline(sample, pieces, messages, run, has_eot)
         sample.warnings = list(warnings)
         samples.append(sample)
     return samples
@@ -663,6 +729,7 @@ def _check_tool_rendering(messages, turns: list[_Turn], tokenizer, tools, kwargs
             raise DataError(
                 f"{where}: the chat template drops tool calls (messages[{turn.index}] calls {', '.join(missing or names)}, "
                 f"which the rendered text does not contain); pass --chat-template FILE with a template that renders tool_calls"
+                + (", or set data.tool_format=inline (python tool calls)" if "python" in names else "")
             )
         if messages[turn.index]["content"].strip():
             silent = {**messages[turn.index], "content": ""}
@@ -693,9 +760,136 @@ def _check_tool_rendering(messages, turns: list[_Turn], tokenizer, tools, kwargs
                 f"pass --chat-template FILE with a template that renders tool messages"
             )
     warnings = []
-    if tools:
+    if tools and turns:
         first_prompt = turns[0].prompt_text
         ignored = [tool["function"]["name"] for tool in tools if tool["function"]["name"] not in first_prompt]
         if ignored:
             warnings.append(f"chat template ignores the tools list ({', '.join(ignored)} not rendered)")
     return warnings
+
+
+# ----------------------------------------------------------------------------- inline tool format
+def _inline_run(messages: list[dict[str, Any]], where: str) -> _InlineRun | None:
+    """The last turn of ``messages`` (everything after the last user message) as an inline
+    python tool turn (``tool_format="inline"``), or None when it calls no tool (the template
+    renders it as usual). DataError (one line, naming ``where``) for tool use before the last
+    user message, a call to a tool other than ``python`` or without ``code``, tool results
+    that do not answer the calls before them, or a turn that does not end with an answer."""
+    from posttrain.agent.inline import call_text, output_text  # function-local: the agent turn loop may import this module
+
+    last_user = max((i for i, message in enumerate(messages) if message["role"] not in ("assistant", "tool")), default=-1)
+    for i, message in enumerate(messages[: last_user + 1]):
+        if message.get("tool_calls") or message["role"] == "tool":
+            raise DataError(f"{where}: tool_format inline supports tool use in the final assistant turn only (messages[{i}])")
+    start = last_user + 1
+    if not any(message.get("tool_calls") for message in messages[start:]):
+        return None
+    last = len(messages) - 1
+    if messages[last]["role"] != "assistant" or messages[last].get("tool_calls"):
+        raise DataError(f"{where}: tool_format inline: the final assistant turn must end with an assistant reply "
+                        f"without tool calls (messages[{last}] is {_describe(messages[last])})")
+    pieces: list[_InlinePiece] = []
+    i = start
+    while i < last:
+        message = messages[i]
+        if message["role"] != "assistant" or not message.get("tool_calls"):
+            raise DataError(f"{where}: tool_format inline: messages[{i}] ({_describe(message)}) cannot follow a reply in "
+                            f"the final assistant turn; expected an assistant message with tool calls")
+        calls = message["tool_calls"]
+        results = i + 1
+        while results < last and messages[results]["role"] == "tool":
+            results += 1
+        outputs = _match_tool_results(calls, messages, i, results, where)
+        for k, (call, output_index) in enumerate(zip(calls, outputs)):
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            if name != "python":
+                raise DataError(f"{where}: tool_format inline renders only the python tool (messages[{i}] calls '{name}')")
+            if not isinstance(arguments.get("code"), str):
+                raise DataError(f"{where}: tool_format inline: messages[{i}] calls python without a 'code' string argument")
+            pieces.append(_InlinePiece(call_text(message["content"] if k == 0 else "", arguments["code"]), "call", i))
+            pieces.append(_InlinePiece(output_text(messages[output_index]["content"]), "output", output_index))
+        i = results
+    pieces.append(_InlinePiece(messages[last]["content"], "final", last))
+    return _InlineRun(start, last, pieces)
+
+
+def _describe(message: dict[str, Any]) -> str:
+    return f"{message['role']}" + (" with tool calls" if message.get("tool_calls") else "")
+
+
+def _match_tool_results(calls: list[dict[str, Any]], messages, caller: int, stop: int, where: str) -> list[int]:
+    """Index of the tool message answering each call of ``messages[caller]`` (the tool messages
+    ``caller+1..stop-1``): by ``tool_call_id`` when every call and result carries one, else in order."""
+    results = list(range(caller + 1, stop))
+    if len(results) != len(calls):
+        raise DataError(f"{where}: tool_format inline: messages[{caller}] makes {len(calls)} tool call(s) but "
+                        f"{len(results)} tool result(s) follow it")
+    ids = [call.get("id") for call in calls]
+    answered = [messages[j].get("tool_call_id") for j in results]
+    if None in ids or None in answered:
+        return results
+    by_id = dict(zip(answered, results))
+    missing = [call_id for call_id in ids if call_id not in by_id]
+    if missing or len(by_id) != len(results):
+        raise DataError(f"{where}: tool_format inline: the tool results after messages[{caller}] do not answer its calls "
+                        f"one to one by tool_call_id (unanswered: {', '.join(map(str, missing)) or 'none'})")
+    return [by_id[call_id] for call_id in ids]
+
+
+def _end_of_turn_ids(turn: _Turn, special_ids) -> list[int]:
+    """The special tokens that close the template's rendering of a reply (``turn.full_ids`` past
+    its prompt): the last run of special tokens, which the normal renderer trains as the end of
+    turn (``<|im_end|>`` for ChatML templates). Empty when the reply has none."""
+    start = common_prefix_length(turn.prompt_ids, turn.full_ids)
+    ids = turn.full_ids
+    last = next((k for k in range(len(ids) - 1, start - 1, -1) if ids[k] in special_ids), None)
+    if last is None:
+        return []
+    first = last
+    while first - 1 >= start and ids[first - 1] in special_ids:
+        first -= 1
+    return list(ids[first : last + 1])
+
+
+def _inline_pieces(run: _InlineRun, messages, tokenizer, eot: list[int], run_trained: bool,
+                   train_tool_calls: bool) -> list[tuple[list[int], _InlinePiece, bool]]:
+    """``(ids, piece, trained)`` of each piece of the inline turn: ``tokenizer.encode(piece)`` on
+    its own (as the RL turn loop tokenises what it appends), the final reply followed by the
+    template's end-of-turn token(s). Calls are trained with the turn (unless
+    ``train_tool_calls`` is off or their message says ``train``), tool outputs never."""
+    out = []
+    for piece in run.pieces:
+        ids = list(tokenizer.encode(piece.text, add_special_tokens=False))
+        if piece.kind == "final":
+            out.append((ids + eot, piece, run_trained))
+        elif piece.kind == "call":
+            out.append((ids, piece, bool(messages[piece.message_index].get("train", run_trained and train_tool_calls))))
+        else:
+            out.append((ids, piece, False))
+    return out
+
+
+def _lay_out_inline(sample: RenderedSample, pieces: list[tuple[list[int], _InlinePiece, bool]], messages,
+                    run: _InlineRun, has_eot: bool) -> None:
+    """Set the mask, weights, spans and end-of-turn finding of the inline turn at the end of
+    ``sample`` piece by piece (``_assemble`` saw it as one reply)."""
+    position = len(sample.input_ids) - sum(len(ids) for ids, _, _ in pieces)
+    nested: list[Span] = []
+    previous_kind = ""
+    for ids, piece, trained in pieces:
+        weight = messages[piece.message_index].get("weight")
+        for k in range(position, position + len(ids)):
+            sample.loss_mask[k] = int(trained)
+            if sample.weights is not None:
+                sample.weights[k] = (1.0 if weight is None else weight) if trained else 0.0
+        if piece.kind == "output":
+            nested.append(Span(position, position + len(ids), "tool", piece.message_index))
+        elif previous_kind == "output":  # the assistant writes on after a tool output
+            nested.append(Span(position, position + len(ids), "assistant", piece.message_index, trained))
+        previous_kind = piece.kind
+        position += len(ids)
+    sample.spans.extend(nested)
+    final_trained = pieces[-1][2]
+    sample.untrained_end_of_turn = [i for i in sample.untrained_end_of_turn if i != run.start]
+    if final_trained and not has_eot:
+        sample.untrained_end_of_turn.append(run.start)

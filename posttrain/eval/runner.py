@@ -28,7 +28,8 @@ from typing import Any, Sequence
 from posttrain.eval.metrics import majority_vote_correct, mean_pass_at_k
 from posttrain.log import say
 from posttrain.eval.tasks import EvalTask
-from posttrain.rollout.base import SamplingParams
+from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
+from posttrain.rollout.base import Completion, SamplingParams
 
 
 @dataclass
@@ -61,7 +62,11 @@ def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, p
     params = replace(sampling, max_new_tokens=task.max_new_tokens) if task.max_new_tokens else sampling
     prompt_ids = [render_prompt(item.prompt, tokenizer, where=f"{task.name}/{item.item_id}") for item in task.items]
     start = time.perf_counter()
-    completions = sorted(engine.generate(prompt_ids, params), key=lambda c: c.prompt_index)  # stable: keeps sample order
+    trajectories = None
+    if task.agent is None:
+        completions = sorted(engine.generate(prompt_ids, params), key=lambda c: c.prompt_index)  # stable: keeps sample order
+    else:
+        completions, trajectories = agent_completions(engine, tokenizer, task, prompt_ids, params)
     generate_seconds = time.perf_counter() - start
 
     items = [task.items[c.prompt_index] for c in completions]
@@ -100,6 +105,8 @@ def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, p
     metrics["response_len/clipped_frac"] = sum(c.finish_reason == "length" for c in completions) / max(1, len(completions))
     metrics["time/generate"] = generate_seconds
     metrics["time/score"] = score_seconds
+    if trajectories is not None:
+        metrics.update(trajectory_metrics(trajectories, prefix="agent"))
 
     samples = []
     for row, c in enumerate(completions):
@@ -119,9 +126,26 @@ def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, p
                 "format_ok": None if formatted is None else formatted.scores[row] >= 1.0,
                 "finish_reason": c.finish_reason,
                 "details": {k: v for k, v in detail.items() if k not in ("extracted", "reference")},
+                **({} if trajectories is None else {"trajectory": trajectories[row]}),
             }
         )
     return TaskResult(task.name, metrics, samples)
+
+
+def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[list[int]],
+                      params: SamplingParams) -> tuple[list[Completion], list[dict]]:
+    """Each completion a multi-turn trajectory with the task's tools: its text is the answer
+    after the last tool output (what the reward reads); the records keep every segment."""
+    from posttrain.agent.build import build_agent
+    from posttrain.agent.loop import BUDGET_FINISHES
+
+    agent = build_agent(task.agent, tokenizer, max_new_tokens=params.max_new_tokens)
+    prompts = [agent.prompt(item.prompt, ids, item.metadata, where=f"{task.name}/{item.item_id}")
+               for item, ids in zip(task.items, prompt_ids)]
+    runs = agent.run(engine, prompts, params)
+    completions = [Completion(t.prompt_index, t.response_ids, t.final_text,
+                              "length" if t.finish_reason in BUDGET_FINISHES else "stop") for t in runs]
+    return completions, [trajectory_record(t) for t in runs]
 
 
 def evaluate(model, tokenizer, tasks: Sequence[EvalTask | PerplexityTask], sampling: SamplingParams,
@@ -172,6 +196,8 @@ def build_tasks(config) -> list[EvalTask | PerplexityTask]:
         if t.format is not None:
             task.format_reward = build_reward({"name": "format", **t.format}, key=f"tasks.{i}.format")
         task.max_new_tokens = t.max_new_tokens
+        if t.agent is not None and t.agent.enabled:
+            task.agent = t.agent
         tasks.append(task)
     names = [task.name for task in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})

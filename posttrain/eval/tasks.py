@@ -58,6 +58,7 @@ class EvalTask:
     format_reward: RewardFn | None = None
     correct_threshold: float = 1.0
     max_new_tokens: int | None = None
+    agent: Any = None  # config.AgentConfig: generate multi-turn trajectories with tools (agent/)
     kind: str = "generate"
     extra: dict[str, Any] = field(default_factory=dict)
 

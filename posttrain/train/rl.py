@@ -57,6 +57,7 @@ from posttrain.algorithms.kl import make_kl_controller
 from posttrain.config import RLConfig
 from posttrain.errors import ConfigError
 from posttrain.log import say, say_stdout
+from posttrain.agent.build import build_agent
 from posttrain.models import load_tokenizer
 from posttrain.rollout.base import SamplingParams
 from posttrain.train import checkpoint as ckpt
@@ -96,6 +97,7 @@ from posttrain.train.rl_rollouts import (
     gather_batch,
     in_prompt_order,
     prompt_rows,
+    trajectory_metrics,
     without_tensors,
 )
 from posttrain.train.session import RunSession, check_step_finite, last_checkpoint_note, open_run
@@ -170,6 +172,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     if info.distributed:
         seed_everything(config.train.seed + info.rank)
     engine = engine if engine is not None else build_engine(config, models.policy, tokenizer, info)
+    agent = build_rl_agent(config, tokenizer)
     sampler = PromptSampler(len(train_rows), seed=config.train.seed)
     kl_controller = make_kl_controller(config.rl.kl_coef, target_kl=config.rl.target_kl, horizon=config.rl.kl_horizon)
     state = RLState()
@@ -180,7 +183,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     result = RLResult(run.path, None, state.step)
     if eval_rows and config.train.eval_before and state.step == 0:
-        result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info)
+        result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info, agent=agent)
     with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
                        wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
             Progress(config.train.max_steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
@@ -188,7 +191,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
         while state.step < config.train.max_steps:
             started = time.perf_counter()
             batch = collect_rollouts(engine, train_rows, sampler, reward_fn,
-                                     **rollout_arguments(config, state.step, info))  # this rank's groups
+                                     **rollout_arguments(config, state.step, info), agent=agent)  # this rank's groups
             whole = gather_batch(batch, info)  # every rank's samples (no tensors): metrics, samples.jsonl
             times = {"time/generate": whole.seconds_generate, "time/score": whole.seconds_score}
             tick = time.perf_counter()
@@ -207,7 +210,8 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
             metrics = step_metrics(config, whole, adv_metrics, update_metrics, gap, times, kl_controller.value,
                                    time.perf_counter() - started)
             if is_due(state.step, config.train.eval_every, config.train.max_steps) and eval_rows:
-                result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
+                result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info,
+                                             agent=agent)
                 metrics.update(result.eval_after)
             if info.is_main and is_due(state.step, config.train.samples_every, config.train.max_steps):
                 append_samples(run.samples, state.step, whole, train_rows, config.train.samples_per_log)
@@ -219,7 +223,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
                                   due=is_due(state.step, config.train.save_every, config.train.max_steps),
                                   save=lambda: save_rl_checkpoint(run, state, models, info, config=config))
     if eval_rows and not result.eval_after and config.train.eval_every is None:
-        result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info)
+        result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info, agent=agent)
     if config.train.export:
         result.final_dir = ckpt.export_hf(models.policy, tokenizer, run.final, info,
                                           merge_lora=config.lora.merge_on_export,
@@ -410,6 +414,15 @@ def rollout_arguments(config: RLConfig, step: int, info: DistInfo | None = None)
                 overlong_penalty=rl.overlong_penalty, info=info)
 
 
+def build_rl_agent(config: RLConfig, tokenizer: Any) -> Any:
+    """The multi-turn agent of ``agent:`` (None when no tool or environment is named); each
+    turn may sample up to ``rollout.max_new_tokens``, clamped to what is left of
+    ``agent.max_total_tokens``."""
+    if not config.agent.enabled:
+        return None
+    return build_agent(config.agent, tokenizer, max_new_tokens=config.rollout.max_new_tokens)
+
+
 def needs_old_logprobs(config: RLConfig) -> bool:
     """Old log-probs differ from the first update's only if samples are reused or the KL is a reward."""
     rl = config.rl
@@ -446,7 +459,7 @@ def rollout_passes(samples: Sequence[RolloutSample], info: DistInfo, **arguments
     gap = compute_rollout_tensors(samples, **arguments)
     for _ in range(depth - mine):
         compute_rollout_tensors([filler_sample(arguments["pad_token_id"])], **arguments)
-    tokens = float(sum(len(s.response_ids) for s in samples if s.engine_logp is not None)) if gap else 0.0
+    tokens = float(sum(s.trained_length for s in samples if s.engine_logp is not None)) if gap else 0.0
     parts = [(part, n) for part, n in all_gather_objects((gap, tokens), info) if part]
     if not parts:
         return {}
@@ -567,6 +580,7 @@ def step_metrics(config: RLConfig, batch: RolloutBatch, adv_metrics: dict[str, f
     metrics.update(adv_metrics)
     metrics.update({k: v for k, v in update_metrics.items()})
     metrics.update(gap)
+    metrics.update(trajectory_metrics([s.trajectory for s in samples if s.trajectory is not None]))
     metrics.update({
         "kl_coef": kl_coef,
         "response_len/mean": sum(lengths) / len(lengths),
@@ -588,11 +602,11 @@ def step_metrics(config: RLConfig, batch: RolloutBatch, adv_metrics: dict[str, f
 
 
 def run_eval(engine: Any, rows: Sequence[PromptRow], reward_fn: Any, config: RLConfig, run: RunDir, *, step: int,
-             info: DistInfo) -> dict[str, float]:
+             info: DistInfo, agent: Any = None) -> dict[str, float]:
     """Score the held-out prompts; writes ``eval/step_<N>.json`` (metrics + every completion)."""
     metrics, records = evaluate_prompts(engine, rows, reward_fn, temperature=config.rollout.eval_temperature,
                                         max_new_tokens=config.rollout.max_new_tokens, stop=config.rollout.stop,
-                                        seed=config.train.seed)
+                                        seed=config.train.seed, agent=agent)
     if info.is_main:
         run.eval.mkdir(parents=True, exist_ok=True)
         (run.eval / f"step_{step}.json").write_text(json.dumps({"step": step, "metrics": metrics, "samples": records},

@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from posttrain.agent.trajectory import BUDGET_FINISHES, trajectory_metrics, trajectory_record
 from posttrain.errors import DataError
 from posttrain.rewards.output import PromptText
 from posttrain.rollout.base import Completion, SamplingParams
@@ -118,7 +119,10 @@ class RolloutSample:
     ``input_ids``/``loss_mask`` (the trainer's view) are ``prompt_ids + response_ids`` with
     the response tokens marked, so ``data.batching.collate`` packs it like an SFT sample.
     Per-token tensors (``old_logp``, ``ref_logp``, ``values``, ``advantages``, ``returns``)
-    are [R] float32, one entry per response token.
+    are [R] float32, one entry per TRAINED response token: all of them in a single turn; in a
+    multi-turn trajectory only the sampled ones (``response_mask``), so log-probs, KL,
+    entropy, advantages and the loss normalisers never see a tool output, and returns run
+    over the sampled tokens straight across env tokens (docs/AGENTIC.md).
     """
 
     row: int
@@ -127,7 +131,9 @@ class RolloutSample:
     response_ids: list[int]
     text: str
     finish_reason: str
-    engine_logp: list[float] | None = None
+    engine_logp: list[float] | None = None  # one per trained (sampled) token
+    response_mask: list[int] | None = None  # multi-turn: 1 at sampled tokens, 0 at env tokens; None = all sampled
+    trajectory: dict | None = None  # multi-turn: the segments (ids, kind) and tool counts, for samples.jsonl and metrics
     reward: float = 0.0
     raw_reward: float = 0.0
     components: dict[str, float] = field(default_factory=dict)
@@ -144,7 +150,14 @@ class RolloutSample:
 
     @property
     def loss_mask(self) -> list[int]:
-        return [0] * len(self.prompt_ids) + [1] * len(self.response_ids)
+        response = self.response_mask if self.response_mask is not None else [1] * len(self.response_ids)
+        return [0] * len(self.prompt_ids) + list(response)
+
+    @property
+    def trained_length(self) -> int:
+        """Response tokens the policy sampled (and is trained on): every per-token tensor
+        (``old_logp``, ``advantages``, ...) has this length; env tokens are not among them."""
+        return len(self.response_ids) if self.response_mask is None else sum(self.response_mask)
 
     @property
     def clipped(self) -> bool:
@@ -175,8 +188,11 @@ RewardFn = Callable[[Sequence[str], Sequence[str], Sequence[dict]], Any]
 
 
 def generate_groups(engine: Any, rows: Sequence[PromptRow], row_indices: Sequence[int],
-                    params: SamplingParams, first_group: int) -> list[list[RolloutSample]]:
-    """Sample ``params.n`` completions for each prompt; one group per prompt, in order."""
+                    params: SamplingParams, first_group: int, agent: Any = None) -> list[list[RolloutSample]]:
+    """Sample ``params.n`` completions for each prompt; one group per prompt, in order.
+    With an ``agent`` (``agent.build.Agent``) each completion is a multi-turn trajectory."""
+    if agent is not None:
+        return trajectory_groups(agent, engine, rows, row_indices, params, first_group)
     completions: list[Completion] = engine.generate([rows[i].prompt_ids for i in row_indices], params)
     groups: list[list[RolloutSample]] = [[] for _ in row_indices]
     for completion in completions:
@@ -190,9 +206,34 @@ def generate_groups(engine: Any, rows: Sequence[PromptRow], row_indices: Sequenc
     return groups
 
 
+def agent_prompts(agent: Any, rows: Sequence[PromptRow], row_indices: Sequence[int]) -> list[Any]:
+    return [agent.prompt(rows[i].text.messages or str(rows[i].text), rows[i].prompt_ids, rows[i].metadata,
+                         where=f"prompt row {rows[i].line}") for i in row_indices]
+
+
+def trajectory_groups(agent: Any, engine: Any, rows: Sequence[PromptRow], row_indices: Sequence[int],
+                      params: SamplingParams, first_group: int) -> list[list[RolloutSample]]:
+    """``params.n`` multi-turn trajectories per prompt (``agent.loop.run_agent``): the sample's
+    response is every segment after the prompt, its mask the sampled ones; its text (what the
+    reward reads) is the final answer after the last tool output."""
+    trajectories = agent.run(engine, agent_prompts(agent, rows, row_indices), params)
+    groups: list[list[RolloutSample]] = [[] for _ in row_indices]
+    for trajectory in trajectories:
+        position = trajectory.prompt_index
+        groups[position].append(RolloutSample(
+            row=row_indices[position], group=first_group + position, prompt_ids=trajectory.prompt_ids,
+            response_ids=trajectory.response_ids, response_mask=trajectory.response_mask, text=trajectory.final_text,
+            finish_reason="length" if trajectory.finish_reason in BUDGET_FINISHES else "stop",
+            engine_logp=trajectory.sampled_logprobs, trajectory=trajectory_record(trajectory),
+        ))
+    return groups
+
+
 def score_groups(groups: Sequence[Sequence[RolloutSample]], rows: Sequence[PromptRow], reward_fn: RewardFn, *,
-                 overlong: str, max_new_tokens: int, overlong_buffer: int, overlong_penalty: float) -> None:
-    """Call the reward once for all samples; apply overlong filtering or penalty (in place)."""
+                 overlong: str, max_new_tokens: int, overlong_buffer: int, overlong_penalty: float,
+                 tool_call_bonus: float = 0.0, tool_error_penalty: float = 0.0) -> None:
+    """Call the reward once for all samples; apply overlong filtering or penalty and, for
+    trajectories, the tool shaping terms and the environment's rewards (in place)."""
     samples = [s for group in groups for s in group]
     if not samples:
         return
@@ -202,6 +243,14 @@ def score_groups(groups: Sequence[Sequence[RolloutSample]], rows: Sequence[Promp
         sample.raw_reward = float(out.scores[index])
         sample.components = {name: float(values[index]) for name, values in out.components.items()}
         sample.reward = sample.raw_reward
+        if sample.trajectory is not None:
+            shaping = {"tool_bonus": tool_call_bonus if sample.trajectory["tool_calls"] else 0.0,
+                       "tool_error_penalty": -tool_error_penalty * sample.trajectory["tool_errors"],
+                       "env": float(sample.trajectory["env_reward"])}
+            for name, value in shaping.items():
+                if value:
+                    sample.components[name] = value
+                    sample.reward += value
         if overlong == "filter" and sample.clipped:
             sample.trained = False
         elif overlong == "penalty":
@@ -234,7 +283,7 @@ def has_signal(group: Sequence[RolloutSample]) -> bool:
 def collect_rollouts(engine: Any, rows: Sequence[PromptRow], sampler: PromptSampler, reward_fn: RewardFn, *,
                      prompts: int, params: SamplingParams, dynamic_sampling: bool, max_refill_rounds: int,
                      overlong: str, overlong_buffer: int, overlong_penalty: float,
-                     info: DistInfo | None = None) -> RolloutBatch:
+                     info: DistInfo | None = None, agent: Any = None) -> RolloutBatch:
     """Sample this rank's share of ``prompts`` groups (generate + score), with DAPO dynamic
     sampling if asked.
 
@@ -256,11 +305,13 @@ def collect_rollouts(engine: Any, rows: Sequence[PromptRow], sampler: PromptSamp
         indices = sampler.take(max(missing) * world_size)[rank::world_size]
         started = time.perf_counter()
         round_params = params if params.seed is None else _reseed(params, params.seed + 7919 * rounds)
-        groups = generate_groups(engine, rows, indices, round_params, first_group=batch.generated_groups)
+        groups = generate_groups(engine, rows, indices, round_params, first_group=batch.generated_groups, agent=agent)
         batch.seconds_generate += time.perf_counter() - started
         started = time.perf_counter()
         score_groups(groups, rows, reward_fn, overlong=overlong, max_new_tokens=params.max_new_tokens,
-                     overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty)
+                     overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty,
+                     **({} if agent is None else {"tool_call_bonus": agent.config.tool_call_bonus,
+                                                  "tool_error_penalty": agent.config.tool_error_penalty}))
         batch.seconds_score += time.perf_counter() - started
         batch.generated_groups += len(groups)
         for group in groups:
@@ -365,7 +416,8 @@ def accuracy(scores: Sequence[float], components: dict[str, Sequence[float]]) ->
 
 
 def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn, *, temperature: float,
-                     max_new_tokens: int, stop: Sequence[str], seed: int) -> tuple[dict[str, float], list[dict]]:
+                     max_new_tokens: int, stop: Sequence[str], seed: int,
+                     agent: Any = None) -> tuple[dict[str, float], list[dict]]:
     """One completion per held-out prompt (greedy at temperature 0), scored by the reward.
 
     Returns ``(metrics, records)``: ``eval/reward``, ``eval/acc`` (when rewards are 0/1),
@@ -373,7 +425,14 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
     completion and reward per row.
     """
     params = SamplingParams(n=1, temperature=temperature, max_new_tokens=max_new_tokens, stop=tuple(stop), seed=seed)
-    completions = engine.generate([row.prompt_ids for row in rows], params)
+    trajectories = None
+    if agent is None:
+        completions = engine.generate([row.prompt_ids for row in rows], params)
+    else:
+        runs = agent.run(engine, agent_prompts(agent, rows, range(len(rows))), params)
+        trajectories = [trajectory_record(t) for t in runs]
+        completions = [Completion(i, t.response_ids, t.final_text,
+                                  "length" if t.finish_reason in BUDGET_FINISHES else "stop") for i, t in enumerate(runs)]
     out = reward_fn([row.text for row in rows], [c.text for c in completions], [row.metadata for row in rows])
     scores = [float(s) for s in out.scores]
     lengths = [len(c.token_ids) for c in completions]
@@ -386,9 +445,12 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
     acc = accuracy(scores, out.components)
     if acc is not None:
         metrics["eval/acc"] = acc
+    metrics.update(trajectory_metrics(trajectories or [], prefix="eval/agent"))
     records = [{"prompt": row.text, "completion": c.text, "reward": s, **{k: v for k, v in row.metadata.items()
                                                                             if isinstance(v, (str, int, float))}}
                for row, c, s in zip(rows, completions, scores)]
+    for record, trajectory in zip(records, trajectories or []):
+        record["trajectory"] = trajectory
     return metrics, records
 
 
@@ -403,4 +465,5 @@ def append_samples(path: Path, step: int, batch: RolloutBatch, rows: Sequence[Pr
                 "step": step, "group": sample.group, "prompt": rows[sample.row].text, "completion": sample.text,
                 "reward": sample.reward, "components": sample.components, "finish_reason": sample.finish_reason,
                 "response_ids": sample.response_ids,
+                **({} if sample.trajectory is None else {"trajectory": sample.trajectory}),
             }) + "\n")

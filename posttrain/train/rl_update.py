@@ -101,11 +101,12 @@ def collate_rollouts(chunk: Sequence[RolloutSample], pad_token_id: int, share_pr
     run of consecutive samples with the same prompt ids as one shared-prompt group."""
     if not share_prompt:
         return collate_packed(chunk, pad_token_id)
-    groups: list[tuple[list[int], list[list[int]]]] = []
+    groups: list[tuple[list[int], list[list[int]], list[list[int] | None]]] = []
     for sample in chunk:
         if not groups or groups[-1][0] != sample.prompt_ids:
-            groups.append((sample.prompt_ids, []))
+            groups.append((sample.prompt_ids, [], []))
         groups[-1][1].append(sample.response_ids)
+        groups[-1][2].append(sample.response_mask)
     return collate_shared_prompt(groups)
 
 
@@ -156,7 +157,7 @@ def response_positions(batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 def split_per_sample(values_N: torch.Tensor, samples: Sequence[RolloutSample]) -> list[torch.Tensor]:
-    return list(torch.split(values_N.detach().float().cpu(), [len(s.response_ids) for s in samples]))
+    return list(torch.split(values_N.detach().float().cpu(), [s.trained_length for s in samples]))
 
 
 def concat_field(samples: Sequence[RolloutSample], name: str, device: torch.device) -> torch.Tensor:
@@ -255,9 +256,9 @@ def compute_advantages(groups: Sequence[Sequence[RolloutSample]], *, algorithm: 
         else:
             adv_PG = grpo_advantages(rewards, scale_by_std=algorithm == "grpo")
         for sample, advantage in zip(samples, adv_PG.reshape(-1).tolist()):
-            sample.advantages = torch.full((len(sample.response_ids),), advantage)
+            sample.advantages = torch.full((sample.trained_length,), advantage)
     else:
-        mask = pad_token_tensors([torch.ones(len(s.response_ids)) for s in samples])[1]
+        mask = pad_token_tensors([torch.ones(s.trained_length) for s in samples])[1]
         kl_BT = None
         if kl_in_reward and kl_coef:
             kl_BT = pad_token_tensors([sequence_kl(s, kl_estimator, kl_clamp) for s in samples])[0]
@@ -272,7 +273,7 @@ def compute_advantages(groups: Sequence[Sequence[RolloutSample]], *, algorithm: 
             if whiten:
                 adv_BT = normalize_advantages(adv_BT, mask)
         for row, sample in enumerate(samples):
-            n = len(sample.response_ids)
+            n = sample.trained_length
             sample.advantages = adv_BT[row, :n].clone()
             if returns_BT is not None:
                 sample.returns = returns_BT[row, :n].clone()
@@ -371,7 +372,7 @@ def critic_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], M
     device = batch.input_ids.device
     values = response_token_values(model, batch)
     sequence_index = torch.repeat_interleave(torch.arange(len(samples), device=device),
-                                             torch.tensor([len(s.response_ids) for s in samples], device=device))
+                                             torch.tensor([s.trained_length for s in samples], device=device))
     loss, metrics = value_loss(values, concat_field(samples, "values", device), concat_field(samples, "returns", device),
                                torch.ones_like(values), clip_range=value_clip,
                                loss_agg_mode="token-mean" if loss_agg_mode == "sum" else loss_agg_mode,
@@ -438,7 +439,7 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
     nonfinite = 0
     for epoch in range(ppo_epochs):
         for index, mini in enumerate(batches if epoch == 0 else _reshuffle(batches, seed + epoch)):
-            step_tokens = float(sum(len(s.response_ids) for s in mini))
+            step_tokens = float(sum(s.trained_length for s in mini))
             step_sequences = float(len(mini))
             items = [(chunk, batch.to(device)) for chunk, batch in
                      pack_micro_batches(mini, micro_batch_tokens, pad_token_id, share_prompt)]

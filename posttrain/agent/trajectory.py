@@ -1,0 +1,147 @@
+"""A multi-turn trajectory as segments of token ids: the rendered prompt, then the model's
+sampled ids and the environment's ids (tool outputs and template glue) in the order the model
+saw them. Only sampled tokens are trained (``response_mask``); every id is kept exactly as the
+engine returned it or as the environment text was tokenised once, when it was appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+SegmentKind = Literal["prompt", "sampled", "env"]
+
+
+# Finish reasons of a trajectory that ran into a limit (the rest end with the model's answer).
+BUDGET_FINISHES = ("length", "max_turns", "max_tool_calls")
+
+
+@dataclass
+class Segment:
+    """One run of ids of one kind. ``logprobs`` (sampled segments only, when the engine
+    reported them): the engine's log-probability of each id, ``len(logprobs) == len(token_ids)``."""
+
+    token_ids: list[int]
+    kind: SegmentKind
+    logprobs: list[float] | None = None
+
+
+@dataclass
+class Trajectory:
+    """One agentic rollout of prompt ``prompt_index``.
+
+    ``finish_reason``: ``stop`` (the model ended its answer with an end-of-turn token),
+    ``length`` (token budget used up), ``max_turns`` or ``max_tool_calls``.
+    ``final_text``: decoded sampled text after the last env segment (what a final-answer
+    reward reads); ``text``: the decoded response (every segment after the prompt, special
+    tokens kept, for logs); ``messages``: the conversation as OpenAI messages.
+
+    >>> t = Trajectory(0, [Segment([1, 2], "prompt"), Segment([5, 6], "sampled", [-0.5, -0.25]),
+    ...                    Segment([7], "env"), Segment([8], "sampled", [-1.0])])
+    >>> t.response_ids, t.response_mask, t.sampled_logprobs, t.env_tokens
+    ([5, 6, 7, 8], [1, 1, 0, 1], [-0.5, -0.25, -1.0], 1)
+    """
+
+    prompt_index: int
+    segments: list[Segment]
+    finish_reason: str = ""
+    turns: int = 0
+    tool_calls: int = 0
+    tool_errors: int = 0
+    tool_seconds: float = 0.0
+    env_reward: float = 0.0
+    turn_rewards: list[float] = field(default_factory=list)
+    final_text: str = ""
+    text: str = ""
+    messages: list[dict] = field(default_factory=list)
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return list(self.segments[0].token_ids)
+
+    @property
+    def response_ids(self) -> list[int]:
+        """[R] every id after the prompt, sampled and env, in order."""
+        return [i for segment in self.segments[1:] for i in segment.token_ids]
+
+    @property
+    def response_mask(self) -> list[int]:
+        """[R] 1 at sampled ids (trained), 0 at env ids."""
+        return [int(segment.kind == "sampled") for segment in self.segments[1:] for _ in segment.token_ids]
+
+    @property
+    def sampled_logprobs(self) -> list[float] | None:
+        """[number of sampled ids] the engine's log-probs, or None if any sampled segment lacks them."""
+        sampled = [segment for segment in self.segments if segment.kind == "sampled"]
+        if any(segment.logprobs is None for segment in sampled):
+            return None
+        return [value for segment in sampled for value in segment.logprobs]
+
+    @property
+    def env_tokens(self) -> int:
+        return sum(len(segment.token_ids) for segment in self.segments if segment.kind == "env")
+
+    @property
+    def input_ids(self) -> list[int]:
+        """[P + R] the whole sequence: prompt then response."""
+        return [i for segment in self.segments for i in segment.token_ids]
+
+    def to_record(self) -> dict:
+        """A JSON-able record (a ``samples.jsonl`` line): counters and every segment's ids and
+        kind, so the trained mask can be rechecked from the file alone."""
+        return {
+            "prompt_index": self.prompt_index,
+            "finish_reason": self.finish_reason,
+            "turns": self.turns,
+            "tool_calls": self.tool_calls,
+            "tool_errors": self.tool_errors,
+            "tool_seconds": round(self.tool_seconds, 4),
+            "env_reward": self.env_reward,
+            "turn_rewards": list(self.turn_rewards),
+            "segments": [{"kind": segment.kind, "token_ids": list(segment.token_ids)} for segment in self.segments],
+        }
+
+
+def check_trajectory(trajectory: Trajectory) -> None:
+    """Raise AssertionError unless the segment invariant holds: the first segment (and only
+    it) is the prompt, no segment is empty, sampled log-probs (when present) match the ids.
+
+    >>> check_trajectory(Trajectory(0, [Segment([1], "prompt"), Segment([], "env")]))
+    Traceback (most recent call last):
+    ...
+    AssertionError: segment 1 (env) is empty
+    """
+    segments = trajectory.segments
+    assert segments and segments[0].kind == "prompt", "the first segment must be the prompt"
+    for index, segment in enumerate(segments):
+        assert segment.kind in ("prompt", "sampled", "env"), f"segment {index}: unknown kind {segment.kind!r}"
+        assert index == 0 or segment.kind != "prompt", f"segment {index} is a second prompt segment"
+        assert segment.token_ids, f"segment {index} ({segment.kind}) is empty"
+        if segment.kind == "sampled" and segment.logprobs is not None:
+            assert len(segment.logprobs) == len(segment.token_ids), (
+                f"segment {index}: {len(segment.logprobs)} logprobs for {len(segment.token_ids)} ids")
+
+
+def trajectory_record(trajectory: Trajectory) -> dict:
+    """What samples.jsonl and the step metrics keep of a trajectory: its segments (ids, kind),
+    the whole response text and the tool counts."""
+    record = trajectory.to_record()
+    record.update(text=trajectory.text, finish_reason=trajectory.finish_reason, turns=trajectory.turns,
+                  tool_calls=trajectory.tool_calls, tool_errors=trajectory.tool_errors,
+                  tool_seconds=trajectory.tool_seconds, env_tokens=trajectory.env_tokens,
+                  env_reward=trajectory.env_reward)
+    return record
+
+
+def trajectory_metrics(records: Sequence[dict], prefix: str = "agent") -> dict[str, float]:
+    """Means per trajectory: turns, tool calls, tool errors, tool seconds, env tokens, the
+    share that called a tool and the share that ended on a limit (docs/METRICS.md)."""
+    if not records:
+        return {}
+    count = len(records)
+    mean = lambda key: sum(float(r[key]) for r in records) / count  # noqa: E731
+    return {f"{prefix}/turns": mean("turns"), f"{prefix}/tool_calls": mean("tool_calls"),
+            f"{prefix}/tool_errors": mean("tool_errors"), f"{prefix}/tool_seconds": mean("tool_seconds"),
+            f"{prefix}/env_tokens": mean("env_tokens"),
+            f"{prefix}/tool_call_rate": sum(r["tool_calls"] > 0 for r in records) / count,
+            f"{prefix}/budget_truncated_frac": sum(r["finish_reason"] in BUDGET_FINISHES for r in records) / count}

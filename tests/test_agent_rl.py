@@ -1,0 +1,208 @@
+"""Multi-turn trajectories in the RL step: only sampled tokens are trained.
+
+A trajectory's response interleaves sampled and env tokens (``RolloutSample.response_mask``).
+Checked here: the trainer's log-probs at sampled positions equal a plain full-logits forward
+(what an engine reports), in both RL layouts; env positions get exactly zero gradient;
+returns run across env tokens as if they were not there; the loss normaliser counts sampled
+tokens only; and a whole ``run_rl`` with the python tool writes trajectories to
+samples.jsonl whose segments reproduce the trained mask."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from posttrain.data.batching import collate_shared_prompt
+from posttrain.models.attention import choose_attention
+from posttrain.models.prepare import prepare_for_training, unwrap_causal_lm
+from posttrain.rewards.output import RewardOutput
+from posttrain.rollout.base import Completion
+from posttrain.train.rl_rollouts import RolloutSample
+from posttrain.train.rl_update import (
+    LossSettings,
+    compute_advantages,
+    compute_rollout_tensors,
+    pack_micro_batches,
+    policy_micro_loss,
+)
+
+from conftest import build_tiny_llama
+
+PROMPT = [1, 5, 7, 9]
+SEGMENTS = [([300, 301, 302], 1), ([400, 401], 0), ([303, 304], 1), ([402], 0), ([305], 1)]  # (ids, sampled?)
+
+
+def multi_turn_sample(prompt=PROMPT, segments=SEGMENTS, reward=1.0, group=0) -> RolloutSample:
+    response = [t for ids, _ in segments for t in ids]
+    mask = [sampled for ids, sampled in segments for _ in ids]
+    return RolloutSample(row=group, group=group, prompt_ids=list(prompt), response_ids=response, response_mask=mask,
+                         text="", finish_reason="stop", reward=reward)
+
+
+def reference_logprobs(model, sample: RolloutSample) -> torch.Tensor:
+    """log p(token) at every SAMPLED response position from one plain forward with full
+    logits: what an engine reports for the ids it sampled."""
+    ids = torch.tensor([sample.input_ids])
+    with torch.no_grad():
+        logits = unwrap_causal_lm(model)(input_ids=ids, use_cache=False).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    prompt = len(sample.prompt_ids)
+    return torch.tensor([logp[prompt + j - 1, token].item() for j, token in enumerate(sample.response_ids)
+                         if sample.response_mask[j]])
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_trainer_logprobs_at_sampled_positions_equal_a_full_forward(tokenizer, share_prompt):
+    model = build_tiny_llama(tokenizer)
+    prepare_for_training(model, attn_implementation=choose_attention(True, None), gradient_checkpointing=False)
+    samples = [multi_turn_sample(), multi_turn_sample(segments=[([310], 1), ([410, 411, 412], 0), ([311, 312], 1)])]
+    compute_rollout_tensors(samples, policy=model, reference=None, critic=None, temperature=1.0, chunk_size=4,
+                            micro_batch_tokens=4096, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
+                            share_prompt=share_prompt)
+    for sample in samples:
+        assert sample.old_logp.shape == (sample.trained_length,)
+        torch.testing.assert_close(sample.old_logp, reference_logprobs(model, sample), rtol=1e-5, atol=1e-5)
+
+
+def test_shared_prompt_layout_lists_only_sampled_tokens():
+    batch = collate_shared_prompt([([10, 11], [[20, 21, 22], [30]], [[1, 0, 1], None])])
+    assert batch.loss_mask.tolist() == [[0, 0, 1, 0, 1, 1]]
+    assert batch.extras["predict_targets"].tolist() == [20, 22, 30]  # 21 is an env token
+    assert batch.extras["predict_index"].tolist() == [1, 3, 1]
+
+
+def settings(**overrides) -> LossSettings:
+    values = dict(clip_low=0.2, clip_high=None, dual_clip_c=None, loss_agg_mode="token-mean", kl_coef=0.0,
+                  kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=1.0, chunk_size=4,
+                  sum_normaliser=1.0)
+    values.update(overrides)
+    return LossSettings(**values)
+
+
+def test_env_positions_get_exactly_zero_gradient(tokenizer):
+    model = build_tiny_llama(tokenizer)
+    prepare_for_training(model, attn_implementation=choose_attention(True, None), gradient_checkpointing=False)
+    sample = multi_turn_sample()
+    sample.advantages = torch.linspace(-1.0, 1.0, sample.trained_length)
+    [(chunk, batch)] = pack_micro_batches([sample], 4096, 0, False)
+    captured = []
+    norm = unwrap_causal_lm(model).get_decoder().norm
+
+    def keep(_module, _inputs, output):
+        output.retain_grad()
+        captured.append(output)
+
+    handle = norm.register_forward_hook(keep)
+    try:
+        loss, counts = policy_micro_loss(model, (chunk, batch), settings=settings(), step_tokens=float(sample.trained_length),
+                                         step_sequences=1.0, sink=[])
+        loss.backward()
+    finally:
+        handle.remove()
+    assert counts["trained_tokens"] == sample.trained_length == 6  # the normaliser counts sampled tokens only
+    grad_rows = captured[-1].grad[0].abs().sum(-1)  # [T]: gradient reaching each position's final hidden state
+    prompt = len(sample.prompt_ids)
+    for j, trained in enumerate(sample.response_mask):
+        predicting = prompt + j - 1  # the position whose hidden state predicts response token j
+        if trained:
+            assert grad_rows[predicting] > 0, j
+        else:
+            assert grad_rows[predicting] == 0, j
+    assert grad_rows[prompt + len(sample.response_ids) - 1] == 0  # the last token predicts nothing
+
+
+def test_returns_run_across_env_tokens_as_if_they_were_not_there():
+    """REINFORCE++ with discounting: a trajectory's returns equal those of the single-turn
+    sample made of its sampled tokens alone (env tokens neither reset nor discount them)."""
+    multi = multi_turn_sample(reward=1.0)
+    single = RolloutSample(row=1, group=1, prompt_ids=PROMPT, response_ids=[300, 301, 302, 303, 304, 305], text="",
+                           finish_reason="stop", reward=1.0)
+    other = RolloutSample(row=2, group=2, prompt_ids=PROMPT, response_ids=[7, 8], text="", finish_reason="stop",
+                          reward=0.0)
+    compute_advantages([[multi], [single], [other]], algorithm="reinforce_pp", kl_in_reward=False, kl_coef=0.0,
+                       kl_estimator="k3", gamma=0.9, lam=1.0, whiten=True)
+    assert multi.advantages.shape == (6,)
+    torch.testing.assert_close(multi.advantages, single.advantages)
+    assert multi.advantages[0] < multi.advantages[-1]  # discounted over the 6 sampled tokens, not 9
+
+
+# ----------------------------------------------------------------------------- a whole run
+
+
+class ScriptedToolEngine:
+    """Writes a python block on the first turn and the answer once it has seen an output.
+
+    The ids are the tokenizer's own; ``generate`` records every input it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos_ids = {tokenizer.convert_tokens_to_ids("<|im_end|>")}
+        self.inputs: list[list[int]] = []
+        self.output_marker = tokenizer.encode("<output>", add_special_tokens=False)
+
+    def _has_output(self, ids: list[int]) -> bool:
+        n = len(self.output_marker)
+        return any(ids[i:i + n] == self.output_marker for i in range(len(ids) - n + 1))
+
+    def generate(self, prompt_ids, params):
+        out = []
+        for index, ids in enumerate(prompt_ids):
+            for _ in range(params.n):
+                self.inputs.append(list(ids))
+                if self._has_output(ids):
+                    text, tokens = "The answer is 42.", self.tokenizer.encode("The answer is 42.", add_special_tokens=False)
+                    tokens = tokens + sorted(self.eos_ids)
+                else:
+                    text = "```python\nprint(6 * 7)\n```\n"
+                    tokens = self.tokenizer.encode(text, add_special_tokens=False)
+                out.append(Completion(index, tokens[: params.max_new_tokens], text, "stop"))
+        return out
+
+    def update_weights(self, model):
+        pass
+
+
+def answer_42(prompts, completions, metadata):
+    scores = [1.0 if c.strip().startswith("The answer is 42") else 0.0 for c in completions]
+    return RewardOutput(scores, {"correct": scores})
+
+
+def test_rl_with_the_python_tool_trains_only_sampled_tokens_and_logs_segments(tiny_model_dir, tokenizer, tmp_path):
+    from posttrain.config import RLConfig, validate_config
+    from posttrain.rewards.sandbox import namespace_available
+    from posttrain.train.rl import run_rl
+
+    if not namespace_available():
+        pytest.skip("the python tool runs in namespace isolation (needs root on Linux)")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is 6 * {7 + i % 1}?"}],
+                                        "answer": "42"}) + "\n" for i in range(4)))
+    config = validate_config(RLConfig, {
+        "model": {"name": tiny_model_dir}, "data": {"train": str(data)},
+        "rollout": {"group_size": 2, "max_new_tokens": 24},
+        "agent": {"tools": ["python"], "max_turns": 3, "max_total_tokens": 96},
+        "rl": {"prompts_per_step": 2}, "optim": {"lr": 1e-3},
+        "train": {"max_steps": 1, "samples_every": 1, "export": False},
+        "run": {"output_dir": str(tmp_path), "progress": False, "tensorboard": False},
+    })
+    engine = ScriptedToolEngine(tokenizer)
+    result = run_rl(config, engine=engine, reward_fn=answer_42)
+    record = result.history[-1]
+    assert record["agent/tool_calls"] == 1.0 and record["agent/turns"] == 2.0 and record["agent/tool_errors"] == 0.0
+    assert record["reward/mean"] == 1.0 and record["agent/env_tokens"] > 0
+    lines = [json.loads(line) for line in (result.run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(lines) == 4
+    for line in lines:
+        segments = line["trajectory"]["segments"]
+        assert [s["kind"] for s in segments] == ["prompt", "sampled", "env", "sampled"]
+        response = [t for s in segments[1:] for t in s["token_ids"]]
+        assert response == line["response_ids"]
+        assert tokenizer.decode(segments[2]["token_ids"]) == "<output>\n42\n</output>\n"
+        sampled = tokenizer.decode([t for s in segments if s["kind"] == "sampled" for t in s["token_ids"]])
+        assert sampled == "```python\nprint(6 * 7)\n```\nThe answer is 42.<|im_end|>"
+        assert line["completion"] == "The answer is 42.<|im_end|>" or line["completion"].startswith("The answer is 42")
+    # the second turn's engine input is the first turn's input extended by its segments
+    first, second = engine.inputs[0], engine.inputs[-1]
+    assert second[: len(first)] == first and len(second) > len(first)
