@@ -96,12 +96,12 @@ def test_env_positions_get_exactly_zero_gradient(tokenizer):
 
     handle = norm.register_forward_hook(keep)
     try:
-        loss, counts = policy_micro_loss(model, (chunk, batch), settings=settings(), step_tokens=float(sample.trained_length),
-                                         step_sequences=1.0, sink=[])
-        loss.backward()
+        result = policy_micro_loss(model, (chunk, batch), settings=settings(), step_tokens=float(sample.trained_length),
+                                   step_sequences=1.0)
+        result.loss.backward()
     finally:
         handle.remove()
-    assert counts["trained_tokens"] == sample.trained_length == 6  # the normaliser counts sampled tokens only
+    assert result.count == sample.trained_length == 6  # the normaliser counts sampled tokens only
     grad_rows = captured[-1].grad[0].abs().sum(-1)  # [T]: gradient reaching each position's final hidden state
     prompt = len(sample.prompt_ids)
     for j, trained in enumerate(sample.response_mask):

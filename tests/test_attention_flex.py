@@ -128,8 +128,8 @@ def test_sft_loss_and_gradients_of_a_model_equal_varlen(tokenizer, flex_cpu_back
     results = []
     for attention in (VARLEN_ATTENTION, FLEX_ATTENTION):
         model = use(build_tiny_llama(tokenizer, vocab_size=512), attention)
-        loss, _ = sft_micro_batch_loss(model, batch, loss_agg_mode="token-mean", step_trained_tokens=tokens,
-                                       step_sequences=sequences, chunk_size=7)
+        loss = sft_micro_batch_loss(model, batch, loss_agg_mode="token-mean", step_trained_tokens=tokens,
+                                    step_sequences=sequences, chunk_size=7).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
     (loss_a, grads_a), (loss_b, grads_b) = results

@@ -152,8 +152,8 @@ def gradients(model, batches, tokens, sequences) -> tuple[float, torch.Tensor]:
     total = 0.0
     for batch in batches:
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-            loss, _ = sft_micro_batch_loss(model, batch.to(DEVICE), loss_agg_mode="token-mean",
-                                           step_trained_tokens=tokens, step_sequences=sequences, chunk_size=5)
+            loss = sft_micro_batch_loss(model, batch.to(DEVICE), loss_agg_mode="token-mean",
+                                        step_trained_tokens=tokens, step_sequences=sequences, chunk_size=5).loss
         loss.backward()
         total += float(loss.detach())
     return total, torch.cat([p.grad.reshape(-1) for p in model.parameters()])

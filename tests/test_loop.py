@@ -60,9 +60,8 @@ def packed_model(small_vocab_model):
 
 
 def loss_of(model, batch, mode, tokens, sequences, chunk=5):
-    loss, _ = sft_micro_batch_loss(model, batch, loss_agg_mode=mode, step_trained_tokens=tokens,
-                                   step_sequences=sequences, chunk_size=chunk)
-    return loss
+    return sft_micro_batch_loss(model, batch, loss_agg_mode=mode, step_trained_tokens=tokens,
+                                step_sequences=sequences, chunk_size=chunk).loss
 
 
 def test_packed_sequence_loss_equals_its_loss_alone(packed_model):

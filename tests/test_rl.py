@@ -519,8 +519,10 @@ def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(ti
     real_loss = rl_module.policy_micro_loss
 
     def nan_on_step_2(*args, **kwargs):
-        loss, metrics = real_loss(*args, **kwargs)
-        return (loss * float("nan"), metrics) if rewards_scored["steps"] == 2 else (loss, metrics)
+        result = real_loss(*args, **kwargs)
+        if rewards_scored["steps"] == 2:
+            result.loss = result.loss * float("nan")
+        return result
 
     monkeypatch.setattr(rl_module, "policy_micro_loss", nan_on_step_2)
     run = tmp_path / "run"

@@ -152,7 +152,7 @@ def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer):
         total = 0.0
         for group in groups:
             micro = pair_micro_batch([pairs[i] for i in group], packing, tokenizer.pad_token_id)
-            loss, _ = pair_loss(model, micro, step_pairs=len(pairs), center_rewards_coef=0.01)
+            loss = pair_loss(model, micro, step_pairs=len(pairs), center_rewards_coef=0.01).loss
             loss.backward()
             total += float(loss.detach())
         return total, score_layer(model).weight.grad.clone(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
@@ -173,8 +173,11 @@ def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer):
 
 
 def test_summarise_pairs_weights_by_pairs():
-    stats = [{"accuracy": 1.0, "margin": 2.0, "reward/chosen": 1.0, "reward/rejected": -1.0, "pairs": 3.0},
-             {"accuracy": 0.0, "margin": -1.0, "reward/chosen": 0.0, "reward/rejected": 1.0, "pairs": 1.0}]
+    from posttrain.train.loop import MicroResult
+
+    zero = torch.zeros(())
+    stats = [MicroResult(zero, 3.0, {"accuracy": 1.0, "margin": 2.0, "reward/chosen": 1.0, "reward/rejected": -1.0}),
+             MicroResult(zero, 1.0, {"accuracy": 0.0, "margin": -1.0, "reward/chosen": 0.0, "reward/rejected": 1.0})]
     out = summarise_pairs(stats, SINGLE)
     assert out["accuracy"] == 0.75 and out["margin"] == pytest.approx(5 / 4) and out["pairs_per_step"] == 4
 

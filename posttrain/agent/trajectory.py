@@ -126,6 +126,7 @@ def trajectory_record(trajectory: Trajectory) -> dict:
     """What samples.jsonl and the step metrics keep of a trajectory: its segments (ids, kind),
     the whole response text and the tool counts."""
     record = trajectory.to_record()
+    del record["prompt_index"]  # an index into one generate call's prompts (one rank's); the sample has its group
     record.update(text=trajectory.text, finish_reason=trajectory.finish_reason, turns=trajectory.turns,
                   tool_calls=trajectory.tool_calls, tool_errors=trajectory.tool_errors,
                   tool_seconds=trajectory.tool_seconds, env_tokens=trajectory.env_tokens,

@@ -37,11 +37,16 @@ def _sequence_index(like: torch.Tensor, sequence_index: torch.Tensor | None):
     return None
 
 
-def _masked_min_max(values: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    selected = values[mask != 0]
-    if selected.numel() == 0:
-        return 0.0, 0.0
-    return selected.min().item(), selected.max().item()
+def _masked_min_max(values: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Detached 0-d (min, max) over the masked entries (0, 0 when none); no device sync."""
+    keep = mask != 0
+    if keep.numel() == 0:
+        zero = values.new_zeros(())
+        return zero, zero
+    low = torch.where(keep, values, torch.full_like(values, float("inf"))).min()
+    high = torch.where(keep, values, torch.full_like(values, float("-inf"))).max()
+    present = keep.any()
+    return torch.where(present, low, 0.0).detach(), torch.where(present, high, 0.0).detach()
 
 
 def ppo_policy_loss(
@@ -58,7 +63,7 @@ def ppo_policy_loss(
     step_sequences: float,
     sequence_index: torch.Tensor | None = None,
     token_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-clip surrogate (to minimise), with clip-higher and optional dual clip.
 
     per token: ratio = exp(logp - old_logp)
@@ -79,8 +84,9 @@ def ppo_policy_loss(
         token_weight: optional per-token weight.
 
     Returns:
-        ``(loss, metrics)``: loss is this micro-batch's share of the step loss; metrics:
-        ``pg_loss``, ``clip_frac`` (trained tokens where the ratio clip is active),
+        ``(loss, metrics)``: loss is this micro-batch's share of the step loss; metrics
+        (detached 0-d tensors: reading them is left to the caller, once per step, so the
+        loss never waits on the device): ``pg_loss``, ``clip_frac`` (trained tokens where the ratio clip is active),
         ``dual_clip_frac``, ``ratio/mean``, ``ratio/min``, ``ratio/max``, ``approx_kl``
         (k3 estimate of KL(pi_old || pi): mean of (ratio - 1) - log ratio).
     """
@@ -110,13 +116,13 @@ def ppo_policy_loss(
     with torch.no_grad():
         ratio_min, ratio_max = _masked_min_max(ratio, loss_mask)
         metrics = {
-            "pg_loss": loss.item(),
-            "clip_frac": masked_mean((clipped > unclipped).float(), loss_mask).item(),
-            "dual_clip_frac": masked_mean(dual_active.float(), loss_mask).item(),
-            "ratio/mean": masked_mean(ratio, loss_mask).item(),
+            "pg_loss": loss.detach(),
+            "clip_frac": masked_mean((clipped > unclipped).float(), loss_mask),
+            "dual_clip_frac": masked_mean(dual_active.float(), loss_mask),
+            "ratio/mean": masked_mean(ratio, loss_mask),
             "ratio/min": ratio_min,
             "ratio/max": ratio_max,
-            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, loss_mask).item(),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio, loss_mask),
         }
     return loss, metrics
 
@@ -132,7 +138,7 @@ def value_loss(
     step_trained_tokens: float,
     step_sequences: float,
     sequence_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss for the PPO critic (Schulman et al. 2017 baselines code;
     Andrychowicz et al. 2021 discuss when clipping helps).
 
@@ -170,11 +176,11 @@ def value_loss(
     )
     with torch.no_grad():
         metrics = {
-            "vf_loss": loss.item(),
-            "vf_clip_frac": masked_mean(clip_active.float(), loss_mask).item(),
-            "value/mean": masked_mean(values_f, loss_mask).item(),
-            "return/mean": masked_mean(targets, loss_mask).item(),
-            "value/error": masked_mean(unclipped, loss_mask).item(),
+            "vf_loss": loss.detach(),
+            "vf_clip_frac": masked_mean(clip_active.float(), loss_mask),
+            "value/mean": masked_mean(values_f, loss_mask),
+            "return/mean": masked_mean(targets, loss_mask),
+            "value/error": masked_mean(unclipped, loss_mask),
         }
     return loss, metrics
 
@@ -188,7 +194,7 @@ def entropy_bonus(
     step_trained_tokens: float,
     step_sequences: float,
     sequence_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss term -coef * aggregate(entropy): adding it to the loss rewards higher entropy.
 
     Args:
@@ -207,5 +213,5 @@ def entropy_bonus(
     )
     loss = -coef * aggregated
     with torch.no_grad():
-        metrics = {"entropy": masked_mean(entropy.float(), loss_mask).item()}
+        metrics = {"entropy": masked_mean(entropy.float(), loss_mask)}
     return loss, metrics

@@ -56,6 +56,7 @@ from posttrain.train.distributed import (
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
 from posttrain.models.prepare import unwrap_causal_lm
 from posttrain.train.loop import (
+    MicroResult,
     autocast_context,
     is_due,
     optimizer_step,
@@ -175,10 +176,9 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [dpo_micro_batch(train_pairs, mb, reference and reference.train, config.train.packing,
                                              pad_id).to(info.device) for mb in plan.micro_batches[info.rank]]
-            pair_stats: list[dict[str, float]] = []
             result = optimizer_step(
                 model, optimizer, scheduler, micro_batches,
-                lambda m, b: dpo_micro_loss(m, b, step_pairs=plan.trained_sequences, sink=pair_stats,
+                lambda m, b: dpo_micro_loss(m, b, step_pairs=plan.trained_sequences,
                                             chunk_size=config.train.logits_chunk_size, **loss_options(config)),
                 precision=config.train.precision, device=info.device, max_grad_norm=config.optim.max_grad_norm,
                 world_size=info.world_size, reduce_sum=lambda v: all_reduce_sum(v, info),
@@ -186,7 +186,7 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
             state = advance(state, plan, result)
             state.nonfinite_skipped = guard_step("dpo", state.step, result, state.nonfinite_skipped, config.train,
                                                  run.checkpoints, info)
-            metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info, pair_metric_keys(config)),
+            metrics = step_metrics(plan, result, state, summarise_pairs(result.micro, info, pair_metric_keys(config)),
                                    train_pairs, targets)
             if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate(model, val_pairs, reference, config, info, pad_id)
@@ -276,9 +276,9 @@ def sequence_logps(model: torch.nn.Module, micro: DPOMicroBatch, chunk_size: int
 
 
 def dpo_micro_loss(model: torch.nn.Module, micro: DPOMicroBatch, *, step_pairs: float, chunk_size: int,
-                   sink: list[dict[str, float]] | None = None, **options: Any) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the step's preference loss (sum of shares = step mean).
-    ``sink`` collects each call's pair metrics; ``options``: see ``loss_options``."""
+                   **options: Any) -> MicroResult:
+    """This micro-batch's share of the step's preference loss (sum of shares = step mean),
+    with its pair metrics weighted by its pairs; ``options``: see ``loss_options``."""
     sums, counts, token_logps = sequence_logps(model, micro, chunk_size)
     reference = micro.reference_logps_N
     loss, metrics = preference_optimization_loss(
@@ -287,9 +287,7 @@ def dpo_micro_loss(model: torch.nn.Module, micro: DPOMicroBatch, *, step_pairs: 
         step_pairs=step_pairs, **options)
     if micro.pairs == 0:  # filler micro-batch: keep the graph connected for FSDP's collectives
         loss = loss + 0.0 * token_logps.sum()
-    if sink is not None:
-        sink.append(metrics)
-    return loss, metrics
+    return MicroResult(loss, float(micro.pairs), metrics)
 
 
 @torch.no_grad()

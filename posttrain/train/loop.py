@@ -23,7 +23,7 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -84,12 +84,9 @@ def sft_micro_batch_loss(
     step_trained_tokens: float,
     step_sequences: float,
     chunk_size: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the SFT step loss (sum the shares over the step).
-
-    Returns:
-        (loss share, {"nll_sum": summed NLL of trained targets, "trained_tokens": count}).
-    """
+) -> MicroResult:
+    """This micro-batch's share of the SFT step loss (sum the shares over the step), its
+    trained-token count and the summed NLL of its trained targets."""
     hidden_BTH, lm_head_weight = forward_hidden(model, batch)
     nll_N, positions = sft_token_losses(
         hidden_BTH, lm_head_weight, batch.input_ids, batch.loss_mask,
@@ -105,7 +102,7 @@ def sft_micro_batch_loss(
     )
     if nll_N.numel() == 0:  # keep the graph connected (filler micro-batch under FSDP)
         loss = loss + 0.0 * hidden_BTH.sum()
-    return loss, {"nll_sum": float(nll_N.detach().sum()), "trained_tokens": float(nll_N.numel())}
+    return MicroResult(loss, float(nll_N.numel()), nll_sum=nll_N.detach().float().sum())
 
 
 # ----------------------------------------------------------------------------- optimiser
@@ -184,6 +181,27 @@ def autocast_context(precision: str, device: torch.device):
 
 
 @dataclass
+class MicroResult:
+    """What a micro-batch's loss function returns, in every trainer.
+
+    ``loss``: this micro-batch's share of the step loss (carries the graph); ``count``: what it
+    trains (tokens for SFT and RL, pairs for RM and DPO), the weight of its metrics;
+    ``metrics``: detached 0-d tensors (means over its ``count``), read once per step, never
+    per micro-batch; ``nll_sum``: SFT's summed NLL of its trained targets; ``token_gap``: RL's
+    engine-minus-trainer log-probs of its sampled tokens, when the engine reported them.
+    """
+
+    loss: torch.Tensor
+    count: float
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    nll_sum: torch.Tensor | float = 0.0
+    token_gap: torch.Tensor | None = None
+
+    def detached(self) -> "MicroResult":
+        return MicroResult(self.loss.detach(), self.count, self.metrics, self.nll_sum, self.token_gap)
+
+
+@dataclass
 class StepResult:
     loss: float
     grad_norm: float
@@ -192,9 +210,10 @@ class StepResult:
     trained_tokens: int
     seconds: float
     finite: bool = True  # False: the loss or gradient norm was NaN/inf and the update was NOT applied
+    micro: list[MicroResult] = field(default_factory=list)  # this rank's micro-batches, detached, in order
 
 
-LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+LossFn = Callable[[torch.nn.Module, Any], MicroResult]
 
 
 def optimizer_step(
@@ -212,10 +231,11 @@ def optimizer_step(
 ) -> StepResult:
     """Forward/backward every micro-batch, clip, step the optimizer and the scheduler once.
 
-    ``loss_fn(model, micro_batch)`` returns this micro-batch's share of the step loss
-    (normalised by step-wide counts) and float metrics. Each share is multiplied by
-    ``world_size`` before backward because data-parallel gradients are averaged over ranks.
-    ``reduce_sum`` sums [loss, nll_sum, trained_tokens] over ranks (None: one process).
+    ``loss_fn(model, micro_batch)`` returns a ``MicroResult``: this micro-batch's share of
+    the step loss (normalised by step-wide counts) and its metrics as tensors. Each share is
+    multiplied by ``world_size`` before backward because data-parallel gradients are averaged
+    over ranks. ``reduce_sum`` sums [loss, nll_sum, trained count] over ranks (None: one
+    process). The step's values are read from the device once, after the last backward.
 
     A step whose (summed) loss or global gradient norm is NaN/inf is not applied: the
     gradients are dropped, the optimizer does not step (its moments stay finite), the
@@ -225,14 +245,17 @@ def optimizer_step(
     """
     started = time.perf_counter()
     lr = optimizer.param_groups[0]["lr"]
-    loss_total = nll_sum = trained = 0.0
+    micro: list[MicroResult] = []
     for micro_batch in micro_batches:
         with autocast_context(precision, device):
-            loss, metrics = loss_fn(model, micro_batch)
-        (loss * world_size).backward()
-        loss_total += float(loss.detach())
-        nll_sum += metrics.get("nll_sum", 0.0)
-        trained += metrics.get("trained_tokens", 0.0)
+            result = loss_fn(model, micro_batch)
+        (result.loss * world_size).backward()
+        micro.append(result.detached())
+    loss_total, nll_sum = torch.stack([  # one device read for the whole step
+        torch.stack([m.loss.float().reshape(()),
+                     torch.as_tensor(m.nll_sum, dtype=torch.float32, device=m.loss.device).reshape(())])
+        for m in micro]).sum(0).tolist() if micro else (0.0, 0.0)
+    trained = float(sum(m.count for m in micro))
     grad_norm = clip_gradients(model, max_grad_norm)
     if reduce_sum is not None:
         loss_total, nll_sum, trained = reduce_sum([loss_total, nll_sum, trained])
@@ -246,7 +269,8 @@ def optimizer_step(
             scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=loss_total, grad_norm=grad_norm, lr=lr, nll_sum=nll_sum,
-                      trained_tokens=int(round(trained)), seconds=time.perf_counter() - started, finite=finite)
+                      trained_tokens=int(round(trained)), seconds=time.perf_counter() - started, finite=finite,
+                      micro=micro)
 
 
 def clip_gradients(model: torch.nn.Module, max_grad_norm: float | None) -> float:

@@ -207,7 +207,7 @@ def generate_groups(engine: Any, rows: Sequence[PromptRow], row_indices: Sequenc
 
 
 def agent_prompts(agent: Any, rows: Sequence[PromptRow], row_indices: Sequence[int]) -> list[Any]:
-    return [agent.prompt(rows[i].text.messages or str(rows[i].text), rows[i].prompt_ids, rows[i].metadata,
+    return [agent.prompt(getattr(rows[i].text, "messages", None) or str(rows[i].text), rows[i].prompt_ids, rows[i].metadata,
                          where=f"prompt row {rows[i].line}") for i in row_indices]
 
 

@@ -42,7 +42,7 @@ from posttrain.algorithms.sft import (
 from posttrain.data.batching import MicroBatch, collate_packed, collate_shared_prompt, split_into_micro_batches
 from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_max, all_reduce_sum
 from posttrain.models.prepare import forward_hidden
-from posttrain.train.loop import autocast_context, optimizer_step
+from posttrain.train.loop import MicroResult, autocast_context, optimizer_step
 from posttrain.train.rl_rollouts import RolloutSample
 
 # ----------------------------------------------------------------------------- layout
@@ -322,9 +322,9 @@ class LossSettings:
 
 
 def policy_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], MicroBatch], *,
-                      settings: LossSettings, step_tokens: float, step_sequences: float,
-                      sink: list[dict[str, float]]) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the policy loss: PPO-clip + beta * KL + entropy bonus."""
+                      settings: LossSettings, step_tokens: float, step_sequences: float) -> MicroResult:
+    """This micro-batch's share of the policy loss: PPO-clip + beta * KL + entropy bonus, its
+    trained (sampled) token count, metrics as tensors and the engine-vs-trainer log-prob gap."""
     samples, batch = item
     device = batch.input_ids.device
     tokens = response_token_logprobs(model, batch, temperature=settings.temperature, chunk_size=settings.chunk_size,
@@ -343,30 +343,28 @@ def policy_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], M
         kl_loss = aggregate_token_losses(kl, mask, tokens.sequence_index, settings.loss_agg_mode,
                                          step_trained_tokens=step_tokens, step_sequences=step_sequences)
         loss = loss + settings.kl_coef * kl_loss
-        metrics["kl"] = kl.detach().mean().item()
+        metrics["kl"] = kl.detach().mean()
     elif samples[0].ref_logp is not None:
         metrics["kl"] = kl_estimate(logp.detach(), concat_field(samples, "ref_logp", device),
-                                    settings.kl_estimator, clamp=settings.kl_clamp).mean().item()
+                                    settings.kl_estimator, clamp=settings.kl_clamp).mean()
     entropy = tokens.entropy
     if settings.entropy_coef:
         bonus, entropy_metrics = entropy_bonus(entropy, mask, settings.entropy_coef, **common)
         loss = loss + bonus
     else:
-        entropy_metrics = {"entropy": entropy.detach().mean().item()}
+        entropy_metrics = {"entropy": entropy.detach().mean()}
     metrics.update(entropy_metrics)
     if settings.loss_agg_mode == "sum":
         loss = loss / settings.sum_normaliser
-    metrics["tokens"] = float(logp.numel())
+    gap = None
     if samples[0].engine_logp is not None and samples[0].old_logp is None:
-        gap = torch.tensor([v for s in samples for v in s.engine_logp], dtype=torch.float32) - logp.detach().cpu()
-        metrics["_gap"] = gap
-    sink.append(metrics)
-    return loss, {"trained_tokens": float(logp.numel())}
+        engine_logp = torch.tensor([v for s in samples for v in s.engine_logp], dtype=torch.float32, device=device)
+        gap = engine_logp - logp.detach().float()
+    return MicroResult(loss, float(logp.numel()), metrics, token_gap=gap)
 
 
 def critic_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], MicroBatch], *, value_clip: float | None,
-                      loss_agg_mode: str, step_tokens: float, step_sequences: float,
-                      sink: list[dict[str, float]]) -> tuple[torch.Tensor, dict[str, float]]:
+                      loss_agg_mode: str, step_tokens: float, step_sequences: float) -> MicroResult:
     """This micro-batch's share of the clipped value loss."""
     samples, batch = item
     device = batch.input_ids.device
@@ -378,40 +376,60 @@ def critic_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], M
                                loss_agg_mode="token-mean" if loss_agg_mode == "sum" else loss_agg_mode,
                                step_trained_tokens=step_tokens, step_sequences=step_sequences,
                                sequence_index=sequence_index)
-    metrics["tokens"] = float(values.numel())
-    sink.append(metrics)
-    return loss, {"trained_tokens": float(values.numel())}
+    return MicroResult(loss, float(values.numel()), metrics)
 
 
 LOSS_SHARE_KEYS = ("pg_loss", "vf_loss")  # a micro-batch's share of its optimizer step's loss
 
 
-def weighted_mean_metrics(records: Sequence[dict[str, Any]]) -> dict[str, float]:
+@dataclass
+class MicroRecord:
+    """One micro-batch of an update, read back from the device: which optimizer step it
+    belonged to, its trained tokens, its metrics and its log-prob gap (engine - trainer)."""
+
+    step: int
+    tokens: float
+    metrics: dict[str, float]
+    token_gap: torch.Tensor | None = None
+
+
+def read_micro_results(steps: Sequence[Sequence[MicroResult]]) -> list[MicroRecord]:
+    """Every micro-batch's metric tensors of an update, read with one device transfer."""
+    flat = [(step, micro) for step, results in enumerate(steps) for micro in results]
+    keys = [sorted(micro.metrics) for _, micro in flat]
+    tensors = [torch.as_tensor(micro.metrics[key], dtype=torch.float32).reshape(())
+               for (_, micro), names in zip(flat, keys) for key in names]
+    values = iter(torch.stack([v.to(tensors[0].device) for v in tensors]).tolist() if tensors else [])
+    return [MicroRecord(step, micro.count, {key: next(values) for key in names},
+                        None if micro.token_gap is None else micro.token_gap.cpu())
+            for (step, micro), names in zip(flat, keys)]
+
+
+def weighted_mean_metrics(records: Sequence[MicroRecord]) -> dict[str, float]:
     """Token-weighted mean of each metric over micro-batches (min / max for ratio extremes).
 
     Loss shares (``LOSS_SHARE_KEYS``, already divided by step-wide normalisers) are summed
-    within their optimizer step (``_step``) and averaged over steps, so they do not depend
-    on how a step was split into micro-batches or ranks.
+    within their optimizer step and averaged over steps, so they do not depend on how a step
+    was split into micro-batches or ranks.
     """
     out: dict[str, float] = {}
-    total = sum(r["tokens"] for r in records) or 1.0
-    keys = {k for r in records for k in r if k not in ("tokens", "_gap", "_step")}
+    total = sum(r.tokens for r in records) or 1.0
+    keys = {k for r in records for k in r.metrics}
     for key in keys:
-        present = [r for r in records if key in r]
-        if key in LOSS_SHARE_KEYS and all("_step" in r for r in present):
+        present = [r for r in records if key in r.metrics]
+        if key in LOSS_SHARE_KEYS:
             per_step: dict[int, float] = {}
             for r in present:
-                per_step[r["_step"]] = per_step.get(r["_step"], 0.0) + r[key]
+                per_step[r.step] = per_step.get(r.step, 0.0) + r.metrics[key]
             out[key] = sum(per_step.values()) / len(per_step)
         elif key.endswith("/min"):
-            out[key] = min(r[key] for r in present)
+            out[key] = min(r.metrics[key] for r in present)
         elif key.endswith("/max"):
-            out[key] = max(r[key] for r in present)
+            out[key] = max(r.metrics[key] for r in present)
         else:
-            weight = sum(r["tokens"] for r in present) or total
-            out[key] = sum(r[key] * r["tokens"] for r in present) / weight
-    gaps = [r["_gap"] for r in records if "_gap" in r]
-    out.update(logprob_gap_metrics(gaps))
+            weight = sum(r.tokens for r in present) or total
+            out[key] = sum(r.metrics[key] * r.tokens for r in present) / weight
+    out.update(logprob_gap_metrics([r.token_gap for r in records if r.token_gap is not None]))
     return out
 
 
@@ -422,8 +440,9 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
                  info: DistInfo | None = None, filler: Any = None) -> dict[str, float]:
     """``ppo_epochs`` passes; one optimizer step per mini-batch; returns averaged metrics.
 
-    ``loss_fn(model, item, step_tokens=, step_sequences=, sink=)`` is ``policy_micro_loss``
-    or ``critic_micro_loss`` with its settings bound. ``nonfinite_steps`` counts the
+    ``loss_fn(model, item, step_tokens=, step_sequences=)`` is ``policy_micro_loss`` or
+    ``critic_micro_loss`` with its settings bound; each returns a ``MicroResult`` whose
+    metric tensors are read once, after the last optimizer step. ``nonfinite_steps`` counts the
     optimizer steps not applied because their loss or gradient norm was NaN/inf.
 
     Data parallel (``info`` with several ranks): ``batches`` are this rank's shares of the
@@ -434,7 +453,7 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
     metrics cover every rank's micro-batches.
     """
     distributed = info is not None and info.distributed
-    records: list[dict[str, Any]] = []
+    step_results: list[list[MicroResult]] = []
     grad_norms, losses, lrs = [], [], []
     nonfinite = 0
     for epoch in range(ppo_epochs):
@@ -448,22 +467,21 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
                 items += [filler] * (int(all_reduce_max([float(len(items))], info)[0]) - len(items))
 
             def micro_loss(m, item, step_tokens=step_tokens, step_sequences=step_sequences):
+                result = loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences)
                 if item is filler:  # keeps FSDP's collectives in step; adds nothing
-                    loss, _ = loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=[])
-                    return loss * 0.0, {}
-                return loss_fn(m, item, step_tokens=step_tokens, step_sequences=step_sequences, sink=records)
+                    return MicroResult(result.loss * 0.0, 0.0)
+                return result
 
-            first_record = len(records)
             result = optimizer_step(
                 model, optimizer, scheduler, items, micro_loss,
                 precision=precision, device=device, max_grad_norm=max_grad_norm, world_size=world_size,
                 reduce_sum=(lambda values: all_reduce_sum(values, info)) if distributed else None)
-            for record in records[first_record:]:
-                record["_step"] = len(losses)
+            step_results.append([micro for micro, item in zip(result.micro, items) if item is not filler])
             grad_norms.append(result.grad_norm)
             lrs.append(result.lr)
             losses.append(result.loss)
             nonfinite += not result.finite  # that update was not applied (train.loop.optimizer_step)
+    records = read_micro_results(step_results)
     if distributed:
         records = [record for part in all_gather_objects(records, info) for record in part]
     metrics = weighted_mean_metrics(records)

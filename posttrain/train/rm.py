@@ -60,7 +60,7 @@ from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
 from posttrain.models.prepare import apply_lora
-from posttrain.train.loop import autocast_context, is_due, optimizer_step, seed_everything
+from posttrain.train.loop import MicroResult, autocast_context, is_due, optimizer_step, seed_everything
 from posttrain.train.session import RunSession, guard_step, open_run
 from posttrain.train.sft import (
     TrainerState,
@@ -161,18 +161,17 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [pair_micro_batch([train_pairs[i] for i in mb], config.train.packing, pad_id).to(info.device)
                              for mb in plan.micro_batches[info.rank]]
-            pair_stats: list[dict[str, float]] = []
             result = optimizer_step(
                 model, optimizer, scheduler, micro_batches,
                 lambda m, b: pair_loss(m, b, step_pairs=plan.trained_sequences,
-                                       center_rewards_coef=config.rm.center_rewards_coef, sink=pair_stats),
+                                       center_rewards_coef=config.rm.center_rewards_coef),
                 precision=config.train.precision, device=info.device, max_grad_norm=config.optim.max_grad_norm,
                 world_size=info.world_size, reduce_sum=lambda v: all_reduce_sum(v, info),
             )
             state = advance(state, plan, result)
             state.nonfinite_skipped = guard_step("rm", state.step, result, state.nonfinite_skipped, config.train,
                                                  run.checkpoints, info)
-            metrics = step_metrics(plan, result, state, summarise_pairs(pair_stats, info), train_pairs)
+            metrics = step_metrics(plan, result, state, summarise_pairs(result.micro, info), train_pairs)
             if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
                 metrics.update(val_metrics)
@@ -369,27 +368,23 @@ def pair_scores(model: torch.nn.Module, micro: PairMicroBatch) -> tuple[torch.Te
     return scores_N[:, 0], scores_N[:, 1], values_BT
 
 
-def pair_loss(model: torch.nn.Module, micro: PairMicroBatch, *, step_pairs: float, center_rewards_coef: float,
-              sink: list[dict[str, float]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """This micro-batch's share of the step's Bradley–Terry loss (sum of shares = step mean).
-
-    ``sink`` collects each call's pair metrics (the shared ``optimizer_step`` only sums the
-    loss itself).
-    """
+def pair_loss(model: torch.nn.Module, micro: PairMicroBatch, *, step_pairs: float,
+              center_rewards_coef: float) -> MicroResult:
+    """This micro-batch's share of the step's Bradley–Terry loss (sum of shares = step mean),
+    with its pair metrics weighted by its pairs."""
     chosen_P, rejected_P, values_BT = pair_scores(model, micro)
     loss, metrics = bradley_terry_loss(chosen_P, rejected_P, margin_P=micro.margin_P,
                                        centering_coef=center_rewards_coef, step_pairs=step_pairs)
     if micro.pairs == 0:  # filler micro-batch: keep the graph connected for FSDP's collectives
         loss = loss + 0.0 * values_BT.sum()
-    if sink is not None:
-        sink.append(metrics)
-    return loss, metrics
+    return MicroResult(loss, float(micro.pairs), metrics)
 
 
-def summarise_pairs(stats: Sequence[dict[str, float]], info: DistInfo,
+def summarise_pairs(micro: Sequence[MicroResult], info: DistInfo,
                     keys: Sequence[str] = PAIR_METRICS) -> dict[str, float]:
-    """Pair-weighted means of ``keys`` (accuracy, margin and rewards) over the step (all ranks)."""
-    totals = [sum(s[key] * s["pairs"] for s in stats) for key in keys] + [sum(s["pairs"] for s in stats)]
+    """Pair-weighted means of ``keys`` (accuracy, margin and rewards) over the step's
+    micro-batches (all ranks)."""
+    totals = [sum(float(m.metrics[key]) * m.count for m in micro) for key in keys] + [sum(m.count for m in micro)]
     totals = all_reduce_sum(totals, info)
     pairs = max(totals[-1], 1.0)
     return {key: value / pairs for key, value in zip(keys, totals)} | {"pairs_per_step": int(totals[-1])}
