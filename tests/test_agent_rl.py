@@ -206,3 +206,27 @@ def test_rl_with_the_python_tool_trains_only_sampled_tokens_and_logs_segments(ti
     # the second turn's engine input is the first turn's input extended by its segments
     first, second = engine.inputs[0], engine.inputs[-1]
     assert second[: len(first)] == first and len(second) > len(first)
+
+
+def test_eval_task_with_the_python_tool_scores_the_answer_after_the_tool(tokenizer, tmp_path):
+    from posttrain.config import EvalConfig, validate_config
+    from posttrain.eval.runner import build_tasks, evaluate_task
+    from posttrain.rewards.sandbox import namespace_available
+    from posttrain.rollout.base import SamplingParams
+
+    if not namespace_available():
+        pytest.skip("the python tool runs in namespace isolation (needs root on Linux)")
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is 6 * 7? ({i})"}],
+                                        "answer": "42"}) + "\n" for i in range(3)))
+    task = {"name": "jsonl", "path": str(data), "reward": "math"}
+    config = validate_config(EvalConfig, {"tasks": [{**task, "label": "tool", "agent": {"tools": ["python"]}},
+                                                    {**task, "label": "no_tool"}]})
+    with_tool, without_tool = build_tasks(config)
+    engine = ScriptedToolEngine(tokenizer)
+    result = evaluate_task(engine, tokenizer, with_tool, SamplingParams(n=1, temperature=0.0, max_new_tokens=32))
+    assert result.metrics["accuracy"] == 1.0 and result.metrics["agent/tool_call_rate"] == 1.0
+    assert result.metrics["agent/turns"] == 2.0 and result.metrics["agent/tool_errors"] == 0.0
+    assert [s["kind"] for s in result.samples[0]["trajectory"]["segments"]] == ["prompt", "sampled", "env", "sampled"]
+    plain = evaluate_task(engine, tokenizer, without_tool, SamplingParams(n=1, temperature=0.0, max_new_tokens=32))
+    assert plain.metrics["accuracy"] == 0.0 and "agent/turns" not in plain.metrics  # the block is never run

@@ -137,7 +137,7 @@ def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[li
     """Each completion a multi-turn trajectory with the task's tools: its text is the answer
     after the last tool output (what the reward reads); the records keep every segment."""
     from posttrain.agent.build import build_agent
-    from posttrain.agent.loop import BUDGET_FINISHES
+    from posttrain.agent.trajectory import BUDGET_FINISHES
 
     agent = build_agent(task.agent, tokenizer, max_new_tokens=params.max_new_tokens)
     prompts = [agent.prompt(item.prompt, ids, item.metadata, where=f"{task.name}/{item.item_id}")
