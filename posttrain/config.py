@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from posttrain.errors import ConfigError
 from posttrain.models import DEFAULT_MODEL
+from posttrain.models import bf16_is_native
 
 LossAggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "sum"]
 
@@ -30,7 +31,6 @@ def resolve_precision(precision: str) -> str:
     (oneDNN's bf16 kernels need AVX512-BF16 or AMX; without them autocast emulates bf16)."""
     if precision != "auto":
         return precision
-    from posttrain.models import bf16_is_native
 
     return "bf16" if bf16_is_native() else "fp32"
 

@@ -25,6 +25,18 @@ from typing import Any, TextIO
 from posttrain.config import (DPOConfig, ModelConfig, RLConfig, RMConfig, Section, SFTConfig, SFTDataConfig,
                               apply_override, read_config_file, validate_config)
 from posttrain.errors import ConfigError, DataError
+from posttrain.data.audit import (
+    format_sample,
+    load_prompt_data,
+    load_sft_data,
+    PreparedData,
+    render_html,
+    write_dump,
+)
+from posttrain.data.formats import BadRowError
+from posttrain.data.render import RenderedSample
+from posttrain.models import load_tokenizer
+from posttrain.rewards.registry import reward_fields
 
 
 class InspectConfig(Section):
@@ -130,9 +142,6 @@ def inspect_data(
     err: TextIO | None = None,
 ) -> int:
     """Audit ``path`` as ``target.kind`` data and print the views; return the exit status (0 clean, 1 hard error)."""
-    from posttrain.data.audit import format_sample, render_html, write_dump
-    from posttrain.data.formats import BadRowError
-    from posttrain.models import load_tokenizer
 
     out = out or sys.stdout
     err = err or sys.stderr
@@ -171,8 +180,6 @@ def inspect_data(
 
 def _prepare(target: InspectTarget, path: str, tokenizer, n: int):
     """``PreparedData`` of ``path`` read the way ``target.kind``'s trainer reads it."""
-    from posttrain.data.audit import PreparedData, load_prompt_data, load_sft_data
-    from posttrain.data.render import RenderedSample
 
     data = target.config.data
     if target.kind in ("rm", "dpo"):
@@ -181,7 +188,6 @@ def _prepare(target: InspectTarget, path: str, tokenizer, n: int):
         keys = (None, target.config.dpo.group_key) if target.kind == "dpo" else None  # as train.dpo reads them
         return audit_pairs(path, tokenizer, target.config, keys=keys)[1]
     if target.kind == "rl":
-        from posttrain.rewards.registry import reward_fields
 
         prompts = load_prompt_data(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
                                    limit=data.limit, skip_bad=target.skip_bad, columns=data.columns,

@@ -51,6 +51,8 @@ from posttrain.config import PipelineConfig, config_to_yaml
 from posttrain.data.formats import is_hub_dataset_spec, parse_dataset_spec
 from posttrain.errors import ConfigError
 from posttrain.log import say
+from posttrain.models import MODEL_ALIASES
+from posttrain.rewards.registry import build_reward
 
 MARKER_VERSION = 1
 
@@ -460,8 +462,6 @@ class DryRunReport:
 
 
 def _check_model_spec(spec: str, key: str, produced: set[str], report: DryRunReport) -> None:
-    from posttrain.models import MODEL_ALIASES
-
     if spec in produced:
         return  # made by an earlier stage
     if spec in MODEL_ALIASES:
@@ -591,7 +591,6 @@ def _rm_check(config: BaseModel, produced: set[str]) -> None:
 
 def _rl_check(config: BaseModel, produced: set[str]) -> None:
     """The reward spec builds; a ``model`` reward whose model an earlier stage will train is left out."""
-    from posttrain.rewards.registry import build_reward
 
     spec = _drop_pending_model_rewards(config.reward, produced)
     if spec is not None:
@@ -629,7 +628,6 @@ def _drop_pending_model_rewards(spec: Any, produced: set[str]) -> Any:
 
 def _eval_check(config: BaseModel, produced: set[str]) -> None:
     """Every task's reward and format specs build."""
-    from posttrain.rewards.registry import build_reward
 
     for index, task in enumerate(config.tasks):
         if task.reward is not None:

@@ -43,6 +43,8 @@ from posttrain.data.formats import BadRowError, conversation_from_row, read_rows
 from posttrain.data.render import RenderedSample, RenderJob, render_batch, render_text, truncate_sample
 from posttrain.errors import DataError
 from posttrain.log import say_stdout
+from posttrain.data.formats import prompt_from_row
+from posttrain.data.render import render_prompt
 
 HISTOGRAM_BINS = 10
 SHOW_LINES = 10  # line numbers listed per finding in the text summary
@@ -377,8 +379,6 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
     ``rewards.registry.reward_fields``): a row without one of them is a bad row naming the
     field, since its reward would score every completion 0 without a word.
     """
-    from posttrain.data.formats import prompt_from_row
-    from posttrain.data.render import render_prompt
 
     if too_long not in ("drop", "error"):
         raise ValueError(f"too_long must be 'drop' or 'error', got {too_long!r}")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from posttrain.errors import DataError
+from posttrain.models.loading import hub_status
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -178,7 +179,6 @@ def _load_hub_dataset(name: str, config: str | None, split: str, where: str):
     """``datasets.load_dataset(name, config, split=split)``; one-line DataError when it fails. Without
     a reachable hub the call runs in datasets' offline mode, so a cached copy still loads and a
     missing one fails at once instead of after minutes of retries."""
-    from posttrain.models.loading import hub_status
 
     reachable, host = hub_status()
     try:

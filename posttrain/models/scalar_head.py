@@ -46,6 +46,14 @@ from posttrain.data.batching import MicroBatch, collate
 from posttrain.data.render import location, render_conversation
 from posttrain.errors import DataError, ModelLoadError
 from posttrain.models.prepare import model_inputs, train_top_blocks_only
+from posttrain.data.batching import split_into_micro_batches
+from posttrain.models.loading import (
+    _load_failure_message,
+    _quiet_transformers,
+    adapter_base,
+    load_model_config,
+    merge_adapter,
+)
 
 # ----------------------------------------------------------------------------- model
 
@@ -96,7 +104,6 @@ def load_scalar_head_model(
     """
     from transformers import AutoModelForSequenceClassification
 
-    from posttrain.models.loading import _load_failure_message, _quiet_transformers, adapter_base, load_model_config, merge_adapter
 
     source, config = load_model_config(spec)  # without a stale GGUF quantization entry
     with _quiet_transformers():
@@ -310,7 +317,6 @@ def score_sequences(
     ``packing=True`` needs the ``posttrain_varlen`` attention (``train.loop``) or
     flash-attention on the model; padded batches work with any backend.
     """
-    from posttrain.data.batching import split_into_micro_batches
 
     if not sequences:
         return []

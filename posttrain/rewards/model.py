@@ -30,6 +30,14 @@ from typing import Any, Literal, Sequence
 
 from posttrain.errors import ConfigError, UserError
 from posttrain.rewards.output import RewardOutput, check_batch
+from posttrain.data.formats import normalise_messages
+from posttrain.models import load_tokenizer, resolve_model_dir
+from posttrain.models.scalar_head import (
+    is_scalar_head_config,
+    load_scalar_head_model,
+    render_for_scoring,
+    score_sequences,
+)
 
 
 @dataclass
@@ -69,8 +77,6 @@ class ModelReward:
     def _check_is_reward_model(self) -> None:
         from transformers import AutoConfig
 
-        from posttrain.models import resolve_model_dir
-        from posttrain.models.scalar_head import is_scalar_head_config
 
         try:
             source = resolve_model_dir(self.path)
@@ -88,8 +94,6 @@ class ModelReward:
         if self._loaded is None:
             import torch
 
-            from posttrain.models import load_tokenizer
-            from posttrain.models.scalar_head import load_scalar_head_model
 
             device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
             tokenizer = load_tokenizer(self.path, self.chat_template)
@@ -103,7 +107,6 @@ class ModelReward:
                  metadata: Sequence[dict] | None = None) -> RewardOutput:
         import torch
 
-        from posttrain.models.scalar_head import render_for_scoring, score_sequences
 
         metadata = check_batch(prompts, completions, metadata)
         if not completions:
@@ -129,7 +132,6 @@ def prompt_messages(prompt: str, meta: dict) -> list[dict]:
     ...                                                  {"role": "user", "content": "2 + 2?"}]})[0]["role"]
     'system'
     """
-    from posttrain.data.formats import normalise_messages
 
     for key in ("prompt_messages", "messages"):
         value = meta.get(key)

@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 
 from posttrain.errors import ConfigError
 from posttrain.rewards.output import RewardFn, RewardOutput, as_reward_output, check_batch
+from posttrain.rewards.composite import CompositeReward, CompositeTerm
 
 BUILTIN_REWARDS = {
     "math": "posttrain.rewards.math:MathReward",
@@ -291,8 +292,6 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
 
 
 def _build_composite(params: dict, key: str) -> RewardFn:
-    from posttrain.rewards.composite import CompositeReward, CompositeTerm
-
     terms_spec = params.pop("terms", None)
     if params:
         raise ConfigError(f"{key}.{sorted(params)[0]}: unknown parameter for reward 'composite' (known: terms)")

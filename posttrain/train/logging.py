@@ -22,6 +22,8 @@ from typing import Any, Mapping
 from pydantic import BaseModel
 
 from posttrain.errors import ConfigError
+from posttrain.config import config_to_yaml
+from posttrain.train.checkpoint import storage_errors
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,6 @@ def prepare_run_dir(
     checkpoints could otherwise be resumed or prune the new run's own. ``write=False``
     (non-zero ranks) only computes the paths.
     """
-    from posttrain.config import config_to_yaml
 
     run = RunDir(Path(output_dir) / name)
     if not write:
@@ -187,7 +188,6 @@ class MetricsLogger:
         record = {"step": step, **{key: _plain(value) for key, value in metrics.items() if key != "step"}}
         if not self.enabled:
             return record
-        from posttrain.train.checkpoint import storage_errors
 
         with storage_errors("writing metrics", self.run.metrics, "; the checkpoints are intact"):
             self._file.write(json.dumps(record) + "\n")

@@ -112,6 +112,12 @@ from posttrain.train.rl_update import (
     policy_micro_loss,
     update_model,
 )
+from posttrain.data.audit import preflight_prompts
+from posttrain.models import load_model
+from posttrain.models.scalar_head import load_scalar_head_model, train_top_layers_only
+from posttrain.rewards import build_reward
+from posttrain.rewards.registry import reward_fields
+from posttrain.rollout.hf import HFEngine
 
 
 @dataclass
@@ -253,8 +259,6 @@ def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list
     """Train and held-out prompts, each file read, checked, rendered and audited once
     (``data.audit.preflight_prompts``: a bad row is a one-line error naming file:line, over-long
     prompts are dropped and counted), before any model loads; the summary prints on rank 0."""
-    from posttrain.data.audit import preflight_prompts
-    from posttrain.rewards.registry import reward_fields
 
     data = config.data
     fields = reward_fields(config.reward, "reward")  # rows lacking what the reward reads are refused
@@ -268,14 +272,11 @@ def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list
 
 
 def build_reward_fn(config: RLConfig):
-    from posttrain.rewards import build_reward
-
     return build_reward(config.reward, "reward")
 
 
 def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
     """The policy: fp32 master weights, optional LoRA, packed attention, optional FSDP2."""
-    from posttrain.models import load_model
 
     model = load_model(config.model.name, dtype=torch.float32)
     if config.lora.enabled:
@@ -333,7 +334,6 @@ def _frozen(model: torch.nn.Module, config: RLConfig) -> torch.nn.Module:
 
 def build_critic(config: RLConfig, info: DistInfo) -> torch.nn.Module:
     """The PPO critic: a scalar-head model (``posttrain.models.scalar_head``) on the policy's or its own backbone."""
-    from posttrain.models.scalar_head import load_scalar_head_model, train_top_layers_only
 
     critic_config = config.rl.critic
     critic = load_scalar_head_model(critic_config.model or config.model.name, seed=config.train.seed)
@@ -380,7 +380,6 @@ def build_engine(config: RLConfig, policy: torch.nn.Module, tokenizer: Any, info
                                       gpu_memory_utilization=config.rollout.vllm_gpu_memory_utilization,
                                       kv_cache_gb=config.rollout.vllm_kv_cache_gb,
                                       enforce_eager=config.rollout.vllm_enforce_eager)
-    from posttrain.rollout.hf import HFEngine
 
     precision = config.train.precision if config.rollout.precision == "auto" else config.rollout.precision
     return HFEngine(policy, tokenizer, batch_size=config.rollout.batch_size,

@@ -35,6 +35,7 @@ from posttrain.errors import DataError
 from posttrain.rewards.output import PromptText
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.train.distributed import DistInfo, all_gather_objects
+from posttrain.train.checkpoint import storage_errors
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -457,7 +458,6 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
 def append_samples(path: Path, step: int, batch: RolloutBatch, rows: Sequence[PromptRow], limit: int) -> None:
     """Append up to ``limit`` samples of this step (whole groups first) to samples.jsonl
     (a failed write is one ``StorageError`` line)."""
-    from posttrain.train.checkpoint import storage_errors
 
     with storage_errors("writing samples", path, "; the checkpoints are intact"), open(path, "a", encoding="utf-8") as handle:
         for sample in batch.samples[:limit]:

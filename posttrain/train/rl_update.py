@@ -44,6 +44,7 @@ from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce
 from posttrain.models.prepare import forward_hidden
 from posttrain.train.loop import MicroResult, autocast_context, optimizer_step
 from posttrain.train.rl_rollouts import RolloutSample
+from posttrain.models.scalar_head import token_values
 
 # ----------------------------------------------------------------------------- layout
 
@@ -136,7 +137,6 @@ def response_token_logprobs(model: torch.nn.Module, batch: MicroBatch, *, temper
 
 def response_token_values(critic: torch.nn.Module, batch: MicroBatch) -> torch.Tensor:
     """The critic's value at each position that predicts a response token: [N] (sample order)."""
-    from posttrain.models.scalar_head import token_values
 
     return token_values(critic, batch).reshape(-1).index_select(0, response_positions(batch)[0])
 

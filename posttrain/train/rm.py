@@ -73,6 +73,8 @@ from posttrain.train.sft import (
     place_for_training,
     restore_state,
 )
+from posttrain.data.audit import audit_sample, AuditReport, Finding, preflight, PreparedData
+from posttrain.data.formats import BadRowError, normalise_tools, read_rows
 
 PAIR_METRICS = ("accuracy", "margin", "reward/chosen", "reward/rejected")
 
@@ -218,7 +220,6 @@ def render_pair_samples(row: dict, tokenizer: Any, *, line: int, source: str, ma
                         group_key: str | None) -> tuple[Any, Any, float, str | None]:
     """(chosen, rejected) ``RenderedSample``s of one row, through the same template and
     rendering as SFT data, plus the pair's margin and group."""
-    from posttrain.data.formats import normalise_tools
 
     where = f"{source}:{line}"
     prompt, chosen, rejected = preference_messages(row, where)
@@ -235,7 +236,6 @@ def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key
     where = f"{source}:{line}"
     prompt, chosen, rejected = preference_messages(row, where)
     margin, group = _margin_and_group(row, where, margin_key, group_key)
-    from posttrain.data.formats import normalise_tools
 
     tools = normalise_tools(row.get("tools"), f"{where}: tools")
     return PreferencePair(
@@ -259,7 +259,6 @@ def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = T
     token) or refused (``error``). Malformed rows (``data.preference.preference_messages``:
     identical sides included) stop the run, or are skipped and counted with ``data.skip_bad``.
     """
-    from posttrain.data.audit import preflight
 
     pairs, prepared = audit_pairs(path, tokenizer, config, keys=keys)
     preflight(prepared, allow_errors=config.data.allow_audit_errors, print_fn=say_stdout if verbose else None)
@@ -272,8 +271,6 @@ def audit_pairs(path: str, tokenizer: Any, config: RMConfig, *,
     (both rendered sides of every kept pair, in file order, and the audit report), for
     ``load_pairs`` and ``posttrain inspect``. Raises BadRowError on the first malformed row
     unless ``data.skip_bad``."""
-    from posttrain.data.audit import AuditReport, Finding, PreparedData, audit_sample
-    from posttrain.data.formats import BadRowError, read_rows
 
     data = config.data
     report = AuditReport(source=str(path))

@@ -58,6 +58,10 @@ from posttrain.train.loop import (
     tune_cpu_allocator,
 )
 from posttrain.train.session import RunSession, guard_step, open_run
+from posttrain.data import load_sft_data
+from posttrain.data.audit import preflight
+from posttrain.log import say_stdout
+from posttrain.models import load_model
 
 
 @dataclass
@@ -203,9 +207,6 @@ def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple
     Validation: ``data.val`` if set, else a seeded ``data.val_fraction`` of the training
     samples (at least one), else none.
     """
-    from posttrain.data import load_sft_data
-    from posttrain.data.audit import preflight
-    from posttrain.log import say_stdout
 
     say = say_stdout if info.is_main else None  # the audit summary: stdout, as the command's report
     prepared = load_sft_data(config.data.train, tokenizer, config.data)
@@ -246,7 +247,6 @@ def make_planner(config: SFTConfig, samples: Sequence[Any], world_size: int) -> 
 
 def build_model(config: SFTConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
     """Load the model (fp32 master weights), add LoRA, set attention/checkpointing, shard."""
-    from posttrain.models import load_model
 
     model = load_model(config.model.name, dtype=torch.float32)
     if config.lora.enabled:
