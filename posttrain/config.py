@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from posttrain.errors import ConfigError
 from posttrain.models import DEFAULT_MODEL
@@ -406,6 +406,55 @@ class CriticConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="first steps train only the critic (the policy waits)")
 
 
+class NamedReward(BaseModel):
+    """A reward by name, a built-in (``math``, ``code``, ``format``, ``length``, ``model``, ...)
+    or ``module:function``, with its parameters beside the name or under ``params``; the
+    reward itself checks their names when it is built (``rewards.registry.build_reward``)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="built-in reward name or module:function")
+    params: dict[str, Any] | None = Field(None, description="parameters (they may also sit beside 'name')")
+
+
+class CompositeTerm(BaseModel):
+    """One weighted term of a composite reward: its key names the reward unless ``reward`` does."""
+
+    model_config = ConfigDict(extra="allow")
+    weight: float = Field(1.0, description="the term's weight in the sum")
+    reward: str | None = Field(None, description="the reward this term uses (default: the term's key)")
+
+
+class CompositeReward(BaseModel):
+    """``{name: composite, terms: {math: {weight: 1}, format: {weight: 0.2, pattern: ...}}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["composite"]
+    terms: dict[str, CompositeTerm | None] = Field(min_length=1, description="named, weighted terms")
+
+
+def _reward_kind(value: Any) -> str:
+    name = value.get("name") if isinstance(value, dict) else getattr(value, "name", None)
+    return "text" if isinstance(value, str) else "composite" if name == "composite" else "named"
+
+
+# A reward spec: "math" / "module:function", a named reward with parameters, or a composite.
+REWARD_SPEC_TAGS = ("text", "composite", "named")
+RewardSpec = Annotated[
+    Annotated[str, Tag("text")] | Annotated[CompositeReward, Tag("composite")] | Annotated[NamedReward, Tag("named")],
+    Discriminator(_reward_kind),
+]
+
+
+def plain_reward_spec(spec: Any) -> Any:
+    """The spec as the user wrote it (plain strings, dicts and lists), for the reward registry.
+
+    >>> spec = {"name": "composite", "terms": {"math": {}}}
+    >>> plain_reward_spec(validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": spec}).reward)
+    {'name': 'composite', 'terms': {'math': {}}}
+    """
+    return spec.model_dump(exclude_unset=True) if isinstance(spec, BaseModel) else spec
+
+
 class RLAlgorithmConfig(Section):
     """The algorithm (``rl:`` section): advantages, policy loss, KL, entropy, DAPO options."""
 
@@ -495,7 +544,7 @@ class RLConfig(Section):
     lora: LoRAConfig = LoRAConfig()
     data: RLDataConfig = RLDataConfig()
     rollout: RolloutConfig = RolloutConfig()
-    reward: Any = Field("math", description="reward spec: name, {name: ..., params}, composite, or module:function")
+    reward: RewardSpec = Field("math", description="reward spec: name, {name: ..., params}, composite, or module:function")
     optim: RLOptimConfig = RLOptimConfig()
     rl: RLAlgorithmConfig = RLAlgorithmConfig()
     agent: AgentConfig = AgentConfig()
@@ -604,6 +653,8 @@ def validate_config(schema: type[ConfigT], raw: dict[str, Any], source: str = "c
 def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
     error = exc.errors()[0]
     loc = [str(part) for part in error["loc"]]
+    loc = [part for i, part in enumerate(loc)  # RewardSpec's union tags are not keys
+           if not (i and loc[i - 1] == "reward" and part in REWARD_SPEC_TAGS)]
     key = ".".join(loc)
     if error["type"] == "extra_forbidden":
         known = _field_names(schema, loc[:-1])
@@ -755,7 +806,7 @@ class EvalTaskConfig(Section):
     path: str | None = Field(None, description="jsonl / perplexity: the data file")
     limit: int | None = Field(None, gt=0, description="problems (or conversations) used; default: the top-level limit")
     seed: int | None = Field(None, description="subset / generation seed; default: the top-level seed")
-    reward: Any = Field(None, description="jsonl: reward spec (name + params), default math or code by row keys")
+    reward: RewardSpec | None = Field(None, description="jsonl: reward spec (name + params), default math or code by row keys")
     format: dict[str, Any] | None = Field(
         None, description="format reward parameters (pattern, required_tags, tool_call) for a compliance rate"
     )

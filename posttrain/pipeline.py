@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel
 
-from posttrain.config import PipelineConfig, config_to_yaml
+from posttrain.config import PipelineConfig, config_to_yaml, plain_reward_spec
 from posttrain.data.formats import is_hub_dataset_spec, parse_dataset_spec
 from posttrain.errors import ConfigError
 from posttrain.log import say
@@ -195,6 +195,7 @@ def link_model_reward(spec: Any, reward_model: str | None) -> Any:
     >>> link_model_reward("math", None)
     'math'
     """
+    spec = plain_reward_spec(spec)
     def is_model(node: dict[str, Any], key: str | None) -> bool:
         # a spec {name: model}, or a composite term keyed "model" or naming it with reward: model
         return node.get("name") == "model" or node.get("reward") == "model" or \
@@ -511,6 +512,7 @@ def stage_files(stage: Stage) -> list[tuple[str, str, str]]:
 
 def _model_reward_paths(spec: Any, prefix: str = "") -> list[tuple[str, str]]:
     """(key suffix, path) of the ``model`` rewards inside a reward spec."""
+    spec = plain_reward_spec(spec)
     found: list[tuple[str, str]] = []
     if isinstance(spec, dict):
         path = spec.get("path") or (spec.get("params") or {}).get("path")
@@ -611,6 +613,7 @@ def _drop_pending_model_rewards(spec: Any, produced: set[str]) -> Any:
     >>> _drop_pending_model_rewards({"name": "model", "path": "r/rm/final"}, {"r/rm/final"}) is None
     True
     """
+    spec = plain_reward_spec(spec)
     def pending(node: Any, key: str | None) -> bool:
         if not isinstance(node, dict):
             return False

@@ -102,3 +102,23 @@ def test_precision_auto_picks_bf16_only_where_the_hardware_computes_it(monkeypat
     assert resolve_precision("bf16") == "bf16" and resolve_precision("fp32") == "fp32"
     config = validate_config(SFTConfig, {"data": {"train": "x.jsonl"}, "train": {"precision": "auto"}})
     assert config.train.precision == "fp32"  # resolved at load: config.yaml records what ran
+
+
+@pytest.mark.parametrize("reward,message", [
+    (5, "reward: Input should be a valid dictionary"),
+    ({"name": "composite", "terms": {}}, "reward.terms: Dictionary should have at least 1 item"),
+    ({"name": "composite", "terms": {"math": {"weight": "x"}}}, "reward.terms.math.weight: Input should be a valid number"),
+    ({"params": {}}, "reward.name: required"),
+])
+def test_reward_spec_is_a_typed_union_refused_in_one_line(reward, message):
+    from posttrain.config import CompositeReward, NamedReward, RLConfig, plain_reward_spec, validate_config
+
+    with pytest.raises(ConfigError) as info:
+        validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": reward})
+    assert message in str(info.value) and "\n" not in str(info.value)
+    composite = {"name": "composite", "terms": {"math": {"weight": 1}, "format": {"weight": 0.2, "pattern": "x"}}}
+    config = validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": composite})
+    assert isinstance(config.reward, CompositeReward) and plain_reward_spec(config.reward) == composite
+    named = validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": {"name": "math", "extract": ["hash"]}})
+    assert isinstance(named.reward, NamedReward) and plain_reward_spec(named.reward) == {"name": "math", "extract": ["hash"]}
+    assert validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": "code"}).reward == "code"

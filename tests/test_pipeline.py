@@ -67,7 +67,10 @@ def test_plan_chains_models_and_paths(tmp_path: Path, data):
         ("eval_rl", "eval", str(run / "rl" / "final")),
     ]
     stages = {s.name: s for s in plan}
-    assert stages["rl"].config.reward["terms"]["model"] == {"weight": 0.5, "path": str(run / "rm" / "final")}
+    from posttrain.config import plain_reward_spec
+
+    reward = plain_reward_spec(stages["rl"].config.reward)
+    assert reward["terms"]["model"] == {"weight": 0.5, "path": str(run / "rm" / "final")}
     assert stages["rl"].depends_on == ["sft", "rm"]
     assert (stages["sft"].config.run.output_dir, stages["sft"].config.run.name) == (str(run), "sft")
     # evaluations write beside the model they evaluate: <run>/<label>/eval/results.json

@@ -168,8 +168,8 @@ def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
 
 
 def _split_spec(spec: Any, key: str) -> tuple[str, dict]:
-    if hasattr(spec, "model_dump"):
-        spec = spec.model_dump()
+    if hasattr(spec, "model_dump"):  # config.RewardSpec: back to what the user wrote
+        spec = spec.model_dump(exclude_unset=True)
     if isinstance(spec, str):
         return spec, {}
     if not isinstance(spec, Mapping) or "name" not in spec:
