@@ -9,7 +9,8 @@ phrasings.
 
 - ``agentic_sft.jsonl``: the cold start, OpenAI messages: the question; an assistant message
   calling the ``python`` tool (``{"code": "print(487 * 923)"}``, sometimes ``x = ...`` then
-  ``print(x)``); the tool result; ``The answer is 449501.`` Train it with
+  ``print(x)``); the tool result; ``The answer is 449501.`` Half of the ``a * b +/- c``
+  problems go step by step: the product first, then a second call on its output. Train it with
   ``data.tool_format: inline`` (the bundled template has no tools). About a quarter of the rows
   are a tool-free mixture that keeps other skills: two-digit subtractions and additions answered
   directly (the tool is for the hard problems), and short chat answers from ``sft_chat.jsonl``
@@ -109,14 +110,38 @@ def prompt_row(rng: random.Random, problem: tuple[str, int, int, int]) -> dict:
     return {"messages": [{"role": "user", "content": question(rng, problem)}], "answer": str(value(*problem))}
 
 
+def python_call(code: str) -> dict:
+    return {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
+
+
+def step_by_step(problem: tuple[str, int, int, int]) -> bool:
+    """Half of the ``a * b +/- c`` trajectories compute the product first, then the rest: two
+    calls, so the cold start also shows a model reading one output and calling again. Decided
+    by the problem alone (the shared generator's draws stay as they were)."""
+    return problem[0] in ("a * b - c", "a * b + c") and random.Random(repr(problem)).random() < 0.5
+
+
 def tool_trajectory(rng: random.Random, problem: tuple[str, int, int, int]) -> dict:
-    """The question, one python call, its output, the answer."""
+    """The question, one python call (two for a step-by-step ``a * b +/- c``), the outputs,
+    the answer."""
     code = rng.choices([c for c, _ in CODE], weights=[w for _, w in CODE])[0].format(e=expression(*problem))
     answer = str(value(*problem))
-    call = {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
+    user = {"role": "user", "content": question(rng, problem)}
+    if step_by_step(problem):
+        form, a, b, c = problem
+        product = a * b
+        sign = "-" if form == "a * b - c" else "+"
+        return {"messages": [
+            user,
+            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({a} * {b})")]},
+            {"role": "tool", "content": str(product)},
+            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({product} {sign} {c})")]},
+            {"role": "tool", "content": answer},
+            {"role": "assistant", "content": f"The answer is {answer}."},
+        ]}
     return {"messages": [
-        {"role": "user", "content": question(rng, problem)},
-        {"role": "assistant", "content": "", "tool_calls": [call]},
+        user,
+        {"role": "assistant", "content": "", "tool_calls": [python_call(code)]},
         {"role": "tool", "content": answer},
         {"role": "assistant", "content": f"The answer is {answer}."},
     ]}
