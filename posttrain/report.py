@@ -525,6 +525,23 @@ def rl_sample_rows(records: list[dict[str, Any]], per_end: int = 3) -> list[dict
     return rows
 
 
+def trajectory_turn_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The segments (kind, token count, text) of the logged multi-turn trajectory with the most
+    turns (the latest among equals); [] when no sample is a trajectory with segment texts.
+
+    >>> trajectory_turn_rows([{"trajectory": {"turns": 2, "segments": [
+    ...     {"kind": "prompt", "token_ids": [1, 2]}, {"kind": "sampled", "token_ids": [3], "text": "code"},
+    ...     {"kind": "env", "token_ids": [4, 5], "text": "<output>"}]}}])[1]
+    {'kind': 'env', 'tokens': 2, 'text': '<output>'}
+    """
+    trajectories = [r["trajectory"] for r in records if isinstance(r.get("trajectory"), dict)
+                    and all("text" in s for s in r["trajectory"].get("segments", [])[1:])]
+    if not trajectories:
+        return []
+    best = max(reversed(trajectories), key=lambda t: t.get("turns", 0))
+    return [{"kind": s["kind"], "tokens": len(s["token_ids"]), "text": s["text"]} for s in best["segments"][1:]]
+
+
 # ----------------------------------------------------------------------------- summary
 def summary_rows(report: RunReport) -> list[dict[str, str]]:
     """One row per stage and per evaluation: what the terminal table and the page's table show."""
@@ -714,6 +731,13 @@ def render_html(report: RunReport) -> str:
                         f"<td><pre>{_esc(row['completion'])}</pre></td><td class=num>{_esc(reward)}</td></tr>")
         body = "".join(body)
         parts.append(f"<table><tr><th>step</th><th>prompt</th><th>completion</th><th>reward</th></tr>{body}</table>")
+    turns = trajectory_turn_rows(report.rl_samples)
+    if turns:
+        parts.append("<h2>An RL trajectory, turn by turn (the logged one with the most turns)</h2>"
+                     "<p>Sampled tokens are trained; env tokens (tool output, template glue) are context only.</p>")
+        body = "".join(f"<tr><td>{_esc(row['kind'])}</td><td class=num>{row['tokens']}</td>"
+                       f"<td><pre>{_esc(row['text'])}</pre></td></tr>" for row in turns)
+        parts.append(f"<table><tr><th>segment</th><th>tokens</th><th>text</th></tr>{body}</table>")
     if not plots and not scored and not rows:
         parts.append("<p>No metrics to plot yet.</p>")
     parts.append("</main></body></html>")

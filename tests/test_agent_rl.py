@@ -199,10 +199,14 @@ def test_rl_with_the_python_tool_trains_only_sampled_tokens_and_logs_segments(ti
         assert [s["kind"] for s in segments] == ["prompt", "sampled", "env", "sampled"]
         response = [t for s in segments[1:] for t in s["token_ids"]]
         assert response == line["response_ids"]
-        assert tokenizer.decode(segments[2]["token_ids"]) == "<output>\n42\n</output>\n"
+        assert tokenizer.decode(segments[2]["token_ids"]) == segments[2]["text"] == "<output>\n42\n</output>\n"
         sampled = tokenizer.decode([t for s in segments if s["kind"] == "sampled" for t in s["token_ids"]])
         assert sampled == "```python\nprint(6 * 7)\n```\nThe answer is 42.<|im_end|>"
         assert line["completion"] == "The answer is 42.<|im_end|>" or line["completion"].startswith("The answer is 42")
+    from posttrain.report import load_report, render_html
+
+    page = render_html(load_report(result.run_dir))
+    assert "turn by turn" in page and "&lt;output&gt;\n42\n&lt;/output&gt;" in page
     # the second turn's engine input is the first turn's input extended by its segments
     first, second = engine.inputs[0], engine.inputs[-1]
     assert second[: len(first)] == first and len(second) > len(first)

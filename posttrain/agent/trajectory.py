@@ -7,7 +7,7 @@ engine returned it or as the environment text was tokenised once, when it was ap
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 SegmentKind = Literal["prompt", "sampled", "env"]
 
@@ -122,11 +122,15 @@ def check_trajectory(trajectory: Trajectory) -> None:
                 f"segment {index}: {len(segment.logprobs)} logprobs for {len(segment.token_ids)} ids")
 
 
-def trajectory_record(trajectory: Trajectory) -> dict:
-    """What samples.jsonl and the step metrics keep of a trajectory: its segments (ids, kind),
-    the whole response text and the tool counts."""
+def trajectory_record(trajectory: Trajectory, tokenizer: Any = None) -> dict:
+    """What samples.jsonl and the step metrics keep of a trajectory: its segments (ids, kind,
+    and with a ``tokenizer`` each one's decoded text, for reading it turn by turn), the whole
+    response text and the tool counts."""
     record = trajectory.to_record()
     del record["prompt_index"]  # an index into one generate call's prompts (one rank's); the sample has its group
+    if tokenizer is not None:
+        for segment in record["segments"][1:]:
+            segment["text"] = tokenizer.decode(segment["token_ids"], skip_special_tokens=False)
     record.update(text=trajectory.text, finish_reason=trajectory.finish_reason, turns=trajectory.turns,
                   tool_calls=trajectory.tool_calls, tool_errors=trajectory.tool_errors,
                   tool_seconds=trajectory.tool_seconds, env_tokens=trajectory.env_tokens,

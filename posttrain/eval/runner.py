@@ -152,7 +152,7 @@ def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[li
     runs = agent.run(engine, prompts, params)
     completions = [Completion(t.prompt_index, t.response_ids, t.final_text,
                               "length" if t.finish_reason in BUDGET_FINISHES else "stop") for t in runs]
-    return completions, [trajectory_record(t) for t in runs]
+    return completions, [trajectory_record(t, tokenizer) for t in runs]
 
 
 def evaluate(model, tokenizer, tasks: Sequence[EvalTask | PerplexityTask], sampling: SamplingParams,

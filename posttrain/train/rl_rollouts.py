@@ -225,7 +225,7 @@ def trajectory_groups(agent: Any, engine: Any, rows: Sequence[PromptRow], row_in
             row=row_indices[position], group=first_group + position, prompt_ids=trajectory.prompt_ids,
             response_ids=trajectory.response_ids, response_mask=trajectory.response_mask, text=trajectory.final_text,
             finish_reason="length" if trajectory.finish_reason in BUDGET_FINISHES else "stop",
-            engine_logp=trajectory.sampled_logprobs, trajectory=trajectory_record(trajectory),
+            engine_logp=trajectory.sampled_logprobs, trajectory=trajectory_record(trajectory, agent.tokenizer),
         ))
     return groups
 
@@ -431,7 +431,7 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
         completions = engine.generate([row.prompt_ids for row in rows], params)
     else:
         runs = agent.run(engine, agent_prompts(agent, rows, range(len(rows))), params)
-        trajectories = [trajectory_record(t) for t in runs]
+        trajectories = [trajectory_record(t, agent.tokenizer) for t in runs]
         completions = [Completion(i, t.response_ids, t.final_text,
                                   "length" if t.finish_reason in BUDGET_FINISHES else "stop") for i, t in enumerate(runs)]
     out = reward_fn([row.text for row in rows], [c.text for c in completions], [row.metadata for row in rows])
