@@ -76,6 +76,7 @@ WORKER = textwrap.dedent("""
         segment (a tool's answer), sampled ids again.\"\"\"
 
         config = type("Shaping", (), {"tool_call_bonus": 0.0, "tool_error_penalty": 0.0})()
+        tokenizer = None  # the records keep ids only
 
         def prompt(self, messages, prompt_ids, row, where):
             return AgentPrompt(list(prompt_ids), [], dict(row))
