@@ -234,3 +234,17 @@ def test_eval_task_with_the_python_tool_scores_the_answer_after_the_tool(tokeniz
     assert [s["kind"] for s in result.samples[0]["trajectory"]["segments"]] == ["prompt", "sampled", "env", "sampled"]
     plain = evaluate_task(engine, tokenizer, without_tool, SamplingParams(n=1, temperature=0.0, max_new_tokens=32))
     assert plain.metrics["accuracy"] == 0.0 and "agent/turns" not in plain.metrics  # the block is never run
+
+
+def test_chat_with_tools_shows_the_trajectory_turn_by_turn(tiny_model_dir, tokenizer, monkeypatch, capsys):
+    from posttrain import chat as chat_module
+    from posttrain.cli import main
+    from posttrain.rewards.sandbox import namespace_available
+
+    if not namespace_available():
+        pytest.skip("the python tool runs in namespace isolation (needs root on Linux)")
+    monkeypatch.setattr(chat_module, "HFEngine", lambda model, tok: ScriptedToolEngine(tok))
+    assert main(["chat", "--model", tiny_model_dir, "--tools", "python", "What is 6 * 7?"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == ("```python\nprint(6 * 7)\n```\n  [tool] <output>\n  [tool] 42\n  [tool] </output>\n"
+                       "The answer is 42.<|im_end|>\n(2 turns, 1 tool calls, 0 tool errors, finish: stop)\n")
