@@ -452,7 +452,7 @@ def plain_reward_spec(spec: Any) -> Any:
     >>> plain_reward_spec(validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": spec}).reward)
     {'name': 'composite', 'terms': {'math': {}}}
     """
-    return spec.model_dump(exclude_unset=True) if isinstance(spec, BaseModel) else spec
+    return spec.model_dump(exclude_unset=True, exclude_none=True) if isinstance(spec, BaseModel) else spec
 
 
 class RLAlgorithmConfig(Section):

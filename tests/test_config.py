@@ -122,3 +122,19 @@ def test_reward_spec_is_a_typed_union_refused_in_one_line(reward, message):
     named = validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": {"name": "math", "extract": ["hash"]}})
     assert isinstance(named.reward, NamedReward) and plain_reward_spec(named.reward) == {"name": "math", "extract": ["hash"]}
     assert validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": "code"}).reward == "code"
+
+
+def test_a_reward_spec_survives_the_resolved_config_yaml(tmp_path):
+    """A stage's config.yaml (every default written out, ``reward: null`` in each term) loads
+    back into a reward that builds: the pipeline hands RL its config that way."""
+    from posttrain.config import RLConfig, config_to_yaml, load_config, plain_reward_spec, validate_config
+    from posttrain.rewards.registry import build_reward
+
+    composite = {"name": "composite", "terms": {"math": {"weight": 1.0}, "format": {"weight": 0.2, "pattern": "x$"}}}
+    config = validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": composite})
+    path = tmp_path / "config.yaml"
+    path.write_text(config_to_yaml(config))
+    again = load_config(RLConfig, path, [])
+    assert plain_reward_spec(again.reward) == composite
+    scores = build_reward(again.reward)(["q"], ["The answer is 3."], [{"answer": "3"}]).scores
+    assert scores == [pytest.approx(1.0)]

@@ -151,7 +151,7 @@ def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
         for term_name, term in (params.get("terms") or {}).items():
             term = dict(term or {})
             term.pop("weight", None)
-            found.update(reward_fields({"name": term.pop("reward", term_name), **term}, f"{key}.terms.{term_name}"))
+            found.update(reward_fields({"name": term.pop("reward", None) or term_name, **term}, f"{key}.terms.{term_name}"))
         return found
     if name == "math":
         return {str(params.get("answer_key", "answer")): name}
@@ -169,7 +169,7 @@ def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
 
 def _split_spec(spec: Any, key: str) -> tuple[str, dict]:
     if hasattr(spec, "model_dump"):  # config.RewardSpec: back to what the user wrote
-        spec = spec.model_dump(exclude_unset=True)
+        spec = spec.model_dump(exclude_unset=True, exclude_none=True)
     if isinstance(spec, str):
         return spec, {}
     if not isinstance(spec, Mapping) or "name" not in spec:
@@ -304,7 +304,7 @@ def _build_composite(params: dict, key: str) -> RewardFn:
         weight = term_spec.pop("weight", 1.0)
         if not isinstance(weight, (int, float)) or isinstance(weight, bool):
             raise ConfigError(f"{term_key}.weight: must be a number, not {weight!r}")
-        reward_name = term_spec.pop("reward", term_name)
+        reward_name = term_spec.pop("reward", None) or term_name
         term_spec.setdefault("params", {})
         spec = {"name": reward_name, **term_spec}
         reward = build_reward(spec, term_key)
