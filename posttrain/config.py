@@ -420,7 +420,7 @@ class CompositeTerm(BaseModel):
     """One weighted term of a composite reward: its key names the reward unless ``reward`` does."""
 
     model_config = ConfigDict(extra="allow")
-    weight: float = Field(1.0, description="the term's weight in the sum")
+    weight: float = Field(1.0, strict=True, allow_inf_nan=False, description="the term's weight in the sum")
     reward: str | None = Field(None, description="the reward this term uses (default: the term's key)")
 
 

@@ -148,33 +148,26 @@ def build_plan(config: PipelineConfig, run_dir: Path) -> list[Stage]:
         stages.append(Stage("baseline" if label == "baseline" else f"eval_{label}", "eval", eval_config,
                             current_model, None, [producer] if producer else [], eval_label=label))
 
+    def stage_config(name: str, **updates: Any) -> Any:
+        section = getattr(config, name)
+        return _with(section, **_stage_model(section, current_model, template), run__output_dir=str(run_dir),
+                     run__name=name, **updates)
+
     if config.eval is not None and config.eval_baseline:
         add_eval("baseline")
-    if config.sft is not None:
-        sft = _with(config.sft, **_stage_model(config.sft, current_model, template),
-                    run__output_dir=str(run_dir), run__name="sft")
-        output = run_dir / "sft" / "final"
-        stages.append(Stage("sft", "sft", sft, current_model, output, [producer] if producer else []))
-        current_model, producer = str(output), "sft"
-        add_eval("sft")
-    if config.dpo is not None:
-        dpo = _with(config.dpo, **_stage_model(config.dpo, current_model, template),
-                    run__output_dir=str(run_dir), run__name="dpo")
-        output = run_dir / "dpo" / "final"
-        stages.append(Stage("dpo", "dpo", dpo, current_model, output, [producer] if producer else []))
-        current_model, producer = str(output), "dpo"
-        add_eval("dpo")
+    for name in ("sft", "dpo"):  # the policy stages before RL, each from the previous one's final/
+        if getattr(config, name) is not None:
+            output = run_dir / name / "final"
+            stages.append(Stage(name, name, stage_config(name), current_model, output, [producer] if producer else []))
+            current_model, producer = str(output), name
+            add_eval(name)
     reward_model: str | None = None
     if config.rm is not None:
-        rm = _with(config.rm, **_stage_model(config.rm, current_model, template),
-                   run__output_dir=str(run_dir), run__name="rm")
         output = run_dir / "rm" / "final"
-        stages.append(Stage("rm", "rm", rm, current_model, output, [producer] if producer else []))
+        stages.append(Stage("rm", "rm", stage_config("rm"), current_model, output, [producer] if producer else []))
         reward_model = str(output)
     if config.rl is not None:
-        rl = _with(config.rl, **_stage_model(config.rl, current_model, template),
-                   run__output_dir=str(run_dir), run__name="rl",
-                   reward=link_model_reward(config.rl.reward, reward_model))
+        rl = stage_config("rl", reward=link_model_reward(config.rl.reward, reward_model))
         output = run_dir / "rl" / "final"
         depends = [name for name in (producer, "rm" if reward_model else None) if name]
         stages.append(Stage("rl", "rl", rl, current_model, output, depends))

@@ -248,3 +248,19 @@ def test_chat_with_tools_shows_the_trajectory_turn_by_turn(tiny_model_dir, token
     printed = capsys.readouterr().out
     assert printed == ("```python\nprint(6 * 7)\n```\n  [tool] <output>\n  [tool] 42\n  [tool] </output>\n"
                        "The answer is 42.<|im_end|>\n(2 turns, 1 tool calls, 0 tool errors, finish: stop)\n")
+
+
+def test_the_tool_call_bonus_is_not_paid_for_calls_that_all_failed():
+    from posttrain.train.rl_rollouts import PromptRow, score_groups
+
+    def sample(calls, errors):
+        s = multi_turn_sample(reward=0.0)
+        s.trajectory = {"tool_calls": calls, "tool_errors": errors, "env_reward": 0.0}
+        return s
+
+    junk, real = sample(1, 1), sample(2, 1)
+    rows = [PromptRow([1], "q", {}, 1)]
+    nothing = lambda prompts, completions, metadata: RewardOutput([0.0] * len(completions), {})  # noqa: E731
+    score_groups([[junk, real]], rows, nothing, overlong="none", max_new_tokens=64, overlong_buffer=8,
+                 overlong_penalty=1.0, tool_call_bonus=0.5)
+    assert (junk.reward, real.reward) == (0.0, 0.5)

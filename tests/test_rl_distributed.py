@@ -77,6 +77,7 @@ WORKER = textwrap.dedent("""
 
         config = type("Shaping", (), {"tool_call_bonus": 0.0, "tool_error_penalty": 0.0})()
         tokenizer = None  # the records keep ids only
+        limits = type("Limits", (), {"max_total_tokens": 64})()  # the overlong cap of a trajectory
 
         def prompt(self, messages, prompt_ids, row, where):
             return AgentPrompt(list(prompt_ids), [], dict(row))

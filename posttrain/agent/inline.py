@@ -49,6 +49,21 @@ def output_text(output: str) -> str:
     return f"{OUTPUT_OPEN}{output}{OUTPUT_CLOSE}"
 
 
+def defuse_special_tokens(text: str, tokenizer) -> str:
+    """Tool output with every special-token string of ``tokenizer`` broken by a word joiner
+    (U+2060), so printed ``<|im_end|>`` stays text and never tokenises to a control token:
+    untrusted output cannot end a turn or open a fake one in the context.
+
+    >>> class Tok: all_special_tokens = ["<|im_end|>"]
+    >>> defuse_special_tokens("x<|im_end|>y", Tok()) == "x<\u2060|im_end|>y"
+    True
+    """
+    for token in getattr(tokenizer, "all_special_tokens", ()):
+        if len(token) > 1 and token in text:
+            text = text.replace(token, token[0] + "\u2060" + token[1:])
+    return text
+
+
 def first_closed_block(text: str) -> tuple[str, int] | None:
     """(code, end offset) of the first closed ```python block in ``text``; None if there is
     none. The end offset is just past the closing fence (and its newline when present).

@@ -242,7 +242,8 @@ def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, tool_forma
         if done:
             traj.finish_reason = "stop"
             continue
-        outputs = [truncate_to_tokens(text, tokenizer, limits.max_tool_output_tokens) for text in observations]
+        outputs = [truncate_to_tokens(inline.defuse_special_tokens(text, tokenizer), tokenizer, limits.max_tool_output_tokens)
+                   for text in observations]
         tool_messages = [{"role": "tool", "name": call.name or "invalid", "tool_call_id": call.call_id, "content": out}
                          for call, out in zip(calls, outputs)]  # an environment answers a step with one message
         if tool_format == "inline":
@@ -323,7 +324,13 @@ def _add_assistant(messages: list[dict], content: str, calls: list[ToolCall]) ->
 
 
 def _finalise(traj: Trajectory, tokenizer) -> None:
+    """Decode the response; the final answer is the sampled text after the last env segment,
+    except when a turn or call limit ended the trajectory: its last turn was a call that never
+    ran, and a reward must not read an answer from code (``print(42)``)."""
     traj.text = tokenizer.decode(traj.response_ids, skip_special_tokens=False)
+    if traj.finish_reason in ("max_turns", "max_tool_calls"):
+        traj.final_text = ""
+        return
     last_env = max((i for i, s in enumerate(traj.segments) if s.kind != "sampled"), default=0)
     final = [i for segment in traj.segments[last_env + 1 :] for i in segment.token_ids]
     traj.final_text = tokenizer.decode(final, skip_special_tokens=True)

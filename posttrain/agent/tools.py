@@ -72,7 +72,8 @@ def parse_inline(text: str, call_id: str = "call_0") -> tuple[ToolCall | None, i
     """
     block = inline.first_closed_block(text)
     if block is not None:
-        return ToolCall("python", {"code": block[0]}, call_id), block[1]
+        error = None if block[0].strip() else "empty ```python block: put the code to run in it"
+        return ToolCall("python", {"code": block[0]}, call_id, error=error), block[1]
     if inline.has_unclosed_block(text):
         return ToolCall("python", {}, call_id, error="unclosed ```python block: close it with ``` on its own line"), None
     return None, None
@@ -171,7 +172,7 @@ def cell_program(cells: Sequence[str]) -> str:
         "        continue\n"
         "    try:\n"
         "        exec(compile(_source, _name, 'exec'), _scope)\n"
-        "    except Exception as _error:\n"
+        "    except BaseException as _error:  # SystemExit too: a cell that exits is an error, not a session cell\n"
         "        _sys.stdout.flush()\n"
         "        _traceback.print_exception(type(_error), _error, _error.__traceback__.tb_next)\n"
         "        _sys.exit(1)\n"
@@ -222,7 +223,8 @@ class PythonTool:
         if not isinstance(code, str):
             return "error: argument 'code' of tool 'python' must be a string", True
         cells = state.setdefault("python_cells", []) if self.session else []
-        limits = replace(self.sandbox.limits, wall_seconds=timeout, cpu_seconds=max(1, math.ceil(timeout)))
+        limits = replace(self.sandbox.limits, wall_seconds=min(timeout, self.sandbox.limits.wall_seconds),
+                         cpu_seconds=min(max(1, math.ceil(timeout)), self.sandbox.limits.cpu_seconds))
         result = self.sandbox.run(cell_program([*cells, code]), limits=limits)
         stdout = result.stdout.rstrip("\n")
         if result.status == "ok":

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
+from posttrain.rollout.base import Completion
+
 SegmentKind = Literal["prompt", "sampled", "env"]
 
 
@@ -58,6 +60,17 @@ class Trajectory:
     @property
     def prompt_ids(self) -> list[int]:
         return list(self.segments[0].token_ids)
+
+    @property
+    def stop_or_length(self) -> str:
+        """The finish reason in single-turn terms: ``length`` when a limit ended it (a clipped
+        completion for overlong filtering and the clipped fraction), else ``stop``."""
+        return "length" if self.finish_reason in BUDGET_FINISHES else "stop"
+
+    def as_completion(self) -> Completion:
+        """The trajectory as a single-turn completion: every response id, and as its text the
+        final answer after the last tool output (what a reward reads)."""
+        return Completion(self.prompt_index, self.response_ids, self.final_text, self.stop_or_length)
 
     @property
     def response_ids(self) -> list[int]:

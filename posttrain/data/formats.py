@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -484,7 +485,7 @@ def prompt_from_row(row: dict, where: str, *, system: str | None = None) -> Conv
     if not isinstance(value, (str, list, dict)):
         raise DataError(f"{where}: {key} must be a string or a list of messages, got {_type_name(value)}")
     messages = normalise_messages(value, f"{where}: {key}")
-    if not any(isinstance(m.get("content"), str) and m["content"].strip() for m in messages):
+    if not any(isinstance(m.get("content"), str) and not is_blank(m["content"]) for m in messages):
         raise DataError(f"{where}: {key} is empty")
     if system and not any(m["role"] == "system" for m in messages):
         messages = [{"role": "system", "content": system}] + messages
@@ -576,12 +577,17 @@ def check_turns(messages: list[dict[str, Any]], where: str, names: list[str] | N
     """
     names = names or [f"messages[{index}]" for index in range(len(messages))]
     caller = None  # index of the message a tool result answers: the assistant turn before the tool run
+    pending: list[str | None] = []  # ids (None: no id) of that turn's calls not answered yet
     for index, message in enumerate(messages):
         role = message["role"]
-        if role == "assistant" and not message.get("tool_calls") and not message["content"].strip():
+        if role == "assistant" and not message.get("tool_calls") and is_blank(message["content"]):
             raise DataError(f"{where}: {names[index]}: empty assistant reply (blank content and no tool calls)")
         if role != "tool":
+            if pending and caller is not None and role == "assistant":
+                raise DataError(f"{where}: {names[caller]}: {len(pending)} tool call(s) never answered before "
+                                f"{names[index]}")
             caller = index
+            pending = [call.get("id") for call in message.get("tool_calls") or []] if role == "assistant" else []
             continue
         if caller is None:
             raise DataError(f"{where}: {names[index]}: tool result with no assistant tool call before it "
@@ -591,6 +597,35 @@ def check_turns(messages: list[dict[str, Any]], where: str, names: list[str] | N
             what = "an assistant message without tool_calls" if previous["role"] == "assistant" else f"a {previous['role']} message"
             raise DataError(f"{where}: {names[index]}: tool result with no assistant tool call before it "
                             f"({names[caller]} is {what})")
+        answered = message.get("tool_call_id")
+        if not pending:
+            raise DataError(f"{where}: {names[index]}: more tool results than {names[caller]} made calls")
+        if answered is not None and answered not in pending and any(pending):
+            raise DataError(f"{where}: {names[index]}: tool_call_id {answered!r} answers no pending call of "
+                            f"{names[caller]} (pending: {', '.join(str(p) for p in pending)})")
+        pending.remove(answered if answered in pending else pending[0])
+
+
+# Characters that render as nothing: zero-width spaces and joiners, the BOM, word joiner, the
+# combining grapheme joiner and the Hangul fillers (Unicode category Cf plus a few letters).
+_INVISIBLE = {"\u034f", "\u115f", "\u1160", "\u3164", "\uffa0"}
+
+
+def visible_text(text: str) -> str:
+    r"""``text`` in NFKC form without invisible characters and with runs of whitespace made one
+    space: what a reader sees, for emptiness and sameness checks.
+
+    >>> visible_text("  4\u200b +\r\n 4 "), visible_text("\ufeff\u2060\u3164")
+    ('4 + 4', '')
+    """
+    text = unicodedata.normalize("NFKC", text)
+    text = "".join(ch for ch in text if ch not in _INVISIBLE and unicodedata.category(ch) != "Cf")
+    return " ".join(text.split())
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: whitespace and invisible characters only."""
+    return not visible_text(text)
 
 
 def normalise_messages(value: Any, where: str, *, default_role: str = "user") -> list[dict[str, Any]]:

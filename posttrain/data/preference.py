@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from posttrain.data.formats import _type_name, check_turns, normalise_messages
+from posttrain.data.formats import _type_name, check_turns, normalise_messages, visible_text
 from posttrain.errors import DataError
 
 
@@ -61,5 +61,6 @@ def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict], 
 
 
 def _comparable(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """What a side says, for the sameness check: role, stripped content, tool calls."""
-    return [(m["role"], m["content"].strip(), json.dumps(m.get("tool_calls"), sort_keys=True)) for m in messages]
+    """What a side says, for the sameness check: role, visible content (NFKC, no invisible
+    characters, whitespace runs as one space), tool calls."""
+    return [(m["role"], visible_text(m["content"]), json.dumps(m.get("tool_calls"), sort_keys=True)) for m in messages]

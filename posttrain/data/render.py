@@ -775,7 +775,7 @@ def _inline_run(messages: list[dict[str, Any]], where: str) -> _InlineRun | None
     renders it as usual). DataError (one line, naming ``where``) for tool use before the last
     user message, a call to a tool other than ``python`` or without ``code``, tool results
     that do not answer the calls before them, or a turn that does not end with an answer."""
-    from posttrain.agent.inline import call_text, output_text  # function-local: the agent turn loop may import this module
+    from posttrain.agent.inline import call_text, first_closed_block, output_text  # function-local: the agent turn loop may import this module
 
     last_user = max((i for i, message in enumerate(messages) if message["role"] not in ("assistant", "tool")), default=-1)
     for i, message in enumerate(messages[: last_user + 1]):
@@ -806,9 +806,18 @@ def _inline_run(messages: list[dict[str, Any]], where: str) -> _InlineRun | None
                 raise DataError(f"{where}: tool_format inline renders only the python tool (messages[{i}] calls '{name}')")
             if not isinstance(arguments.get("code"), str):
                 raise DataError(f"{where}: tool_format inline: messages[{i}] calls python without a 'code' string argument")
-            pieces.append(_InlinePiece(call_text(message["content"] if k == 0 else "", arguments["code"]), "call", i))
+            if not arguments["code"].strip():
+                raise DataError(f"{where}: tool_format inline: messages[{i}] calls python with blank code")
+            text = call_text(message["content"] if k == 0 else "", arguments["code"])
+            if first_closed_block(text) != (arguments["code"], len(text)):  # RL would run other code, or cut it
+                raise DataError(f"{where}: tool_format inline: messages[{i}]: the RL turn loop would not read this call "
+                                f"as written (its text or code holds a ```python block or a closing ``` of its own)")
+            pieces.append(_InlinePiece(text, "call", i))
             pieces.append(_InlinePiece(output_text(messages[output_index]["content"]), "output", output_index))
         i = results
+    if first_closed_block(messages[last]["content"]) is not None:
+        raise DataError(f"{where}: tool_format inline: the final reply (messages[{last}]) holds a ```python block, "
+                        f"which the RL turn loop would run as a tool call")
     pieces.append(_InlinePiece(messages[last]["content"], "final", last))
     return _InlineRun(start, last, pieces)
 
@@ -819,15 +828,19 @@ def _describe(message: dict[str, Any]) -> str:
 
 def _match_tool_results(calls: list[dict[str, Any]], messages, caller: int, stop: int, where: str) -> list[int]:
     """Index of the tool message answering each call of ``messages[caller]`` (the tool messages
-    ``caller+1..stop-1``): by ``tool_call_id`` when every call and result carries one, else in order."""
+    ``caller+1..stop-1``): by ``tool_call_id`` when every call and result carries one, in order
+    when none does; some ids but not all is refused (order could give a call another's output)."""
     results = list(range(caller + 1, stop))
     if len(results) != len(calls):
         raise DataError(f"{where}: tool_format inline: messages[{caller}] makes {len(calls)} tool call(s) but "
                         f"{len(results)} tool result(s) follow it")
     ids = [call.get("id") for call in calls]
     answered = [messages[j].get("tool_call_id") for j in results]
-    if None in ids or None in answered:
+    if all(value is None for value in ids + answered):
         return results
+    if None in ids or None in answered:
+        raise DataError(f"{where}: tool_format inline: messages[{caller}]'s calls and their results carry ids only "
+                        f"in part; give every call an id and every result its tool_call_id, or none at all")
     by_id = dict(zip(answered, results))
     missing = [call_id for call_id in ids if call_id not in by_id]
     if missing or len(by_id) != len(results):
@@ -857,9 +870,12 @@ def _inline_pieces(run: _InlineRun, messages, tokenizer, eot: list[int], run_tra
     its own (as the RL turn loop tokenises what it appends), the final reply followed by the
     template's end-of-turn token(s). Calls are trained with the turn (unless
     ``train_tool_calls`` is off or their message says ``train``), tool outputs never."""
+    from posttrain.agent.inline import defuse_special_tokens  # function-local: see _inline_run
+
     out = []
     for piece in run.pieces:
-        ids = list(tokenizer.encode(piece.text, add_special_tokens=False))
+        text = defuse_special_tokens(piece.text, tokenizer) if piece.kind == "output" else piece.text  # as RL does
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
         if piece.kind == "final":
             out.append((ids + eot, piece, run_trained))
         elif piece.kind == "call":

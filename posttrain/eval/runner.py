@@ -30,7 +30,6 @@ from posttrain.log import say
 from posttrain.eval.tasks import EvalTask
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.agent.trajectory import BUDGET_FINISHES
 from posttrain.config import config_to_yaml
 from posttrain.data.render import render_prompt
 from posttrain.errors import ConfigError
@@ -150,8 +149,7 @@ def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[li
     prompts = [agent.prompt(item.prompt, ids, item.metadata, where=f"{task.name}/{item.item_id}")
                for item, ids in zip(task.items, prompt_ids)]
     runs = agent.run(engine, prompts, params)
-    completions = [Completion(t.prompt_index, t.response_ids, t.final_text,
-                              "length" if t.finish_reason in BUDGET_FINISHES else "stop") for t in runs]
+    completions = [t.as_completion() for t in runs]
     return completions, [trajectory_record(t, tokenizer) for t in runs]
 
 

@@ -35,8 +35,10 @@ import importlib
 import importlib.util
 import inspect
 import logging
+import math
 from typing import Any, Mapping, Sequence
 
+from posttrain.config import plain_reward_spec
 from posttrain.errors import ConfigError
 from posttrain.rewards.output import RewardFn, RewardOutput, as_reward_output, check_batch
 from posttrain.rewards.composite import CompositeReward, CompositeTerm
@@ -168,8 +170,7 @@ def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
 
 
 def _split_spec(spec: Any, key: str) -> tuple[str, dict]:
-    if hasattr(spec, "model_dump"):  # config.RewardSpec: back to what the user wrote
-        spec = spec.model_dump(exclude_unset=True, exclude_none=True)
+    spec = plain_reward_spec(spec)  # config.RewardSpec: back to what the user wrote
     if isinstance(spec, str):
         return spec, {}
     if not isinstance(spec, Mapping) or "name" not in spec:
@@ -302,8 +303,8 @@ def _build_composite(params: dict, key: str) -> RewardFn:
         term_key = f"{key}.terms.{term_name}"
         term_spec = dict(term_spec or {})
         weight = term_spec.pop("weight", 1.0)
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
-            raise ConfigError(f"{term_key}.weight: must be a number, not {weight!r}")
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+            raise ConfigError(f"{term_key}.weight: must be a finite number, not {weight!r}")
         reward_name = term_spec.pop("reward", None) or term_name
         term_spec.setdefault("params", {})
         spec = {"name": reward_name, **term_spec}

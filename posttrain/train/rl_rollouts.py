@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from posttrain.agent.trajectory import BUDGET_FINISHES, trajectory_metrics, trajectory_record
+from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.errors import DataError
 from posttrain.rewards.output import PromptText
 from posttrain.rollout.base import Completion, SamplingParams
@@ -224,7 +224,7 @@ def trajectory_groups(agent: Any, engine: Any, rows: Sequence[PromptRow], row_in
         groups[position].append(RolloutSample(
             row=row_indices[position], group=first_group + position, prompt_ids=trajectory.prompt_ids,
             response_ids=trajectory.response_ids, response_mask=trajectory.response_mask, text=trajectory.final_text,
-            finish_reason="length" if trajectory.finish_reason in BUDGET_FINISHES else "stop",
+            finish_reason=trajectory.stop_or_length,
             engine_logp=trajectory.sampled_logprobs, trajectory=trajectory_record(trajectory, agent.tokenizer),
         ))
     return groups
@@ -245,7 +245,8 @@ def score_groups(groups: Sequence[Sequence[RolloutSample]], rows: Sequence[Promp
         sample.components = {name: float(values[index]) for name, values in out.components.items()}
         sample.reward = sample.raw_reward
         if sample.trajectory is not None:
-            shaping = {"tool_bonus": tool_call_bonus if sample.trajectory["tool_calls"] else 0.0,
+            succeeded = sample.trajectory["tool_calls"] > sample.trajectory["tool_errors"]  # junk calls earn nothing
+            shaping = {"tool_bonus": tool_call_bonus if succeeded else 0.0,
                        "tool_error_penalty": -tool_error_penalty * sample.trajectory["tool_errors"],
                        "env": float(sample.trajectory["env_reward"])}
             for name, value in shaping.items():
@@ -309,7 +310,9 @@ def collect_rollouts(engine: Any, rows: Sequence[PromptRow], sampler: PromptSamp
         groups = generate_groups(engine, rows, indices, round_params, first_group=batch.generated_groups, agent=agent)
         batch.seconds_generate += time.perf_counter() - started
         started = time.perf_counter()
-        score_groups(groups, rows, reward_fn, overlong=overlong, max_new_tokens=params.max_new_tokens,
+        # a trajectory's length (sampled + env tokens) is capped by the agent's budget, not one turn's
+        length_cap = params.max_new_tokens if agent is None else agent.limits.max_total_tokens
+        score_groups(groups, rows, reward_fn, overlong=overlong, max_new_tokens=length_cap,
                      overlong_buffer=overlong_buffer, overlong_penalty=overlong_penalty,
                      **({} if agent is None else {"tool_call_bonus": agent.config.tool_call_bonus,
                                                   "tool_error_penalty": agent.config.tool_error_penalty}))
@@ -432,8 +435,7 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
     else:
         runs = agent.run(engine, agent_prompts(agent, rows, range(len(rows))), params)
         trajectories = [trajectory_record(t, agent.tokenizer) for t in runs]
-        completions = [Completion(i, t.response_ids, t.final_text,
-                                  "length" if t.finish_reason in BUDGET_FINISHES else "stop") for i, t in enumerate(runs)]
+        completions = [t.as_completion() for t in runs]
     out = reward_fn([row.text for row in rows], [c.text for c in completions], [row.metadata for row in rows])
     scores = [float(s) for s in out.scores]
     lengths = [len(c.token_ids) for c in completions]

@@ -279,7 +279,8 @@ def audit_pairs(path: str, tokenizer: Any, config: RMConfig, *,
     pairs: list[PreferencePair] = []
     kept_samples: list[Any] = []
     too_long = "error" if data.truncation == "error" else "drop"
-    margin_key, group_key = keys if keys is not None else (config.rm.margin_key, config.rm.group_key)
+    rm = getattr(config, "rm", None)  # a DPO config has no rm section: no margin, no groups
+    margin_key, group_key = keys if keys is not None else (rm.margin_key, rm.group_key) if rm else (None, None)
     for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows, columns=data.columns):
         try:
             chosen, rejected, margin, group = render_pair_samples(
