@@ -9,7 +9,7 @@ STAMP := $(VENV)/.posttrain-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-fast bench lint clean-cache
+.PHONY: install demo test test-fast bench crosscheck lint clean-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sft.py
 	$(PY) benchmarks/bench_grpo.py
 	$(PY) benchmarks/bench_dpo.py
+
+# posttrain's policy losses (PPO-clip, GSPO, CISPO) against veRL's core_algos on the same
+# tensors; veRL is installed without dependencies into the cache, never into .venv.
+crosscheck: $(STAMP)
+	$(PY) benchmarks/crosscheck_policy_losses.py
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check posttrain tests benchmarks

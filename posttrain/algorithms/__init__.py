@@ -5,7 +5,7 @@ objects, no I/O. Each module's docstring cites the paper it implements and its d
 - ``sft``         the single next-token shift; chunked cross-entropy / log-probs / entropy
 - ``preference``  Bradley–Terry reward-model loss; DPO (label smoothing), IPO, SimPO
 - ``advantages``  GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE
-- ``policy``      PPO-clip (clip-higher, dual clip), clipped value loss, entropy bonus
+- ``policy``      PPO-clip (clip-higher, dual clip), GSPO, CISPO, clipped value loss, entropy bonus
 - ``kl``          k1/k2/k3 estimators, fixed and adaptive KL coefficient
 """
 
@@ -37,7 +37,15 @@ from posttrain.algorithms.kl import (
     kl_estimate,
     make_kl_controller,
 )
-from posttrain.algorithms.policy import entropy_bonus, ppo_policy_loss, value_loss
+from posttrain.algorithms.policy import (
+    GSPO_IMPORTANCE_LEVELS,
+    cispo_policy_loss,
+    entropy_bonus,
+    gspo_policy_loss,
+    ppo_policy_loss,
+    sequence_mean_per_token,
+    value_loss,
+)
 from posttrain.algorithms.preference import (
     PREFERENCE_LOSS_TYPES,
     bradley_terry_loss,
@@ -71,5 +79,6 @@ __all__ = [
     "normalize_advantages", "reinforce_plus_plus_advantages", "gae_advantages",
     "KL_ESTIMATORS", "kl_estimate", "FixedKLController", "AdaptiveKLController",
     "make_kl_controller",
-    "ppo_policy_loss", "value_loss", "entropy_bonus",
+    "ppo_policy_loss", "gspo_policy_loss", "cispo_policy_loss", "GSPO_IMPORTANCE_LEVELS",
+    "sequence_mean_per_token", "value_loss", "entropy_bonus",
 ]
