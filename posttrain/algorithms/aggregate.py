@@ -1,9 +1,9 @@
 """Turn per-token losses into the scalar an optimizer step minimises (``loss_agg_mode``).
 
-Why this module exists: the seed articles (000 §SFT loss, 004 "micro-batch vs gradient
-accumulation") warn that averaging a loss per micro-batch and then averaging the
+Why this module exists: averaging a loss per micro-batch and then averaging the
 micro-batches weights tokens unequally, so the gradient depends on how a batch happened to
-be split. Here every normaliser is a count over the WHOLE optimizer step (all
+be split (the gradient-accumulation bug fixed in transformers 4.46; see the Hugging Face
+post "Fixing Gradient Accumulation", Oct 2024). Here every normaliser is a count over the WHOLE optimizer step (all
 micro-batches, all ranks), passed in by the caller. Each micro-batch returns its share;
 summing the shares over micro-batches (gradient accumulation just adds gradients) and
 ranks gives exactly the one-big-batch value, whatever the split, padding or packing.
