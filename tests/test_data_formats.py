@@ -248,3 +248,101 @@ def test_file_level_errors_are_not_bad_rows(tmp_path):
     path = write_jsonl(tmp_path / "r.jsonl", ["[1]"])
     with pytest.raises(BadRowError, match=r"r\.jsonl:1: a row must be a JSON object"):
         list(read_rows(path))
+
+
+# ----------------------------------------------------------------------------- text no reader can use
+CALL_ROW = {"messages": [{"role": "user", "content": "sum?"},
+                         {"role": "assistant", "content": "", "tool_calls": [
+                             {"type": "function", "function": {"name": "add", "arguments": '{"a": "\\udc80"}'}}]},
+                         {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3"}]}
+
+
+@pytest.mark.parametrize("line, field", [
+    ('{"messages": [{"role": "user", "content": "hi \\ud800"}, {"role": "assistant", "content": "ok"}]}',
+     r"messages\[0\]\.content: a lone surrogate \(\\ud800\) at character 3"),
+    ('{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "\\udfff"}]}',
+     r"conversations\[1\]\.value: a lone surrogate \(\\udfff\) at character 0"),
+    ('{"prompt": "2+2?", "chosen": "4", "rejected": "5 \\ud83d"}', r"rejected: a lone surrogate \(\\ud83d\)"),
+    ('{"prompt": "2+2?", "answer": ["\\ude00"]}', r"answer\[0\]: a lone surrogate"),
+    ('{"text": "ok", "meta": {"\\ud800": 1}}', r"meta: a key holds a lone surrogate \(\\ud800\)"),
+])
+def test_a_lone_surrogate_anywhere_is_a_bad_row_naming_line_and_field(tmp_path, line, field):
+    """Valid JSON escapes that decode to no Unicode character: refused at the reader, before any
+    tokenizer sees them, for every row shape; skip_bad skips just that row."""
+    from posttrain.data.formats import BadRowError
+
+    good = json.dumps(ROW)
+    path = write_jsonl(tmp_path / "s.jsonl", [good, line, good])
+    with pytest.raises(BadRowError, match=rf"^{tmp_path / 's.jsonl'}:2: {field}") as info:
+        list(read_rows(path))
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+    bad = []
+    assert [n for n, _ in read_rows(path, skip_bad=True, bad_rows=bad)] == [1, 3] and [n for n, _ in bad] == [2]
+    array = tmp_path / "s.json"  # the same rows as a JSON array: the row index is named
+    array.write_text("[" + ",\n".join([good, good, line]) + "]")
+    with pytest.raises(BadRowError, match=rf"s\.json:3: {field}"):
+        list(read_rows(array))
+
+
+def test_a_surrogate_pair_is_one_character_and_reads_fine(tmp_path):
+    path = write_jsonl(tmp_path / "e.jsonl", ['{"messages": [{"role": "user", "content": "\\ud83d\\ude00"},'
+                                             ' {"role": "assistant", "content": "ok"}]}'])
+    assert [row["messages"][0]["content"] for _, row in read_rows(path)] == ["\U0001F600"]
+
+
+def nested(levels: int, leaf: str = "1") -> str:
+    """A value nested ``levels`` deep, alternating arrays and objects."""
+    opening = "".join('[' if k % 2 else '{"k": ' for k in range(levels))
+    closing = "".join(']' if k % 2 else '}' for k in reversed(range(levels)))
+    return opening + leaf + closing
+
+
+@pytest.mark.parametrize("levels", [150, 5_000, 100_000])
+def test_a_row_nested_too_deeply_is_one_bad_row(tmp_path, levels):
+    """Deeper than the JSON parser's recursion (100,000 levels) or only deeper than any reader
+    should walk (150): one line naming the line, skippable; 90 levels still read."""
+    from posttrain.data.formats import MAX_ROW_NESTING, BadRowError
+
+    good = json.dumps(ROW)
+    deep = '{"messages": ' + json.dumps(ROW["messages"]) + ', "extra": ' + nested(levels) + "}"
+    path = write_jsonl(tmp_path / "d.jsonl", [good, deep, good, '{"text": "x", "extra": ' + nested(90) + "}"])
+    with pytest.raises(BadRowError, match=rf"d\.jsonl:2: JSON nested more than {MAX_ROW_NESTING} levels deep") as info:
+        list(read_rows(path))
+    assert len(str(info.value)) < 200
+    bad = []
+    assert [n for n, _ in read_rows(path, skip_bad=True, bad_rows=bad)] == [1, 3, 4] and [n for n, _ in bad] == [2]
+    jsonl_as_json = tmp_path / "d.json"  # JSON Lines saved as .json: the deep line is still one bad row
+    jsonl_as_json.write_text(path.read_text())
+    assert [n for n, _ in read_rows(jsonl_as_json, skip_bad=True)] == [1, 3, 4]
+
+
+def test_a_json_array_nested_too_deeply_names_its_line(tmp_path):
+    """Too deep for the parser inside a JSON array: the file cannot be read; the line and column
+    of the first bracket past the limit are named."""
+    from posttrain.data.formats import BadRowError
+
+    path = tmp_path / "a.json"
+    path.write_text("[\n" + json.dumps(ROW) + ",\n" + nested(100_000) + "\n]")
+    column = nested(99).index("1") + 1  # the array is level 1, so the row's 100th bracket opens level 101
+    with pytest.raises(DataError, match=rf"a\.json:3: JSON nested more than 100 levels deep \(at column {column}\), so "
+                                        r"no row of this file can be read$") as info:
+        list(read_rows(path, skip_bad=True))
+    assert not isinstance(info.value, BadRowError)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("s.jsonl", '{"messages": [{"role": "user", "content": "a\\udbff"}, {"role": "assistant", "content": "b"}]}',
+     "s.jsonl:1: messages[0].content: a lone surrogate"),
+    ("d.jsonl", '{"messages": ' + nested(100_000) + "}", "d.jsonl:1: JSON nested more than 100 levels deep"),
+])
+def test_inspect_names_the_line_of_a_surrogate_or_a_deep_row_without_a_traceback(tmp_path, name, text, message):
+    """Through the real command line (a subprocess): one ``error:`` line, no traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / name).write_text(text + "\n")
+    result = subprocess.run([sys.executable, "-m", "posttrain", "inspect", name], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {message}"), result.stderr

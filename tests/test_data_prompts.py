@@ -100,3 +100,57 @@ def test_posttrain_rl_refuses_a_bad_prompt_file_in_one_line_before_loading_a_mod
     err = capsys.readouterr().err.strip()
     assert err == f"error: {bad}:3: prompt must be a string or a list of messages, got int", err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("answer, what", [
+    (["4", "5"], "a list of 2 values"), ([], "empty"), ("NaN", "NaN"), ("Infinity", "infinite"), ({"value": 5}, "an object"),
+    (True, r"a boolean \(true\)"), ([[5]], "a list inside a list"), ([" "], "a list holding an empty string"),
+])
+def test_math_references_of_a_type_no_answer_can_match_are_refused(tokenizer, tmp_path, answer, what):
+    """Compared as text (``['4', '5']``, ``nan``, ``True``) such a reference pays no real answer."""
+    from posttrain.rewards.registry import reward_fields
+
+    bad = {"prompt": "What is 2 + 3?", "answer": answer} if not isinstance(answer, str) else None
+    line = json.dumps(bad) if bad else '{"prompt": "What is 2 + 3?", "answer": ' + answer + "}"  # NaN: not JSON's own
+    path = write_lines(tmp_path / "p.jsonl", [GOOD, line, GOOD])
+    composite = {"name": "composite", "terms": {"math": {"weight": 1.0}, "length": {"weight": 0.1}}}
+    for spec in ("math", composite):
+        with pytest.raises(DataError, match=rf"p\.jsonl:2: 'answer' is {what}"):
+            load_prompt_data(path, tokenizer, reward_fields=reward_fields(spec))
+
+
+@pytest.mark.parametrize("answer", ["5", 5, 2.5, ["5"], [5]])
+def test_math_references_of_one_value_pass(tokenizer, tmp_path, answer):
+    from posttrain.rewards.math import MathReward
+    from posttrain.rewards.registry import reward_fields
+
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": "What is 2 + 3?", "answer": answer}])
+    prepared = load_prompt_data(path, tokenizer, reward_fields=reward_fields("math"))
+    metadata = prepared.prompts[0].metadata
+    assert MathReward()(["q"], [rf"\boxed{{{answer[0] if isinstance(answer, list) else answer}}}"], [metadata]).scores == [1.0]
+
+
+def test_posttrain_rl_refuses_a_multi_valued_reference_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from posttrain.train import rl as rl_module
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the prompt files were checked")
+
+    monkeypatch.setattr(rl_module, "build_trainables", refuse)
+    data = write_lines(tmp_path / "p.jsonl", [GOOD, {"prompt": "Roots of x^2 = 4?", "answer": [2, -2]}])
+    config = tmp_path / "rl.yaml"
+    config.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {data}\nrun:\n  output_dir: {tmp_path / 'runs'}\n")
+    assert main(["rl", str(config)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: {data}:2: 'answer' is a list of 2 values, but reward 'math' compares an answer with one string or "
+        f"finite number (e.g. \"42\")")
+
+
+def test_lone_surrogates_in_prompts_and_answers_stop_posttrain_rl_naming_the_line(tiny_model_dir, tmp_path, capsys):
+    for bad in ('{"prompt": "What is 2 \\ud800+ 3?", "answer": "5"}', '{"prompt": "2+3?", "answer": "5\\udc00"}'):
+        data = write_lines(tmp_path / "p.jsonl", [GOOD, bad])
+        config = tmp_path / "rl.yaml"
+        config.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {data}\nrun:\n  output_dir: {tmp_path / 'r'}\n")
+        assert main(["rl", str(config)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {data}:2: ") and "a lone surrogate" in err and "\n" not in err, err

@@ -73,3 +73,57 @@ def test_composite_weights_must_be_finite_numbers(weight):
         validate_config(RLConfig, {"data": {"train": "p.jsonl"}, "reward": reward})
     with pytest.raises(ConfigError, match=r"reward\.terms\.math\.weight"):
         build_reward(reward)
+
+
+def turn(role, content):
+    return {"role": role, "content": content}
+
+
+@pytest.mark.parametrize("chosen, rejected, parted", [
+    ([turn("user", "2+2?"), turn("assistant", "4")], [turn("user", "3+3?"), turn("assistant", "5")],
+     r"chosen\[0\] \(user '2\+2\?'\) and rejected\[0\] \(user '3\+3\?'\)"),
+    ([turn("system", "Be brief."), turn("user", "q"), turn("assistant", "a")],
+     [turn("system", "Be verbose."), turn("user", "q"), turn("assistant", "b")], r"chosen\[0\] \(system"),
+    ([turn("user", "q"), turn("assistant", "a"), turn("user", "and then?"), turn("assistant", "b")],
+     [turn("user", "q"), turn("assistant", "a"), turn("user", "why?"), turn("assistant", "c")], r"chosen\[2\] \(user"),
+    ([turn("user", "q"), turn("assistant", "a")],
+     [turn("user", "q"), turn("assistant", "a"), turn("user", "more"), turn("assistant", "b")],
+     r"chosen\[2\] \(the conversation ends\) and rejected\[2\] \(user 'more'\)"),
+    ([turn("user", "q "), turn("assistant", "a")], [turn("user", "q"), turn("assistant", "b")], r"chosen\[0\]"),
+])
+def test_whole_conversations_with_different_prompts_are_refused(chosen, rejected, parted):
+    """Implicit-prompt pairs whose sides part before an assistant message answer two prompts."""
+    with pytest.raises(DataError, match=rf"^p\.jsonl:4: chosen and rejected answer different prompts: they part at {parted}"):
+        preference_messages({"chosen": chosen, "rejected": rejected}, "p.jsonl:4")
+    with pytest.raises(DataError, match="answer different prompts"):  # a shared explicit prompt changes nothing
+        preference_messages({"prompt": "context", "chosen": chosen, "rejected": rejected}, "p.jsonl:4")
+
+
+def test_whole_conversations_that_part_at_the_reply_are_one_prompt():
+    shared = [turn("user", "q"), turn("assistant", "a"), turn("user", "and?")]
+    _, chosen, rejected = preference_messages(
+        {"chosen": shared + [turn("assistant", "b")], "rejected": shared + [turn("assistant", "c")]}, "p:1")
+    assert chosen[:3] == rejected[:3] == shared
+    early = [turn("user", "q")]  # parting at an earlier assistant turn: the prompt is still the user's question
+    preference_messages({"chosen": early + [turn("assistant", "x"), turn("user", "ok"), turn("assistant", "y")],
+                         "rejected": early + [turn("assistant", "z")]}, "p:2")
+
+
+def test_posttrain_dpo_refuses_pairs_with_different_prompts_in_one_line(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from posttrain.cli import main
+
+    good = {"prompt": "2+2?", "chosen": "4", "rejected": "5"}
+    bad = {"chosen": [turn("user", "What is 2+2?"), turn("assistant", "4")],
+           "rejected": [turn("user", "What is 9+9?"), turn("assistant", "4")]}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in (good, good, bad)))
+    config = tmp_path / "dpo.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {data}}}\n"
+                      f"run: {{output_dir: {tmp_path / 'runs'}, progress: false}}\n")
+    assert main(["dpo", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: {data}:3: chosen and rejected answer different prompts: they part at chosen[0] "
+                   f"(user 'What is 2+2?') and rejected[0] (user 'What is 9+9?'); a pair compares two replies to one "
+                   f"prompt"), err

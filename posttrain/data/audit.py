@@ -425,16 +425,50 @@ def check_reward_fields(metadata: dict[str, Any], reward_fields: dict[str, str],
     Traceback (most recent call last):
     ...
     posttrain.errors.DataError: f.jsonl:2: 'answer' is empty, so reward 'math' could only score 0 on this row
+
+    ``math`` compares an extracted answer with one reference value: a string or a finite number
+    (a list holding one such value reads as that value). A list of several values, an object,
+    a boolean, NaN or infinity is refused: compared as its text (``['4', '5']``, ``nan``,
+    ``True``) it pays no real answer, only the degenerate one that copies that text.
+
+    >>> check_reward_fields({"answer": ["4", "5"]}, {"answer": "math"}, "f.jsonl:4")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.DataError: f.jsonl:4: 'answer' is a list of 2 values, but reward 'math' compares an answer with one string or finite number (e.g. "42")
     """
     for name, reward in reward_fields.items():
         value = metadata.get(name)
         if value is None:
-            fields = ", ".join(sorted(metadata)) or "none besides the prompt"
-            raise DataError(f"{where}: no '{name}' field, which reward '{reward}' reads (fields: {fields}); "
-                            f"map one with data.columns.{name}=<field, dotted for nested>")
+            fields = sorted(metadata)
+            shown = ", ".join(fields[:20]) + (f", ... ({len(fields) - 20} more)" if len(fields) > 20 else "")
+            raise DataError(f"{where}: no '{name}' field, which reward '{reward}' reads (fields: "
+                            f"{shown or 'none besides the prompt'}); map one with data.columns.{name}=<field, dotted for nested>")
         if (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, dict)) and not value):
             # present but empty: every completion would score 0 (or an empty program pass nothing)
             raise DataError(f"{where}: '{name}' is empty, so reward '{reward}' could only score 0 on this row")
+        problem = _math_reference_problem(value) if reward == "math" else None
+        if problem is not None:
+            raise DataError(f"{where}: '{name}' is {problem}, but reward '{reward}' compares an answer with one "
+                            f"string or finite number (e.g. \"42\")")
+
+
+def _math_reference_problem(value: Any) -> str | None:
+    """What makes ``value`` no reference answer for ``math`` (see ``check_reward_fields``), or None."""
+    if isinstance(value, list):
+        if len(value) != 1:
+            return f"a list of {len(value)} values"
+        value = value[0]
+        if isinstance(value, str) and not value.strip():
+            return "a list holding an empty string"
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, float) and value != value:
+        return "NaN"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return "infinite"
+    if isinstance(value, (str, int, float)):
+        return None
+    return {dict: "an object", list: "a list inside a list"}.get(type(value), f"a {type(value).__name__}")
 
 
 def preflight_prompts(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,

@@ -134,6 +134,10 @@ def read_rows_or_errors(path: str | Path, *, limit: int | None = None,
     for count, (n, row) in enumerate(rows):
         if limit is not None and count >= limit:
             return
+        if not isinstance(row, DataError):
+            problem = row_shape_problem(row)
+            if problem is not None:
+                row = DataError(f"{path}:{n}: {problem}")
         if columns and not isinstance(row, DataError):
             try:
                 row = apply_columns(row, columns, f"{path}:{n}")
@@ -354,6 +358,8 @@ def _parse_object(text: str, where: str) -> dict | DataError:
     except json.JSONDecodeError as exc:
         at = "the end of the line" if exc.pos >= len(text) else f"column {exc.colno}"
         return DataError(f"{where}: malformed JSON ({exc.msg} at {at})")
+    except RecursionError:  # the parser's own depth limit: deeper than any row may be
+        return DataError(f"{where}: {TOO_DEEP} (at column {_too_deep_at(text) + 1})")
     if not isinstance(row, dict):
         return DataError(f"{where}: a row must be a JSON object, got {_type_name(row)}")
     return row
@@ -378,6 +384,14 @@ def _iter_json(path: Path) -> Iterator[tuple[int, dict | DataError]]:
             yield from _iter_jsonl(path)
             return
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        if text.lstrip().startswith("{") and sum(line.startswith("{") for line in text.splitlines()) > 1:
+            yield from _iter_jsonl(path)  # JSON Lines saved as .json: the deep line is one bad row
+            return
+        position = _too_deep_at(text)
+        line = text.count("\n", 0, position) + 1
+        column = position - text.rfind("\n", 0, position)
+        raise DataError(f"{path}:{line}: {TOO_DEEP} (at column {column}), so no row of this file can be read") from None
     if isinstance(data, dict):
         lists = [key for key, value in data.items() if isinstance(value, list)]
         if len(lists) == 1 and not {"messages", "conversations", "prompt"} & set(data):
@@ -453,6 +467,88 @@ def _drop_nulls(value: Any) -> Any:
     if isinstance(value, list):
         return [_drop_nulls(item) for item in value]
     return value
+
+
+# ----------------------------------------------------------------------------- text every reader can use
+MAX_ROW_NESTING = 100
+TOO_DEEP = f"JSON nested more than {MAX_ROW_NESTING} levels deep"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def row_shape_problem(row: Any) -> str | None:
+    r"""What makes a parsed row unusable by every reader, or None: nesting deeper than
+    ``MAX_ROW_NESTING`` levels (a chat row needs about ten; far deeper ones exhaust the
+    recursion of the JSON, template and hashing code that reads rows), or a lone UTF-16
+    surrogate (``\ud800``: a valid JSON escape, yet no Unicode character, so no tokenizer can
+    encode the text; RFC 8259, section 8.2). Keys count as text. The problem names the field
+    by its path in the row (``messages[1].content``).
+
+    The walk is iterative, so a row nested too deeply for recursion is still measured.
+
+    >>> row_shape_problem({"messages": [{"role": "user", "content": "hi \ud800"}]})
+    'messages[0].content: a lone surrogate (\\ud800) at character 3: not Unicode text, so no tokenizer can encode it'
+    >>> row_shape_problem({"messages": [{"role": "user", "content": "hi \U0001f600"}]}) is None
+    True
+    """
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(row, ())]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            found = None if value.isascii() else _SURROGATE.search(value)
+            if found is not None:
+                return (f"{_field_path(path)}: a lone surrogate ({ascii(found.group())[1:-1]}) at character "
+                        f"{found.start()}: not Unicode text, so no tokenizer can encode it")
+            continue
+        if len(path) >= MAX_ROW_NESTING and isinstance(value, (dict, list)) and value:
+            return f"{TOO_DEEP} (under '{_field_path(path[:1])}')"
+        if isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                key_text = str(key)
+                found = None if key_text.isascii() else _SURROGATE.search(key_text)
+                if found is not None:
+                    return (f"{_field_path(path) or 'the row'}: a key holds a lone surrogate "
+                            f"({ascii(found.group())[1:-1]}): not Unicode text, so no tokenizer can encode it")
+                stack.append((item, path + (key_text,)))
+        elif isinstance(value, list):
+            stack.extend((item, path + (index,)) for index, item in reversed(list(enumerate(value))))
+    return None
+
+
+def _field_path(path: tuple[str | int, ...], shown: int = 6) -> str:
+    """``("messages", 1, "content")`` -> ``messages[1].content``; a long path keeps its first
+    and last parts, a long key its first 40 characters, so the error stays one short line."""
+    parts = [f"[{part}]" if isinstance(part, int) else ("." if index else "") + _short_text(part, 40)
+             for index, part in enumerate(path)]
+    if len(parts) > shown:
+        parts = parts[: shown // 2] + [f"...({len(parts) - shown} more)..."] + parts[-(shown // 2):]
+    return "".join(parts)
+
+
+def _short_text(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _too_deep_at(text: str) -> int:
+    """Index in JSON ``text`` of the bracket that opens level ``MAX_ROW_NESTING + 1`` (brackets
+    inside strings skipped); the length of the text when none does."""
+    depth, in_string, escaped = 0, False, False
+    for index, char in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_ROW_NESTING:
+                return index
+        elif char in "]}":
+            depth -= 1
+    return len(text)
 
 
 # ----------------------------------------------------------------------------- row shapes
