@@ -1,6 +1,8 @@
+import time
+
 import pytest
 
-from posttrain.rewards.math import MathReward, answers_match, extract_answer
+from posttrain.rewards.math import MathReward, answers_match, check_answer, extract_answer
 from posttrain.errors import ConfigError
 
 
@@ -65,3 +67,83 @@ def test_math_reward_in_worker_threads():
 def test_bad_extractor_is_a_config_error():
     with pytest.raises(ConfigError, match="extract"):
         MathReward(extract=["boxd"])
+
+
+# ------------------------------------------------------------------ what a policy might try
+
+
+@pytest.mark.parametrize("answer", [r"42\%", r"42 \%", "42%", r"42\,\%", "42 percent", r"42\text{ percent}",
+                                    r"42\text{\%}", "42 per cent", "42\uff05"])
+def test_a_percent_answer_matches_one_reading_the_number_before_the_sign(answer):
+    assert answers_match(answer, "42") and answers_match(answer, r"42\%")
+    assert not answers_match(answer, "0.42") and not answers_match(answer, r"\frac{42}{100}")
+    reward = MathReward()
+    out = reward(["q", "q"], [rf"\boxed{{{answer}}}"] * 2, [{"answer": "42"}, {"answer": "0.42"}])
+    assert out.scores == [1.0, 0.0]
+
+
+def test_a_percent_sign_that_does_not_end_a_value_matches_nothing():
+    assert not answers_match("0.42", r"42\%") and not answers_match("0.42", "42 percent")
+    assert not answers_match("4%2", "42") and not answers_match("4%2", "0.08") and not answers_match("4 % 2", "42")
+    assert answers_match(r"12.5\%", "12.5") and not answers_match(r"12.5\%", "0.125")
+
+
+HOSTILE_VALUES = [r"9^{9^{9^{9}}}", r"9^{9^{9}}", "9**9**9**9", r"2^{2^{40}}", r"2^{-10^{9}}", "1000000!",
+                  r"(10^{7})!", "9" * 20000, "1" + "0" * 1200]
+
+
+def deep_fraction(levels: int) -> str:
+    text = "1"
+    for _ in range(levels):
+        text = r"\frac{1}{1+" + text + "}"
+    return text
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES + [deep_fraction(40)], ids=lambda v: v[:16])
+def test_oversized_answers_are_refused_at_once_and_counted_in_any_thread(value):
+    from concurrent.futures import ThreadPoolExecutor
+
+    reward = MathReward()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(1) as pool:  # a worker thread: math-verify's SIGALRM timeouts cannot fire there
+        out = pool.submit(reward, ["q"], [rf"\boxed{{{value}}}"], [{"answer": "42"}]).result(timeout=30)
+    assert time.perf_counter() - started < 2.0
+    assert out.scores == [0.0] and out.components["math/unverified"] == [1.0]
+    assert out.details[0]["unverified"]
+
+
+def test_a_slow_verification_is_cut_at_its_time_budget_and_the_next_one_still_runs():
+    from concurrent.futures import ThreadPoolExecutor
+
+    reward = MathReward(verify_seconds=1.0)
+    reward(["q"], [r"\boxed{1}"], [{"answer": "1"}])  # the verifier process is up
+    slow = [r"\boxed{\binom{10^{9}}{5 \cdot 10^{8}}}", r"\boxed{\Gamma(10^{8})}"]
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        outs = list(pool.map(lambda c: reward(["q"], [c], [{"answer": "42"}]), slow))
+    assert time.perf_counter() - started < 10.0
+    for out in outs:
+        assert out.scores == [0.0] and out.components["math/unverified"] == [1.0]
+        assert out.details[0]["unverified"] == "took more than 1 s"
+    out = reward(["q", "q"], [r"\boxed{\frac{1}{2}}", "#### 41"], [{"answer": "0.5"}, {"answer": "41"}])
+    assert out.scores == [1.0, 1.0] and "math/unverified" not in out.components
+
+
+def test_legitimate_large_answers_are_still_compared():
+    assert answers_match(r"2^{100}", str(2**100)) and answers_match("100!", "100!")
+    assert answers_match(r"\frac{1}{1+\frac{1}{1+\frac{1}{2}}}", "3/5")
+    assert check_answer(str(2**1000), str(2**1000)).unverified is None
+
+
+@pytest.mark.parametrize("completion", ["\\boxed{" * 60000 + "41", "<answer>" * 60000 + "41",
+                                        "\\boxed{1e999999999}", "1/" * 40000 + "1"], ids=lambda c: c[:10])
+def test_extraction_and_the_plain_comparison_stay_fast_on_hostile_text(completion):
+    started = time.perf_counter()
+    out = MathReward(use_math_verify=False)(["q"], [completion], [{"answer": "42"}])
+    assert out.scores == [0.0] and time.perf_counter() - started < 2.0
+
+
+def test_verify_seconds_must_be_a_positive_number():
+    for bad in (0, -1, True, "5", 1e9):
+        with pytest.raises(ConfigError, match="verify_seconds"):
+            MathReward(verify_seconds=bad)

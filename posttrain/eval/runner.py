@@ -36,6 +36,7 @@ from posttrain.errors import ConfigError
 from posttrain.eval.perplexity import perplexity
 from posttrain.eval.tasks import load_humaneval, load_jsonl, load_reasoning_gym
 from posttrain.models import inference_dtype, load_model, load_tokenizer
+from posttrain.rewards.output import unverified_counts
 from posttrain.rewards.registry import build_reward
 from posttrain.rollout.hf import HFEngine
 
@@ -112,6 +113,7 @@ def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, p
     metrics["response_len/clipped_frac"] = sum(c.finish_reason == "length" for c in completions) / max(1, len(completions))
     metrics["time/generate"] = generate_seconds
     metrics["time/score"] = score_seconds
+    metrics.update(unverified_counts(scored.components))  # samples a reward could not check within its bounds
     if trajectories is not None:
         metrics.update(trajectory_metrics(trajectories, prefix="agent"))
 

@@ -74,6 +74,17 @@ def as_reward_output(value: Any, name: str, batch_size: int) -> RewardOutput:
     return out
 
 
+def unverified_counts(components: dict[str, Sequence[float]]) -> dict[str, float]:
+    """How many samples each reward could not check within its bounds: the sum of every
+    ``<name>/unverified`` component (1.0 per refused sample; ``rewards/math.py``), keyed by
+    the component's name, for evaluation reports.
+
+    >>> unverified_counts({"math": [0.0, 0.0, 1.0], "math/unverified": [1.0, 1.0, 0.0]})
+    {'math/unverified': 2.0}
+    """
+    return {name: float(sum(values)) for name, values in components.items() if name.endswith("/unverified")}
+
+
 def check_batch(prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None) -> list[dict]:
     """Validate batch lengths; ``metadata=None`` means no metadata for any row."""
     if metadata is None:

@@ -264,7 +264,7 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
     [1.0]
     >>> build_reward({"name": "math", "extrct": ["hash"]})
     Traceback (most recent call last):
-    posttrain.errors.ConfigError: reward.extrct: unknown parameter for reward 'math' (known: answer_key, extract, name, use_math_verify)
+    posttrain.errors.ConfigError: reward.extrct: unknown parameter for reward 'math' (known: answer_key, extract, name, use_math_verify, verify_seconds)
     """
     name, params = _split_spec(spec, key)
     if name == "composite":

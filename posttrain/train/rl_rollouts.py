@@ -32,7 +32,7 @@ import torch
 
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.errors import DataError
-from posttrain.rewards.output import PromptText
+from posttrain.rewards.output import PromptText, unverified_counts
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.train.distributed import DistInfo, all_gather_objects
 from posttrain.train.checkpoint import storage_errors
@@ -448,6 +448,7 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
     acc = accuracy(scores, out.components)
     if acc is not None:
         metrics["eval/acc"] = acc
+    metrics.update({f"eval/{name}": count for name, count in unverified_counts(out.components).items()})
     metrics.update(trajectory_metrics(trajectories or [], prefix="eval/agent"))
     records = [{"prompt": row.text, "completion": c.text, "reward": s, **{k: v for k, v in row.metadata.items()
                                                                             if isinstance(v, (str, int, float))}}
