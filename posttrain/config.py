@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
@@ -44,8 +44,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# Seeds are 32-bit: numpy's range, and small enough that the seeds derived from them (per rank,
+# step and epoch, e.g. ``seed * 1_000_003 + step``) stay inside torch's 64-bit seed range.
+MAX_SEED = 2**32 - 1
+
+
+def _one_directory_name(name: str) -> str:
+    """A run name names one directory inside ``run.output_dir``: not empty, not ``.`` or ``..``,
+    no path separator, so a run's files never land in ``output_dir`` itself or outside it."""
+    if not name.strip():
+        raise ValueError("must not be empty: it names the run's directory inside run.output_dir")
+    if name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise ValueError("must be one directory name inside run.output_dir (no '/', not '.' or '..'); to place runs "
+                         "elsewhere, set run.output_dir")
+    return name
+
+
+RunName = Annotated[str, AfterValidator(_one_directory_name)]
+
+
 class RunConfig(Section):
-    name: str = Field("run", description="run name; the run directory is <output_dir>/<name>")
+    name: RunName = Field("run", description="run name; the run directory is <output_dir>/<name> (one directory name)")
     output_dir: str = Field("runs", description="parent directory of run directories")
     tensorboard: bool = Field(True, description="write TensorBoard event files")
     wandb: bool = Field(
@@ -166,7 +185,7 @@ class TrainConfig(RunFaultsConfig):
                             "natively (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32 (emulated bf16 is ~10x "
                             "slower on a CPU); resolved when the config is loaded")
     logits_chunk_size: int = Field(1024, gt=0, description="trained positions per chunk of the output projection")
-    seed: int = Field(0, description="seed for data order, dropout and initialisation")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed for data order, dropout and initialisation")
     shuffle: bool = Field(True, description="reshuffle the training data every epoch (seeded); false = file order")
     log_every: int = Field(1, gt=0, description="optimizer steps between metric lines")
     eval_every: int | None = Field(None, gt=0, description="optimizer steps between validation passes")
@@ -351,7 +370,7 @@ class ChatConfig(Section):
     temperature: float = Field(0.0, ge=0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     system: str | None = Field(None, description="optional system message")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 # ----------------------------------------------------------------------------- RL
@@ -505,7 +524,7 @@ class RLTrainConfig(RunFaultsConfig):
     loss_agg_mode: LossAggMode = Field(
         "token-mean", description="how token losses are aggregated; 'sum' is divided by sequences x max_new_tokens "
                                   "(Dr. GRPO's constant normaliser)")
-    seed: int = Field(0, description="seed of prompt order, sampling and initialisation")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of prompt order, sampling and initialisation")
     precision: Precision = Field(
         "fp32", description="bf16 = autocast with fp32 master weights; auto = bf16 where the hardware computes it "
                             "natively (CUDA with bf16, a CPU with AVX512-BF16/AMX), else fp32 (emulated bf16 is ~10x "
@@ -609,11 +628,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not file.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        loaded = load_yaml(file.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(f"{path}{where}: invalid YAML ({_short_text(str(getattr(exc, 'problem', exc)))})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read ({' '.join(str(exc).split())[:200]})") from None
     if loaded is None:
@@ -630,7 +649,7 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{override}' must look like key.sub=value")
     try:
-        value = yaml.safe_load(value_text) if value_text.strip() else ""
+        value = load_yaml(value_text, "override", key=key) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
     node = raw
@@ -643,6 +662,155 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
+# A config is a page of settings; a YAML alias repeats a whole subtree without writing it out, so a few
+# lines of aliases can stand for billions of values ("billion laughs", PyYAML issue #37) that
+# validation and the resolved config.yaml would then expand. This bounds what a config may expand to.
+MAX_CONFIG_VALUES = 100_000
+MAX_CONFIG_DEPTH = 100
+
+
+def load_yaml(text: str, source: str, *, key: str = "") -> Any:
+    """``yaml.safe_load(text)`` for a config, refusing what PyYAML silently accepts: a key given
+    twice in one mapping (YAML keeps the last value, so a repeated section or key overrides the
+    first without a word; the YAML 1.2 spec requires keys to be unique), a document that expands
+    through aliases to more than ``MAX_CONFIG_VALUES`` values or nests deeper than
+    ``MAX_CONFIG_DEPTH``, and an alias inside its own anchor. ConfigError naming ``source``,
+    the line (1-based) and the dotted key; invalid YAML raises ``yaml.YAMLError`` as safe_load does.
+    ``key``: the dotted key the text is the value of (a command-line override ``key=text``):
+    problems are named by it, without a line.
+
+    >>> load_yaml("optim:\\n  lr: 1.0e-5\\n  lr: 5.0\\n", "c.yaml")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.ConfigError: c.yaml:3: duplicate key 'optim.lr' (first at line 2): YAML would keep only the last value; give each key once
+    >>> load_yaml("base: &b {lr: 1.0}\\noptim:\\n  <<: *b\\n  lr: 2.0\\n", "c.yaml")["optim"]
+    {'lr': 2.0}
+    """
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: {_dotted(key)} nests more than {MAX_CONFIG_DEPTH} levels deep") from None
+        if node is None:
+            return None
+        check_config_nodes(node, source, key)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def check_config_nodes(root: yaml.Node, source: str, key: str = "") -> None:
+    """ConfigError (see ``load_yaml``) for a duplicate key, a self-containing alias, nesting deeper
+    than ``MAX_CONFIG_DEPTH`` or more than ``MAX_CONFIG_VALUES`` values once aliases are expanded.
+    Each node is visited once (an alias is the node it names), so the check is linear in the
+    text however much the aliases would expand."""
+    size: dict[int, int] = {}  # id(node) -> values it expands to (itself included)
+    path_of: dict[int, str] = {id(root): _short_text(key, 80)}
+    at = (lambda node: f"{source}:{node.start_mark.line + 1}") if not key else (lambda node: source)
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, int, bool]] = [(root, 0, False)]
+    while stack:
+        node, depth, children_done = stack.pop()
+        ident = id(node)
+        children = _child_nodes(node)
+        if children_done:
+            open_nodes.discard(ident)
+            size[ident] = min(1 + sum(size[id(child)] for _, child in children), MAX_CONFIG_VALUES + 1)
+            continue
+        if ident in size:
+            continue
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{at(node)}: {_dotted(path_of[ident])} nests more than {MAX_CONFIG_DEPTH} levels deep")
+        if isinstance(node, yaml.MappingNode):
+            _refuse_duplicate_keys(node, path_of[ident], at)
+        open_nodes.add(ident)
+        stack.append((node, depth, True))
+        for label, child in reversed(children):
+            if id(child) in open_nodes:
+                raise ConfigError(f"{at(child)}: {_dotted(path_of[ident])}: an alias refers to the node that holds it, "
+                                  f"so the value would contain itself without end")
+            path_of.setdefault(id(child), _join_key(path_of[ident], label))
+            stack.append((child, depth + 1, False))
+    if size[id(root)] > MAX_CONFIG_VALUES:
+        node = root
+        while True:  # name the innermost node that alone goes past the bound
+            bigger = [child for _, child in _child_nodes(node) if size[id(child)] > MAX_CONFIG_VALUES]
+            if not bigger:
+                break
+            node = bigger[0]
+        raise ConfigError(f"{at(node)}: {_dotted(path_of[id(node)])} expands through YAML "
+                          f"aliases to more than {MAX_CONFIG_VALUES} values, more than a config may hold")
+
+
+def _child_nodes(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
+    """``(label, child)`` of a mapping (values labelled by their key; a merge ``<<`` by ``<<``)
+    or a sequence (``[i]``); keys that are collections count as children too."""
+    if isinstance(node, yaml.MappingNode):
+        pairs = []
+        for key_node, value_node in node.value:
+            label = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+            if not isinstance(key_node, yaml.ScalarNode):
+                pairs.append(("?", key_node))
+            pairs.append((label, value_node))
+        return pairs
+    if isinstance(node, yaml.SequenceNode):
+        return [(f"[{index}]", child) for index, child in enumerate(node.value)]
+    return []
+
+
+def _refuse_duplicate_keys(node: yaml.MappingNode, path: str, at: Callable[[yaml.Node], str]) -> None:
+    first_line: dict[tuple[str, str], int] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # keys merged in with << may be overridden: that is what a merge is for
+        identity = (key_node.tag, key_node.value)
+        line = key_node.start_mark.line + 1
+        if identity in first_line:
+            raise ConfigError(f"{at(key_node)}: duplicate key '{_join_key(path, key_node.value)}' (first at line "
+                              f"{first_line[identity]}): YAML would keep only the last value; give each key once")
+        first_line[identity] = line
+
+
+def _join_key(path: str, label: str) -> str:
+    label = _short_text(str(label), 40)
+    return path + label if label.startswith("[") or not path else f"{path}.{label}"
+
+
+def _dotted(path: str) -> str:
+    return f"'{path}'" if path else "the document"
+
+
+def _short_text(text: str, limit: int = 200) -> str:
+    """``text`` on one line, cut to ``limit`` characters with the count of those cut."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more characters)"
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` for an error line, cut to ``limit`` characters; a huge value is never
+    rendered whole (its repr is built from a bounded copy)."""
+    return _short_text(repr(_bounded_copy(value)), limit)
+
+
+def _bounded_copy(value: Any, items: int = 20, depth: int = 4) -> Any:
+    """A copy of ``value`` with at most ``items`` entries per list or dict and ``depth`` levels,
+    long strings cut: small enough to render whatever the input was."""
+    if isinstance(value, str):
+        return value if len(value) <= 200 else value[:200] + "..."
+    if depth == 0 and isinstance(value, (list, tuple, dict)):
+        return "..."
+    if isinstance(value, (list, tuple)):
+        shown = [_bounded_copy(item, items, depth - 1) for item in value[:items]]
+        return shown + ([f"... {len(value) - items} more"] if len(value) > items else [])
+    if isinstance(value, dict):
+        shown = {_bounded_copy(k, items, 0): _bounded_copy(v, items, depth - 1) for k, v in list(value.items())[:items]}
+        if len(value) > items:
+            shown["..."] = f"{len(value) - items} more"
+        return shown
+    return value
+
+
 def validate_config(schema: type[ConfigT], raw: dict[str, Any], source: str = "config") -> ConfigT:
     try:
         return schema.model_validate(raw)
@@ -652,7 +820,7 @@ def validate_config(schema: type[ConfigT], raw: dict[str, Any], source: str = "c
 
 def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
     error = exc.errors()[0]
-    loc = [str(part) for part in error["loc"]]
+    loc = [_short_text(str(part), 60) for part in error["loc"]]
     loc = [part for i, part in enumerate(loc)  # RewardSpec's union tags are not keys
            if not (i and loc[i - 1] == "reward" and part in REWARD_SPEC_TAGS)]
     key = ".".join(loc)
@@ -668,7 +836,8 @@ def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
         return message
     if isinstance(error.get("input"), dict) and error["type"] == "value_error":
         return f"{key}: {message}"  # a whole section's check: its message names the key; the input is noise
-    return f"{key}: {message} (got {error.get('input')!r})" if error["type"] != "missing" else f"{key}: required"
+    message = _short_text(message, 300)
+    return f"{key}: {message} (got {_short_repr(error.get('input'))})" if error["type"] != "missing" else f"{key}: required"
 
 
 def nearest_key(schema: type[BaseModel], loc: list[str]) -> str | None:
@@ -795,7 +964,7 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = off")
     max_new_tokens: int = Field(256, gt=0)
-    seed: int | None = Field(0, description="generation seed")
+    seed: int | None = Field(0, ge=0, le=MAX_SEED, description="generation seed")
 
 
 class EvalTaskConfig(Section):
@@ -805,7 +974,7 @@ class EvalTaskConfig(Section):
     params: dict[str, Any] = Field(default_factory=dict, description="reasoning_gym: dataset parameters")
     path: str | None = Field(None, description="jsonl / perplexity: the data file")
     limit: int | None = Field(None, gt=0, description="problems (or conversations) used; default: the top-level limit")
-    seed: int | None = Field(None, description="subset / generation seed; default: the top-level seed")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="subset / generation seed; default: the top-level seed")
     reward: RewardSpec | None = Field(None, description="jsonl: reward spec (name + params), default math or code by row keys")
     format: dict[str, Any] | None = Field(
         None, description="format reward parameters (pattern, required_tags, tool_call) for a compliance rate"
@@ -835,7 +1004,7 @@ class EvalConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
     pass_k: list[int] = Field(default_factory=lambda: [1], description="k values reported as pass@k (k <= n)")
     limit: int | None = Field(20, gt=0, description="default problems per task (null = all)")
-    seed: int = Field(0, description="default subset seed")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="default subset seed")
     sandbox_workers: int | None = Field(None, gt=0, description="parallel sandboxed runs (default min(8, cores))")
     code_timeout: float = Field(10.0, gt=0, description="seconds per sandboxed program")
     unsafe_process_isolation: bool = Field(
@@ -854,7 +1023,7 @@ class EvalConfig(Section):
 class PipelineRunConfig(Section):
     """Where a pipeline run lives: ``<output_dir>/<name>/`` with one sub-directory per stage."""
 
-    name: str = Field("pipeline", description="run name; the run directory is <output_dir>/<name>")
+    name: RunName = Field("pipeline", description="run name; the run directory is <output_dir>/<name> (one directory name)")
     output_dir: str = Field("runs", description="parent directory of run directories")
     overwrite: bool = Field(False, description="redo every stage, even those already done")
     report: bool = Field(True, description="write report.html (and print the summary) at the end")

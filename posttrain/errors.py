@@ -7,8 +7,31 @@ status 2, never a traceback. Programming errors stay ordinary exceptions.
 """
 
 
+MAX_MESSAGE_CHARS = 1000
+
+
 class UserError(Exception):
-    """A problem with the user's input; the message is one line, shown as is."""
+    """A problem with the user's input; the message is one line, shown as is, but never longer
+    than ``MAX_MESSAGE_CHARS``: a message that quotes a hostile value (a huge field of a row,
+    an expanded config list) keeps its start and its end, with the number of characters cut."""
+
+    def __init__(self, message: object = "", *args: object):
+        super().__init__(bounded_message(str(message)), *args)
+
+
+def bounded_message(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``text`` when it fits in ``limit`` characters, else its start and end around
+    ``... (N characters cut) ...``.
+
+    >>> cut = bounded_message("a" * 100 + "b" * 100, 100)
+    >>> cut, len(cut) <= 100
+    ('aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa ... (140 characters cut) ... bbbbbbbbbbbbbbbbbbbbbbbbb', True)
+    """
+    if len(text) <= limit:
+        return text
+    tail = limit // 4
+    head = max(limit - tail - 40, 1)
+    return f"{text[:head]} ... ({len(text) - head - tail} characters cut) ... {text[-tail:]}"
 
 
 class ConfigError(UserError):

@@ -138,3 +138,123 @@ def test_a_reward_spec_survives_the_resolved_config_yaml(tmp_path):
     assert plain_reward_spec(again.reward) == composite
     scores = build_reward(again.reward)(["q"], ["The answer is 3."], [{"answer": "3"}]).scores
     assert scores == [pytest.approx(1.0)]
+
+
+# ----------------------------------------------------------------------------- YAML that says less than it seems
+@pytest.mark.parametrize("text, line, key, first", [
+    ("data: {train: a.jsonl}\ntrain:\n  global_batch_size: 4\noptim:\n  lr: 1.0e-5\ntrain:\n  max_steps: 3\n",
+     6, "train", 2),
+    ("data: {train: a.jsonl}\noptim:\n  lr: 1.0e-5\n  warmup_steps: 2\n  lr: 5.0\n", 5, "optim.lr", 3),
+    ("data: {train: a.jsonl}\nlora: {enabled: true, r: 8, r: 64}\n", 2, "lora.r", 2),
+    ("data: {train: a.jsonl}\nreward_like:\n  - {a: 1}\n  - {b: 2,\n     b: 3}\n", 5, "reward_like[1].b", 4),
+])
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path, text, line, key, first):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, path)
+    assert str(info.value) == (f"{path}:{line}: duplicate key '{key}' (first at line {first}): YAML would keep only "
+                               f"the last value; give each key once")
+
+
+def test_a_merge_may_be_overridden_and_an_anchor_reused(tmp_path):
+    from posttrain.config import read_config_file
+
+    path = tmp_path / "anchors.yaml"
+    path.write_text("data: {train: a.jsonl}\nbase: &b {lr: 1.0e-5, weight_decay: 0.1}\nother: *b\n")
+    text = "data: {train: a.jsonl}\noptim:\n  <<: {lr: 1.0e-5, weight_decay: 0.1}\n  lr: 2.0e-5\n"
+    assert load_config(SFTConfig, write(tmp_path, text)).optim.lr == 2.0e-5
+    shared = "data: {train: &f a.jsonl, val: *f}\nlora: {target_modules: &m [q_proj, v_proj]}\n"
+    assert load_config(SFTConfig, write(tmp_path, shared)).data.val == "a.jsonl"
+    assert read_config_file(path)["other"] == {"lr": 1.0e-5, "weight_decay": 0.1}
+
+
+def laughs(levels: int, indent: str = "") -> str:
+    """A "billion laughs" ladder: level k is ten aliases of level k-1 (10**levels values)."""
+    lines = [f'{indent}l0: &l0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"{indent}l{k}: &l{k} [" + ", ".join([f"*l{k - 1}"] * 10) + "]" for k in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("schema_name, text, line, key", [
+    ("SFTConfig", "data: {train: a.jsonl}\nx-anchors:\n" + laughs(4, "  ") + "lora:\n  target_modules: ["
+     + ", ".join(["*l3"] * 10) + "]\n", 8, "lora.target_modules"),
+    ("RLConfig", "data: {train: p.jsonl}\nreward:\n  name: format\n  params:\n" + laughs(9, "    "), 9,
+     "reward.params.l4"),
+    ("SFTConfig", "data: {train: a.jsonl}\nrun: &r {name: x, extra: [1, *r]}\n", 2, "run.extra"),
+])
+def test_alias_expansion_is_bounded_and_named_at_once(tmp_path, schema_name, text, line, key):
+    """A few lines of aliases standing for millions to billions of values (or a value that holds
+    itself) are refused before anything expands them: in well under a second, one short line."""
+    import time
+
+    import posttrain.config as config_module
+
+    path = write(tmp_path, text)
+    started = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        load_config(getattr(config_module, schema_name), path)
+    assert time.perf_counter() - started < 2
+    assert str(info.value).startswith(f"{path}:{line}: '{key}'") and len(str(info.value)) < 300
+
+
+def test_an_override_is_bounded_too_and_a_long_value_makes_a_short_error(tmp_path):
+    path = write(tmp_path, "data: {train: a.jsonl}\n")
+    bomb = "[" + ", ".join(["&a [x, x, x, x, x, x, x, x, x, x]"] + [f"&{c} [" + ", ".join([f"*{p}"] * 10) + "]"
+                                                                     for p, c in zip("abcde", "bcdef")]) + "]"
+    with pytest.raises(ConfigError, match=r"^override: 'lora.target_modules\[4\]' expands through YAML aliases"):
+        load_config(SFTConfig, path, [f"lora.target_modules={bomb}"])
+    many = "[" + ", ".join(str(n) for n in range(90_000)) + "]"  # within the bound, yet the wrong type
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTConfig, path, [f"train.max_steps={many}"])
+    assert str(info.value).startswith(f"{path}: train.max_steps: ") and len(str(info.value)) < 600
+
+
+def test_any_user_error_stays_short():
+    from posttrain.errors import MAX_MESSAGE_CHARS, DataError
+
+    message = str(DataError("f.jsonl:3: 'weight' must be a non-negative number, got " + repr("9" * 10_000_000)))
+    assert len(message) <= MAX_MESSAGE_CHARS and message.startswith("f.jsonl:3: 'weight'") and "characters cut" in message
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.seed=123456789012345678901234567890", "train.seed: Input should be less than or equal to 4294967295"),
+    ("train.seed=18446744073709551616", "train.seed: Input should be less than or equal to 4294967295"),
+    ("train.seed=-1", "train.seed: Input should be greater than or equal to 0"),
+    ("run.name=", "run.name: must not be empty"),
+    ("run.name='  '", "run.name: must not be empty"),
+    ("run.name=..", "run.name: must be one directory name inside run.output_dir"),
+    ("run.name=../x", "run.name: must be one directory name inside run.output_dir"),
+    ("run.name=/tmp/elsewhere", "run.name: must be one directory name inside run.output_dir"),
+    ("run.name=a\\..\\..\\b", "run.name: must be one directory name inside run.output_dir"),
+])
+def test_seeds_and_run_names_that_break_later_are_refused_at_load(override, fragment):
+    with pytest.raises(ConfigError, match="^command line: " + fragment.replace(".", r"\.")):
+        load_config(SFTConfig, None, ["data.train=a.jsonl", override])
+
+
+def test_every_seed_a_config_accepts_seeds_torch_and_the_derived_rl_seeds():
+    """The largest accepted seed works wherever posttrain seeds a generator, derived seeds included."""
+    import torch
+
+    from posttrain.config import MAX_SEED, RLConfig, EvalConfig
+    from posttrain.train.loop import seed_everything
+    from posttrain.train.rl import RANK_SEED_STRIDE
+
+    config = load_config(RLConfig, None, ["data.train=p.jsonl", f"train.seed={MAX_SEED}"])
+    seed_everything(config.train.seed + 7)
+    torch.manual_seed(config.train.seed * 1_000_003 + 10**6 + RANK_SEED_STRIDE * 1023)
+    assert load_config(EvalConfig, None, ["tasks=[{name: humaneval, seed: 4294967295}]"]).tasks[0].seed == MAX_SEED
+
+
+def test_posttrain_sft_refuses_a_duplicate_section_and_an_escaping_run_name_in_one_line(tmp_path, capsys):
+    from posttrain.cli import main
+
+    path = write(tmp_path, "data:\n  train: rows.jsonl\ntrain:\n  global_batch_size: 4\ntrain:\n  max_steps: 3\n")
+    assert main(["sft", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {path}:5: duplicate key 'train' (first at line 3): YAML would keep only the last value; give each key once")
+    path = write(tmp_path, f"data:\n  train: rows.jsonl\nrun:\n  output_dir: {tmp_path / 'runs'}\n  name: ../outside\n")
+    assert main(["sft", str(path)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: {path}: run.name: must be one directory name inside run.output_dir")
+    assert not (tmp_path / "outside").exists()
