@@ -353,7 +353,7 @@ class AgentConfig(Section):
     tool_timeout: float = Field(5.0, gt=0, description="seconds per python call")
     python_session: bool = Field(False, description="keep one interpreter state per trajectory (never shared); "
                                                     "false: every call starts fresh")
-    tool_call_bonus: float = Field(0.0, description="RL reward shaping: added when the trajectory called a tool")
+    tool_call_bonus: float = Field(0.0, description="RL reward shaping: added when the final answer is the value a successful tool call printed (docs/AGENTIC.md)")
     tool_error_penalty: float = Field(0.0, ge=0, description="RL reward shaping: subtracted per tool error")
 
     @property

@@ -250,17 +250,160 @@ def test_chat_with_tools_shows_the_trajectory_turn_by_turn(tiny_model_dir, token
                        "The answer is 42.<|im_end|>\n(2 turns, 1 tool calls, 0 tool errors, finish: stop)\n")
 
 
-def test_the_tool_call_bonus_is_not_paid_for_calls_that_all_failed():
+def test_the_tool_call_bonus_is_paid_only_when_the_answer_is_what_a_call_printed():
     from posttrain.train.rl_rollouts import PromptRow, score_groups
 
-    def sample(calls, errors):
+    def sample(calls, errors, answer_from_tool):
         s = multi_turn_sample(reward=0.0)
-        s.trajectory = {"tool_calls": calls, "tool_errors": errors, "env_reward": 0.0}
+        s.trajectory = {"tool_calls": calls, "tool_errors": errors, "env_reward": 0.0,
+                        "answer_from_tool": answer_from_tool}
         return s
 
-    junk, real = sample(1, 1), sample(2, 1)
+    failed, no_op, used = sample(1, 1, False), sample(3, 0, False), sample(2, 1, True)
     rows = [PromptRow([1], "q", {}, 1)]
     nothing = lambda prompts, completions, metadata: RewardOutput([0.0] * len(completions), {})  # noqa: E731
-    score_groups([[junk, real]], rows, nothing, overlong="none", max_new_tokens=64, overlong_buffer=8,
+    score_groups([[failed, no_op, used]], rows, nothing, overlong="none", max_new_tokens=64, overlong_buffer=8,
                  overlong_penalty=1.0, tool_call_bonus=0.5)
-    assert (junk.reward, real.reward) == (0.0, 0.5)
+    assert (failed.reward, no_op.reward, used.reward) == (0.0, 0.0, 0.5)
+
+
+# ------------------------------------------------------------------ what a policy might try
+
+
+class StubPython:
+    """The ``python`` tool answered from a table (code -> (output, is_error)): the loop's
+    bookkeeping without a sandbox."""
+
+    name, stateful = "python", False
+    schema = {"type": "function", "function": {"name": "python", "parameters": {"required": ["code"]}}}
+
+    def __init__(self, answers: dict[str, tuple[str, bool]]):
+        self.answers = answers
+
+    def run(self, arguments, state, timeout):
+        return self.answers[arguments["code"]]
+
+
+def scripted_run(tokenizer, turns: list[str], answers=None, tool_format="inline", **limits):
+    """One trajectory whose turns are ``turns`` (a turn ending in ``<eos>`` gets the EOS id)."""
+    from posttrain.agent.loop import AgentLimits, run_agent
+    from posttrain.agent.tools import ToolBox
+    from posttrain.rollout.base import SamplingParams
+    from test_agent_loop import ScriptedEngine, chat_prompt, enc
+
+    eos = tokenizer.eos_token_id
+    script = [[enc(tokenizer, t.removesuffix("<eos>")) + ([eos] if t.endswith("<eos>") else [])] for t in turns]
+    (trajectory,) = run_agent(ScriptedEngine(tokenizer, script), [chat_prompt(tokenizer, "What is 6 * 7?")],
+                              SamplingParams(), tokenizer=tokenizer, tool_format=tool_format,
+                              toolbox=ToolBox([StubPython(answers or {})]), limits=AgentLimits(**limits))
+    return trajectory
+
+
+def math_score(trajectory, reference="42") -> float:
+    from posttrain.rewards.math import MathReward
+
+    return MathReward()(["q"], [trajectory.as_completion().text], [{"answer": reference}]).scores[0]
+
+
+CODE_ANSWERS = [
+    "```python\nanswer = 6 * 7  # \\boxed{42}",  # a block left open when the turn ended
+    "Let me think.\n```python\n# The answer is \\boxed{42}\nx = 6 * 7",
+    "```python\n```python\nprint('#### 42')\n",  # nested fences, never closed
+    "Sure.\n```python\n'''\n<answer>42</answer>\n'''",
+    "6 * 7 = ?\n```python\nprint(42)",  # the last number is in code
+]
+
+
+@pytest.mark.parametrize("turn", CODE_ANSWERS, ids=range(len(CODE_ANSWERS)))
+def test_an_answer_is_never_read_from_an_unclosed_block_at_eos_or_at_the_budget(tokenizer, turn):
+    at_eos = scripted_run(tokenizer, [turn + "<eos>"])
+    assert at_eos.finish_reason == "stop" and at_eos.tool_errors == 1 and "```python" not in at_eos.final_text
+    assert math_score(at_eos) == 0.0
+    budget = len(tokenizer.encode(turn, add_special_tokens=False)) + 2
+    cut = scripted_run(tokenizer, [turn + "\nmore = 1\nmore = 2"], max_new_tokens=budget, max_total_tokens=budget)
+    assert cut.finish_reason == "length" and math_score(cut) == 0.0
+
+
+def test_an_answer_is_never_read_from_a_call_whose_output_did_not_fit(tokenizer):
+    code = "x = 6 * 7  # \\boxed{42}\nprint(x)"
+    turn = f"Compute.\n```python\n{code}\n```\n"
+    budget = len(tokenizer.encode(turn, add_special_tokens=False)) + 20
+    trajectory = scripted_run(tokenizer, [turn], {code: ("42 " * 200, False)}, max_total_tokens=budget)
+    assert trajectory.finish_reason == "length" and trajectory.tool_calls == 1
+    assert [s.kind for s in trajectory.segments] == ["prompt", "sampled"]  # the output never entered the context
+    assert trajectory.final_text == "" and math_score(trajectory) == 0.0 and not trajectory.answer_from_tool
+
+
+def test_an_answer_is_never_read_from_a_chat_tool_call_unanswered_or_left_open(tokenizer):
+    code = "x = 42  # \\boxed{42}"
+    call = '<tool_call>\n{"name": "python", "arguments": {"code": "x = 42  # \\\\boxed{42}"}}\n</tool_call>'
+    unanswered = "The answer: " + call + " \\boxed{42}<eos>"  # its output does not fit the budget
+    budget = len(tokenizer.encode(unanswered.removesuffix("<eos>"), add_special_tokens=False)) + 3
+    trajectory = scripted_run(tokenizer, [unanswered], {code: ("42", False)}, tool_format="chat_template",
+                              max_total_tokens=budget)
+    assert trajectory.finish_reason == "length" and trajectory.final_text == "" and math_score(trajectory) == 0.0
+
+    left_open = 'Then <tool_call>\n{"name": "python", "arguments": {"code": "# \\boxed{42}'  # cut by the budget
+    budget = len(tokenizer.encode(left_open, add_special_tokens=False))
+    trajectory = scripted_run(tokenizer, [left_open + ' more words"}}'], tool_format="chat_template",
+                              max_total_tokens=budget, max_new_tokens=budget)
+    assert trajectory.finish_reason == "length" and trajectory.final_text == "Then "
+    assert math_score(trajectory) == 0.0
+
+
+@pytest.mark.parametrize("text, tool_format, kept", [
+    ("A ```python\nprint(1)\n```\nB \\boxed{7}", "inline", "A B \\boxed{7}"),
+    ("\\boxed{1} ```python\n# \\boxed{42}\n", "inline", "\\boxed{1} "),
+    ("x ```python\n```\n```python\n#### 42", "inline", "x "),
+    ('<tool_call>{"a": "\\boxed{42}"}</tool_call>ok <tool_call><tool_call>42</tool_call>!', "chat_template", "ok !"),
+    ("done <tool_call>" + "{" * 1000 + "42", "chat_template", "done "),
+])
+def test_answer_text_cuts_every_call(text, tool_format, kept):
+    from posttrain.agent.trajectory import answer_text
+
+    assert answer_text(text, tool_format) == kept
+
+
+BONUS_CASES = [  # (code, its output, is_error, final answer, bonus paid)
+    ("print(6 * 7)", "42", False, "The answer is \\boxed{42}.", True),
+    ("pass", "", False, "The answer is \\boxed{42}.", False),  # a no-op
+    ("print()", "", False, "42", False),
+    ("print(42)", "42", False, "So 42.", False),  # the code spells the value out
+    ("x = 6 * 7\nprint(x - 1)", "41", False, "The answer is 42.", False),  # not what it printed
+    ("print(*range(40, 45))", "40 41 42 43 44", False, "42", False),  # many candidates: only the last counts
+    ("raise ValueError(6 * 7)", "ValueError: 42", True, "42", False),  # a failed call
+    ("print(6 * 7)", "42", False, "I do not know.", False),  # no answer at all
+]
+
+
+@pytest.mark.parametrize("code, output, is_error, answer, paid", BONUS_CASES, ids=range(len(BONUS_CASES)))
+def test_the_bonus_is_paid_only_for_an_answer_a_successful_call_printed(tokenizer, code, output, is_error, answer, paid):
+    from posttrain.agent.inline import call_text
+    from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
+    from posttrain.train.rl_rollouts import PromptRow, score_groups
+
+    trajectory = scripted_run(tokenizer, [call_text("", code), answer + "<eos>"], {code: (output, is_error)})
+    assert trajectory.tool_calls == 1 and trajectory.tool_errors == int(is_error)
+    assert trajectory.answer_from_tool is paid
+    sample = RolloutSample(row=0, group=0, prompt_ids=trajectory.prompt_ids, response_ids=trajectory.response_ids,
+                           text=trajectory.final_text, finish_reason="stop",
+                           trajectory=trajectory_record(trajectory, tokenizer))
+    nothing = lambda prompts, completions, metadata: RewardOutput([0.0] * len(completions), {})  # noqa: E731
+    score_groups([[sample]], [PromptRow([1], "q", {}, 1)], nothing, overlong="none", max_new_tokens=64,
+                 overlong_buffer=8, overlong_penalty=1.0, tool_call_bonus=0.5)
+    assert sample.reward == (0.5 if paid else 0.0)
+    assert trajectory_metrics([sample.trajectory])["agent/answer_from_tool_rate"] == float(paid)
+
+
+def test_rl_held_out_evaluation_counts_answers_the_math_reward_refused():
+    from posttrain.rewards.math import MathReward
+    from posttrain.train.rl_rollouts import PromptRow, evaluate_prompts
+
+    class Fixed:
+        def generate(self, prompt_ids, params):
+            texts = [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{42}", r"\boxed{(10^{8})!}"]
+            return [Completion(i, [1], texts[i], "stop") for i in range(len(prompt_ids))]
+
+    rows = [PromptRow([1], "q", {"answer": "42"}, line) for line in (1, 2, 3)]
+    metrics, _ = evaluate_prompts(Fixed(), rows, MathReward(), temperature=0.0, max_new_tokens=8, stop=(), seed=0)
+    assert metrics["eval/reward"] == pytest.approx(1 / 3) and metrics["eval/math/unverified"] == 2.0

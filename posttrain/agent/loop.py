@@ -49,7 +49,7 @@ from posttrain.agent.tools import (
     parse_inline,
     truncate_to_tokens,
 )
-from posttrain.agent.trajectory import Segment, Trajectory
+from posttrain.agent.trajectory import Segment, Trajectory, answer_from_tool, answer_text, call_source
 from posttrain.errors import ConfigError
 from posttrain.rollout.base import Completion, SamplingParams
 
@@ -84,12 +84,16 @@ class AgentPrompt:
 
 @dataclass
 class _Run:
-    """One live trajectory and what belongs to it alone: tool state (sessions) and env."""
+    """One live trajectory and what belongs to it alone: tool state (sessions) and env;
+    ``read``: (source, output) of each successful call whose output entered the context;
+    ``unanswered``: its last call never got an output (a limit, or the budget)."""
 
     traj: Trajectory
     state: dict = field(default_factory=dict)
     env: Any = None
     end_of_turn: str = ""
+    read: list[tuple[str, str]] = field(default_factory=list)
+    unanswered: bool = False
 
     @property
     def used(self) -> int:
@@ -124,16 +128,16 @@ def run_agent(engine, prompts: list[AgentPrompt], params: SamplingParams, *, tok
             calls = (_inline_turn if tool_format == "inline" else _chat_turn)(run, completion, tokenizer, eos_ids, stop)
             if calls:
                 if run.traj.turns >= limits.max_turns:
-                    run.traj.finish_reason = "max_turns"
+                    run.traj.finish_reason, run.unanswered = "max_turns", True
                 elif run.traj.tool_calls + len(calls) > limits.max_tool_calls:
-                    run.traj.finish_reason = "max_tool_calls"
+                    run.traj.finish_reason, run.unanswered = "max_tool_calls", True
                 else:
                     pending.append((run, calls))
         _run_calls(pending, tokenizer, tool_format, toolbox, limits)
         live = [run for run in live if not run.traj.finish_reason]
         turn += 1
     for run in runs:
-        _finalise(run.traj, tokenizer)
+        _finalise(run, tokenizer, tool_format)
     return [run.traj for run in runs]
 
 
@@ -226,12 +230,12 @@ def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, tool_forma
     if pending[0][0].env is None:
         results = toolbox.run([(calls, run.state) for run, calls in pending], concurrency=limits.tool_concurrency,
                               timeout=limits.tool_timeout)
-        steps = [([r.observation for r in rs], sum(r.is_error for r in rs), sum(r.seconds for r in rs), False, None)
-                 for rs in results]
+        steps = [([r.observation for r in rs], sum(r.is_error for r in rs), sum(r.seconds for r in rs), False, None,
+                  [not r.is_error for r in rs]) for rs in results]
     else:
         steps = parallel_map(lambda item: _env_step(*item), [(run.env, calls) for run, calls in pending],
                              limits.tool_concurrency)
-    for (run, calls), (observations, errors, seconds, done, reward) in zip(pending, steps):
+    for (run, calls), (observations, errors, seconds, done, reward, succeeded) in zip(pending, steps):
         traj = run.traj
         traj.tool_calls += len(calls)
         traj.tool_errors += errors
@@ -252,10 +256,16 @@ def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, tool_forma
             text = chat_env_text(tokenizer, traj.messages, tool_messages, toolbox.schemas(), run.end_of_turn)
         if _append_env(run, tokenizer.encode(text, add_special_tokens=False), limits):
             traj.messages.extend(tool_messages)
+            sources = [call_source(call.arguments) for call in calls]
+            if len(observations) < len(calls):  # an environment answered every call with one observation
+                sources = ["\n".join(sources)]
+            run.read.extend((source, out) for source, out, ok in zip(sources, outputs, succeeded) if ok)
+        else:
+            run.unanswered = True
 
 
-def _env_step(env, calls: list[ToolCall]) -> tuple[list[str], int, float, bool, float]:
-    """One environment step -> ([observation], tool errors, seconds, done, reward). Malformed
+def _env_step(env, calls: list[ToolCall]) -> tuple[list[str], int, float, bool, float, list[bool]]:
+    """One environment step -> ([observation], tool errors, seconds, done, reward, [no error]). Malformed
     calls are passed on as they are (``call.error`` set) and each counts a tool error; an
     exception in the environment becomes an error observation (and one more error)."""
     start = time.perf_counter()
@@ -264,7 +274,7 @@ def _env_step(env, calls: list[ToolCall]) -> tuple[list[str], int, float, bool, 
         observation, done, reward = env.step(calls)
     except Exception as error:
         observation, done, reward, errors = error_text(error), False, 0.0, errors + 1
-    return [str(observation)], errors, time.perf_counter() - start, bool(done), float(reward)
+    return [str(observation)], errors, time.perf_counter() - start, bool(done), float(reward), [errors == 0]
 
 
 def _append_env(run: _Run, ids: list[int], limits: AgentLimits) -> bool:
@@ -323,14 +333,31 @@ def _add_assistant(messages: list[dict], content: str, calls: list[ToolCall]) ->
         messages.append(_assistant_message(content, calls))
 
 
-def _finalise(traj: Trajectory, tokenizer) -> None:
-    """Decode the response; the final answer is the sampled text after the last env segment,
-    except when a turn or call limit ended the trajectory: its last turn was a call that never
-    ran, and a reward must not read an answer from code (``print(42)``)."""
+def _finalise(run: _Run, tokenizer, tool_format: str) -> None:
+    """Decode the response. The final answer is the sampled text after the last env segment
+    with every tool call cut out (``answer_text``: a call left open runs to the end), and
+    nothing when the last call never got its output (a turn, call or token limit): a reward
+    never reads an answer from code (``x = 6 * 7  # \\boxed{42}``), whatever ended the
+    trajectory. Calls are found in the text with special tokens kept (a template may make
+    ``<tool_call>`` one); those tokens are dropped after."""
+    traj = run.traj
     traj.text = tokenizer.decode(traj.response_ids, skip_special_tokens=False)
-    if traj.finish_reason in ("max_turns", "max_tool_calls"):
-        traj.final_text = ""
+    if run.unanswered:
+        traj.final_text, traj.answer_from_tool = "", False
         return
     last_env = max((i for i, s in enumerate(traj.segments) if s.kind != "sampled"), default=0)
     final = [i for segment in traj.segments[last_env + 1 :] for i in segment.token_ids]
-    traj.final_text = tokenizer.decode(final, skip_special_tokens=True)
+    text = answer_text(tokenizer.decode(final, skip_special_tokens=False), tool_format)
+    for token in sorted(_special_strings(tokenizer), key=len, reverse=True):
+        text = text.replace(token, "")
+    traj.final_text = text
+    traj.answer_from_tool = answer_from_tool(text, run.read)
+
+
+def _special_strings(tokenizer) -> set[str]:
+    """The text of every special token and every added token marked special."""
+    strings = {token for token in getattr(tokenizer, "all_special_tokens", ()) if token}
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False) and getattr(added, "content", ""):
+            strings.add(added.content)
+    return strings

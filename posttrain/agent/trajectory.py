@@ -6,9 +6,13 @@ engine returned it or as the environment text was tokenised once, when it was ap
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
+from posttrain.agent import inline
+from posttrain.rewards.math import answers_match_plain, extract_answer, extract_last_number, numbers_in
 from posttrain.rollout.base import Completion
 
 SegmentKind = Literal["prompt", "sampled", "env"]
@@ -34,9 +38,12 @@ class Trajectory:
 
     ``finish_reason``: ``stop`` (the model ended its answer with an end-of-turn token),
     ``length`` (token budget used up), ``max_turns`` or ``max_tool_calls``.
-    ``final_text``: decoded sampled text after the last env segment (what a final-answer
-    reward reads); ``text``: the decoded response (every segment after the prompt, special
-    tokens kept, for logs); ``messages``: the conversation as OpenAI messages.
+    ``final_text``: decoded sampled text after the last env segment without any tool call in
+    it (``answer_text``; what a final-answer reward reads), empty when the last call was
+    never answered; ``answer_from_tool``: the final answer is the value a successful call
+    printed (``answer_from_tool``; what the tool-call bonus pays for); ``text``: the decoded
+    response (every segment after the prompt, special tokens kept, for logs); ``messages``:
+    the conversation as OpenAI messages.
 
     >>> t = Trajectory(0, [Segment([1, 2], "prompt"), Segment([5, 6], "sampled", [-0.5, -0.25]),
     ...                    Segment([7], "env"), Segment([8], "sampled", [-1.0])])
@@ -54,6 +61,7 @@ class Trajectory:
     env_reward: float = 0.0
     turn_rewards: list[float] = field(default_factory=list)
     final_text: str = ""
+    answer_from_tool: bool = False
     text: str = ""
     messages: list[dict] = field(default_factory=list)
 
@@ -111,8 +119,82 @@ class Trajectory:
             "tool_seconds": round(self.tool_seconds, 4),
             "env_reward": self.env_reward,
             "turn_rewards": list(self.turn_rewards),
+            "answer_from_tool": self.answer_from_tool,
             "segments": [{"kind": segment.kind, "token_ids": list(segment.token_ids)} for segment in self.segments],
         }
+
+
+def answer_text(text: str, tool_format: str) -> str:
+    """``text`` with every tool call cut out, closed or left open (an open one runs to the end
+    of the text): no reward reads an answer from code that ran, or never ran.
+
+    >>> answer_text("So:\\n```python\\nx = 42  # \\\\boxed{42}", "inline")
+    'So:\\n'
+    >>> answer_text("A\\n```python\\nprint(1)\\n```\\nB ```python\\n```python\\n42\\n```\\nC", "inline")
+    'A\\nB C'
+    >>> answer_text('Hi <tool_call>{"name": "f"}</tool_call> there <tool_call>{"code": "42"', "chat_template")
+    'Hi  there '
+    """
+    opening, closing = {"inline": (inline.CODE_OPEN, None), "chat_template": ("<tool_call>", "</tool_call>")}[tool_format]
+    kept, position = [], 0
+    while True:
+        start = text.find(opening, position)
+        if start < 0:
+            kept.append(text[position:])
+            break
+        kept.append(text[position:start])
+        if closing is None:
+            block = inline.first_closed_block(text[start:])
+            end = None if block is None else start + block[1]
+        else:
+            close = text.find(closing, start + len(opening))
+            end = None if close < 0 else close + len(closing)
+        if end is None:
+            break
+        position = end
+    return "".join(kept)
+
+
+def call_source(arguments: dict) -> str:
+    """What a call asked for, as text: the ``code`` of a python call, else its JSON arguments."""
+    code = arguments.get("code")
+    return code if isinstance(code, str) else json.dumps(arguments, ensure_ascii=False, sort_keys=True)
+
+
+def answer_from_tool(answer: str, calls: Sequence[tuple[str, str]]) -> bool:
+    """True when the final ``answer`` (``extract_answer``: boxed, ``####``, answer tag, last
+    number) equals the last value a successful call printed (its last number, else its last
+    line), and that call's source (``call_source``) does not spell the value out.
+
+    ``calls``: (source, output as the model read it) of every call that succeeded and whose
+    output entered the context. A no-op (``pass``, nothing printed), a failed call, an output
+    that did not fit the budget, ``print(42)`` and printing many candidates (only the last
+    counts) earn nothing; a call that computes a guess (``print(40 + 2)``) still does.
+
+    >>> answer_from_tool("The answer is 42.", [("print(6 * 7)", "42")])
+    True
+    >>> answer_from_tool("The answer is 42.", [("print(42)", "42")]), answer_from_tool("42", [("pass", "")])
+    (False, False)
+    >>> answer_from_tool("The answer is 42.", [("print(list(range(40, 45)))", "[40, 41, 42, 43, 44]")])
+    False
+    """
+    value = extract_answer(answer)
+    if not value or len(value) > 100:
+        return False
+    numeric = re.fullmatch(r"-?[\d.,/]+", value) is not None
+    for source, output in calls:
+        printed = extract_last_number(output)
+        if printed is None:
+            lines = [line.strip() for line in output.splitlines() if line.strip()]
+            printed = lines[-1] if lines else None
+        if printed is None or len(printed) > 100 or not answers_match_plain(value, printed):
+            continue
+        spelled = any(answers_match_plain(value, number) for number in numbers_in(source) if len(number) <= 100)
+        if not spelled and not numeric:
+            spelled = value.strip().lower() in source.lower()
+        if not spelled:
+            return True
+    return False
 
 
 def check_trajectory(trajectory: Trajectory) -> None:
@@ -153,7 +235,8 @@ def trajectory_record(trajectory: Trajectory, tokenizer: Any = None) -> dict:
 
 def trajectory_metrics(records: Sequence[dict], prefix: str = "agent") -> dict[str, float]:
     """Means per trajectory: turns, tool calls, tool errors, tool seconds, env tokens, the
-    share that called a tool and the share that ended on a limit (docs/METRICS.md)."""
+    share that called a tool, the share whose answer a tool printed (``answer_from_tool``)
+    and the share that ended on a limit (docs/METRICS.md)."""
     if not records:
         return {}
     count = len(records)
@@ -162,4 +245,5 @@ def trajectory_metrics(records: Sequence[dict], prefix: str = "agent") -> dict[s
             f"{prefix}/tool_errors": mean("tool_errors"), f"{prefix}/tool_seconds": mean("tool_seconds"),
             f"{prefix}/env_tokens": mean("env_tokens"),
             f"{prefix}/tool_call_rate": sum(r["tool_calls"] > 0 for r in records) / count,
+            f"{prefix}/answer_from_tool_rate": sum(bool(r.get("answer_from_tool")) for r in records) / count,
             f"{prefix}/budget_truncated_frac": sum(r["finish_reason"] in BUDGET_FINISHES for r in records) / count}

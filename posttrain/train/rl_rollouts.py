@@ -245,8 +245,8 @@ def score_groups(groups: Sequence[Sequence[RolloutSample]], rows: Sequence[Promp
         sample.components = {name: float(values[index]) for name, values in out.components.items()}
         sample.reward = sample.raw_reward
         if sample.trajectory is not None:
-            succeeded = sample.trajectory["tool_calls"] > sample.trajectory["tool_errors"]  # junk calls earn nothing
-            shaping = {"tool_bonus": tool_call_bonus if succeeded else 0.0,
+            used = bool(sample.trajectory.get("answer_from_tool"))  # the answer is what a call printed (agent/trajectory.py)
+            shaping = {"tool_bonus": tool_call_bonus if used else 0.0,
                        "tool_error_penalty": -tool_error_penalty * sample.trajectory["tool_errors"],
                        "env": float(sample.trajectory["env_reward"])}
             for name, value in shaping.items():
