@@ -443,3 +443,61 @@ def test_a_read_only_output_directory_is_one_line(tiny_model_dir, tmp_path, monk
     assert main(["sft", str(config)]) == 2
     assert capsys.readouterr().err.strip() == (
         f"error: creating the run directory in {tmp_path / 'ro' / 'r'} failed: Read-only file system (EROFS)")
+
+
+def test_a_full_disk_while_final_is_written_is_one_line_and_keeps_the_checkpoints(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """safetensors (the writer of final/) raises its own error type, not an OSError: the disk-full
+    errno in its message is read, as for a checkpoint; no half-written final/ is left."""
+    import transformers.modeling_utils as modeling_utils
+    from safetensors import SafetensorError
+
+    real_save_file = modeling_utils.safe_save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):
+        Path(filename).write_bytes(b"\0" * 4096)  # what fitted before the disk filled up
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(StorageError) as info:
+        run_sft(sft_config(tiny_model_dir, tmp_path, max_steps=2, save_every=2, eval_every=None), samples=(TRAIN, VAL))
+    assert str(info.value) == (f"writing the final model in {run} failed: No space left on device (ENOSPC); "
+                               f"the checkpoints are intact")
+    assert not (run / "final").exists() and not list(run.glob(".tmp-final-*"))
+    assert checkpoint_names(run) == ["step_2"] and ckpt.verify_checkpoint(run / "checkpoints" / "step_2") is None
+    monkeypatch.setattr(modeling_utils, "safe_save_file", real_save_file)
+
+
+FILE_SIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+limit = int(sys.argv.pop(1))
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from posttrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_posttrain_sft_with_no_room_for_final_fails_in_one_line_from_the_real_writer(tiny_model_dir, tmp_path):
+    """A real OS failure inside safetensors' own (Rust) writer: files may grow to 1 MB, the final
+    model needs more. The command prints one ``error:`` line, no traceback."""
+    from safetensors.torch import load_file
+
+    size = sum(t.numel() * t.element_size() for t in load_file(str(Path(tiny_model_dir) / "model.safetensors")).values())
+    assert size > 1 << 20
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{n} + 1?"},
+                                                     {"role": "assistant", "content": f"{n + 1}"}]}) + "\n"
+                            for n in range(8)))
+    config = tmp_path / "sft.yaml"
+    config.write_text(f"model: {{name: {tiny_model_dir}}}\ndata: {{train: {rows}, max_length: 64}}\n"
+                      f"train: {{max_steps: 1, global_batch_size: 4}}\n"
+                      f"run: {{output_dir: {tmp_path / 'runs'}, name: r, progress: false, tensorboard: false}}\n")
+    result = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(1 << 20), "sft", str(config)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: writing the final model in {tmp_path / 'runs' / 'r'} failed: File too large (EFBIG); "
+        f"the checkpoints are intact"), result.stderr
+    assert not (tmp_path / "runs" / "r" / "final").exists()

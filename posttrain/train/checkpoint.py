@@ -204,12 +204,23 @@ def verify_checkpoint(path: Path) -> str | None:
 # ----------------------------------------------------------------------------- storage errors
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error prints an errno
+
+
 def _os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind ``exc`` (torch wraps a failed write in a RuntimeError)."""
+    """The OSError behind ``exc``: torch wraps a failed write in a RuntimeError; safetensors
+    (``save_pretrained``'s writer, in Rust) raises ``SafetensorError`` whose message carries the
+    errno (``I/O error: No space left on device (os error 28)``), rebuilt here as an OSError."""
+    from safetensors import SafetensorError
+
     seen = 0
     while exc is not None and seen < 10:
         if isinstance(exc, OSError):
             return exc
+        found = _RUST_OS_ERROR.search(str(exc)) if isinstance(exc, SafetensorError) else None
+        if found is not None:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None
@@ -218,10 +229,13 @@ def _os_error(exc: BaseException) -> OSError | None:
 @contextlib.contextmanager
 def storage_errors(what: str, where: Path | str, intact: str = "") -> Iterator[None]:
     """Turn a failed write (disk full, read-only or vanished directory, permissions) into one
-    ``StorageError`` line: ``{what} in {where} failed: {reason}{intact}``."""
+    ``StorageError`` line: ``{what} in {where} failed: {reason}{intact}``, whichever library
+    wrote (Python's ``open``, ``torch.save``, safetensors)."""
+    from safetensors import SafetensorError
+
     try:
         yield
-    except (OSError, RuntimeError) as exc:
+    except (OSError, RuntimeError, SafetensorError) as exc:
         cause = _os_error(exc)
         if cause is None:
             raise
