@@ -53,3 +53,15 @@ def test_length_in_tokens_uses_metadata_then_tokenizer():
     assert out.scores == [-2.0, 0.0]
     with pytest.raises(DataError):
         LengthReward(unit="tokens")(["q"], ["a b"], [{}])
+
+
+@pytest.mark.parametrize("completion", ["[" * 100_000, '{"name": "f", "arguments": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                        "<tool_call>" * 20_000 + '{"name": "f", "arguments": {}}',
+                                        "```json\n" * 20_000, '<tool_call>{"name": "f", "arguments": "' + "[" * 100_000 + '"}'],
+                         ids=["deep list", "deep arguments", "unclosed tags", "unclosed fences", "deep string arguments"])
+def test_hostile_tool_call_text_is_no_call_and_is_read_in_linear_time(completion):
+    import time
+
+    started = time.perf_counter()
+    assert FormatReward(tool_call=True)(["q"], [completion]).scores == [0.0]
+    assert time.perf_counter() - started < 2.0

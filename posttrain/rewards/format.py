@@ -59,8 +59,35 @@ def _tool_names(tools) -> set[str] | None:
     return names or None
 
 
+_JSON_FENCE = re.compile(r"```json\s*\n")
+
+
+def _spans(text: str, opening: re.Pattern, closing: str) -> list[str]:
+    """Contents of the ``opening ... closing`` spans of ``text``, left to right, each ending at
+    the first ``closing`` after its opening (as a non-greedy regex would) in linear time: an
+    opening never closed ends the search instead of rescanning the rest once per opening."""
+    found, position = [], 0
+    while (start := opening.search(text, position)) is not None:
+        end = text.find(closing, start.end())
+        if end < 0:
+            break
+        found.append(text[start.end() : end])
+        position = end + len(closing)
+    return found
+
+
+def _json(text: str):
+    """``json.loads``, or None for text that is not JSON or nests too deeply to decode."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
 def parse_tool_call(text: str) -> dict | None:
-    """The first JSON tool call found in ``text``, arguments decoded, or None.
+    """The first JSON tool call found in ``text``, arguments decoded, or None. Hostile text
+    (thousands of unclosed ``<tool_call>`` tags, JSON nested 100,000 deep) is read in linear
+    time and is no call.
 
     >>> parse_tool_call('<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>')
     {'name': 'add', 'arguments': {'a': 1}}
@@ -69,22 +96,16 @@ def parse_tool_call(text: str) -> dict | None:
     >>> parse_tool_call('call add with a=1') is None
     True
     """
-    candidates = re.findall(r"<tool_call>(.*?)</tool_call>", text, flags=re.DOTALL)
-    candidates += re.findall(r"```json\s*\n(.*?)```", text, flags=re.DOTALL)
+    candidates = _spans(text, re.compile(re.escape("<tool_call>")), "</tool_call>")
+    candidates += _spans(text, _JSON_FENCE, "```")
     candidates.append(text)
     for candidate in candidates:
-        try:
-            call = json.loads(candidate.strip())
-        except ValueError:
-            continue
+        call = _json(candidate.strip())
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             continue
         arguments = call.get("arguments", call.get("parameters", {}))
         if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except ValueError:
-                continue
+            arguments = _json(arguments)
         if isinstance(arguments, dict):
             return {"name": call["name"], "arguments": arguments}
     return None
