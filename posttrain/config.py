@@ -11,6 +11,7 @@ Sections are shared between commands (``model``, ``data``, ``optim``, ``train``,
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
@@ -646,6 +647,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in the nested dict ``raw``; the value is parsed as YAML (1, true, [1,2], null)."""
     key, sep, value_text = override.partition("=")
     key = key.strip()
+    if _LONE_SURROGATE.search(override):
+        raise ConfigError(f"override '{_short_text(key, 80)}': holds bytes that are not UTF-8 text (a lone surrogate "
+                          f"{ascii(_LONE_SURROGATE.search(override).group())[1:-1]})")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override '{override}' must look like key.sub=value")
     try:
@@ -702,7 +706,8 @@ def load_yaml(text: str, source: str, *, key: str = "") -> Any:
 
 def check_config_nodes(root: yaml.Node, source: str, key: str = "") -> None:
     """ConfigError (see ``load_yaml``) for a duplicate key, a self-containing alias, nesting deeper
-    than ``MAX_CONFIG_DEPTH`` or more than ``MAX_CONFIG_VALUES`` values once aliases are expanded.
+    than ``MAX_CONFIG_DEPTH``, more than ``MAX_CONFIG_VALUES`` values once aliases are expanded, or
+    text holding a lone surrogate (YAML's ``"\\ud800"`` escape: no Unicode character; a key too).
     Each node is visited once (an alias is the node it names), so the check is linear in the
     text however much the aliases would expand."""
     size: dict[int, int] = {}  # id(node) -> values it expands to (itself included)
@@ -722,6 +727,10 @@ def check_config_nodes(root: yaml.Node, source: str, key: str = "") -> None:
             continue
         if depth > MAX_CONFIG_DEPTH:
             raise ConfigError(f"{at(node)}: {_dotted(path_of[ident])} nests more than {MAX_CONFIG_DEPTH} levels deep")
+        if isinstance(node, yaml.ScalarNode) and _LONE_SURROGATE.search(node.value):
+            raise ConfigError(f"{at(node)}: {_dotted(path_of[ident])} holds a lone surrogate "
+                              f"({ascii(_LONE_SURROGATE.search(node.value).group())[1:-1]}): not Unicode text, so no "
+                              f"tokenizer can encode it")
         if isinstance(node, yaml.MappingNode):
             _refuse_duplicate_keys(node, path_of[ident], at)
         open_nodes.add(ident)
@@ -743,6 +752,9 @@ def check_config_nodes(root: yaml.Node, source: str, key: str = "") -> None:
                           f"aliases to more than {MAX_CONFIG_VALUES} values, more than a config may hold")
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _child_nodes(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
     """``(label, child)`` of a mapping (values labelled by their key; a merge ``<<`` by ``<<``)
     or a sequence (``[i]``); keys that are collections count as children too."""
@@ -750,8 +762,7 @@ def _child_nodes(node: yaml.Node) -> list[tuple[str, yaml.Node]]:
         pairs = []
         for key_node, value_node in node.value:
             label = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
-            if not isinstance(key_node, yaml.ScalarNode):
-                pairs.append(("?", key_node))
+            pairs.append((f"{label} (the key)" if label != "?" else label, key_node))
             pairs.append((label, value_node))
         return pairs
     if isinstance(node, yaml.SequenceNode):
@@ -773,7 +784,7 @@ def _refuse_duplicate_keys(node: yaml.MappingNode, path: str, at: Callable[[yaml
 
 
 def _join_key(path: str, label: str) -> str:
-    label = _short_text(str(label), 40)
+    label = _short_text(str(label), 40).encode("utf-8", "backslashreplace").decode("utf-8")  # printable, always
     return path + label if label.startswith("[") or not path else f"{path}.{label}"
 
 

@@ -258,3 +258,31 @@ def test_posttrain_sft_refuses_a_duplicate_section_and_an_escaping_run_name_in_o
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"error: {path}: run.name: must be one directory name inside run.output_dir")
     assert not (tmp_path / "outside").exists()
+
+
+@pytest.mark.parametrize("text, line, key, char", [
+    ('data: {train: p.jsonl, system: "be \\ud800 brief"}\n', 1, "data.system", "\\ud800"),
+    ('data: {train: p.jsonl}\nreward:\n  name: format\n  params: {"tag\\udfff": 1}\n', 4,
+     "reward.params.tag\\udfff (the key)", "\\udfff"),
+])
+def test_config_text_with_a_lone_surrogate_is_refused_naming_line_and_key(tmp_path, text, line, key, char):
+    """YAML's ``\\ud800`` escape loads, but no tokenizer can encode it (a system prompt would end
+    the run in a tokenizer traceback)."""
+    from posttrain.config import RLConfig
+
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(RLConfig, path)
+    assert str(info.value) == f"{path}:{line}: '{key}' holds a lone surrogate ({char}): not Unicode text, so no " \
+                              f"tokenizer can encode it"
+
+
+def test_an_override_that_is_not_utf8_is_refused():
+    """Bytes that are not UTF-8 on the command line reach Python as lone surrogates (PEP 383)."""
+    import os
+
+    from posttrain.config import RLConfig
+
+    override = os.fsdecode(b"data.system=a\xffb")
+    with pytest.raises(ConfigError, match=r"^override 'data\.system': holds bytes that are not UTF-8 text"):
+        load_config(RLConfig, None, ["data.train=p.jsonl", override])
