@@ -116,3 +116,42 @@ tasks:
     assert len(samples) == 8
     assert {"prompt", "completion", "extracted", "score", "reference"} <= set(samples[0])
     assert (out_dir / "config.yaml").exists()
+
+
+def test_posttrain_eval_shows_progress_lines_when_output_is_not_a_terminal(tmp_path, tiny_model_dir, capsys,
+                                                                           monkeypatch):
+    """Written to a log file (not a terminal), ``posttrain eval`` still says what it is doing:
+    each task's generation counts its completions (a start line, lines at the interval, a
+    last line), scoring and perplexity have a start and an end; stdout keeps only the table."""
+    import posttrain.log
+    from posttrain.cli import main
+
+    monkeypatch.setattr(posttrain.log, "PLAIN_INTERVAL_S", 0.0)  # every report prints: the lines are countable
+    data = tmp_path / "sums.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": str(a + 1)}) + "\n" for a in range(5)))
+    chat = tmp_path / "val.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                             {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"""
+run: {{name: tiny, output_dir: {tmp_path / 'runs'}}}
+model: {{name: {tiny_model_dir}}}
+device: cpu
+batch_size: 4
+sampling: {{n: 2, temperature: 1.0, max_new_tokens: 3, seed: 0}}
+tasks:
+  - {{name: jsonl, path: {data}, label: sums, reward: math}}
+  - {{name: perplexity, path: {chat}}}
+""")
+    assert main(["eval", str(config)]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    generate = [line.split("] ")[1].split()[0] for line in err if line.startswith("[eval sums: generate]")]
+    assert generate[0] == "0/10" and generate[-1] == "10/10" and {"4/10", "8/10"} <= set(generate), err
+    assert any(line.startswith("[eval sums: score 10 completions]  done in") for line in err), err
+    assert any(line.startswith("[eval ppl/val.jsonl: perplexity]  done in") for line in err), err
+    assert "[eval" not in captured.out and "sums" in captured.out
+
+    monkeypatch.setattr(posttrain.log, "PLAIN_INTERVAL_S", 3600.0)
+    assert main(["eval", str(config), "run.progress=false", "run.name=quiet"]) == 0
+    assert "[eval" not in capsys.readouterr().err  # run.progress: false shows none

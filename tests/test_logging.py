@@ -50,12 +50,88 @@ def test_disabled_logger_writes_nothing(tmp_path):
     assert not run.metrics.exists()
 
 
-def test_plain_progress_prints_eta_and_metrics(capsys):
-    with Progress(total=4, description="sft", plain_every=2) as bar:
-        for step in range(4):
-            bar.update(1, {"loss": 2.0 - step, "lr": 0.1})
+def test_plain_progress_prints_a_start_line_then_throttles_to_the_interval(capsys):
+    """Not a terminal: a line when the phase starts, at most one per interval while it advances,
+    and the last; a thousand quick steps are three lines, not a thousand."""
+    with Progress(total=1000, description="sft", keys=("loss", "lr"), interval_s=3600) as bar:
+        for step in range(1000):
+            bar.update(1, {"loss": 2.0 - step / 1000, "lr": 0.1, "ignored": 5})
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 2 and err[0].startswith("[sft] 2/4 eta") and "loss=1" in err[0] and err[1].startswith("[sft] 4/4")
+    assert len(err) == 2, err
+    assert err[0].startswith("[sft] 0/1000  elapsed 0s")
+    assert err[1].startswith("[sft] 1000/1000  done in") and "loss=1.001" in err[1] and "ignored" not in err[1]
+
+    with Progress(total=4, description="rm", interval_s=0.0) as bar:
+        for step in range(4):
+            bar.update(1, {"loss": 1.0})
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split()[1] for line in err] == ["0/4", "1/4", "2/4", "3/4", "4/4"]
+    assert "eta" in err[2] and "eta" not in err[-1]
+
+
+def test_a_long_unit_of_work_still_prints_heartbeat_lines(capsys):
+    """One step that takes longer than the interval (a long generation) is not silence: the
+    engine's heartbeats print the line again, with the elapsed time."""
+    import time
+
+    from posttrain.log import heartbeat, sequences_generated
+
+    with Progress(total=2, description="rl", interval_s=0.05) as bar:
+        for _ in range(3):
+            time.sleep(0.06)
+            heartbeat()
+        sequences_generated(8)  # a training phase takes the engine's sequences as heartbeats only
+        assert bar.done == 0
+        bar.update(1)
+    err = capsys.readouterr().err.splitlines()
+    assert sum(line.startswith("[rl] 0/2  elapsed") for line in err) >= 3, err
+    assert err[-1].startswith("[rl] 1/2  done in")  # ended early: the last state is printed
+
+
+def test_a_generation_phase_counts_sequences_and_nested_phases_restore_the_outer(capsys):
+    from posttrain.log import current_phase, sequences_generated
+
+    sequences_generated(3)  # outside every phase: nothing to report to, nothing happens
+    with Progress(total=5, description="rl", interval_s=3600) as outer:
+        with Progress(total=None, description="rl eval", generation=True, unit="generations",
+                      interval_s=3600) as inner:
+            assert current_phase() is inner
+            sequences_generated(4)
+            sequences_generated(2)
+        assert current_phase() is outer and inner.done == 6 and outer.done == 0
+    assert current_phase() is None
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("[rl eval] 6 generations  done in") for line in err), err
+
+
+def test_disabled_progress_prints_nothing_and_a_failed_phase_no_final_line(capsys):
+    with Progress(total=3, description="sft", enabled=False, interval_s=0.0) as bar:
+        bar.update(3)
+        bar.heartbeat()
+    assert capsys.readouterr().err == ""
+    with pytest.raises(RuntimeError):
+        with Progress(total=3, description="dpo reference log-probs", interval_s=3600) as bar:
+            bar.update(1)
+            raise RuntimeError("boom")
+    assert capsys.readouterr().err.splitlines() == [line for line in ["[dpo reference log-probs] 0/3  elapsed 0s"]]
+
+
+def test_progress_lines_go_through_the_posttrain_logger(caplog):
+    """A program embedding posttrain silences or collects progress like any other message."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="posttrain.progress"):
+        with Progress(total=2, description="eval x: generate", interval_s=3600) as bar:
+            bar.update(2)
+    assert [r.name for r in caplog.records] == ["posttrain.progress"] * 2
+
+
+def test_doctests_of_the_log_module():
+    import doctest
+
+    import posttrain.log
+
+    assert doctest.testmod(posttrain.log).failed == 0
 
 
 def test_resume_truncates_metrics_samples_and_evals_and_a_torn_tail_never_glues(tmp_path):

@@ -91,3 +91,71 @@ def test_bf16_generation_copy_follows_the_policy(tokenizer):
     after = [c.token_ids for c in engine.generate([[1, 2, 3]], params)]
     assert before != after
     assert HFEngine(policy, tokenizer, dtype=torch.float32).model is policy  # same dtype: no copy
+
+
+class _Collect:
+    """Everything transformers warns about, both ways it warns: ``warnings`` (FutureWarning,
+    DeprecationWarning) and its ``transformers`` logger (``logger.warning_once``), with the
+    once-only caches cleared so an earlier test cannot hide a warning."""
+
+    def __enter__(self):
+        import logging
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.warning_once.cache_clear()
+        self.records: list[str] = []
+        collect = self.records
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                collect.append(record.getMessage())
+
+        self.handler = Handler(level=logging.WARNING)
+        self.logger = logging.getLogger("transformers")
+        self.logger.addHandler(self.handler)
+        self.catcher = warnings.catch_warnings(record=True)
+        self.caught = self.catcher.__enter__()
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc_info):
+        self.catcher.__exit__(*exc_info)
+        self.logger.removeHandler(self.handler)
+
+    def deprecations(self) -> list[str]:
+        messages = self.records + [str(w.message) for w in self.caught
+                                   if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+        return [m for m in messages if "deprecat" in m.lower()]
+
+
+def test_generation_with_a_shared_prefill_uses_no_deprecated_transformers_api(tiny_model, tokenizer):
+    """The cache handed to generate and read from the prefill uses transformers' current name:
+    nothing is deprecated (``past_key_values`` is removed in transformers 6)."""
+    prompts = [tokenizer.encode("hello there"), tokenizer.encode("a longer prompt than the first")]
+    with _Collect() as collected:
+        completions = HFEngine(tiny_model, tokenizer).generate(
+            prompts, SamplingParams(n=3, temperature=1.0, max_new_tokens=4, seed=0))
+    assert len(completions) == 6
+    assert collected.deprecations() == []
+
+
+def test_the_engine_reports_sequences_and_decode_steps_to_the_current_phase(tiny_model, tokenizer, capsys):
+    """Inside a generation phase the engine counts finished sequences batch by batch and beats
+    once per decode step (a plain line when one is due), and the ids it samples are the ones it
+    samples outside any phase."""
+    from posttrain.log import Progress
+
+    prompts = [tokenizer.encode(text) for text in ("one", "two words", "three words here", "four", "five")]
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=5)
+    engine = HFEngine(tiny_model, tokenizer, batch_size=4)
+    plain = engine.generate(prompts, params)
+    with Progress(10, "eval t: generate", generation=True, unit="completions", interval_s=0.0, keys=()) as phase:
+        tracked = engine.generate(prompts, params)
+        assert phase.done == 10
+    assert [c.token_ids for c in tracked] == [c.token_ids for c in plain]
+    lines = capsys.readouterr().err.splitlines()
+    counts = [line.split("] ")[1].split()[0] for line in lines if line.startswith("[eval t: generate]")]
+    assert counts[0] == "0/10" and counts[-1] == "10/10" and {"4/10", "8/10"} <= set(counts)
+    assert counts.count("0/10") >= 3  # decode steps of the first batch beat before any sequence is done

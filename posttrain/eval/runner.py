@@ -15,6 +15,10 @@ threshold), ``mean_score``, ``pass@k`` (unbiased, Chen et al. 2021; k <= n), ``m
 (majority vote over extracted answers, n > 1), ``format_rate`` (when the task has a format
 check), ``response_len/mean`` (tokens), ``response_len/clipped_frac`` (hit max_new_tokens),
 ``time/generate``, ``time/score``. Perplexity tasks report ``ppl``, ``nll``, ``tokens``.
+
+With ``progress`` (``run.progress`` of ``posttrain eval``), generation and scoring of each task
+are progress phases (``posttrain.log.Progress``): a live bar on a terminal, plain lines on
+stderr at intervals otherwise, counting completions as the engine finishes them.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from posttrain.eval.metrics import majority_vote_correct, mean_pass_at_k
-from posttrain.log import say
+from posttrain.log import Progress, say
 from posttrain.eval.tasks import EvalTask
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.rollout.base import Completion, SamplingParams
@@ -64,17 +68,22 @@ def _prompt_text(prompt) -> str:
     return users[-1] if users else ""
 
 
-def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, pass_k: Sequence[int] = (1,)) -> TaskResult:
-    """Generate ``sampling.n`` completions per item of ``task``, score them, compute metrics."""
+def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, pass_k: Sequence[int] = (1,), *,
+                  progress: bool = False) -> TaskResult:
+    """Generate ``sampling.n`` completions per item of ``task``, score them, compute metrics;
+    ``progress`` shows both phases (``posttrain.log.Progress``)."""
 
     params = replace(sampling, max_new_tokens=task.max_new_tokens) if task.max_new_tokens else sampling
     prompt_ids = [render_prompt(item.prompt, tokenizer, where=f"{task.name}/{item.item_id}") for item in task.items]
     start = time.perf_counter()
     trajectories = None
-    if task.agent is None:
-        completions = sorted(engine.generate(prompt_ids, params), key=lambda c: c.prompt_index)  # stable: keeps sample order
-    else:
-        completions, trajectories = agent_completions(engine, tokenizer, task, prompt_ids, params)
+    total = len(prompt_ids) * params.n if task.agent is None else None  # agent turns: not known in advance
+    with Progress(total, f"eval {task.name}: generate", enabled=progress, keys=(), generation=True,
+                  unit="completions" if total is not None else "generations"):
+        if task.agent is None:
+            completions = sorted(engine.generate(prompt_ids, params), key=lambda c: c.prompt_index)  # stable: keeps sample order
+        else:
+            completions, trajectories = agent_completions(engine, tokenizer, task, prompt_ids, params)
     generate_seconds = time.perf_counter() - start
 
     items = [task.items[c.prompt_index] for c in completions]
@@ -82,8 +91,9 @@ def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, p
     texts = [c.text for c in completions]
     metadata = [item.metadata for item in items]
     start = time.perf_counter()
-    scored = task.reward(prompts, texts, metadata)
-    formatted = task.format_reward(prompts, texts, metadata) if task.format_reward is not None else None
+    with Progress(None, f"eval {task.name}: score {len(texts)} completions", enabled=progress, keys=()):
+        scored = task.reward(prompts, texts, metadata)
+        formatted = task.format_reward(prompts, texts, metadata) if task.format_reward is not None else None
     score_seconds = time.perf_counter() - start
 
     correct = [s >= task.correct_threshold for s in scored.scores]
@@ -156,19 +166,22 @@ def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[li
 
 
 def evaluate(model, tokenizer, tasks: Sequence[EvalTask | PerplexityTask], sampling: SamplingParams,
-             pass_k: Sequence[int] = (1,), *, engine=None, batch_size: int = 16) -> list[TaskResult]:
-    """Evaluate a live model on ``tasks`` (generation tasks through ``engine``, default HF)."""
+             pass_k: Sequence[int] = (1,), *, engine=None, batch_size: int = 16,
+             progress: bool = False) -> list[TaskResult]:
+    """Evaluate a live model on ``tasks`` (generation tasks through ``engine``, default HF);
+    ``progress`` shows each phase as it runs."""
 
     engine = engine or HFEngine(model, tokenizer, batch_size=batch_size)
     results = []
     for task in tasks:
         if isinstance(task, PerplexityTask):
             start = time.perf_counter()
-            metrics = perplexity(model, tokenizer, task.path, limit=task.limit, seed=task.seed)
+            with Progress(None, f"eval {task.name}: perplexity", enabled=progress, keys=()):
+                metrics = perplexity(model, tokenizer, task.path, limit=task.limit, seed=task.seed)
             metrics["time/score"] = time.perf_counter() - start
             results.append(TaskResult(task.name, metrics))
         else:
-            results.append(evaluate_task(engine, tokenizer, task, sampling, pass_k))
+            results.append(evaluate_task(engine, tokenizer, task, sampling, pass_k, progress=progress))
     return results
 
 
@@ -257,7 +270,8 @@ def run_eval(config, *, print_table: bool = True) -> list[TaskResult]:
     s = config.sampling
     sampling = SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                               max_new_tokens=s.max_new_tokens, seed=s.seed)
-    results = evaluate(model, tokenizer, tasks, sampling, config.pass_k, batch_size=config.batch_size)
+    results = evaluate(model, tokenizer, tasks, sampling, config.pass_k, batch_size=config.batch_size,
+                       progress=config.run.progress)
 
     out_dir = Path(config.run.output_dir) / config.run.name / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -11,15 +11,21 @@ Two savings that leave the sampled distribution as it is:
   bf16 matmuls, like vLLM serving bf16 weights), refreshed by ``update_weights`` after every
   update. The trainer still trains on the exact sampled ids at its own precision; the
   log-prob gap between the two is logged when the engine reports log-probs.
+
+Progress: inside a phase of ``posttrain.log.Progress`` (an evaluation, a trainer's step) the
+engine reports each finished batch of sequences (``sequences_generated``) and each decode step
+(``heartbeat``), so a long generation shows its progress, on a terminal or in a log file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 
 import torch
 
+from posttrain.log import current_phase, heartbeat, sequences_generated
 from posttrain.rollout.base import Completion, SamplingParams
 
 
@@ -80,6 +86,7 @@ class HFEngine:
         for start in range(0, len(expanded), self.batch_size):
             chunk = expanded[start : start + self.batch_size]
             completions.extend(self._generate_batch([prompt_ids[i] for i in chunk], chunk, params))
+            sequences_generated(len(chunk))
         return completions
 
     def _generate_batch(self, prompts: list[list[int]], indices: list[int], params: SamplingParams) -> list[Completion]:
@@ -107,6 +114,8 @@ class HFEngine:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if current_phase() is not None:
+            kwargs["stopping_criteria"] = _decode_step_heartbeat()
         was_training = self.model.training
         self.model.eval()
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -115,7 +124,7 @@ class HFEngine:
                 if self.share_prefill:
                     cache = self._shared_prefill(input_ids, attention_mask, indices)
                     if cache is not None:
-                        kwargs["past_key_values"] = cache
+                        kwargs[cache_keyword(self.model)] = cache
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.model.train(was_training)
@@ -146,7 +155,7 @@ class HFEngine:
         positions = (mask_UW.long().cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids_UW, attention_mask=mask_UW, position_ids=positions, use_cache=True,
                          logits_to_keep=1)
-        cache = out.past_key_values
+        cache = getattr(out, cache_keyword(self.model))
         cache.batch_select_indices(torch.tensor([distinct.index(i) for i in indices], device=input_ids.device))
         return cache
 
@@ -185,6 +194,27 @@ class HFEngine:
             else:
                 low = middle + 1
         return low
+
+
+def cache_keyword(model) -> str:
+    """The name a model's forward and ``generate`` give the key/value cache: ``cache`` in
+    transformers 5 (where ``past_key_values`` is a deprecated alias, removed in 6), else
+    ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _decode_step_heartbeat():
+    """A stopping criterion that never stops a sequence and tells the current progress phase,
+    once per decode step, that generation is still going (``posttrain.log.heartbeat``)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class DecodeStepHeartbeat(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            heartbeat()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([DecodeStepHeartbeat()])
 
 
 def _dtype_of(model) -> torch.dtype:

@@ -6,15 +6,15 @@
 ``eval/*.json``, ``report.html``).
 
 Only rank 0 writes; other ranks get a ``MetricsLogger`` with ``enabled=False`` so trainers
-call the same functions everywhere.
+call the same functions everywhere. The progress display trainers show (``Progress``: a live
+bar on a terminal, plain lines at intervals otherwise) is ``posttrain.log.Progress``, shared
+with the library layers below (the rollout engine reports generated sequences to it).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +23,7 @@ from pydantic import BaseModel
 
 from posttrain.errors import ConfigError
 from posttrain.config import config_to_yaml
+from posttrain.log import Progress  # noqa: F401  (the trainers import it from here)
 from posttrain.train.checkpoint import storage_errors
 
 
@@ -310,76 +311,3 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-def format_metric(value: Any) -> str:
-    if isinstance(value, float):
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
-            return f"{value:.4g}"
-        return f"{value:.2e}"
-    return str(value)
-
-
-class Progress:
-    """A progress bar with ETA and a few key metrics; plain lines when not on a terminal.
-
-    >>> with Progress(total=3, description="sft", enabled=False) as bar:
-    ...     bar.update(1, {"loss": 1.5})
-    """
-
-    def __init__(self, total: int, description: str, *, enabled: bool = True, keys: tuple[str, ...] = ("loss",),
-                 initial: int = 0, plain_every: int = 10):
-        self.total = total
-        self.description = description
-        self.keys = keys
-        self.enabled = enabled
-        self.done = initial
-        self.plain_every = plain_every
-        self.started = time.monotonic()
-        self._start_done = initial
-        self._bar = None
-        self._task = None
-        self._interactive = enabled and sys.stderr.isatty()
-
-    def __enter__(self) -> "Progress":
-        if self._interactive:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress as RichProgress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._bar = RichProgress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-                transient=False,
-            )
-            self._bar.start()
-            self._task = self._bar.add_task(self.description, total=self.total, completed=self.done, metrics="")
-        return self
-
-    def _summary(self, metrics: Mapping[str, Any]) -> str:
-        return "  ".join(f"{key}={format_metric(metrics[key])}" for key in self.keys if key in metrics)
-
-    def eta_seconds(self) -> float | None:
-        steps = self.done - self._start_done
-        if steps <= 0:
-            return None
-        return (time.monotonic() - self.started) / steps * (self.total - self.done)
-
-    def update(self, advance: int = 1, metrics: Mapping[str, Any] | None = None) -> None:
-        self.done += advance
-        summary = self._summary(metrics or {})
-        if self._bar is not None:
-            self._bar.update(self._task, advance=advance, metrics=summary)
-        elif self.enabled and (self.done % self.plain_every == 0 or self.done == self.total):
-            eta = self.eta_seconds()
-            eta_text = f" eta {eta:.0f}s" if eta is not None else ""
-            print(f"[{self.description}] {self.done}/{self.total}{eta_text}  {summary}", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._bar is not None:
-            self._bar.stop()
