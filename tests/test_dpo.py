@@ -255,3 +255,25 @@ def test_rpo_alpha_is_trained_and_logged(tmp_path, tiny_model_dir):
     assert steps and steps[0]["loss"] == pytest.approx(math.log(2) + 0.5 * steps[0]["loss/nll_chosen"], abs=1e-4)
     documented = (REPO / "docs" / "METRICS.md").read_text()
     assert not [k for h in history for k in h if f"`{k}`" not in documented]
+
+
+def test_the_reference_pass_counts_its_pairs_when_output_is_not_a_terminal(tmp_path, tiny_model_dir, tokenizer,
+                                                                           capsys, monkeypatch):
+    """The reference pass (minutes on a real model) is a progress phase of its own: a line when
+    it starts, lines as micro-batches of pairs finish, a last line; none with run.progress off."""
+    import posttrain.log
+    from posttrain.train.dpo import build_model
+
+    monkeypatch.setattr(posttrain.log, "PLAIN_INTERVAL_S", 0.0)
+    pairs = _pairs(tokenizer, arithmetic_rows(12, seed=3))
+    config = config_for(tmp_path, tiny_model_dir, "unused.jsonl", run={"progress": True},
+                        train={"micro_batch_tokens": 160}, dpo={"reference_cache": False})
+    model, _ = build_model(config, SINGLE)
+    reference_logps(model, pairs[:9], pairs[9:], config, SINGLE, tmp_path, "id", tokenizer.pad_token_id)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("[dpo reference log-probs]")]
+    counts = [line.split("] ")[1].split()[0] for line in lines]
+    assert counts[0] == "0/12" and counts[-1] == "12/12" and len(counts) > 3, lines
+    assert lines[-1].split("] ")[1].startswith("12/12 pairs  done in")
+    quiet = config_for(tmp_path, tiny_model_dir, "unused.jsonl", run={"progress": False}, dpo={"reference_cache": False})
+    reference_logps(model, pairs, [], quiet, SINGLE, tmp_path, "id", tokenizer.pad_token_id)
+    assert "[dpo" not in capsys.readouterr().err

@@ -542,3 +542,26 @@ def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(ti
     assert [h["step"] for h in resumed.history] == [2, 3]
     assert all(torch.isfinite(t).all() for t in final_weights(run).values())
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+def test_an_rl_run_shows_its_held_out_evals_and_warns_of_nothing_deprecated(tiny_model_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    """Output not a terminal: the step-0 held-out evaluation and the later ones count their
+    completions in plain lines, so does the step bar; and a run with gradient checkpointing,
+    shared prefills and held-out evals uses no API transformers has deprecated."""
+    import posttrain.log
+    from posttrain.train.rl import run_rl
+    from test_rollout_hf import _Collect
+
+    monkeypatch.setattr(posttrain.log, "PLAIN_INTERVAL_S", 0.0)
+    config = make_config(tiny_model_dir, tmp_path, run={"name": "shown", "progress": True},
+                         model={"gradient_checkpointing": True}, data={"eval": EVAL_FILE, "eval_limit": 3},
+                         train={"max_steps": 2, "eval_every": 2})
+    with _Collect() as collected:
+        run_rl(config, reward_fn=vowel_reward)
+    assert collected.deprecations() == []
+    err = capsys.readouterr().err.splitlines()
+    for step in (0, 2):
+        counts = [line.split("] ")[1].split()[0] for line in err if line.startswith(f"[rl eval at step {step}]")]
+        assert counts[0] == "0/3" and counts[-1] == "3/3", err
+    assert [line.split()[1] for line in err if line.startswith("[rl] ")][-1] == "2/2"

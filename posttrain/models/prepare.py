@@ -68,11 +68,23 @@ def prepare_for_training(model: torch.nn.Module, *, attn_implementation: str,
     causal_lm.config._attn_implementation = attn_implementation
     causal_lm.config.use_cache = False
     if gradient_checkpointing:
-        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(causal_lm)
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
     return model
+
+
+def enable_activation_checkpointing(causal_lm: torch.nn.Module) -> None:
+    """Recompute each decoder block's activations in the backward pass (non-reentrant
+    ``torch.utils.checkpoint``): ``activation_checkpointing_enable`` in transformers 5, where
+    ``gradient_checkpointing_enable`` is its deprecated alias (removed in 6); the alias where
+    that is all the installed version has."""
+    enable = getattr(causal_lm, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

@@ -292,21 +292,25 @@ def dpo_micro_loss(model: torch.nn.Module, micro: DPOMicroBatch, *, step_pairs: 
 
 @torch.no_grad()
 def score_pairs(model: torch.nn.Module, pairs: Sequence[PreferencePair], config: DPOConfig, info: DistInfo,
-                pad_token_id: int) -> torch.Tensor:
+                pad_token_id: int, *, phase: str = "dpo held-out pass") -> torch.Tensor:
     """Summed log-probs [P, 2] (chosen, rejected) of every pair under ``model`` in eval mode,
-    pairs shared over ranks in lock-step; every rank gets the whole tensor."""
+    pairs shared over ranks in lock-step; every rank gets the whole tensor. Rank 0 shows the
+    pass as progress ``phase``, counting its pairs."""
     mine = lockstep_micro_batches([pair_length(p, config.train.packing) for p in pairs],
                                   config.train.micro_batch_tokens, config.train.packing, info)
     values = [0.0] * (2 * len(pairs))
     was_training = model.training
     model.eval()
     try:
-        for indices in mine:
-            micro = dpo_micro_batch(pairs, indices, None, config.train.packing, pad_token_id).to(info.device)
-            with autocast_context(config.train.precision, info.device):
-                sums, _, _ = sequence_logps(model, micro, config.train.logits_chunk_size)
-            for k, value in enumerate(sums.float().cpu().tolist()):
-                values[2 * indices[k // 2] + k % 2] = value
+        with Progress(sum(len(indices) for indices in mine), phase, enabled=info.is_main and config.run.progress,
+                      keys=(), unit="pairs") as progress:
+            for indices in mine:
+                micro = dpo_micro_batch(pairs, indices, None, config.train.packing, pad_token_id).to(info.device)
+                with autocast_context(config.train.precision, info.device):
+                    sums, _, _ = sequence_logps(model, micro, config.train.logits_chunk_size)
+                for k, value in enumerate(sums.float().cpu().tolist()):
+                    values[2 * indices[k // 2] + k % 2] = value
+                progress.update(len(indices))
     finally:
         model.train(was_training)
     return torch.tensor(all_reduce_sum(values, info), dtype=torch.float32).reshape(-1, 2)
@@ -330,7 +334,8 @@ def reference_logps(model: torch.nn.Module, train_pairs: Sequence[PreferencePair
             return cached
     context = model.disable_adapter() if config.lora.enabled else contextlib.nullcontext()
     with context:
-        scored = score_pairs(model, list(train_pairs) + list(val_pairs), config, info, pad_token_id)
+        scored = score_pairs(model, list(train_pairs) + list(val_pairs), config, info, pad_token_id,
+                             phase="dpo reference log-probs")
     reference = ReferenceLogps(scored[:len(train_pairs)], scored[len(train_pairs):])
     if config.dpo.reference_cache and info.is_main:
         path.parent.mkdir(parents=True, exist_ok=True)

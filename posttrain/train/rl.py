@@ -602,10 +602,14 @@ def step_metrics(config: RLConfig, batch: RolloutBatch, adv_metrics: dict[str, f
 
 def run_eval(engine: Any, rows: Sequence[PromptRow], reward_fn: Any, config: RLConfig, run: RunDir, *, step: int,
              info: DistInfo, agent: Any = None) -> dict[str, float]:
-    """Score the held-out prompts; writes ``eval/step_<N>.json`` (metrics + every completion)."""
-    metrics, records = evaluate_prompts(engine, rows, reward_fn, temperature=config.rollout.eval_temperature,
-                                        max_new_tokens=config.rollout.max_new_tokens, stop=config.rollout.stop,
-                                        seed=config.train.seed, agent=agent)
+    """Score the held-out prompts; writes ``eval/step_<N>.json`` (metrics + every completion).
+    Shown as a progress phase counting completions (multi-turn: generations) as they finish."""
+    total = len(rows) if agent is None else None
+    with Progress(total, f"rl eval at step {step}", enabled=info.is_main and config.run.progress, keys=(),
+                  generation=True, unit="completions" if total is not None else "generations"):
+        metrics, records = evaluate_prompts(engine, rows, reward_fn, temperature=config.rollout.eval_temperature,
+                                            max_new_tokens=config.rollout.max_new_tokens, stop=config.rollout.stop,
+                                            seed=config.train.seed, agent=agent)
     if info.is_main:
         run.eval.mkdir(parents=True, exist_ok=True)
         (run.eval / f"step_{step}.json").write_text(json.dumps({"step": step, "metrics": metrics, "samples": records},
