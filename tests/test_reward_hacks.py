@@ -227,6 +227,72 @@ def test_reading_the_benchmark_answers_scores_zero(reward):
     assert reward([p["prompt"]], [hack], [meta]).scores == [0.0]
 
 
+def test_python_environments_at_any_depth_are_invisible(monkeypatch):
+    """An environment or data file installed anywhere on the system, deep under ``/usr``, in the
+    interpreter's own prefix or dropped into its standard-library directory, is not in the
+    sandbox's root, nor importable; the standard library itself is."""
+    import shutil
+    import sysconfig
+
+    from posttrain.rewards import sandbox as sandbox_module
+
+    tag = f"posttrain_hostile_{os.getpid()}"
+    stdlib = sysconfig.get_path("stdlib")
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    planted = [
+        f"/usr/local/lib/{tag}/venv/lib/{version}/site-packages/{tag}_a.py",
+        f"/usr/lib/{tag}/share/env/lib/{version}/dist-packages/{tag}_b.py",
+        f"/usr/share/{tag}/benchmark/answers_{tag}_c.py",
+        os.path.join(sys.base_prefix, "envs", tag, "lib", version, "site-packages", f"{tag}_d.py"),
+        os.path.join(stdlib, f"{tag}_e.py"),
+        os.path.join(stdlib, f"{tag}_f", "__init__.py"),
+    ]
+    created = []
+    try:
+        for path in planted:
+            top = path
+            while not os.path.exists(os.path.dirname(top)):
+                top = os.path.dirname(top)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path, "w") as f:
+                    f.write("ANSWERS = {'HumanEval/0': 'the canonical solution'}\n")
+            except OSError as e:
+                pytest.skip(f"cannot plant {path}: {e}")
+            created.append(top)
+        images = {}  # a fresh root image, built with the planted files on the host
+        monkeypatch.setattr(sandbox_module, "_images", images, raising=False)
+        program = (
+            "import importlib, json, os, sys\n"
+            f"planted = {planted!r}\n"
+            "seen = [p for p in planted if os.path.exists(p)]\n"
+            "imported = []\n"
+            "for p in planted:\n"
+            "    folder, name = os.path.split(p)\n"
+            "    if name == '__init__.py':\n"
+            "        folder, name = os.path.split(folder)\n"
+            "    sys.path.insert(0, folder)\n"
+            "    try:\n"
+            "        importlib.import_module(name.removesuffix('.py'))\n"
+            "        imported.append(p)\n"
+            "    except ImportError:\n"
+            "        pass\n"
+            "import json, sqlite3, zoneinfo, decimal, ssl\n"
+            "print(json.dumps([seen, imported, str(zoneinfo.ZoneInfo('Europe/Paris'))]))\n"
+        )
+        try:
+            result = Sandbox(SandboxLimits(wall_seconds=10), isolation="namespace").run(program)
+        finally:
+            for top in images.values():
+                shutil.rmtree(top, ignore_errors=True)
+        assert result.status == "ok", result.stderr
+        seen, imported, zone = json.loads(result.stdout)
+        assert seen == [] and imported == [] and zone == "Europe/Paris"
+    finally:
+        for top in created:
+            shutil.rmtree(top) if os.path.isdir(top) else os.remove(top)
+
+
 # ------------------------------------------------------------ limits bound the whole run
 @pytest.mark.skipif(cgroup_support().version is None, reason="no writable cgroup here")
 def test_forked_children_cannot_exceed_memory_together():
@@ -271,6 +337,74 @@ def test_forked_children_cannot_exceed_max_processes_together():
     assert int(result.stdout) < 8
 
 
+_RAW_SERVER = (
+    "import os\n"
+    "def _read(fd, n):\n"
+    "    out = b''\n"
+    "    while len(out) < n:\n"
+    "        chunk = os.read(fd, n - len(out))\n"
+    "        if not chunk:\n"
+    "            os._exit(0)\n"
+    "        out += chunk\n"
+    "    return out\n"
+    "def _send(body):\n"
+    "    data = b'%010d' % len(body) + body\n"
+    "    while data:\n"
+    "        data = data[os.write(5, data):]\n"
+    "_send(b'[\"t\",[\"ready\"]]')\n"
+    "n = (16 * 1024 * 1024 - 64) // (len(ITEM) + 1)\n"
+    "body = b'[\"t\",[\"ok\",[\"l\",[' + ITEM + (b',' + ITEM) * (n - 1) + b']]]]'\n"
+    "while True:\n"
+    "    _read(4, int(_read(4, 10)))\n"
+    "    _send(body)\n"
+)
+
+
+def _peak_memory_mb(uids, stop, peaks: dict) -> None:
+    """Poll the peak resident memory (``VmHWM``, MB) of the processes of ``uids`` until ``stop``."""
+    import time
+
+    from posttrain.rewards.sandbox import _pids_of_uid
+
+    while not stop.is_set():
+        for uid, pid in [(uid, pid) for uid in uids for pid in _pids_of_uid(uid)]:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmHWM:"):
+                            peaks[uid] = max(peaks.get(uid, 0), int(line.split()[1]) // 1024)
+            except OSError:
+                pass
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("item", [b'["l",[]]', b'"a"', b'{}', b"0"], ids=["empty-lists", "one-char-strings",
+                                                                          "json-objects", "zeros"])
+def test_a_reply_of_small_objects_cannot_grow_the_judge_past_memory_mb(item):
+    """The program writes a 16 MiB reply of tiny values itself (its own side of the wire, 43 MB
+    for it): decoding it would cost the judge hundreds of MB; the judge stays within the run's
+    ``memory_mb`` and the test fails; an honest large reply still passes at that limit."""
+    import threading
+
+    memory_mb = 200
+    box = Sandbox(SandboxLimits(wall_seconds=30, cpu_seconds=30, memory_mb=memory_mb), isolation="namespace",
+                  max_workers=1)
+    judge_uids = [box.uid_slots.uid_base + 2 * slot + 1 for slot in range(4)]  # this test's run takes one
+    peaks, stop = {}, threading.Event()
+    watcher = threading.Thread(target=_peak_memory_mb, args=(judge_uids, stop, peaks))
+    watcher.start()
+    try:
+        result = box.run_tests(_RAW_SERVER.replace("ITEM", repr(item)),
+                               ["v = f()\nimport time\ntime.sleep(0.3)\nassert v is not None"])
+    finally:
+        stop.set()
+        watcher.join()
+    assert result.tests_passed == [False]
+    assert 0 < max(peaks.values()) <= memory_mb, peaks
+    honest = box.run_tests("def f():\n    return list(range(300_000))\n", ["assert f()[-1] == 299_999"])
+    assert honest.tests_passed == [True]
+
+
 # ----------------------------------------------------------------- state between runs
 @pytest.mark.skipif(not (HAS_SECCOMP and X86_64), reason="needs seccomp (x86_64 syscall numbers)")
 def test_keyring_entries_do_not_outlive_a_run():
@@ -288,6 +422,106 @@ def test_scratch_space_is_fresh_for_every_run():
     box = Sandbox(SandboxLimits(wall_seconds=5), isolation="namespace")
     box.run("open('/tmp/left-behind', 'w').write('x')")
     assert box.run("import os\nprint(os.listdir('/tmp'))").stdout == "[]\n"
+
+
+_LOCK_TARGETS = (
+    "import os, sys\n"
+    "targets = [os.__file__, os.path.dirname(os.__file__), sys.executable, '/etc/ld.so.cache', '/dev/null', '/']\n"
+)
+_LOCK_PROBE = _LOCK_TARGETS + (
+    "import fcntl, json, struct, time\n"
+    "def held(path):\n"
+    "    fd = os.open(path, os.O_RDONLY)\n"
+    "    try:\n"
+    "        try:\n"
+    "            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+    "        except OSError:\n"
+    "            return 'flock'\n"
+    "        fcntl.flock(fd, fcntl.LOCK_UN)\n"
+    "        if os.path.isfile(path):\n"
+    "            query = struct.pack('hhqqi4x', fcntl.F_WRLCK, 0, 0, 0, 0)\n"
+    "            if struct.unpack('hhqqi4x', fcntl.fcntl(fd, fcntl.F_GETLK, query))[0] != fcntl.F_UNLCK:\n"
+    "                return 'posix'\n"
+    "        return None\n"
+    "    finally:\n"
+    "        os.close(fd)\n"
+    "start, busy = time.time(), set()\n"
+    "while time.time() < start + SECONDS:\n"
+    "    busy |= {f'{p} {k}' for p in targets for k in [held(p)] if k}\n"
+    "    time.sleep(0.05)\n"
+    "print(json.dumps([start, time.time(), sorted(busy)]))\n"
+)
+_LOCK_HOLDER = _LOCK_TARGETS + (
+    "import fcntl, json, struct, time\n"
+    "fds = [os.open(p, os.O_RDONLY) for p in targets]\n"
+    "for p, fd in zip(targets, fds):\n"
+    "    fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "    if os.path.isfile(p):\n"
+    "        fcntl.fcntl(fd, fcntl.F_SETLK, struct.pack('hhqqi4x', fcntl.F_RDLCK, 0, 0, 0, 0))\n"
+    "locked = time.time()\n"
+    "time.sleep(6)\n"
+    "print(json.dumps([locked, time.time()]))\n"
+)
+
+
+def _host_lock_state(paths):
+    """Which host ``paths`` another process holds an exclusive ``flock`` on right now."""
+    import fcntl
+
+    busy = set()
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except OSError:
+            busy.add(path)
+        finally:
+            os.close(fd)
+    return busy
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and sys.maxsize > 2 ** 32), reason="struct flock of 64-bit Linux")
+def test_runs_share_no_lockable_file_with_each_other_or_the_host():
+    """A lock (``flock``, or an ``fcntl`` record lock seen through ``F_GETLK``) on a file of the
+    root (the standard library, the interpreter, the loader's cache, a device node, a
+    directory) is a bit another run or a host process could read: each run's are its own."""
+    import threading
+    import time
+
+    limits = SandboxLimits(wall_seconds=20, cpu_seconds=20)
+    box = Sandbox(limits, isolation="namespace", max_workers=2)
+    host_paths = json.loads(box.run(_LOCK_TARGETS + "import json\nprint(json.dumps(targets))").stdout)
+    holder, host_seen, host_polls = {}, set(), []
+
+    def hold():
+        holder["result"] = box.run(_LOCK_HOLDER)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    time.sleep(1.0)
+    probe = box.run(_LOCK_PROBE.replace("SECONDS", "3"))
+    while thread.is_alive():
+        host_polls.append(time.time())
+        host_seen |= _host_lock_state(host_paths)
+        time.sleep(0.05)
+    thread.join()
+    locked, released = json.loads(holder["result"].stdout)
+    start, end, busy = json.loads(probe.stdout)
+    assert locked < end - 0.5 and released > end  # the probe ran while the locks were held
+    assert any(locked < t < released for t in host_polls)
+    assert busy == [] and host_seen == set()
+
+    import fcntl
+
+    fds = [os.open(p, os.O_RDONLY) for p in host_paths]  # and the other way round
+    try:
+        for fd in fds:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        assert json.loads(box.run(_LOCK_PROBE.replace("SECONDS", "0.2")).stdout)[2] == []
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 # ------------------------------------------------------------------- kernel escapes

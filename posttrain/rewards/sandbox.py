@@ -21,13 +21,19 @@ who judges the tests       a separate judge process, another uid,    a separate 
 program's interpreter      the base interpreter (not the venv's),    same
                            ``-I -S -B``, fresh per run
 env vars of the parent     not passed (fixed minimal env)            same
-files                      chroot into a tmpfs root with read-only   everything the uid can read
-                           binds of ``/usr``, ``/lib*``, the base    (the project, the venv and
-                           interpreter's prefix and four ``/dev``    its benchmark data, home);
-                           nodes; every ``site-packages`` and        a PEP 578 audit hook refuses
-                           ``dist-packages`` covered by an empty     writes outside the temp dir
-                           read-only tmpfs: the project, the venv,   (bypassable)
-                           home and ``/proc`` are not there
+files                      chroot into a root holding only the       everything the uid can read
+                           base interpreter, its standard library    (the project, the venv and
+                           (no ``site-packages``, no tests), the     its benchmark data, home);
+                           shared libraries they load, the loader's  a PEP 578 audit hook refuses
+                           cache, tz data and the C.UTF-8 locale     writes outside the temp dir
+                           (``build_root_image``), read-only; no     (bypassable)
+                           ``/usr`` tree, project, venv, home,
+                           ``/proc``, nor any other Python
+                           environment, at any depth
+lockable files             the root through an overlay of the run's  the host's own files
+                           own and fresh ``/dev`` nodes: a lock or
+                           watch on any file is the run's alone
+                           (invisible to other runs and the host)
 uid                        two private uids per worker slot          private uids when root,
                            (program, judge), never the caller's      else the caller's own
 system calls (seccomp)     denied: ptrace, mount, unshare/setns,     same filter (when the
@@ -41,7 +47,9 @@ memory, processes          the whole run: a cgroup (v2, or v1        same cgroup
                            all it forks: ``memory_mb`` and           per uid (RLIMIT_NPROC) only
                            ``max_processes`` bound them together;
                            plus RLIMIT_AS/CPU/FSIZE/NOFILE per
-                           process
+                           process; the judge: RLIMIT_AS of
+                           ``memory_mb`` too (a reply too costly
+                           to decode fails its test)
 disk                       one size-limited tmpfs for the whole      RLIMIT_FSIZE per file only
                            run (``tmpfs_mb``); RLIMIT_FSIZE per file
 wall clock, output size    the caller kills the run at               same
@@ -59,7 +67,11 @@ refuses (one-line ``ValueError``) when that uid cannot execute the interpreter (
 ``/root``, say); pass ``python=`` an interpreter outside a private home, or use
 ``namespace``.
 
-Where the kernel offers less, the sandbox says so once (``RuntimeWarning``): without a
+The root image is built once per caller process (hard links to the host's files, copies
+across file systems; ~1-2 s, in a private temp directory removed at exit) and each run sees
+it through its own overlay. Where the kernel offers less, the sandbox says so once
+(``RuntimeWarning``): without overlayfs the image is bound read-only as it is, so concurrent
+runs see each other's locks on its files; without a
 writable cgroup (``memory``/``pids`` v1 controllers or a v2 hierarchy with both enabled,
 under this process's own cgroup) ``memory_mb`` bounds each process and ``max_processes``
 each uid, not the run; without seccomp (no ``libseccomp.so.2``) the system calls above are
@@ -90,6 +102,7 @@ machine the old design took 83 ms (1 worker) and 58 ms (2).
 
 from __future__ import annotations
 
+import atexit
 import glob
 import json
 import os
@@ -148,7 +161,10 @@ class SandboxLimits:
 class SandboxResult:
     """What one run did. ``status``: ok | error | timeout | output_limit | setup_failed.
 
-    For ``run_tests``, ``ok`` means the judge ran every test (each may have failed).
+    For ``run_tests``, ``ok`` means the judge ran every test (each may have failed); for
+    ``run_cells``, that every cell ran to its end (``cells_completed`` of them did).
+    ``limit``: the limit that ended the run, as ``name=value`` (``wall_seconds=10``,
+    ``cpu_seconds=10``, ``memory_mb=1024``, ``max_output_bytes=1000000``), else empty.
     """
 
     status: str
@@ -158,6 +174,8 @@ class SandboxResult:
     wall_seconds: float
     isolation: str
     tests_passed: list[bool] = field(default_factory=list)
+    cells_completed: int = 0
+    limit: str = ""
 
     @property
     def ok(self) -> bool:
@@ -183,39 +201,249 @@ def base_python() -> str:
     return real if os.path.exists(real) else os.path.realpath(sys.executable)
 
 
-def _within(path: str, roots: Sequence[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+# ------------------------------------------------------------------ the run's root image
+_STDLIB_PROBE = (
+    "import json, sys, sysconfig\n"
+    "print(json.dumps({'path': sys.path, 'names': sorted(getattr(sys, 'stdlib_module_names', ())),"
+    " 'site': sorted({sysconfig.get_path('purelib'), sysconfig.get_path('platlib')}),"
+    " 'tzpath': sysconfig.get_config_var('TZPATH') or ''}))\n"
+)
+_SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/localtime", "/usr/share/zoneinfo",
+                 "/usr/lib/locale/C.utf8", "/usr/lib/locale/C.UTF-8")
 
 
-def _namespace_binds(python: str) -> list[str]:
-    """Host paths the chroot needs, read-only: the system and the base interpreter's prefix."""
-    paths = ["/usr", "/etc/ld.so.cache", "/etc/localtime"]
-    # the program's interpreter, and this one's standard library (the judge runs in it)
-    prefixes = {os.path.dirname(os.path.dirname(python)), os.path.realpath(sys.base_prefix),
-                os.path.realpath(sys.base_exec_prefix)}
-    for prefix in sorted(prefixes):
-        if not _within(prefix, paths):
-            paths.append(prefix)
-    for name in ("/bin", "/lib", "/lib64", "/sbin"):  # real directories (not /usr symlinks)
-        if os.path.isdir(name) and not os.path.islink(name):
-            paths.append(name)
-    return paths
+def elf_interpreter(path: str) -> str | None:
+    """The dynamic loader an ELF executable names (its ``PT_INTERP`` header), or None.
+
+    See the System V ABI's "Program Header" (``elf(5)``): 32- and 64-bit, either byte order.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 52 or head[:4] != b"\x7fELF":
+            return None
+        wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
+        phoff = struct.unpack_from(order + ("Q" if wide else "I"), head, 32 if wide else 28)[0]
+        phentsize, phnum = struct.unpack_from(order + "HH", head, 54 if wide else 42)
+        for i in range(phnum):
+            f.seek(phoff + i * phentsize)
+            header = f.read(phentsize)
+            if struct.unpack_from(order + "I", header, 0)[0] != 3:  # PT_INTERP
+                continue
+            if wide:
+                offset, size = struct.unpack_from(order + "Q", header, 8)[0], struct.unpack_from(order + "Q", header, 32)[0]
+            else:
+                offset, size = struct.unpack_from(order + "I", header, 4)[0], struct.unpack_from(order + "I", header, 16)[0]
+            f.seek(offset)
+            return f.read(size).rstrip(b"\0").decode()
+    return None
 
 
-def _masked_dirs(binds: Sequence[str]) -> list[str]:
-    """Every ``site-packages``/``dist-packages`` under the binds: installed packages (and
-    their data files, such as a benchmark's canonical solutions) are not the stdlib."""
+def _shared_libraries(loader: str, files: Sequence[str]) -> set[str]:
+    """Every shared library ``files`` load, as the dynamic loader resolves them (``ld.so --list``,
+    what ``ldd`` runs; ``ld.so(8)``), with an empty environment as in the sandbox."""
+    import re
+
     found = set()
-    for root in binds:
-        if not os.path.isdir(root):
+    for path in files:
+        try:
+            listing = subprocess.run([loader, "--list", path], capture_output=True, text=True, timeout=60, env={}).stdout
+        except (OSError, subprocess.SubprocessError):
             continue
-        for pattern in ("lib*/python*/site-packages", "lib*/python*/dist-packages",
-                        "local/lib*/python*/site-packages", "local/lib*/python*/dist-packages"):
-            for hit in glob.glob(os.path.join(root, pattern)):
-                real = os.path.realpath(hit)
-                if os.path.isdir(real) and _within(real, binds):
-                    found.add(real)
-    return sorted(found)
+        found.update(re.findall(r"(/\S+) \(0x[0-9a-f]+\)", listing))
+    return found
+
+
+def _stdlib_files(python: str) -> tuple[list[str], list[str]]:
+    """(paths of ``python``'s standard library, the directories holding its extension modules).
+
+    Only what ``python -I -S`` imports from: each ``sys.path`` entry, keeping in a directory
+    only the entries named after a standard-library module (``sys.stdlib_module_names``,
+    their ``__pycache__`` files, ``_sysconfigdata*``), never its ``site-packages``, its tests
+    or anything else installed there; plus the tz database ``zoneinfo`` reads.
+    """
+    probe = subprocess.run([python, "-I", "-S", "-B", "-c", _STDLIB_PROBE], capture_output=True, text=True,
+                           timeout=60, env={})
+    if probe.returncode != 0:
+        raise ValueError(f"python: {python} could not report its standard library ({probe.stderr.strip()[-200:]})")
+    info = json.loads(probe.stdout)
+    names = set(info["names"])
+    site = {os.path.realpath(p) for p in info["site"] if p}
+    excluded = {"site-packages", "dist-packages", "test", "tests"}
+
+    def wanted(entry: str) -> bool:
+        stem = entry.split(".")[0]
+        if stem.startswith("_sysconfigdata"):
+            return True
+        return stem in names if names else stem not in excluded
+
+    paths, dynload = [], []
+    for entry in info["path"]:
+        if os.path.isfile(entry):
+            paths.append(entry)
+            continue
+        if not os.path.isdir(entry) or os.path.realpath(entry) in site:
+            continue
+        for name in sorted(os.listdir(entry)):
+            full = os.path.join(entry, name)
+            if os.path.realpath(full) in site:
+                continue
+            if name == "__pycache__":
+                paths.extend(os.path.join(full, f) for f in sorted(os.listdir(full)) if wanted(f))
+            elif wanted(name):
+                paths.append(full)
+                if name.endswith(".so"):
+                    dynload.append(full)
+    for tzdir in info["tzpath"].split(os.pathsep):
+        if tzdir and os.path.isdir(tzdir):
+            paths.append(tzdir)
+    return paths, dynload
+
+
+def _place(src: str, dst: str) -> None:
+    """``dst`` as a hard link to ``src`` (no copy), or a copy across file systems."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _mirror(host_path: str, image: str) -> None:
+    """Reproduce ``host_path`` under ``image`` as the host resolves it: every symlink on the way
+    as the same symlink, directories created, the file (or whole directory) it names placed."""
+    todo = [p for p in Path(host_path).parts[1:]]
+    current, hops = "/", 0
+    while todo:
+        name = todo.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            continue
+        host = os.path.join(current, name)
+        dest = image + host
+        if os.path.islink(host):
+            hops += 1
+            if hops > 40:
+                raise OSError(f"too many symlinks resolving {host_path}")
+            target = os.readlink(host)
+            if not os.path.lexists(dest):
+                os.makedirs(os.path.dirname(dest), 0o755, exist_ok=True)
+                os.symlink(target, dest)
+            if os.path.isabs(target):
+                current = "/"
+            todo = list(Path(target).parts[1:] if os.path.isabs(target) else Path(target).parts) + todo
+            continue
+        if not os.path.exists(host):
+            return
+        if todo or os.path.isdir(host):
+            if not os.path.isdir(dest):
+                os.makedirs(dest, 0o755, exist_ok=True)
+                os.chmod(dest, 0o755)
+            if not todo:
+                _mirror_tree(host, dest)
+            current = host
+        elif not os.path.lexists(dest):
+            os.makedirs(os.path.dirname(dest), 0o755, exist_ok=True)
+            _place(host, dest)
+
+
+def _mirror_tree(src: str, dst: str) -> None:
+    for name in os.listdir(src):
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.lexists(d):
+            continue
+        if os.path.islink(s):
+            os.symlink(os.readlink(s), d)
+        elif os.path.isdir(s):
+            os.mkdir(d, 0o755)
+            os.chmod(d, 0o755)
+            _mirror_tree(s, d)
+        elif os.path.isfile(s):
+            _place(s, d)
+
+
+def build_root_image(pythons: Sequence[str], image: str) -> None:
+    """Fill the empty directory ``image`` with what the sandbox's root holds, at the same paths
+    as on the host: each interpreter in ``pythons``, its standard library (``_stdlib_files``),
+    every shared library these load, the loader's cache, the time zone and the C.UTF-8 locale,
+    and empty ``/tmp`` and ``/dev`` (mount points). Nothing else: no ``/usr`` tree, no
+    ``site-packages``, no other Python environment, wherever it is installed."""
+    wanted: set[str] = set(p for p in _SYSTEM_FILES if os.path.exists(p))
+    for python in pythons:
+        wanted.add(python)
+        paths, dynload = _stdlib_files(python)
+        wanted.update(paths)
+        loader = elf_interpreter(python)
+        if loader is None:
+            continue
+        libraries = _shared_libraries(loader, [python, *dynload])
+        wanted.add(loader)
+        wanted.update(libraries)
+        for library in list(libraries):  # glibc loads libgcc_s on demand (thread exit, cancellation)
+            helper = os.path.join(os.path.dirname(library), "libgcc_s.so.1")
+            if os.path.basename(library).startswith("libc.so") and os.path.exists(helper):
+                wanted.add(helper)
+    for path in sorted(wanted):
+        _mirror(path, image)
+    for mount_point in ("tmp", "dev"):
+        os.makedirs(os.path.join(image, mount_point), 0o755, exist_ok=True)
+        os.chmod(os.path.join(image, mount_point), 0o755)
+    os.chmod(image, 0o755)
+
+
+_images: dict[tuple[str, ...], str] = {}
+_images_lock = threading.Lock()
+_IMAGE_PREFIX = "posttrain-rootimage-"
+
+
+def root_image(pythons: Sequence[str]) -> str:
+    """The root image for these interpreters, built once per process in a private temp
+    directory (removed at exit; one a dead process left is removed by the next build)."""
+    key = tuple(sorted(set(pythons)))
+    with _images_lock:
+        if key not in _images:
+            _remove_stale_images()
+            top = tempfile.mkdtemp(prefix="%s%d-" % (_IMAGE_PREFIX, os.getpid()))
+            try:
+                image = os.path.join(top, "root")
+                os.mkdir(image)
+                os.mkdir(os.path.join(top, "empty"), 0o755)  # the overlay's second (empty) layer
+                os.mkdir(os.path.join(top, "run"), 0o755)  # where each run mounts its own tmpfs
+                build_root_image(key, image)
+            except BaseException:
+                shutil.rmtree(top, ignore_errors=True)
+                raise
+            if not _images:
+                atexit.register(_remove_images)
+            _images[key] = top
+        return _images[key]
+
+
+def _remove_images() -> None:
+    for top in _images.values():
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def _remove_stale_images() -> None:
+    for top in glob.glob(os.path.join(tempfile.gettempdir(), _IMAGE_PREFIX + "*")):
+        try:
+            pid = int(os.path.basename(top)[len(_IMAGE_PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not os.path.exists("/proc/%d" % pid):
+            shutil.rmtree(top, ignore_errors=True)
+
+
+def overlay_available() -> bool:
+    """Whether the kernel offers overlayfs (``/proc/filesystems``), which gives each run its own
+    inodes over the shared image (so locks and watches on them are the run's own)."""
+    try:
+        with open("/proc/filesystems") as f:
+            return any(line.split()[-1:] == ["overlay"] for line in f)
+    except OSError:
+        return False
 
 
 def _unreachable_by_others(path: str) -> str | None:
@@ -507,8 +735,11 @@ class Sandbox:
         self.python = os.path.realpath(python) if python else base_python()
         if not os.access(self.python, os.X_OK):
             raise ValueError(f"python: {self.python} is not an executable interpreter")
-        self._binds = _namespace_binds(self.python)
-        self._masked = _masked_dirs(self._binds)
+        self._image = root_image([self.python, base_python()]) if self.isolation == "namespace" else None
+        self._overlay = overlay_available()
+        if self.isolation == "namespace" and not self._overlay:
+            _warn_once("overlay", "posttrain sandbox: no overlayfs in this kernel, so runs see the root image's "
+                       "files through a plain read-only bind: concurrent runs can lock (flock/fcntl) the same files")
         self._root = os.geteuid() == 0 if hasattr(os, "geteuid") else False
         if self.isolation == "process" and self._root:
             blocked = _unreachable_by_others(self.python)
@@ -546,6 +777,22 @@ class Sandbox:
         judge = {"tests": list(tests), "prefix": trusted_prefix, "entry_point": entry_point}
         return self._run(program, judge, "", limits or self.limits)
 
+    def run_cells(self, cells: Sequence[str], limits: SandboxLimits | None = None) -> SandboxResult:
+        """Run ``cells`` one after another in one interpreter and one namespace (a notebook
+        session rebuilt from its cells); only the last cell's stdout is kept.
+
+        A cell counts as run only when the harness (``sandbox_judge.run_cells``) reports it on
+        a pipe of its own after the cell returned: a line carrying a random token drawn here
+        for this run, which no cell is handed. A cell that ends the interpreter in any way
+        (``os._exit``, ``sys.exit``, a signal, an ``atexit`` exit, an exit only when it is
+        replayed) never gets that line, nor does any cell after it; status ``ok`` needs every
+        cell's line and a clean exit. The harness is in the cells' own process, so a cell
+        that goes looking for the token in the harness's frames could still forge its line;
+        no cell gets it by printing, exiting, or patching builtins and modules.
+        """
+        nonce = os.urandom(16).hex()
+        return self._run("", None, "", limits or self.limits, cells=(list(cells), nonce))
+
     def map(self, fn, items: Sequence) -> list:
         """Apply ``fn`` (which calls ``run``/``run_tests``) to items on the bounded pool."""
         if len(items) <= 1 or self.max_workers == 1:
@@ -554,10 +801,12 @@ class Sandbox:
             return list(pool.map(fn, items))
 
     # --------------------------------------------------------------- internal
-    def _run(self, program: str, judge: dict | None, stdin: str, limits: SandboxLimits) -> SandboxResult:
+    def _run(self, program: str, judge: dict | None, stdin: str, limits: SandboxLimits,
+             cells: tuple[list[str], str] | None = None) -> SandboxResult:
         namespace = self.isolation == "namespace"
         cfg = {
             "isolation": self.isolation,
+            "role": "cells" if cells is not None else "server" if judge is not None else "script",
             "python": self.python,
             "stage2": _STAGE2_SOURCE,
             "env": _SANDBOX_ENV,
@@ -568,8 +817,8 @@ class Sandbox:
             "max_processes": int(limits.max_processes),
             "tmpfs_kb": int(limits.tmpfs_mb) * 1024,
             "tmpfs_inodes": 4096,
-            "ro_binds": self._binds,
-            "masked": self._masked,
+            "image": self._image,
+            "overlay": self._overlay,
             "seccomp": self._seccomp,
             "uid": None,
             "judge_uid": None,
@@ -577,6 +826,8 @@ class Sandbox:
         }
         program_payload = {"program": program, "audit": not namespace,
                            "max_message_bytes": int(limits.max_message_bytes)}
+        if cells is not None:
+            program_payload.update(cells=cells[0], nonce=cells[1])
         if judge is not None:
             judge = dict(judge, max_message_bytes=int(limits.max_message_bytes), undumpable=not self._root)
         lock, workdir, group = None, None, None
@@ -592,7 +843,8 @@ class Sandbox:
                 group = _RunCgroup(self._cgroups, limits)
                 cfg["cgroup_procs"] = group.procs_files
             payload = json.dumps({"program": program_payload, "judge": judge}).encode()
-            return self._spawn(cfg, payload, stdin.encode(), None if judge is None else len(judge["tests"]), limits, group)
+            return self._spawn(cfg, payload, stdin.encode(), None if judge is None else len(judge["tests"]), limits, group,
+                               cells)
         finally:
             if group is not None:
                 group.kill()
@@ -602,8 +854,8 @@ class Sandbox:
             if lock is not None:
                 lock.close()
 
-    def _spawn(self, cfg, payload, stdin, n_tests, limits, group) -> SandboxResult:
-        tests = n_tests is not None
+    def _spawn(self, cfg, payload, stdin, n_tests, limits, group, cells=None) -> SandboxResult:
+        tests = n_tests is not None or cells is not None  # a report pipe: the judge's, or the cells harness's
         report_r, report_w = os.pipe() if tests else (None, None)
         if tests:
             os.set_inheritable(report_w, True)
@@ -632,17 +884,23 @@ class Sandbox:
         writer.join(timeout=1)
         if returncode is None:
             returncode = proc.wait()
-        passed, done = _parse_report(report, n_tests) if tests else ([], False)
+        passed, done = _parse_report(report, n_tests) if n_tests is not None else ([], False)
+        completed = _cells_completed(report, cells[1]) if cells is not None else 0
+        finished = (done if n_tests is not None else completed == len(cells[0]) if cells is not None else True)
+        oom = group is not None and group.oom_kills()
+        limit = {"timeout": "wall_seconds=%g" % limits.wall_seconds,
+                 "output_limit": "max_output_bytes=%d" % limits.max_output_bytes}.get(status or "", "")
         if status is None:
             if returncode == _EXIT_SETUP_FAILED and b"sandbox setup failed" in err:
                 status = "setup_failed"
-            elif (done and returncode == 0) or (not tests and returncode == 0):
+            elif finished and returncode == 0:
                 status = "ok"
             elif returncode in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL):
                 status = "timeout"
+                limit = "memory_mb=%d" % limits.memory_mb if oom else "cpu_seconds=%d" % max(1, int(limits.cpu_seconds))
             else:
                 status = "error"
-        if group is not None and group.oom_kills():
+        if oom:
             err += b"\nsandbox: the run reached memory_mb=%d and the kernel killed a process\n" % limits.memory_mb
         return SandboxResult(
             status=status,
@@ -652,6 +910,8 @@ class Sandbox:
             wall_seconds=wall,
             isolation=self.isolation,
             tests_passed=passed,
+            cells_completed=completed,
+            limit=limit,
         )
 
     def _collect(self, proc, report_fd, deadline, max_output):
@@ -743,6 +1003,17 @@ def _parse_report(report: bytes, n_tests: int) -> tuple[list[bool], bool]:
             seen.add(i)
             verdict[i] = parts[1] == "pass"
     return verdict, done
+
+
+def _cells_completed(report: bytes, nonce: str) -> int:
+    """How many cells, from the first on, the harness reported run to their end: ``<index>
+    <nonce>`` lines in order; a line without this run's token, or out of order, ends the count."""
+    count = 0
+    for line in report.decode("ascii", "replace").splitlines():
+        if line.split() != [str(count), nonce]:
+            break
+        count += 1
+    return count
 
 
 _isolation_cache: dict[str, str] = {}

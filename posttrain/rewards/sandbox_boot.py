@@ -10,18 +10,20 @@ Trusted steps (as the caller's uid; root in ``namespace`` isolation):
 
 1. open the run's cgroup ``cgroup.procs`` files (before the filesystem disappears);
 2. ``namespace``: unshare mount/network/IPC/UTS/PID namespaces; build a new root on a
-   size-limited tmpfs holding read-only bind mounts of only what the base interpreter
-   needs (``/usr``, its prefix, ``/lib*``, four ``/dev`` nodes) with every
-   ``site-packages``/``dist-packages`` directory covered by an empty read-only tmpfs and a
-   writable ``/tmp``; ``chroot`` into it. ``process``: ``chdir`` into the caller's temp dir;
+   size-limited tmpfs: the caller's root image (``sandbox.build_root_image``: the base
+   interpreter, its standard library and the shared libraries they load, nothing else)
+   through a read-only overlay of this run's own (its files' inodes, so their locks and
+   watches, belong to this run alone), a writable ``/tmp`` and fresh ``/dev`` nodes;
+   ``chroot`` into it. ``process``: ``chdir`` into the caller's temp dir;
 3. write each side's payload to a file that is opened and unlinked at once, so only the
    holder of the descriptor can read it;
 4. fork the supervisor (in ``namespace`` isolation the PID namespace's init: when it exits
    the kernel kills every other process of the run), which forks
    - the program: joins the run's cgroup, sets resource limits, drops to the run's uid with
      no groups (all capabilities lost), keeps only fds 0-2, its payload (3) and its end of
-     the call pipes (4 requests in, 5 replies out), installs the seccomp filter, ``exec``s
-     the base interpreter with ``sandbox_judge.py`` (role ``script`` or ``server``);
+     the call pipes (4 requests in, 5 replies out) or, for cells, the report pipe (4),
+     installs the seccomp filter, ``exec``s the base interpreter with ``sandbox_judge.py``
+     (role ``script``, ``server`` or ``cells``);
    - for test runs, the judge: the same steps under a second uid, without the cgroup (the
      program cannot starve it of memory), with fds 3 (its payload: tests, trusted
      prefix), 4 (replies in), 5 (requests out) and 6 (the report pipe to the caller); it
@@ -34,6 +36,7 @@ Trusted steps (as the caller's uid; root in ``namespace`` isolation):
 import json
 import os
 import resource
+import stat
 import sys
 
 EXIT_SETUP_FAILED = 120
@@ -42,7 +45,7 @@ CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = (
     0x00020000, 0x04000000, 0x08000000, 0x20000000, 0x40000000)
 PR_SET_PDEATHSIG, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 1, 22, 38, 36
 SECCOMP_MODE_FILTER = 2
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
 MAX_FD = 65536
 
 
@@ -97,36 +100,44 @@ def _read_exact(fd, n):
     return b"".join(chunks)
 
 
+DEVICES = (("null", 1, 3), ("zero", 1, 5), ("random", 1, 8), ("urandom", 1, 9))
+
+
 def _build_root(cfg, libc):
-    """Mount a tmpfs at /tmp (this namespace only) and build the new root under it."""
-    libc.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+    """Mount a tmpfs on the image's ``run`` directory (in this mount namespace only) and build
+    the new root in it.
+
+    The root is the caller's image (only the interpreter, its standard library and the
+    libraries they load) seen through an overlay of this run's own, so every file has an
+    inode of this run alone: a lock (``flock``/``fcntl``) or a watch on it is invisible to
+    other runs and to the host. /tmp is a directory of the size-limited tmpfs; /dev is a
+    tmpfs of fresh device nodes (no host device inode is shared either).
+    """
+    run = cfg["image"] + "/run"
+    libc.mount("tmpfs", run, "tmpfs", MS_NOSUID | MS_NODEV,
                "size=%dk,nr_inodes=%d,mode=755" % (cfg["tmpfs_kb"], cfg["tmpfs_inodes"]))
-    root = "/tmp/root"
+    root, scratch = run + "/root", run + "/scratch"
     os.mkdir(root, 0o755)
-    for name in ("bin", "lib", "lib64", "sbin", "lib32", "libx32"):
-        host = "/" + name
-        if os.path.islink(host):
-            os.symlink(os.readlink(host), root + host)
-    for host in cfg["ro_binds"]:
-        if not os.path.exists(host):
-            continue
-        target = root + host
-        if os.path.isdir(host):
-            os.makedirs(target, 0o755, exist_ok=True)
-        else:
-            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
-            open(target, "w").close()
-        libc.mount(host, target, None, MS_BIND | MS_REC)
-        libc.mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    for hidden in cfg["masked"]:  # site-packages and friends: an empty, read-only directory
-        if os.path.isdir(root + hidden):
-            libc.mount("tmpfs", root + hidden, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV, "size=4k,nr_inodes=4,mode=555")
-    os.makedirs(root + "/dev", 0o755)
-    for node in ("null", "zero", "random", "urandom"):
-        open(root + "/dev/" + node, "w").close()
-        libc.mount("/dev/" + node, root + "/dev/" + node, None, MS_BIND)
-    os.mkdir(root + "/tmp")
-    os.chmod(root + "/tmp", 0o1777)
+    os.mkdir(scratch)
+    os.chmod(scratch, 0o1777)
+    image, empty = cfg["image"] + "/root", cfg["image"] + "/empty"
+    readonly = MS_RDONLY | MS_NOSUID | MS_NODEV
+    if cfg["overlay"]:
+        libc.mount("overlay", root, "overlay", readonly, "lowerdir=%s:%s" % (empty, image))
+    else:
+        libc.mount(image, root, None, MS_BIND | MS_REC)
+        libc.mount(None, root, None, MS_BIND | MS_REMOUNT | readonly)
+    libc.mount(scratch, root + "/tmp", None, MS_BIND)
+    libc.mount("tmpfs", root + "/dev", "tmpfs", MS_NOSUID | MS_NOEXEC, "size=4k,nr_inodes=16,mode=755")
+    for name, major, minor in DEVICES:
+        path = root + "/dev/" + name
+        try:
+            os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+            os.chmod(path, 0o666)
+        except PermissionError:  # a device cgroup that refuses mknod: the host's node instead
+            open(path, "w").close()
+            libc.mount("/dev/" + name, path, None, MS_BIND)
+    libc.mount(None, root + "/dev", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NOEXEC)
     return root
 
 
@@ -200,8 +211,10 @@ def _supervise(cfg, libc, program_fd, judge_fd, cgroup_fds):
             for fd in cgroup_fds:
                 os.write(fd, b"0")  # "0": the writing process itself (and all it will fork)
             fds = {3: program_fd, 4: req_r, 5: rep_w} if tests else {3: program_fd}
+            if cfg["role"] == "cells":  # the harness's own pipe: which cells ran to their end
+                fds[4] = cfg["report_fd"]
             _place_fds(fds)
-            _exec_sandboxed(cfg, libc, "server" if tests else "script", cfg["uid"], cfg["memory_bytes"])
+            _exec_sandboxed(cfg, libc, cfg["role"], cfg["uid"], cfg["memory_bytes"])
         except BaseException as e:
             os.write(2, ("sandbox setup failed: %s\n" % e).encode())
         os._exit(EXIT_SETUP_FAILED)
@@ -215,7 +228,7 @@ def _supervise(cfg, libc, program_fd, judge_fd, cgroup_fds):
                 os.dup2(2, 1)
                 _place_fds({3: judge_fd, 4: rep_r, 5: req_w, 6: cfg["report_fd"]})
                 os.chdir("/")
-                judge_memory = max(cfg["memory_bytes"], 1 << 30)
+                judge_memory = cfg["memory_bytes"]  # the program's own bound, per process
                 if cfg["isolation"] != "namespace":
                     # this interpreter's standard library may be out of the judge uid's reach
                     # (a private home): run the judge in the program's interpreter instead

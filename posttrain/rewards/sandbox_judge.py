@@ -9,6 +9,10 @@ start-up; role ``judge`` in ``process`` isolation). ``posttrain.rewards.sandbox`
 Roles:
 
 - ``script``: run the program as ``__main__`` with the caller's stdin (stdin/stdout tests).
+- ``cells``: run a session's cells in one namespace, the output of all but the last sent to
+  ``/dev/null``, and after each cell returns write ``<index> <token>`` on fd 4 (the
+  caller's report pipe; the token is the run's own, from the payload); an exception prints
+  its traceback from the cell's own frame and ends the run with status 1.
 - ``server`` (untrusted uid): run the program, say ``("ready",)`` on fd 5, then answer
   call requests on fd 4 with replies on fd 5 until fd 4 closes. A request is ``(name, args, kwargs)``; a reply is
   ``("ok", value)`` or ``("raise", exception type name, message)``. The server is the
@@ -26,7 +30,9 @@ Wire format: a 10-digit byte length, then JSON of tagged values. Exact builtin t
 when encoding, and the judge's decoder builds fresh builtins from JSON, so an object
 whose ``__eq__`` always returns True, or an ``int`` subclass, cannot cross. Replies are
 capped in bytes (``max_reply_bytes``), nesting depth (``MAX_DEPTH``) and node count
-(``MAX_NODES``).
+(``MAX_NODES``, counted in the bytes before any value is built); the judge decodes them under
+the run's ``memory_mb`` (its address-space limit, as the program's), so a reply too costly to
+decode fails its test instead of growing the judge.
 
 Exceptions the program raises re-raise in the judge as the builtin class of that name when
 it is a subclass of ``Exception`` other than ``StopIteration``/``StopAsyncIteration``
@@ -38,6 +44,7 @@ program defines cannot be called from tests (only functions and other callables 
 import builtins
 import json
 import os
+import re
 import sys
 
 MAX_DEPTH = 100
@@ -152,7 +159,8 @@ def _read_exact(fd, n):
 
 
 def read_message(fd, max_bytes):
-    """The next value on ``fd``; None at a clean end of stream; WireError on anything odd."""
+    """The next value on ``fd``; None at a clean end of stream; WireError on anything odd,
+    including a message this process has no memory left to decode."""
     head = _read_exact(fd, 10)
     if head is None:
         return None
@@ -161,14 +169,41 @@ def read_message(fd, max_bytes):
     n = int(head)
     if n > max_bytes:
         raise WireError("message of %d bytes is over the %d-byte cap" % (n, max_bytes))
-    body = _read_exact(fd, n)
+    try:
+        return _decode_body(_read_exact(fd, n))
+    except MemoryError:
+        raise WireError("message of %d bytes needs more memory than the run's memory_mb to decode" % n) from None
+
+
+def _decode_body(body):
     if body is None:
         raise WireError("message truncated")
+    if json_value_count(body) > 4 * MAX_NODES:  # what json_value_count counts for one part: 4 at most
+        raise WireError("message holds more than the %d parts a value may have" % MAX_NODES)
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError) as e:
         raise WireError("message is not valid JSON (%s)" % str(e)[:100]) from None
+    del body
     return decode(obj)
+
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def json_value_count(body):
+    """An upper bound on the number of values in the JSON text ``body`` (commas and brackets
+    outside strings, plus one), found without building them; a part ``decode`` counts is at
+    most 4 of these (``["l",[]]``). JSON objects never cross the wire, so a
+    body holding one is refused here, before ``json.loads`` would build millions of dicts.
+
+    >>> json_value_count(b'["t",["ok",["l",[1,"a,[b",[]]]]]')  # 10 values
+    11
+    """
+    bare = _JSON_STRING.sub(b"0", body)
+    if b"{" in bare:
+        raise WireError("malformed message: JSON objects never cross the wire")
+    return bare.count(b",") + bare.count(b"[") + 1
 
 
 def write_all(fd, data):
@@ -243,6 +278,59 @@ def run_script():
         sys.addaudithook(_audit_hook(os.path.realpath(os.getcwd())))
     code = compile(payload.pop("program"), "solution.py", "exec")
     exec(code, _program_namespace())
+
+
+def run_cells():
+    payload = _read_payload()
+    if payload.get("audit"):
+        sys.addaudithook(_audit_hook(os.path.realpath(os.getcwd())))
+    _run_cells(payload.pop("cells"), payload.pop("nonce").encode())
+
+
+def _run_cells(cells, token, write=os.write, dup=os.dup, dup2=os.dup2, close=os.close, stdout=sys.stdout,
+               stderr=sys.stderr, run=exec, build=compile, exit_now=os._exit):
+    """The ``cells`` harness. Whatever it calls is bound here, before any cell runs, so a cell
+    that patches ``os``, ``sys`` or the builtins changes nothing the harness does next."""
+    import linecache
+    import traceback
+
+    print_exception = traceback.print_exception
+    scope = _program_namespace()
+    sink = os.open(os.devnull, os.O_WRONLY)
+    last = len(cells) - 1
+    for index, source in enumerate(cells):
+        name = "<cell %d>" % (index + 1)
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        saved = None
+        if index < last:  # a replayed cell: its output, from Python or straight to fd 1, is dropped
+            _flush(stdout, sys.stdout)
+            saved = dup(1)
+            dup2(sink, 1)
+        try:
+            run(build(source, name, "exec"), scope)
+        except BaseException as error:  # SystemExit too: a cell that exits did not run to its end
+            _flush(stdout, sys.stdout)
+            if saved is not None:
+                dup2(saved, 1)
+            try:
+                print_exception(type(error), error, error.__traceback__.tb_next, file=stderr)
+            except BaseException:
+                write(2, ("%s in %s\n" % (type(error).__name__, name)).encode())
+            _flush(stderr, sys.stderr)
+            exit_now(1)
+        _flush(stdout, sys.stdout)
+        if saved is not None:
+            dup2(saved, 1)
+            close(saved)
+        write(4, b"%d %s\n" % (index, token))
+
+
+def _flush(*streams):
+    for stream in streams:
+        try:
+            stream.flush()
+        except BaseException:
+            pass
 
 
 def run_server():
@@ -389,4 +477,4 @@ def run_judge():
 
 
 if __name__ == "__main__":
-    {"script": run_script, "server": run_server, "judge": run_judge}[sys.argv[1]]()
+    {"script": run_script, "server": run_server, "judge": run_judge, "cells": run_cells}[sys.argv[1]]()
