@@ -1,11 +1,11 @@
-"""Contract: posttrain.algorithms imports only torch (and its own modules / stdlib typing)."""
+"""Contract: posttrain.algorithms imports only torch (and its own modules, stdlib typing, math, dataclasses)."""
 
 import ast
 import pathlib
 
 import posttrain.algorithms as algorithms
 
-ALLOWED_ROOTS = {"torch", "__future__", "typing", "math", "posttrain"}
+ALLOWED_ROOTS = {"torch", "__future__", "typing", "math", "dataclasses", "posttrain"}
 
 
 def test_algorithms_import_only_torch():

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from posttrain.algorithms.policy import (
+    POLICY_LOSSES,
+    PolicyLossOptions,
     cispo_policy_loss,
     entropy_bonus,
     gspo_policy_loss,
@@ -224,3 +226,20 @@ def test_cispo_and_ppo_have_the_same_gradient_on_policy():
     ppo, _ = ppo_policy_loss(logp, logp.detach(), adv, torch.ones(1, 3), step_trained_tokens=3, step_sequences=1)
     (g_ppo,) = torch.autograd.grad(ppo, logp)
     torch.testing.assert_close(g_cispo, g_ppo)
+
+
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+def test_every_registered_loss_is_the_policy_gradient_on_policy(name):
+    """At ratio 1 with one advantage per sequence, any policy loss's gradient is the plain
+    policy gradient -A / n on trained tokens and 0 on masked ones (packed, unequal lengths)."""
+    logp = torch.tensor([-1.0, -2.0, -0.5, -3.0, -1.5, -9.0], requires_grad=True)
+    adv = torch.tensor([0.5, 0.5, -2.0, -2.0, -2.0, 4.0])
+    mask = torch.tensor([1, 1, 1, 1, 1, 0])
+    seq = torch.tensor([0, 0, 1, 1, 1, 1])
+    loss, metrics = POLICY_LOSSES[name](logp, logp.detach(), adv, mask, PolicyLossOptions(clip_high=0.28),
+                                        loss_agg_mode="token-mean", step_trained_tokens=5, step_sequences=2,
+                                        sequence_index=seq)
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, torch.where(mask.bool(), -adv / 5, torch.zeros(6)))
+    assert {"pg_loss", "clip_frac", "ratio/mean", "ratio/min", "ratio/max", "approx_kl"} <= set(metrics)
+    assert metrics["clip_frac"] == 0.0 and metrics["ratio/mean"] == pytest.approx(1.0)

@@ -39,6 +39,8 @@ from posttrain.algorithms.kl import (
 )
 from posttrain.algorithms.policy import (
     GSPO_IMPORTANCE_LEVELS,
+    POLICY_LOSSES,
+    PolicyLossOptions,
     cispo_policy_loss,
     entropy_bonus,
     gspo_policy_loss,
@@ -80,5 +82,6 @@ __all__ = [
     "KL_ESTIMATORS", "kl_estimate", "FixedKLController", "AdaptiveKLController",
     "make_kl_controller",
     "ppo_policy_loss", "gspo_policy_loss", "cispo_policy_loss", "GSPO_IMPORTANCE_LEVELS",
+    "POLICY_LOSSES", "PolicyLossOptions",
     "sequence_mean_per_token", "value_loss", "entropy_bonus",
 ]

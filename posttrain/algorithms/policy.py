@@ -35,6 +35,9 @@ trained tokens. Imports only torch.
 
 from __future__ import annotations
 
+from typing import Callable
+from dataclasses import dataclass
+
 import torch
 
 from posttrain.algorithms.aggregate import aggregate_token_losses, masked_mean
@@ -384,3 +387,49 @@ def entropy_bonus(
     with torch.no_grad():
         metrics = {"entropy": masked_mean(entropy.float(), loss_mask)}
     return loss, metrics
+
+
+@dataclass(frozen=True)
+class PolicyLossOptions:
+    """The scalars a policy loss may read (each loss reads the ones its docstring names).
+
+    clip_low, clip_high: ratio / weight bounds 1 - clip_low, 1 + clip_high (None = clip_low).
+    dual_clip_c: ``ppo_clip`` only; None = off.
+    importance_level: ``gspo`` only: "sequence" or "token".
+    """
+
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    dual_clip_c: float | None = None
+    importance_level: str = "sequence"
+
+
+PolicyLoss = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+"""``loss(logp, old_logp, advantages, loss_mask, options, *, loss_agg_mode,
+step_trained_tokens, step_sequences, sequence_index=None) -> (loss, metrics)``: the tensors
+as in ``ppo_policy_loss``, ``options`` a ``PolicyLossOptions``; metrics carry at least
+``pg_loss``, ``clip_frac``, ``ratio/mean``, ``ratio/min``, ``ratio/max`` and ``approx_kl``."""
+
+
+def _ppo_clip(logp, old_logp, advantages, loss_mask, options: PolicyLossOptions, **aggregation):
+    return ppo_policy_loss(logp, old_logp, advantages, loss_mask, clip_low=options.clip_low,
+                           clip_high=options.clip_high, dual_clip_c=options.dual_clip_c, **aggregation)
+
+
+def _gspo(logp, old_logp, advantages, loss_mask, options: PolicyLossOptions, **aggregation):
+    return gspo_policy_loss(logp, old_logp, advantages, loss_mask, clip_low=options.clip_low,
+                            clip_high=options.clip_high, importance_level=options.importance_level, **aggregation)
+
+
+def _cispo(logp, old_logp, advantages, loss_mask, options: PolicyLossOptions, **aggregation):
+    return cispo_policy_loss(logp, old_logp, advantages, loss_mask, clip_low=options.clip_low,
+                             clip_high=options.clip_high, **aggregation)
+
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "ppo_clip": _ppo_clip,
+    "gspo": _gspo,
+    "cispo": _cispo,
+}
+"""The policy-loss registry: ``rl.policy_loss`` names one. To add a loss, write its pure
+function above and add one line here."""
