@@ -403,6 +403,14 @@ def test_python_tool_times_out(box):
     assert ToolBox([PythonTool(box)]).run_call(ToolCall("python", {"code": 1}, "c"), {}, 1.0).is_error
 
 
+def test_python_tool_reports_the_limit_that_fired_not_its_own_timeout():
+    """The sandbox's own wall clock (1 s) or CPU limit (1 s) ends a call the tool gave 5 s."""
+    tight = Sandbox(SandboxLimits(wall_seconds=1, cpu_seconds=1), isolation="auto", max_workers=1)
+    assert PythonTool(tight).run({"code": "import time\ntime.sleep(10)"}, {}, 5.0) == ("timeout after 1s", True)
+    spin = Sandbox(SandboxLimits(wall_seconds=20, cpu_seconds=1), isolation="auto", max_workers=1)
+    assert PythonTool(spin).run({"code": "while True:\n    pass"}, {}, 5.0) == ("timeout after 1s of CPU time", True)
+
+
 def test_concurrent_sessions_share_nothing(tokenizer, box):
     eos = tokenizer.eos_token_id
     cell = lambda code: enc(tokenizer, inline.call_text("", code))  # noqa: E731

@@ -155,30 +155,6 @@ def error_tail(stderr: str, lines: int = 3) -> str:
     return "\n".join(kept[-lines:])
 
 
-def cell_program(cells: Sequence[str]) -> str:
-    """A script that runs ``cells`` in one fresh namespace, all but the last with stdout
-    suppressed (a replayed session), and reports an error in the last cell with a traceback
-    that starts in that cell (named ``<cell N>``) rather than in this wrapper."""
-    return (
-        "import contextlib as _contextlib, io as _io, linecache as _linecache, sys as _sys, traceback as _traceback\n"
-        f"_cells = {list(cells)!r}\n"
-        "_scope = {'__name__': '__main__'}\n"
-        "for _number, _source in enumerate(_cells, 1):\n"
-        "    _name = f'<cell {_number}>'\n"
-        "    _linecache.cache[_name] = (len(_source), None, _source.splitlines(True), _name)\n"
-        "    if _number < len(_cells):\n"
-        "        with _contextlib.redirect_stdout(_io.StringIO()):\n"
-        "            exec(compile(_source, _name, 'exec'), _scope)\n"
-        "        continue\n"
-        "    try:\n"
-        "        exec(compile(_source, _name, 'exec'), _scope)\n"
-        "    except BaseException as _error:  # SystemExit too: a cell that exits is an error, not a session cell\n"
-        "        _sys.stdout.flush()\n"
-        "        _traceback.print_exception(type(_error), _error, _error.__traceback__.tb_next)\n"
-        "        _sys.exit(1)\n"
-    )
-
-
 # ------------------------------------------------------------------------------ tools
 
 PYTHON_SCHEMA = {
@@ -197,15 +173,22 @@ PYTHON_SCHEMA = {
 
 @dataclass
 class PythonTool:
-    """The built-in ``python`` tool: runs code with ``Sandbox.run`` under a per-call wall-clock
-    limit. Observation: stdout (trailing newlines dropped); on an exception, stdout then the
-    last ``traceback_lines`` lines of the traceback; ``timeout after Xs`` on a timeout.
+    """The built-in ``python`` tool: runs code with ``Sandbox.run_cells`` under a per-call
+    wall-clock limit. Observation: stdout (trailing newlines dropped); on an exception, stdout
+    then the last ``traceback_lines`` lines of the traceback; on a limit, the limit that fired
+    (``timeout after Xs`` for the wall clock, the tool's timeout or the sandbox's own
+    ``wall_seconds`` if smaller; ``timeout after Xs of CPU time``; ``error: out of memory``).
+
+    A call succeeds only when its cell ran to its end, as the sandbox's harness reports it
+    (``Sandbox.run_cells``): a cell that exits, is killed or ends the interpreter any other
+    way is an error, whatever its exit status.
 
     ``session=True``: each trajectory keeps one interpreter state, rebuilt on every call by
-    replaying that trajectory's earlier successful cells (stdout suppressed) before the new
-    one, in a fresh sandbox run; the cells live in the trajectory's ``state`` dict, so no two
-    trajectories share anything. Replays count towards the call's timeout and recompute
-    (random values, clocks) rather than restore.
+    replaying that trajectory's earlier successful cells (output dropped) before the new
+    one, in a fresh sandbox run; each replayed cell too must run to its end, else the call is
+    an error. The cells live in the trajectory's ``state`` dict, so no two trajectories share
+    anything. Replays count towards the call's timeout and recompute (random values,
+    clocks) rather than restore.
     """
 
     sandbox: Sandbox
@@ -225,18 +208,48 @@ class PythonTool:
         cells = state.setdefault("python_cells", []) if self.session else []
         limits = replace(self.sandbox.limits, wall_seconds=min(timeout, self.sandbox.limits.wall_seconds),
                          cpu_seconds=min(max(1, math.ceil(timeout)), self.sandbox.limits.cpu_seconds))
-        result = self.sandbox.run(cell_program([*cells, code]), limits=limits)
+        result = self.sandbox.run_cells([*cells, code], limits=limits)
         stdout = result.stdout.rstrip("\n")
         if result.status == "ok":
             if self.session:
                 cells.append(code)
             return stdout, False
-        if result.status == "timeout":
-            return f"timeout after {timeout:g}s", True
-        if result.status == "output_limit":
-            return "error: output limit exceeded", True
-        tail = error_tail(result.stderr, self.traceback_lines) or f"error: exit status {result.returncode}"
+        if result.status in ("timeout", "output_limit"):
+            return limit_text(result.limit or f"wall_seconds={limits.wall_seconds:g}"), True
+        tail = error_tail(result.stderr, self.traceback_lines) or unfinished_text(
+            result.cells_completed, len(cells) + 1, result.returncode)
         return (f"{stdout}\n{tail}" if stdout else tail), True
+
+
+def limit_text(limit: str) -> str:
+    """What the model sees for a sandbox limit (``SandboxResult.limit``, ``name=value``).
+
+    >>> limit_text("wall_seconds=2.5"), limit_text("cpu_seconds=3")
+    ('timeout after 2.5s', 'timeout after 3s of CPU time')
+    """
+    name, _, value = limit.partition("=")
+    if name == "wall_seconds":
+        return f"timeout after {float(value):g}s"
+    if name == "cpu_seconds":
+        return f"timeout after {value}s of CPU time"
+    if name == "memory_mb":
+        return f"error: out of memory (the sandbox allows {value} MB)"
+    return "error: output limit exceeded"
+
+
+def unfinished_text(completed: int, cells: int, returncode: int | None) -> str:
+    """Why a call without a traceback failed: which cell did not run to its end.
+
+    >>> unfinished_text(1, 3, 0)
+    'error: cell 2 of this session did not run to its end when replayed'
+    >>> unfinished_text(0, 1, 0)
+    'error: the cell ended the interpreter before it ran to its end (exit status 0)'
+    """
+    if completed < cells - 1:
+        return f"error: cell {completed + 1} of this session did not run to its end when replayed"
+    if completed < cells:
+        return f"error: the cell ended the interpreter before it ran to its end (exit status {returncode})"
+    return f"error: the interpreter exited with status {returncode} after the cell ran"
 
 
 def python_tool(session: bool = False, isolation: str = "auto", unsafe_process_isolation: bool = False,
