@@ -459,7 +459,7 @@ def serve_verifier() -> None:
 
 class _Worker:
     """One verifier process; ``ask`` waits at most the sample's seconds (plus a grace) for its
-    answer and kills the process when it does not come."""
+    answer and kills the process when it does not come, or when it reports an overrun."""
 
     def __init__(self) -> None:
         package_root = str(Path(__file__).resolve().parents[2])
@@ -508,7 +508,10 @@ class _Worker:
         if not line:
             self.kill()
             return {"unverified": "the verifier process ended (memory limit or crash)"}
-        return json.loads(line)
+        reply = json.loads(line)
+        if reply.get("unverified"):  # interrupted mid-computation: sympy's caches may be half-written
+            self.kill()
+        return reply
 
     def kill(self) -> None:
         self.alive = False
