@@ -112,6 +112,11 @@ COLUMNS_HELP = ("rename row fields before anything reads them: {target: source},
                 "fields, e.g. {prompt: question, answer: reward_model.ground_truth}")
 
 
+SPECIAL_TEXT_HELP = ("text of a row that holds the string of a special or added token of the tokenizer (<|im_end|>, "
+                     "<file_sep>...) would become that control token: false refuses the row, true keeps every such "
+                     "string as its token, a list keeps those strings only; tool results are always defused")
+
+
 class DataConfig(Section):
     train: str | None = Field(None, description=f"training data: {DATA_SOURCE}")
     val: str | None = Field(None, description="held-out data, same kinds as train (else val_fraction of train)")
@@ -130,6 +135,7 @@ class DataConfig(Section):
     )
     skip_bad: bool = Field(False, description="skip (and count) malformed rows instead of stopping")
     allow_audit_errors: bool = Field(False, description="start training even if the pre-flight audit finds hard errors")
+    allow_special_tokens_in_text: bool | list[str] = Field(False, description=SPECIAL_TEXT_HELP)
     limit: int | None = Field(None, gt=0, description="use only the first N rows")
 
 
@@ -390,6 +396,7 @@ class RLDataConfig(Section):
     max_prompt_length: int = Field(512, gt=0, description="prompts longer than this many tokens are dropped (counted)")
     limit: int | None = Field(None, gt=0, description="use only the first N training rows")
     eval_limit: int | None = Field(None, gt=0, description="use only the first N held-out rows")
+    allow_special_tokens_in_text: bool | list[str] = Field(False, description=SPECIAL_TEXT_HELP)
 
 
 class RolloutConfig(Section):

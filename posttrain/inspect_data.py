@@ -191,7 +191,8 @@ def _prepare(target: InspectTarget, path: str, tokenizer, n: int):
 
         prompts = load_prompt_data(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
                                    limit=data.limit, skip_bad=target.skip_bad, columns=data.columns,
-                                   reward_fields=reward_fields(target.config.reward))
+                                   reward_fields=reward_fields(target.config.reward),
+                                   allow_special_tokens_in_text=data.allow_special_tokens_in_text)
         samples = [RenderedSample(input_ids=p.prompt_ids, loss_mask=[0] * len(p.prompt_ids), line=p.line,
                                   source=str(path)) for p in prompts.prompts]
         return PreparedData(samples=samples, audit=prompts.audit)

@@ -225,7 +225,8 @@ def test_a_token_merge_split_is_not_called_a_history_rewrite(tokenizer, tmp_path
     row = {"messages": [{"role": "user", "content": "list"}, {"role": "assistant", "content": "- a\n- b\n\n"},
                         {"role": "user", "content": "more"}, {"role": "assistant", "content": "- c<|im_end|>"}]}
     path = write_rows(tmp_path / "m.jsonl", [row])
-    prepared = load_sft_data(path, merging, DataConfig())
+    # this template writes no end of turn after a reply: the row writes it, and says it means it
+    prepared = load_sft_data(path, merging, DataConfig(allow_special_tokens_in_text=["<|im_end|>"]))
     report = prepared.audit
     assert report.split == [] and [f.line for f in report.consistency_failures] == [1]
     assert "tokens merge across the turn boundary" in report.consistency_failures[0].message

@@ -32,11 +32,13 @@ class Agent:
     def prompt(self, messages: Any, prompt_ids: Sequence[int] | None, row: dict, where: str) -> AgentPrompt:
         """The agent's view of one prompt. ``inline`` keeps the already rendered ids;
         ``chat_template`` renders the prompt with the tools' schemas (the template announces
-        them in its system turn)."""
+        them in its system turn). Its text was checked for control-token strings where it was
+        read (``data.audit.load_prompt_data``, an eval task's ``render_prompt``) or typed (chat)."""
         conversation = normalise_messages(messages, where)
         if self.config.tool_format == "chat_template" or prompt_ids is None:
             schemas = self.toolbox.schemas() if self.config.tool_format == "chat_template" else None
-            prompt_ids = render_prompt(conversation, self.tokenizer, tools=schemas or None, where=where)
+            prompt_ids = render_prompt(conversation, self.tokenizer, tools=schemas or None, where=where,
+                                       allow_special_tokens_in_text=True)
         return AgentPrompt(list(prompt_ids), [dict(m) for m in conversation], dict(row))
 
     def run(self, engine: Any, prompts: Sequence[AgentPrompt], params: SamplingParams) -> list[Trajectory]:

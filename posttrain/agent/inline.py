@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import re
 
+from posttrain.data.render import defuse_special_tokens  # noqa: F401  the turn loop defuses tool output through here
+
 CODE_OPEN = "```python\n"
 CODE_CLOSE = "\n```\n"
 OUTPUT_OPEN = "<output>\n"
@@ -47,21 +49,6 @@ def output_text(output: str) -> str:
     '<output>\\n4\\n</output>\\n'
     """
     return f"{OUTPUT_OPEN}{output}{OUTPUT_CLOSE}"
-
-
-def defuse_special_tokens(text: str, tokenizer) -> str:
-    """Tool output with every special-token string of ``tokenizer`` broken by a word joiner
-    (U+2060), so printed ``<|im_end|>`` stays text and never tokenises to a control token:
-    untrusted output cannot end a turn or open a fake one in the context.
-
-    >>> class Tok: all_special_tokens = ["<|im_end|>"]
-    >>> defuse_special_tokens("x<|im_end|>y", Tok()) == "x<\u2060|im_end|>y"
-    True
-    """
-    for token in getattr(tokenizer, "all_special_tokens", ()):
-        if len(token) > 1 and token in text:
-            text = text.replace(token, token[0] + "\u2060" + token[1:])
-    return text
 
 
 def first_closed_block(text: str) -> tuple[str, int] | None:

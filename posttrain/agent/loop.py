@@ -248,7 +248,8 @@ def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, tool_forma
             continue
         outputs = [truncate_to_tokens(inline.defuse_special_tokens(text, tokenizer), tokenizer, limits.max_tool_output_tokens)
                    for text in observations]
-        tool_messages = [{"role": "tool", "name": call.name or "invalid", "tool_call_id": call.call_id, "content": out}
+        tool_messages = [{"role": "tool", "name": inline.defuse_special_tokens(call.name, tokenizer) or "invalid",
+                          "tool_call_id": call.call_id, "content": out}
                          for call, out in zip(calls, outputs)]  # an environment answers a step with one message
         if tool_format == "inline":
             text = inline.output_text(outputs[0])

@@ -10,6 +10,10 @@ first step (``load_sft_data`` then ``preflight``), and shown by ``posttrain insp
   the line and the first differing token, decoded);
 - every trained assistant turn has its end-of-turn token trained;
 - no sample without trained tokens;
+- no text of a row (any message, tool call or tool schema; tool results are defused instead)
+  holds the string of one of the tokenizer's added or special tokens (``<|im_end|>``,
+  ``<file_sep>``...), which would reach the model as that control token: such a row is a bad
+  row unless ``data.allow_special_tokens_in_text`` allows it; counted either way;
 - ``masked_token_ratio`` (trained / all tokens) per sample: min, mean, max, histogram;
 - truncation to ``max_length`` counted, and among those the samples whose cut removed a
   trained end-of-turn token (the model will not learn to stop on them); a sample whose trained
@@ -40,7 +44,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.data.formats import BadRowError, conversation_from_row, read_rows_or_errors, text_from_row
-from posttrain.data.render import RenderedSample, RenderJob, render_batch, render_text, truncate_sample
+from posttrain.data.render import (
+    AllowControlText,
+    ControlTextError,
+    RenderedSample,
+    RenderJob,
+    render_batch,
+    render_text,
+    check_control_text,
+    truncate_sample,
+)
 from posttrain.errors import DataError
 from posttrain.log import say_stdout
 from posttrain.data.formats import prompt_from_row
@@ -79,6 +92,9 @@ class AuditReport:
     untrained_end_of_turn: list[Finding] = field(default_factory=list)
     empty_masks: list[int] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
+    # rows whose text holds a control-token string (data.allow_special_tokens_in_text)
+    control_text_kept: list[int] = field(default_factory=list)  # allowed: rendered as the control token
+    control_text_refused: list[int] = field(default_factory=list)  # refused and skipped (skip_bad)
     seconds: float = 0.0
 
     @property
@@ -129,6 +145,9 @@ class AuditReport:
             "consistency_failures": {"count": len(self.consistency_failures), "samples": findings(self.consistency_failures)},
             "untrained_end_of_turn": {"count": len(self.untrained_end_of_turn), "samples": findings(self.untrained_end_of_turn)},
             "empty_masks": {"count": len(self.empty_masks), "lines": self.empty_masks},
+            "special_token_text": {"kept": {"count": len(self.control_text_kept), "lines": self.control_text_kept},
+                                   "refused": {"count": len(self.control_text_refused),
+                                               "lines": self.control_text_refused}},
             "warnings": findings(self.warnings),
             "hard_errors": len(self.hard_errors),
             "ok": not self.hard_errors,
@@ -163,6 +182,7 @@ class AuditReport:
         if self.bad_rows:
             lines.append(_count_line("bad rows skipped", [f.line for f in self.bad_rows]))
             lines += [f"    {f.message}" for f in self.bad_rows[:3]]
+        lines += self._control_text_lines()
         lines.append(_count_line("consistency failures", [f.line for f in self.consistency_failures], hard=True))
         lines += [f"    line {f.line}: {f.message}" for f in self.consistency_failures[:3]]
         lines.append(_count_line("untrained end-of-turn", [f.line for f in self.untrained_end_of_turn], hard=True))
@@ -177,6 +197,16 @@ class AuditReport:
         lines.append(f"  result: {'OK' if not errors else f'{len(errors)} hard error(s)'} ({self.seconds:.2f} s)")
         return lines
 
+    def _control_text_lines(self) -> list[str]:
+        """The rows whose text holds control-token strings, kept or refused (none: no line)."""
+        lines = []
+        if self.control_text_kept:
+            lines.append(_count_line("text holding special-token strings, kept as control tokens "
+                                     "(data.allow_special_tokens_in_text)", self.control_text_kept))
+        if self.control_text_refused:
+            lines.append(_count_line("text holding special-token strings, refused (among the bad rows)",
+                                     self.control_text_refused))
+        return lines
 
     def _prompt_summary_lines(self) -> list[str]:
         mean = f", mean {self.tokens / self.samples:.1f} per prompt" if self.samples else ""
@@ -186,11 +216,25 @@ class AuditReport:
         if self.bad_rows:
             lines.append(_count_line("bad rows skipped", [f.line for f in self.bad_rows]))
             lines += [f"    {f.message}" for f in self.bad_rows[:3]]
+        lines += self._control_text_lines()
         if self.samples == 0:
             lines.append("  no usable prompt  <- hard error")
         errors = self.hard_errors
         lines.append(f"  result: {'OK' if not errors else f'{len(errors)} hard error(s)'} ({self.seconds:.2f} s)")
         return lines
+
+
+def note_control_text(report: AuditReport, line: int, outcome: RenderedSample | DataError) -> None:
+    """Count a row in ``report`` when its text holds control-token strings: kept (a sample whose
+    ``control_text`` is set) or refused (a ``ControlTextError``)."""
+    if isinstance(outcome, ControlTextError):
+        found = report.control_text_refused
+    elif isinstance(outcome, RenderedSample) and outcome.control_text:
+        found = report.control_text_kept
+    else:
+        return
+    if not found or found[-1] != line:
+        found.append(line)
 
 
 def _count_line(label: str, lines: list[int], hard: bool = False) -> str:
@@ -255,11 +299,13 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
     report = AuditReport(source=source)
     samples: list[RenderedSample] = []
     pending: list[tuple[int, RenderJob | DataError]] = []
+    allow_control_text = data_config.allow_special_tokens_in_text
     options = dict(
         train_on=data_config.train_on,
         train_tool_calls=data_config.train_tool_calls,
         history_rewrite=data_config.history_rewrite,
         tool_format=getattr(data_config, "tool_format", "chat_template"),  # SFT data only (config.SFTDataConfig)
+        allow_special_tokens_in_text=allow_control_text,
     )
 
     def flush() -> None:
@@ -270,6 +316,7 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
                 if not data_config.skip_bad:
                     raise BadRowError(str(result)) from None
                 report.bad_rows.append(Finding(line, str(result)))
+                note_control_text(report, line, result)
                 continue
             report.rows += 1
             if any(sample.split_reason == "history rewrite" for sample in result):
@@ -286,7 +333,8 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
             pending.append((line, row))
         elif text_from_row(row) is not None:
             try:
-                pending.append((line, [render_text(text_from_row(row), tokenizer, line=line, source=source)]))
+                pending.append((line, [render_text(text_from_row(row), tokenizer, line=line, source=source,
+                                                   allow_special_tokens_in_text=allow_control_text)]))
                 report.text_rows.append(line)
             except DataError as exc:
                 pending.append((line, exc))
@@ -315,7 +363,7 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
         sample: a rendered sample (``data.render.RenderedSample``).
         report: the file's ``AuditReport``; updated in place (consistency failures,
             warnings, empty masks, truncated / dropped lines, untrained end-of-turn tokens,
-            and for kept samples the sample / token / trained-token counts and ratio).
+            control-token text kept (``note_control_text``), and for kept samples the sample / token / trained-token counts and ratio).
         max_length: ``data.max_length`` in tokens.
         truncation: ``data.truncation``: ``right`` cuts the sample, ``drop`` skips it,
             ``error`` raises.
@@ -329,6 +377,7 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
         DataError: one line naming ``where``, for a too-long sample with ``truncation="error"``.
     """
     line = sample.line
+    note_control_text(report, line, sample)
     for problem in sample.consistency_errors:
         report.consistency_failures.append(Finding(line, problem))
     for message in sorted(set(sample.warnings)):
@@ -365,7 +414,8 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
 
 def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
                      too_long: str = "drop", limit: int | None = None, skip_bad: bool = False,
-                     columns: dict[str, str] | None = None, reward_fields: dict[str, str] | None = None) -> PreparedPrompts:
+                     columns: dict[str, str] | None = None, reward_fields: dict[str, str] | None = None,
+                     allow_special_tokens_in_text: AllowControlText = False) -> PreparedPrompts:
     """Read, check and render an RL prompt file, auditing it like SFT data.
 
     Every row must parse and hold a non-empty prompt (``data.formats.prompt_from_row``) that
@@ -378,6 +428,9 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
     ``columns`` (``data.columns``) renames fields first. ``reward_fields`` (``{field: reward}``,
     ``rewards.registry.reward_fields``): a row without one of them is a bad row naming the
     field, since its reward would score every completion 0 without a word.
+    ``allow_special_tokens_in_text`` (``data.allow_special_tokens_in_text``): a row whose text
+    holds a control-token string it does not allow is a bad row (``render.check_control_text``);
+    rows holding one are counted either way.
     """
 
     if too_long not in ("drop", "error"):
@@ -392,12 +445,18 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
                 raise row
             prompt = prompt_from_row(row, where, system=system)
             check_reward_fields(prompt.extra, reward_fields or {}, where)
-            ids = render_prompt(prompt.messages, tokenizer, tools=prompt.tools, where=where)
+            kept = check_control_text({"messages": prompt.messages, "tools": prompt.tools}, tokenizer,
+                                      allow_special_tokens_in_text, where)
+            ids = render_prompt(prompt.messages, tokenizer, tools=prompt.tools, where=where,
+                                allow_special_tokens_in_text=True)  # checked above
         except DataError as exc:
             if not skip_bad:
                 raise BadRowError(str(exc)) from None
             report.bad_rows.append(Finding(line, str(exc)))
+            note_control_text(report, line, exc)
             continue
+        if kept:
+            report.control_text_kept.append(line)
         report.rows += 1
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             if too_long == "error":
@@ -474,12 +533,14 @@ def _math_reference_problem(value: Any) -> str | None:
 def preflight_prompts(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
                       too_long: str = "drop", limit: int | None = None,
                       print_fn: Callable[[str], Any] | None = say_stdout, columns: dict[str, str] | None = None,
-                      reward_fields: dict[str, str] | None = None) -> PreparedPrompts:
+                      reward_fields: dict[str, str] | None = None,
+                      allow_special_tokens_in_text: AllowControlText = False) -> PreparedPrompts:
     """``load_prompt_data`` then ``preflight``: what ``posttrain rl`` runs on its prompt files
     before any model loads (one-line DataError naming ``file:line`` on a bad row, or on a row
     without a field its reward reads)."""
     prepared = load_prompt_data(path, tokenizer, system=system, max_prompt_length=max_prompt_length,
-                                too_long=too_long, limit=limit, columns=columns, reward_fields=reward_fields)
+                                too_long=too_long, limit=limit, columns=columns, reward_fields=reward_fields,
+                                allow_special_tokens_in_text=allow_special_tokens_in_text)
     preflight(prepared, print_fn=print_fn)
     return prepared
 

@@ -59,11 +59,12 @@ render through the template as usual.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 from posttrain.data.formats import normalise_messages
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 HistoryRewrite = Literal["split", "error"]
@@ -102,6 +103,7 @@ class RenderedSample:
     untrained_end_of_turn: list[int] = field(default_factory=list)  # 0-based message indices
     cut_end_of_turn: list[int] = field(default_factory=list)  # trained replies whose end-of-turn truncation cut off
     warnings: list[str] = field(default_factory=list)
+    control_text: str = ""  # a control-token string the row's text holds, kept as the token (check_control_text)
 
     @property
     def num_tokens(self) -> int:
@@ -181,6 +183,7 @@ def render_conversation(
     chat_template_kwargs: dict[str, Any] | None = None,
     message_spans: bool = False,
     tool_format: ToolFormat = "chat_template",
+    allow_special_tokens_in_text: AllowControlText = False,
 ) -> list[RenderedSample]:
     """Render normalised ``messages`` (``formats.normalise_messages``) into training samples.
 
@@ -192,13 +195,17 @@ def render_conversation(
     (for ``inspect``); without it, consecutive non-assistant messages form one span.
     ``tool_format="inline"``: python tool use in the last turn is laid out by posttrain
     (``agent/inline.py``, module docstring), not by the template.
+    Tool results are defused (``defuse_tool_results``) as the RL turn loop defuses tool output;
+    any other text holding a control-token string is refused unless
+    ``allow_special_tokens_in_text`` allows it (``check_control_text``).
     Raises DataError (naming ``source:line``) when the conversation cannot be rendered
-    faithfully (template error, dropped tool calls or tool results).
+    faithfully (template error, dropped tool calls or tool results, control-token text).
     """
     job = RenderJob(messages, tools, line, source, message_spans)
     (result,) = render_batch(
         [job], tokenizer, train_on=train_on, train_tool_calls=train_tool_calls,
         history_rewrite=history_rewrite, chat_template_kwargs=chat_template_kwargs, tool_format=tool_format,
+        allow_special_tokens_in_text=allow_special_tokens_in_text,
     )
     if isinstance(result, DataError):
         raise result
@@ -214,23 +221,27 @@ def render_batch(
     history_rewrite: HistoryRewrite = "split",
     chat_template_kwargs: dict[str, Any] | None = None,
     tool_format: ToolFormat = "chat_template",
+    allow_special_tokens_in_text: AllowControlText = False,
 ) -> list[list[RenderedSample] | DataError]:
     """``render_conversation`` for many conversations, with ONE tokenizer call for all their prefix
     texts (a fast tokenizer spreads a batch over the CPU cores). Returns, per job, its samples or
-    the DataError that makes it a bad row."""
+    the DataError that makes it a bad row (a ``ControlTextError`` for control-token text)."""
     if tool_format not in ("chat_template", "inline"):
         raise ValueError(f"tool_format must be chat_template or inline, got {tool_format!r}")
     kwargs = dict(chat_template_kwargs or {})
-    planned: list[tuple[int, list[str], _InlineRun | None] | DataError] = []
+    planned: list[tuple[int, list[str], _InlineRun | None, str] | DataError] = []
     all_texts: list[str] = []
+    jobs = [replace(job, messages=defuse_tool_results(job.messages, tokenizer)) for job in jobs]
     for job in jobs:
         try:
+            kept = check_control_text({"messages": job.messages, "tools": job.tools}, tokenizer,
+                                      allow_special_tokens_in_text, job.where)
             run = _inline_run(job.messages, job.where) if tool_format == "inline" else None
             texts = _prefix_texts(job, tokenizer, kwargs, run)
         except DataError as exc:
             planned.append(exc)
             continue
-        planned.append((len(all_texts), texts, run))
+        planned.append((len(all_texts), texts, run, kept))
         all_texts.extend(texts)
     all_ids = encode_texts(tokenizer, all_texts)
     results: list[list[RenderedSample] | DataError] = []
@@ -238,14 +249,16 @@ def render_batch(
         if isinstance(plan, DataError):
             results.append(plan)
             continue
-        offset, texts, run = plan
+        offset, texts, run, kept = plan
         try:
-            results.append(
-                _samples_from_prefixes(job, tokenizer, texts, all_ids[offset : offset + len(texts)], train_on,
-                                       train_tool_calls, history_rewrite, kwargs, run)
-            )
+            samples = _samples_from_prefixes(job, tokenizer, texts, all_ids[offset : offset + len(texts)], train_on,
+                                             train_tool_calls, history_rewrite, kwargs, run)
         except DataError as exc:
             results.append(exc)
+            continue
+        for sample in samples:
+            sample.control_text = kept
+        results.append(samples)
     return results
 
 
@@ -327,11 +340,13 @@ def _samples_from_prefixes(job: RenderJob, tokenizer, texts, ids, train_on, trai
     return samples
 
 
-def render_text(text: str, tokenizer, *, line: int = 0, source: str = "") -> RenderedSample:
+def render_text(text: str, tokenizer, *, line: int = 0, source: str = "",
+                allow_special_tokens_in_text: AllowControlText = False) -> RenderedSample:
     """A language-modelling row (TRL's ``{"text": ...}``): the text tokenised as it is (no chat
-    template, the tokenizer's own special tokens) with the end-of-sequence token appended, as
-    TRL's SFT trainer does for such rows; every token is a target except the first, which
-    nothing precedes. Empty text is a DataError naming the row.
+    template) with the end-of-sequence token appended, as TRL's SFT trainer does for such rows;
+    every token is a target except the first, which nothing precedes. Empty text is a DataError
+    naming the row; so is text holding a control-token string that ``allow_special_tokens_in_text``
+    does not allow (``check_control_text``).
 
     >>> class Tok:
     ...     eos_token_id = 0
@@ -342,13 +357,14 @@ def render_text(text: str, tokenizer, *, line: int = 0, source: str = "") -> Ren
     """
     if not text.strip():
         raise DataError(f"{location(source, line)}: text is empty")
+    kept = check_control_text(text, tokenizer, allow_special_tokens_in_text, location(source, line), path="text")
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)
     loss_mask = [0] + [1] * (len(ids) - 1)
     return RenderedSample(input_ids=ids, loss_mask=loss_mask, line=line, source=source,
-                          spans=[Span(0, len(ids), "text", None, True)])
+                          spans=[Span(0, len(ids), "text", None, True)], control_text=kept)
 
 
 def render_prompt(
@@ -358,17 +374,248 @@ def render_prompt(
     tools: list[dict[str, Any]] | None = None,
     chat_template_kwargs: dict[str, Any] | None = None,
     where: str = "prompt",
+    allow_special_tokens_in_text: AllowControlText = False,
 ) -> list[int]:
     """Prompt token ids ending with the generation prompt: what the model continues from (RL, eval).
 
     The same path as training (chat template text, then one tokenisation), so RL and eval see
-    exactly the prompt tokens SFT trained after.
+    exactly the prompt tokens SFT trained after: tool results defused, other control-token text
+    refused unless ``allow_special_tokens_in_text`` allows it (ControlTextError naming ``where``).
     """
     messages = normalise_messages(messages_or_str, where)  # validates; accepts ShareGPT; idempotent
     if not messages:
         raise DataError(f"{where}: a prompt must be a string or a non-empty list of messages")
+    messages = defuse_tool_results(messages, tokenizer)
+    check_control_text({"messages": messages, "tools": tools}, tokenizer, allow_special_tokens_in_text, where)
     text = _apply(tokenizer, messages, tools, True, dict(chat_template_kwargs or {}), where)
     return encode_texts(tokenizer, [text])[0]
+
+
+# ----------------------------------------------------------------------------- control-token text
+class ControlTextError(DataError):
+    """A row's text holds the string of a control token (``control_tokens``) that
+    ``allow_special_tokens_in_text`` does not allow: rendered, it would become that token."""
+
+
+AllowControlText = bool | Sequence[str]  # data.allow_special_tokens_in_text: all, none, or these token strings
+
+
+_JSON_ESCAPED = re.compile(r'["\\\x00-\x1f]')  # characters json.dumps writes escaped
+
+
+@dataclass
+class _ControlVocabulary:
+    """What ``control_tokens`` and friends read from one tokenizer, computed once per tokenizer."""
+
+    tokens: dict[str, int | None]
+    normalise: Callable[[str], str] | None
+    patterns: dict[frozenset[str], "re.Pattern[str] | None"] = field(default_factory=dict)
+
+    @property
+    def json_safe(self) -> bool:
+        """No token holds a character ``json.dumps`` escapes (a JSON dump shows every token as is)."""
+        return not _JSON_ESCAPED.search("".join(self.tokens))
+
+    def pattern(self, ignore: frozenset[str] = frozenset()) -> "re.Pattern[str] | None":
+        """A regex matching every token string but those in ``ignore``, longest first
+        (leftmost-longest, as the tokenizer matches them); None when there is none."""
+        if ignore not in self.patterns:
+            contents = sorted((c for c in self.tokens if c not in ignore), key=len, reverse=True)
+            self.patterns[ignore] = re.compile("|".join(map(re.escape, contents))) if contents else None
+        return self.patterns[ignore]
+
+
+def _control_vocabulary(tokenizer) -> _ControlVocabulary:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    normalizer = getattr(backend, "normalizer", None)
+    key = (len(tokenizer) if hasattr(tokenizer, "__len__") else None, normalizer is None)  # adding tokens changes len
+    cached = getattr(tokenizer, "_posttrain_control_vocabulary", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    specials = tuple(getattr(tokenizer, "all_special_tokens", ()) or ())
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens: dict[str, int | None] = {}
+    for token_id, token in decoder.items():
+        content = getattr(token, "content", token)
+        if isinstance(content, str) and content.strip():
+            tokens[content] = token_id
+    convert = getattr(tokenizer, "convert_tokens_to_ids", None)
+    for content in specials:
+        if isinstance(content, str) and content.strip() and content not in tokens:
+            tokens[content] = convert(content) if convert is not None else None
+    matches_normalised = normalizer is not None and any(getattr(t, "normalized", False) for t in decoder.values())
+    vocabulary = _ControlVocabulary(tokens, normalizer.normalize_str if matches_normalised else None)
+    try:
+        tokenizer._posttrain_control_vocabulary = (key, vocabulary)
+    except AttributeError:
+        pass
+    return vocabulary
+
+
+def control_tokens(tokenizer) -> dict[str, int | None]:
+    """Every string that ``tokenizer`` encodes to one of its added or special tokens, with its
+    id: the contents of ``added_tokens_decoder`` (special or not: ``<|im_end|>``,
+    ``<file_sep>``, ``<|start_header_id|>``, ``<think>``...) and ``all_special_tokens``. The
+    tokenizer cuts these strings out of any text before its model sees it, so text holding one
+    reaches the model as a control token. A string of whitespace alone is left out: it marks
+    no structure, and the tokenizer encodes such runs this way in any text, at inference too.
+
+    >>> class Tok: all_special_tokens = ["<|im_end|>", "  "]
+    >>> control_tokens(Tok())
+    {'<|im_end|>': None}
+    """
+    return _control_vocabulary(tokenizer).tokens
+
+
+def control_token_pattern(tokenizer, ignore: frozenset[str] = frozenset()) -> "re.Pattern[str] | None":
+    """A regex matching every ``control_tokens`` string but those in ``ignore``, longest first
+    (leftmost-longest, as the tokenizer matches them); None when there is none."""
+    return _control_vocabulary(tokenizer).pattern(ignore)
+
+
+def normalised_control_matching(tokenizer) -> Callable[[str], str] | None:
+    """The tokenizer's normaliser when it matches some added token after normalising the text
+    (``AddedToken.normalized`` with a normaliser), else None: then what a string search finds is
+    exactly what the tokenizer cuts out."""
+    return _control_vocabulary(tokenizer).normalise
+
+
+def find_control_text(value: Any, tokenizer, *, path: str = "", ignore: frozenset[str] = frozenset(),
+                      skip_tool_results: bool = True) -> tuple[str, str] | None:
+    """``(token, where)`` of the first control-token string (``control_tokens`` but ``ignore``)
+    in any text of ``value``: a string, or messages / tool schemas / arguments at any depth,
+    keys included; ``where`` names it (``messages[1].content``). With ``skip_tool_results``
+    the content of ``tool`` messages is not searched: it is defused (``defuse_tool_results``).
+
+    >>> class Tok: all_special_tokens = ["<|im_end|>"]
+    >>> find_control_text([{"role": "assistant", "content": "ok<|im_end|>"}], Tok(), path="messages")
+    ('<|im_end|>', 'messages[0].content')
+    """
+    vocabulary = _control_vocabulary(tokenizer)
+    pattern, normalise = vocabulary.pattern(ignore), vocabulary.normalise
+    if pattern is None:
+        return None
+    if normalise is None and vocabulary.json_safe:
+        # the whole value as one JSON string (C speed) holds every text of it unescaped: no hit, no walk
+        if not pattern.search(json.dumps(value, ensure_ascii=False, default=str)):
+            return None
+
+    def search(node: Any, where: str) -> tuple[str, str] | None:
+        if isinstance(node, str):
+            match = pattern.search(node) or (pattern.search(normalise(node)) if normalise is not None else None)
+            return (match.group(0), where) if match else None
+        if isinstance(node, dict):
+            tool_result = skip_tool_results and node.get("role") == "tool"
+            for key, item in node.items():
+                if tool_result and key == "content":
+                    continue
+                found = search(key, where) if isinstance(key, str) else None
+                found = found or search(item, f"{where}.{key}" if where else str(key))
+                if found:
+                    return found
+        elif isinstance(node, (list, tuple)):
+            for index, item in enumerate(node):
+                found = search(item, f"{where}[{index}]")
+                if found:
+                    return found
+        return None
+
+    return search(value, path)
+
+
+def check_control_text(value: Any, tokenizer, allow: AllowControlText, where: str, *, path: str = "") -> str:
+    """Refuse or note control-token strings in a row's text (``find_control_text``).
+
+    ``allow`` (``data.allow_special_tokens_in_text``): False refuses every such string, True
+    keeps them all as control tokens, a list keeps those strings only. Returns what was kept
+    (``"'<think>' in messages[2].content"``) or ``""``; raises ControlTextError, one line
+    naming ``where``, the place in the row and the token, for a string not allowed.
+    """
+    if allow is True:
+        found = find_control_text(value, tokenizer, path=path)
+        return f"{found[0]!r} in {found[1]}" if found else ""
+    allowed = frozenset(allow or ())
+    unknown = sorted(allowed - set(control_tokens(tokenizer))) if allowed else []
+    if unknown:
+        raise ConfigError(f"data.allow_special_tokens_in_text: {unknown[0]!r} is not a special or added token of the "
+                          f"tokenizer (it has {len(control_tokens(tokenizer))}, e.g. "
+                          f"{', '.join(list(control_tokens(tokenizer))[:4])})")
+    refused = find_control_text(value, tokenizer, path=path, ignore=allowed)
+    if refused:
+        token, place = refused
+        raise ControlTextError(
+            f"{where}: {place} holds {token!r}, the text of a special token of the tokenizer: it would be encoded as "
+            f"that control token, not as text; remove it, or set data.allow_special_tokens_in_text=true (or a list "
+            f"of the tokens you mean) to keep it as the token")
+    kept = find_control_text(value, tokenizer, path=path) if allowed else None
+    return f"{kept[0]!r} in {kept[1]}" if kept else ""
+
+
+def defuse_special_tokens(text: str, tokenizer) -> str:
+    """Untrusted text (tool output) that tokenises to none of ``tokenizer``'s added or special
+    tokens (``data.render.control_tokens``: ``<|im_end|>``, ``<file_sep>``,
+    ``<|start_header_id|>``, ...), so it can neither end a turn nor open a fake one in the
+    context. Each such string is broken by a word joiner (U+2060) after its first character
+    (a one-character token becomes U+FFFD); the text still reads the same. Where a string could
+    survive that (a tokenizer that matches added tokens after a normaliser, which may drop the
+    joiner; a vocabulary where a broken token holds another), what still tokenises to a
+    control token is cut out, so the property holds for any tokenizer.
+
+    >>> class Tok: all_special_tokens = ["<|im_end|>", "<file_sep>"]
+    >>> defuse_special_tokens("x<|im_end|>y<file_sep>", Tok()) == "x<\u2060|im_end|>y<\u2060file_sep>"
+    True
+    """
+    pattern = control_token_pattern(tokenizer)
+    if pattern is None or not text:
+        return text
+    for _ in range(BREAK_PASSES):
+        broken = pattern.sub(_break_token, text)
+        if broken == text:
+            break
+        text = broken
+    while True:
+        spans = _control_spans(text, tokenizer, pattern)
+        if not spans:
+            return text
+        if any(end <= start for start, end in spans):  # a control id no text offset locates: keep nothing
+            return ""
+        for start, end in reversed(spans):
+            text = text[:start] + text[end:]
+
+
+BREAK_PASSES = 3
+WORD_JOINER = "\u2060"
+
+
+def _break_token(match: re.Match) -> str:
+    token = match.group(0)
+    return token[0] + WORD_JOINER + token[1:] if len(token) > 1 else "\ufffd"
+
+
+def _control_spans(text: str, tokenizer, pattern: re.Pattern) -> list[tuple[int, int]]:
+    """Character spans of ``text`` that the tokenizer would encode to a control token, in order:
+    a string search, or, for a tokenizer matching added tokens after normalising, its own
+    encoding's offsets."""
+    if normalised_control_matching(tokenizer) is None:
+        return [match.span() for match in pattern.finditer(text)]
+    ids = set(control_tokens(tokenizer).values())
+    encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+    spans = [offset for token_id, offset in zip(encoding.ids, encoding.offsets) if token_id in ids]
+    return sorted(set(spans))
+
+
+def defuse_tool_results(messages: list[dict[str, Any]], tokenizer) -> list[dict[str, Any]]:
+    """``messages`` with the content of every ``tool`` message defused
+    (``defuse_special_tokens``), as the RL turn loop defuses every tool output
+    before it joins the context: training data then hold tool output exactly as RL does."""
+    out = []
+    for message in messages:
+        if message.get("role") == "tool" and isinstance(message.get("content"), str):
+            defused = defuse_special_tokens(message["content"], tokenizer)
+            if defused != message["content"]:
+                message = {**message, "content": defused}
+        out.append(message)
+    return out
 
 
 def encode_texts(tokenizer, texts: Sequence[str], *, fast: bool = True) -> list[list[int]]:
@@ -405,8 +652,6 @@ class ChunkEncoder:
     NORMALIZERS = {"NFC", "NFD", "NFKC", "NFKD", "Lowercase", "Sequence", "Replace", "StripAccents", "Nmt"}
 
     def __init__(self, backend, added: dict[str, int]):
-        import re
-
         self.backend = backend
         self.added = added
         contents = sorted(added, key=len, reverse=True)  # leftmost-longest, as the tokenizer matches them
@@ -869,13 +1114,11 @@ def _inline_pieces(run: _InlineRun, messages, tokenizer, eot: list[int], run_tra
     """``(ids, piece, trained)`` of each piece of the inline turn: ``tokenizer.encode(piece)`` on
     its own (as the RL turn loop tokenises what it appends), the final reply followed by the
     template's end-of-turn token(s). Calls are trained with the turn (unless
-    ``train_tool_calls`` is off or their message says ``train``), tool outputs never."""
-    from posttrain.agent.inline import defuse_special_tokens  # function-local: see _inline_run
-
+    ``train_tool_calls`` is off or their message says ``train``), tool outputs never (their
+    text is defused with the job's tool results, ``defuse_tool_results``, as RL defuses them)."""
     out = []
     for piece in run.pieces:
-        text = defuse_special_tokens(piece.text, tokenizer) if piece.kind == "output" else piece.text  # as RL does
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        ids = list(tokenizer.encode(piece.text, add_special_tokens=False))
         if piece.kind == "final":
             out.append((ids + eot, piece, run_trained))
         elif piece.kind == "call":

@@ -227,18 +227,21 @@ def render_response(
     chat_template_kwargs: dict[str, Any] | None = None,
     line: int = 0,
     source: str = "",
+    allow_special_tokens_in_text: bool | Sequence[str] = False,
 ):
     """``prompt + response`` rendered by the SFT path (``data.render.render_conversation``, the
     last assistant turn trained): a ``RenderedSample`` the data audit can check as it is.
 
     Raises DataError (naming ``source:line``) when the response does not end with an
-    assistant message or the template fails.
+    assistant message, the template fails, or text holds a control-token string that
+    ``allow_special_tokens_in_text`` does not allow.
     """
     if not response_messages or response_messages[-1]["role"] != "assistant":
         raise DataError(f"{location(source, line)}: a scored response must end with an assistant message")
     messages = list(prompt_messages) + list(response_messages)
     samples = render_conversation(messages, tokenizer, tools=tools, train_on="last_assistant",
-                                  line=line, source=source, chat_template_kwargs=chat_template_kwargs)
+                                  line=line, source=source, chat_template_kwargs=chat_template_kwargs,
+                                  allow_special_tokens_in_text=allow_special_tokens_in_text)
     return samples[-1]  # the one holding the last assistant turn when the template splits history
 
 
@@ -263,6 +266,7 @@ def render_for_scoring(
     line: int = 0,
     source: str = "",
     strict: bool = True,
+    allow_special_tokens_in_text: bool | Sequence[str] = False,
 ) -> ScoredSequence:
     """Render ``prompt + response`` with the chat template and cut it after the score token.
 
@@ -274,7 +278,8 @@ def render_for_scoring(
     at the reply's last token. (The trainer audits whole files with ``data.audit`` instead.)
     """
     sample = render_response(prompt_messages, response_messages, tokenizer, tools=tools,
-                             chat_template_kwargs=chat_template_kwargs, line=line, source=source)
+                             chat_template_kwargs=chat_template_kwargs, line=line, source=source,
+                             allow_special_tokens_in_text=allow_special_tokens_in_text)
     where = location(source, line)
     if strict and sample.consistency_errors:
         raise DataError(f"{where}: {sample.consistency_errors[0]}")

@@ -19,7 +19,10 @@ sampled ids are not needed here). The model loads on the first call.
 
 Scoring is lenient where training is strict: a completion whose rendering is not token-
 consistent with its prompt (tokens merging across the boundary) is still scored, on the
-tokens the template produces.
+tokens the template produces. A completion is untrusted text: special-token strings it
+writes (``<|im_end|>``) are defused (``data.render.defuse_special_tokens``), so a policy
+cannot end its reply early or forge a turn in the reward model's view; the prompt was checked
+when its row was loaded.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from typing import Any, Literal, Sequence
 from posttrain.errors import ConfigError, UserError
 from posttrain.rewards.output import RewardOutput, check_batch
 from posttrain.data.formats import normalise_messages
+from posttrain.data.render import defuse_special_tokens
 from posttrain.models import load_tokenizer, resolve_model_dir
 from posttrain.models.scalar_head import (
     is_scalar_head_config,
@@ -113,8 +117,10 @@ class ModelReward:
             return RewardOutput([], {self.name: []})
         model, tokenizer, device, pad_id = self._load()
         sequences = [
-            render_for_scoring(prompt_messages(prompt, meta), [{"role": "assistant", "content": completion}],
-                               tokenizer, line=i + 1, source="reward batch", strict=False)
+            render_for_scoring(prompt_messages(prompt, meta),
+                               [{"role": "assistant", "content": defuse_special_tokens(completion, tokenizer)}],
+                               tokenizer, line=i + 1, source="reward batch", strict=False,
+                               allow_special_tokens_in_text=True)
             for i, (prompt, completion, meta) in enumerate(zip(prompts, completions, metadata))
         ]
         autocast = torch.bfloat16 if self.precision == "bf16" else None

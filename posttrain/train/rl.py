@@ -266,7 +266,8 @@ def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list
     def load(path: str, limit: int | None) -> list[PromptRow]:
         return prompt_rows(preflight_prompts(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
                                              limit=limit, print_fn=say_stdout if info.is_main else None,
-                                             columns=data.columns, reward_fields=fields))
+                                             columns=data.columns, reward_fields=fields,
+                                             allow_special_tokens_in_text=data.allow_special_tokens_in_text))
 
     return load(data.train, data.limit), load(data.eval, data.eval_limit) if data.eval else []
 

@@ -73,7 +73,7 @@ from posttrain.train.sft import (
     place_for_training,
     restore_state,
 )
-from posttrain.data.audit import audit_sample, AuditReport, Finding, preflight, PreparedData
+from posttrain.data.audit import audit_sample, AuditReport, Finding, note_control_text, preflight, PreparedData
 from posttrain.data.formats import BadRowError, normalise_tools, read_rows
 
 PAIR_METRICS = ("accuracy", "margin", "reward/chosen", "reward/rejected")
@@ -217,15 +217,18 @@ def _margin_and_group(row: dict, where: str, margin_key: str | None, group_key: 
 
 
 def render_pair_samples(row: dict, tokenizer: Any, *, line: int, source: str, margin_key: str | None,
-                        group_key: str | None) -> tuple[Any, Any, float, str | None]:
+                        group_key: str | None, allow_special_tokens_in_text: bool | Sequence[str] = False
+                        ) -> tuple[Any, Any, float, str | None]:
     """(chosen, rejected) ``RenderedSample``s of one row, through the same template and
-    rendering as SFT data, plus the pair's margin and group."""
+    rendering as SFT data (control-token text refused unless ``data.allow_special_tokens_in_text``
+    allows it), plus the pair's margin and group."""
 
     where = f"{source}:{line}"
     prompt, chosen, rejected = preference_messages(row, where)
     tools = normalise_tools(row.get("tools"), f"{where}: tools")
     margin, group = _margin_and_group(row, where, margin_key, group_key)
-    sides = [render_response(prompt, side, tokenizer, tools=tools, line=line, source=source)
+    sides = [render_response(prompt, side, tokenizer, tools=tools, line=line, source=source,
+                             allow_special_tokens_in_text=allow_special_tokens_in_text)
              for side in (chosen, rejected)]
     return sides[0], sides[1], margin, group
 
@@ -284,11 +287,13 @@ def audit_pairs(path: str, tokenizer: Any, config: RMConfig, *,
     for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows, columns=data.columns):
         try:
             chosen, rejected, margin, group = render_pair_samples(
-                row, tokenizer, line=line, source=str(path), margin_key=margin_key, group_key=group_key)
+                row, tokenizer, line=line, source=str(path), margin_key=margin_key, group_key=group_key,
+                allow_special_tokens_in_text=data.allow_special_tokens_in_text)
         except DataError as exc:
             if not data.skip_bad:
                 raise BadRowError(str(exc)) from None
             bad_rows.append((line, str(exc)))
+            note_control_text(report, line, exc)
             continue
         report.rows += 1
         kept = [audit_sample(side, report, data.max_length, too_long, f"{path}:{line}") for side in (chosen, rejected)]
