@@ -247,7 +247,7 @@ def test_chat_with_tools_shows_the_trajectory_turn_by_turn(tiny_model_dir, token
     assert main(["chat", "--model", tiny_model_dir, "--tools", "python", "What is 6 * 7?"]) == 0
     printed = capsys.readouterr().out
     assert printed == ("```python\nprint(6 * 7)\n```\n  [tool] <output>\n  [tool] 42\n  [tool] </output>\n"
-                       "The answer is 42.<|im_end|>\n(2 turns, 1 tool calls, 0 tool errors, finish: stop)\n")
+                       "The answer is 42.\n(2 turns, 1 tool calls, 0 tool errors, finish: stop)\n")
 
 
 def test_the_tool_call_bonus_is_paid_only_when_the_answer_is_what_a_call_printed():

@@ -367,3 +367,19 @@ def test_sft_renders_a_tool_result_as_rl_appends_it(tokenizer, template):
         (span,) = [span for span in hostile.spans if span.role == "tool"]
         assert hostile.input_ids[span.start : span.end] == encode(tok, output_text(defuse_special_tokens(printed, tok)))
 
+
+@pytest.mark.parametrize("tool_format", ["inline", "chat_template"])
+def test_chat_shows_the_trajectory_without_control_token_text(tokenizer, tool_format):
+    """``posttrain chat --tools``: the end of turn and a template's role markers are tokens, not
+    text a person reads; a chat_template turn's tool results are shown, not the template glue."""
+    from posttrain.chat import show_trajectory
+
+    tok = copy.deepcopy(tokenizer)
+    if tool_format == "chat_template":
+        tok.chat_template = (TEMPLATES / "qwen_tools.jinja").read_text()
+    shown = show_trajectory(agent_trajectory(tok, tool_format, "42\n"), tok, tool_format=tool_format)
+    assert not any(token in shown for token in tok.all_special_tokens), shown
+    lines = shown.splitlines()
+    assert "  [tool] 42" in lines and lines[-2:] == ["Done.", "(2 turns, 1 tool calls, 0 tool errors, finish: stop)"]
+    if tool_format == "chat_template":
+        assert [line for line in lines if line.startswith("  [tool]")] == ["  [tool] 42"]
