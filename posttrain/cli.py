@@ -68,6 +68,15 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def choose_threads(args: argparse.Namespace) -> None:
+    """Pick the CPU threads for the machine's load (``posttrain.train.threads``), before the
+    command loads torch: first thing in every command that computes (sft, rm, dpo, rl, eval,
+    pipeline, chat). A program that had torch loaded when it called ``main`` keeps its threads."""
+    from posttrain.train.threads import configure_threads
+
+    configure_threads(torch_loaded=getattr(args, "torch_loaded_by_caller", "torch" in sys.modules))
+
+
 def flag_overrides(args: argparse.Namespace, flags_to_keys: tuple[tuple[str, str], ...]) -> list[str]:
     """``key=value`` overrides for every command-line flag that was given (not None)."""
     return [f"{key}={getattr(args, flag)}" for flag, key in flags_to_keys if getattr(args, flag) is not None]
@@ -89,6 +98,7 @@ def _chat_arguments(parser: argparse.ArgumentParser) -> None:
 
 @command("chat", "reply to one prompt with a model (renders the chat template, generates, prints)", _chat_arguments)
 def _chat(args: argparse.Namespace) -> int:
+    choose_threads(args)
     from posttrain.chat import chat
     from posttrain.config import ChatConfig, load_config
 
@@ -128,6 +138,7 @@ def config_command(name: str, help_line: str, config_class: str, runner: str) ->
     """
 
     def run(args: argparse.Namespace) -> int:
+        choose_threads(args)
         from posttrain.config import load_config
 
         load_attribute(runner)(load_config(load_attribute(config_class), args.config, args.overrides))
@@ -219,6 +230,7 @@ def _pipeline(args: argparse.Namespace) -> int:
     from posttrain.config import load_pipeline_config
     from posttrain.pipeline import dry_run, print_dry_run, run_pipeline
 
+    choose_threads(args)  # before the config loads torch: the OpenMP wait policy is read when torch loads
     config = load_pipeline_config(args.config, args.overrides)
     if args.dry_run:
         report = dry_run(config, allow_missing_data=args.allow_missing_data)
@@ -254,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2
+    args.torch_loaded_by_caller = "torch" in sys.modules
     try:
         return int(args.run(args) or 0)
     except UserError as exc:

@@ -72,7 +72,8 @@ class RunConfig(Section):
         False, description="also log metrics to Weights & Biases (pip install wandb); WANDB_MODE=offline writes the run "
                            "under <run>/wandb for a later `wandb sync`")
     wandb_project: str = Field("posttrain", description="W&B project of the run (wandb: true); the W&B run name is run.name")
-    progress: bool = Field(True, description="show a progress bar (off automatically when not a terminal)")
+    progress: bool = Field(True, description="show progress: a bar on a terminal; otherwise plain lines on stderr when "
+                                             "a phase starts, every 30 s and when it ends")
     overwrite: bool = Field(
         False, description="start over in a directory that holds a run: its checkpoints, final/, metrics, samples "
                            "and evaluations are deleted first (ignored when train.resume finds a checkpoint)")
