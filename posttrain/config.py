@@ -170,8 +170,12 @@ class RunFaultsConfig(Section):
                           "directory; a checkpoint written under another config is refused (resume_allow_changes)")
     resume_allow_changes: list[str] = Field(
         default_factory=list, description="config keys (dotted, or a section such as 'optim') allowed to differ from "
-                                          "the checkpoint's config on resume, e.g. [train.max_steps]; any other "
-                                          "changed key is refused in one line")
+                                          "the checkpoint's config on resume, e.g. [train.max_steps]; an allowed "
+                                          "change takes effect as in a fresh run with the new config (the new "
+                                          "learning-rate schedule from the checkpoint's step, new AdamW settings, "
+                                          "moments kept), one a checkpoint cannot carry (the model or adapter it "
+                                          "holds, RL's optimizer steps per step, a shorter run) is refused; any "
+                                          "other changed key is refused in one line")
     skip_nonfinite_steps: int = Field(
         0, ge=0, description="optimizer steps with a NaN/inf loss or gradient norm that are skipped (no update, one "
                              "warning each) before the run stops; 0 = stop at the first, keeping the last checkpoint")

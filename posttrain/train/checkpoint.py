@@ -41,6 +41,7 @@ import torch
 
 from posttrain.errors import ConfigError, UserError
 from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce_max, barrier, broadcast_object
+from posttrain.train.loop import configured_hyperparameters_kept
 
 COMPLETE_MARKER = "COMPLETE"
 CHECKSUMS = "checksums.json"
@@ -557,8 +558,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     scheduler: Any, info: DistInfo) -> dict[str, Any]:
     """Restore weights, optimizer, scheduler and RNG from ``path``; returns the trainer state.
 
-    Call on every rank after sharding and building the optimizer. The RNG of rank r is
-    restored from rank r's saved state (same world size required).
+    Call on every rank after sharding and building the optimizer and scheduler from this run's
+    config: AdamW's moments and the schedule's position come from the checkpoint, the
+    hyperparameters and the schedule's shape from the config
+    (``train.loop.configured_hyperparameters_kept``). The RNG of rank r is restored from rank
+    r's saved state (same world size required).
     """
     path = Path(path)
     state = json.loads((path / "trainer_state.json").read_text())
@@ -570,8 +574,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     read_here = info.is_main or not info.distributed
     model_state = torch.load(path / "model.pt", map_location="cpu", weights_only=False) if read_here else {}
     optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False) if read_here else {}
-    load_full_state(model, optimizer, model_state, optim_state, info)
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    with configured_hyperparameters_kept(optimizer, scheduler):
+        load_full_state(model, optimizer, model_state, optim_state, info)
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
     rng_states = torch.load(path / "rng.pt", weights_only=False)
     set_rng_state(rng_states[info.rank])
     return state

@@ -153,7 +153,7 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
     planner = make_pair_planner(config, train_pairs, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
-    run, resume_path = open_run("dpo", config, info)
+    run, resume_path = open_run("dpo", config, info, total_steps=total_steps)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model, weights_id = build_model(config, info)
     seed_everything(config.train.seed + info.rank)

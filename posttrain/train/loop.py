@@ -170,6 +170,45 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, total_steps: int, warmu
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def optimizer_steps_per_rollout_batch(samples_per_step: int, mini_batch_size: int | None, ppo_epochs: int) -> int:
+    """Optimizer steps one RL step takes: ``ppo_epochs`` passes over its ``samples_per_step``
+    completions in mini-batches of ``mini_batch_size`` (None: the whole batch at once).
+
+    >>> optimizer_steps_per_rollout_batch(8, 4, 2)
+    4
+    >>> optimizer_steps_per_rollout_batch(8, None, 1)
+    1
+    """
+    return ppo_epochs * (samples_per_step // (mini_batch_size or samples_per_step))
+
+
+@contextlib.contextmanager
+def configured_hyperparameters_kept(optimizer: torch.optim.Optimizer, scheduler: Any):
+    """Load an optimizer's and its LambdaLR's saved state inside this block: on leaving it the
+    run's own hyperparameters are put back and the learning rate is recomputed.
+
+    What a checkpoint decides: AdamW's moments and step counts, and the schedule's position
+    (``scheduler.last_epoch``, optimizer steps taken). What the run's config decides, as in a
+    fresh run with that config (``train.resume_allow_changes``): every param group's
+    hyperparameters (``weight_decay``, ``betas``, ``eps``), the peak rates (the scheduler's
+    ``base_lrs`` and each group's ``initial_lr``) and the schedule's shape (the multiplier
+    closures ``build_scheduler`` made: warmup, total steps, decay, minimum). ``lr`` becomes
+    ``base_lr * multiplier(last_epoch)``, LambdaLR's own formula, so a resume under an
+    unchanged config restores the saved rate bit for bit. The saved state must come from an
+    optimizer with the same param groups (the same model and trained parameters).
+    """
+    configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
+    base_lrs = list(scheduler.base_lrs)
+    yield
+    scheduler.base_lrs = base_lrs
+    for group, settings, base_lr, multiplier in zip(optimizer.param_groups, configured, base_lrs,
+                                                    scheduler.lr_lambdas, strict=True):
+        group.update(settings)
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def autocast_context(precision: str, device: torch.device):
     """bf16 autocast (fp32 master weights) or nothing."""
     if precision == "bf16":

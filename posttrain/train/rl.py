@@ -81,7 +81,9 @@ from posttrain.models.prepare import (
 from posttrain.train.loop import (
     build_optimizer,
     build_scheduler,
+    configured_hyperparameters_kept,
     is_due,
+    optimizer_steps_per_rollout_batch,
     resolve_warmup_steps,
     seed_everything,
 )
@@ -347,8 +349,8 @@ def build_critic(config: RLConfig, info: DistInfo) -> torch.nn.Module:
 
 
 def optimizer_steps_per_rl_step(config: RLConfig) -> int:
-    batch = config.rl.prompts_per_step * config.rollout.group_size
-    return config.rl.ppo_epochs * (batch // (config.rl.mini_batch_size or batch))
+    return optimizer_steps_per_rollout_batch(config.rl.prompts_per_step * config.rollout.group_size,
+                                             config.rl.mini_batch_size, config.rl.ppo_epochs)
 
 
 def build_trainables(config: RLConfig, info: DistInfo) -> Trainables:
@@ -666,8 +668,9 @@ def load_rl_checkpoint(path: Path, models: Trainables, sampler: PromptSampler, k
         read = info.is_main or not info.distributed
         critic_state = torch.load(Path(path) / "critic_model.pt", weights_only=False) if read else {}
         critic_optim = torch.load(Path(path) / "critic_optimizer.pt", weights_only=False) if read else {}
-        ckpt.load_full_state(models.critic, models.critic_optimizer, critic_state, critic_optim, info)
-        models.critic_scheduler.load_state_dict(torch.load(Path(path) / "critic_scheduler.pt", weights_only=False))
+        with configured_hyperparameters_kept(models.critic_optimizer, models.critic_scheduler):
+            ckpt.load_full_state(models.critic, models.critic_optimizer, critic_state, critic_optim, info)
+            models.critic_scheduler.load_state_dict(torch.load(Path(path) / "critic_scheduler.pt", weights_only=False))
     sampler.load_state_dict(saved["sampler"])
     if saved.get("kl_controller"):
         kl_controller.load_state_dict(saved["kl_controller"])

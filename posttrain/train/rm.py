@@ -148,7 +148,7 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
     planner = make_pair_planner(config, train_pairs, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
-    run, resume_path = open_run("rm", config, info)
+    run, resume_path = open_run("rm", config, info, total_steps=total_steps)
     pad_id = _pad_id(tokenizer)
     model = build_model(config, info, pad_id)
     optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps, warmup_steps)

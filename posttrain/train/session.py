@@ -4,7 +4,7 @@ exact resume, a checkpoint on SIGTERM, and no update from a non-finite step.
 The trainers (``train.sft``, ``train.rm``, ``train.rl``) call these the same way:
 
     with RunSession("sft", config) as session:          # lock + signal handlers
-        run, resume_path = open_run("sft", config, info)  # clean / resume / truncate logs
+        run, resume_path = open_run("sft", config, info, total_steps)  # clean / resume / truncate logs
         ...
         for each step:
             result = optimizer_step(...)                  # never applies a NaN/inf step
@@ -21,6 +21,13 @@ The trainers (``train.sft``, ``train.rm``, ``train.rl``) call these the same way
   checkpoint yet, resuming starts over from step 0; ``run.overwrite`` deletes the earlier
   run's checkpoints, final model, metrics and samples first; on resume, ``metrics.jsonl``,
   ``samples.jsonl`` and ``eval/step_*.json`` are cut back to the checkpoint's step.
+- **Allowed changes on resume** (``train.resume_allow_changes``). A changed key takes effect as
+  in a fresh run with the new config at the checkpoint's step: the learning rate follows the
+  new schedule (``optim.lr``, warmup, schedule, ``min_lr_ratio``, the run's length) and AdamW
+  takes the new ``weight_decay``/``betas``/``eps`` while keeping its moments
+  (``train.loop.configured_hyperparameters_kept``). A change the checkpoint cannot carry (the
+  model or adapter it holds, RL's optimizer steps per step, a run shorter than the
+  checkpoint) is refused in one line (``check_resume_changes``).
 - **Signals.** SIGTERM (what Slurm and Kubernetes send before killing a job) and SIGINT
   (Ctrl-C) set a flag; at the end of the current step the trainer saves a checkpoint and
   raises ``TrainingStopped`` (a ``KeyboardInterrupt``), so the command exits like an
@@ -33,16 +40,18 @@ The trainers (``train.sft``, ``train.rm``, ``train.rl``) call these the same way
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from posttrain.errors import ConfigError
 from posttrain.log import say
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_max, barrier
+from posttrain.train.loop import optimizer_steps_per_rollout_batch
 from posttrain.train.logging import RunDir, holds_run, prepare_run_dir, truncate_run_logs
 
 LOCK_FILE = ".lock"
@@ -192,12 +201,14 @@ def remove_interrupted_writes(run_path: Path) -> list[Path]:
     return removed
 
 
-def open_run(trainer: str, config: Any, info: DistInfo) -> tuple[RunDir, Path | None]:
+def open_run(trainer: str, config: Any, info: DistInfo, total_steps: int | None = None) -> tuple[RunDir, Path | None]:
     """Prepare the run directory for this attempt; returns it and the checkpoint to resume.
 
     Refuses (one line) a ``train.resume_allow_changes`` entry that is not a config key, a
-    checkpoint written under another config, and a directory holding every damaged
-    checkpoint. Call on every rank inside ``RunSession`` (rank 0 writes)."""
+    checkpoint written under another config, an allowed change a resumed run cannot make as a
+    fresh run would (``check_resume_changes``), and a directory holding every damaged
+    checkpoint. ``total_steps``: the run's length in trainer steps (default
+    ``train.max_steps``). Call on every rank inside ``RunSession`` (rank 0 writes)."""
     train = config.train
     run_path = run_path_of(config)
     ckpt.check_allowed_keys(train.resume_allow_changes, ckpt.config_snapshot(config))
@@ -206,6 +217,10 @@ def open_run(trainer: str, config: Any, info: DistInfo) -> tuple[RunDir, Path | 
     warn = say if info.is_main else None
     resume_path = ckpt.resolve_resume(train.resume, run_path / "checkpoints", config=config,
                                       allow_changes=train.resume_allow_changes, info=info, warn=warn)
+    if resume_path is not None:
+        check_resume_changes(ckpt.saved_config(resume_path) or {}, ckpt.config_snapshot(config),
+                             checkpoint_step(resume_path),
+                             total_steps if total_steps is not None else getattr(train, "max_steps", None))
     start_over = config.run.overwrite
     if train.resume is not None and resume_path is None:
         start_over = True  # nothing to resume (killed before the first checkpoint): step 0
@@ -221,8 +236,92 @@ def open_run(trainer: str, config: Any, info: DistInfo) -> tuple[RunDir, Path | 
 
 
 def checkpoint_step(path: Path) -> int:
-    """The optimizer step a checkpoint directory was written at (``step_<N>``)."""
-    return int(Path(path).name.rsplit("_", 1)[-1])
+    """The trainer step a checkpoint was written at: its ``trainer_state.json``, else its name
+    (``step_<N>``)."""
+    try:
+        return int(json.loads((Path(path) / "trainer_state.json").read_text(encoding="utf-8"))["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return int(Path(path).name.rsplit("_", 1)[-1])
+
+
+# ----------------------------------------------------------------------------- allowed changes on resume
+
+
+def _lora_on(snapshot: Mapping[str, Any]) -> bool:
+    return bool(snapshot.get("lora.enabled"))
+
+
+def _has_critic(snapshot: Mapping[str, Any]) -> bool:
+    return snapshot.get("rl.algorithm") == "ppo"
+
+
+def _always(snapshot: Mapping[str, Any]) -> bool:
+    return True
+
+
+# Keys whose change a checkpoint cannot carry: (key, why, whether it matters for a config).
+# Every other key allowed by train.resume_allow_changes takes effect as in a fresh run with the
+# new config (the learning rate, schedule and AdamW hyperparameters through
+# train.loop.configured_hyperparameters_kept; the rest is read from the config every step).
+RESUME_FIXED_KEYS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], bool]], ...] = (
+    ("model.name", "the checkpoint's weights were trained from the model it names", _always),
+    ("lora.enabled", "it decides which weights the checkpoint holds", _always),
+    ("lora.r", "the checkpoint's adapters have the rank it sets", _lora_on),
+    ("lora.alpha", "the checkpoint's adapters were trained under the scale alpha / r it sets", _lora_on),
+    ("lora.target_modules", "the checkpoint holds adapters on the modules it names", _lora_on),
+    ("rm.train_top_layers", "it decides which weights the checkpoint holds", _always),
+    ("rl.train_top_layers", "it decides which weights the checkpoint holds", _always),
+    ("rl.critic.model", "the checkpoint's critic was trained from the model it names", _has_critic),
+    ("rl.critic.train_top_layers", "it decides which critic weights the checkpoint holds", _has_critic),
+    ("rl.critic.warmup_steps", "the policy's schedule position and AdamW step counts count only the steps after "
+                               "the critic's warmup", _has_critic),
+)
+
+# What sets the optimizer steps of one RL step (train.loop.optimizer_steps_per_rollout_batch).
+RL_STEP_SHAPE_KEYS = ("rl.prompts_per_step", "rollout.group_size", "rl.mini_batch_size", "rl.ppo_epochs")
+
+
+def rl_optimizer_steps(snapshot: Mapping[str, Any]) -> int | None:
+    """Optimizer steps per RL step under a ``config_snapshot`` (None: not an RL config)."""
+    if any(key not in snapshot for key in RL_STEP_SHAPE_KEYS):
+        return None
+    return optimizer_steps_per_rollout_batch(snapshot["rl.prompts_per_step"] * snapshot["rollout.group_size"],
+                                             snapshot["rl.mini_batch_size"], snapshot["rl.ppo_epochs"])
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_resume_changes(saved: Mapping[str, Any], current: Mapping[str, Any], step: int,
+                         total_steps: int | None) -> None:
+    """Refuse (ConfigError, one line naming the key and why) an allowed change that a run
+    resumed from a checkpoint of trainer step ``step`` cannot make as a fresh run with the new
+    config would: a key of ``RESUME_FIXED_KEYS``, a change of RL's optimizer steps per step
+    (the schedule and AdamW count optimizer steps), or a run shorter than ``step``.
+
+    >>> check_resume_changes({"lora.enabled": True, "lora.r": 16}, {"lora.enabled": True, "lora.r": 8},
+    ...                      2, 4)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.ConfigError: train.resume_allow_changes: lora.r cannot change on resume (16 -> 8): the ...
+    """
+    advice = "resume without this change or set run.overwrite=true to start over"
+    for key, why, applies in RESUME_FIXED_KEYS:
+        if saved.get(key) != current.get(key) and applies(saved) and applies(current):
+            raise ConfigError(f"train.resume_allow_changes: {key} cannot change on resume "
+                              f"({_shown(saved.get(key))} -> {_shown(current.get(key))}): {why}; {advice}")
+    before, after = rl_optimizer_steps(saved), rl_optimizer_steps(current)
+    if before is not None and after is not None and before != after:
+        changed = [key for key in RL_STEP_SHAPE_KEYS if saved.get(key) != current.get(key)]
+        raise ConfigError(f"train.resume_allow_changes: {ckpt.describe_changes(saved, current, changed)} cannot "
+                          f"change on resume: an RL step would take {after} optimizer steps instead of {before}, and "
+                          f"the checkpoint's learning-rate schedule and AdamW step counts count optimizer steps; "
+                          f"{advice}")
+    if total_steps is not None and step > total_steps:
+        key = "train.max_steps" if current.get("train.max_steps") is not None else "train.epochs"
+        raise ConfigError(f"{key}: the run is {total_steps} steps long but the checkpoint it resumes was written at "
+                          f"step {step}; resume with at least {step} steps or set run.overwrite=true to start over")
 
 
 # ----------------------------------------------------------------------------- non-finite steps

@@ -109,7 +109,7 @@ def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] 
     planner = make_planner(config, train_samples, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_samples))
-    run, resume_path = open_run("sft", config, info)
+    run, resume_path = open_run("sft", config, info, total_steps=total_steps)
     model = build_model(config, info)
     seed_everything(config.train.seed + info.rank)  # dropout differs between ranks, as their data does
     optimizer, scheduler = build_optimizer_and_scheduler(model, config.optim, total_steps, warmup_steps)
