@@ -88,6 +88,19 @@ def test_sft_resumed_under_an_allowed_change_follows_a_fresh_runs_schedule(tiny_
     assert_resumed_like_fresh(tmp_path / "run", tmp_path / "fresh", from_step, fresh.steps)
 
 
+def test_a_checkpoint_copied_under_another_name_resumes_at_its_own_step(tiny_model_dir, tmp_path):
+    """``train.resume`` may name any checkpoint directory: its step comes from its trainer state."""
+    import shutil
+
+    sft_run(tiny_model_dir, tmp_path, "run", max_steps=4, save_every=2)
+    kept = tmp_path / "kept-for-later"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step_2", kept)
+    resumed = sft_run(tiny_model_dir, tmp_path, "run", max_steps=5, save_every=5, resume=str(kept),
+                      resume_allow_changes=["train.max_steps"])
+    assert [h["step"] for h in resumed.history] == [3, 4, 5]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
 def test_a_resumed_optimizer_takes_the_configs_hyperparameters_and_keeps_its_moments(tmp_path):
     """weight_decay, betas, eps and the peak rate come from the config that resumes; the
     moments, step counts and the schedule's position from the checkpoint."""
