@@ -1,12 +1,13 @@
 """Greedy generation beside busy processes: torch's default threads vs posttrain's thread policy.
 
-Run: ``python benchmarks/bench_contention.py`` (about 5-10 minutes on 2 cores; ``--prompts``
-and ``--max-new-tokens`` scale it). It times what the quickstart's held-out evaluation does:
-the bundled model (``smollm2-135m-instruct``, loaded through ``posttrain.models`` in the
-dtype ``posttrain eval`` uses), the first ``--prompts`` held-out arithmetic prompts
-(``examples/data/rl_arithmetic_eval.jsonl``; the quickstart evaluates 100, fewer keep this
-benchmark short), greedy, ``--max-new-tokens`` new tokens (96 in the quickstart), all prompts in
-one batch, with posttrain's HF engine (``posttrain.rollout.hf.HFEngine``).
+Run: ``python benchmarks/bench_contention.py`` (a few minutes on an idle 2-core machine, 20 on
+a busy one; ``--prompts`` and ``--max-new-tokens`` scale it). It times what the quickstart's
+held-out evaluation does, scaled down: the bundled model (``smollm2-135m-instruct``, loaded
+through ``posttrain.models`` in the dtype ``posttrain eval`` uses), the first ``--prompts``
+held-out arithmetic prompts (``examples/data/rl_arithmetic_eval.jsonl``; default 8, where the
+quickstart evaluates 100, so that six timed runs, some slowed several times over, stay short),
+greedy, ``--max-new-tokens`` new tokens (default 48; 96 in the quickstart), all prompts in one
+batch, with posttrain's HF engine (``posttrain.rollout.hf.HFEngine``).
 
 Scenarios: alone, beside one busy single-threaded process, beside three (``--neighbours``).
 Each neighbour is a Python busy loop started before the worker, so the policy sees it when it
@@ -109,8 +110,8 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=96)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--neighbours", default="0,1,3", help="comma-separated numbers of busy processes")
     parser.add_argument("--variants", default="default,policy", help=f"comma-separated, from {', '.join(VARIANT_ENV)}")
