@@ -500,9 +500,18 @@ class RLAlgorithmConfig(Section):
     share_prompt: bool = Field(True, description="lay out each group's prompt once in the log-prob and update "
                                                  "passes (same math, fewer tokens); false: one packed sequence "
                                                  "per completion")
-    clip_low: float = Field(0.2, gt=0, lt=1, description="PPO ratio lower bound 1 - clip_low")
-    clip_high: float | None = Field(None, gt=0, description="ratio upper bound 1 + clip_high (DAPO clip-higher: 0.28); null = clip_low")
-    dual_clip_c: float | None = Field(None, gt=1, description="dual clip bound for negative advantages (e.g. 3); null = off")
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = Field(
+        "ppo_clip", description="the policy loss (algorithms.policy.POLICY_LOSSES): ppo_clip (PPO/GRPO token ratio, "
+                                "clip-higher, dual clip), gspo (sequence ratio, Zheng et al. 2025; the paper clips at "
+                                "clip_low 3e-4 / clip_high 4e-4), cispo (clipped stop-gradient IS weight on REINFORCE, "
+                                "MiniMax-M1 2025; clip_low 1 = no lower bound). With ppo_epochs 1 and one mini-batch "
+                                "every ratio is 1 and the three give the same gradient")
+    gspo_importance_level: Literal["sequence", "token"] = Field(
+        "sequence", description="gspo: one ratio per sequence, or GSPO-token (same value, each token its own gradient; "
+                                "differs only when advantages vary within a sequence)")
+    clip_low: float = Field(0.2, gt=0, le=1, description="ratio (cispo: weight) lower bound 1 - clip_low")
+    clip_high: float | None = Field(None, gt=0, description="ratio (cispo: weight) upper bound 1 + clip_high (DAPO clip-higher: 0.28); null = clip_low")
+    dual_clip_c: float | None = Field(None, gt=1, description="ppo_clip: dual clip bound for negative advantages (e.g. 3); null = off")
     kl_coef: float = Field(0.0, ge=0, description="KL-to-reference weight beta; 0 skips the reference model entirely")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="per-token KL estimator")
     kl_clamp: float | None = Field(
@@ -599,6 +608,9 @@ class RLConfig(Section):
             raise ValueError("rl.mini_batch_size: must be a multiple of rollout.group_size (groups stay together)")
         if rl.target_kl is not None and rl.kl_coef == 0:
             raise ValueError("rl.target_kl: adaptive KL needs a starting rl.kl_coef > 0")
+        if rl.dual_clip_c is not None and rl.policy_loss != "ppo_clip":
+            raise ValueError(f"rl.dual_clip_c: only policy_loss ppo_clip has a dual clip ({rl.policy_loss} bounds "
+                             f"its ratio or weight by clip_low / clip_high)")
         if rl.overlong == "penalty" and rl.overlong_buffer >= rollout.max_new_tokens:
             raise ValueError("rl.overlong_buffer: must be smaller than rollout.max_new_tokens")
         if self.train.eval_every is not None and not self.data.eval:

@@ -14,6 +14,7 @@ import json
 import pytest
 import torch
 
+from posttrain.algorithms.policy import PolicyLossOptions
 from posttrain.data.batching import collate_shared_prompt
 from posttrain.models.attention import choose_attention
 from posttrain.models.prepare import prepare_for_training, unwrap_causal_lm
@@ -74,7 +75,7 @@ def test_shared_prompt_layout_lists_only_sampled_tokens():
 
 
 def settings(**overrides) -> LossSettings:
-    values = dict(clip_low=0.2, clip_high=None, dual_clip_c=None, loss_agg_mode="token-mean", kl_coef=0.0,
+    values = dict(policy_loss="ppo_clip", policy_options=PolicyLossOptions(), loss_agg_mode="token-mean", kl_coef=0.0,
                   kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=1.0, chunk_size=4,
                   sum_normaliser=1.0)
     values.update(overrides)

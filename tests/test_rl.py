@@ -72,13 +72,16 @@ def initial_weights(model_dir: str) -> dict[str, torch.Tensor]:
     ("rloo", {"kl_coef": 0.05, "kl_estimator": "k1"}),
     ("reinforce_pp", {"kl_coef": 0.05, "kl_in": "reward"}),
     ("ppo", {"kl_coef": 0.05, "kl_in": "reward", "ppo_epochs": 2, "mini_batch_size": 4}),
+    ("grpo", {"policy_loss": "gspo", "gspo_importance_level": "token", "ppo_epochs": 2, "clip_low": 3e-4,
+              "clip_high": 4e-4}),
+    ("grpo", {"policy_loss": "cispo", "ppo_epochs": 2, "clip_low": 1.0, "clip_high": 0.28}),
 ])
 def test_every_algorithm_trains_finite_and_changes_weights(algorithm, extra, tiny_model_dir, tmp_path):
     from posttrain.train.rl import run_rl
 
     train = extra.pop("train", {})
     config = make_config(tiny_model_dir, tmp_path, rl={"algorithm": algorithm, **extra}, train=train,
-                         run={"name": algorithm})
+                         run={"name": f"{algorithm}_{extra.get('policy_loss', 'ppo_clip')}"})
     result = run_rl(config, reward_fn=vowel_reward)
     assert len(result.history) == 2
     for record in result.history:
@@ -199,8 +202,12 @@ class _LazyEngine:
         self.holder["engine"].update_weights(model)
 
 
-def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer):
-    """One optimizer step gives the same weights whatever the micro-batch token budget."""
+@pytest.mark.parametrize("policy_loss", ["ppo_clip", "gspo", "cispo"])
+def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer, policy_loss):
+    """One optimizer step gives the same weights whatever the micro-batch token budget, for
+    every policy loss, off-policy (old log-probs differ from the current ones, so ratios,
+    GSPO's per-sequence means and the clips are all exercised)."""
+    from posttrain.algorithms.policy import PolicyLossOptions
     from posttrain.train.rl_update import LossSettings, policy_micro_loss, update_model
     from posttrain.models.attention import choose_attention
     from posttrain.models.prepare import prepare_for_training
@@ -213,11 +220,13 @@ def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer):
             response = torch.randint(100, 2000, (3 + 2 * i + g,)).tolist()
             sample = RolloutSample(row=g, group=g, prompt_ids=[1, 5 + g, 7], response_ids=response, text="",
                                    finish_reason="stop", reward=float(i))
+            sample.old_logp = -10.8 + 0.3 * torch.randn(len(response))  # the random tiny model: ~ -log(49152)
             group.append(sample)
         groups.append(group)
     compute_advantages(groups, algorithm="grpo", kl_in_reward=False, kl_coef=0.0, kl_estimator="k3", gamma=1.0,
                        lam=1.0, whiten=False)
-    settings = LossSettings(clip_low=0.2, clip_high=0.28, dual_clip_c=None, loss_agg_mode="seq-mean-token-mean",
+    settings = LossSettings(policy_loss=policy_loss, policy_options=PolicyLossOptions(clip_low=0.2, clip_high=0.28),
+                            loss_agg_mode="seq-mean-token-mean",
                             kl_coef=0.0, kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=0.7,
                             chunk_size=4, sum_normaliser=1.0)
     results = []
@@ -227,10 +236,11 @@ def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer):
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         batches = mini_batches(groups, 1, seed=0)
-        update_model(model, optimizer, scheduler, batches,
-                     lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw), ppo_epochs=1, seed=0,
-                     micro_batch_tokens=budget, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
-                     max_grad_norm=None)
+        metrics = update_model(model, optimizer, scheduler, batches,
+                               lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw), ppo_epochs=1,
+                               seed=0, micro_batch_tokens=budget, pad_token_id=0, precision="fp32",
+                               device=torch.device("cpu"), max_grad_norm=None)
+        assert 0.05 < metrics["clip_frac"] < 0.95  # off-policy: some ratios (weights) clipped, not all
         results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     assert len(pack_micro_batches([s for g in groups for s in g], 12, 0)) > 1
     moved = max((results[0][k] - build_tiny_llama(tokenizer).state_dict()[k]).abs().max().item() for k in results[0])
@@ -394,8 +404,21 @@ def test_config_errors_name_the_key(tmp_path):
         validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"target_kl": 0.1}})
     with pytest.raises(ConfigError, match="data.train"):
         validate_config(RLConfig, {})
+    with pytest.raises(ConfigError, match="rl.dual_clip_c: only policy_loss ppo_clip"):
+        validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"policy_loss": "gspo", "dual_clip_c": 3}})
+    with pytest.raises(ConfigError, match="rl.policy_loss"):
+        validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"policy_loss": "sapo"}})
     with pytest.raises(ConfigError, match="rl.clip_hihg"):
         validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"clip_hihg": 0.3}})
+
+
+def test_the_config_names_every_registered_policy_loss():
+    from typing import get_args
+
+    from posttrain.algorithms.policy import POLICY_LOSSES
+    from posttrain.config import RLAlgorithmConfig
+
+    assert set(get_args(RLAlgorithmConfig.model_fields["policy_loss"].annotation)) == set(POLICY_LOSSES)
 
 
 def test_quickstart_configs_validate():

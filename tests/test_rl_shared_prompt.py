@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from posttrain.algorithms.policy import PolicyLossOptions
 from posttrain.data.batching import collate_shared_prompt, shared_prompt_block_mask
 from posttrain.models.attention import choose_attention
 from posttrain.models.prepare import prepare_for_training
@@ -128,7 +129,8 @@ def test_one_optimizer_step_is_the_same_shared_or_not_and_whatever_the_budget(to
     groups = make_groups(sizes=(3, 3))
     compute_advantages(groups, algorithm="grpo", kl_in_reward=False, kl_coef=0.0, kl_estimator="k3", gamma=1.0,
                        lam=1.0, whiten=False)
-    settings = LossSettings(clip_low=0.2, clip_high=0.28, dual_clip_c=None, loss_agg_mode="seq-mean-token-mean",
+    settings = LossSettings(policy_loss="ppo_clip", policy_options=PolicyLossOptions(clip_low=0.2, clip_high=0.28),
+                            loss_agg_mode="seq-mean-token-mean",
                             kl_coef=0.0, kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=0.7,
                             chunk_size=4, sum_normaliser=1.0)
     results, losses = [], []

@@ -54,6 +54,7 @@ import torch
 
 from posttrain.algorithms.advantages import zero_variance_group_fraction
 from posttrain.algorithms.kl import make_kl_controller
+from posttrain.algorithms.policy import PolicyLossOptions
 from posttrain.config import RLConfig
 from posttrain.errors import ConfigError
 from posttrain.log import say, say_stdout
@@ -548,7 +549,10 @@ def update(config: RLConfig, models: Trainables, batch: RolloutBatch, step: int,
         if step < rl.critic.warmup_steps:
             return metrics
     settings = LossSettings(
-        clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip_c=rl.dual_clip_c, loss_agg_mode=config.train.loss_agg_mode,
+        policy_loss=rl.policy_loss,
+        policy_options=PolicyLossOptions(clip_low=rl.clip_low, clip_high=rl.clip_high, dual_clip_c=rl.dual_clip_c,
+                                         importance_level=rl.gspo_importance_level),
+        loss_agg_mode=config.train.loss_agg_mode,
         kl_coef=kl_coef if rl.kl_in == "loss" else 0.0, kl_estimator=rl.kl_estimator, kl_in_loss=rl.kl_in == "loss",
         kl_clamp=rl.kl_clamp,
         entropy_coef=rl.entropy_coef, temperature=config.rollout.temperature,

@@ -33,7 +33,7 @@ from posttrain.algorithms.advantages import (
 )
 from posttrain.algorithms.aggregate import aggregate_token_losses
 from posttrain.algorithms.kl import kl_estimate
-from posttrain.algorithms.policy import entropy_bonus, ppo_policy_loss, value_loss
+from posttrain.algorithms.policy import POLICY_LOSSES, PolicyLossOptions, entropy_bonus, value_loss
 from posttrain.algorithms.sft import (
     chunked_token_logprobs_and_entropy,
     next_token_targets,
@@ -307,9 +307,8 @@ def mini_batches(groups: Sequence[Sequence[RolloutSample]], count: int, seed: in
 class LossSettings:
     """Scalars the policy loss needs (no config object enters the math)."""
 
-    clip_low: float
-    clip_high: float | None
-    dual_clip_c: float | None
+    policy_loss: str  # a name in algorithms.policy.POLICY_LOSSES
+    policy_options: PolicyLossOptions
     loss_agg_mode: str
     kl_coef: float
     kl_estimator: str
@@ -323,7 +322,7 @@ class LossSettings:
 
 def policy_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], MicroBatch], *,
                       settings: LossSettings, step_tokens: float, step_sequences: float) -> MicroResult:
-    """This micro-batch's share of the policy loss: PPO-clip + beta * KL + entropy bonus, its
+    """This micro-batch's share of the policy loss: ``settings.policy_loss`` + beta * KL + entropy bonus, its
     trained (sampled) token count, metrics as tensors and the engine-vs-trainer log-prob gap."""
     samples, batch = item
     device = batch.input_ids.device
@@ -335,8 +334,8 @@ def policy_micro_loss(model: torch.nn.Module, item: tuple[list[RolloutSample], M
     advantages = concat_field(samples, "advantages", device)
     common = dict(loss_agg_mode=settings.loss_agg_mode, step_trained_tokens=step_tokens,
                   step_sequences=step_sequences, sequence_index=tokens.sequence_index)
-    loss, metrics = ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=settings.clip_low,
-                                    clip_high=settings.clip_high, dual_clip_c=settings.dual_clip_c, **common)
+    loss, metrics = POLICY_LOSSES[settings.policy_loss](logp, old_logp, advantages, mask, settings.policy_options,
+                                                        **common)
     if settings.kl_coef and settings.kl_in_loss:
         kl = kl_estimate(logp, concat_field(samples, "ref_logp", device), settings.kl_estimator,
                          clamp=settings.kl_clamp)
