@@ -17,10 +17,9 @@ from posttrain.agent.loop import AgentLimits, run_agent
 from posttrain.agent.tools import PythonTool, ToolBox
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.rewards.output import RewardOutput
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits
 from posttrain.rollout.base import SamplingParams
 from posttrain.train.rl_rollouts import PromptRow, RolloutSample, score_groups
-from tests.test_agent_loop import ScriptedEngine, chat_prompt, enc
+from tests.test_agent_loop import ScriptedEngine, box, chat_prompt, enc  # noqa: F401 (box: a fixture)
 
 REAL_ERRORS = ["1 / 0", "print(undefined_name)", "raise ValueError('wrong')"]
 POISONS = {
@@ -38,13 +37,6 @@ POISONS = {
     "self-kill": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)",
 }
 
-
-@pytest.fixture(scope="module")
-def box():
-    try:
-        return Sandbox(SandboxLimits(wall_seconds=5), isolation="auto", max_workers=2)
-    except ValueError as error:  # process mode as root with an interpreter a private uid cannot run
-        pytest.skip(str(error))
 
 
 def _run_session(tokenizer, box, cells: list[str]):
