@@ -65,3 +65,30 @@ def test_hostile_tool_call_text_is_no_call_and_is_read_in_linear_time(completion
     started = time.perf_counter()
     assert FormatReward(tool_call=True)(["q"], [completion]).scores == [0.0]
     assert time.perf_counter() - started < 2.0
+
+
+def test_length_in_tokens_set_from_a_config_reads_the_sampled_token_count():
+    """``unit: tokens`` from a config has no tokenizer: RL scoring and RL's held-out eval
+    hand it the number of tokens the model sampled (a trajectory's tool output excluded)."""
+    from posttrain.rewards import build_reward
+    from posttrain.rollout.base import Completion
+    from posttrain.train.rl_rollouts import PromptRow, RolloutSample, evaluate_prompts, score_groups
+
+    reward = build_reward({"name": "length", "unit": "tokens", "budget": 3, "penalty_per_unit": 0.5})
+    rows = [PromptRow([1], "q", {"answer": "4"}, 1)]
+    short = RolloutSample(row=0, group=0, prompt_ids=[1], response_ids=[5, 6, 7], text="abcdefghij",
+                          finish_reason="stop", reward=0.0)
+    long = RolloutSample(row=0, group=0, prompt_ids=[1], response_ids=[5, 6, 7, 8, 9, 10, 11], text="a",
+                         finish_reason="stop", reward=0.0)
+    tool = RolloutSample(row=0, group=0, prompt_ids=[1], response_ids=[5, 6, 7, 8, 9, 10, 11], text="a",
+                         finish_reason="stop", reward=0.0, response_mask=[1, 1, 0, 0, 0, 0, 1])
+    score_groups([[short, long, tool]], rows, reward, overlong="none", max_new_tokens=64, overlong_buffer=8,
+                 overlong_penalty=1.0)
+    assert [s.reward for s in (short, long, tool)] == [0.0, -2.0, 0.0]  # 3, 7, 3 sampled tokens
+
+    class Fixed:
+        def generate(self, prompt_ids, params):
+            return [Completion(0, [5] * 9, "x", "stop")]
+
+    metrics, _ = evaluate_prompts(Fixed(), rows, reward, temperature=0.0, max_new_tokens=16, stop=(), seed=0)
+    assert metrics["eval/reward"] == -3.0  # 9 sampled tokens, 6 over the budget

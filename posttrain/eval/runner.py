@@ -40,7 +40,7 @@ from posttrain.errors import ConfigError
 from posttrain.eval.perplexity import perplexity
 from posttrain.eval.tasks import load_humaneval, load_jsonl, load_reasoning_gym
 from posttrain.models import inference_dtype, load_model, load_tokenizer
-from posttrain.rewards.output import unverified_counts
+from posttrain.rewards.output import unverified_counts, with_completion_tokens
 from posttrain.rewards.registry import build_reward
 from posttrain.rollout.hf import HFEngine
 
@@ -89,7 +89,10 @@ def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, p
     items = [task.items[c.prompt_index] for c in completions]
     prompts = [_prompt_text(item.prompt) for item in items]
     texts = [c.text for c in completions]
-    metadata = [item.metadata for item in items]
+    sampled = ([len(c.token_ids) for c in completions] if task.agent is None
+               else [sum(len(seg["token_ids"]) for seg in record["segments"] if seg["kind"] == "sampled")
+                     for record in trajectories])
+    metadata = with_completion_tokens([item.metadata for item in items], sampled)
     start = time.perf_counter()
     with Progress(None, f"eval {task.name}: score {len(texts)} completions", enabled=progress, keys=()):
         scored = task.reward(prompts, texts, metadata)

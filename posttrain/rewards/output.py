@@ -85,6 +85,17 @@ def unverified_counts(components: dict[str, Sequence[float]]) -> dict[str, float
     return {name: float(sum(values)) for name, values in components.items() if name.endswith("/unverified")}
 
 
+def with_completion_tokens(metadata: Sequence[dict], counts: Sequence[int]) -> list[dict]:
+    """Each row's metadata with ``completion_tokens``: how many tokens the model sampled for
+    that completion (a trajectory's tool output not counted), which ``length`` reads with
+    ``unit: tokens``. The row's own key of that name, if any, is replaced.
+
+    >>> with_completion_tokens([{"answer": "4"}], [12])
+    [{'answer': '4', 'completion_tokens': 12}]
+    """
+    return [{**meta, "completion_tokens": int(count)} for meta, count in zip(metadata, counts)]
+
+
 def check_batch(prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None) -> list[dict]:
     """Validate batch lengths; ``metadata=None`` means no metadata for any row."""
     if metadata is None:

@@ -32,7 +32,7 @@ import torch
 
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.errors import DataError
-from posttrain.rewards.output import PromptText, unverified_counts
+from posttrain.rewards.output import PromptText, unverified_counts, with_completion_tokens
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.train.distributed import DistInfo, all_gather_objects
 from posttrain.train.checkpoint import storage_errors
@@ -239,7 +239,7 @@ def score_groups(groups: Sequence[Sequence[RolloutSample]], rows: Sequence[Promp
     if not samples:
         return
     out = reward_fn([rows[s.row].text for s in samples], [s.text for s in samples],
-                    [rows[s.row].metadata for s in samples])
+                    with_completion_tokens([rows[s.row].metadata for s in samples], [s.trained_length for s in samples]))
     for index, sample in enumerate(samples):
         sample.raw_reward = float(out.scores[index])
         sample.components = {name: float(values[index]) for name, values in out.components.items()}
@@ -436,7 +436,10 @@ def evaluate_prompts(engine: Any, rows: Sequence[PromptRow], reward_fn: RewardFn
         runs = agent.run(engine, agent_prompts(agent, rows, range(len(rows))), params)
         trajectories = [trajectory_record(t, agent.tokenizer) for t in runs]
         completions = [t.as_completion() for t in runs]
-    out = reward_fn([row.text for row in rows], [c.text for c in completions], [row.metadata for row in rows])
+    sampled = ([len(c.token_ids) for c in completions] if agent is None
+               else [sum(t.response_mask) for t in runs])
+    out = reward_fn([row.text for row in rows], [c.text for c in completions],
+                    with_completion_tokens([row.metadata for row in rows], sampled))
     scores = [float(s) for s in out.scores]
     lengths = [len(c.token_ids) for c in completions]
     metrics = {
