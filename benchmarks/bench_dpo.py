@@ -195,8 +195,8 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="posttrain's per-micro-batch budget")
     parser.add_argument("--trl-modes", default="ref_model,precompute", help="TRL reference modes; the best counts")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch/OpenMP threads for both systems (default: all cores, or 1 when the machine is "
-                             "busier than its core count)")
+                        help="torch/OpenMP threads for both systems (default: posttrain's own choice, "
+                             "posttrain/train/threads.py: the cores other processes leave free at start)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
 
@@ -207,9 +207,10 @@ def main() -> None:
 
     import torch
 
-    if args.threads is None:
-        cores = os.cpu_count() or 1
-        args.threads = 1 if os.getloadavg()[0] > cores else cores
+    if args.threads is None:  # the policy every posttrain command uses
+        from posttrain.train.threads import current_plan
+
+        args.threads = current_plan({}, torch_loaded=False).threads or os.cpu_count() or 1
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench-dpo-"))
     data_path = workdir / "pairs.jsonl"

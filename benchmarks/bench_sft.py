@@ -282,8 +282,8 @@ def main() -> None:
     parser.add_argument("--trl-modes", default="padding,padding_free", help="TRL collators to try; the best counts")
     parser.add_argument("--no-allocator-tuning", action="store_true")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch/OpenMP threads for both systems (default: all cores, or 1 when the machine is "
-                             "busier than its core count: spinning OpenMP threads then cost more than they give)")
+                        help="torch/OpenMP threads for both systems (default: posttrain's own choice, "
+                             "posttrain/train/threads.py: the cores other processes leave free at start)")
     parser.add_argument("--json", help="also write the figures to this file")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where both systems train")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model spec for both systems")
@@ -301,9 +301,10 @@ def main() -> None:
 
     import torch
 
-    if args.threads is None:
-        cores = os.cpu_count() or 1
-        args.threads = 1 if os.getloadavg()[0] > cores else cores
+    if args.threads is None:  # the policy every posttrain command uses
+        from posttrain.train.threads import current_plan
+
+        args.threads = current_plan({}, torch_loaded=False).threads or os.cpu_count() or 1
     torch.set_num_threads(args.threads)
     workdir = Path(tempfile.mkdtemp(prefix="bench-sft-"))
     data_path = workdir / "tokens.jsonl"
