@@ -70,8 +70,8 @@ def test_trainer_logprobs_at_sampled_positions_equal_a_full_forward(tokenizer, s
 def test_shared_prompt_layout_lists_only_sampled_tokens():
     batch = collate_shared_prompt([([10, 11], [[20, 21, 22], [30]], [[1, 0, 1], None])])
     assert batch.loss_mask.tolist() == [[0, 0, 1, 0, 1, 1]]
-    assert batch.extras["predict_targets"].tolist() == [20, 22, 30]  # 21 is an env token
-    assert batch.extras["predict_index"].tolist() == [1, 3, 1]
+    assert batch.predicted.targets.tolist() == [20, 22, 30]  # 21 is an env token
+    assert batch.predicted.index.tolist() == [1, 3, 1]
 
 
 def settings(**overrides) -> LossSettings:

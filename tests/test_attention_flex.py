@@ -139,7 +139,8 @@ def test_sft_loss_and_gradients_of_a_model_equal_varlen(tokenizer, flex_cpu_back
 
 
 def test_shared_prompt_log_probs_and_gradients_equal_varlen(tokenizer, flex_cpu_backward):
-    from posttrain.train.rl_update import pack_micro_batches, response_token_logprobs
+    from posttrain.models.logprobs import response_token_logprobs
+    from posttrain.train.rl_update import pack_micro_batches
 
     samples = [s for g in make_groups() for s in g]
     [(_, batch)] = pack_micro_batches(samples, 4096, 0, True)

@@ -207,7 +207,8 @@ def test_chunked_loss_equals_plain_logits_in_bf16(tokenizer):
 def test_shared_prompt_layout_equals_plain_packing_in_bf16(tokenizer, flex_cpu_backward):
     from test_rl_shared_prompt import make_groups
 
-    from posttrain.train.rl_update import pack_micro_batches, response_token_logprobs
+    from posttrain.models.logprobs import response_token_logprobs
+    from posttrain.train.rl_update import pack_micro_batches
 
     samples = [s for g in make_groups() for s in g]
     results = {}

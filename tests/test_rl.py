@@ -372,7 +372,7 @@ def test_prompt_sampler_resumes_mid_epoch():
 def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_model_dir, tmp_path):
     from posttrain.train.rl import build_reference, build_policy
     from posttrain.train.distributed import init_distributed
-    from posttrain.train.rl_update import response_token_logprobs
+    from posttrain.models.logprobs import response_token_logprobs
     from posttrain.data.batching import collate_packed
 
     config = make_config(tiny_model_dir, tmp_path, lora={"enabled": True, "r": 4}, rl={"kl_coef": 0.1})

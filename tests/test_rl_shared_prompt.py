@@ -19,10 +19,9 @@ from posttrain.train.rl_update import (
     mini_batches,
     pack_micro_batches,
     policy_micro_loss,
-    response_token_logprobs,
-    response_token_values,
     update_model,
 )
+from posttrain.models.logprobs import response_token_logprobs, response_token_values
 
 from conftest import build_tiny_llama
 
@@ -43,9 +42,9 @@ def test_layout_by_hand():
     assert batch.loss_mask.tolist() == [[0, 0, 1, 1, 1, 0, 1, 1]]
     assert batch.cu_seq_lens.tolist() == [0, 5, 8]
     # token 20 and token 30 are both predicted by the prompt's last position (index 1)
-    assert batch.extras["predict_index"].tolist() == [1, 1, 3, 5, 6]
-    assert batch.extras["predict_targets"].tolist() == [20, 30, 31, 50, 51]
-    assert batch.extras["predict_sequence"].tolist() == [0, 1, 1, 2, 2]
+    assert batch.predicted.index.tolist() == [1, 1, 3, 5, 6]
+    assert batch.predicted.targets.tolist() == [20, 30, 31, 50, 51]
+    assert batch.predicted.sequence.tolist() == [0, 1, 1, 2, 2]
     assert [m.shape for m in batch.block_masks] == [(5, 5), (3, 3)]
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -272,6 +272,17 @@ class StepPlanner:
 
 
 @dataclass
+class PredictedTokens:
+    """Per trained token of a micro-batch, in sample order (N tokens): ``index`` [N], the flat
+    row position whose hidden state predicts it; ``targets`` [N], its id; ``sequence`` [N], its
+    sample's index in the micro-batch. All int64."""
+
+    index: torch.Tensor
+    targets: torch.Tensor
+    sequence: torch.Tensor
+
+
+@dataclass
 class MicroBatch:
     """Tensors of one forward/backward.
 
@@ -283,10 +294,9 @@ class MicroBatch:
     num_tokens: real (non-padding) tokens.
     block_masks: shared-prompt layout only: per ``cu_seq_lens`` block, a [L, L] bool mask
         (True = may attend) replacing plain causal attention inside that block.
-    extras: layout-specific tensors; the shared-prompt layout puts there, per response token
-        in sample order (N tokens): ``predict_index`` [N] (the row position whose hidden
-        state predicts it), ``predict_targets`` [N] (its id), ``predict_sequence`` [N]
-        (its sample's index in the micro-batch).
+    predicted: shared-prompt layout only (``PredictedTokens``): where each trained token is
+        predicted from, since there a completion's first token is predicted by its prompt's
+        last position, not by the position before it in the row.
     """
 
     input_ids: torch.Tensor
@@ -297,7 +307,7 @@ class MicroBatch:
     cu_seq_lens: torch.Tensor | None = None
     max_seq_len: int = 0
     num_tokens: int = 0
-    extras: dict[str, Any] = field(default_factory=dict)
+    predicted: PredictedTokens | None = None
     block_masks: list[torch.Tensor] | None = None
 
     @property
@@ -311,7 +321,8 @@ class MicroBatch:
         return MicroBatch(
             move(self.input_ids), move(self.loss_mask), move(self.position_ids), move(self.weights),
             move(self.attention_mask), move(self.cu_seq_lens), self.max_seq_len, self.num_tokens,
-            {key: move(value) for key, value in self.extras.items()},
+            None if self.predicted is None else PredictedTokens(*(move(t) for t in (
+                self.predicted.index, self.predicted.targets, self.predicted.sequence))),
             None if self.block_masks is None else [move(m) for m in self.block_masks],
         )
 
@@ -346,7 +357,7 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
     0..P-1 over the prompt and P..P+C_i-1 over each completion (what each would have alone).
     A completion's first token is predicted by the prompt's last position, shared by the
     group; later tokens by the previous token of the same completion. Response tokens come
-    out in sample order (group by group, completion by completion) in ``extras``.
+    out in sample order (group by group, completion by completion) in ``predicted``.
 
     A group may carry a third element, one mask per completion (1 = trained, 0 = an env
     token of a multi-turn trajectory; None = all trained): only trained tokens are listed.
@@ -392,9 +403,9 @@ def collate_shared_prompt(groups: Sequence[tuple[Sequence[int], Sequence[Sequenc
         cu_seq_lens=torch.tensor(cu, dtype=torch.int32),
         max_seq_len=longest,
         num_tokens=len(ids),
-        extras={"predict_index": torch.tensor(predict_index, dtype=torch.long),
-                "predict_targets": torch.tensor(predict_targets, dtype=torch.long),
-                "predict_sequence": torch.tensor(predict_sequence, dtype=torch.long)},
+        predicted=PredictedTokens(torch.tensor(predict_index, dtype=torch.long),
+                                  torch.tensor(predict_targets, dtype=torch.long),
+                                  torch.tensor(predict_sequence, dtype=torch.long)),
         block_masks=block_masks,
     )
 

@@ -20,7 +20,7 @@ Everything else is shared with SFT and the reward model: the pair step plan
 (``train.rm.make_pair_planner``: both sides of a pair in the same micro-batch, packed
 padding-free), ``train.loop.optimizer_step`` (step-normalised shares, so the loss and the
 gradient do not depend on micro-batches, packing or ranks; tested), log-probs only at
-response positions, chunked over the vocabulary (``train.rl_update.response_token_logprobs``
+response positions, chunked over the vocabulary (``models.logprobs.response_token_logprobs``
 -> ``algorithms.sft``), ``train.checkpoint`` (exact resume) and ``train.distributed`` (FSDP2).
 Metric names follow TRL's DPOTrainer (``rewards/chosen`` ... ``logps/rejected``); see
 docs/METRICS.md.
@@ -63,7 +63,7 @@ from posttrain.train.loop import (
     seed_everything,
     tune_cpu_allocator,
 )
-from posttrain.train.rl_update import response_token_logprobs
+from posttrain.models.logprobs import response_token_logprobs
 from posttrain.train.rm import (
     PreferencePair,
     check_settings,
