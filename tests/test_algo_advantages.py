@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from posttrain.algorithms.advantages import (
-    broadcast_to_tokens,
     discounted_returns,
     gae_advantages,
     grpo_advantages,
@@ -39,11 +38,6 @@ def test_rloo():
     assert adv[1].tolist() == [-3.0, 0.0, 3.0]  # 2-5, 4-4, 6-3
     with pytest.raises(ValueError):
         rloo_advantages(torch.tensor([[1.0]]))
-
-
-def test_broadcast_to_tokens():
-    out = broadcast_to_tokens(torch.tensor([[1.0, -2.0]]), torch.tensor([[1, 1, 0], [0, 1, 1]]))
-    assert out.tolist() == [[1.0, 1.0, 0.0], [0.0, -2.0, -2.0]]
 
 
 def test_token_level_rewards_last_token_and_kl_penalty():

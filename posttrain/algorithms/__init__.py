@@ -4,20 +4,29 @@ objects, no I/O. Each module's docstring cites the paper it implements and its d
 - ``aggregate``   loss_agg_mode with step-wide normalisers (split-invariant losses)
 - ``sft``         the single next-token shift; chunked cross-entropy / log-probs / entropy
 - ``preference``  Bradley–Terry reward-model loss; DPO (label smoothing), IPO, SimPO
-- ``advantages``  GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE
+- ``advantages``  GRPO, Dr. GRPO, RLOO, REINFORCE++, GAE on packed tokens (ADVANTAGE_ESTIMATORS)
 - ``policy``      PPO-clip (clip-higher, dual clip), GSPO, CISPO, clipped value loss, entropy bonus
 - ``kl``          k1/k2/k3 estimators, fixed and adaptive KL coefficient
 """
 
 from posttrain.algorithms.advantages import (
-    broadcast_to_tokens,
+    ADVANTAGE_ESTIMATORS,
+    AdvantageEstimator,
+    AdvantageOptions,
+    Advantages,
     discounted_returns,
+    dr_grpo_estimator,
     gae_advantages,
+    gae_estimator,
     grpo_advantages,
+    grpo_estimator,
     normalize_advantages,
     reinforce_plus_plus_advantages,
+    reinforce_pp_estimator,
     rloo_advantages,
+    rloo_estimator,
     token_level_rewards,
+    whiten_advantages,
     zero_variance_group_fraction,
 )
 from posttrain.algorithms.aggregate import (
@@ -76,8 +85,11 @@ __all__ = [
     "chunked_cross_entropy", "chunked_token_logprobs_and_entropy", "sft_token_losses",
     "bradley_terry_loss", "PREFERENCE_LOSS_TYPES", "preference_optimization_loss",
     "preference_optimization_rewards", "sequence_logp_sums",
+    "ADVANTAGE_ESTIMATORS", "AdvantageEstimator", "AdvantageOptions", "Advantages",
+    "grpo_estimator", "dr_grpo_estimator", "rloo_estimator", "reinforce_pp_estimator", "gae_estimator",
+    "whiten_advantages",
     "grpo_advantages", "zero_variance_group_fraction", "rloo_advantages",
-    "broadcast_to_tokens", "token_level_rewards", "discounted_returns",
+    "token_level_rewards", "discounted_returns",
     "normalize_advantages", "reinforce_plus_plus_advantages", "gae_advantages",
     "KL_ESTIMATORS", "kl_estimate", "FixedKLController", "AdaptiveKLController",
     "make_kl_controller",

@@ -90,8 +90,8 @@ def ppo_policy_loss(
     Args:
         logp: [B, T] log pi(token) under the policy being trained (carries grad).
         old_logp: [B, T] log-probs of the same tokens under the policy that sampled them.
-        advantages: [B, T] per-token advantages (``advantages.broadcast_to_tokens`` for
-            sequence-level ones).
+        advantages: [B, T] per-token advantages (``advantages.ADVANTAGE_ESTIMATORS`` give
+            sequence-level ones on every token of the sequence).
         loss_mask: [B, T] 0/1 trained tokens (masked tokens get exactly zero gradient).
         clip_low, clip_high: ratio bounds 1 - clip_low, 1 + clip_high (clip_high None =
             clip_low: symmetric PPO).
