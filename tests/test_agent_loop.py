@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.agent import inline
 from posttrain.agent.loop import (
     AgentLimits,
     AgentPrompt,
@@ -35,9 +34,10 @@ from posttrain.agent.tools import (
     truncate_to_tokens,
 )
 from posttrain.agent.trajectory import Segment, Trajectory, check_trajectory, trajectory_metrics, trajectory_record
+from posttrain.data import inline
 from posttrain.errors import ConfigError
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits
 from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.sandbox.runner import Sandbox, SandboxLimits
 
 TEMPLATES = Path(__file__).parent / "templates"
 TOOLS_MODULE = '''

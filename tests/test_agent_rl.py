@@ -172,7 +172,7 @@ def answer_42(prompts, completions, metadata):
 
 def test_rl_with_the_python_tool_trains_only_sampled_tokens_and_logs_segments(tiny_model_dir, tokenizer, tmp_path):
     from posttrain.config import RLConfig, validate_config
-    from posttrain.rewards.sandbox import namespace_available
+    from posttrain.sandbox.runner import namespace_available
     from posttrain.train.rl import run_rl
 
     if not namespace_available():
@@ -216,7 +216,7 @@ def test_rl_with_the_python_tool_trains_only_sampled_tokens_and_logs_segments(ti
 def test_eval_task_with_the_python_tool_scores_the_answer_after_the_tool(tokenizer, tmp_path):
     from posttrain.config import EvalConfig, validate_config
     from posttrain.eval.runner import build_tasks, evaluate_task
-    from posttrain.rewards.sandbox import namespace_available
+    from posttrain.sandbox.runner import namespace_available
     from posttrain.rollout.base import SamplingParams
 
     if not namespace_available():
@@ -240,7 +240,7 @@ def test_eval_task_with_the_python_tool_scores_the_answer_after_the_tool(tokeniz
 def test_chat_with_tools_shows_the_trajectory_turn_by_turn(tiny_model_dir, tokenizer, monkeypatch, capsys):
     from posttrain import chat as chat_module
     from posttrain.cli import main
-    from posttrain.rewards.sandbox import namespace_available
+    from posttrain.sandbox.runner import namespace_available
 
     if not namespace_available():
         pytest.skip("the python tool runs in namespace isolation (needs root on Linux)")
@@ -379,8 +379,8 @@ BONUS_CASES = [  # (code, its output, is_error, final answer, bonus paid)
 
 @pytest.mark.parametrize("code, output, is_error, answer, paid", BONUS_CASES, ids=range(len(BONUS_CASES)))
 def test_the_bonus_is_paid_only_for_an_answer_a_successful_call_printed(tokenizer, code, output, is_error, answer, paid):
-    from posttrain.agent.inline import call_text
     from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
+    from posttrain.data.inline import call_text
     from posttrain.train.rl_rollouts import PromptRow, score_groups
 
     trajectory = scripted_run(tokenizer, [call_text("", code), answer + "<eos>"], {code: (output, is_error)})

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain.agent import inline
 from posttrain.agent.loop import AgentLimits, run_agent
 from posttrain.agent.tools import PythonTool, ToolBox
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
+from posttrain.data import inline
 from posttrain.rewards.output import RewardOutput
 from posttrain.rollout.base import SamplingParams
 from posttrain.train.rl_rollouts import PromptRow, RolloutSample, score_groups

@@ -1,4 +1,4 @@
-"""The ``inline`` tool format (``data.tool_format: inline``, ``agent/inline.py``): python tool use
+"""The ``inline`` tool format (``data.tool_format: inline``, ``data/inline.py``): python tool use
 in the last turn laid out by posttrain for templates without tools, exactly as the RL turn loop
 samples it: the prompt, then each call's text + fenced code (trained), its ``<output>`` block
 (env, never trained), ..., the final answer and the template's end-of-turn token (trained), each
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.agent.inline import call_text, output_text
+from posttrain.data.inline import call_text, output_text
 from posttrain.config import RMConfig, SFTConfig, validate_config
 from posttrain.data.audit import format_sample, load_sft_data
 from posttrain.data.formats import BadRowError, normalise_messages
@@ -266,7 +266,7 @@ def hostile_outputs(tokenizer) -> list[str]:
 
 @pytest.mark.parametrize("build", [lambda t: t, llama3_style, normalising], ids=["bundled", "llama3_style", "normalising"])
 def test_defused_tool_output_encodes_to_no_added_token(tokenizer, build):
-    from posttrain.agent.inline import defuse_special_tokens
+    from posttrain.data.render import defuse_special_tokens
 
     tok = build(tokenizer)
     control = control_ids(tok)
@@ -351,7 +351,7 @@ def test_rl_env_segments_hold_no_control_token_a_tool_printed(tokenizer, tool_fo
 def test_sft_renders_a_tool_result_as_rl_appends_it(tokenizer, template):
     """A tool result holding control-token strings is defused, not refused, in SFT rendering
     (inline and chat_template alike): the tokens equal those RL appends for the same output."""
-    from posttrain.agent.inline import defuse_special_tokens
+    from posttrain.data.render import defuse_special_tokens
 
     tok = llama3_style(tokenizer)
     if template:

@@ -2,9 +2,10 @@
 
 Each test writes the completion a policy under RL pressure could find, shows that it scores
 0 (and, where it helps, that an honest solution under the same conditions scores 1), and
-that the caller survives. Grouped by class (docs/ARCHITECTURE.md, "Rewards are adversarial-safe"; posttrain/rewards/sandbox.py): reaching the harness from
-inside the program, objects that lie, reading the answer key, exceeding limits as a group,
-leaving state behind, kernel escapes, and ``process`` isolation.
+that the caller survives. Grouped by class (docs/ARCHITECTURE.md, "Rewards are
+adversarial-safe"; posttrain/sandbox/runner.py): reaching the harness from inside the
+program, objects that lie, reading the answer key, exceeding limits as a group, leaving
+state behind, kernel escapes, and ``process`` isolation.
 """
 
 import json
@@ -15,12 +16,12 @@ import sys
 import pytest
 
 from posttrain.errors import ConfigError
-from posttrain.rewards import code as code_module
 from posttrain.rewards.code import CodeReward
 from posttrain.rewards.registry import build_reward
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits, cgroup_support, namespace_available
-from posttrain.rewards.sandbox_judge import CandidateError, WireError, decode, encode, exception_from
-from posttrain.rewards.sandbox_seccomp import filter_bpf
+from posttrain.sandbox import runner
+from posttrain.sandbox.judge import CandidateError, WireError, decode, encode, exception_from
+from posttrain.sandbox.runner import Sandbox, SandboxLimits, cgroup_support, namespace_available
+from posttrain.sandbox.seccomp import filter_bpf
 
 pytestmark = pytest.mark.skipif(not namespace_available(), reason="needs root + namespaces (the only mode RL may use)")
 
@@ -234,8 +235,6 @@ def test_python_environments_at_any_depth_are_invisible(monkeypatch):
     import shutil
     import sysconfig
 
-    from posttrain.rewards import sandbox as sandbox_module
-
     tag = f"posttrain_hostile_{os.getpid()}"
     stdlib = sysconfig.get_path("stdlib")
     version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
@@ -261,7 +260,7 @@ def test_python_environments_at_any_depth_are_invisible(monkeypatch):
                 pytest.skip(f"cannot plant {path}: {e}")
             created.append(top)
         images = {}  # a fresh root image, built with the planted files on the host
-        monkeypatch.setattr(sandbox_module, "_images", images, raising=False)
+        monkeypatch.setattr(runner, "_images", images, raising=False)
         program = (
             "import importlib, json, os, sys\n"
             f"planted = {planted!r}\n"
@@ -364,7 +363,7 @@ def _peak_memory_mb(uids, stop, peaks: dict) -> None:
     """Poll the peak resident memory (``VmHWM``, MB) of the processes of ``uids`` until ``stop``."""
     import time
 
-    from posttrain.rewards.sandbox import _pids_of_uid
+    from posttrain.sandbox.runner import _pids_of_uid
 
     while not stop.is_set():
         for uid, pid in [(uid, pid) for uid in uids for pid in _pids_of_uid(uid)]:
@@ -581,7 +580,7 @@ def test_process_isolation_is_refused_without_the_unsafe_opt_in(monkeypatch):
     with pytest.raises(ConfigError, match="sandbox: 'process'"):
         CodeReward(sandbox=Sandbox(isolation="process", python="/usr/bin/python3")
                    if os.path.exists("/usr/bin/python3") else Sandbox(isolation="process"))
-    monkeypatch.setattr(code_module, "namespace_available", lambda: False)
+    monkeypatch.setattr(runner, "namespace_available", lambda: False)
     with pytest.raises(ConfigError, match="does not fall back to 'process'"):
         CodeReward(isolation="auto")
     from posttrain.eval.tasks import load_humaneval

@@ -14,7 +14,7 @@ MODULES = [
     "posttrain.rewards.composite",
     "posttrain.rewards.registry",
     "posttrain.rewards.reasoning_gym",
-    "posttrain.rewards.sandbox",
+    "posttrain.sandbox.runner",
 ]
 
 

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits, _pids_of_uid, base_python, namespace_available
+from posttrain.sandbox.runner import Sandbox, SandboxLimits, _pids_of_uid, base_python, namespace_available
 
 SMALL = SandboxLimits(wall_seconds=2, cpu_seconds=2, memory_mb=256, max_processes=8, max_output_bytes=20_000)
 
@@ -125,7 +125,7 @@ def test_parent_environment_secrets_are_not_visible():
     script = textwrap.dedent(
         """
         import os, sys
-        from posttrain.rewards.sandbox import Sandbox, SandboxLimits
+        from posttrain.sandbox.runner import Sandbox, SandboxLimits
         program = (
             "import os\\n"
             "print(dict(os.environ))\\n"
@@ -240,15 +240,14 @@ def test_missing_cgroups_and_seccomp_are_announced_once_and_runs_still_work(monk
     """Where the kernel or the system offers less, one warning says what applies instead."""
     import warnings
 
-    from posttrain.rewards import sandbox as sandbox_module
-    from posttrain.rewards import sandbox_seccomp
+    from posttrain.sandbox import runner, seccomp
 
     class NoCgroups:
         version, bases, why = None, {}, "no cgroup hierarchy (test)"
 
-    monkeypatch.setattr(sandbox_module, "_warned", set())
-    monkeypatch.setattr(sandbox_module, "cgroup_support", lambda: NoCgroups())
-    monkeypatch.setattr(sandbox_seccomp, "filter_bpf", lambda: (None, "libseccomp is missing (test)"))
+    monkeypatch.setattr(runner, "_warned", set())
+    monkeypatch.setattr(runner, "cgroup_support", lambda: NoCgroups())
+    monkeypatch.setattr(seccomp, "filter_bpf", lambda: (None, "libseccomp is missing (test)"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         boxes = [Sandbox(SMALL, isolation="namespace" if HAS_NAMESPACE else "process",
@@ -261,8 +260,8 @@ def test_missing_cgroups_and_seccomp_are_announced_once_and_runs_still_work(monk
 
 
 def test_seccomp_filter_degrades_with_a_clear_reason_without_pyseccomp(monkeypatch):
-    from posttrain.rewards import sandbox_seccomp
+    from posttrain.sandbox import seccomp
 
     monkeypatch.setitem(sys.modules, "pyseccomp", None)  # import fails as if not installed
-    program, why = sandbox_seccomp._build()
+    program, why = seccomp._build()
     assert program is None and "pyseccomp/libseccomp is not usable" in why and "libseccomp" in why

@@ -38,7 +38,6 @@ from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from posttrain.agent import inline
 from posttrain.agent.tools import (
     ToolBox,
     ToolCall,
@@ -50,6 +49,8 @@ from posttrain.agent.tools import (
     truncate_to_tokens,
 )
 from posttrain.agent.trajectory import Segment, Trajectory, answer_from_tool, answer_text, call_source
+from posttrain.data import inline
+from posttrain.data.render import defuse_special_tokens
 from posttrain.errors import ConfigError
 from posttrain.rollout.base import Completion, SamplingParams
 
@@ -246,9 +247,9 @@ def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, tool_forma
         if done:
             traj.finish_reason = "stop"
             continue
-        outputs = [truncate_to_tokens(inline.defuse_special_tokens(text, tokenizer), tokenizer, limits.max_tool_output_tokens)
+        outputs = [truncate_to_tokens(defuse_special_tokens(text, tokenizer), tokenizer, limits.max_tool_output_tokens)
                    for text in observations]
-        tool_messages = [{"role": "tool", "name": inline.defuse_special_tokens(call.name, tokenizer) or "invalid",
+        tool_messages = [{"role": "tool", "name": defuse_special_tokens(call.name, tokenizer) or "invalid",
                           "tool_call_id": call.call_id, "content": out}
                          for call, out in zip(calls, outputs)]  # an environment answers a step with one message
         if tool_format == "inline":

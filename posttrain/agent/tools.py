@@ -2,7 +2,7 @@
 calls of many trajectories at once.
 
 Formats (``tool_format``):
-- ``inline`` (``agent/inline.py``): a closed ```python block is a call of tool ``python``
+- ``inline`` (``data/inline.py``): a closed ```python block is a call of tool ``python``
   with ``{"code": ...}``; a block still open when the turn ended is a malformed call;
 - ``chat_template`` (Hermes / Qwen style): ``<tool_call>\\n{"name": ..., "arguments": {...}}
   \\n</tool_call>``, several in one turn being parallel calls.
@@ -29,10 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from posttrain.agent import inline
+from posttrain.data import inline
 from posttrain.errors import ConfigError
-from posttrain.rewards.code import choose_isolation
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits
+from posttrain.sandbox.runner import Sandbox, SandboxLimits, choose_isolation
 
 
 @dataclass

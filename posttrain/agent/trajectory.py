@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
-from posttrain.agent import inline
+from posttrain.data import inline
 from posttrain.rewards.math import answers_match_plain, extract_answer, extract_last_number, numbers_in
 from posttrain.rollout.base import Completion
 

@@ -46,7 +46,7 @@ https://www.llama.com/docs/model-cards-and-prompt-formats/llama3_1/), or tool re
 detected per conversation and raise DataError instead of training on a conversation that lost
 them.
 
-``tool_format="inline"`` (``data.tool_format``; ``agent/inline.py``) renders python tool use
+``tool_format="inline"`` (``data.tool_format``; ``data/inline.py``) renders python tool use
 itself, for templates without tools: the messages after the last user message (assistant
 tool calls, tool results, the final answer) become ONE assistant turn laid out as the RL turn
 loop samples it, each piece tokenised on its own: ``P_run`` (the messages before, with the
@@ -64,6 +64,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal, Sequence
 
 from posttrain.data.formats import normalise_messages
+from posttrain.data.inline import call_text, first_closed_block, output_text
 from posttrain.errors import ConfigError, DataError
 
 TrainOn = Literal["all_assistant", "last_assistant"]
@@ -194,7 +195,7 @@ def render_conversation(
     renders one extra prefix per message so that ``spans`` shows every message boundary
     (for ``inspect``); without it, consecutive non-assistant messages form one span.
     ``tool_format="inline"``: python tool use in the last turn is laid out by posttrain
-    (``agent/inline.py``, module docstring), not by the template.
+    (``data/inline.py``, module docstring), not by the template.
     Tool results are defused (``defuse_tool_results``) as the RL turn loop defuses tool output;
     any other text holding a control-token string is refused unless
     ``allow_special_tokens_in_text`` allows it (``check_control_text``).
@@ -1020,8 +1021,6 @@ def _inline_run(messages: list[dict[str, Any]], where: str) -> _InlineRun | None
     renders it as usual). DataError (one line, naming ``where``) for tool use before the last
     user message, a call to a tool other than ``python`` or without ``code``, tool results
     that do not answer the calls before them, or a turn that does not end with an answer."""
-    from posttrain.agent.inline import call_text, first_closed_block, output_text  # function-local: the agent turn loop may import this module
-
     last_user = max((i for i, message in enumerate(messages) if message["role"] not in ("assistant", "tool")), default=-1)
     for i, message in enumerate(messages[: last_user + 1]):
         if message.get("tool_calls") or message["role"] == "tool":

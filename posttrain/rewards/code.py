@@ -3,7 +3,7 @@
 A rule-based reward in the sense of execution feedback for code (Chen et al. 2021,
 "Evaluating Large Language Models Trained on Code", the HumanEval paper, which runs
 unit tests in a sandbox). Score = fraction of tests passed, run in
-``posttrain.rewards.sandbox`` (model-written code is hostile input).
+``posttrain.sandbox`` (model-written code is hostile input).
 
 Tests come from ``metadata[tests_key]`` in one of these shapes:
 
@@ -12,7 +12,7 @@ Tests come from ``metadata[tests_key]`` in one of these shapes:
   ``check(entry_point)`` is one test). Tests never run in the program's interpreter: the
   program runs in the sandbox and answers calls; the tests run in a separate judge
   process that calls the program's functions with plain data and gets plain data back
-  (``posttrain.rewards.sandbox_judge``), so a completion cannot patch what the tests use,
+  (``posttrain.sandbox.judge``), so a completion cannot patch what the tests use,
   find them in memory, or return objects that lie about equality.
   ``metadata["code_prefix"]`` (HumanEval: the prompt) is trusted row data: the judge runs
   it itself, so the tests' helpers (HumanEval/32's ``poly``) are the row's, never the
@@ -29,7 +29,7 @@ completion when it has none, prefixed by ``metadata["code_prefix"]`` when presen
 the prompt, so a completion may be just the function body). A row without tests scores 0:
 an empty test list must not reward an empty program.
 
-Isolation: ``namespace`` (see ``posttrain.rewards.sandbox``) is required. ``process``
+Isolation: ``namespace`` (see ``posttrain.sandbox.runner``) is required. ``process``
 isolation, or ``auto`` where namespaces are unavailable, is refused with a one-line
 ``ConfigError`` unless ``unsafe_process_isolation=True``: it runs model-written code with
 the whole filesystem in view, behind an audit hook that is not a security boundary.
@@ -39,13 +39,12 @@ from __future__ import annotations
 
 import ast
 import re
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 from posttrain.errors import ConfigError, DataError
 from posttrain.rewards.output import RewardOutput, check_batch
-from posttrain.rewards.sandbox import Sandbox, SandboxLimits, namespace_available
+from posttrain.sandbox.runner import PROCESS_REFUSED, Sandbox, SandboxLimits, choose_isolation
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _CODE_LANGS = {"", "python", "py", "python3"}
@@ -110,35 +109,6 @@ def outputs_match(actual: str, expected: str) -> bool:
     return norm(actual) == norm(expected)
 
 
-PROCESS_REFUSED = (
-    "'process' isolation runs model-written code as a plain process that can read the whole filesystem "
-    "(the venv's benchmark answers included), behind an audit hook that is not a security boundary; "
-    "use 'namespace' (root on Linux) or set unsafe_process_isolation: true to accept the risk"
-)
-
-
-def choose_isolation(isolation: str, unsafe_process_isolation: bool = False) -> str:
-    """The isolation a reward may use: ``namespace``, or ``process`` only when opted in.
-
-    ``auto`` means ``namespace`` where it works; it never falls back to ``process`` silently.
-    """
-    if isolation not in ("auto", "namespace", "process"):
-        raise ConfigError(f"isolation: must be auto, namespace or process, not {isolation!r}")
-    if isolation == "auto":
-        if namespace_available():
-            return "namespace"
-        if not unsafe_process_isolation:
-            raise ConfigError(
-                "isolation: auto found no namespace isolation here (it needs root on Linux) and does not fall "
-                "back to 'process' for rewards: " + PROCESS_REFUSED)
-        warnings.warn("code reward: namespace isolation is unavailable; running model-written code in 'process' "
-                      "isolation because unsafe_process_isolation is set", RuntimeWarning, stacklevel=3)
-        return "process"
-    if isolation == "process" and not unsafe_process_isolation:
-        raise ConfigError("isolation: " + PROCESS_REFUSED)
-    return isolation
-
-
 def last_function(source: str) -> str | None:
     """The name of the last top-level function ``source`` defines (HumanEval's entry point).
 
@@ -157,7 +127,8 @@ def last_function(source: str) -> str | None:
 
 @dataclass
 class CodeReward:
-    """Fraction of ``metadata[tests_key]`` the completion's program passes (0.0 without tests).
+    """Fraction of ``metadata[tests_key]`` the completion's program passes (0.0 without tests);
+    a correctness check: correct when every test passed (``RewardOutput.correct``).
 
     ``isolation``: ``auto`` (= ``namespace``, or a one-line error where namespaces are
     unavailable) or ``namespace``; ``process`` only with ``unsafe_process_isolation=True``.
@@ -166,8 +137,8 @@ class CodeReward:
     >>> out = reward(["p"] * 3,
     ...     ["```python\\ndef add(a, b):\\n    return a + b\\n```", "def add(a, b):\\n    return a - b", ""],
     ...     [{"tests": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"]}] * 3)
-    >>> out.scores
-    [1.0, 0.5, 0.0]
+    >>> out.scores, out.correct
+    ([1.0, 0.5, 0.0], [True, False, False])
     >>> CodeReward(wall_seconds=5)(["p"], ["print(int(input()) * 2)"], [{"tests": [{"stdin": "21", "stdout": "42"}]}]).scores
     [1.0]
     """
@@ -232,7 +203,8 @@ class CodeReward:
             {"extracted": extract_code(c, self.block), "tests_passed": p, "tests_total": t, "status": s}
             for c, p, t, s in zip(completions, passed, totals, statuses)
         ]
-        return RewardOutput(scores, {self.name: list(scores)}, details=details)
+        correct = [t > 0 and p == t for p, t in zip(passed, totals)]
+        return RewardOutput(scores, {self.name: list(scores)}, details=details, correct=correct)
 
     def _run_job(self, job) -> tuple[int, str]:
         _, kind, payload = job

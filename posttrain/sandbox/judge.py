@@ -4,7 +4,7 @@ A standalone script: it imports only the standard library, because the sandbox r
 text with the base interpreter inside a root where neither posttrain nor any
 site-packages exist: the program's side as ``python -I -S -B -c <this file> <role>``, the
 judge as ``run_judge()`` in the sandbox bootstrap's own forked interpreter (no second
-start-up; role ``judge`` in ``process`` isolation). ``posttrain.rewards.sandbox`` also imports it normally (codec, tests).
+start-up; role ``judge`` in ``process`` isolation). ``posttrain.sandbox.runner`` also imports it normally (codec, tests).
 
 Roles:
 

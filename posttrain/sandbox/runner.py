@@ -1,13 +1,14 @@
 """Run model-written Python as hostile input: fresh, limited, isolated processes per run.
 
-Used by the ``code`` reward (RL) and by HumanEval evaluation. ``Sandbox.run`` runs a
-program with a given stdin (stdin/stdout tests); ``Sandbox.run_tests`` runs a program and a
-list of assert-style tests **in two different processes**: the program (untrusted) only
-answers calls, the tests run in a separate judge process under another uid, and only
-plain data crosses between them (``sandbox_judge.py`` describes the wire). So nothing the
-program does inside its interpreter (replacing builtins, walking frames or ``gc``,
-patching ``math``/``random``, returning objects whose ``__eq__`` lies) reaches the code
-that decides pass or fail, and the program holds no channel to the caller's verdict.
+Used by the ``code`` reward (RL, HumanEval evaluation) and by the agent's ``python`` tool
+(``Sandbox.run_cells``). ``Sandbox.run`` runs a program with a given stdin (stdin/stdout
+tests); ``Sandbox.run_tests`` runs a program and a list of assert-style tests **in two
+different processes**: the program (untrusted) only answers calls, the tests run in a
+separate judge process under another uid, and only plain data crosses between them
+(``judge.py`` describes the wire). So nothing the program does inside its interpreter
+(replacing builtins, walking frames or ``gc``, patching ``math``/``random``, returning
+objects whose ``__eq__`` lies) reaches the code that decides pass or fail, and the program
+holds no channel to the caller's verdict.
 
 Isolation layers and how strong each one is (be honest about what protects what):
 
@@ -39,7 +40,7 @@ uid                        two private uids per worker slot          private uid
 system calls (seccomp)     denied: ptrace, mount, unshare/setns,     same filter (when the
                            keyctl, bpf, perf, io_uring, non-unix     caller may install it)
                            sockets, pidfd_*, kexec, ... (see
-                           ``sandbox_seccomp.py``)
+                           ``seccomp.py``)
 network                    new network namespace (only a down        seccomp refuses non-unix
                            loopback) and seccomp                     sockets; audit hook
 memory, processes          the whole run: a cgroup (v2, or v1        same cgroup when root; else
@@ -79,9 +80,9 @@ allowed (namespace isolation still hides files and network; keyring entries coul
 outlive a run on the same uid).
 
 ``process`` isolation runs model-written code with the filesystem in view and behind an
-audit hook (PEP 578: "not a security boundary"), so ``CodeReward`` (RL rewards, eval)
-refuses it unless the config says ``unsafe_process_isolation: true``, and ``auto`` never
-falls back to it there.
+audit hook (PEP 578: "not a security boundary"), so ``choose_isolation`` (the ``code``
+reward, the agent's ``python`` tool) refuses it unless the config says
+``unsafe_process_isolation: true``, and ``auto`` never falls back to it there.
 
 References: PEP 578 (audit hooks); ``seccomp(2)``, ``seccomp_rule_add(3)``,
 ``seccomp_export_bpf(3)``; ``namespaces(7)``, ``pid_namespaces(7)``, ``chroot(2)``;
@@ -121,12 +122,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from posttrain.rewards import sandbox_seccomp
+from posttrain.errors import ConfigError
+from posttrain.sandbox import seccomp
 
 Isolation = Literal["auto", "namespace", "process"]
 
-_BOOT_SOURCE = Path(__file__).with_name("sandbox_boot.py").read_text()
-_STAGE2_SOURCE = Path(__file__).with_name("sandbox_judge.py").read_text()
+_BOOT_SOURCE = Path(__file__).with_name("boot.py").read_text()
+_STAGE2_SOURCE = Path(__file__).with_name("judge.py").read_text()
 _EXIT_SETUP_FAILED = 120
 _SANDBOX_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -747,7 +749,7 @@ class Sandbox:
                 raise ValueError(
                     f"isolation='process' never runs code as root, and a private uid cannot run {self.python} "
                     f"({blocked} is not world-searchable); use isolation='namespace'")
-        bpf, why = sandbox_seccomp.filter_bpf() if sys.platform.startswith("linux") else (None, "not Linux")
+        bpf, why = seccomp.filter_bpf() if sys.platform.startswith("linux") else (None, "not Linux")
         self._seccomp = bpf.hex() if bpf else None
         if bpf is None:
             _warn_once("seccomp", f"posttrain sandbox: no seccomp filter ({why}); sandboxed code may call ptrace, "
@@ -781,7 +783,7 @@ class Sandbox:
         """Run ``cells`` one after another in one interpreter and one namespace (a notebook
         session rebuilt from its cells); only the last cell's stdout is kept.
 
-        A cell counts as run only when the harness (``sandbox_judge.run_cells``) reports it on
+        A cell counts as run only when the harness (``judge.run_cells``) reports it on
         a pipe of its own after the cell returned: a line carrying a random token drawn here
         for this run, which no cell is handed. A cell that ends the interpreter in any way
         (``os._exit``, ``sys.exit``, a signal, an ``atexit`` exit, an exit only when it is
@@ -1039,6 +1041,36 @@ def resolve_isolation(isolation: Isolation) -> str:
             raise ValueError("isolation must be auto, namespace or process, not %r" % isolation)
         return isolation
     return "namespace" if namespace_available() else "process"
+
+
+PROCESS_REFUSED = (
+    "'process' isolation runs model-written code as a plain process that can read the whole filesystem "
+    "(the venv's benchmark answers included), behind an audit hook that is not a security boundary; "
+    "use 'namespace' (root on Linux) or set unsafe_process_isolation: true to accept the risk"
+)
+
+
+def choose_isolation(isolation: str, unsafe_process_isolation: bool = False) -> str:
+    """The isolation model-written code may run under (the ``code`` reward, the agent's
+    ``python`` tool): ``namespace``, or ``process`` only when opted in.
+
+    ``auto`` means ``namespace`` where it works; it never falls back to ``process`` silently.
+    """
+    if isolation not in ("auto", "namespace", "process"):
+        raise ConfigError(f"isolation: must be auto, namespace or process, not {isolation!r}")
+    if isolation == "auto":
+        if namespace_available():
+            return "namespace"
+        if not unsafe_process_isolation:
+            raise ConfigError(
+                "isolation: auto found no namespace isolation here (it needs root on Linux) and does not fall "
+                "back to 'process' for rewards: " + PROCESS_REFUSED)
+        warnings.warn("code reward: namespace isolation is unavailable; running model-written code in 'process' "
+                      "isolation because unsafe_process_isolation is set", RuntimeWarning, stacklevel=3)
+        return "process"
+    if isolation == "process" and not unsafe_process_isolation:
+        raise ConfigError("isolation: " + PROCESS_REFUSED)
+    return isolation
 
 
 def describe(result: SandboxResult) -> dict:

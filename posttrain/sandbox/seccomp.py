@@ -28,7 +28,7 @@ library falls back to ``clone``, whose flags are checked. Other architectures' s
 tables (for example 32-bit ``int 0x80`` calls) kill the process (libseccomp's default).
 
 Cost: building the filter takes a few milliseconds once per caller process; installing it
-is one ``prctl`` per sandboxed process (measured in ``sandbox.py``'s docstring).
+is one ``prctl`` per sandboxed process (measured in ``runner.py``'s docstring).
 """
 
 from __future__ import annotations

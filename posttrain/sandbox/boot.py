@@ -1,6 +1,6 @@
 """Bootstrap of one sandboxed run. A standalone script: it imports nothing from posttrain.
 
-``posttrain.rewards.sandbox`` starts ``python -I -S -B -c <this file's text> <config json>``
+``posttrain.sandbox.runner`` starts ``python -I -S -B -c <this file's text> <config json>``
 with an empty environment, a new session, stdin/stdout/stderr pipes and, for test runs, a
 report pipe whose number is in the config. Stdin starts with a 10-digit length and that
 many bytes of JSON payload (``{"program": ..., "judge": ... or null}``); whatever follows
@@ -10,7 +10,7 @@ Trusted steps (as the caller's uid; root in ``namespace`` isolation):
 
 1. open the run's cgroup ``cgroup.procs`` files (before the filesystem disappears);
 2. ``namespace``: unshare mount/network/IPC/UTS/PID namespaces; build a new root on a
-   size-limited tmpfs: the caller's root image (``sandbox.build_root_image``: the base
+   size-limited tmpfs: the caller's root image (``runner.build_root_image``: the base
    interpreter, its standard library and the shared libraries they load, nothing else)
    through a read-only overlay of this run's own (its files' inodes, so their locks and
    watches, belong to this run alone), a writable ``/tmp`` and fresh ``/dev`` nodes;
@@ -22,12 +22,12 @@ Trusted steps (as the caller's uid; root in ``namespace`` isolation):
    - the program: joins the run's cgroup, sets resource limits, drops to the run's uid with
      no groups (all capabilities lost), keeps only fds 0-2, its payload (3) and its end of
      the call pipes (4 requests in, 5 replies out) or, for cells, the report pipe (4),
-     installs the seccomp filter, ``exec``s the base interpreter with ``sandbox_judge.py``
+     installs the seccomp filter, ``exec``s the base interpreter with ``judge.py``
      (role ``script``, ``server`` or ``cells``);
    - for test runs, the judge: the same steps under a second uid, without the cgroup (the
      program cannot starve it of memory), with fds 3 (its payload: tests, trusted
      prefix), 4 (replies in), 5 (requests out) and 6 (the report pipe to the caller); it
-     runs ``sandbox_judge.run_judge`` in this forked (trusted) interpreter rather than
+     runs ``judge.run_judge`` in this forked (trusted) interpreter rather than
      paying for a new one (``process`` isolation: in a fresh program interpreter, since
      a private uid may not reach this one's standard library);
    and waits for the judge (test runs) or the program (script runs), then exits with its
@@ -241,8 +241,8 @@ def _supervise(cfg, libc, program_fd, judge_fd, cgroup_fds):
             # which is trusted code and shares no memory with the program's process.
             code = 1
             try:
-                judge_ns = {"__name__": "sandbox_judge"}
-                exec(compile(cfg["stage2"], "sandbox_judge.py", "exec"), judge_ns)
+                judge_ns = {"__name__": "judge"}
+                exec(compile(cfg["stage2"], "judge.py", "exec"), judge_ns)
                 judge_ns["run_judge"]()
                 code = 0
             except BaseException as e:

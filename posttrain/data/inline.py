@@ -12,16 +12,15 @@ tokens; the model goes on in the same turn.
     The answer is 56088.<end of turn>
 
 SFT data use OpenAI messages (an assistant ``tool_calls`` entry calling ``python`` with
-``{"code": ...}``, then a ``tool`` message with the output); the renderer and the RL turn
-loop both lay them out with these strings, each piece tokenised on its own, so SFT trains on
-exactly the token layout RL samples.
+``{"code": ...}``, then a ``tool`` message with the output); the renderer (``render.py``)
+and the RL turn loop (``agent/loop.py``) both lay them out with these strings, each piece
+tokenised on its own, so SFT trains on exactly the token layout RL samples. The strings
+live in ``data/`` because the renderer, below the agent, needs them too.
 """
 
 from __future__ import annotations
 
 import re
-
-from posttrain.data.render import defuse_special_tokens  # noqa: F401  the turn loop defuses tool output through here
 
 CODE_OPEN = "```python\n"
 CODE_CLOSE = "\n```\n"
