@@ -62,13 +62,13 @@ def test_dataset_folder_and_hub_id_go_through_load_dataset(tmp_path, monkeypatch
     monkeypatch.setattr(datasets, "load_dataset", recording)
     assert [row["answer"] for _, row in read_rows(folder)] == ["2", "4"]
     assert [row["answer"] for _, row in read_rows(f"{folder}:test")] == ["6"]
-    monkeypatch.setattr("posttrain.models.loading.hub_status", lambda: (True, "hub.test"))  # as if the hub were there
+    monkeypatch.setattr("posttrain.data.formats.hub_status", lambda: (True, "hub.test"))  # as if the hub were there
     assert [(n, row["question"]) for n, row in read_rows("someorg/gsm@main:train[:1]")] == [(1, "1+1?")]
     assert calls == [(str(folder), None, "train"), (str(folder), None, "test"), ("someorg/gsm", "main", "train[:1]")]
 
 
 def test_hub_dataset_without_a_hub_is_one_line(monkeypatch):
-    monkeypatch.setattr("posttrain.models.loading.hub_status", lambda: (False, "huggingface.co"))
+    monkeypatch.setattr("posttrain.data.formats.hub_status", lambda: (False, "huggingface.co"))
     with pytest.raises(DataError) as caught:
         list(read_rows("nobody-here/no-such-dataset:test"))
     message = str(caught.value)

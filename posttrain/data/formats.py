@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from posttrain.errors import DataError
-from posttrain.models.loading import hub_status
+from posttrain.hub import hub_status
 
 ROLES = ("system", "user", "assistant", "tool")
 

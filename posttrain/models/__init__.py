@@ -13,7 +13,6 @@ from posttrain.models.loading import (  # noqa: F401
     bf16_is_native,
     cache_dir,
     convert_gguf,
-    hub_status,
     inference_dtype,
     load_model,
     load_model_config,

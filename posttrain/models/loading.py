@@ -30,13 +30,13 @@ import importlib.util
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
 from posttrain.errors import ModelLoadError
+from posttrain.hub import hub_offline_set, hub_status
 from posttrain.log import say
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -112,31 +112,12 @@ def _check_hub_reachable(repo_id: str) -> None:
     reachable, host = hub_status()
     if reachable:
         return
-    offline = _hub_offline_set()
+    offline = hub_offline_set()
     raise ModelLoadError(
         f"cannot download '{repo_id}': the Hugging Face hub ({host}) is not reachable from this machine"
         f"{' (HF_HUB_OFFLINE is set)' if offline else ''} and it is not in the local HF cache; "
         f"use a local model directory, a .gguf file, or the alias '{DEFAULT_MODEL}'"
     )
-
-
-def _hub_offline_set() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def hub_status() -> tuple[bool, str]:
-    """``(reachable, host)`` of the Hugging Face hub (``$HF_ENDPOINT``): False at once when
-    ``HF_HUB_OFFLINE`` is set, else whether a TCP connection opens within 5 s. Shared by model
-    and dataset loading so both fail in one line, fast, where no hub is reachable."""
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    host = endpoint.split("://", 1)[-1].split("/", 1)[0]
-    if _hub_offline_set():
-        return False, host
-    try:
-        socket.create_connection((host.split(":")[0], int(host.split(":")[1]) if ":" in host else 443), timeout=5).close()
-        return True, host
-    except OSError:
-        return False, host
 
 
 def _gguf_fingerprint(gguf_path: Path) -> str:
