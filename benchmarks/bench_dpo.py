@@ -40,8 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_pairs(path: str):
-    from posttrain.models.scalar_head import ScoredSequence
-    from posttrain.train.rm import PreferencePair
+    from posttrain.data.preference import PreferencePair
+    from posttrain.data.scored_sequence import ScoredSequence
 
     pairs = []
     for line in Path(path).read_text().splitlines():
@@ -159,12 +159,12 @@ def prepare_data(args, path: Path) -> list[tuple[int, int]]:
     returns per-pair (tokens, trained response targets) of both sides."""
     from posttrain.config import DPOConfig, validate_config
     from posttrain.models import load_tokenizer
+    from posttrain.data.preference import load_preference_data
     from posttrain.train.dpo import pair_targets
-    from posttrain.train.rm import load_preference_data
 
     config = validate_config(DPOConfig, {"data": {"train": args.data_file, "max_length": args.max_length,
                                                   "limit": args.batch * args.steps}})
-    pairs, _ = load_preference_data(config, load_tokenizer(), verbose=False, keys=(None, None))
+    pairs, _ = load_preference_data(config.data, load_tokenizer(), seed=config.train.seed, verbose=False)
     with open(path, "w") as handle:
         for p in pairs:
             handle.write(json.dumps({"chosen": p.chosen.input_ids, "chosen_mask": p.chosen.loss_mask,

@@ -8,7 +8,7 @@ end-of-turn), 2 for usage errors (missing model, bad option) via the CLI.
 
 ``--config`` takes any training config, read as its own command reads it: SFT data
 (``posttrain sft``), preference pairs with both sides rendered and audited as ``posttrain rm``
-and ``posttrain dpo`` do (``train.rm.audit_pairs``), or RL prompt rows checked and rendered
+and ``posttrain dpo`` do (``data.preference.audit_pairs``), or RL prompt rows checked and rendered
 as ``posttrain rl`` does (``data.audit.load_prompt_data``; prompts are context, so nothing is
 trained); for a pipeline config, one training stage (``--stage``, default the first).
 """
@@ -183,10 +183,12 @@ def _prepare(target: InspectTarget, path: str, tokenizer, n: int):
 
     data = target.config.data
     if target.kind in ("rm", "dpo"):
-        from posttrain.train.rm import audit_pairs
+        from posttrain.data.preference import audit_pairs
+        from posttrain.train.dpo import pair_keys as dpo_pair_keys
+        from posttrain.train.rm import pair_keys as rm_pair_keys
 
-        keys = (None, target.config.dpo.group_key) if target.kind == "dpo" else None  # as train.dpo reads them
-        return audit_pairs(path, tokenizer, target.config, keys=keys)[1]
+        keys = dpo_pair_keys(target.config) if target.kind == "dpo" else rm_pair_keys(target.config)
+        return audit_pairs(path, tokenizer, data, keys=keys)[1]
     if target.kind == "rl":
 
         prompts = load_prompt_data(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,

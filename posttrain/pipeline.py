@@ -584,6 +584,12 @@ def _rm_check(config: BaseModel, produced: set[str]) -> None:
     check_settings(config)
 
 
+def _dpo_check(config: BaseModel, produced: set[str]) -> None:
+    from posttrain.train.dpo import check_settings
+
+    check_settings(config)
+
+
 def _rl_check(config: BaseModel, produced: set[str]) -> None:
     """The reward spec builds; a ``model`` reward whose model an earlier stage will train is left out."""
 
@@ -633,7 +639,7 @@ def _eval_check(config: BaseModel, produced: set[str]) -> None:
 
 
 PRELOAD_CHECKS: dict[str, Callable[[BaseModel, set[str]], None]] = {
-    "sft": _sft_check, "dpo": _rm_check, "rm": _rm_check, "rl": _rl_check, "eval": _eval_check}
+    "sft": _sft_check, "dpo": _dpo_check, "rm": _rm_check, "rl": _rl_check, "eval": _eval_check}
 
 
 def print_dry_run(report: DryRunReport, config: PipelineConfig) -> None:

@@ -17,6 +17,7 @@ from test_rm import (  # the same rows as the reward model's tests
 )
 
 from posttrain.config import DPOConfig, validate_config
+from posttrain.data.preference import load_preference_data, render_pair
 from posttrain.errors import ConfigError, DataError
 from posttrain.train.distributed import DistInfo
 from posttrain.train.dpo import (
@@ -28,7 +29,6 @@ from posttrain.train.dpo import (
     score_pairs,
 )
 from posttrain.train.logging import read_metrics
-from posttrain.train.rm import load_preference_data, render_pair
 
 REPO = Path(__file__).resolve().parents[1]
 SINGLE = DistInfo(0, 1, 0, torch.device("cpu"), None)
@@ -95,7 +95,7 @@ def test_train_end_to_end_with_a_cached_reference(tmp_path, tiny_model_dir, toke
 
 
 def _pairs(tokenizer, rows):
-    return [render_pair(r, tokenizer, line=i + 1, source="m", margin_key=None, group_key=None)
+    return [render_pair(r, tokenizer, line=i + 1, source="m")
             for i, r in enumerate(rows)]
 
 
@@ -215,7 +215,8 @@ def test_simpo_runs_without_a_reference(tmp_path, tiny_model_dir):
 def test_bad_rows_name_file_and_line(tmp_path, tiny_model_dir, tokenizer, row, message):
     train = write_rows(tmp_path / "t.jsonl", arithmetic_rows(1) + [row])
     with pytest.raises(DataError, match=message):
-        load_preference_data(config_for(tmp_path, tiny_model_dir, train), tokenizer, keys=(None, None))
+        config = config_for(tmp_path, tiny_model_dir, train)
+        load_preference_data(config.data, tokenizer, seed=config.train.seed)
 
 
 def test_config_errors_name_the_key():
@@ -227,6 +228,21 @@ def test_config_errors_name_the_key():
         validate_config(DPOConfig, {"data": {"train": "x"}, "dpo": {"bta": 0.1}})
     with pytest.raises(ConfigError, match="dpo.loss_type"):
         validate_config(DPOConfig, {"data": {"train": "x"}, "dpo": {"loss_type": "kto"}})
+
+
+def test_warmup_not_shorter_than_max_steps_fails_before_anything_loads(tmp_path, monkeypatch):
+    """DPO's own pre-load check: the same one-line refusal as the reward model's, before the
+    tokenizer, the data or the model is touched."""
+    from posttrain.train import dpo as dpo_module
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("loaded before the settings were checked")
+
+    monkeypatch.setattr(dpo_module, "load_tokenizer", refuse)
+    monkeypatch.setattr(dpo_module, "build_model", refuse)
+    config = config_for(tmp_path, "/nonexistent/model", "unused.jsonl", optim={"warmup_steps": 6})
+    with pytest.raises(ConfigError, match=r"^optim.warmup_steps \(6\) is not shorter than train.max_steps \(6\): "):
+        run_dpo(config)
 
 
 def test_cli_reports_user_errors_in_one_line(tmp_path, capsys):

@@ -15,9 +15,9 @@ WORKER = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from posttrain.config import DPOConfig, validate_config
-    from posttrain.models.scalar_head import ScoredSequence
+    from posttrain.data.preference import PreferencePair
+    from posttrain.data.scored_sequence import ScoredSequence
     from posttrain.train.dpo import run_dpo
-    from posttrain.train.rm import PreferencePair
 
     model_dir, out = sys.argv[1], sys.argv[2]
     g = torch.Generator().manual_seed(0)

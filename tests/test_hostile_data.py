@@ -231,7 +231,7 @@ def test_rl_prompt_rows_and_eval_prompts_refuse_an_injected_turn(tokenizer, tmp_
 def test_preference_rows_refuse_control_token_text(tokenizer, tmp_path, kind):
     from posttrain.config import DPOConfig, RMConfig, validate_config
     from posttrain.data.formats import BadRowError
-    from posttrain.train.rm import audit_pairs
+    from posttrain.data.preference import audit_pairs
 
     rows = [{"prompt": "2+2?", "chosen": "4", "rejected": "5"},
             {"prompt": "2+2?", "chosen": "4", "rejected": "<|im_end|>"},
@@ -243,8 +243,8 @@ def test_preference_rows_refuse_control_token_text(tokenizer, tmp_path, kind):
         return validate_config(schema, {"data": {"train": str(path), **data}})
 
     with pytest.raises(BadRowError, match=rf"^{path}:2: messages\[1\]\.content holds '<\|im_end\|>'"):
-        audit_pairs(path, tokenizer, config())
-    pairs, prepared = audit_pairs(path, tokenizer, config(skip_bad=True))
+        audit_pairs(path, tokenizer, config().data)
+    pairs, prepared = audit_pairs(path, tokenizer, config(skip_bad=True).data)
     assert len(pairs) == 1 and prepared.audit.control_text_refused == [2, 3]
-    pairs, prepared = audit_pairs(path, tokenizer, config(allow_special_tokens_in_text=True))
+    pairs, prepared = audit_pairs(path, tokenizer, config(allow_special_tokens_in_text=True).data)
     assert len(pairs) == 3 and prepared.audit.control_text_kept == [2, 3]

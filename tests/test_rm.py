@@ -16,15 +16,9 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.models.scalar_head import load_scalar_head_model, score_layer, score_sequences
 from posttrain.train.distributed import DistInfo
 from posttrain.train.logging import read_metrics
-from posttrain.train.rm import (
-    load_preference_data,
-    pair_loss,
-    pair_micro_batch,
-    preference_messages,
-    render_pair,
-    run_rm,
-    summarise_pairs,
-)
+from posttrain.data.preference import PairKeys, load_preference_data, preference_messages, render_pair
+from posttrain.train.rm import PAIR_METRICS, pair_keys, pair_loss, pair_micro_batch, run_rm
+from posttrain.train.steps import summarise_pairs
 
 SINGLE = DistInfo(0, 1, 0, torch.device("cpu"), None)
 
@@ -61,6 +55,11 @@ def config_for(tmp_path, model_dir, train_path, val_path=None, **sections) -> RM
     return validate_config(RMConfig, raw)
 
 
+def rm_pairs(config, tokenizer):
+    """The reward model's (train, val) pairs of ``config``, read as ``run_rm`` reads them."""
+    return load_preference_data(config.data, tokenizer, seed=config.train.seed, keys=pair_keys(config))
+
+
 def test_preference_row_shapes(tokenizer):
     prompt, chosen, rejected = preference_messages({"prompt": "q", "chosen": "a", "rejected": "b"}, "f:1")
     assert prompt == [{"role": "user", "content": "q"}]
@@ -69,9 +68,8 @@ def test_preference_row_shapes(tokenizer):
             "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
     prompt, chosen, rejected = preference_messages(conv, "f:2")
     assert prompt == [] and chosen[-1]["content"] == "a" and rejected[0]["role"] == "user"
-    pair = render_pair({**conv, "margin": 0.5}, tokenizer, line=2, source="f", margin_key="margin", group_key=None)
-    flat = render_pair({"prompt": "q", "chosen": "a", "rejected": "b"}, tokenizer, line=1, source="f",
-                       margin_key="margin", group_key=None)
+    pair = render_pair({**conv, "margin": 0.5}, tokenizer, line=2, source="f", keys=PairKeys(margin="margin"))
+    flat = render_pair({"prompt": "q", "chosen": "a", "rejected": "b"}, tokenizer, line=1, source="f", keys=PairKeys(margin="margin"))
     assert pair.chosen.input_ids == flat.chosen.input_ids and pair.rejected.input_ids == flat.rejected.input_ids
     assert pair.margin == 0.5 and flat.margin == 0.0
     assert pair.chosen.input_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -86,7 +84,7 @@ def test_preference_row_shapes(tokenizer):
 ])
 def test_bad_rows_are_one_line_errors(tokenizer, row, message):
     with pytest.raises(DataError, match=message):
-        render_pair(row, tokenizer, line=3, source="f", margin_key="margin", group_key=None)
+        render_pair(row, tokenizer, line=3, source="f", keys=PairKeys(margin="margin"))
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -104,12 +102,12 @@ def test_too_long_pairs_are_dropped_or_refused(tmp_path, tokenizer, tiny_model_d
     rows = arithmetic_rows(3) + [{"prompt": "q", "chosen": "word " * 200, "rejected": "b"}]
     train = write_rows(tmp_path / "t.jsonl", rows)
     config = config_for(tmp_path, tiny_model_dir, train)
-    pairs, _ = load_preference_data(config, tokenizer)
+    pairs, _ = rm_pairs(config, tokenizer)
     assert len(pairs) == 3
     strict = config_for(tmp_path, tiny_model_dir, train, data={"truncation": "error"},
                         train={"micro_batch_tokens": 256})
     with pytest.raises(DataError, match=r"t.jsonl:4: sample has \d+ tokens, more than data.max_length=128"):
-        load_preference_data(strict, tokenizer)
+        rm_pairs(strict, tokenizer)
 
 
 def test_preflight_audit_runs_on_both_sides(tmp_path, tokenizer, tiny_model_dir, capsys):
@@ -117,7 +115,7 @@ def test_preflight_audit_runs_on_both_sides(tmp_path, tokenizer, tiny_model_dir,
     that writes none) is a hard error that stops the run unless allowed."""
     rows = arithmetic_rows(2)
     train = write_rows(tmp_path / "t.jsonl", rows)
-    pairs, _ = load_preference_data(config_for(tmp_path, tiny_model_dir, train), tokenizer)
+    pairs, _ = rm_pairs(config_for(tmp_path, tiny_model_dir, train), tokenizer)
     out = capsys.readouterr().out
     assert "data audit:" in out and "rows 2, samples 4" in out and "result: OK" in out
     template = tmp_path / "no_eot.jinja"
@@ -128,9 +126,9 @@ def test_preflight_audit_runs_on_both_sides(tmp_path, tokenizer, tiny_model_dir,
 
     plain = load_tokenizer(tiny_model_dir, str(template))
     with pytest.raises(DataError, match=r"t.jsonl:1: .*no end-of-turn token.*pre-flight audit: 4 hard error"):
-        load_preference_data(config, plain)
+        rm_pairs(config, plain)
     allowed = config.model_copy(update={"data": config.data.model_copy(update={"allow_audit_errors": True})})
-    pairs, _ = load_preference_data(allowed, plain)
+    pairs, _ = rm_pairs(allowed, plain)
     assert len(pairs) == 2
 
 
@@ -142,7 +140,7 @@ def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer):
     rows = arithmetic_rows(6, seed=1)
     for k, row in enumerate(rows):
         row["margin"] = 0.1 * k
-    pairs = [render_pair(r, tokenizer, line=i + 1, source="m", margin_key="margin", group_key=None)
+    pairs = [render_pair(r, tokenizer, line=i + 1, source="m", keys=PairKeys(margin="margin"))
              for i, r in enumerate(rows)]
     model = load_scalar_head_model(tiny_model_dir, seed=0)
     prepare_for_training(model, attn_implementation=choose_attention(True, None), gradient_checkpointing=False)
@@ -178,7 +176,7 @@ def test_summarise_pairs_weights_by_pairs():
     zero = torch.zeros(())
     stats = [MicroResult(zero, 3.0, {"accuracy": 1.0, "margin": 2.0, "reward/chosen": 1.0, "reward/rejected": -1.0}),
              MicroResult(zero, 1.0, {"accuracy": 0.0, "margin": -1.0, "reward/chosen": 0.0, "reward/rejected": 1.0})]
-    out = summarise_pairs(stats, SINGLE)
+    out = summarise_pairs(stats, SINGLE, PAIR_METRICS)
     assert out["accuracy"] == 0.75 and out["margin"] == pytest.approx(5 / 4) and out["pairs_per_step"] == 4
 
 
@@ -188,9 +186,10 @@ def test_step_metrics_count_real_tokens_not_padding():
     from types import SimpleNamespace
 
     from posttrain.data.batching import StepPlan
-    from posttrain.models.scalar_head import ScoredSequence
-    from posttrain.train.rm import PreferencePair, step_metrics
-    from posttrain.train.sft import TrainerState
+    from posttrain.data.scored_sequence import ScoredSequence
+    from posttrain.data.preference import PreferencePair
+    from posttrain.train.rm import step_metrics
+    from posttrain.train.steps import TrainerState
 
     def side(n):
         return ScoredSequence(input_ids=list(range(3, 3 + n)), loss_mask=[0] + [1] * (n - 1))
@@ -228,7 +227,7 @@ def test_train_end_to_end_export_and_reload(tmp_path, tiny_model_dir, tokenizer)
     assert not torch.equal(score_layer(final).weight, score_layer(initial).weight)
     assert not torch.equal(final.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
     # the exported model reloads to the very scores the trainer reported
-    pairs, val_pairs = load_preference_data(config, tokenizer)
+    pairs, val_pairs = rm_pairs(config, tokenizer)
     sequences = [s for p in val_pairs for s in (p.chosen, p.rejected)]
     pad = final.config.pad_token_id
     assert pad != tokenizer.eos_token_id
@@ -297,9 +296,9 @@ def test_identical_chosen_and_rejected_are_refused_or_skipped_and_counted(tmp_pa
     rows.append({"prompt": "q", "chosen": "fine", "rejected": ""})  # an empty side is an empty assistant reply
     train = write_rows(tmp_path / "same.jsonl", rows)
     with pytest.raises(BadRowError) as info:
-        load_preference_data(config_for(tmp_path, "unused", train), tokenizer)
+        rm_pairs(config_for(tmp_path, "unused", train), tokenizer)
     assert str(info.value) == f"{train}:2: chosen and rejected are the same response (the pair expresses no preference)"
-    pairs, _ = load_preference_data(config_for(tmp_path, "unused", train, data={"skip_bad": True}), tokenizer)
+    pairs, _ = rm_pairs(config_for(tmp_path, "unused", train, data={"skip_bad": True}), tokenizer)
     assert [pair.line for pair in pairs] == [1, 3, 5]
     out = capsys.readouterr().out
     assert "bad rows skipped: 3  (lines 2, 4, 6)" in out

@@ -9,13 +9,8 @@ import torch
 from posttrain.errors import ConfigError
 from posttrain.rewards.model import ModelReward, prompt_messages
 from posttrain.rewards.registry import build_reward
-from posttrain.models.scalar_head import (
-    export_tokenizer,
-    load_scalar_head_model,
-    render_for_scoring,
-    score_layer,
-    score_sequences,
-)
+from posttrain.data.scored_sequence import render_for_scoring
+from posttrain.models.scalar_head import export_tokenizer, load_scalar_head_model, score_layer, score_sequences
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +80,7 @@ def test_config_errors_name_the_parameter(tmp_path, tiny_model_dir):
         build_reward({"name": "model", "path": tiny_model_dir, "batch_size": 4})
 
 
-@pytest.mark.parametrize("name", ["posttrain.rewards.model", "posttrain.models.scalar_head"])
+@pytest.mark.parametrize("name", ["posttrain.rewards.model", "posttrain.data.scored_sequence"])
 def test_docstring_examples(name):
     import doctest
     import importlib

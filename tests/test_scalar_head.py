@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from posttrain.data.batching import collate
+from posttrain.data.scored_sequence import ScoredSequence, render_for_scoring, score_index
 from posttrain.errors import DataError, ModelLoadError
 from posttrain.models.scalar_head import (
-    ScoredSequence,
     export_pad_token_id,
     export_tokenizer,
     gather_scores,
     load_scalar_head_model,
-    render_for_scoring,
-    score_index,
     score_layer,
     score_positions,
     score_sequences,

@@ -1,5 +1,6 @@
-"""Preference rows ``{"prompt", "chosen", "rejected"}``: read and checked once, for every trainer
-that learns from comparisons (the reward model of ``train.rm`` today; DPO-style trainers reuse it).
+"""Preference pairs: rows ``{"prompt", "chosen", "rejected"}`` read, checked, rendered,
+audited and planned once, for every trainer that learns from comparisons (``train.rm``'s
+reward model, ``train.dpo``).
 
 Shapes follow TRL's "preference" dataset type (https://huggingface.co/docs/trl/dataset_formats):
 an explicit prompt with string or message-list responses, or an implicit prompt, where
@@ -9,18 +10,65 @@ tool call), and a pair whose two sides are the same is refused: it carries no pr
 (with a margin it even pushes one response above itself). Two whole conversations must
 answer one prompt: they may part only at an assistant message (TRL's implicit prompt is their
 shared beginning); sides that part at a user, system or tool message answer different
-prompts, and comparing their replies says nothing about which reply is better. Rendering and the pre-flight audit
-of both sides stay with the trainer (``train.rm``), which reads the score at a token of its
-choosing.
+prompts, and comparing their replies says nothing about which reply is better.
+
+Both sides of a pair are rendered with the chat template exactly as SFT data is and cut after
+their score token (``data.scored_sequence``), go through the SFT pre-flight audit
+(``data.audit``: consistency, end-of-turn token, empty masks, length) and always share a
+micro-batch: the step planner (``data.batching.StepPlanner``) runs over PAIRS, a pair's length
+being what it costs a micro-batch (``pair_length``).
+
+Deviation: pairs whose either side exceeds ``data.max_length`` are dropped (or refused with
+``truncation: error``) rather than cut, because cutting removes the score token.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
 
-from posttrain.data.formats import _type_name, check_turns, normalise_messages, visible_text
-from posttrain.errors import DataError
+from posttrain.data.audit import AuditReport, Finding, PreparedData, audit_sample, note_control_text, preflight
+from posttrain.data.batching import StepPlanner
+from posttrain.data.formats import (
+    BadRowError,
+    _type_name,
+    check_turns,
+    normalise_messages,
+    normalise_tools,
+    read_rows,
+    visible_text,
+)
+from posttrain.data.scored_sequence import ScoredSequence, render_for_scoring, render_response, to_scored_sequence
+from posttrain.errors import ConfigError, DataError
+from posttrain.log import say_stdout
+
+
+@dataclass
+class PreferencePair:
+    """Both sides of one comparison, rendered up to their score tokens."""
+
+    chosen: ScoredSequence
+    rejected: ScoredSequence
+    margin: float = 0.0
+    group: str | None = None
+    line: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
+
+
+@dataclass(frozen=True)
+class PairKeys:
+    """The row keys a trainer reads besides the pair itself: ``margin`` (a per-pair number,
+    ``rm.margin_key``) and ``group`` (splits held-out accuracy, ``rm.group_key`` /
+    ``dpo.group_key``); None reads nothing (margin 0, no group)."""
+
+    margin: str | None = None
+    group: str | None = None
 
 
 def preference_messages(row: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
@@ -108,3 +156,152 @@ def _comparable(messages: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """What a side says, for the sameness check: role, visible content (NFKC, no invisible
     characters, whitespace runs as one space), tool calls."""
     return [(m["role"], visible_text(m["content"]), json.dumps(m.get("tool_calls"), sort_keys=True)) for m in messages]
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def _margin_and_group(row: dict, where: str, keys: PairKeys) -> tuple[float, str | None]:
+    margin = 0.0
+    if keys.margin is not None and row.get(keys.margin) is not None:
+        value = row[keys.margin]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: {keys.margin} must be a number, got {value!r}")
+        margin = float(value)
+    group = None if keys.group is None or row.get(keys.group) is None else str(row[keys.group])
+    return margin, group
+
+
+def render_pair_samples(row: dict, tokenizer: Any, *, line: int, source: str, keys: PairKeys,
+                        allow_special_tokens_in_text: bool | Sequence[str] = False
+                        ) -> tuple[Any, Any, float, str | None]:
+    """(chosen, rejected) ``RenderedSample``s of one row, through the same template and
+    rendering as SFT data (control-token text refused unless ``data.allow_special_tokens_in_text``
+    allows it), plus the pair's margin and group."""
+
+    where = f"{source}:{line}"
+    prompt, chosen, rejected = preference_messages(row, where)
+    tools = normalise_tools(row.get("tools"), f"{where}: tools")
+    margin, group = _margin_and_group(row, where, keys)
+    sides = [render_response(prompt, side, tokenizer, tools=tools, line=line, source=source,
+                             allow_special_tokens_in_text=allow_special_tokens_in_text)
+             for side in (chosen, rejected)]
+    return sides[0], sides[1], margin, group
+
+
+def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, keys: PairKeys = PairKeys()) -> PreferencePair:
+    """One row as a pair, strictly checked (DataError on any rendering problem)."""
+    where = f"{source}:{line}"
+    prompt, chosen, rejected = preference_messages(row, where)
+    margin, group = _margin_and_group(row, where, keys)
+
+    tools = normalise_tools(row.get("tools"), f"{where}: tools")
+    return PreferencePair(
+        chosen=render_for_scoring(prompt, chosen, tokenizer, tools=tools, line=line, source=source),
+        rejected=render_for_scoring(prompt, rejected, tokenizer, tools=tools, line=line, source=source),
+        margin=margin, group=group, line=line,
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_pairs(path: str, tokenizer: Any, data: Any, *, keys: PairKeys = PairKeys(),
+               verbose: bool = True) -> list[PreferencePair]:
+    """Render every pair of one file and run the SFT pre-flight audit on both sides.
+
+    ``data``: the trainer's ``data`` config section (``config.DataConfig``); ``keys``: the
+    row keys of margin and group.
+
+    The audit (``data.audit``) records consistency failures, missing end-of-turn tokens,
+    empty masks and over-long sides exactly as for SFT data, prints its summary and refuses
+    to start on a hard error (unless ``data.allow_audit_errors``). A pair with an over-long
+    side is dropped (``truncation: right`` or ``drop``: cutting would remove the score
+    token) or refused (``error``). Malformed rows (``preference_messages``: identical sides
+    included) stop the run, or are skipped and counted with ``data.skip_bad``.
+    """
+
+    pairs, prepared = audit_pairs(path, tokenizer, data, keys=keys)
+    preflight(prepared, allow_errors=data.allow_audit_errors, print_fn=say_stdout if verbose else None)
+    return pairs
+
+
+def audit_pairs(path: str, tokenizer: Any, data: Any, *,
+                keys: PairKeys = PairKeys()) -> tuple[list[PreferencePair], PreparedData]:
+    """``load_pairs`` without the verdict: the kept pairs and a ``data.audit.PreparedData``
+    (both rendered sides of every kept pair, in file order, and the audit report), for
+    ``load_pairs`` and ``posttrain inspect``. Raises BadRowError on the first malformed row
+    unless ``data.skip_bad``."""
+
+    report = AuditReport(source=str(path))
+    started = time.perf_counter()
+    bad_rows: list[tuple[int, str]] = []
+    pairs: list[PreferencePair] = []
+    kept_samples: list[Any] = []
+    too_long = "error" if data.truncation == "error" else "drop"
+    for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows, columns=data.columns):
+        try:
+            chosen, rejected, margin, group = render_pair_samples(
+                row, tokenizer, line=line, source=str(path), keys=keys,
+                allow_special_tokens_in_text=data.allow_special_tokens_in_text)
+        except DataError as exc:
+            if not data.skip_bad:
+                raise BadRowError(str(exc)) from None
+            bad_rows.append((line, str(exc)))
+            note_control_text(report, line, exc)
+            continue
+        report.rows += 1
+        kept = [audit_sample(side, report, data.max_length, too_long, f"{path}:{line}") for side in (chosen, rejected)]
+        if any(side is None for side in kept):
+            continue
+        kept_samples.extend(kept)
+        pairs.append(PreferencePair(to_scored_sequence(kept[0]), to_scored_sequence(kept[1]), margin, group, line))
+    report.bad_rows.extend(Finding(line, message) for line, message in bad_rows)
+    report.bad_rows.sort(key=lambda finding: finding.line)
+    report.seconds = time.perf_counter() - started
+    return pairs, PreparedData(samples=kept_samples, audit=report)
+
+
+def load_preference_data(data: Any, tokenizer: Any, *, seed: int, keys: PairKeys = PairKeys(),
+                         verbose: bool = True) -> tuple[list[PreferencePair], list[PreferencePair]]:
+    """Train and held-out pairs of the ``data`` config section: ``data.val`` if set, else a
+    ``data.val_fraction`` of the training pairs drawn with ``seed`` (``keys``: see ``load_pairs``)."""
+    train = load_pairs(data.train, tokenizer, data, keys=keys, verbose=verbose)
+    val: list[PreferencePair] = []
+    if data.val:
+        val = load_pairs(data.val, tokenizer, data, keys=keys, verbose=verbose)
+    elif data.val_fraction > 0:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        held = set(order[: max(1, int(round(data.val_fraction * len(train))))])
+        val = [p for i, p in enumerate(train) if i in held]
+        train = [p for i, p in enumerate(train) if i not in held]
+    if not train:
+        raise DataError(f"{data.train}: no training pairs left after rendering")
+    return train, val
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def pair_length(pair: PreferencePair, packing: bool) -> int:
+    """Micro-batch tokens one pair costs: both sides packed, or two rows of the longer side."""
+    if packing:
+        return pair.tokens
+    return 2 * max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
+
+
+def make_pair_planner(pairs: Sequence[PreferencePair], train: Any, world_size: int) -> StepPlanner:
+    """The SFT step planner over pairs (``train``: the trainer's ``train`` config section):
+    each pair counts one towards the step normaliser; both sides of a pair share a micro-batch."""
+    lengths = [pair_length(p, train.packing) for p in pairs]
+    if max(lengths) > train.micro_batch_tokens:
+        raise ConfigError(
+            f"train.micro_batch_tokens ({train.micro_batch_tokens}) is smaller than a {max(lengths)}-token "
+            f"pair (both sides share a micro-batch): raise it or lower data.max_length")
+    return StepPlanner(
+        lengths, [1] * len(pairs),
+        global_batch_size=train.global_batch_size, global_batch_tokens=train.global_batch_tokens,
+        micro_batch_tokens=train.micro_batch_tokens, packing=train.packing,
+        world_size=world_size, seed=train.seed, shuffle=train.shuffle,
+    )

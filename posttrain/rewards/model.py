@@ -2,7 +2,7 @@
 
 docs/PIPELINE.md, phase 2 -> phase 3: the reward model trained by ``posttrain rm`` (exported to
 ``runs/<name>/final/`` in Hugging Face format) becomes the reward of RL. Each completion is
-rendered exactly as the reward model's training pairs were (``scalar_head.render_for_scoring``:
+rendered exactly as the reward model's training pairs were (``data.scored_sequence.render_for_scoring``:
 the reward model's own chat template, the prompt, the completion as the assistant reply) and
 the score is read at the reply's end-of-turn token. In config::
 
@@ -36,12 +36,8 @@ from posttrain.rewards.output import RewardOutput, check_batch
 from posttrain.data.formats import normalise_messages
 from posttrain.data.render import defuse_special_tokens
 from posttrain.models import load_tokenizer, resolve_model_dir
-from posttrain.models.scalar_head import (
-    is_scalar_head_config,
-    load_scalar_head_model,
-    render_for_scoring,
-    score_sequences,
-)
+from posttrain.data.scored_sequence import render_for_scoring
+from posttrain.models.scalar_head import is_scalar_head_config, load_scalar_head_model, score_sequences
 
 
 @dataclass

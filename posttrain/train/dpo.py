@@ -5,7 +5,7 @@ Losses: ``algorithms.preference.preference_optimization_loss`` (DPO, Rafailov et
 label smoothing = conservative DPO, Mitchell 2023; IPO, Azar et al. 2023; SimPO, Meng et
 al. 2024; the module's docstring lists the deviations). Each side's log-prob is the SUM of
 log pi(token) over its response tokens only: the rows are read, rendered through the chat
-template and audited exactly as for ``posttrain rm`` (``train.rm.load_preference_data``:
+template and audited exactly as for ``posttrain rm`` (``data.preference.load_preference_data``:
 explicit or implicit prompt, identical sides and responses with no trained token are hard
 errors naming file:line), and the trained tokens of a side are its ``loss_mask`` shifted by
 one, as in SFT.
@@ -17,8 +17,8 @@ ids and the precision, so a rerun or a resume reuses them and no second model is
 while training. SimPO needs no reference and skips the pass.
 
 Everything else is shared with SFT and the reward model: the pair step plan
-(``train.rm.make_pair_planner``: both sides of a pair in the same micro-batch, packed
-padding-free), ``train.loop.optimizer_step`` (step-normalised shares, so the loss and the
+(``data.preference.make_pair_planner``: both sides of a pair in the same micro-batch, packed
+padding-free), the run machinery of ``train.steps``, ``train.loop.optimizer_step`` (step-normalised shares, so the loss and the
 gradient do not depend on micro-batches, packing or ranks; tested), log-probs only at
 response positions, chunked over the vocabulary (``models.logprobs.response_token_logprobs``
 -> ``algorithms.sft``), ``train.checkpoint`` (exact resume) and ``train.distributed`` (FSDP2).
@@ -44,6 +44,7 @@ from posttrain.algorithms.preference import (
 )
 from posttrain.config import DPOConfig
 from posttrain.data.batching import MicroBatch, StepPlan, collate, trained_target_count
+from posttrain.data.preference import PairKeys, PreferencePair, load_preference_data, make_pair_planner, pair_length
 from posttrain.log import say
 from posttrain.models import load_tokenizer
 from posttrain.train import checkpoint as ckpt
@@ -64,28 +65,22 @@ from posttrain.train.loop import (
     tune_cpu_allocator,
 )
 from posttrain.models.logprobs import response_token_logprobs
-from posttrain.train.rm import (
-    PreferencePair,
-    check_settings,
-    load_preference_data,
-    make_pair_planner,
-    pair_length,
-    summarise_pairs,
-    write_eval,
-)
 from posttrain.train.session import RunSession, guard_step, open_run
-from posttrain.train.sft import (
+from posttrain.train.steps import (
     TrainerState,
     advance,
     announce_run,
-    end_step,
     build_optimizer_and_scheduler,
     check_schedule,
+    check_warmup_before_max_steps,
+    end_step,
+    load_causal_lm,
     lockstep_micro_batches,
     place_for_training,
     restore_state,
+    summarise_pairs,
+    write_eval,
 )
-from posttrain.train.sft import build_model as build_sft_model
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
@@ -149,8 +144,8 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
     seed_everything(config.train.seed)
     tokenizer = load_tokenizer(config.model.name, config.model.chat_template)
     train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(
-        config, tokenizer, verbose=info.is_main, keys=(None, config.dpo.group_key))
-    planner = make_pair_planner(config, train_pairs, info.world_size)
+        config.data, tokenizer, seed=config.train.seed, keys=pair_keys(config), verbose=info.is_main)
+    planner = make_pair_planner(train_pairs, config.train, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
     run, resume_path = open_run("dpo", config, info, total_steps=total_steps)
@@ -210,12 +205,26 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
 # ----------------------------------------------------------------------------- pieces
 
 
+def check_settings(config: DPOConfig) -> None:
+    """Refuse settings that cannot work before anything loads (one-line ConfigError)."""
+    check_warmup_before_max_steps(config.optim.warmup_steps, config.train.max_steps)
+
+
+def pair_keys(config: DPOConfig) -> PairKeys:
+    """The row keys DPO reads besides the pair: ``dpo.group_key`` (no margin)."""
+    return PairKeys(group=config.dpo.group_key)
+
+
 def build_model(config: DPOConfig, info: DistInfo, *, unsharded: bool = False) -> tuple[torch.nn.Module, str]:
     """The policy as SFT builds it (fp32 master weights, LoRA, attention, FSDP2) and the
     fingerprint of its starting weights (taken before sharding; LoRA adapters left out)."""
-    model = build_sft_model(config, info, unsharded=True)
+    model = load_causal_lm(config.model.name, config.lora)
     fingerprint = weights_fingerprint(model)
-    return (model if unsharded else place_for_training(model, config, info)), fingerprint
+    if unsharded:
+        return model, fingerprint
+    return place_for_training(model, info, packing=config.train.packing,
+                              attn_implementation=config.model.attn_implementation,
+                              gradient_checkpointing=config.model.gradient_checkpointing), fingerprint
 
 
 def weights_fingerprint(model: torch.nn.Module, samples_per_tensor: int = 1024) -> str:

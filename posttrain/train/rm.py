@@ -6,29 +6,22 @@ the reward of RL (``rewards.model``). The loss is ``algorithms.preference.bradle
 (InstructGPT eq. 1, optional per-pair margin as in Llama 2, optional reward centring).
 
 The model is a causal LM with a scalar head (``posttrain.models.scalar_head``); its score is read at
-the last token of each response (the end-of-turn token). Both sides of a pair are rendered
-with the same chat template as SFT data, go through the same pre-flight audit
-(``data.audit``: consistency, end-of-turn token, empty masks, length) and always share a
+the last token of each response (the end-of-turn token). The pairs are read, rendered with the
+same chat template as SFT data, audited and planned by ``data.preference`` (over-long pairs
+are dropped, not cut: cutting removes the score token); both sides of a pair always share a
 micro-batch, so a pair's loss is computed inside one forward pass.
 
-Everything else is the SFT machinery, shared, not copied: the step plan
-(``data.batching.StepPlanner``, here over PAIRS: a pair's "length" is its packed token count,
-or two padded rows), collation, ``train.loop.optimizer_step`` (AdamW, schedule per
-optimizer step, clipping, accumulation as a plain sum of step-normalised shares),
-``train.checkpoint`` (atomic checkpoints, exact resume, HF export) and
+Everything else is the machinery every trainer shares, not copied: collation,
+``train.steps`` (state, schedule, resume, end of step), ``train.loop.optimizer_step`` (AdamW,
+schedule per optimizer step, clipping, accumulation as a plain sum of step-normalised
+shares), ``train.checkpoint`` (atomic checkpoints, exact resume, HF export) and
 ``train.distributed`` (FSDP2). The step loss is normalised by the number of pairs in the
 whole optimizer step, so it does not depend on how the step is split into micro-batches or
 ranks (tested).
-
-Deviation: pairs whose either side exceeds ``data.max_length`` are dropped (or refused with
-``truncation: error``) rather than cut, because cutting removes the score token.
 """
 
 from __future__ import annotations
 
-import json
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -37,22 +30,18 @@ import torch
 
 from posttrain.algorithms.preference import bradley_terry_loss
 from posttrain.config import RMConfig
-from posttrain.data.batching import MicroBatch, StepPlan, StepPlanner, collate
-from posttrain.data.preference import preference_messages  # the shared preference-row reader
-from posttrain.errors import ConfigError, DataError
-from posttrain.log import say, say_stdout
+from posttrain.data.batching import MicroBatch, StepPlan, collate
+from posttrain.data.preference import PairKeys, PreferencePair, load_preference_data, make_pair_planner, pair_length
+from posttrain.errors import ConfigError
+from posttrain.log import say
 from posttrain.models import load_tokenizer
 from posttrain.models.scalar_head import (
-    ScoredSequence,
     export_pad_token_id,
     export_tokenizer,
     gather_scores,
     load_scalar_head_model,
     make_head_trainable,
-    render_for_scoring,
-    render_response,
     score_positions,
-    to_scored_sequence,
     token_values,
     train_top_layers_only,
 )
@@ -62,36 +51,22 @@ from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metr
 from posttrain.models.prepare import apply_lora
 from posttrain.train.loop import MicroResult, autocast_context, is_due, optimizer_step, seed_everything
 from posttrain.train.session import RunSession, guard_step, open_run
-from posttrain.train.sft import (
+from posttrain.train.steps import (
     TrainerState,
     advance,
     announce_run,
-    end_step,
     build_optimizer_and_scheduler,
     check_schedule,
+    check_warmup_before_max_steps,
+    end_step,
     lockstep_micro_batches,
     place_for_training,
     restore_state,
+    summarise_pairs,
+    write_eval,
 )
-from posttrain.data.audit import audit_sample, AuditReport, Finding, note_control_text, preflight, PreparedData
-from posttrain.data.formats import BadRowError, normalise_tools, read_rows
 
 PAIR_METRICS = ("accuracy", "margin", "reward/chosen", "reward/rejected")
-
-
-@dataclass
-class PreferencePair:
-    """Both sides of one comparison, rendered up to their score tokens."""
-
-    chosen: ScoredSequence
-    rejected: ScoredSequence
-    margin: float = 0.0
-    group: str | None = None
-    line: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return len(self.chosen.input_ids) + len(self.rejected.input_ids)
 
 
 @dataclass
@@ -143,9 +118,9 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
     info = init_distributed()
     seed_everything(config.train.seed + info.rank)
     tokenizer = load_tokenizer(config.model.name, config.model.chat_template)
-    train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(config, tokenizer,
-                                                                                  verbose=info.is_main)
-    planner = make_pair_planner(config, train_pairs, info.world_size)
+    train_pairs, val_pairs = pairs if pairs is not None else load_preference_data(
+        config.data, tokenizer, seed=config.train.seed, keys=pair_keys(config), verbose=info.is_main)
+    planner = make_pair_planner(train_pairs, config.train, info.world_size)
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
     run, resume_path = open_run("rm", config, info, total_steps=total_steps)
@@ -173,7 +148,7 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
             state = advance(state, plan, result)
             state.nonfinite_skipped = guard_step("rm", state.step, result, state.nonfinite_skipped, config.train,
                                                  run.checkpoints, info)
-            metrics = step_metrics(plan, result, state, summarise_pairs(result.micro, info), train_pairs)
+            metrics = step_metrics(plan, result, state, summarise_pairs(result.micro, info, PAIR_METRICS), train_pairs)
             if val_pairs and (is_due(state.step, config.train.eval_every, total_steps) or state.step == total_steps):
                 val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
                 metrics.update(val_metrics)
@@ -182,7 +157,7 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
     if val_pairs and not val_metrics:  # resumed at the very end: nothing was evaluated in this process
         val_metrics = evaluate_pairs(model, val_pairs, config, info, pad_id)
     if info.is_main:
-        write_eval(run.eval, val_metrics, len(val_pairs))
+        write_eval(run.eval, val_metrics, len(val_pairs), name="rm_val.json")
     final = ckpt.export_hf(model, export_tokenizer(tokenizer), run.final, info, merge_lora=config.lora.merge_on_export,
                            rebuild=lambda: build_model(config, info, pad_id, unsharded=True))
     if info.is_main:
@@ -193,160 +168,17 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
     return RMResult(run.path, final, state.step, history, val_metrics)
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- settings and micro-batches
 
 
 def check_settings(config: RMConfig) -> None:
     """Refuse settings that cannot work before anything loads (one-line ConfigError)."""
-    if config.optim.warmup_steps is not None and config.train.max_steps is not None and \
-            config.optim.warmup_steps >= config.train.max_steps:
-        raise ConfigError(
-            f"optim.warmup_steps ({config.optim.warmup_steps}) is not shorter than train.max_steps "
-            f"({config.train.max_steps}): the learning rate would never reach its peak")
+    check_warmup_before_max_steps(config.optim.warmup_steps, config.train.max_steps)
 
 
-def _margin_and_group(row: dict, where: str, margin_key: str | None, group_key: str | None) -> tuple[float, str | None]:
-    margin = 0.0
-    if margin_key is not None and row.get(margin_key) is not None:
-        value = row[margin_key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"{where}: {margin_key} must be a number, got {value!r}")
-        margin = float(value)
-    group = None if group_key is None or row.get(group_key) is None else str(row[group_key])
-    return margin, group
-
-
-def render_pair_samples(row: dict, tokenizer: Any, *, line: int, source: str, margin_key: str | None,
-                        group_key: str | None, allow_special_tokens_in_text: bool | Sequence[str] = False
-                        ) -> tuple[Any, Any, float, str | None]:
-    """(chosen, rejected) ``RenderedSample``s of one row, through the same template and
-    rendering as SFT data (control-token text refused unless ``data.allow_special_tokens_in_text``
-    allows it), plus the pair's margin and group."""
-
-    where = f"{source}:{line}"
-    prompt, chosen, rejected = preference_messages(row, where)
-    tools = normalise_tools(row.get("tools"), f"{where}: tools")
-    margin, group = _margin_and_group(row, where, margin_key, group_key)
-    sides = [render_response(prompt, side, tokenizer, tools=tools, line=line, source=source,
-                             allow_special_tokens_in_text=allow_special_tokens_in_text)
-             for side in (chosen, rejected)]
-    return sides[0], sides[1], margin, group
-
-
-def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, margin_key: str | None,
-                group_key: str | None) -> PreferencePair:
-    """One row as a pair, strictly checked (DataError on any rendering problem)."""
-    where = f"{source}:{line}"
-    prompt, chosen, rejected = preference_messages(row, where)
-    margin, group = _margin_and_group(row, where, margin_key, group_key)
-
-    tools = normalise_tools(row.get("tools"), f"{where}: tools")
-    return PreferencePair(
-        chosen=render_for_scoring(prompt, chosen, tokenizer, tools=tools, line=line, source=source),
-        rejected=render_for_scoring(prompt, rejected, tokenizer, tools=tools, line=line, source=source),
-        margin=margin, group=group, line=line,
-    )
-
-
-def load_pairs(path: str, tokenizer: Any, config: RMConfig, *, verbose: bool = True,
-               keys: tuple[str | None, str | None] | None = None) -> list[PreferencePair]:
-    """Render every pair of one file and run the SFT pre-flight audit on both sides.
-
-    ``keys``: the row keys of (margin, group); None = ``rm.margin_key``, ``rm.group_key``
-    (other trainers reading preference rows, ``posttrain dpo``, pass their own).
-
-    The audit (``data.audit``) records consistency failures, missing end-of-turn tokens,
-    empty masks and over-long sides exactly as for SFT data, prints its summary and refuses
-    to start on a hard error (unless ``data.allow_audit_errors``). A pair with an over-long
-    side is dropped (``truncation: right`` or ``drop``: cutting would remove the score
-    token) or refused (``error``). Malformed rows (``data.preference.preference_messages``:
-    identical sides included) stop the run, or are skipped and counted with ``data.skip_bad``.
-    """
-
-    pairs, prepared = audit_pairs(path, tokenizer, config, keys=keys)
-    preflight(prepared, allow_errors=config.data.allow_audit_errors, print_fn=say_stdout if verbose else None)
-    return pairs
-
-
-def audit_pairs(path: str, tokenizer: Any, config: RMConfig, *,
-                keys: tuple[str | None, str | None] | None = None) -> tuple[list[PreferencePair], Any]:
-    """``load_pairs`` without the verdict: the kept pairs and a ``data.audit.PreparedData``
-    (both rendered sides of every kept pair, in file order, and the audit report), for
-    ``load_pairs`` and ``posttrain inspect``. Raises BadRowError on the first malformed row
-    unless ``data.skip_bad``."""
-
-    data = config.data
-    report = AuditReport(source=str(path))
-    started = time.perf_counter()
-    bad_rows: list[tuple[int, str]] = []
-    pairs: list[PreferencePair] = []
-    kept_samples: list[Any] = []
-    too_long = "error" if data.truncation == "error" else "drop"
-    rm = getattr(config, "rm", None)  # a DPO config has no rm section: no margin, no groups
-    margin_key, group_key = keys if keys is not None else (rm.margin_key, rm.group_key) if rm else (None, None)
-    for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows, columns=data.columns):
-        try:
-            chosen, rejected, margin, group = render_pair_samples(
-                row, tokenizer, line=line, source=str(path), margin_key=margin_key, group_key=group_key,
-                allow_special_tokens_in_text=data.allow_special_tokens_in_text)
-        except DataError as exc:
-            if not data.skip_bad:
-                raise BadRowError(str(exc)) from None
-            bad_rows.append((line, str(exc)))
-            note_control_text(report, line, exc)
-            continue
-        report.rows += 1
-        kept = [audit_sample(side, report, data.max_length, too_long, f"{path}:{line}") for side in (chosen, rejected)]
-        if any(side is None for side in kept):
-            continue
-        kept_samples.extend(kept)
-        pairs.append(PreferencePair(to_scored_sequence(kept[0]), to_scored_sequence(kept[1]), margin, group, line))
-    report.bad_rows.extend(Finding(line, message) for line, message in bad_rows)
-    report.bad_rows.sort(key=lambda finding: finding.line)
-    report.seconds = time.perf_counter() - started
-    return pairs, PreparedData(samples=kept_samples, audit=report)
-
-
-def load_preference_data(config: RMConfig, tokenizer: Any, *, verbose: bool = True,
-                         keys: tuple[str | None, str | None] | None = None
-                         ) -> tuple[list[PreferencePair], list[PreferencePair]]:
-    """Train and held-out pairs: ``data.val`` if set, else a seeded ``data.val_fraction``
-    (``keys``: see ``load_pairs``)."""
-    train = load_pairs(config.data.train, tokenizer, config, verbose=verbose, keys=keys)
-    val: list[PreferencePair] = []
-    if config.data.val:
-        val = load_pairs(config.data.val, tokenizer, config, verbose=verbose, keys=keys)
-    elif config.data.val_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(config.train.seed).shuffle(order)
-        held = set(order[: max(1, int(round(config.data.val_fraction * len(train))))])
-        val = [p for i, p in enumerate(train) if i in held]
-        train = [p for i, p in enumerate(train) if i not in held]
-    if not train:
-        raise DataError(f"{config.data.train}: no training pairs left after rendering")
-    return train, val
-
-
-def pair_length(pair: PreferencePair, packing: bool) -> int:
-    """Micro-batch tokens one pair costs: both sides packed, or two rows of the longer side."""
-    if packing:
-        return pair.tokens
-    return 2 * max(len(pair.chosen.input_ids), len(pair.rejected.input_ids))
-
-
-def make_pair_planner(config: RMConfig, pairs: Sequence[PreferencePair], world_size: int) -> StepPlanner:
-    """The SFT step planner over pairs: each pair counts one towards the step normaliser."""
-    lengths = [pair_length(p, config.train.packing) for p in pairs]
-    if max(lengths) > config.train.micro_batch_tokens:
-        raise ConfigError(
-            f"train.micro_batch_tokens ({config.train.micro_batch_tokens}) is smaller than a {max(lengths)}-token "
-            f"pair (both sides share a micro-batch): raise it or lower data.max_length")
-    return StepPlanner(
-        lengths, [1] * len(pairs),
-        global_batch_size=config.train.global_batch_size, global_batch_tokens=config.train.global_batch_tokens,
-        micro_batch_tokens=config.train.micro_batch_tokens, packing=config.train.packing,
-        world_size=world_size, seed=config.train.seed, shuffle=config.train.shuffle,
-    )
+def pair_keys(config: RMConfig) -> PairKeys:
+    """The row keys the reward model reads besides the pair: ``rm.margin_key``, ``rm.group_key``."""
+    return PairKeys(margin=config.rm.margin_key, group=config.rm.group_key)
 
 
 def pair_micro_batch(pairs: Sequence[PreferencePair], packing: bool, pad_token_id: int) -> PairMicroBatch:
@@ -381,16 +213,6 @@ def pair_loss(model: torch.nn.Module, micro: PairMicroBatch, *, step_pairs: floa
     if micro.pairs == 0:  # filler micro-batch: keep the graph connected for FSDP's collectives
         loss = loss + 0.0 * values_BT.sum()
     return MicroResult(loss, float(micro.pairs), metrics)
-
-
-def summarise_pairs(micro: Sequence[MicroResult], info: DistInfo,
-                    keys: Sequence[str] = PAIR_METRICS) -> dict[str, float]:
-    """Pair-weighted means of ``keys`` (accuracy, margin and rewards) over the step's
-    micro-batches (all ranks)."""
-    totals = [sum(float(m.metrics[key]) * m.count for m in micro) for key in keys] + [sum(m.count for m in micro)]
-    totals = all_reduce_sum(totals, info)
-    pairs = max(totals[-1], 1.0)
-    return {key: value / pairs for key, value in zip(keys, totals)} | {"pairs_per_step": int(totals[-1])}
 
 
 @torch.no_grad()
@@ -449,7 +271,11 @@ def build_model(config: RMConfig, info: DistInfo, pad_token_id: int, *, unsharde
             train_top_layers_only(model, config.rm.train_top_layers)
         except ValueError as exc:
             raise ConfigError(f"rm.train_top_layers: {exc}") from None
-    return model if unsharded else place_for_training(model, config, info)
+    if unsharded:
+        return model
+    return place_for_training(model, info, packing=config.train.packing,
+                              attn_implementation=config.model.attn_implementation,
+                              gradient_checkpointing=config.model.gradient_checkpointing)
 
 
 def step_metrics(plan: StepPlan, result: Any, state: TrainerState, pair_metrics: dict[str, float],
@@ -471,14 +297,6 @@ def _pad_id(tokenizer: Any) -> int:
         if candidate is not None:
             return int(candidate)
     return 0
-
-
-def write_eval(eval_dir: Path, val_metrics: dict[str, float], pairs: int, name: str = "rm_val.json") -> None:
-    """``eval/<name>``: the held-out pair metrics of the end of training (nothing if none)."""
-    if not val_metrics:
-        return
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / name).write_text(json.dumps({"pairs": pairs, **val_metrics}, indent=2) + "\n")
 
 
 def announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path) -> None:

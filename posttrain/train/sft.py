@@ -4,8 +4,8 @@ Next-token cross-entropy on the assistant's tokens only (docs/PIPELINE.md, phase
 what veRL's FSDP SFT trainer also gets right (loss masks, token-mean over the whole step,
 micro-batch vs accumulation, scheduler per optimizer step, what to log, pre-flight checks:
 docs/PREFLIGHT.md). The loop in ``run_sft`` is
-the whole algorithm; every piece it calls is a named function shared with the reward-model
-and RL trainers (``train.loop``, ``train.checkpoint``, ``train.distributed``,
+the whole algorithm; every piece it calls is a named function shared with the other
+trainers (``train.steps``, ``train.loop``, ``train.checkpoint``, ``train.distributed``,
 ``data.batching``).
 
 Order of work: check settings that need nothing loaded -> tokenizer -> render and audit the
@@ -23,60 +23,38 @@ from typing import Any, Sequence
 import torch
 
 from posttrain.config import SFTConfig
-from posttrain.data.batching import (
-    StepPlan,
-    StepPlanner,
-    collate,
-    sample_length,
-    split_across_ranks,
-    split_into_micro_batches,
-    trained_target_count,
-)
+from posttrain.data.batching import StepPlan, StepPlanner, collate, sample_length, trained_target_count
 from posttrain.errors import ConfigError, DataError
 from posttrain.log import say
 from posttrain.models import load_tokenizer
 from posttrain.train import checkpoint as ckpt
-from posttrain.train.distributed import (
-    DistInfo,
-    all_reduce_sum,
-    init_distributed,
-    shard_model,
-    shutdown_distributed,
-)
+from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
-from posttrain.models.attention import choose_attention
-from posttrain.models.prepare import apply_lora, count_parameters, prepare_for_training
 from posttrain.train.loop import (
-    build_optimizer,
-    build_scheduler,
     evaluate_nll,
     is_due,
     optimizer_step,
-    resolve_warmup_steps,
     seed_everything,
     sft_micro_batch_loss,
     tune_cpu_allocator,
 )
 from posttrain.train.session import RunSession, guard_step, open_run
+from posttrain.train.steps import (
+    TrainerState,
+    advance,
+    announce_run,
+    build_optimizer_and_scheduler,
+    check_schedule,
+    check_warmup_before_max_steps,
+    end_step,
+    load_causal_lm,
+    lockstep_micro_batches,
+    place_for_training,
+    restore_state,
+)
 from posttrain.data import load_sft_data
 from posttrain.data.audit import preflight
 from posttrain.log import say_stdout
-from posttrain.models import load_model
-
-
-@dataclass
-class TrainerState:
-    """What a checkpoint records besides tensors (the data position is ``step``)."""
-
-    step: int = 0
-    tokens_seen: int = 0
-    trained_tokens_seen: int = 0
-    elapsed_s: float = 0.0
-    nonfinite_skipped: int = 0  # steps skipped for a NaN/inf loss or gradient (train.skip_nonfinite_steps)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(step=self.step, tokens_seen=self.tokens_seen, trained_tokens_seen=self.trained_tokens_seen,
-                    elapsed_s=self.elapsed_s, nonfinite_skipped=self.nonfinite_skipped)
 
 
 @dataclass
@@ -163,42 +141,7 @@ def check_settings(config: SFTConfig) -> None:
             f"({config.data.max_length}): a full-length sample could never fit in a micro-batch; "
             f"raise micro_batch_tokens or lower max_length"
         )
-    if config.optim.warmup_steps is not None and train.max_steps is not None and \
-            config.optim.warmup_steps >= train.max_steps:
-        raise ConfigError(
-            f"optim.warmup_steps ({config.optim.warmup_steps}) is not shorter than train.max_steps "
-            f"({train.max_steps}): the learning rate would never reach its peak"
-        )
-
-
-def check_schedule(config: SFTConfig, total_steps: int, *, has_val: bool) -> int:
-    """Warmup steps for ``total_steps``; ConfigError if warmup would not end before training."""
-    warmup = resolve_warmup_steps(total_steps, config.optim.warmup_ratio, config.optim.warmup_steps)
-    if warmup >= total_steps and warmup > 0:
-        raise ConfigError(
-            f"optim.warmup_steps ({warmup}) is not shorter than the run ({total_steps} optimizer steps): "
-            f"the learning rate would never reach its peak"
-        )
-    if config.train.eval_every is not None and not has_val:
-        raise ConfigError("train.eval_every is set but there is no validation data: set data.val or data.val_fraction")
-    return warmup
-
-
-def end_step(session: RunSession, config: Any, state: TrainerState, total_steps: int, metrics: dict[str, Any],
-             history: list[dict[str, Any]], logger: MetricsLogger, progress: Progress, run: Any, info: DistInfo,
-             trained: tuple[torch.nn.Module, Any, Any]) -> None:
-    """The end of a supervised step (sft, rm, dpo): log the metrics when due (and whenever it
-    evaluated), advance the progress bar, then checkpoint ``trained`` = (model, optimizer,
-    scheduler) when due or when a signal asked the run to stop (``RunSession.step_boundary``)."""
-    if state.step % config.train.log_every == 0 or state.step == total_steps or "val/loss" in metrics:
-        history.append(logger.log(metrics, step=state.step))
-    progress.update(1, metrics)
-    model, optimizer, scheduler = trained
-    session.step_boundary(
-        state.step, total_steps, due=is_due(state.step, config.train.save_every, total_steps), info=info,
-        checkpoints=run.checkpoints,
-        save=lambda: ckpt.save_checkpoint(run.checkpoints, state.step, model, optimizer, scheduler, state.as_dict(),
-                                          info, keep_last=config.train.keep_last, config=config))
+    check_warmup_before_max_steps(config.optim.warmup_steps, train.max_steps)
 
 
 def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple[list, list]:
@@ -247,60 +190,12 @@ def make_planner(config: SFTConfig, samples: Sequence[Any], world_size: int) -> 
 
 def build_model(config: SFTConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
     """Load the model (fp32 master weights), add LoRA, set attention/checkpointing, shard."""
-
-    model = load_model(config.model.name, dtype=torch.float32)
-    if config.lora.enabled:
-        lora = config.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                           target_modules=lora.target_modules)
-    return model if unsharded else place_for_training(model, config, info)
-
-
-def place_for_training(model: torch.nn.Module, config: Any, info: DistInfo) -> torch.nn.Module:
-    """Move to this rank's device, set attention and gradient checkpointing from
-    ``config.train.packing`` / ``config.model``, shard over ranks (FSDP2 when distributed)."""
-    model.to(info.device)
-    prepare_for_training(model, attn_implementation=choose_attention(config.train.packing,
-                                                                      config.model.attn_implementation),
-                         gradient_checkpointing=config.model.gradient_checkpointing)
-    return shard_model(model, info)
-
-
-def build_optimizer_and_scheduler(model: torch.nn.Module, optim: Any, total_steps: int,
-                                  warmup_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW and its per-optimizer-step schedule from an ``optim`` config section."""
-    optimizer = build_optimizer(model, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, warmup_steps=warmup_steps,
-                                schedule=optim.schedule, min_lr_ratio=optim.min_lr_ratio)
-    return optimizer, scheduler
-
-
-def restore_state(resume_path: Path | None, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: Any, info: DistInfo) -> TrainerState:
-    """A fresh state, or the one saved in ``resume_path`` (tensors restored in place)."""
-    if resume_path is None:
-        return TrainerState()
-    saved = ckpt.load_checkpoint(resume_path, model, optimizer, scheduler, info)
-    return TrainerState(**{k: v for k, v in saved.items() if k in TrainerState.__dataclass_fields__})
-
-
-def lockstep_micro_batches(lengths: Sequence[int], micro_batch_tokens: int, packing: bool,
-                           info: DistInfo) -> list[list[int]]:
-    """This rank's micro-batches (sample indices) of a held-out pass over every sample.
-
-    Samples are shared over ranks by length; every rank gets the same number of
-    micro-batches (empty fillers at the end), so collectives inside forward stay in step.
-    """
-    shares = split_across_ranks(list(range(len(lengths))), lengths, info.world_size)
-    per_rank = [split_into_micro_batches(share, lengths, micro_batch_tokens, packing=packing) for share in shares]
-    depth = max(len(m) for m in per_rank)
-    return per_rank[info.rank] + [[]] * (depth - len(per_rank[info.rank]))
-
-
-def advance(state: TrainerState, plan: StepPlan, result: Any) -> TrainerState:
-    return TrainerState(step=plan.step + 1, tokens_seen=state.tokens_seen + plan.tokens,
-                        trained_tokens_seen=state.trained_tokens_seen + plan.trained_tokens,
-                        elapsed_s=state.elapsed_s + result.seconds, nonfinite_skipped=state.nonfinite_skipped)
+    model = load_causal_lm(config.model.name, config.lora)
+    if unsharded:
+        return model
+    return place_for_training(model, info, packing=config.train.packing,
+                              attn_implementation=config.model.attn_implementation,
+                              gradient_checkpointing=config.model.gradient_checkpointing)
 
 
 def step_metrics(config: SFTConfig, plan: StepPlan, result: Any, state: TrainerState) -> dict[str, Any]:
@@ -327,17 +222,3 @@ def validate(model: torch.nn.Module, samples: Sequence[Any], config: SFTConfig, 
 def announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path) -> None:
     announce_run("sft", config, info, model, f"{len(train_samples)} train / {len(val_samples)} val samples",
                  sum(sample_length(s) for s in train_samples), total_steps, warmup_steps, resume_path)
-
-
-def announce_run(trainer: str, config: Any, info: DistInfo, model: torch.nn.Module, data: str, tokens: int,
-                 total_steps: int, warmup_steps: int, resume_path: Path | None) -> None:
-    """One stderr line on rank 0: data, steps, model size, where it runs, resume point."""
-    if not info.is_main:
-        return
-    total, trainable = count_parameters(model)
-    where = f"{info.world_size} x {info.device.type}" if info.distributed else info.device.type
-    say(
-        f"{trainer}: {data}, {tokens} tokens; {total_steps} steps (warmup {warmup_steps}); model {config.model.name} "
-        f"({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained) on {where}, {config.train.precision}"
-        + (f"; resuming from {resume_path}" if resume_path else "")
-    )
