@@ -3,11 +3,14 @@ the layers below it, at module level or inside a function alike (docs/ARCHITECTU
 
     commands   cli, pipeline, chat, inspect_data, report, __main__
     train      loops, checkpoints, logging, distribution
-    library    config, data, models, rewards, rollout, eval
-    base       errors, log, algorithms (torch-only math; its own test keeps it so)
+    library    data < models < config < sandbox < rollout < rewards < agent < eval
+    base       errors, log, hub, algorithms (torch-only math; its own test keeps it so)
 
-So ``rewards/model.py`` scores with ``models/scalar_head.py`` without reaching into a
-trainer, and nothing a trainer uses can import a command."""
+Inside the library the folders are ordered too: a library module imports only its own folder
+or the folders before it in ``LIBRARY_ORDER``. So ``rewards/model.py`` scores with
+``models/scalar_head.py`` without reaching into a trainer, the renderer (``data/``) never
+imports the agent that samples what it renders, and nothing a trainer uses can import a
+command."""
 
 import ast
 import pathlib
@@ -16,9 +19,10 @@ import pytest
 
 import posttrain
 
+LIBRARY_ORDER = ["data", "models", "config", "sandbox", "rollout", "rewards", "agent", "eval"]
 LAYERS = {
-    "base": {"errors", "log", "algorithms", "__version__"},
-    "library": {"config", "data", "models", "rewards", "rollout", "eval", "agent"},
+    "base": {"errors", "log", "hub", "algorithms", "__version__"},
+    "library": set(LIBRARY_ORDER),
     "train": {"train"},
     "commands": {"cli", "pipeline", "chat", "inspect_data", "report", "__main__"},
 }
@@ -47,7 +51,15 @@ def imported_top_levels(path: pathlib.Path) -> set[str]:
     return found
 
 
+def library_folders_above(own: str, path: pathlib.Path) -> set[str]:
+    """The library folders after ``own`` in ``LIBRARY_ORDER`` that ``path`` imports (any depth)."""
+    rank = LIBRARY_ORDER.index(own)
+    return {imported for imported in imported_top_levels(path)
+            if imported in LIBRARY_ORDER and LIBRARY_ORDER.index(imported) > rank}
+
+
 MODULES = sorted(PACKAGE_DIR.rglob("*.py"))
+LIBRARY_MODULES = [path for path in MODULES if path.relative_to(PACKAGE_DIR).with_suffix("").parts[0] in LIBRARY_ORDER]
 
 
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE_DIR)))
@@ -62,7 +74,24 @@ def test_modules_import_only_their_own_layer_or_below(path):
                                   f"({layer_of(imported)}), a layer above it")
 
 
+@pytest.mark.parametrize("path", LIBRARY_MODULES, ids=lambda p: str(p.relative_to(PACKAGE_DIR)))
+def test_library_modules_import_only_their_own_folder_or_lower_ones(path):
+    own = path.relative_to(PACKAGE_DIR).with_suffix("").parts[0]
+    above = library_folders_above(own, path)
+    assert not above, (f"{path.relative_to(PACKAGE_DIR)} ({own}) imports posttrain.{', posttrain.'.join(sorted(above))}, "
+                       f"after {own} in the library order {' < '.join(LIBRARY_ORDER)}")
+
+
 def test_the_checker_sees_function_local_imports(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from posttrain.train.loop import optimizer_step\n    import posttrain.cli\n")
     assert imported_top_levels(module) == {"train", "cli"}
+
+
+def test_the_library_checker_sees_function_local_upward_imports(tmp_path):
+    module = tmp_path / "render.py"
+    module.write_text("from posttrain.data.formats import read_rows\nfrom posttrain.hub import hub_status\n\n"
+                      "def f():\n    from posttrain.agent.tools import python_tool\n    from posttrain import rewards\n")
+    assert library_folders_above("data", module) == {"agent", "rewards"}
+    assert library_folders_above("eval", module) == set()
+
