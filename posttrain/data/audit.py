@@ -356,7 +356,7 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
     """Check one rendered sample, record its findings in ``report``, and say whether to train it.
 
     The per-sample half of the pre-flight audit, for every loader that renders samples its
-    own way (SFT files here, both sides of preference pairs in ``train.rm``); ``preflight``
+    own way (SFT files here, both sides of preference pairs in ``data.preference``); ``preflight``
     then prints the report and refuses hard errors.
 
     Args:
