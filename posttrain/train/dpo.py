@@ -76,6 +76,7 @@ from posttrain.train.steps import (
     end_step,
     load_causal_lm,
     lockstep_micro_batches,
+    pad_token_id,
     place_for_training,
     restore_state,
     summarise_pairs,
@@ -149,7 +150,7 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
     total_steps = planner.total_steps(config.train.epochs, config.train.max_steps)
     warmup_steps = check_schedule(config, total_steps, has_val=bool(val_pairs))
     run, resume_path = open_run("dpo", config, info, total_steps=total_steps)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     model, weights_id = build_model(config, info)
     seed_everything(config.train.seed + info.rank)
     # the optimizer first: under FSDP2 a no-grad forward leaves the root's parameters unsharded,

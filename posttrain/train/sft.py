@@ -49,6 +49,7 @@ from posttrain.train.steps import (
     end_step,
     load_causal_lm,
     lockstep_micro_batches,
+    pad_token_id,
     place_for_training,
     restore_state,
 )
@@ -94,7 +95,7 @@ def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] 
     state = restore_state(resume_path, model, optimizer, scheduler, info)
     announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path)
     history: list[dict[str, Any]] = []
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
                        wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
             Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,

@@ -82,6 +82,11 @@ def check_schedule(config: Any, total_steps: int, *, has_val: bool) -> int:
 # ----------------------------------------------------------------------------- model, optimizer, state
 
 
+def pad_token_id(tokenizer: Any) -> int:
+    """The id that pads a causal LM's training batches: the tokenizer's own, else 0."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def load_causal_lm(model_name: str, lora: Any) -> torch.nn.Module:
     """The causal LM ``model_name`` in fp32 master weights, with LoRA when ``lora.enabled``
     (``lora``: the ``lora`` config section); unsharded, on the CPU."""
