@@ -253,11 +253,12 @@ SFT_WORKER = textwrap.dedent("""
     from types import SimpleNamespace
     import torch
     import posttrain.train.sft as sft_module
+    import posttrain.train.steps as steps_module
     from posttrain.config import SFTConfig, validate_config
 
     model_dir, out = sys.argv[1], sys.argv[2]
     seen = {}
-    real_init, real_shard, real_save = sft_module.init_distributed, sft_module.shard_model, sft_module.ckpt.save_checkpoint
+    real_init, real_shard, real_save = sft_module.init_distributed, steps_module.shard_model, sft_module.ckpt.save_checkpoint
     def init(*a, **k):
         info = real_init(*a, **k)
         seen.update(backend=info.backend, device=info.device.type, world_size=info.world_size)
@@ -269,7 +270,7 @@ SFT_WORKER = textwrap.dedent("""
     def save_then_die(*a, **k):
         real_save(*a, **k)
         os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no exception handler: a real kill
-    sft_module.init_distributed, sft_module.shard_model = init, shard
+    sft_module.init_distributed, steps_module.shard_model = init, shard
     if os.environ.get("KILL_AFTER_SAVE"):
         sft_module.ckpt.save_checkpoint = save_then_die
     g = torch.Generator().manual_seed(0)
