@@ -487,12 +487,20 @@ def plain_reward_spec(spec: Any) -> Any:
     return spec.model_dump(exclude_unset=True, exclude_none=True) if isinstance(spec, BaseModel) else spec
 
 
+ADVANTAGE_PRESETS = {"grpo": "grpo", "dr_grpo": "dr_grpo", "rloo": "rloo", "reinforce_pp": "reinforce_pp", "ppo": "gae"}
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")  # compare completions within a prompt's group
+
+
 class RLAlgorithmConfig(Section):
     """The algorithm (``rl:`` section): advantages, policy loss, KL, entropy, DAPO options."""
 
     algorithm: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "ppo"] = Field(
-        "grpo", description="grpo (group-normalised), dr_grpo (no std division), rloo (leave-one-out), "
-                            "reinforce_pp (batch-normalised returns), ppo (GAE with a learned critic)")
+        "grpo", description="a preset naming the advantage estimator when rl.advantage is unset: grpo, dr_grpo, "
+                            "rloo and reinforce_pp their namesakes, ppo = gae (with a learned critic)")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "gae"] | None = Field(
+        None, description="the advantage estimator (algorithms.advantages.ADVANTAGE_ESTIMATORS): grpo "
+                          "(group-normalised), dr_grpo (no std division), rloo (leave-one-out), reinforce_pp "
+                          "(batch-normalised returns), gae (a learned critic); null = rl.algorithm's preset")
     prompts_per_step: int = Field(8, gt=0, description="prompts sampled per RL step (each gets group_size completions)")
     ppo_epochs: int = Field(1, gt=0, description="passes over each rollout batch")
     mini_batch_size: int | None = Field(
@@ -524,7 +532,7 @@ class RLAlgorithmConfig(Section):
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus weight")
     gamma: float = Field(1.0, ge=0, le=1, description="discount (ppo, reinforce_pp)")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda (ppo)")
-    whiten_advantages: bool = Field(True, description="ppo: normalise GAE advantages over the batch")
+    whiten_advantages: bool = Field(True, description="gae: normalise the advantages over the batch")
     dynamic_sampling: bool = Field(False, description="DAPO: drop groups whose rewards are all equal and sample more prompts")
     max_refill_rounds: int = Field(3, ge=0, description="dynamic sampling: extra generation rounds at most per step")
     overlong: Literal["none", "filter", "penalty"] = Field(
@@ -596,15 +604,16 @@ class RLConfig(Section):
         rl, rollout = self.rl, self.rollout
         if not self.data.train:
             raise ValueError("data.train: a file of training prompts is required")
-        if rl.algorithm in ("grpo", "dr_grpo", "rloo") and rollout.group_size < 2:
-            raise ValueError(f"rollout.group_size: {rl.algorithm} compares completions within a group; it needs >= 2")
+        if rl.advantage is None:
+            rl.advantage = ADVANTAGE_PRESETS[rl.algorithm]
+        if rl.advantage in GROUP_ESTIMATORS and rollout.group_size < 2:
+            raise ValueError(f"rollout.group_size: {rl.advantage} compares completions within a group; it needs >= 2")
         batch = rl.prompts_per_step * rollout.group_size
         if rl.mini_batch_size is not None and batch % rl.mini_batch_size:
             raise ValueError(
                 f"rl.mini_batch_size: {rl.mini_batch_size} does not divide the rollout batch "
                 f"(rl.prompts_per_step x rollout.group_size = {batch})")
-        if rl.mini_batch_size is not None and rl.algorithm in ("grpo", "dr_grpo", "rloo") and \
-                rl.mini_batch_size % rollout.group_size:
+        if rl.mini_batch_size is not None and rl.advantage in GROUP_ESTIMATORS and rl.mini_batch_size % rollout.group_size:
             raise ValueError("rl.mini_batch_size: must be a multiple of rollout.group_size (groups stay together)")
         if rl.target_kl is not None and rl.kl_coef == 0:
             raise ValueError("rl.target_kl: adaptive KL needs a starting rl.kl_coef > 0")

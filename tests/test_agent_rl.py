@@ -20,16 +20,15 @@ from posttrain.models.attention import choose_attention
 from posttrain.models.prepare import prepare_for_training, unwrap_causal_lm
 from posttrain.rewards.output import RewardOutput
 from posttrain.rollout.base import Completion
-from posttrain.train.rl_rollouts import RolloutSample
-from posttrain.train.rl_update import (
-    LossSettings,
-    compute_advantages,
-    compute_rollout_tensors,
-    pack_micro_batches,
-    policy_micro_loss,
-)
+from posttrain.train.rl_advantages import compute_advantages
+from posttrain.train.rl_layout import pack_micro_batches
+from posttrain.train.rl_logprobs import compute_rollout_tensors
+from posttrain.train.rl_samples import RolloutSample
+from posttrain.train.rl_settings import LossSettings
+from posttrain.train.rl_update import policy_micro_loss
 
 from conftest import build_tiny_llama
+from rl_fixtures import advantage_settings, layout, loss_settings, normalisers, objective, pass_settings, scoring
 
 PROMPT = [1, 5, 7, 9]
 SEGMENTS = [([300, 301, 302], 1), ([400, 401], 0), ([303, 304], 1), ([402], 0), ([305], 1)]  # (ids, sampled?)
@@ -59,9 +58,8 @@ def test_trainer_logprobs_at_sampled_positions_equal_a_full_forward(tokenizer, s
     model = build_tiny_llama(tokenizer)
     prepare_for_training(model, attn_implementation=choose_attention(True, None), gradient_checkpointing=False)
     samples = [multi_turn_sample(), multi_turn_sample(segments=[([310], 1), ([410, 411, 412], 0), ([311, 312], 1)])]
-    compute_rollout_tensors(samples, policy=model, reference=None, critic=None, temperature=1.0, chunk_size=4,
-                            micro_batch_tokens=4096, pad_token_id=0, precision="fp32", device=torch.device("cpu"),
-                            share_prompt=share_prompt)
+    compute_rollout_tensors(samples, pass_settings(chunk_size=4, share_prompt=share_prompt), policy=model,
+                            reference=None, critic=None)
     for sample in samples:
         assert sample.old_logp.shape == (sample.trained_length,)
         torch.testing.assert_close(sample.old_logp, reference_logprobs(model, sample), rtol=1e-5, atol=1e-5)
@@ -75,11 +73,9 @@ def test_shared_prompt_layout_lists_only_sampled_tokens():
 
 
 def settings(**overrides) -> LossSettings:
-    values = dict(policy_loss="ppo_clip", policy_options=PolicyLossOptions(), loss_agg_mode="token-mean", kl_coef=0.0,
-                  kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=1.0, chunk_size=4,
-                  sum_normaliser=1.0)
+    values = dict(policy_options=PolicyLossOptions(), entropy_coef=0.01, chunk_size=4)
     values.update(overrides)
-    return LossSettings(**values)
+    return loss_settings(**values)
 
 
 def test_env_positions_get_exactly_zero_gradient(tokenizer):
@@ -87,7 +83,7 @@ def test_env_positions_get_exactly_zero_gradient(tokenizer):
     prepare_for_training(model, attn_implementation=choose_attention(True, None), gradient_checkpointing=False)
     sample = multi_turn_sample()
     sample.advantages = torch.linspace(-1.0, 1.0, sample.trained_length)
-    [(chunk, batch)] = pack_micro_batches([sample], 4096, 0, False)
+    [(chunk, batch)] = pack_micro_batches([sample], layout())
     captured = []
     norm = unwrap_causal_lm(model).get_decoder().norm
 
@@ -97,8 +93,8 @@ def test_env_positions_get_exactly_zero_gradient(tokenizer):
 
     handle = norm.register_forward_hook(keep)
     try:
-        result = policy_micro_loss(model, (chunk, batch), settings=settings(), step_tokens=float(sample.trained_length),
-                                   step_sequences=1.0)
+        result = policy_micro_loss(model, (chunk, batch), objective(settings()),
+                                   normalisers(sample.trained_length, 1))
         result.loss.backward()
     finally:
         handle.remove()
@@ -122,8 +118,8 @@ def test_returns_run_across_env_tokens_as_if_they_were_not_there():
                            finish_reason="stop", reward=1.0)
     other = RolloutSample(row=2, group=2, prompt_ids=PROMPT, response_ids=[7, 8], text="", finish_reason="stop",
                           reward=0.0)
-    compute_advantages([[multi], [single], [other]], algorithm="reinforce_pp", kl_in_reward=False, kl_coef=0.0,
-                       kl_estimator="k3", gamma=0.9, lam=1.0, whiten=True)
+    compute_advantages([[multi], [single], [other]], advantage_settings("reinforce_pp", gamma=0.9, whiten=True),
+                       kl_coef=0.0)
     assert multi.advantages.shape == (6,)
     torch.testing.assert_close(multi.advantages, single.advantages)
     assert multi.advantages[0] < multi.advantages[-1]  # discounted over the 6 sampled tokens, not 9
@@ -252,7 +248,8 @@ def test_chat_with_tools_shows_the_trajectory_turn_by_turn(tiny_model_dir, token
 
 
 def test_the_tool_call_bonus_is_paid_only_when_the_answer_is_what_a_call_printed():
-    from posttrain.train.rl_rollouts import PromptRow, score_groups
+    from posttrain.eval.prompts import PromptRow
+    from posttrain.train.rl_scoring import score_groups
 
     def sample(calls, errors, answer_from_tool):
         s = multi_turn_sample(reward=0.0)
@@ -263,8 +260,7 @@ def test_the_tool_call_bonus_is_paid_only_when_the_answer_is_what_a_call_printed
     failed, no_op, used = sample(1, 1, False), sample(3, 0, False), sample(2, 1, True)
     rows = [PromptRow([1], "q", {}, 1)]
     nothing = lambda prompts, completions, metadata: RewardOutput([0.0] * len(completions), {})  # noqa: E731
-    score_groups([[failed, no_op, used]], rows, nothing, overlong="none", max_new_tokens=64, overlong_buffer=8,
-                 overlong_penalty=1.0, tool_call_bonus=0.5)
+    score_groups([[failed, no_op, used]], rows, nothing, scoring(tool_call_bonus=0.5))
     assert (failed.reward, no_op.reward, used.reward) == (0.0, 0.0, 0.5)
 
 
@@ -381,7 +377,8 @@ BONUS_CASES = [  # (code, its output, is_error, final answer, bonus paid)
 def test_the_bonus_is_paid_only_for_an_answer_a_successful_call_printed(tokenizer, code, output, is_error, answer, paid):
     from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
     from posttrain.data.inline import call_text
-    from posttrain.train.rl_rollouts import PromptRow, score_groups
+    from posttrain.eval.prompts import PromptRow
+    from posttrain.train.rl_scoring import score_groups
 
     trajectory = scripted_run(tokenizer, [call_text("", code), answer + "<eos>"], {code: (output, is_error)})
     assert trajectory.tool_calls == 1 and trajectory.tool_errors == int(is_error)
@@ -390,15 +387,16 @@ def test_the_bonus_is_paid_only_for_an_answer_a_successful_call_printed(tokenize
                            text=trajectory.final_text, finish_reason="stop",
                            trajectory=trajectory_record(trajectory, tokenizer))
     nothing = lambda prompts, completions, metadata: RewardOutput([0.0] * len(completions), {})  # noqa: E731
-    score_groups([[sample]], [PromptRow([1], "q", {}, 1)], nothing, overlong="none", max_new_tokens=64,
-                 overlong_buffer=8, overlong_penalty=1.0, tool_call_bonus=0.5)
+    score_groups([[sample]], [PromptRow([1], "q", {}, 1)], nothing, scoring(tool_call_bonus=0.5))
     assert sample.reward == (0.5 if paid else 0.0)
     assert trajectory_metrics([sample.trajectory])["agent/answer_from_tool_rate"] == float(paid)
 
 
 def test_rl_held_out_evaluation_counts_answers_the_math_reward_refused():
     from posttrain.rewards.math import MathReward
-    from posttrain.train.rl_rollouts import PromptRow, evaluate_prompts
+    from posttrain.eval.generate import evaluate_rows, trainer_metrics
+    from posttrain.eval.prompts import PromptRow
+    from posttrain.rollout.base import SamplingParams
 
     class Fixed:
         def generate(self, prompt_ids, params):
@@ -406,5 +404,7 @@ def test_rl_held_out_evaluation_counts_answers_the_math_reward_refused():
             return [Completion(i, [1], texts[i], "stop") for i in range(len(prompt_ids))]
 
     rows = [PromptRow([1], "q", {"answer": "42"}, line) for line in (1, 2, 3)]
-    metrics, _ = evaluate_prompts(Fixed(), rows, MathReward(), temperature=0.0, max_new_tokens=8, stop=(), seed=0)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=8, seed=0)
+    metrics = trainer_metrics(evaluate_rows(Fixed(), rows, MathReward(), params).metrics)
     assert metrics["eval/reward"] == pytest.approx(1 / 3) and metrics["eval/math/unverified"] == 2.0
+    assert metrics["eval/acc"] == pytest.approx(1 / 3)

@@ -18,7 +18,10 @@ from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
 from posttrain.data import inline
 from posttrain.rewards.output import RewardOutput
 from posttrain.rollout.base import SamplingParams
-from posttrain.train.rl_rollouts import PromptRow, RolloutSample, score_groups
+from posttrain.eval.prompts import PromptRow
+from posttrain.train.rl_samples import RolloutSample
+from posttrain.train.rl_scoring import score_groups
+from rl_fixtures import scoring
 from tests.test_agent_loop import ScriptedEngine, box, chat_prompt, enc  # noqa: F401 (box: a fixture)
 
 REAL_ERRORS = ["1 / 0", "print(undefined_name)", "raise ValueError('wrong')"]
@@ -63,8 +66,8 @@ def test_a_poisoning_cell_cannot_hide_the_errors_after_it(tokenizer, box, poison
     sample = RolloutSample(row=0, group=0, prompt_ids=[1], response_ids=[2], text="42", finish_reason="stop",
                            trajectory=trajectory_record(trajectory))
     score_groups([[sample]], [PromptRow([1], "6 * 7?", {}, 1)], lambda p, c, m: RewardOutput([1.0] * len(c)),
-                 overlong="none", max_new_tokens=8, overlong_buffer=0, overlong_penalty=0.0,
-                 tool_call_bonus=0.1, tool_error_penalty=0.2)
+                 scoring(length_cap=8, overlong_buffer=0, overlong_penalty=0.0, tool_call_bonus=0.1,
+                         tool_error_penalty=0.2))
     assert sample.components["tool_error_penalty"] == pytest.approx(-0.2 * trajectory.tool_errors)
     assert sample.reward <= 1.1 - 0.2 * len(REAL_ERRORS) + 1e-9
 

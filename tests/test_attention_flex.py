@@ -140,10 +140,11 @@ def test_sft_loss_and_gradients_of_a_model_equal_varlen(tokenizer, flex_cpu_back
 
 def test_shared_prompt_log_probs_and_gradients_equal_varlen(tokenizer, flex_cpu_backward):
     from posttrain.models.logprobs import response_token_logprobs
-    from posttrain.train.rl_update import pack_micro_batches
+    from posttrain.train.rl_layout import pack_micro_batches
+    from rl_fixtures import layout
 
     samples = [s for g in make_groups() for s in g]
-    [(_, batch)] = pack_micro_batches(samples, 4096, 0, True)
+    [(_, batch)] = pack_micro_batches(samples, layout(4096, True))
     assert batch.block_masks is not None
     results = []
     for attention in (VARLEN_ATTENTION, FLEX_ATTENTION):

@@ -240,7 +240,7 @@ def test_every_seed_a_config_accepts_seeds_torch_and_the_derived_rl_seeds():
 
     from posttrain.config import MAX_SEED, RLConfig, EvalConfig
     from posttrain.train.loop import seed_everything
-    from posttrain.train.rl import RANK_SEED_STRIDE
+    from posttrain.train.rl_rollouts import RANK_SEED_STRIDE
 
     config = load_config(RLConfig, None, ["data.train=p.jsonl", f"train.seed={MAX_SEED}"])
     seed_everything(config.train.seed + 7)

@@ -208,13 +208,14 @@ def test_shared_prompt_layout_equals_plain_packing_in_bf16(tokenizer, flex_cpu_b
     from test_rl_shared_prompt import make_groups
 
     from posttrain.models.logprobs import response_token_logprobs
-    from posttrain.train.rl_update import pack_micro_batches
+    from posttrain.train.rl_layout import pack_micro_batches
+    from rl_fixtures import layout
 
     samples = [s for g in make_groups() for s in g]
     results = {}
     for share, attention in ((False, VARLEN_ATTENTION), (True, VARLEN_ATTENTION), (True, FLEX_ATTENTION)):
         model = use_attention(build_tiny_llama(tokenizer).to(DEVICE), attention)
-        [(chunk, batch)] = pack_micro_batches(samples, 4096, 0, share)
+        [(chunk, batch)] = pack_micro_batches(samples, layout(4096, share))
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             tokens = response_token_logprobs(model, batch.to(DEVICE), temperature=0.7, chunk_size=3,
                                               with_entropy=False)

@@ -72,7 +72,12 @@ def test_length_in_tokens_set_from_a_config_reads_the_sampled_token_count():
     hand it the number of tokens the model sampled (a trajectory's tool output excluded)."""
     from posttrain.rewards import build_reward
     from posttrain.rollout.base import Completion
-    from posttrain.train.rl_rollouts import PromptRow, RolloutSample, evaluate_prompts, score_groups
+    from posttrain.eval.generate import evaluate_rows, trainer_metrics
+    from posttrain.eval.prompts import PromptRow
+    from posttrain.rollout.base import SamplingParams
+    from posttrain.train.rl_samples import RolloutSample
+    from posttrain.train.rl_scoring import score_groups
+    from rl_fixtures import scoring
 
     reward = build_reward({"name": "length", "unit": "tokens", "budget": 3, "penalty_per_unit": 0.5})
     rows = [PromptRow([1], "q", {"answer": "4"}, 1)]
@@ -82,13 +87,13 @@ def test_length_in_tokens_set_from_a_config_reads_the_sampled_token_count():
                          finish_reason="stop", reward=0.0)
     tool = RolloutSample(row=0, group=0, prompt_ids=[1], response_ids=[5, 6, 7, 8, 9, 10, 11], text="a",
                          finish_reason="stop", reward=0.0, response_mask=[1, 1, 0, 0, 0, 0, 1])
-    score_groups([[short, long, tool]], rows, reward, overlong="none", max_new_tokens=64, overlong_buffer=8,
-                 overlong_penalty=1.0)
+    score_groups([[short, long, tool]], rows, reward, scoring())
     assert [s.reward for s in (short, long, tool)] == [0.0, -2.0, 0.0]  # 3, 7, 3 sampled tokens
 
     class Fixed:
         def generate(self, prompt_ids, params):
             return [Completion(0, [5] * 9, "x", "stop")]
 
-    metrics, _ = evaluate_prompts(Fixed(), rows, reward, temperature=0.0, max_new_tokens=16, stop=(), seed=0)
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=16, seed=0)
+    metrics = trainer_metrics(evaluate_rows(Fixed(), rows, reward, params).metrics)
     assert metrics["eval/reward"] == -3.0  # 9 sampled tokens, 6 over the budget

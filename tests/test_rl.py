@@ -15,14 +15,16 @@ from posttrain.config import RLConfig, validate_config
 from posttrain.errors import ConfigError
 from posttrain.rewards.output import RewardOutput
 from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.eval.prompts import PromptRow
 from posttrain.train.rl_rollouts import (
-    PromptRow,
     PromptSampler,
-    RolloutSample,
     collect_rollouts,
-    overlong_length_penalty,
 )
-from posttrain.train.rl_update import compute_advantages, mini_batches, pack_micro_batches
+from posttrain.train.rl_advantages import compute_advantages
+from posttrain.train.rl_layout import mini_batches, pack_micro_batches
+from posttrain.train.rl_samples import RolloutSample
+from posttrain.train.rl_scoring import overlong_length_penalty
+from rl_fixtures import advantage_settings, layout, loss_settings, objective, rollout_settings, scoring, update_settings
 
 from conftest import build_tiny_llama
 
@@ -156,21 +158,22 @@ class ReplayEngine:
 
 def test_token_in_token_out(tiny_model_dir, tmp_path, tokenizer):
     from posttrain.train import rl as rl_module
+    from posttrain.train import rl_logprobs
 
     ids = tokenizer.encode("h", add_special_tokens=False) + tokenizer.encode("ello", add_special_tokens=False)
     assert tokenizer.encode(tokenizer.decode(ids), add_special_tokens=False) != ids
     config = make_config(tiny_model_dir, tmp_path, rl={"ppo_epochs": 2}, train={"max_steps": 1})
     seen: list[list[int]] = []
-    original = rl_module.compute_rollout_tensors
+    original = rl_logprobs.compute_rollout_tensors
 
-    def spy(samples, **kwargs):
+    def spy(samples, settings, **kwargs):
         seen.extend(s.input_ids[len(s.prompt_ids):] for s in samples)
-        for chunk, batch in pack_micro_batches(samples, 4096, 0):
+        for chunk, batch in pack_micro_batches(samples, layout()):
             flat = batch.input_ids[0][batch.loss_mask[0] != 0].tolist()
             assert flat == [t for s in chunk for t in s.response_ids]
-        return original(samples, **kwargs)
+        return original(samples, settings, **kwargs)
 
-    rl_module.compute_rollout_tensors = spy
+    rl_logprobs.compute_rollout_tensors = spy
     try:
         policy_holder = {}
         original_build = rl_module.build_trainables
@@ -183,7 +186,7 @@ def test_token_in_token_out(tiny_model_dir, tmp_path, tokenizer):
         rl_module.build_trainables = build
         result = rl_module.run_rl(config, engine=_LazyEngine(policy_holder), reward_fn=vowel_reward)
     finally:
-        rl_module.compute_rollout_tensors = original
+        rl_logprobs.compute_rollout_tensors = original
         rl_module.build_trainables = original_build
     assert seen and all(response == ids for response in seen)
     assert result.history[0]["logprob_gap/max_abs"] < 1e-4
@@ -208,7 +211,7 @@ def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer, policy
     every policy loss, off-policy (old log-probs differ from the current ones, so ratios,
     GSPO's per-sequence means and the clips are all exercised)."""
     from posttrain.algorithms.policy import PolicyLossOptions
-    from posttrain.train.rl_update import LossSettings, policy_micro_loss, update_model
+    from posttrain.train.rl_update import update_model
     from posttrain.models.attention import choose_attention
     from posttrain.models.prepare import prepare_for_training
 
@@ -223,12 +226,9 @@ def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer, policy
             sample.old_logp = -10.8 + 0.3 * torch.randn(len(response))  # the random tiny model: ~ -log(49152)
             group.append(sample)
         groups.append(group)
-    compute_advantages(groups, algorithm="grpo", kl_in_reward=False, kl_coef=0.0, kl_estimator="k3", gamma=1.0,
-                       lam=1.0, whiten=False)
-    settings = LossSettings(policy_loss=policy_loss, policy_options=PolicyLossOptions(clip_low=0.2, clip_high=0.28),
-                            loss_agg_mode="seq-mean-token-mean",
-                            kl_coef=0.0, kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=0.7,
-                            chunk_size=4, sum_normaliser=1.0)
+    compute_advantages(groups, advantage_settings("grpo"), kl_coef=0.0)
+    settings = loss_settings(policy_loss=policy_loss, policy_options=PolicyLossOptions(clip_low=0.2, clip_high=0.28),
+                             loss_agg_mode="seq-mean-token-mean", entropy_coef=0.01, temperature=0.7, chunk_size=4)
     results = []
     for budget in (4096, 12):
         model = build_tiny_llama(tokenizer)
@@ -236,13 +236,11 @@ def test_split_invariance_of_the_policy_update(tiny_model_dir, tokenizer, policy
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         batches = mini_batches(groups, 1, seed=0)
-        metrics = update_model(model, optimizer, scheduler, batches,
-                               lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw), ppo_epochs=1,
-                               seed=0, micro_batch_tokens=budget, pad_token_id=0, precision="fp32",
-                               device=torch.device("cpu"), max_grad_norm=None)
+        metrics = update_model(model, optimizer, scheduler, batches, objective(settings),
+                               update_settings(settings, micro_batch_tokens=budget), step=0)
         assert 0.05 < metrics["clip_frac"] < 0.95  # off-policy: some ratios (weights) clipped, not all
         results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
-    assert len(pack_micro_batches([s for g in groups for s in g], 12, 0)) > 1
+    assert len(pack_micro_batches([s for g in groups for s in g], layout(12))) > 1
     moved = max((results[0][k] - build_tiny_llama(tokenizer).state_dict()[k]).abs().max().item() for k in results[0])
     assert moved > 1e-4
     for key in results[0]:
@@ -259,17 +257,14 @@ def _sample(group: int, reward: float, length: int = 2, finish: str = "stop") ->
 
 def test_grpo_advantages_are_broadcast_per_sample():
     groups = [[_sample(0, 1.0), _sample(0, 0.0, 3)], [_sample(1, 2.0), _sample(1, 2.0)]]
-    compute_advantages(groups, algorithm="grpo", kl_in_reward=False, kl_coef=0, kl_estimator="k3", gamma=1, lam=1,
-                       whiten=False)
+    compute_advantages(groups, advantage_settings("grpo"), kl_coef=0.0)
     # group 0: mean 0.5, unbiased std 0.7071 -> +-0.7071; group 1: all equal -> 0
     assert groups[0][0].advantages.tolist() == pytest.approx([0.70710, 0.70710], abs=1e-4)
     assert groups[0][1].advantages.tolist() == pytest.approx([-0.70710] * 3, abs=1e-4)
     assert groups[1][0].advantages.tolist() == [0.0, 0.0]
-    compute_advantages(groups, algorithm="dr_grpo", kl_in_reward=False, kl_coef=0, kl_estimator="k3", gamma=1,
-                       lam=1, whiten=False)
+    compute_advantages(groups, advantage_settings("dr_grpo"), kl_coef=0.0)
     assert groups[0][0].advantages.tolist() == [0.5, 0.5]
-    compute_advantages(groups, algorithm="rloo", kl_in_reward=False, kl_coef=0, kl_estimator="k3", gamma=1,
-                       lam=1, whiten=False)
+    compute_advantages(groups, advantage_settings("rloo"), kl_coef=0.0)
     assert groups[0][1].advantages.tolist() == [-1.0] * 3
 
 
@@ -277,8 +272,7 @@ def test_grpo_kl_in_reward_lowers_the_reward_before_normalising():
     groups = [[_sample(0, 1.0), _sample(0, 1.0)]]
     groups[0][0].old_logp, groups[0][0].ref_logp = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
     groups[0][1].old_logp, groups[0][1].ref_logp = torch.tensor([-1.0, -1.0]), torch.tensor([-2.0, -2.0])
-    compute_advantages(groups, algorithm="dr_grpo", kl_in_reward=True, kl_coef=0.5, kl_estimator="k1", gamma=1,
-                       lam=1, whiten=False)
+    compute_advantages(groups, advantage_settings("dr_grpo", kl_in_reward=True, kl_estimator="k1"), kl_coef=0.5)
     # k1 sums: 0 and 2 -> rewards 1 and 0 -> centred +-0.5
     assert groups[0][0].advantages.tolist() == [0.5, 0.5] and groups[0][1].advantages.tolist() == [-0.5, -0.5]
 
@@ -332,16 +326,17 @@ def test_dynamic_sampling_drops_flat_groups_and_refills_bounded():
 
     sampler = PromptSampler(10, seed=1)
     params = SamplingParams(n=2, max_new_tokens=4, seed=0)
-    batch = collect_rollouts(ScriptedEngine(), rows, sampler, reward, prompts=4, params=params, dynamic_sampling=True,
-                             max_refill_rounds=5, overlong="none", overlong_buffer=1, overlong_penalty=0.0)
+    batch = collect_rollouts(ScriptedEngine(), rows, sampler, reward,
+                             rollout_settings(params, prompts_per_step=4, dynamic_sampling=True, max_refill_rounds=5),
+                             scoring(), step=0)
     assert len(batch.groups) == 4
     assert all(int(g[0].text) >= 5 for g in batch.groups)
     assert batch.dropped_groups == batch.generated_groups - 4
 
     engine = ScriptedEngine()
     flat = collect_rollouts(engine, rows, PromptSampler(10, seed=1), lambda p, c, m: RewardOutput([0.0] * len(c)),
-                            prompts=3, params=params, dynamic_sampling=True, max_refill_rounds=2, overlong="none",
-                            overlong_buffer=1, overlong_penalty=0.0)
+                            rollout_settings(params, prompts_per_step=3, dynamic_sampling=True, max_refill_rounds=2),
+                            scoring(), step=0)
     assert engine.calls == 3 and len(flat.groups) == 3 and flat.kept_zero_variance == 3
 
 
@@ -352,9 +347,10 @@ def test_overlong_filter_excludes_clipped_samples():
                     for i, _ in enumerate(prompt_ids) for k in range(params.n)]
 
     batch = collect_rollouts(Clipping(), _rows(3), PromptSampler(3, seed=0),
-                             lambda p, c, m: RewardOutput([1.0] * len(c)), prompts=2,
-                             params=SamplingParams(n=3, max_new_tokens=4), dynamic_sampling=False,
-                             max_refill_rounds=0, overlong="filter", overlong_buffer=1, overlong_penalty=0.0)
+                             lambda p, c, m: RewardOutput([1.0] * len(c)),
+                             rollout_settings(SamplingParams(n=3, max_new_tokens=4), prompts_per_step=2,
+                                              max_refill_rounds=0),
+                             scoring(overlong="filter", length_cap=4, overlong_buffer=1, overlong_penalty=0.0), step=0)
     assert [s.trained for s in batch.groups[0]] == [False, True, True]
 
 
@@ -370,7 +366,7 @@ def test_prompt_sampler_resumes_mid_epoch():
 
 
 def test_lora_reference_is_the_base_with_the_adapter_disabled(tiny_model_dir, tmp_path):
-    from posttrain.train.rl import build_reference, build_policy
+    from posttrain.train.rl_models import build_reference, build_policy
     from posttrain.train.distributed import init_distributed
     from posttrain.models.logprobs import response_token_logprobs
     from posttrain.data.batching import collate_packed
@@ -451,14 +447,6 @@ def test_arithmetic_splits_never_overlap():
         assert len(held_out) == 200 and len(train) == 2000 and not train & held_out
 
 
-def test_accuracy_reads_the_correctness_component_of_a_composite():
-    from posttrain.train.rl_rollouts import accuracy
-
-    assert accuracy([1.0, 0.0, 1.0, 1.0], {}) == 0.75
-    assert accuracy([1.25, 0.25], {"format": [1.0, 1.0], "math": [1.0, 0.0]}) == 0.5
-    assert accuracy([0.3, 0.7], {"vowels": [0.3, 0.7]}) is None
-
-
 def test_doctests_of_the_rl_modules():
     import doctest
 
@@ -469,7 +457,7 @@ def test_doctests_of_the_rl_modules():
 
 def test_train_top_layers_freezes_everything_below(tiny_model_dir, tmp_path):
     from posttrain.train.distributed import init_distributed
-    from posttrain.train.rl import build_policy
+    from posttrain.train.rl_models import build_policy
 
     config = make_config(tiny_model_dir, tmp_path, rl={"train_top_layers": 1})
     policy = build_policy(config, init_distributed())
@@ -485,8 +473,8 @@ def test_kl_in_reward_is_clamped_by_default_and_configurable():
         groups = [[_sample(0, 0.0), _sample(0, 0.0)]]
         groups[0][0].old_logp, groups[0][0].ref_logp = torch.tensor([0.0, 0.0]), torch.tensor([0.0, 0.0])
         groups[0][1].old_logp, groups[0][1].ref_logp = torch.tensor([-3.0, -3.0]), torch.tensor([0.0, 0.0])
-        compute_advantages(groups, algorithm="dr_grpo", kl_in_reward=True, kl_coef=1.0, kl_estimator="k3",
-                           gamma=1, lam=1, whiten=False, **clamp)
+        compute_advantages(groups, advantage_settings("dr_grpo", kl_in_reward=True, kl_estimator="k3", **clamp),
+                           kl_coef=1.0)
         return groups[0][0].advantages[0].item()
     assert run() == pytest.approx(10.0)  # rewards 0 and -20 -> centred +10 / -10
     assert run(kl_clamp=None) == pytest.approx(math.exp(3) - 4)
@@ -529,7 +517,7 @@ def test_grpo_raises_a_reward_the_policy_can_reach(tiny_model_dir, tmp_path):
 def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(tiny_model_dir, tmp_path, monkeypatch):
     """Step 2's policy loss is NaN: its update is not applied, nothing of step 2 is saved
     (no checkpoint, no samples line, no final/), and a rerun resumes from step 1."""
-    from posttrain.train import rl as rl_module
+    from posttrain.train import rl_update
     from posttrain.train.checkpoint import NonFiniteError, list_checkpoints
     from posttrain.train.rl import run_rl
 
@@ -539,7 +527,7 @@ def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(ti
         rewards_scored["steps"] += 1
         return vowel_reward(prompts, completions, metadata)
 
-    real_loss = rl_module.policy_micro_loss
+    real_loss = rl_update.policy_micro_loss
 
     def nan_on_step_2(*args, **kwargs):
         result = real_loss(*args, **kwargs)
@@ -547,7 +535,7 @@ def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(ti
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(rl_module, "policy_micro_loss", nan_on_step_2)
+    monkeypatch.setattr(rl_update, "policy_micro_loss", nan_on_step_2)
     run = tmp_path / "run"
     with pytest.raises(NonFiniteError) as info:
         run_rl(make_config(tiny_model_dir, tmp_path, train={"max_steps": 3, "save_every": 1}), reward_fn=counting_reward)
@@ -559,7 +547,7 @@ def test_a_non_finite_update_stops_rl_before_it_is_saved_and_resume_continues(ti
     assert [p.name for p in list_checkpoints(run / "checkpoints")] == ["step_1"] and not (run / "final").exists()
     assert {json.loads(line)["step"] for line in (run / "samples.jsonl").read_text().splitlines()} == {1}
 
-    monkeypatch.setattr(rl_module, "policy_micro_loss", real_loss)
+    monkeypatch.setattr(rl_update, "policy_micro_loss", real_loss)
     resumed = run_rl(make_config(tiny_model_dir, tmp_path, train={"max_steps": 3, "save_every": 1, "resume": "latest"}),
                      reward_fn=vowel_reward)
     assert [h["step"] for h in resumed.history] == [2, 3]

@@ -8,22 +8,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from posttrain.algorithms.policy import PolicyLossOptions
 from posttrain.data.batching import collate_shared_prompt, shared_prompt_block_mask
 from posttrain.models.attention import choose_attention
 from posttrain.models.prepare import prepare_for_training
-from posttrain.train.rl_rollouts import RolloutSample
-from posttrain.train.rl_update import (
-    LossSettings,
-    compute_advantages,
-    mini_batches,
-    pack_micro_batches,
-    policy_micro_loss,
-    update_model,
-)
 from posttrain.models.logprobs import response_token_logprobs, response_token_values
+from posttrain.train.rl_advantages import compute_advantages
+from posttrain.train.rl_layout import mini_batches, pack_micro_batches
+from posttrain.train.rl_samples import RolloutSample
+from posttrain.train.rl_update import update_model
 
 from conftest import build_tiny_llama
+from rl_fixtures import advantage_settings, layout, loss_settings, objective, update_settings
 
 
 def test_block_mask_by_hand():
@@ -71,7 +66,7 @@ def test_log_probs_entropies_and_gradients_equal_the_plain_packed_layout(tokeniz
     results = []
     for share in (False, True):
         model = varlen(build_tiny_llama(tokenizer))
-        [(chunk, batch)] = pack_micro_batches(samples, 4096, 0, share)
+        [(chunk, batch)] = pack_micro_batches(samples, layout(4096, share))
         if share:
             assert chunk == samples  # groups in order, completions in order
         tokens = response_token_logprobs(model, batch, temperature=0.7, chunk_size=3, with_entropy=True)
@@ -104,7 +99,7 @@ def test_critic_values_equal_the_plain_packed_layout(tiny_model_dir):
     values = []
     with torch.no_grad():
         for share in (False, True):
-            [(chunk, batch)] = pack_micro_batches(samples, 4096, 0, share)
+            [(chunk, batch)] = pack_micro_batches(samples, layout(4096, share))
             per_sample = dict(zip(map(id, chunk), response_token_values(critic, batch).split(
                 [len(s.response_ids) for s in chunk])))
             values.append(torch.cat([per_sample[id(s)] for s in samples]))
@@ -115,7 +110,7 @@ def test_critic_values_equal_the_plain_packed_layout(tiny_model_dir):
 
 def test_a_group_larger_than_the_budget_is_split_with_its_prompt_repeated():
     samples = [s for g in make_groups() for s in g]
-    bins = pack_micro_batches(samples, 12, 0, True)
+    bins = pack_micro_batches(samples, layout(12, True))
     assert len(bins) > 1
     assert [s for chunk, _ in bins for s in chunk] == samples
     for chunk, batch in bins:
@@ -126,21 +121,15 @@ def test_a_group_larger_than_the_budget_is_split_with_its_prompt_repeated():
 
 def test_one_optimizer_step_is_the_same_shared_or_not_and_whatever_the_budget(tokenizer):
     groups = make_groups(sizes=(3, 3))
-    compute_advantages(groups, algorithm="grpo", kl_in_reward=False, kl_coef=0.0, kl_estimator="k3", gamma=1.0,
-                       lam=1.0, whiten=False)
-    settings = LossSettings(policy_loss="ppo_clip", policy_options=PolicyLossOptions(clip_low=0.2, clip_high=0.28),
-                            loss_agg_mode="seq-mean-token-mean",
-                            kl_coef=0.0, kl_estimator="k3", kl_in_loss=True, entropy_coef=0.01, temperature=0.7,
-                            chunk_size=4, sum_normaliser=1.0)
+    compute_advantages(groups, advantage_settings("grpo"), kl_coef=0.0)
+    settings = loss_settings(loss_agg_mode="seq-mean-token-mean", entropy_coef=0.01, temperature=0.7, chunk_size=4)
     results, losses = [], []
     for share, budget in ((False, 4096), (True, 4096), (True, 12)):
         model = varlen(build_tiny_llama(tokenizer))
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        metrics = update_model(model, optimizer, scheduler, mini_batches(groups, 1, seed=0),
-                               lambda m, item, **kw: policy_micro_loss(m, item, settings=settings, **kw),
-                               ppo_epochs=1, seed=0, micro_batch_tokens=budget, pad_token_id=0, precision="fp32",
-                               device=torch.device("cpu"), max_grad_norm=None, share_prompt=share)
+        metrics = update_model(model, optimizer, scheduler, mini_batches(groups, 1, seed=0), objective(settings),
+                               update_settings(settings, micro_batch_tokens=budget, share_prompt=share), step=0)
         results.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         losses.append((metrics["loss"], metrics["pg_loss"], metrics["optimizer_steps"]))
     # the logged policy loss is the step's, however the step was laid out or split

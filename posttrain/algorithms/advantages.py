@@ -35,9 +35,7 @@ is 0: the episode ends with the response.
 
 ``grpo_advantages`` and ``rloo_advantages`` are the same math on a [P, G] grid (P prompts, G
 completions each); the group estimators use them when the groups are contiguous and of equal
-size, so those results are bit-identical to the grid form. The [B, T] padded functions below
-them (``token_level_rewards`` ... ``gae_advantages``) remain for callers that still pad.
-Imports only torch.
+size, so those results are bit-identical to the grid form. Imports only torch.
 """
 
 from __future__ import annotations
@@ -47,7 +45,6 @@ from typing import Callable
 
 import torch
 
-from posttrain.algorithms.aggregate import masked_mean, masked_var
 
 _GRPO_EPSILON = 1e-6  # added to the group std (a group whose rewards are all equal gets 0)
 
@@ -454,168 +451,3 @@ its pure function above (the ``AdvantageEstimate`` signature) and add one line h
 # ----------------------------------------------------------------------------- padded [B, T]
 # B responses, T response tokens; response_mask_BT is 1 on the tokens the policy generated and
 # is trained on (0 on padding and on masked spans inside a response, such as tool outputs).
-
-
-@torch.no_grad()
-def token_level_rewards(
-    sequence_rewards_B: torch.Tensor,
-    response_mask_BT: torch.Tensor,
-    *,
-    kl_BT: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-) -> torch.Tensor:
-    """Per-token rewards: the outcome reward on the last trained token, minus a KL penalty.
-
-    r_t = [t == last trained token] * R - kl_coef * kl_t   (Ziegler et al. 2019;
-    Ouyang et al. 2022; REINFORCE++ eq. for r(s_t, a_t)).
-
-    Args:
-        sequence_rewards_B: [B] scalar reward per response.
-        response_mask_BT: [B, T] 0/1; a row with no trained token loses its reward.
-        kl_BT: optional [B, T] per-token KL estimate to the reference (``kl.kl_estimate``).
-        kl_coef: penalty weight beta.
-
-    Returns:
-        [B, T] float32 token rewards, 0 where the mask is 0.
-    """
-    mask = (response_mask_BT != 0).float()
-    B, T = mask.shape
-    positions = torch.arange(T, device=mask.device).expand(B, T)
-    last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).max(dim=1).values
-    rewards = torch.zeros_like(mask)
-    has_token = last >= 0
-    rows = torch.arange(B, device=mask.device)[has_token]
-    rewards[rows, last[has_token]] = sequence_rewards_B.reshape(-1).float()[has_token]
-    if kl_BT is not None and kl_coef:
-        rewards = rewards - kl_coef * kl_BT.float() * mask
-    return rewards
-
-
-@torch.no_grad()
-def discounted_returns(
-    token_rewards_BT: torch.Tensor, response_mask_BT: torch.Tensor, gamma: float = 1.0
-) -> torch.Tensor:
-    """G_t = sum_{k >= t, trained} gamma^(#trained steps from t to k) r_k.
-
-    Args:
-        token_rewards_BT: [B, T] rewards (only trained positions count).
-        response_mask_BT: [B, T] 0/1; masked tokens are skipped (no discount step).
-        gamma: discount.
-
-    Returns:
-        [B, T] float32 returns, 0 where the mask is 0.
-    """
-    mask = response_mask_BT != 0
-    rewards = token_rewards_BT.float()
-    B, T = rewards.shape
-    returns = torch.zeros_like(rewards)
-    running = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    for t in range(T - 1, -1, -1):
-        updated = rewards[:, t] + gamma * running
-        running = torch.where(mask[:, t], updated, running)
-        returns[:, t] = torch.where(mask[:, t], updated, torch.zeros_like(updated))
-    return returns
-
-
-@torch.no_grad()
-def normalize_advantages(
-    advantages_BT: torch.Tensor,
-    response_mask_BT: torch.Tensor,
-    *,
-    shift_mean: bool = True,
-    epsilon: float = 1e-8,
-) -> torch.Tensor:
-    """Whiten advantages over all trained tokens of the batch: (A - mean) / (std + eps).
-
-    Args:
-        advantages_BT: [B, T].
-        response_mask_BT: [B, T] 0/1.
-        shift_mean: subtract the mean (False keeps the mean, only rescales).
-        epsilon: added to the (unbiased) std.
-
-    Returns:
-        [B, T] float32, 0 where the mask is 0. With several ranks this whitens per rank
-        unless the caller gathers the batch first.
-
-    The mean is summed in float64: in float32 the mean of N equal non-round values (0.1,
-    0.7...) differs from them by a rounding error, the std is of the same size, and their
-    ratio gives every token an advantage of order 1 with one sign. In float64 the sum of
-    float32 inputs is exact for any batch that fits in memory, so the mean of equal values
-    rounds back to exactly that value and they centre to 0.
-    """
-    adv = advantages_BT.float()
-    mask = response_mask_BT != 0
-    mean = masked_mean(adv.double(), mask).float()
-    centred = adv - mean
-    std = masked_var(centred, mask).sqrt()
-    out = centred if shift_mean else adv
-    out = out / (std + epsilon)
-    return torch.where(mask, out, torch.zeros_like(out))
-
-
-@torch.no_grad()
-def reinforce_plus_plus_advantages(
-    token_rewards_BT: torch.Tensor,
-    response_mask_BT: torch.Tensor,
-    *,
-    gamma: float = 1.0,
-    epsilon: float = 1e-8,
-) -> torch.Tensor:
-    """REINFORCE++: discounted per-token returns, normalised over the whole batch.
-
-    Args:
-        token_rewards_BT: [B, T] from ``token_level_rewards`` (outcome reward on the last
-            token, minus beta * KL per token).
-        response_mask_BT: [B, T] 0/1.
-        gamma: discount (1.0 in the paper's LLM setting).
-        epsilon: added to the batch std.
-
-    Returns:
-        [B, T] float32 advantages, 0 where the mask is 0.
-
-    Deviation: the paper also clips rewards/advantages; clip in the caller if wanted.
-    """
-    returns = discounted_returns(token_rewards_BT, response_mask_BT, gamma)
-    return normalize_advantages(returns, response_mask_BT, epsilon=epsilon)
-
-
-@torch.no_grad()
-def gae_advantages(
-    token_rewards_BT: torch.Tensor,
-    values_BT: torch.Tensor,
-    response_mask_BT: torch.Tensor,
-    *,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation and the critic's value targets.
-
-    delta_t = r_t + gamma * V_{t+1} - V_t;  A_t = delta_t + gamma * lam * A_{t+1}
-    (V after the last trained token = 0: the episode ends with the response).
-
-    Args:
-        token_rewards_BT: [B, T] per-token rewards (``token_level_rewards``).
-        values_BT: [B, T] critic values at each response token (old critic, no grad).
-        response_mask_BT: [B, T] 0/1; masked tokens are skipped (see module docstring).
-        gamma: discount; lam: GAE lambda (1 = Monte Carlo returns minus V, 0 = TD(0)).
-
-    Returns:
-        ``(advantages_BT, returns_BT)`` float32, returns = advantages + values; both 0 where
-        the mask is 0. Advantages are not whitened (see ``normalize_advantages``).
-    """
-    mask = response_mask_BT != 0
-    rewards = token_rewards_BT.float()
-    values = values_BT.float()
-    B, T = rewards.shape
-    advantages = torch.zeros_like(rewards)
-    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    next_advantage = torch.zeros_like(next_value)
-    for t in range(T - 1, -1, -1):
-        delta = rewards[:, t] + gamma * next_value - values[:, t]
-        advantage = delta + gamma * lam * next_advantage
-        m = mask[:, t]
-        advantages[:, t] = torch.where(m, advantage, torch.zeros_like(advantage))
-        next_advantage = torch.where(m, advantage, next_advantage)
-        next_value = torch.where(m, values[:, t], next_value)
-    returns = torch.where(mask, advantages + values, torch.zeros_like(advantages))
-    return advantages, returns

@@ -10,8 +10,8 @@ pi_ref] is estimated per token from the two log-probs of the sampled token (Schu
 - ``k3`` = (r - 1) - log r                         unbiased, low variance, >= 0
   (GRPO uses k3 as a loss term: Shao et al. 2024, DeepSeekMath, eq. 4)
 
-Use it either as a per-token reward penalty (``advantages.token_level_rewards``; PPO,
-REINFORCE++) or as a loss term aggregated with ``aggregate`` (GRPO). The coefficient is a
+Use it either as a reward penalty (``advantages.AdvantageOptions.kl_coef``: per token for PPO
+and REINFORCE++, summed per sequence for the group estimators) or as a loss term aggregated with ``aggregate`` (GRPO). The coefficient is a
 ``FixedKLController`` or the ``AdaptiveKLController`` of Ziegler et al. 2019 ("Fine-Tuning
 Language Models from Human Preferences", §2.2), both with ``state_dict`` for exact resume.
 

@@ -320,7 +320,7 @@ def value_loss(
     Args:
         values: [B, T] critic outputs being trained (carries grad).
         old_values: [B, T] critic outputs at rollout time (used for GAE).
-        returns: [B, T] value targets (``advantages.gae_advantages``).
+        returns: [B, T] value targets (``advantages.gae_estimator``).
         loss_mask: [B, T] 0/1.
         clip_range: how far the new value may move from the old one; None = no clipping.
         loss_agg_mode, step_trained_tokens, step_sequences, sequence_index: see ``aggregate``.

@@ -252,7 +252,8 @@ def _lora_on(snapshot: Mapping[str, Any]) -> bool:
 
 
 def _has_critic(snapshot: Mapping[str, Any]) -> bool:
-    return snapshot.get("rl.algorithm") == "ppo"
+    estimator = snapshot.get("rl.advantage") or ("gae" if snapshot.get("rl.algorithm") == "ppo" else None)
+    return estimator == "gae"
 
 
 def _always(snapshot: Mapping[str, Any]) -> bool:

@@ -1,0 +1,69 @@
+"""Rollout sources: where an RL run's completions come from, one registry entry each.
+
+A source is a function ``(policy, tokenizer, settings: SourceSettings) -> RolloutEngine``
+(``rollout.base``): it builds an engine that samples from the policy's current weights and
+takes new ones through ``engine.update_weights(policy)`` after every update. ``rollout.engine``
+in the config names one (``ROLLOUT_SOURCES``):
+
+- ``hf``: transformers ``generate`` on the policy module itself (``rollout.hf.HFEngine``); under
+  FSDP every rank generates in step (``synced_gpus``).
+- ``vllm``: vLLM's offline engine in this process, on a snapshot of the policy
+  (``rollout.vllm.VLLMEngine``), reloaded after every update.
+
+Adding a source (for example a remote inference server) is one function here and one
+registry line (docs/ARCHITECTURE.md, "How to add").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from posttrain.rollout.base import RolloutEngine
+
+
+@dataclass(frozen=True)
+class SourceSettings:
+    """What every rollout source may need, read once from the config.
+
+    ``dtype``: the precision the hf engine generates in; ``synced_gpus``: ranks generate in
+    lock-step (FSDP-sharded weights); ``max_model_len``: the longest prompt + completion.
+    """
+
+    model_name: str
+    seed: int
+    max_model_len: int
+    batch_size: int
+    dtype: torch.dtype
+    synced_gpus: bool
+    vllm_gpu_memory_utilization: float
+    vllm_kv_cache_gb: float
+    vllm_enforce_eager: bool
+
+
+def hf_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings) -> RolloutEngine:
+    """transformers ``generate`` on the policy itself (no copy of the weights)."""
+    from posttrain.rollout.hf import HFEngine
+
+    return HFEngine(policy, tokenizer, batch_size=settings.batch_size, synced_gpus=settings.synced_gpus,
+                    dtype=settings.dtype)
+
+
+def vllm_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings) -> RolloutEngine:
+    """vLLM's offline engine colocated in this process, on a snapshot of the policy."""
+    from posttrain.rollout.vllm import VLLMEngine
+
+    return VLLMEngine.from_policy(policy, tokenizer, settings.model_name, seed=settings.seed,
+                                  max_model_len=settings.max_model_len,
+                                  gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                                  kv_cache_gb=settings.vllm_kv_cache_gb, enforce_eager=settings.vllm_enforce_eager)
+
+
+RolloutSource = Callable[[torch.nn.Module, Any, SourceSettings], RolloutEngine]
+
+ROLLOUT_SOURCES: dict[str, RolloutSource] = {
+    "hf": hf_source,
+    "vllm": vllm_source,
+}

@@ -1,0 +1,207 @@
+"""The settings of each stage of an RL step, read from the config once, as typed values.
+
+``rl_settings(config, ...)`` is the one place that interprets the ``rl:``, ``rollout:`` and
+``train:`` keys an RL step reads; every stage module takes its own settings object and never
+sees the config:
+
+    RolloutSettings   -> train.rl_rollouts   (prompts, sampling, dynamic sampling)
+    ScoringSettings   -> train.rl_scoring    (overlong shaping, tool shaping)
+    PassSettings      -> train.rl_logprobs   (old / reference log-probs, critic values)
+    AdvantageSettings -> train.rl_advantages (the estimator and its options)
+    UpdateSettings    -> train.rl_update     (mini-batches, policy and critic losses)
+
+Two values change from step to step and are passed beside the settings: the step itself
+(seeds) and the KL coefficient (the adaptive controller moves it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from posttrain.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageOptions
+from posttrain.algorithms.policy import PolicyLossOptions
+from posttrain.config import RLConfig
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.sources import SourceSettings
+from posttrain.train.distributed import DistInfo
+
+
+@dataclass(frozen=True)
+class LayoutSettings:
+    """How samples are laid out in micro-batches (``train.rl_layout``)."""
+
+    micro_batch_tokens: int
+    share_prompt: bool
+    pad_token_id: int
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    prompts_per_step: int
+    sampling: SamplingParams  # its seed is the run's sampling seed base (``rl_rollouts.step_sampling``)
+    dynamic_sampling: bool
+    max_refill_rounds: int
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    overlong: str  # none | filter | penalty
+    length_cap: int  # the length at which a completion counts as overlong
+    overlong_buffer: int
+    overlong_penalty: float
+    tool_call_bonus: float = 0.0
+    tool_error_penalty: float = 0.0
+
+
+@dataclass(frozen=True)
+class PassSettings:
+    """The no-grad passes after scoring: which to run and how."""
+
+    old_logprobs: bool  # samples are reused or the KL is a reward, so the policy's log-probs are needed
+    temperature: float
+    chunk_size: int
+    layout: LayoutSettings
+    precision: str
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class AdvantageSettings:
+    estimator: str  # a name in algorithms.advantages.ADVANTAGE_ESTIMATORS
+    options: AdvantageOptions  # kl_coef 0 here; the step's coefficient is set per step
+    kl_in_reward: bool
+    kl_estimator: str
+    kl_clamp: float | None
+    whiten: bool  # whiten the estimator's advantages over the whole batch
+
+    @property
+    def whole_batch(self) -> bool:
+        """The advantages need statistics of every rank's samples, not only of each group."""
+        return ADVANTAGE_ESTIMATORS[self.estimator].whole_batch or self.whiten
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Scalars of the policy loss (no config object enters the math)."""
+
+    policy_loss: str  # a name in algorithms.policy.POLICY_LOSSES
+    policy_options: PolicyLossOptions
+    loss_agg_mode: str
+    kl_in_loss: bool
+    kl_estimator: str
+    kl_clamp: float | None  # each token's KL estimate clamped to [-kl_clamp, kl_clamp]; None = unbounded
+    entropy_coef: float
+    temperature: float
+    chunk_size: int
+    sum_tokens_per_sequence: int  # loss_agg_mode 'sum' divides by sequences x this (Dr. GRPO: max_new_tokens)
+
+
+@dataclass(frozen=True)
+class CriticLossSettings:
+    value_clip: float | None
+    loss_agg_mode: str  # 'sum' has no meaning for a regression target: token-mean then
+    warmup_steps: int  # the first steps train only the critic
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    ppo_epochs: int
+    mini_batches: int  # optimizer steps per epoch
+    seed: int
+    layout: LayoutSettings
+    precision: str
+    device: torch.device
+    max_grad_norm: float | None
+    loss: LossSettings
+    critic: CriticLossSettings | None
+
+
+@dataclass(frozen=True)
+class RLSettings:
+    source: SourceSettings
+    rollout: RolloutSettings
+    scoring: ScoringSettings
+    passes: PassSettings
+    advantages: AdvantageSettings
+    update: UpdateSettings
+
+
+def rl_settings(config: RLConfig, info: DistInfo, pad_token_id: int, agent: Any = None) -> RLSettings:
+    """Every stage's settings from ``config`` (``agent``: the run's multi-turn agent, or None)."""
+    rl, rollout, train = config.rl, config.rollout, config.train
+    layout = LayoutSettings(train.micro_batch_tokens, rl.share_prompt, pad_token_id)
+    batch = rl.prompts_per_step * rollout.group_size
+    return RLSettings(
+        source=source_settings(config, info),
+        rollout=RolloutSettings(
+            prompts_per_step=rl.prompts_per_step,
+            sampling=SamplingParams(n=rollout.group_size, temperature=rollout.temperature, top_p=rollout.top_p,
+                                    top_k=rollout.top_k, max_new_tokens=rollout.max_new_tokens,
+                                    stop=tuple(rollout.stop), seed=train.seed * 1_000_003,
+                                    return_logprobs=engine_logprobs_wanted(config)),
+            dynamic_sampling=rl.dynamic_sampling, max_refill_rounds=rl.max_refill_rounds),
+        scoring=ScoringSettings(
+            overlong=rl.overlong, overlong_buffer=rl.overlong_buffer, overlong_penalty=rl.overlong_penalty,
+            # a trajectory's length (sampled + env tokens) is capped by the agent's budget, not one turn's
+            length_cap=rollout.max_new_tokens if agent is None else agent.limits.max_total_tokens,
+            tool_call_bonus=0.0 if agent is None else agent.config.tool_call_bonus,
+            tool_error_penalty=0.0 if agent is None else agent.config.tool_error_penalty),
+        passes=PassSettings(
+            old_logprobs=needs_old_logprobs(config), temperature=rollout.temperature,
+            chunk_size=train.logits_chunk_size, layout=layout, precision=train.precision, device=info.device),
+        advantages=AdvantageSettings(
+            estimator=rl.advantage, options=AdvantageOptions(gamma=rl.gamma, lam=rl.lam),
+            kl_in_reward=rl.kl_in == "reward", kl_estimator=rl.kl_estimator, kl_clamp=rl.kl_clamp,
+            whiten=rl.whiten_advantages and rl.advantage == "gae"),
+        update=UpdateSettings(
+            ppo_epochs=rl.ppo_epochs, mini_batches=batch // (rl.mini_batch_size or batch), seed=train.seed,
+            layout=layout, precision=train.precision, device=info.device, max_grad_norm=config.optim.max_grad_norm,
+            loss=LossSettings(
+                policy_loss=rl.policy_loss,
+                policy_options=PolicyLossOptions(clip_low=rl.clip_low, clip_high=rl.clip_high,
+                                                 dual_clip_c=rl.dual_clip_c,
+                                                 importance_level=rl.gspo_importance_level),
+                loss_agg_mode=train.loss_agg_mode, kl_in_loss=rl.kl_in == "loss", kl_estimator=rl.kl_estimator,
+                kl_clamp=rl.kl_clamp, entropy_coef=rl.entropy_coef, temperature=rollout.temperature,
+                chunk_size=train.logits_chunk_size, sum_tokens_per_sequence=rollout.max_new_tokens),
+            critic=None if not uses_critic(config) else CriticLossSettings(
+                value_clip=rl.critic.value_clip,
+                loss_agg_mode="token-mean" if train.loss_agg_mode == "sum" else train.loss_agg_mode,
+                warmup_steps=rl.critic.warmup_steps)),
+    )
+
+
+def source_settings(config: RLConfig, info: DistInfo | None) -> SourceSettings:
+    rollout = config.rollout
+    precision = config.train.precision if rollout.precision == "auto" else rollout.precision
+    return SourceSettings(
+        model_name=config.model.name, seed=config.train.seed,
+        max_model_len=config.data.max_prompt_length + rollout.max_new_tokens, batch_size=rollout.batch_size,
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        synced_gpus=info is not None and info.distributed,
+        vllm_gpu_memory_utilization=rollout.vllm_gpu_memory_utilization, vllm_kv_cache_gb=rollout.vllm_kv_cache_gb,
+        vllm_enforce_eager=rollout.vllm_enforce_eager)
+
+
+def uses_critic(config: RLConfig) -> bool:
+    """A learned critic is built and trained when the estimator reads its values (gae)."""
+    return ADVANTAGE_ESTIMATORS[config.rl.advantage].needs_values
+
+
+def engine_logprobs_wanted(config: RLConfig) -> bool:
+    """Engine log-probs are compared at temperature 1 only (the engines report raw log-probs)."""
+    wanted = config.rollout.engine_logprobs
+    if wanted is None:
+        wanted = config.rollout.engine == "vllm"
+    return bool(wanted) and config.rollout.temperature == 1.0
+
+
+def needs_old_logprobs(config: RLConfig) -> bool:
+    """Old log-probs differ from the first update's only if samples are reused or the KL is a reward."""
+    rl = config.rl
+    batch = rl.prompts_per_step * config.rollout.group_size
+    reused = rl.ppo_epochs > 1 or (rl.mini_batch_size is not None and rl.mini_batch_size < batch)
+    return reused or (rl.kl_coef > 0 and rl.kl_in == "reward")
