@@ -26,7 +26,7 @@ WORKER = textwrap.dedent("""
     from posttrain.rollout.base import Completion
     from posttrain.train import distributed, rl
     from posttrain.train.rl import run_rl
-    from posttrain.train.rl_rollouts import PromptRow
+    from posttrain.eval.prompts import PromptRow
 
     rl.shutdown_distributed = distributed.barrier  # one process group for all the runs below
     build_rl_agent = rl.build_rl_agent

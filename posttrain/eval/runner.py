@@ -10,11 +10,13 @@ tasks from config, and writes to ``<output_dir>/<run.name>/eval/``:
 - ``config.yaml``: the resolved eval config (the run's own ``config.yaml`` is left alone, so
   evaluating a training run directory keeps its training config).
 
-Metrics per generation task: ``accuracy`` (share of completions with score >= the task's
-threshold), ``mean_score``, ``pass@k`` (unbiased, Chen et al. 2021; k <= n), ``maj@n``
-(majority vote over extracted answers, n > 1), ``format_rate`` (when the task has a format
-check), ``response_len/mean`` (tokens), ``response_len/clipped_frac`` (hit max_new_tokens),
-``time/generate``, ``time/score``. Perplexity tasks report ``ppl``, ``nll``, ``tokens``.
+Metrics per generation task (``eval.generate``, which RL's held-out evaluation runs too):
+``accuracy`` (share of completions the reward's correctness check passed; only for rewards
+that check correctness), ``mean_score``, ``pass@k`` (unbiased, Chen et al. 2021; k <= n),
+``maj@n`` (majority vote over extracted answers, n > 1), ``format_rate`` (when the task has a
+format check), ``response_len/mean`` (tokens), ``response_len/clipped_frac`` (hit
+max_new_tokens), ``time/generate``, ``time/score``. Perplexity tasks report ``ppl``, ``nll``,
+``tokens``.
 
 With ``progress`` (``run.progress`` of ``posttrain eval``), generation and scoring of each task
 are progress phases (``posttrain.log.Progress``): a live bar on a terminal, plain lines on
@@ -29,18 +31,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from posttrain.eval.metrics import majority_vote_correct, mean_pass_at_k
+from posttrain.eval.generate import EvalProgress, EvaluatedSample, evaluate_rows
+from posttrain.eval.prompts import PromptRow, reward_prompt
 from posttrain.log import Progress, say
 from posttrain.eval.tasks import EvalTask
-from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
-from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.rollout.base import SamplingParams
 from posttrain.config import config_to_yaml
 from posttrain.data.render import render_prompt
 from posttrain.errors import ConfigError
 from posttrain.eval.perplexity import perplexity
 from posttrain.eval.tasks import load_humaneval, load_jsonl, load_reasoning_gym
 from posttrain.models import inference_dtype, load_model, load_tokenizer
-from posttrain.rewards.output import unverified_counts, with_completion_tokens
 from posttrain.rewards.registry import build_reward
 from posttrain.rollout.hf import HFEngine
 
@@ -61,111 +62,54 @@ class TaskResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _prompt_text(prompt) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    users = [m.get("content") or "" for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else ""
-
-
 def evaluate_task(engine, tokenizer, task: EvalTask, sampling: SamplingParams, pass_k: Sequence[int] = (1,), *,
                   progress: bool = False) -> TaskResult:
-    """Generate ``sampling.n`` completions per item of ``task``, score them, compute metrics;
-    ``progress`` shows both phases (``posttrain.log.Progress``)."""
+    """Generate ``sampling.n`` completions per item of ``task``, score them, compute metrics
+    (``eval.generate.evaluate_rows``, the evaluation RL runs too); ``progress`` shows both
+    phases (``posttrain.log.Progress``)."""
 
     params = replace(sampling, max_new_tokens=task.max_new_tokens) if task.max_new_tokens else sampling
-    prompt_ids = [render_prompt(item.prompt, tokenizer, where=f"{task.name}/{item.item_id}") for item in task.items]
-    start = time.perf_counter()
-    trajectories = None
-    total = len(prompt_ids) * params.n if task.agent is None else None  # agent turns: not known in advance
-    with Progress(total, f"eval {task.name}: generate", enabled=progress, keys=(), generation=True,
-                  unit="completions" if total is not None else "generations"):
-        if task.agent is None:
-            completions = sorted(engine.generate(prompt_ids, params), key=lambda c: c.prompt_index)  # stable: keeps sample order
-        else:
-            completions, trajectories = agent_completions(engine, tokenizer, task, prompt_ids, params)
-    generate_seconds = time.perf_counter() - start
+    rows = task_rows(task, tokenizer)
+    agent = None
+    if task.agent is not None:
+        from posttrain.agent.build import build_agent
 
-    items = [task.items[c.prompt_index] for c in completions]
-    prompts = [_prompt_text(item.prompt) for item in items]
-    texts = [c.text for c in completions]
-    sampled = ([len(c.token_ids) for c in completions] if task.agent is None
-               else [sum(len(seg["token_ids"]) for seg in record["segments"] if seg["kind"] == "sampled")
-                     for record in trajectories])
-    metadata = with_completion_tokens([item.metadata for item in items], sampled)
-    start = time.perf_counter()
-    with Progress(None, f"eval {task.name}: score {len(texts)} completions", enabled=progress, keys=()):
-        scored = task.reward(prompts, texts, metadata)
-        formatted = task.format_reward(prompts, texts, metadata) if task.format_reward is not None else None
-    score_seconds = time.perf_counter() - start
+        agent = build_agent(task.agent, tokenizer, max_new_tokens=params.max_new_tokens)
+    evaluated = evaluate_rows(engine, rows, task.reward, params, agent=agent, format_reward=task.format_reward,
+                              pass_k=pass_k, progress=EvalProgress(progress, f"eval {task.name}: generate",
+                                                                   f"eval {task.name}: score"))
+    return TaskResult(task.name, evaluated.metrics, [sample_record(task, sample) for sample in evaluated.samples])
 
-    correct = [s >= task.correct_threshold for s in scored.scores]
-    details = scored.details or [{} for _ in completions]
-    per_item: dict[int, list[int]] = {}
-    for row, c in enumerate(completions):
-        per_item.setdefault(c.prompt_index, []).append(row)
-    n = params.n
-    metrics: dict[str, float] = {
-        "num_prompts": len(task.items),
-        "num_samples": len(completions),
-        "accuracy": sum(correct) / max(1, len(correct)),
-        "mean_score": sum(scored.scores) / max(1, len(scored.scores)),
+
+def task_rows(task: EvalTask, tokenizer) -> list[PromptRow]:
+    """The task's items as prompt rows: rendered through the chat template, named
+    ``<task>/<item id>`` in errors."""
+    rows = []
+    for line, item in enumerate(task.items, start=1):
+        where = f"{task.name}/{item.item_id}"
+        rows.append(PromptRow(render_prompt(item.prompt, tokenizer, where=where), reward_prompt(item.prompt),
+                              item.metadata, line, where))
+    return rows
+
+
+def sample_record(task: EvalTask, sample: EvaluatedSample) -> dict[str, Any]:
+    """One line of ``samples.jsonl``."""
+    item = task.items[sample.row]
+    return {
+        "task": task.name,
+        "id": item.item_id,
+        "sample": sample.sample,
+        "prompt": item.prompt,
+        "completion": sample.completion.text,
+        "extracted": sample.details.get("extracted"),
+        "reference": sample.details.get("reference"),
+        "score": sample.score,
+        "correct": sample.correct,
+        "format_ok": sample.format_ok,
+        "finish_reason": sample.completion.finish_reason,
+        "details": {k: v for k, v in sample.details.items() if k not in ("extracted", "reference")},
+        **({} if sample.trajectory is None else {"trajectory": sample.trajectory}),
     }
-    for k in pass_k:
-        if k <= n:
-            metrics[f"pass@{k}"] = mean_pass_at_k([sum(correct[r] for r in rows) for rows in per_item.values()], n, k)
-    if n > 1 and any("extracted" in d for d in details):
-        votes = [
-            majority_vote_correct([details[r].get("extracted") for r in rows], [correct[r] for r in rows])
-            for rows in per_item.values()
-        ]
-        metrics[f"maj@{n}"] = sum(votes) / len(votes)
-    if formatted is not None:
-        metrics["format_rate"] = sum(s >= 1.0 for s in formatted.scores) / max(1, len(formatted.scores))
-    metrics["response_len/mean"] = sum(len(c.token_ids) for c in completions) / max(1, len(completions))
-    metrics["response_len/clipped_frac"] = sum(c.finish_reason == "length" for c in completions) / max(1, len(completions))
-    metrics["time/generate"] = generate_seconds
-    metrics["time/score"] = score_seconds
-    metrics.update(unverified_counts(scored.components))  # samples a reward could not check within its bounds
-    if trajectories is not None:
-        metrics.update(trajectory_metrics(trajectories, prefix="agent"))
-
-    samples = []
-    for row, c in enumerate(completions):
-        item = task.items[c.prompt_index]
-        detail = details[row]
-        samples.append(
-            {
-                "task": task.name,
-                "id": item.item_id,
-                "sample": per_item[c.prompt_index].index(row),
-                "prompt": item.prompt,
-                "completion": c.text,
-                "extracted": detail.get("extracted"),
-                "reference": detail.get("reference"),
-                "score": scored.scores[row],
-                "correct": correct[row],
-                "format_ok": None if formatted is None else formatted.scores[row] >= 1.0,
-                "finish_reason": c.finish_reason,
-                "details": {k: v for k, v in detail.items() if k not in ("extracted", "reference")},
-                **({} if trajectories is None else {"trajectory": trajectories[row]}),
-            }
-        )
-    return TaskResult(task.name, metrics, samples)
-
-
-def agent_completions(engine, tokenizer, task: EvalTask, prompt_ids: Sequence[list[int]],
-                      params: SamplingParams) -> tuple[list[Completion], list[dict]]:
-    """Each completion a multi-turn trajectory with the task's tools: its text is the answer
-    after the last tool output (what the reward reads); the records keep every segment."""
-    from posttrain.agent.build import build_agent
-
-    agent = build_agent(task.agent, tokenizer, max_new_tokens=params.max_new_tokens)
-    prompts = [agent.prompt(item.prompt, ids, item.metadata, where=f"{task.name}/{item.item_id}")
-               for item, ids in zip(task.items, prompt_ids)]
-    runs = agent.run(engine, prompts, params)
-    completions = [t.as_completion() for t in runs]
-    return completions, [trajectory_record(t, tokenizer) for t in runs]
 
 
 def evaluate(model, tokenizer, tasks: Sequence[EvalTask | PerplexityTask], sampling: SamplingParams,

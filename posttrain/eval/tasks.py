@@ -50,16 +50,15 @@ class EvalItem:
 class EvalTask:
     """Prompts to generate from and the reward that scores each completion.
 
-    A completion counts as correct when its score is at least ``correct_threshold`` (1.0:
-    all tests passed / the right answer). ``format_reward`` (optional) gives the
-    format-compliance rate.
+    A completion is correct when the reward's correctness check passed it
+    (``RewardOutput.correct``: the right answer, all tests passed); a reward that checks no
+    correctness gives no accuracy. ``format_reward`` (optional) gives the format-compliance rate.
     """
 
     name: str
     items: list[EvalItem]
     reward: RewardFn
     format_reward: RewardFn | None = None
-    correct_threshold: float = 1.0
     max_new_tokens: int | None = None
     agent: Any = None  # config.AgentConfig: generate multi-turn trajectories with tools (agent/)
     kind: str = "generate"

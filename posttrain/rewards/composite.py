@@ -13,7 +13,9 @@ format is right ``- max(0, len - 2000) * 0.0001`` (length). As config::
 A term's reward is its key unless it names one with ``reward:`` (so two terms can use the
 same reward with different parameters); other keys are that reward's parameters. Components
 carry each term's unweighted scores under the term's name (RL logs them as
-``reward/<term>``), plus the terms' own sub-components.
+``reward/<term>``), plus the terms' own sub-components. A sample is correct when every term
+that checks correctness passed it (``math`` beside ``format``: the ``math`` verdict); a
+composite of terms that check none checks none.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from posttrain.rewards.output import RewardFn, RewardOutput, check_batch
+from posttrain.rewards.output import RewardFn, RewardOutput, all_correct, check_batch
 
 
 @dataclass
@@ -43,8 +45,8 @@ class CompositeReward:
     >>> out = reward(["q", "q"], ["<answer>4</answer>", "x" * 30])
     >>> [round(s, 4) for s in out.scores]
     [0.12, -0.2]
-    >>> out.components["format"], out.components["length"]
-    ([1.0, 0.0], [-0.08, -0.2])
+    >>> out.components["format"], out.components["length"], out.correct
+    ([1.0, 0.0], [-0.08, -0.2], None)
     """
 
     def __init__(self, terms: Sequence[CompositeTerm]):
@@ -57,9 +59,11 @@ class CompositeReward:
         total = [0.0] * len(completions)
         components: dict[str, list[float]] = {}
         details = [dict() for _ in completions]
+        checks = []
         for term in self.terms:
             out = term.reward(prompts, completions, metadata)
             total = [t + term.weight * s for t, s in zip(total, out.scores)]
+            checks.append(out.correct)
             components[term.name] = list(out.scores)
             for key, values in out.components.items():
                 if key == term.name or values == out.scores and len(out.components) == 1:
@@ -68,4 +72,4 @@ class CompositeReward:
             if out.details is not None:
                 for row, d in zip(details, out.details):
                     row[term.name] = d
-        return RewardOutput(total, components, details=details)
+        return RewardOutput(total, components, details=details, correct=all_correct(checks))

@@ -12,6 +12,9 @@ passed with ``partial=True``), and each check is a component ``format/<check>``:
 - ``tool_call``: the completion holds a JSON tool call ``{"name": str, "arguments": {...}}``
   (inside ``<tool_call>...</tool_call>``, a ```` ```json ```` fence, or as the whole text);
   when the row's metadata lists ``tools`` (OpenAI shape) the name must be one of them.
+
+Not a correctness check (``RewardOutput.correct`` stays None): a format reward alone gives no
+accuracy; beside ``math`` in a composite, accuracy is the ``math`` term's.
 """
 
 from __future__ import annotations

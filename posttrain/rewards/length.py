@@ -7,6 +7,8 @@ budget)``, optionally capped at ``-max_penalty``; it is 0.0 within the budget.
 ``unit="chars"`` counts characters. ``unit="tokens"`` uses ``metadata["completion_tokens"]``
 (the number of sampled tokens, which the RL loop knows exactly) when present, else the
 ``tokenizer`` given to the constructor (anything with ``encode(text) -> list``).
+
+Not a correctness check (``RewardOutput.correct`` stays None): it gives no accuracy.
 """
 
 from __future__ import annotations

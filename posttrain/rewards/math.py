@@ -586,7 +586,8 @@ _VERIFIERS = _VerifierPool()
 
 @dataclass
 class MathReward:
-    r"""1.0 if the extracted final answer equals ``metadata[answer_key]``, else 0.0.
+    r"""1.0 if the extracted final answer equals ``metadata[answer_key]``, else 0.0: a
+    correctness check (``RewardOutput.correct`` is the verdict).
 
     Rows without ``answer_key`` score 0.0. ``details`` carries the extracted answer (and, for
     a comparison a size or time bound refused, ``unverified``: why). ``verify_seconds``: the
@@ -595,8 +596,8 @@ class MathReward:
     >>> reward = MathReward()
     >>> out = reward(["q1", "q2", "q3"], [r"so \boxed{\frac{1}{2}}", "#### 41", "no idea"],
     ...              [{"answer": "0.5"}, {"answer": "42"}, {"answer": "1"}])
-    >>> out.scores
-    [1.0, 0.0, 0.0]
+    >>> out.scores, out.correct
+    ([1.0, 0.0, 0.0], [True, False, False])
     >>> [d["extracted"] for d in out.details]
     ['\\frac{1}{2}', '41', None]
     >>> out = reward(["q", "q"], [r"\boxed{9^{9^{9^{9}}}}", r"\boxed{42\%}"], [{"answer": "42"}, {"answer": "0.42"}])
@@ -618,7 +619,7 @@ class MathReward:
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):
         metadata = check_batch(prompts, completions, metadata)
-        scores, details, unverified = [], [], []
+        scores, details, unverified, correct = [], [], [], []
         for completion, meta in zip(completions, metadata):
             extracted = extract_answer(completion, self.extract)
             reference = meta.get(self.answer_key)
@@ -626,10 +627,11 @@ class MathReward:
             if extracted is not None and reference is not None:
                 verdict = check_answer(extracted, str(reference), self.use_math_verify, float(self.verify_seconds))
             scores.append(1.0 if verdict.correct else 0.0)
+            correct.append(bool(verdict.correct))
             unverified.append(0.0 if verdict.unverified is None else 1.0)
             details.append({"extracted": extracted, "reference": reference,
                             **({} if verdict.unverified is None else {"unverified": verdict.unverified})})
         components = {self.name: list(scores)}
         if any(unverified):
             components[f"{self.name}/unverified"] = unverified
-        return RewardOutput(scores, components, details=details)
+        return RewardOutput(scores, components, details=details, correct=correct)

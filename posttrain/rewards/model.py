@@ -42,7 +42,8 @@ from posttrain.models.scalar_head import is_scalar_head_config, load_scalar_head
 
 @dataclass
 class ModelReward:
-    """Scores from a scalar-head reward model saved by ``posttrain rm``.
+    """Scores from a scalar-head reward model saved by ``posttrain rm``; a preference score,
+    not a correctness check (``RewardOutput.correct`` stays None: no accuracy).
 
     Args:
         path: the reward model: a ``final/`` directory (or any model spec holding a

@@ -19,7 +19,7 @@ from typing import Sequence
 
 from posttrain.errors import ConfigError
 from posttrain.rewards.math import answers_match, check_extract_methods, extract_answer
-from posttrain.rewards.output import RewardOutput, check_batch
+from posttrain.rewards.output import RewardOutput, check_batch, correct_at_full_score
 
 
 @lru_cache(maxsize=None)
@@ -34,7 +34,8 @@ def _scorer(dataset: str):
 
 @dataclass
 class ReasoningGymReward:
-    """The task's ``score_answer`` on the extracted answer (0.0 when none is found).
+    """The task's ``score_answer`` on the extracted answer (0.0 when none is found); a
+    correctness check: correct at a full score of 1.0 (``RewardOutput.correct``).
 
     >>> import reasoning_gym
     >>> entry = reasoning_gym.create_dataset("basic_arithmetic", size=1, seed=1)[0]
@@ -75,4 +76,4 @@ class ReasoningGymReward:
             scores.append(score)
             reference = entry.get("answer") if entry is not None else meta.get("answer")
             details.append({"extracted": extracted, "reference": reference})
-        return RewardOutput(scores, {self.name: list(scores)}, details=details)
+        return RewardOutput(scores, {self.name: list(scores)}, details=details, correct=correct_at_full_score(scores))

@@ -20,6 +20,18 @@ conventions, told apart by the signature:
   (``TRLReward``; TRL GRPO trainer docs, "Using a custom reward function",
   https://huggingface.co/docs/trl/grpo_trainer#using-a-custom-reward-function).
 
+**Correctness.** ``math``, ``code`` and ``reasoning_gym`` are correctness checks: their output's
+``correct`` says per sample whether the answer was right (all tests passed), and accuracy
+(``acc``, ``eval/acc``, ``posttrain eval``'s ``accuracy``) is the share of correct samples.
+``format``, ``length`` and ``model`` are not: a reward made only of them has no accuracy. A
+``module:function`` reward declares that its score is a correctness check with
+``correctness: true`` beside its name (in a composite, in its term); a sample is then correct
+when it scores 1.0 or more::
+
+    build_reward({"name": "my_rewards.py:exact_match", "correctness": True})
+
+A posttrain-style function may instead return ``RewardOutput(..., correct=[...])`` itself.
+
 ``reward_fields(spec)`` says which row fields a reward reads, so the RL prompt audit can
 refuse rows that lack them before any model loads.
 
@@ -40,7 +52,7 @@ from typing import Any, Mapping, Sequence
 
 from posttrain.config import plain_reward_spec
 from posttrain.errors import ConfigError
-from posttrain.rewards.output import RewardFn, RewardOutput, as_reward_output, check_batch
+from posttrain.rewards.output import RewardFn, RewardOutput, as_reward_output, check_batch, correct_at_full_score
 from posttrain.rewards.composite import CompositeReward, CompositeTerm
 
 BUILTIN_REWARDS = {
@@ -55,14 +67,31 @@ BUILTIN_REWARDS = {
 
 
 class UserReward:
-    """A user callable whose output is normalised to ``RewardOutput``."""
+    """A user callable whose output is normalised to ``RewardOutput``; ``correctness``: its
+    score is a correctness check (correct at 1.0 or more) unless its output says otherwise.
 
-    def __init__(self, fn, name: str):
-        self.fn, self.name = fn, name
+    >>> exact = lambda prompts, completions, metadata: [float(c == m["answer"]) for c, m in zip(completions, metadata)]
+    >>> UserReward(exact, "exact", correctness=True)(["q", "q"], ["4", "5"], [{"answer": "4"}] * 2).correct
+    [True, False]
+    >>> UserReward(exact, "exact")(["q"], ["4"], [{"answer": "4"}]).correct is None
+    True
+    """
+
+    def __init__(self, fn, name: str, correctness: bool = False):
+        self.fn, self.name, self.correctness = fn, name, correctness
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):
         metadata = check_batch(prompts, completions, metadata)
-        return as_reward_output(self.fn(prompts, completions, metadata), self.name, len(completions))
+        out = as_reward_output(self.fn(prompts, completions, metadata), self.name, len(completions))
+        return declared_correctness(out, self.correctness)
+
+
+def declared_correctness(out: RewardOutput, correctness: bool) -> RewardOutput:
+    """``out`` with ``correct`` read from its scores when the reward was declared a correctness
+    check and did not say per sample itself."""
+    if correctness and out.correct is None:
+        out.correct = correct_at_full_score(out.scores)
+    return out
 
 
 TRL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")
@@ -89,8 +118,8 @@ class TRLReward:
     [1.0, 0.0]
     """
 
-    def __init__(self, fn, name: str):
-        self.fn, self.name = fn, name
+    def __init__(self, fn, name: str, correctness: bool = False):
+        self.fn, self.name, self.correctness = fn, name, correctness
         parameters = _parameters(fn)
         self.takes_any = parameters is None or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
         self.names = set(parameters or ())
@@ -118,7 +147,7 @@ class TRLReward:
         if unscored:
             logger.debug("reward %r returned None for %d of %d completions (scored 0)", self.name, unscored, len(values))
         details = [{"reward_none": True} if value is None else {} for value in values]
-        return RewardOutput(scores, {self.name: list(scores)}, details=details)
+        return declared_correctness(RewardOutput(scores, {self.name: list(scores)}, details=details), self.correctness)
 
 
 def _parameters(fn) -> Mapping[str, inspect.Parameter] | None:
@@ -148,6 +177,7 @@ def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
     {'answer': 'math'}
     """
     name, params = _split_spec(spec, key)
+    params.pop("correctness", None)
     if name == "composite":
         found: dict[str, str] = {}
         for term_name, term in (params.get("terms") or {}).items():
@@ -267,6 +297,7 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
     posttrain.errors.ConfigError: reward.extrct: unknown parameter for reward 'math' (known: answer_key, extract, name, use_math_verify, verify_seconds)
     """
     name, params = _split_spec(spec, key)
+    correctness = _correctness_declared(name, params, key)
     if name == "composite":
         return _build_composite(params, key)
     if name in BUILTIN_REWARDS:
@@ -288,8 +319,22 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
         raise ConfigError(f"{key}.name: {name!r} did not give a callable reward")
     short = name.rpartition(":")[2].rpartition(".")[2]
     if is_trl_style(built):
-        return TRLReward(built, short)
-    return UserReward(built, short)
+        return TRLReward(built, short, correctness)
+    return UserReward(built, short, correctness)
+
+
+def _correctness_declared(name: str, params: dict, key: str) -> bool:
+    """The ``correctness`` a ``module:function`` reward's spec declares (taken out of its
+    parameters); built-in rewards declare their own and refuse the key."""
+    if "correctness" not in params:
+        return False
+    declared = params.pop("correctness")
+    if name in BUILTIN_REWARDS:
+        raise ConfigError(f"{key}.correctness: reward {name!r} declares its own (math, code and reasoning_gym "
+                          "check correctness; format, length and model do not); the key is for module:function rewards")
+    if not isinstance(declared, bool):
+        raise ConfigError(f"{key}.correctness: true or false, not {declared!r}")
+    return declared
 
 
 def _build_composite(params: dict, key: str) -> RewardFn:
