@@ -417,6 +417,46 @@ def test_the_config_names_every_registered_policy_loss():
     assert set(get_args(RLAlgorithmConfig.model_fields["policy_loss"].annotation)) == set(POLICY_LOSSES)
 
 
+def test_the_config_names_every_registered_estimator_and_rollout_source():
+    from typing import get_args
+
+    from posttrain.algorithms.advantages import ADVANTAGE_ESTIMATORS
+    from posttrain.config import ADVANTAGE_PRESETS, RLAlgorithmConfig, RolloutConfig
+    from posttrain.rollout.sources import ROLLOUT_SOURCES
+
+    literal, none = get_args(RLAlgorithmConfig.model_fields["advantage"].annotation)  # Literal[...] | None
+    named = set(get_args(literal))
+    assert none is type(None)
+    assert named == set(ADVANTAGE_ESTIMATORS) == set(ADVANTAGE_PRESETS.values())
+    assert set(get_args(RLAlgorithmConfig.model_fields["algorithm"].annotation)) == set(ADVANTAGE_PRESETS)
+    assert set(get_args(RolloutConfig.model_fields["engine"].annotation)) == set(ROLLOUT_SOURCES)
+
+
+@pytest.mark.parametrize("algorithm,estimator", [("grpo", "grpo"), ("dr_grpo", "dr_grpo"), ("rloo", "rloo"),
+                                                 ("reinforce_pp", "reinforce_pp"), ("ppo", "gae")])
+def test_rl_algorithm_is_a_preset_that_rl_advantage_overrides(algorithm, estimator):
+    from posttrain.train.rl_settings import uses_critic
+
+    preset = validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"algorithm": algorithm}})
+    assert preset.rl.advantage == estimator and uses_critic(preset) == (estimator == "gae")
+    chosen = validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"algorithm": algorithm, "advantage": "rloo"}})
+    assert chosen.rl.advantage == "rloo" and not uses_critic(chosen)
+    with pytest.raises(ConfigError, match="rl.advantage"):
+        validate_config(RLConfig, {"data": {"train": "x.jsonl"}, "rl": {"advantage": "vtrace"}})
+
+
+def test_a_preset_and_the_estimator_it_names_train_the_same_weights(tiny_model_dir, tmp_path):
+    """rl.algorithm=rloo and rl.advantage=rloo (under the default algorithm) are one run."""
+    from posttrain.train.rl import run_rl
+
+    finals = []
+    for name, rl in (("preset", {"algorithm": "rloo"}), ("named", {"advantage": "rloo"})):
+        result = run_rl(make_config(tiny_model_dir, tmp_path, rl=rl, run={"name": name}), reward_fn=vowel_reward)
+        finals.append(final_weights(result.run_dir))
+    assert finals[0].keys() == finals[1].keys()
+    assert all(torch.equal(finals[0][name], finals[1][name]) for name in finals[0])
+
+
 def test_quickstart_configs_validate():
     from posttrain.config import load_config
 
