@@ -616,3 +616,21 @@ def test_an_rl_run_shows_its_held_out_evals_and_warns_of_nothing_deprecated(tiny
         counts = [line.split("] ")[1].split()[0] for line in err if line.startswith(f"[rl eval at step {step}]")]
         assert counts[0] == "0/3" and counts[-1] == "3/3", err
     assert [line.split()[1] for line in err if line.startswith("[rl] ")][-1] == "2/2"
+
+
+STAGE_MODULES = ("rl_rollouts", "rl_scoring", "rl_logprobs", "rl_advantages", "rl_update", "rl_layout", "rl_samples")
+
+
+@pytest.mark.parametrize("stage", STAGE_MODULES)
+def test_a_stage_of_the_rl_step_reads_its_typed_settings_never_the_config(stage):
+    """Only train.rl_settings interprets the config for a step; a stage module neither imports
+    posttrain.config nor touches a ``config.`` attribute."""
+    import ast
+    import importlib
+
+    path = importlib.import_module(f"posttrain.train.{stage}").__file__
+    tree = ast.parse(open(path, encoding="utf-8").read())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "posttrain.config" not in imported
+    assert not [node.lineno for node in ast.walk(tree)
+                if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "config"]
