@@ -1,2 +1,4 @@
-"""Evaluation: tasks (HumanEval, reasoning-gym, JSONL, perplexity), pass@k, majority vote, and
-the ``posttrain eval`` runner (also callable from trainers: ``runner.evaluate``)."""
+"""Evaluation: prompt rows (``prompts``), the one held-out evaluation of generation that
+``posttrain eval`` and RL's in-loop evaluation both call (``generate.evaluate_rows``), tasks
+(HumanEval, reasoning-gym, JSONL, perplexity), pass@k, majority vote, and the ``posttrain eval``
+runner (also callable from trainers: ``runner.evaluate``)."""
