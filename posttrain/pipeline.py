@@ -191,8 +191,8 @@ def link_model_reward(spec: Any, reward_model: str | None) -> Any:
     spec = plain_reward_spec(spec)
     def is_model(node: dict[str, Any], key: str | None) -> bool:
         # a spec {name: model}, or a composite term keyed "model" or naming it with reward: model
-        return node.get("name") == "model" or node.get("reward") == "model" or \
-            (key == "model" and "name" not in node and "reward" not in node)
+        return (node.get("name") == "model" or node.get("reward") == "model"
+                or (key == "model" and "name" not in node and "reward" not in node))
 
     def visit(node: Any, key: str | None) -> Any:
         if isinstance(node, list):
@@ -509,8 +509,8 @@ def _model_reward_paths(spec: Any, prefix: str = "") -> list[tuple[str, str]]:
     found: list[tuple[str, str]] = []
     if isinstance(spec, dict):
         path = spec.get("path") or (spec.get("params") or {}).get("path")
-        if (spec.get("name") == "model" or spec.get("reward") == "model" or prefix.endswith(".terms.model")) \
-                and isinstance(path, str):
+        if ((spec.get("name") == "model" or spec.get("reward") == "model" or prefix.endswith(".terms.model"))
+                and isinstance(path, str)):
             found.append((prefix, path))
         for key, value in spec.items():
             found += _model_reward_paths(value, f"{prefix}.{key}")

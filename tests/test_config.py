@@ -275,8 +275,8 @@ def test_config_text_with_a_lone_surrogate_is_refused_naming_line_and_key(tmp_pa
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_config(RLConfig, path)
-    assert str(info.value) == f"{path}:{line}: '{key}' holds a lone surrogate ({char}): not Unicode text, so no " \
-                              f"tokenizer can encode it"
+    assert str(info.value) == (f"{path}:{line}: '{key}' holds a lone surrogate ({char}): not Unicode text, so no "
+                               f"tokenizer can encode it")
 
 
 def test_an_override_that_is_not_utf8_is_refused():

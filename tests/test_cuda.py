@@ -296,8 +296,8 @@ def run_python(tmp_path: Path, model_dir, out: str, *, torchrun: bool = False, e
     """Run SFT_WORKER in a fresh process (optionally under torchrun, one process)."""
     script = tmp_path / "sft_worker.py"
     script.write_text(SFT_WORKER)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun \
-        else [sys.executable]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if torchrun
+                else [sys.executable])
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
                    "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([*launcher, str(script), str(model_dir), str(tmp_path / out)], env=environment,

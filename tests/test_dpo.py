@@ -70,8 +70,8 @@ def test_train_end_to_end_with_a_cached_reference(tmp_path, tiny_model_dir, toke
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected", "lr", "grad_norm", "masked_token_count", "tokens_per_sec", "pairs_per_step"):
         assert key in steps[0], key
-    assert steps[0]["pairs_per_step"] == 8 and steps[0]["masked_token_count"] < steps[0]["masked_token_count"] + \
-        steps[0]["untrained_token_count"]
+    assert steps[0]["pairs_per_step"] == 8
+    assert steps[0]["masked_token_count"] < steps[0]["masked_token_count"] + steps[0]["untrained_token_count"]
     documented = (REPO / "docs" / "METRICS.md").read_text()
     assert not [k for h in history for k in h if f"`{k}`" not in documented
                 and not k.startswith("val/rewards/accuracies/")]
@@ -129,8 +129,8 @@ def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer, optio
     pairs = _pairs(tokenizer, arithmetic_rows(6, seed=1))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     prepare_for_training(model, attn_implementation=choose_attention(True, None), gradient_checkpointing=False)
-    reference = None if options["loss_type"] == "simpo" else \
-        torch.linspace(-30.0, -20.0, 12).reshape(6, 2)  # any constants: the reference is data
+    # any constants: the reference is data
+    reference = None if options["loss_type"] == "simpo" else torch.linspace(-30.0, -20.0, 12).reshape(6, 2)
 
     def run(groups, packing):
         model.zero_grad()

@@ -24,8 +24,8 @@ def test_counts(path: Path) -> dict | None:
     except (OSError, ET.ParseError):
         return None
     suite = root if root.tag == "testsuite" else root.find("testsuite")
-    return {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")} | \
-        {"time_s": float(suite.get("time", 0.0))}
+    counts = {key: int(suite.get(key, 0)) for key in ("tests", "failures", "errors", "skipped")}
+    return counts | {"time_s": float(suite.get("time", 0.0))}
 
 
 def markdown(results: dict) -> str:

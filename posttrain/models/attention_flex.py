@@ -134,8 +134,8 @@ def build_block_mask(cu_seq_lens: torch.Tensor, block_masks: Sequence[torch.Tens
     doc_start, prefix_end, run_start = mask_vectors(cu_seq_lens, block_masks, total)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (kv_idx >= doc_start[q_idx]) & \
-            ((kv_idx < prefix_end[q_idx]) | (kv_idx >= run_start[q_idx]))
+        return ((kv_idx <= q_idx) & (kv_idx >= doc_start[q_idx])
+                & ((kv_idx < prefix_end[q_idx]) | (kv_idx >= run_start[q_idx])))
 
     device = cu_seq_lens.device
     return create_block_mask(mask_mod, None, None, total, total, device=device, _compile=device.type == "cuda")
@@ -143,8 +143,8 @@ def build_block_mask(cu_seq_lens: torch.Tensor, block_masks: Sequence[torch.Tens
 
 def _block_mask_for(cu_seq_lens: torch.Tensor, block_masks: Sequence[torch.Tensor] | None, total: int):
     global _last_mask
-    if _last_mask is not None and _last_mask[0] is cu_seq_lens and _last_mask[1] is block_masks \
-            and _last_mask[2] == total:
+    if (_last_mask is not None and _last_mask[0] is cu_seq_lens and _last_mask[1] is block_masks
+            and _last_mask[2] == total):
         return _last_mask[3]
     mask = build_block_mask(cu_seq_lens, block_masks, total)
     _last_mask = (cu_seq_lens, block_masks, total, mask)

@@ -70,8 +70,8 @@ def score_layer(model: torch.nn.Module) -> torch.nn.Linear:
 def is_scalar_head_config(config: Any) -> bool:
     """True for a saved sequence-classification model with one output (a reward model)."""
     architectures = getattr(config, "architectures", None) or []
-    return any(name.endswith("ForSequenceClassification") for name in architectures) and \
-        getattr(config, "num_labels", None) == 1
+    return (any(name.endswith("ForSequenceClassification") for name in architectures)
+            and getattr(config, "num_labels", None) == 1)
 
 
 def load_scalar_head_model(
@@ -230,8 +230,8 @@ def score_sequences(
             group = sorted(group)
             members = [sequences[i] for i in group]
             batch = collate(members, packing=packing, pad_token_id=pad_token_id).to(device)
-            context = torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype) \
-                if autocast_dtype is not None else contextlib.nullcontext()
+            context = (torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
+                       if autocast_dtype is not None else contextlib.nullcontext())
             with context:
                 values_BT = token_values(model, batch)
             rows, columns = score_positions(members, batch)

@@ -613,8 +613,8 @@ class MathReward:
 
     def __post_init__(self) -> None:
         self.extract = check_extract_methods(self.extract)
-        if isinstance(self.verify_seconds, bool) or not isinstance(self.verify_seconds, (int, float)) \
-                or not 0 < self.verify_seconds <= 600:
+        if (isinstance(self.verify_seconds, bool) or not isinstance(self.verify_seconds, (int, float))
+                or not 0 < self.verify_seconds <= 600):
             raise ConfigError(f"verify_seconds: must be a number of seconds in (0, 600], got {self.verify_seconds!r}")
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):

@@ -86,6 +86,7 @@ from posttrain.train.rl_samples import RolloutBatch
 from posttrain.train.rl_settings import rl_settings
 from posttrain.train.rl_update import Trainables, update
 from posttrain.train.session import RunSession, check_step_finite, last_checkpoint_note, open_run
+from posttrain.train.steps import pad_token_id
 
 
 @dataclass
@@ -145,10 +146,12 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     result = RLResult(run.path, None, state.step)
     if eval_rows and config.train.eval_before and state.step == 0:
         result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info, agent=agent)
-    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
-            Progress(config.train.max_steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
-                     keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress:
+    with (
+        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
+                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        Progress(config.train.max_steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
+                 keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress,
+    ):
         while state.step < config.train.max_steps:
             started = time.perf_counter()
             batch = collect_rollouts(engine, train_rows, sampler, reward_fn, settings.rollout, settings.scoring,
@@ -230,10 +233,6 @@ def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list
 
 def build_reward_fn(config: RLConfig):
     return build_reward(config.reward, "reward")
-
-
-def pad_token_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def build_rl_agent(config: RLConfig, tokenizer: Any) -> Any:
