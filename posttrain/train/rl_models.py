@@ -17,9 +17,8 @@ import torch
 
 from posttrain.config import RLConfig
 from posttrain.errors import ConfigError
-from posttrain.models import load_model
 from posttrain.models.attention import choose_attention
-from posttrain.models.prepare import apply_lora, prepare_for_training, train_top_blocks_only
+from posttrain.models.prepare import prepare_for_training, train_top_blocks_only
 from posttrain.models.scalar_head import load_scalar_head_model, train_top_layers_only
 from posttrain.rollout.base import RolloutEngine
 from posttrain.rollout.sources import ROLLOUT_SOURCES
@@ -27,23 +26,19 @@ from posttrain.train.distributed import DistInfo, shard_model
 from posttrain.train.loop import build_optimizer, build_scheduler, optimizer_steps_per_rollout_batch, resolve_warmup_steps
 from posttrain.train.rl_settings import SourceSettings, uses_critic
 from posttrain.train.rl_update import Trainables
+from posttrain.train.steps import build_optimizer_and_scheduler, load_causal_lm, place_for_training
 
 
 def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
     """The policy: fp32 master weights, optional LoRA, packed attention, optional FSDP2."""
 
-    model = load_model(config.model.name, dtype=torch.float32)
-    if config.lora.enabled:
-        lora = config.lora
-        model = apply_lora(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules)
+    model = load_causal_lm(config.model.name, config.lora)
     if config.rl.train_top_layers is not None:
         train_top_layers(model, config.rl.train_top_layers)
     if unsharded:
         return model
-    model.to(info.device)
-    prepare_for_training(model, attn_implementation=choose_attention(True, config.model.attn_implementation),
-                         gradient_checkpointing=config.model.gradient_checkpointing)
-    return shard_model(model, info)
+    return place_for_training(model, info, packing=True, attn_implementation=config.model.attn_implementation,
+                              gradient_checkpointing=config.model.gradient_checkpointing)
 
 
 def train_top_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
@@ -93,10 +88,8 @@ def build_critic(config: RLConfig, info: DistInfo) -> torch.nn.Module:
     critic = load_scalar_head_model(critic_config.model or config.model.name, seed=config.train.seed)
     if critic_config.train_top_layers is not None:
         train_top_layers_only(critic, critic_config.train_top_layers)
-    critic.to(info.device)
-    prepare_for_training(critic, attn_implementation=choose_attention(True, config.model.attn_implementation),
-                         gradient_checkpointing=config.model.gradient_checkpointing)
-    return shard_model(critic, info)
+    return place_for_training(critic, info, packing=True, attn_implementation=config.model.attn_implementation,
+                              gradient_checkpointing=config.model.gradient_checkpointing)
 
 
 def optimizer_steps_per_rl_step(config: RLConfig) -> int:
@@ -111,9 +104,7 @@ def build_trainables(config: RLConfig, info: DistInfo) -> Trainables:
     if warmup >= total and warmup > 0:
         raise ConfigError(f"optim.warmup_steps ({warmup}) is not shorter than the run ({total} optimizer steps)")
     policy = build_policy(config, info)
-    optimizer = build_optimizer(policy, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps)
-    scheduler = build_scheduler(optimizer, total_steps=total, warmup_steps=warmup, schedule=optim.schedule,
-                                min_lr_ratio=optim.min_lr_ratio)
+    optimizer, scheduler = build_optimizer_and_scheduler(policy, optim, total, warmup)
     models = Trainables(policy, optimizer, scheduler, reference=build_reference(config, policy, info))
     if uses_critic(config):
         models.critic = build_critic(config, info)
