@@ -872,10 +872,6 @@ def normalise_tools(value: Any, where: str) -> list[dict[str, Any]] | None:
     return tools
 
 
-def tool_names(tools: list[dict[str, Any]] | None) -> list[str]:
-    return [tool["function"]["name"] for tool in tools or []]
-
-
 def _type_name(value: Any) -> str:
     return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
         type(value), type(value).__name__

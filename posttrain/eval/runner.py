@@ -132,11 +132,6 @@ def evaluate(model, tokenizer, tasks: Sequence[EvalTask | PerplexityTask], sampl
     return results
 
 
-def flat_metrics(results: Sequence[TaskResult], prefix: str = "eval") -> dict[str, float]:
-    """``{"eval/<task>/<metric>": value}`` for a trainer's metrics.jsonl."""
-    return {f"{prefix}/{r.name}/{k}": v for r in results for k, v in r.metrics.items()}
-
-
 def build_tasks(config) -> list[EvalTask | PerplexityTask]:
     """Instantiate the tasks of an ``EvalConfig``."""
 

@@ -118,7 +118,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -1071,7 +1071,3 @@ def choose_isolation(isolation: str, unsafe_process_isolation: bool = False) -> 
     if isolation == "process" and not unsafe_process_isolation:
         raise ConfigError("isolation: " + PROCESS_REFUSED)
     return isolation
-
-
-def describe(result: SandboxResult) -> dict:
-    return asdict(result)
