@@ -507,8 +507,9 @@ def test_check_trajectory_catches_broken_invariants():
 
 
 def test_a_cell_that_exits_is_an_error_and_never_poisons_the_session(tokenizer, box):
-    """``sys.exit(0)`` used to count as success and join the replayed cells, so every later
-    call replayed it, exited first and reported success with no output, even ``1 / 0``."""
+    """A cell that calls ``sys.exit(0)`` is an error and never joins the replayed cells: if it
+    counted as success, every later call would replay it, exit first and report success with
+    no output, even ``1 / 0``."""
     eos = tokenizer.eos_token_id
     cell = lambda code: enc(tokenizer, inline.call_text("", code))  # noqa: E731
     script = [[cell("import sys\nx = 1\nsys.exit(0)")], [cell("x = 41\nprint(x + 1)")], [cell("1 / 0")],

@@ -162,8 +162,8 @@ def test_scored_sequence_collates_like_a_rendered_sample(tokenizer):
 
 
 def test_stale_gguf_quantization_entry_is_ignored(tiny_model_dir, tmp_path):
-    """Old GGUF conversions kept ``quantization_config: gguf`` over plain weights; such a
-    config must not make the scalar-head model unsaveable."""
+    """A GGUF conversion cache whose config.json holds ``quantization_config: gguf`` over plain
+    weights (written by an earlier posttrain) must not make the scalar-head model unsaveable."""
     import json
     import shutil
 

@@ -1,8 +1,8 @@
 """``posttrain eval``: generate through the rollout engine, score, report.
 
-``evaluate(model, tokenizer, tasks, sampling)`` works on a live model (trainers call it every
-N steps and log ``eval/<task>/<metric>``); ``run_eval(config)`` loads the model, builds the
-tasks from config, and writes to ``<output_dir>/<run.name>/eval/``:
+``evaluate(model, tokenizer, tasks, sampling)`` evaluates a model already in memory on a list
+of tasks; ``run_eval(config)`` loads the model, builds the tasks from config, calls it and
+writes to ``<output_dir>/<run.name>/eval/``:
 
 - ``results.json``: model, config, and per task the metrics below;
 - ``samples.jsonl``: one line per completion (task, id, prompt, completion, extracted answer,

@@ -352,9 +352,11 @@ def _load_quietly(spec: str, load: Any) -> tuple[str, Any]:
 
 
 def _drop_gguf_quantization_entry(config: Any) -> bool:
-    """Caches converted before the fix above kept ``quantization_config: gguf`` in config.json
-    although the weights are plain fp32; such a model refuses ``save_pretrained``. Removes
-    that entry from ``config``; True if there was one."""
+    """Remove a ``quantization_config: gguf`` entry from ``config``; True if there was one.
+
+    ``convert_gguf`` writes dequantised fp32 weights without that entry, but a conversion
+    cache written by an earlier posttrain may still hold it, and a model carrying it refuses
+    ``save_pretrained``."""
     quant = getattr(config, "quantization_config", None)
     if isinstance(quant, dict) and quant.get("quant_method") == "gguf":
         del config.quantization_config

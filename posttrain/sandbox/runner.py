@@ -89,16 +89,16 @@ References: PEP 578 (audit hooks); ``seccomp(2)``, ``seccomp_rule_add(3)``,
 the kernel's ``Documentation/admin-guide/cgroup-v2.rst`` and
 ``Documentation/admin-guide/cgroup-v1/{memory,pids}.rst``.
 
-Cost (``namespace``, a 2-core machine shared with other jobs, load 4-8; old = the
-previous design: tests in the program's interpreter, no seccomp, no cgroup; medians of
-40 interleaved runs): ``run`` 140 ms old, 145 ms now; ``run_tests`` 128 ms old, 154 ms
-now (the judge is a fork of the bootstrap's interpreter, not a third start-up). Seccomp
-costs nothing measurable per run (within noise; building the filter takes ~35 ms once per
-caller process); the cgroup's system calls take ~2 ms per run (create + limits 0.3 ms,
-attaching the program 1.3 ms, kill + remove 0.4 ms), within the noise of the medians.
-The 164 HumanEval canonical solutions all pass: 143 -> 165 ms per problem with 1 worker,
-88 -> 107 ms with the default workers (2 here), same load, back to back. On the idle
-machine the old design took 83 ms (1 worker) and 58 ms (2).
+Cost (``namespace``, a 2-core machine shared with other jobs, load 4-8, medians of 40
+interleaved runs), against a baseline that runs the tests in the program's interpreter
+without seccomp or cgroup: ``run`` 145 ms (baseline 140 ms); ``run_tests`` 154 ms
+(baseline 128 ms; the judge is a fork of the bootstrap's interpreter, not a third
+start-up). Seccomp costs nothing measurable per run (within noise; building the filter
+takes ~35 ms once per caller process); the cgroup's system calls take ~2 ms per run
+(create + limits 0.3 ms, attaching the program 1.3 ms, kill + remove 0.4 ms), within the
+noise of the medians. The 164 HumanEval canonical solutions all pass: 165 ms per problem
+with 1 worker (baseline 143 ms), 107 ms with the default workers, 2 here (baseline 88 ms),
+same load, back to back. On the idle machine the baseline takes 83 ms (1 worker) and 58 ms (2).
 """
 
 from __future__ import annotations
