@@ -290,6 +290,25 @@ def test_chat_env_text_refuses_a_template_that_rewrites_earlier_text(qwen):
         chat_env_text(qwen, messages, tool, None, "<|endoftext|>")
 
 
+def test_the_tool_formats_config_and_cli_name_are_the_registered_ones():
+    """``agent.tool_format``'s Literal and ``posttrain chat --tool-format`` list exactly the
+    formats of ``TOOL_FORMATS``; the registry's and the answer cut's examples run."""
+    import doctest
+    import typing
+
+    from posttrain.agent import loop, trajectory
+    from posttrain.cli import build_parser
+    from posttrain.config import AgentConfig
+
+    assert set(typing.get_args(AgentConfig.model_fields["tool_format"].annotation)) == set(loop.TOOL_FORMATS)
+    chat = next(action for action in build_parser()._subparsers._group_actions[0].choices["chat"]._actions
+                if "--tool-format" in action.option_strings)
+    assert set(chat.choices) == set(loop.TOOL_FORMATS)
+    assert doctest.testmod(loop).failed == 0 and doctest.testmod(trajectory).failed == 0
+    with pytest.raises(ConfigError, match="agent.tool_format: must be inline or chat_template, not 'xml'"):
+        run_agent(None, [], SamplingParams(), tokenizer=None, tool_format="xml", toolbox=ToolBox([]))
+
+
 # ------------------------------------------------------------------------------- limits
 
 

@@ -356,9 +356,9 @@ def test_an_answer_is_never_read_from_a_chat_tool_call_unanswered_or_left_open(t
     ("done <tool_call>" + "{" * 1000 + "42", "chat_template", "done "),
 ])
 def test_answer_text_cuts_every_call(text, tool_format, kept):
-    from posttrain.agent.trajectory import answer_text
+    from posttrain.agent.loop import TOOL_FORMATS
 
-    assert answer_text(text, tool_format) == kept
+    assert TOOL_FORMATS[tool_format].answer_text(text) == kept
 
 
 BONUS_CASES = [  # (code, its output, is_error, final answer, bonus paid)

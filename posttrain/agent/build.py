@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from posttrain.agent.loop import AgentLimits, AgentPrompt, run_agent
+from posttrain.agent.loop import TOOL_FORMATS, AgentLimits, AgentPrompt, run_agent
 from posttrain.agent.tools import ToolBox, load_user_tool, python_tool
 from posttrain.agent.trajectory import Trajectory
 from posttrain.config import AgentConfig
@@ -30,13 +30,14 @@ class Agent:
     tokenizer: Any
 
     def prompt(self, messages: Any, prompt_ids: Sequence[int] | None, row: dict, where: str) -> AgentPrompt:
-        """The agent's view of one prompt. ``inline`` keeps the already rendered ids;
-        ``chat_template`` renders the prompt with the tools' schemas (the template announces
-        them in its system turn). Its text was checked for control-token strings where it was
+        """The agent's view of one prompt. A format whose prompt announces the tools
+        (``schemas_in_prompt``: ``chat_template``, in the template's system turn) renders the
+        prompt with their schemas; the others (``inline``) keep the already rendered ids. Its text was checked for control-token strings where it was
         read (``data.audit.load_prompt_data``, an eval task's ``render_prompt``) or typed (chat)."""
         conversation = normalise_messages(messages, where)
-        if self.config.tool_format == "chat_template" or prompt_ids is None:
-            schemas = self.toolbox.schemas() if self.config.tool_format == "chat_template" else None
+        announce = TOOL_FORMATS[self.config.tool_format].schemas_in_prompt
+        if announce or prompt_ids is None:
+            schemas = self.toolbox.schemas() if announce else None
             prompt_ids = render_prompt(conversation, self.tokenizer, tools=schemas or None, where=where,
                                        allow_special_tokens_in_text=True)
         return AgentPrompt(list(prompt_ids), [dict(m) for m in conversation], dict(row))

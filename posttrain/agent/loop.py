@@ -24,7 +24,11 @@ the next turn with no env segment. A turn with calls past ``max_turns`` or ``max
 ends with that reason and its calls are not run. An environment's ``done`` ends ``stop``
 without appending that last observation.
 
-``chat_template`` env segment: the text the chat template adds after the assistant's
+Tool formats (``agent.tool_format``) are the entries of ``TOOL_FORMATS``: each says how a
+turn's calls are read, how a tool's output is laid out as env text, how calls are cut out of
+the final answer, and whether the prompt announces the tools' schemas. ``inline`` (ReTool
+style, ``data/inline.py``): a closed ```python block is the call, an ``<output>`` block the
+output. ``chat_template`` env segment: the text the chat template adds after the assistant's
 end-of-turn token for the tool messages plus the next generation prompt, as a difference of
 two renders (``chat_env_text``); it includes the newline many templates write after
 ``<|im_end|>``, which the model never sampled.
@@ -36,7 +40,7 @@ import copy
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Callable
 
 from posttrain.agent.tools import (
     ToolBox,
@@ -101,16 +105,43 @@ class _Run:
         return sum(len(segment.token_ids) for segment in self.traj.segments[1:])
 
 
+TurnReader = Callable[[_Run, Completion, Any, set[int], tuple[str, ...]], list[ToolCall]]
+OutputLayout = Callable[[_Run, Any, list[str], list[dict], ToolBox], str]
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """What the turn loop asks of one tool format (a line of ``TOOL_FORMATS``).
+
+    ``read_turn(run, completion, tokenizer, eos_ids, stop) -> calls``: records one turn on
+    ``run`` (its sampled segment, its assistant message, ``turns``, a finish reason when the
+    trajectory ends) and returns the calls it makes ([] when it ended or goes on without one).
+    ``output_text(run, tokenizer, outputs, tool_messages, toolbox) -> str``: the env text that
+    answers those calls (``outputs``: each call's output, already cut to its token budget).
+    ``answer_text(text) -> str``: ``text`` with every call cut out (``trajectory.answer_text``).
+    ``stop``: the stop strings the format generates with (None: the caller's).
+    ``schemas_in_prompt``: the prompt is rendered with the tools' schemas (the chat template
+    announces them)."""
+
+    read_turn: TurnReader
+    output_text: OutputLayout
+    answer_text: Callable[[str], str]
+    stop: tuple[str, ...] | None = None
+    schemas_in_prompt: bool = False
+
+
 def run_agent(engine, prompts: list[AgentPrompt], params: SamplingParams, *, tokenizer,
-              tool_format: Literal["inline", "chat_template"], toolbox: ToolBox, limits: AgentLimits | None = None,
+              tool_format: str, toolbox: ToolBox, limits: AgentLimits | None = None,
               environment: str | None = None) -> list[Trajectory]:
     """``params.n`` trajectories per prompt, in prompt order. ``params.max_new_tokens`` is
-    replaced by the limits' per-turn clamp; ``inline`` generates with ``stop=inline.STOP``."""
+    replaced by the limits' per-turn clamp; a format with its own stop strings (``inline``:
+    ``inline.STOP``) generates with them instead of ``params.stop``."""
     limits = limits or AgentLimits()
-    if tool_format not in ("inline", "chat_template"):
-        raise ConfigError(f"agent.tool_format: must be inline or chat_template, not {tool_format!r}")
+    if tool_format not in TOOL_FORMATS:
+        raise ConfigError(f"agent.tool_format: must be {' or '.join(TOOL_FORMATS)}, not {tool_format!r}")
+    form = TOOL_FORMATS[tool_format]
     env_class = load_environment(environment) if environment else None
-    stop = inline.STOP if tool_format == "inline" else params.stop
+    stop = params.stop if form.stop is None else form.stop
     eos_ids = {i for i in (*getattr(engine, "eos_ids", ()), tokenizer.eos_token_id) if i is not None}
     runs = []
     for index, prompt in enumerate(prompts):
@@ -126,7 +157,7 @@ def run_agent(engine, prompts: list[AgentPrompt], params: SamplingParams, *, tok
     while live:
         pending = []
         for run, completion in _generate_turn(engine, prompts, live, params, stop, limits, turn):
-            calls = (_inline_turn if tool_format == "inline" else _chat_turn)(run, completion, tokenizer, eos_ids, stop)
+            calls = form.read_turn(run, completion, tokenizer, eos_ids, stop)
             if calls:
                 if run.traj.turns >= limits.max_turns:
                     run.traj.finish_reason, run.unanswered = "max_turns", True
@@ -134,11 +165,11 @@ def run_agent(engine, prompts: list[AgentPrompt], params: SamplingParams, *, tok
                     run.traj.finish_reason, run.unanswered = "max_tool_calls", True
                 else:
                     pending.append((run, calls))
-        _run_calls(pending, tokenizer, tool_format, toolbox, limits)
+        _run_calls(pending, tokenizer, form, toolbox, limits)
         live = [run for run in live if not run.traj.finish_reason]
         turn += 1
     for run in runs:
-        _finalise(run, tokenizer, tool_format)
+        _finalise(run, tokenizer, form)
     return [run.traj for run in runs]
 
 
@@ -223,7 +254,7 @@ def _chat_turn(run: _Run, completion: Completion, tokenizer, eos_ids: set[int], 
     return calls
 
 
-def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, tool_format: str, toolbox: ToolBox,
+def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, form: ToolFormat, toolbox: ToolBox,
                limits: AgentLimits) -> None:
     """Run the calls of every pending trajectory at once and append their env segments."""
     if not pending:
@@ -252,10 +283,7 @@ def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, tool_forma
         tool_messages = [{"role": "tool", "name": defuse_special_tokens(call.name, tokenizer) or "invalid",
                           "tool_call_id": call.call_id, "content": out}
                          for call, out in zip(calls, outputs)]  # an environment answers a step with one message
-        if tool_format == "inline":
-            text = inline.output_text(outputs[0])
-        else:
-            text = chat_env_text(tokenizer, traj.messages, tool_messages, toolbox.schemas(), run.end_of_turn)
+        text = form.output_text(run, tokenizer, outputs, tool_messages, toolbox)
         if _append_env(run, tokenizer.encode(text, add_special_tokens=False), limits):
             traj.messages.extend(tool_messages)
             sources = [call_source(call.arguments) for call in calls]
@@ -287,6 +315,48 @@ def _append_env(run: _Run, ids: list[int], limits: AgentLimits) -> bool:
     if ids:
         run.traj.segments.append(Segment(ids, "env"))
     return True
+
+
+def _inline_output_text(run: _Run, tokenizer, outputs: list[str], tool_messages: list[dict], toolbox: ToolBox) -> str:
+    """``inline``: the one call's output as an ``<output>`` block."""
+    return inline.output_text(outputs[0])
+
+
+def _chat_output_text(run: _Run, tokenizer, outputs: list[str], tool_messages: list[dict], toolbox: ToolBox) -> str:
+    """``chat_template``: the template's own text for the tool messages (``chat_env_text``)."""
+    return chat_env_text(tokenizer, run.traj.messages, tool_messages, toolbox.schemas(), run.end_of_turn)
+
+
+def _inline_call_end(call: str) -> int | None:
+    """End offset of the ```python block ``call`` opens; None if it is never closed."""
+    block = inline.first_closed_block(call)
+    return None if block is None else block[1]
+
+
+def _chat_call_end(call: str) -> int | None:
+    """End offset of the ``<tool_call>`` element ``call`` opens; None if it is never closed."""
+    close = call.find("</tool_call>", len("<tool_call>"))
+    return None if close < 0 else close + len("</tool_call>")
+
+
+def inline_answer_text(text: str) -> str:
+    """``text`` without its ```python blocks (one left open runs to the end).
+
+    >>> inline_answer_text("So:\\n```python\\nx = 42  # \\\\boxed{42}")
+    'So:\\n'
+    >>> inline_answer_text("A\\n```python\\nprint(1)\\n```\\nB ```python\\n```python\\n42\\n```\\nC")
+    'A\\nB C'
+    """
+    return answer_text(text, inline.CODE_OPEN, _inline_call_end)
+
+
+def chat_answer_text(text: str) -> str:
+    """``text`` without its ``<tool_call>`` elements (one left open runs to the end).
+
+    >>> chat_answer_text('Hi <tool_call>{"name": "f"}</tool_call> there <tool_call>{"code": "42"')
+    'Hi  there '
+    """
+    return answer_text(text, "<tool_call>", _chat_call_end)
 
 
 def chat_env_text(tokenizer, messages: list[dict], tool_messages: list[dict], tools: list[dict] | None,
@@ -335,7 +405,7 @@ def _add_assistant(messages: list[dict], content: str, calls: list[ToolCall]) ->
         messages.append(_assistant_message(content, calls))
 
 
-def _finalise(run: _Run, tokenizer, tool_format: str) -> None:
+def _finalise(run: _Run, tokenizer, form: ToolFormat) -> None:
     """Decode the response. The final answer is the sampled text after the last env segment
     with every tool call cut out (``answer_text``: a call left open runs to the end), and
     nothing when the last call never got its output (a turn, call or token limit): a reward
@@ -349,7 +419,7 @@ def _finalise(run: _Run, tokenizer, tool_format: str) -> None:
         return
     last_env = max((i for i, s in enumerate(traj.segments) if s.kind != "sampled"), default=0)
     final = [i for segment in traj.segments[last_env + 1 :] for i in segment.token_ids]
-    text = answer_text(tokenizer.decode(final, skip_special_tokens=False), tool_format)
+    text = form.answer_text(tokenizer.decode(final, skip_special_tokens=False))
     for token in sorted(_special_strings(tokenizer), key=len, reverse=True):
         text = text.replace(token, "")
     traj.final_text = text
@@ -363,3 +433,10 @@ def _special_strings(tokenizer) -> set[str]:
         if getattr(added, "special", False) and getattr(added, "content", ""):
             strings.add(added.content)
     return strings
+
+
+# The tool formats ``agent.tool_format`` names; config.py's Literal lists the same names.
+TOOL_FORMATS: dict[str, ToolFormat] = {
+    "inline": ToolFormat(_inline_turn, _inline_output_text, inline_answer_text, stop=inline.STOP),
+    "chat_template": ToolFormat(_chat_turn, _chat_output_text, chat_answer_text, schemas_in_prompt=True),
+}

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
-from posttrain.data import inline
 from posttrain.rewards.math import answers_match_plain, extract_answer, extract_last_number, numbers_in
 from posttrain.rollout.base import Completion
 
@@ -124,18 +123,19 @@ class Trajectory:
         }
 
 
-def answer_text(text: str, tool_format: str) -> str:
+def answer_text(text: str, opening: str, call_end: Callable[[str], int | None]) -> str:
     """``text`` with every tool call cut out, closed or left open (an open one runs to the end
-    of the text): no reward reads an answer from code that ran, or never ran.
+    of the text): no reward reads an answer from code that ran, or never ran. A call starts at
+    ``opening``; ``call_end(rest)`` is the end offset of the call that ``rest`` (the text from
+    that opening on) starts with, None when it is left open. Each tool format of the turn loop
+    supplies its own (``agent.loop.TOOL_FORMATS``).
 
-    >>> answer_text("So:\\n```python\\nx = 42  # \\\\boxed{42}", "inline")
-    'So:\\n'
-    >>> answer_text("A\\n```python\\nprint(1)\\n```\\nB ```python\\n```python\\n42\\n```\\nC", "inline")
-    'A\\nB C'
-    >>> answer_text('Hi <tool_call>{"name": "f"}</tool_call> there <tool_call>{"code": "42"', "chat_template")
-    'Hi  there '
+    >>> def call_end(rest):
+    ...     close = rest.find("]]", 2)
+    ...     return None if close < 0 else close + 2
+    >>> answer_text("A [[f(1)]] B [[g(", "[[", call_end)
+    'A  B '
     """
-    opening, closing = {"inline": (inline.CODE_OPEN, None), "chat_template": ("<tool_call>", "</tool_call>")}[tool_format]
     kept, position = [], 0
     while True:
         start = text.find(opening, position)
@@ -143,15 +143,10 @@ def answer_text(text: str, tool_format: str) -> str:
             kept.append(text[position:])
             break
         kept.append(text[position:start])
-        if closing is None:
-            block = inline.first_closed_block(text[start:])
-            end = None if block is None else start + block[1]
-        else:
-            close = text.find(closing, start + len(opening))
-            end = None if close < 0 else close + len(closing)
+        end = call_end(text[start:])
         if end is None:
             break
-        position = end
+        position = start + end
     return "".join(kept)
 
 
