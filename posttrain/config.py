@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from posttrain.errors import ConfigError
 from posttrain.models import DEFAULT_MODEL
@@ -438,6 +438,11 @@ class CriticConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="first steps train only the critic (the policy waits)")
 
 
+PREFLIGHT_HELP = ("false: not called on sample rows before training (rl, pipeline, inspect --config: the "
+                  "reward pre-flight, docs/PREFLIGHT.md); for a reward meant to pay otherwise than full marks for "
+                  "the reference answer and less for a wrong one")
+
+
 class NamedReward(BaseModel):
     """A reward by name, a built-in (``math``, ``code``, ``format``, ``length``, ``model``, ...)
     or ``module:function``, with its parameters beside the name or under ``params``; the
@@ -446,6 +451,7 @@ class NamedReward(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(description="built-in reward name or module:function")
     params: dict[str, Any] | None = Field(None, description="parameters (they may also sit beside 'name')")
+    preflight: bool = Field(True, strict=True, description=PREFLIGHT_HELP)
 
 
 class CompositeTerm(BaseModel):
@@ -454,6 +460,7 @@ class CompositeTerm(BaseModel):
     model_config = ConfigDict(extra="allow")
     weight: float = Field(1.0, strict=True, allow_inf_nan=False, description="the term's weight in the sum")
     reward: str | None = Field(None, description="the reward this term uses (default: the term's key)")
+    preflight: bool = Field(True, strict=True, description=PREFLIGHT_HELP)
 
 
 class CompositeReward(BaseModel):
@@ -462,6 +469,7 @@ class CompositeReward(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["composite"]
     terms: dict[str, CompositeTerm | None] = Field(min_length=1, description="named, weighted terms")
+    preflight: bool = Field(True, strict=True, description=PREFLIGHT_HELP + " (every term)")
 
 
 def _reward_kind(value: Any) -> str:
@@ -570,6 +578,58 @@ class RLTrainConfig(RunFaultsConfig):
     export: bool = Field(True, description="write final/ (HF format) at the end")
 
 
+class AlarmsConfig(Section):
+    """``alarms:`` of ``posttrain rl``: reward hacking and collapse alarms read from the run's own
+    metrics (``train.rl_alarms``; docs/METRICS.md, "Alarms"). Each logs ``alarm/<name>`` (0/1)
+    every step and says one line when it fires; a threshold set to null switches its alarm off.
+    "Since the start" compares the mean of the run's first ``window`` steps with the last ones."""
+
+    enabled: bool = Field(True, description="watch the alarms at all; false = no alarm/* metrics, no warnings")
+    window: int = Field(10, gt=0, description="steps per window: levels are means over the last window, rises "
+                                              "compare it with the first window (so they need 2 x window steps)")
+    acc_gain: float = Field(0.05, ge=0, description="accuracy (acc) 'gained' when its last-window mean exceeds its "
+                                                    "first-window mean by this; below it, it stayed flat")
+    heldout_drop: float | None = Field(
+        0.05, gt=0, description="reward_up_heldout_down: held-out accuracy (eval/acc, else eval/reward) fell by this "
+                                "between the last two evaluations (needs train.eval_every) while the training "
+                                "reward rose by reward_rise; null = off")
+    reward_rise: float = Field(0.05, ge=0, description="reward_up_heldout_down: how much the training reward (mean of "
+                                                       "the window ending at each evaluation) must have risen")
+    reward_length_corr: float | None = Field(
+        0.5, ge=-1, le=1, description="reward_length_corr: the within-group correlation of reward and response "
+                                      "length (reward_length_corr), averaged over the last window, reaches this "
+                                      "while accuracy did not gain acc_gain (or the reward checks no correctness); "
+                                      "null = off")
+    term_rise: float | None = Field(
+        0.3, gt=0, description="format_saturated: a reward term (reward/<term>) rose by this since the start and sits "
+                               "at term_saturation x its highest value while accuracy stayed flat; null = off")
+    term_saturation: float = Field(0.9, gt=0, le=1, description="format_saturated: the share of its highest value at "
+                                                                "which a term counts as saturated")
+    tool_calls_rise: float | None = Field(
+        0.5, gt=0, description="tool_calls_no_gain (agent runs): tool calls per trajectory rose by this since the "
+                               "start while accuracy stayed flat; null = off")
+    entropy_ratio: float | None = Field(
+        0.05, gt=0, lt=1, description="entropy_collapse: entropy over the last window fell below this share of its "
+                                      "first window (the quickstarts' healthy runs end near 0.15); null = off")
+    kl_max: float | None = Field(1.0, gt=0, description="kl_blowup: mean kl to the reference over the last window "
+                                                        "(nats/token) reaching this; null = off for kl")
+    approx_kl_max: float | None = Field(
+        0.1, gt=0, description="kl_blowup: mean approx_kl to the sampling policy over the last window reaching this; "
+                               "null = off for approx_kl")
+    clip_frac_max: float | None = Field(
+        0.2, gt=0, le=1, description="clip_frac_blowup: mean clip_frac over the last window reaching this (and "
+                                     "blowup_factor x its first window); null = off")
+    blowup_factor: float = Field(3.0, ge=1, description="kl_blowup, clip_frac_blowup: the last window must also be "
+                                                        "this many times the first window's mean")
+    length_cap_frac: float | None = Field(
+        0.5, gt=0, le=1, description="length_cap: the share of responses cut at the length cap over the last window "
+                                     "reaching this after rising by length_cap_rise since the start; null = off")
+    length_cap_rise: float = Field(0.2, ge=0, description="length_cap: how much that share must have risen")
+    nonfinite_steps: int | None = Field(
+        1, gt=0, description="nonfinite: optimizer steps skipped for a NaN/inf loss or gradient within the last "
+                             "window (train.skip_nonfinite_steps lets a run skip them) reaching this; null = off")
+
+
 class RLOptimConfig(OptimConfig):
     """``optim:`` of ``posttrain rl``: as for SFT, with RL's usual small constant learning rate."""
 
@@ -598,6 +658,7 @@ class RLConfig(Section):
     rl: RLAlgorithmConfig = RLAlgorithmConfig()
     agent: AgentConfig = AgentConfig()
     train: RLTrainConfig = RLTrainConfig()
+    alarms: AlarmsConfig = AlarmsConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "RLConfig":
@@ -1008,7 +1069,33 @@ class SamplingConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 = off")
     max_new_tokens: int = Field(256, gt=0)
-    seed: int | None = Field(0, ge=0, le=MAX_SEED, description="generation seed")
+    seed: int | list[int] | None = Field(
+        0, description="generation seed; a list such as [0, 1, 2] (temperature > 0) evaluates every task once per "
+                       "seed and reports the mean, the spread over seeds and each seed's figure")
+
+    @field_validator("seed")
+    @classmethod
+    def _seeds_in_range(cls, value: int | list[int] | None) -> int | list[int] | None:
+        seeds = value if isinstance(value, list) else [] if value is None else [value]
+        if isinstance(value, list) and not value:
+            raise ValueError("an empty list: give one seed or several")
+        if any(not 0 <= seed <= MAX_SEED for seed in seeds):
+            raise ValueError(f"seeds are 0 .. {MAX_SEED}")
+        if len(set(seeds)) < len(seeds):
+            raise ValueError("a seed is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _several_seeds_sample(self) -> "SamplingConfig":
+        if isinstance(self.seed, list) and len(self.seed) > 1 and self.temperature == 0:
+            raise ValueError(f"seed lists {len(self.seed)} seeds but temperature is 0: greedy decoding gives the "
+                             "same completions for every seed; set temperature > 0 or give one seed")
+        return self
+
+    @property
+    def seeds(self) -> list[int | None]:
+        """The generation seeds: the list, or the one seed (None: unseeded)."""
+        return list(self.seed) if isinstance(self.seed, list) else [self.seed]
 
 
 class EvalTaskConfig(Section):
@@ -1055,6 +1142,9 @@ class EvalConfig(Section):
         False, description="allow HumanEval to run model code in 'process' isolation (no namespaces: the code "
         "sees the filesystem, behind a bypassable audit hook) where namespace isolation is unavailable")
     tasks: list[EvalTaskConfig] = Field(min_length=1, description="what to evaluate")
+    headline_task: str | None = Field(
+        None, description="the task the report's headline follows across stages (a task's label or derived name, "
+                          "e.g. arith_tool); default: the first task")
 
     @model_validator(mode="after")
     def _k_fits_n(self) -> "EvalConfig":

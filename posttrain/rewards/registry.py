@@ -9,16 +9,25 @@ spec is a name, or a mapping with ``name`` and its parameters (flat, or under ``
     build_reward({"name": "my_rewards:brevity", "params": {"limit": 50}})
 
 For ``module:attr`` user code: with parameters ``attr(**params)`` must return the reward;
-without, a class is instantiated and a function is the reward itself. Two calling
-conventions, told apart by the signature:
+without, a class is instantiated and a function is the reward itself. Three calling
+conventions, told apart by the signature (``calling_convention``):
 
 - posttrain's ``fn(prompts, completions, metadata)`` (exactly these three parameters): may
   return a ``RewardOutput`` or a plain list of floats (wrapped, component = the name);
-- TRL's (any other signature, typically ``fn(completions, **kwargs)`` or
+- TRL's (a ``completions`` parameter or ``**kwargs``, typically ``fn(completions, **kwargs)`` or
   ``fn(prompts, completions, ground_truth, **kwargs)``): keyword arguments ``prompts``,
   ``completions`` and one list per other column of the rows; returns floats or None
   (``TRLReward``; TRL GRPO trainer docs, "Using a custom reward function",
-  https://huggingface.co/docs/trl/grpo_trainer#using-a-custom-reward-function).
+  https://huggingface.co/docs/trl/grpo_trainer#using-a-custom-reward-function);
+- veRL's ``compute_score(data_source, solution_str, ground_truth, extra_info)`` (a
+  ``solution_str`` parameter): called once per completion, ``ground_truth`` the row's
+  ``answer`` (or ``reward_model.ground_truth``), ``data_source`` and ``extra_info`` its columns;
+  returns a number or a dict with ``score`` (``VerlReward``; veRL docs, "Implement Reward
+  Function for Dataset", https://verl.readthedocs.io/en/latest/preparation/reward_function.html).
+  The batched form ``(data_sources, solution_strs, ground_truths, extra_infos)`` is called
+  once per batch and returns one score per completion.
+
+Any other signature is refused when the reward is built, in one line showing it and these forms.
 
 **Correctness.** ``math``, ``code`` and ``reasoning_gym`` are correctness checks: their output's
 ``correct`` says per sample whether the answer was right (all tests passed), and accuracy
@@ -34,6 +43,10 @@ A posttrain-style function may instead return ``RewardOutput(..., correct=[...])
 
 ``reward_fields(spec)`` says which row fields a reward reads, so the RL prompt audit can
 refuse rows that lack them before any model loads.
+
+``preflight: false`` beside a reward's name (or in a composite's term) is the pre-flight's
+setting, taken out here: that reward is not called on sample rows before training
+(``rewards.preflight``).
 
 Contract for ``model`` (and any class registered here): ``Cls(**params)`` builds a callable
 ``(prompts, completions, metadata) -> RewardOutput``; parameter errors raise ``ConfigError``
@@ -158,13 +171,121 @@ def _parameters(fn) -> Mapping[str, inspect.Parameter] | None:
 
 
 def is_trl_style(fn) -> bool:
-    """True unless ``fn`` takes exactly posttrain's ``(prompts, completions, metadata)``."""
+    """True when ``fn`` is called TRL's way (``calling_convention(fn) == "trl"``)."""
+    return calling_convention(fn) == "trl"
+
+
+ACCEPTED_FORMS = ("posttrain fn(prompts, completions, metadata) -> RewardOutput | list[float]; "
+                  "TRL fn(prompts, completions, **kwargs) -> list[float | None]; "
+                  "veRL compute_score(data_source, solution_str, ground_truth, extra_info) -> float | dict with 'score'")
+
+
+def calling_convention(fn) -> str | None:
+    """How a user reward is called, read from its signature: ``"posttrain"`` (exactly
+    ``prompts, completions, metadata``; also a callable whose signature cannot be read),
+    ``"verl"`` (a ``solution_str`` parameter), ``"verl_batch"`` (``solution_strs``), ``"trl"``
+    (a ``completions`` parameter, or ``**kwargs``), else None (refused by ``build_reward``).
+
+    >>> calling_convention(lambda prompts, completions, metadata: [])
+    'posttrain'
+    >>> calling_convention(lambda data_source, solution_str, ground_truth, extra_info=None: 0.0)
+    'verl'
+    >>> calling_convention(lambda completions, **kwargs: []), calling_convention(lambda text: 0.0)
+    ('trl', None)
+    """
     parameters = _parameters(fn)
     if parameters is None:
-        return False
+        return "posttrain"
     positional = [name for name, p in parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     has_kwargs = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
-    return has_kwargs or positional != ["prompts", "completions", "metadata"] and "completions" in parameters
+    if positional == ["prompts", "completions", "metadata"] and not has_kwargs:
+        return "posttrain"
+    if "solution_str" in parameters:
+        return "verl"
+    if "solution_strs" in parameters:
+        return "verl_batch"
+    if has_kwargs or "completions" in parameters:
+        return "trl"
+    return None
+
+
+def signature_text(fn) -> str:
+    """``fn``'s parameters as written, for error messages (``(x, y=1)``)."""
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return "(?)"
+
+
+VERL_ARGUMENTS = ("data_source", "solution_str", "ground_truth", "extra_info")
+
+
+def verl_ground_truth(meta: Mapping[str, Any]) -> Any:
+    """The ``ground_truth`` veRL passes for a row: its ``answer``, else ``reward_model.ground_truth``.
+
+    >>> verl_ground_truth({"reward_model": {"ground_truth": "72"}}), verl_ground_truth({"answer": 4})
+    ('72', 4)
+    """
+    if meta.get("answer") is not None:
+        return meta["answer"]
+    reward_model = meta.get("reward_model")
+    return reward_model.get("ground_truth") if isinstance(reward_model, Mapping) else None
+
+
+class VerlReward:
+    """A veRL ``compute_score`` (``custom_reward_function.path`` + ``.name`` in veRL), called the
+    way veRL's reward manager calls it: with keyword arguments ``data_source`` (the row's
+    ``data_source``), ``solution_str`` (the completion), ``ground_truth`` (``verl_ground_truth``)
+    and ``extra_info`` (the row's ``extra_info``), each only if the function takes it (all with
+    ``**kwargs``). Once per completion; with ``batched`` (the ``solution_strs`` form) once per
+    batch with the plural names and lists. A result is a number or a dict whose ``score`` is one
+    (its other entries go to ``details``).
+
+    >>> def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    ...     return {"score": float(solution_str.strip() == ground_truth), "source": data_source}
+    >>> out = VerlReward(compute_score, "compute_score")(["2+2?"] * 2, ["4", "5"], [{"answer": "4", "data_source": "toy"}] * 2)
+    >>> out.scores, out.details[0]
+    ([1.0, 0.0], {'source': 'toy'})
+    """
+
+    def __init__(self, fn, name: str, correctness: bool = False, batched: bool = False):
+        self.fn, self.name, self.correctness, self.batched = fn, name, correctness, batched
+        parameters = _parameters(fn) or {}
+        takes_any = any(p.kind == p.VAR_KEYWORD for p in parameters.values())
+        names = [n + "s" if batched else n for n in VERL_ARGUMENTS]
+        self.arguments = [n for n in names if takes_any or n in parameters]
+
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str], metadata: Sequence[dict] | None = None):
+        metadata = check_batch(prompts, completions, metadata)
+        columns = {"data_source": [m.get("data_source") for m in metadata], "solution_str": list(completions),
+                   "ground_truth": [verl_ground_truth(m) for m in metadata],
+                   "extra_info": [m.get("extra_info") for m in metadata]}
+        if self.batched:
+            values = self.fn(**{n: columns[n[:-1]] for n in self.arguments})
+            if values is None or not hasattr(values, "__len__") or len(values) != len(completions):
+                got = "None" if values is None else f"{len(values)} values" if hasattr(values, "__len__") else type(values).__name__
+                raise ValueError(f"reward {self.name!r} returned {got} for a batch of {len(completions)} completions")
+        else:
+            values = [self.fn(**{n: columns[n][i] for n in self.arguments}) for i in range(len(completions))]
+        scores, details = [], []
+        for value in values:
+            score, detail = _verl_score(value, self.name)
+            scores.append(score)
+            details.append(detail)
+        return declared_correctness(RewardOutput(scores, {self.name: list(scores)}, details=details), self.correctness)
+
+
+def _verl_score(value: Any, name: str) -> tuple[float, dict]:
+    """``(score, details)`` of one veRL result: a number, or a dict with a numeric ``score``."""
+    detail: dict = {}
+    if isinstance(value, Mapping):
+        if "score" not in value:
+            raise ValueError(f"reward {name!r} returned a dict without 'score' (keys: {', '.join(map(str, value))})")
+        detail = {k: v for k, v in value.items() if k != "score"}
+        value = value["score"]
+    if not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
+        raise ValueError(f"reward {name!r} returned {value!r}, not a number or a dict with a numeric 'score'")
+    return float(value), detail
 
 
 def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
@@ -178,6 +299,7 @@ def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
     """
     name, params = _split_spec(spec, key)
     params.pop("correctness", None)
+    params.pop("preflight", None)
     if name == "composite":
         found: dict[str, str] = {}
         for term_name, term in (params.get("terms") or {}).items():
@@ -191,11 +313,14 @@ def reward_fields(spec: Any, key: str = "reward") -> dict[str, str]:
         return {str(params.get("tests_key", "tests")): name}
     if ":" in name and not params:
         target = _import(name, key)
-        if callable(target) and not inspect.isclass(target) and is_trl_style(target):
-            short = name.rpartition(":")[2]
+        convention = calling_convention(target) if callable(target) and not inspect.isclass(target) else None
+        short = name.rpartition(":")[2]
+        if convention == "trl":
             return {field: short for field, p in (_parameters(target) or {}).items()
                     if field not in TRL_ARGUMENTS and p.default is p.empty
                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        if convention in ("verl", "verl_batch"):
+            return {"answer": short}  # ground_truth: the row's answer (reward_model.ground_truth is read as it)
     return {}
 
 
@@ -298,6 +423,8 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
     """
     name, params = _split_spec(spec, key)
     correctness = _correctness_declared(name, params, key)
+    if not isinstance(params.pop("preflight", True), bool):
+        raise ConfigError(f"{key}.preflight: true or false")
     if name == "composite":
         return _build_composite(params, key)
     if name in BUILTIN_REWARDS:
@@ -318,8 +445,14 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
     if not callable(built):
         raise ConfigError(f"{key}.name: {name!r} did not give a callable reward")
     short = name.rpartition(":")[2].rpartition(".")[2]
-    if is_trl_style(built):
+    convention = calling_convention(built)
+    if convention is None:
+        raise ConfigError(f"{key}.name: {name} takes {signature_text(built)}, which is no reward calling convention "
+                          f"posttrain knows; accepted: {ACCEPTED_FORMS}")
+    if convention == "trl":
         return TRLReward(built, short, correctness)
+    if convention in ("verl", "verl_batch"):
+        return VerlReward(built, short, correctness, batched=convention == "verl_batch")
     return UserReward(built, short, correctness)
 
 
