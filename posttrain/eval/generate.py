@@ -13,6 +13,10 @@ Metrics (``posttrain eval``'s names; ``trainer_metrics`` gives RL's, docs/METRIC
 - ``mean_score``: the mean reward;
 - ``pass@k`` (unbiased, Chen et al. 2021; k <= n) and ``maj@n`` (majority vote over extracted
   answers, n > 1), both only with a correctness check;
+- ``<metric>/ci_low``, ``<metric>/ci_high`` for ``accuracy``, ``pass@k`` and ``maj@n``: the 95%
+  interval over problems (``eval.metrics.problem_interval``: Wilson when every problem scores 0 or
+  1, else the bootstrap over problems); ``RowsEvaluation.scores`` keeps each problem's value, so
+  two evaluations of the same problems can be compared pairwise (``eval.metrics.paired_difference``);
 - ``format_rate`` (with a format reward beside the task's reward);
 - ``response_len/mean`` (tokens), ``response_len/clipped_frac`` (hit max_new_tokens);
 - ``<name>/unverified``: samples a reward could not check within its bounds;
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from posttrain.agent.trajectory import trajectory_metrics, trajectory_record
-from posttrain.eval.metrics import majority_vote_correct, mean_pass_at_k
+from posttrain.eval.metrics import majority_vote_correct, mean_pass_at_k, pass_at_k, problem_interval
 from posttrain.eval.prompts import PromptRow, agent_prompts
 from posttrain.log import Progress
 from posttrain.rewards.output import RewardFn, correct_share, unverified_counts, with_completion_tokens
@@ -60,11 +64,12 @@ class EvaluatedSample:
 
 @dataclass
 class RowsEvaluation:
-    """``evaluate_rows``' result: the metrics (module docstring) and every sample, grouped by
-    row in row order."""
+    """``evaluate_rows``' result: the metrics (module docstring), every sample, grouped by
+    row in row order, and per metric each row's value (``problem_scores``)."""
 
     metrics: dict[str, float]
     samples: list[EvaluatedSample]
+    scores: dict[str, list[float]] = field(default_factory=dict)
 
 
 def evaluate_rows(engine: Any, rows: Sequence[PromptRow], reward: RewardFn, params: SamplingParams, *,
@@ -121,14 +126,55 @@ def evaluate_rows(engine: Any, rows: Sequence[PromptRow], reward: RewardFn, para
     metrics.update(unverified_counts(scored.components))  # samples a reward could not check within its bounds
     if trajectories is not None:
         metrics.update(trajectory_metrics(trajectories, prefix="agent"))
-    return RowsEvaluation(metrics, samples)
+    return RowsEvaluation(metrics, samples, problem_scores(samples, params.n, pass_k))
+
+
+def problem_scores(samples: Sequence[EvaluatedSample], n: int, pass_k: Sequence[int] = ()) -> dict[str, list[float]]:
+    """Per problem (rows in order) the value each headline metric averages: ``accuracy`` (the
+    share of its checked completions that are correct; 0 when none was checked), ``pass@k`` (k <= n) and ``maj@n``
+    (n > 1, extracted answers: 1.0 when the voted answer is correct); {} when the reward checks
+    no correctness.
+
+    >>> done = lambda row, ok: EvaluatedSample(row, 0, Completion(row, [1], "x", "stop"), float(ok), ok)
+    >>> problem_scores([done(0, True), done(0, False), done(1, False), done(1, False)], n=2, pass_k=(1, 2))
+    {'accuracy': [0.5, 0.0], 'pass@1': [0.5, 0.0], 'pass@2': [1.0, 0.0]}
+    """
+    per_row: dict[int, list[EvaluatedSample]] = {}
+    for sample in samples:
+        per_row.setdefault(sample.row, []).append(sample)
+    groups = [per_row[row] for row in sorted(per_row)]
+    checked = [[s for s in group if s.correct is not None] for group in groups]
+    if not any(checked):
+        return {}
+    scores = {"accuracy": [sum(bool(s.correct) for s in group) / len(group) if group else 0.0 for group in checked]}
+    for k in pass_k:
+        if k <= n:
+            scores[f"pass@{k}"] = [pass_at_k(n, sum(bool(s.correct) for s in group), k) for group in groups]
+    if n > 1 and any("extracted" in s.details for s in samples):
+        scores[f"maj@{n}"] = [float(majority_vote_correct([s.details.get("extracted") for s in group],
+                                                          [bool(s.correct) for s in group])) for group in groups]
+    return scores
+
+
+def interval_metrics(scores: dict[str, list[float]]) -> dict[str, float]:
+    """``<metric>/ci_low`` and ``<metric>/ci_high``: the 95% interval over problems of each
+    metric of ``problem_scores`` (``eval.metrics.problem_interval``).
+
+    >>> {k: round(v, 4) for k, v in interval_metrics({"accuracy": [1.0] * 13 + [0.0] * 87}).items()}
+    {'accuracy/ci_low': 0.0776, 'accuracy/ci_high': 0.2098}
+    """
+    metrics: dict[str, float] = {}
+    for name, values in scores.items():
+        metrics[f"{name}/ci_low"], metrics[f"{name}/ci_high"] = problem_interval(values)
+    return metrics
 
 
 def sample_metrics(samples: Sequence[EvaluatedSample], prompts: int, n: int,
                    pass_k: Sequence[int] = ()) -> dict[str, float]:
     """Counts, ``accuracy`` (only when the reward checks correctness), ``mean_score``,
-    ``pass@k``, ``maj@n``, ``format_rate`` (when a format reward judged the samples) and
-    response lengths over ``samples`` (``n`` per prompt)."""
+    ``pass@k``, ``maj@n``, each with its 95% interval over problems (``interval_metrics``),
+    ``format_rate`` (when a format reward judged the samples) and response lengths over
+    ``samples`` (``n`` per prompt)."""
     count = max(1, len(samples))
     metrics: dict[str, float] = {"num_prompts": prompts, "num_samples": len(samples)}
     accuracy = correct_share([s.correct for s in samples])
@@ -147,6 +193,7 @@ def sample_metrics(samples: Sequence[EvaluatedSample], prompts: int, n: int,
             votes = [majority_vote_correct([s.details.get("extracted") for s in group], [bool(s.correct) for s in group])
                      for group in per_row.values()]
             metrics[f"maj@{n}"] = sum(votes) / len(votes)
+        metrics.update(interval_metrics(problem_scores(samples, n, pass_k)))
     if any(s.format_ok is not None for s in samples):
         metrics["format_rate"] = sum(bool(s.format_ok) for s in samples) / count
     metrics["response_len/mean"] = sum(len(s.completion.token_ids) for s in samples) / count
@@ -160,6 +207,8 @@ TRAINER_NAMES = {
     "response_len/clipped_frac": "eval/clipped_frac",
     "num_prompts": "eval/count",
     "accuracy": "eval/acc",
+    "accuracy/ci_low": "eval/acc/ci_low",
+    "accuracy/ci_high": "eval/acc/ci_high",
 }
 
 
@@ -167,7 +216,7 @@ def trainer_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """``evaluate_rows``' metrics under the names a trainer logs (docs/METRICS.md, RL):
     ``eval/reward``, ``eval/acc``, ``eval/response_len``, ``eval/clipped_frac``, ``eval/count``,
     ``eval/<name>/unverified`` and ``eval/agent/*``; the rest (pass@k, times) stays in
-    ``posttrain eval``'s results.
+    ``posttrain eval``'s results. ``eval/acc/ci_low``, ``eval/acc/ci_high``: its 95% interval.
 
     >>> trainer_metrics({"num_prompts": 2, "accuracy": 0.5, "mean_score": 0.6, "time/score": 0.1, "agent/turns": 2.0})
     {'eval/reward': 0.6, 'eval/count': 2, 'eval/acc': 0.5, 'eval/agent/turns': 2.0}
