@@ -7,6 +7,13 @@ docs/PREFLIGHT.md on what to log: loss, lr, grad norm, tokens): loss and learnin
 gradient norm, reward and accuracy per RL step, KL and entropy, response length, held-out
 accuracy per stage as bars, and sample completions before and after training.
 
+Every held-out score carries its n and 95% interval (``posttrain eval`` writes them:
+``<metric>/ci_low``, ``<metric>/ci_high``), and every change between two evaluations of a task
+its paired 95% interval over the same problems (``eval.metrics.paired_difference`` on
+``results.json``'s ``per_problem`` scores) and whether that interval excludes 0. The headline
+follows one task: ``eval.headline_task`` of the pipeline (``pipeline.json``) or of the
+evaluation (``results.json``), else the first task evaluated.
+
 A run directory is either a single trainer's run (``metrics.jsonl`` at its top) or a
 pipeline run whose stages are sub-directories, each a run directory of its own. Held-out
 evaluations are ``eval/*.json`` files (with optional per-sample ``*.jsonl`` beside them)
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from posttrain.errors import ConfigError
+from posttrain.eval.metrics import PairedDifference, paired_difference
 
 # Stage directories of a pipeline run, in the order they run (others follow, by name).
 STAGE_ORDER = ("baseline", "sft", "dpo", "rm", "rl", "final")
@@ -81,6 +89,8 @@ class EvalResult:
     score_key: str | None
     score: float | None
     samples: list[dict[str, Any]] = field(default_factory=list)
+    problems: dict[str, list[Any]] = field(default_factory=dict)  # results.json's per_problem: ids, scores
+    headline_task: str | None = None  # the task the evaluation names as its headline
 
 
 @dataclass
@@ -90,6 +100,7 @@ class RunReport:
     evals: list[EvalResult]
     rl_samples: list[dict[str, Any]]
     pipeline: list[dict[str, Any]] = field(default_factory=list)  # pipeline.json's stages (status, wall_s)
+    headline_task: str | None = None  # pipeline.json's eval.headline_task
 
 
 def as_number(value: Any) -> float | None:
@@ -230,10 +241,13 @@ def find_evals(run_dir: Path, sample_limit: int = 2000) -> list[EvalResult]:
             samples_path = _samples_file_for(json_path)
             samples = read_jsonl(samples_path, limit=sample_limit) if samples_path else []
             tasks = _task_metrics(data)
+            per_problem = data.get("per_problem") if isinstance(data.get("per_problem"), dict) else {}
+            named = data.get("headline_task") if isinstance(data.get("headline_task"), str) else None
             for task, metrics in tasks:
                 key, score = headline_score(metrics)
                 own = [s for s in samples if len(tasks) == 1 or s.get("task") == task]
-                results.append(EvalResult(label, task, json_path, metrics, key, score, own))
+                problems = per_problem.get(task) if isinstance(per_problem.get(task), dict) else {}
+                results.append(EvalResult(label, task, json_path, metrics, key, score, own, problems, named))
 
     def order(result: EvalResult) -> tuple[int, int, str]:
         return _stage_sort_key(Path(result.label.split("/")[0]), declared)
@@ -257,7 +271,16 @@ def load_report(run_dir: str | Path) -> RunReport:
             f"{run_dir} holds no metrics.jsonl (at its top or in a stage sub-directory) and no eval/*.json: "
             "is it a run directory?"
         )
-    return RunReport(path, stages, evals, rl_samples, _pipeline_stages(path))
+    return RunReport(path, stages, evals, rl_samples, _pipeline_stages(path), _pipeline_headline_task(path))
+
+
+def _pipeline_headline_task(run_dir: Path) -> str | None:
+    try:
+        state = json.loads((run_dir / PIPELINE_STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    task = state.get("headline_task") if isinstance(state, dict) else None
+    return task if isinstance(task, str) else None
 
 
 def _pipeline_stages(run_dir: Path) -> list[dict[str, Any]]:
@@ -542,6 +565,25 @@ def trajectory_turn_rows(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"kind": s["kind"], "tokens": len(s["token_ids"]), "text": s["text"]} for s in best["segments"][1:]]
 
 
+def alarm_rows(report: RunReport) -> list[dict[str, str]]:
+    """The RL alarms (``alarm/<name>`` in metrics.jsonl, train.rl_alarms) of each stage that watched
+    any: one row per alarm that fired, with the logged steps at which it did, or one row saying
+    none fired; [] when no stage logged alarms."""
+    from posttrain.train.rl_alarms import ALARMS, alarm_summary
+
+    rows = []
+    for stage in report.stages:
+        watched, fired = alarm_summary(stage.metrics)
+        if not watched:
+            continue
+        rows.extend({"stage": stage.name, "alarm": name, "fired at": steps, "meaning": ALARMS[name]}
+                    for name, steps in fired.items())
+        if not fired:
+            rows.append({"stage": stage.name, "alarm": "none fired", "fired at": "-",
+                         "meaning": f"watched: {', '.join(watched)}"})
+    return rows
+
+
 # ----------------------------------------------------------------------------- summary
 def summary_rows(report: RunReport) -> list[dict[str, str]]:
     """One row per stage and per evaluation: what the terminal table and the page's table show."""
@@ -558,47 +600,131 @@ def summary_rows(report: RunReport) -> list[dict[str, str]]:
     return rows
 
 
+def paired_change(before: EvalResult, after: EvalResult) -> PairedDifference | None:
+    """``after``'s score minus ``before``'s over the same problems with its paired 95% interval
+    (``eval.metrics.paired_difference``), from both files' ``per_problem`` scores; None when
+    either lacks them or they cover different problems.
+
+    >>> def result(label, values):
+    ...     return EvalResult(label, "t", Path("."), {}, "accuracy", sum(values) / len(values),
+    ...                       problems={"ids": ["a", "b", "c", "d", "e"], "accuracy": values})
+    >>> change = paired_change(result("base", [0, 0, 0, 0, 0]), result("rl", [1, 1, 1, 1, 0]))
+    >>> change.delta, change.low, change.high, change.excludes_zero
+    (0.8, 0.4, 1.0, True)
+    """
+    key = after.score_key
+    if key is None or key != before.score_key:
+        return None
+    pairs = []
+    for result in (before, after):
+        ids, values = result.problems.get("ids"), result.problems.get(key)
+        if not isinstance(ids, list) or not isinstance(values, list) or len(ids) != len(values) or not ids:
+            return None
+        pairs.append(([str(i) for i in ids], values))
+    (ids_before, values_before), (ids_after, values_after) = pairs
+    if len(set(ids_before)) == len(ids_before) and len(set(ids_after)) == len(ids_after):
+        if set(ids_before) != set(ids_after):
+            return None
+        by_id = dict(zip(ids_before, values_before))
+        values_before = [by_id[i] for i in ids_after]
+    elif ids_before != ids_after:
+        return None
+    return paired_difference(values_before, values_after)
+
+
+def _points(value: float, percent: bool) -> str:
+    return f"{100 * value:+.1f}" if percent else f"{value:+.4g}"
+
+
+def change_text(change: PairedDifference | None, delta: float, percent: bool) -> str:
+    """A change as the tables print it: ``+4.0 pts [-2.0, +10.0] incl. 0`` (paired 95% interval,
+    whether it excludes 0), or the bare difference when it cannot be paired.
+
+    >>> change_text(PairedDifference(0.04, -0.02, 0.1, 100), 0.04, True)
+    '+4.0 pts [-2.0, +10.0] incl. 0'
+    >>> change_text(None, 0.5, True)
+    '+50.0 pts'
+    """
+    unit = " pts" if percent else ""
+    if change is None:
+        return f"{_points(delta, percent)}{unit}"
+    verdict = "excl. 0" if change.excludes_zero else "incl. 0"
+    return (f"{_points(change.delta, percent)}{unit} [{_points(change.low, percent)}, "
+            f"{_points(change.high, percent)}] {verdict}")
+
+
+def _score_text(result: EvalResult) -> tuple[str, str]:
+    """(score, its 95% interval) of an evaluation: ``80.0%`` and ``[71.1, 86.7]``, or ``-``."""
+    percent = 0.0 <= result.score <= 1.0
+    value = f"{100 * result.score:.1f}%" if percent else f"{result.score:.4g}"
+    low = as_number(result.metrics.get(f"{result.score_key}/ci_low"))
+    high = as_number(result.metrics.get(f"{result.score_key}/ci_high"))
+    if low is None or high is None:
+        return value, "-"
+    return value, (f"[{100 * low:.1f}, {100 * high:.1f}]" if percent else f"[{low:.4g}, {high:.4g}]")
+
+
 def eval_rows(report: RunReport) -> list[dict[str, str]]:
-    """One row per (model, task) with a score: the score and its gain over the task's first evaluation."""
+    """One row per (model, task) with a score: the score, its 95% interval and n, and its change
+    over the task's previous and first evaluations with the paired 95% interval of each change
+    (``change_text``); "vs previous" only when some task was evaluated three times or more."""
     rows = []
-    first_score: dict[str, float] = {}
+    earlier: dict[str, list[EvalResult]] = {}
+    scored = [result for result in report.evals if result.score is not None]
     several_tasks = len(_task_names(report.evals)) > 1
-    for result in report.evals:
-        if result.score is None:
-            continue
+    with_previous = any(sum(r.task == task for r in scored) > 2 for task in _task_names(scored))
+    for result in scored:
         percent = 0.0 <= result.score <= 1.0
-        value = f"{100 * result.score:.1f}%" if percent else f"{result.score:.4g}"
-        gain = "-"
-        if result.task in first_score:
-            delta = result.score - first_score[result.task]
-            gain = f"{100 * delta:+.1f} pts" if percent else f"{delta:+.4g}"
-        else:
-            first_score[result.task] = result.score
+        value, interval = _score_text(result)
+        seen = earlier.setdefault(result.task, [])
+        changes = {}
+        for column, base in (("vs previous", seen[-1] if seen else None), ("vs first", seen[0] if seen else None)):
+            changes[column] = "-" if base is None else change_text(paired_change(base, result),
+                                                                     result.score - base.score, percent)
+        seen.append(result)
         count = next((result.metrics[k] for k in ("num_prompts", "n", "count", "num_samples") if k in result.metrics),
                      len(result.samples) or "")
         row = {"model": result.label}
         if several_tasks:
             row["task"] = result.task
-        row.update({"metric": result.score_key or "score", "score": value, "vs first": gain,
+        row.update({"metric": result.score_key or "score", "score": value, "95% CI": interval,
                     "n": str(int(count)) if isinstance(count, float) and count.is_integer() else str(count)})
+        if with_previous:
+            row["vs previous"] = changes["vs previous"]
+        row["vs first"] = changes["vs first"]
         rows.append(row)
     return rows
 
 
-def headline(report: RunReport) -> str | None:
-    """One line with the first task's held-out score per stage and the total gain, or None.
+def headline_task(report: RunReport) -> str | None:
+    """The task the headline follows: the pipeline's ``eval.headline_task``, else the one an
+    evaluation names, else the first task with a score (when it is evaluated at all)."""
+    tasks = _task_names(report.evals)
+    named = [report.headline_task] + [result.headline_task for result in report.evals]
+    return next((task for task in named if task in tasks), tasks[0] if tasks else None)
 
-    e.g. ``held-out addition: baseline 25.0% -> sft 70.0% -> rl 78.0% (+53.0 pts)``
+
+def headline(report: RunReport) -> str | None:
+    """One line following the headline task (``headline_task``) across stages: each stage's
+    score with its 95% interval, then the last one's change over the first (and over the one
+    before, with three or more) with its paired 95% interval, or None.
+
+    e.g. ``held-out addition (n=100): baseline 25.0% [17.6, 34.2] -> rl 78.0% [68.9, 85.0];
+    rl vs baseline +53.0 pts [+43.0, +63.0] excl. 0``
     """
-    rows = [row for row in eval_rows(report)]
-    if not rows:
+    task = headline_task(report)
+    results = [result for result in report.evals if result.score is not None and result.task == task]
+    if not results:
         return None
-    task = rows[0].get("task")
-    rows = [row for row in rows if row.get("task") == task]
-    chain = " -> ".join(f"{row['model']} {row['score']}" for row in rows)
-    gain = f" ({rows[-1]['vs first']})" if len(rows) > 1 and rows[-1]["vs first"] != "-" else ""
-    name = task or next((r.task for r in report.evals if r.score is not None and r.task), "")
-    return f"held-out {name + ': ' if name else ''}{chain}{gain}"
+    chain = " -> ".join(f"{result.label} {' '.join(t for t in _score_text(result) if t != '-')}" for result in results)
+    count = as_number(results[-1].metrics.get("num_prompts"))
+    line = f"held-out {task + ' ' if task else ''}{f'(n={count:.0f})' if count is not None else ''}".rstrip()
+    line = f"{line}: {chain}"
+    last, percent = results[-1], 0.0 <= results[-1].score <= 1.0
+    for base in ([results[0]] + ([results[-2]] if len(results) > 2 else [])) if len(results) > 1 else []:
+        change = change_text(paired_change(base, last), last.score - base.score, percent)
+        line += f"; {last.label} vs {base.label} {change}"
+    return line
 
 
 def print_summary(report: RunReport, console=None) -> None:
@@ -615,6 +741,11 @@ def print_summary(report: RunReport, console=None) -> None:
         for row in stage_rows:
             table.add_row(*row.values())
         console.print(table)
+    for row in alarm_rows(report):
+        fired = row["alarm"] != "none fired"
+        console.print(f"alarms: {row['stage']}: " + (f"{row['alarm']} fired at {row['fired at']} ({row['meaning']})"
+                                                      if fired else f"none fired ({row['meaning']})"),
+                      highlight=False, style="bold red" if fired else None)
     scored = eval_rows(report)
     if scored:
         table = Table(title="held-out evaluation", title_justify="left")
@@ -626,7 +757,11 @@ def print_summary(report: RunReport, console=None) -> None:
         console.print(table)
         line = headline(report)
         if line and len(scored) > 1:
-            console.print(line, highlight=False)
+            console.print(line, highlight=False, soft_wrap=True, markup=False)
+        if any(row.get("95% CI", "-") != "-" for row in scored):
+            console.print("[a, b]: 95% interval over the n problems; a change's interval is paired over the same "
+                          "problems (excl. 0: not noise at 95%)", highlight=False, style="dim", soft_wrap=True,
+                          markup=False)
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -687,17 +822,18 @@ def render_html(report: RunReport) -> str:
     bars = render_accuracy_bars(report.evals)
     if scored or bars:
         parts.append("<h2>Held-out evaluation</h2>")
-        if len(scored) >= 2 and scored[-1]["vs first"] != "-":
-            first = next(row for row in scored if row.get("task") == scored[-1].get("task"))
-            last = scored[-1]
-            parts.append(f'<div class=gain>{_esc(first["model"])} <b>{_esc(first["score"])}</b> → '
-                         f'{_esc(last["model"])} <b>{_esc(last["score"])}</b> ({_esc(last["vs first"])})</div>')
+        line = headline(report)
+        if line and len(scored) >= 2:
+            parts.append(f"<div class=gain>{_esc(line)}</div>")
         if bars:
             parts.append(f'<div class=card><img alt="held-out accuracy per stage" src="data:image/png;base64,{bars}"></div>')
         parts.append(_table(scored))
     stage_rows = summary_rows(report)
     if stage_rows:
         parts.append("<h2>Stages</h2>" + _table(stage_rows))
+    alarms = alarm_rows(report)
+    if alarms:
+        parts.append("<h2>Alarms</h2>" + _table(alarms, numeric_from=len(alarms[0])))
     timing = pipeline_rows(report)
     if timing:
         parts.append("<h2>Pipeline</h2>" + _table(timing, numeric_from=3))

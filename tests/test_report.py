@@ -11,8 +11,10 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.errors import ConfigError
+from posttrain.eval.metrics import wilson_interval
 from posttrain.report import (
     before_after_rows,
+    headline,
     pipeline_rows,
     eval_rows,
     find_stage_runs,
@@ -49,11 +51,24 @@ def eval_samples(correct: list[bool], completion_prefix: str, task: str = "arith
             for i, ok in enumerate(correct)]
 
 
-def write_eval(stage_dir: Path, tasks: dict[str, dict], samples: list[dict]) -> None:
+def write_eval(stage_dir: Path, tasks: dict[str, dict], samples: list[dict], per_problem: dict | None = None,
+               headline_task: str | None = None) -> None:
     """An eval/ directory as ``posttrain eval`` writes it: results.json + samples.jsonl."""
     (stage_dir / "eval").mkdir(parents=True, exist_ok=True)
-    (stage_dir / "eval" / "results.json").write_text(json.dumps({"model": "m", "tasks": tasks}))
+    results = {"model": "m", "tasks": tasks, **({"per_problem": per_problem} if per_problem else {}),
+               **({"headline_task": headline_task} if headline_task else {})}
+    (stage_dir / "eval" / "results.json").write_text(json.dumps(results))
     write_jsonl(stage_dir / "eval" / "samples.jsonl", samples)
+
+
+def accuracy_eval(correct: list[bool]) -> tuple[dict, dict]:
+    """(metrics, per-problem scores) of one task as ``posttrain eval`` computes them (one
+    completion per problem: Wilson's interval)."""
+    accuracy = sum(correct) / len(correct)
+    low, high = wilson_interval(sum(correct), len(correct))
+    metrics = {"num_prompts": float(len(correct)), "accuracy": accuracy, "mean_score": accuracy,
+               "accuracy/ci_low": low, "accuracy/ci_high": high}
+    return metrics, {"ids": [str(i) for i in range(len(correct))], "accuracy": [float(c) for c in correct]}
 
 
 @pytest.fixture
@@ -68,11 +83,10 @@ def pipeline_run(tmp_path: Path) -> Path:
         {"name": "sft", "kind": "sft", "status": "done", "wall_s": 150.0},
         {"name": "rl", "kind": "rl", "status": "running"},
         {"name": "final", "kind": "eval", "status": "pending"}]}))
-    for label, acc, correct in (("baseline", 0.25, [True, False, False, False]),
-                                ("sft", 0.5, [True, True, False, False]),
-                                ("rl", 0.75, [True, True, True, False])):
-        write_eval(run / label, {"arith": {"num_prompts": 4.0, "accuracy": acc, "mean_score": acc}},
-                   eval_samples(correct, f"<b>{label}</b>"))
+    for label, correct in (("baseline", [True, False, False, False]), ("sft", [True, True, False, False]),
+                           ("rl", [True, True, True, False])):
+        metrics, problems = accuracy_eval(correct)
+        write_eval(run / label, {"arith": metrics}, eval_samples(correct, f"<b>{label}</b>"), {"arith": problems})
     return run
 
 
@@ -119,8 +133,15 @@ def test_summary_rows_and_gain_in_points(pipeline_run: Path):
     assert rows[0]["loss"] == "2 → 0.4"  # 2/1 then 2/5
     assert rows[1]["reward"] == "0.2 → 0.8" and rows[1]["acc"] == "0.2 → 0.8"
     scores = eval_rows(report)
-    assert [(r["model"], r["score"], r["vs first"], r["n"]) for r in scores] == [
-        ("baseline", "25.0%", "-", "4"), ("sft", "50.0%", "+25.0 pts", "4"), ("rl", "75.0%", "+50.0 pts", "4")]
+    # Wilson 1/4 by hand: p = 0.25, z^2/n = 0.9604, centre 0.7302/1.9604 = 0.3725,
+    # half 1.96 * sqrt(0.046875 + 0.060023) / 1.9604 = 0.3269 -> [4.6%, 69.9%]
+    assert [(r["model"], r["score"], r["95% CI"], r["n"]) for r in scores] == [
+        ("baseline", "25.0%", "[4.6, 69.9]", "4"), ("sft", "50.0%", "[15.0, 85.0]", "4"),
+        ("rl", "75.0%", "[30.1, 95.4]", "4")]
+    # paired over the same 4 problems: rl - baseline = [0, 1, 1, 0]; the bootstrap draws no
+    # improved problem with chance 1/16 > 2.5%, so the interval starts at 0: 4 problems cannot tell
+    assert scores[2]["vs first"] == "+50.0 pts [+0.0, +100.0] incl. 0"
+    assert scores[2]["vs previous"] == "+25.0 pts [+0.0, +75.0] incl. 0" and scores[0]["vs first"] == "-"
 
 
 def test_before_after_table_puts_changed_prompts_first_and_escapes_html(pipeline_run: Path):
@@ -139,7 +160,9 @@ def test_cli_report_writes_page_and_prints_summary(pipeline_run: Path, capsys):
     out = capsys.readouterr().out
     assert (pipeline_run / "report.html").is_file()
     assert "held-out evaluation" in out and "+50.0 pts" in out and "report:" in out
-    assert "held-out arith: baseline 25.0% -> sft 50.0% -> rl 75.0% (+50.0 pts)" in out
+    assert ("held-out arith (n=4): baseline 25.0% [4.6, 69.9] -> sft 50.0% [15.0, 85.0] -> rl 75.0% [30.1, 95.4]; "
+            "rl vs baseline +50.0 pts [+0.0, +100.0] incl. 0; rl vs sft +25.0 pts [+0.0, +75.0] incl. 0") in out
+    assert "95% interval over the n problems" in out
 
 
 def test_report_of_a_directory_without_runs_is_a_one_line_user_error(tmp_path: Path, capsys):
@@ -175,3 +198,48 @@ def test_pipeline_table_shows_status_and_wall_time(pipeline_run: Path):
         ("baseline", "done", "30 s"), ("sft", "done", "2.5 min"), ("rl", "running", "-"), ("final", "pending", "-"),
         ("total", "", "3.0 min")]
     assert "<h2>Pipeline</h2>" in render_html(load_report(pipeline_run))
+
+
+def agentic_like_run(tmp_path: Path, headline_task: str | None = None) -> Path:
+    """Three tasks per stage as the agentic quickstart evaluates them: the tool task first, a
+    subtraction control last; 100 problems each."""
+    run = tmp_path / "agentic"
+    correct = {  # per stage and task: which of 100 problems are right
+        "baseline": {"arith_tool": [False] * 100, "arith_no_tool": [False] * 100, "subtraction": [False] * 100},
+        "sft": {"arith_tool": [True] * 80 + [False] * 20, "arith_no_tool": [False] * 100,
+                "subtraction": [True] * 14 + [False] * 86},
+        "rl": {"arith_tool": [True] * 74 + [False] * 6 + [True] * 10 + [False] * 10, "arith_no_tool": [False] * 100,
+               "subtraction": [True] * 10 + [False] * 90},
+    }
+    state = {"stages": [{"name": name, "kind": "eval", "status": "done"} for name in ("baseline", "sft", "rl")]}
+    if headline_task:
+        state["headline_task"] = headline_task
+    run.mkdir(parents=True)
+    (run / "pipeline.json").write_text(json.dumps(state))
+    for label, tasks in correct.items():
+        evaluated = {task: accuracy_eval(values) for task, values in tasks.items()}
+        write_eval(run / label, {task: m for task, (m, _) in evaluated.items()}, [],
+                   {task: problems for task, (_, problems) in evaluated.items()})
+    return run
+
+
+def test_the_headline_follows_the_first_task_and_says_which_changes_are_noise(tmp_path: Path):
+    """The agentic quickstart's report once headlined the subtraction control (the last task);
+    it follows the first task (the tool task), every task keeps its row with its interval, and
+    a 4-point change on 100 problems (10 newly right, 6 newly wrong) is shown as noise."""
+    report = load_report(agentic_like_run(tmp_path))
+    line = headline(report)
+    assert line.startswith("held-out arith_tool (n=100): baseline 0.0% [0.0, 3.7] -> sft 80.0% [71.1, 86.7] -> "
+                           "rl 84.0% [75.6, 89.9]; rl vs baseline +84.0 pts ["), line
+    assert "excl. 0; rl vs sft +4.0 pts [" in line and line.endswith("] incl. 0")
+    rows = eval_rows(report)
+    assert [(r["model"], r["task"]) for r in rows] == [
+        (stage, task) for stage in ("baseline", "sft", "rl") for task in ("arith_tool", "arith_no_tool", "subtraction")]
+    assert all(r["95% CI"].startswith("[") for r in rows)
+    page = render_html(report)
+    assert "<div class=gain>held-out arith_tool (n=100)" in page and "<div class=gain>held-out subtraction" not in page
+
+
+def test_a_configured_headline_task_is_followed(tmp_path: Path):
+    report = load_report(agentic_like_run(tmp_path, headline_task="subtraction"))
+    assert headline(report).startswith("held-out subtraction (n=100): baseline 0.0% [0.0, 3.7] -> sft 14.0%")
