@@ -66,22 +66,9 @@ from posttrain.train.loop import (
 )
 from posttrain.models.logprobs import response_token_logprobs
 from posttrain.train.session import RunSession, guard_step, open_run
-from posttrain.train.steps import (
-    TrainerState,
-    advance,
-    announce_run,
-    build_optimizer_and_scheduler,
-    check_schedule,
-    check_warmup_before_max_steps,
-    end_step,
-    load_causal_lm,
-    lockstep_micro_batches,
-    pad_token_id,
-    place_for_training,
-    restore_state,
-    summarise_pairs,
-    write_eval,
-)
+from posttrain.train.steps import (TrainerState, advance, announce_run, build_optimizer_and_scheduler, check_schedule,
+                                   check_warmup_before_max_steps, end_step, load_causal_lm, lockstep_micro_batches,
+                                   pad_token_id, place_for_training, restore_state, summarise_pairs, write_eval)
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
                 "logps/rejected")
@@ -162,10 +149,12 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
     targets = [pair_targets(p) for p in train_pairs]
     history: list[dict[str, Any]] = []
     val_metrics: dict[str, float] = {}
-    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
-            Progress(total_steps, "dpo", enabled=info.is_main and config.run.progress, initial=state.step,
-                     keys=("loss", "rewards/accuracies", "val/rewards/accuracies", "lr")) as progress:
+    with (
+        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
+                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        Progress(total_steps, "dpo", enabled=info.is_main and config.run.progress, initial=state.step,
+                 keys=("loss", "rewards/accuracies", "val/rewards/accuracies", "lr")) as progress,
+    ):
         if state.step == 0 and config.train.eval_every and val_pairs:  # the starting point of the curves
             history.append(logger.log(evaluate(model, val_pairs, reference, config, info, pad_id, at_start=True),
                                       step=0))

@@ -51,20 +51,9 @@ from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metr
 from posttrain.models.prepare import apply_lora
 from posttrain.train.loop import MicroResult, autocast_context, is_due, optimizer_step, seed_everything
 from posttrain.train.session import RunSession, guard_step, open_run
-from posttrain.train.steps import (
-    TrainerState,
-    advance,
-    announce_run,
-    build_optimizer_and_scheduler,
-    check_schedule,
-    check_warmup_before_max_steps,
-    end_step,
-    lockstep_micro_batches,
-    place_for_training,
-    restore_state,
-    summarise_pairs,
-    write_eval,
-)
+from posttrain.train.steps import (TrainerState, advance, announce_run, build_optimizer_and_scheduler, check_schedule,
+                                   check_warmup_before_max_steps, end_step, lockstep_micro_batches, place_for_training,
+                                   restore_state, summarise_pairs, write_eval)
 
 PAIR_METRICS = ("accuracy", "margin", "reward/chosen", "reward/rejected")
 
@@ -131,10 +120,12 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
     announce(config, info, model, train_pairs, val_pairs, total_steps, warmup_steps, resume_path)
     history: list[dict[str, Any]] = []
     val_metrics: dict[str, float] = {}
-    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
-            Progress(total_steps, "rm", enabled=info.is_main and config.run.progress, initial=state.step,
-                     keys=("loss", "accuracy", "val/accuracy", "lr")) as progress:
+    with (
+        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
+                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        Progress(total_steps, "rm", enabled=info.is_main and config.run.progress, initial=state.step,
+                 keys=("loss", "accuracy", "val/accuracy", "lr")) as progress,
+    ):
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [pair_micro_batch([train_pairs[i] for i in mb], config.train.packing, pad_id).to(info.device)
                              for mb in plan.micro_batches[info.rank]]

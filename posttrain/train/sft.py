@@ -39,20 +39,9 @@ from posttrain.train.loop import (
     tune_cpu_allocator,
 )
 from posttrain.train.session import RunSession, guard_step, open_run
-from posttrain.train.steps import (
-    TrainerState,
-    advance,
-    announce_run,
-    build_optimizer_and_scheduler,
-    check_schedule,
-    check_warmup_before_max_steps,
-    end_step,
-    load_causal_lm,
-    lockstep_micro_batches,
-    pad_token_id,
-    place_for_training,
-    restore_state,
-)
+from posttrain.train.steps import (TrainerState, advance, announce_run, build_optimizer_and_scheduler, check_schedule,
+                                   check_warmup_before_max_steps, end_step, load_causal_lm, lockstep_micro_batches,
+                                   pad_token_id, place_for_training, restore_state)
 from posttrain.data import load_sft_data
 from posttrain.data.audit import preflight
 from posttrain.log import say_stdout
@@ -96,10 +85,12 @@ def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] 
     announce(config, info, model, train_samples, val_samples, total_steps, warmup_steps, resume_path)
     history: list[dict[str, Any]] = []
     pad_id = pad_token_id(tokenizer)
-    with MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger, \
-            Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,
-                     keys=("loss", "lr", "val/loss", "tokens_per_sec")) as progress:
+    with (
+        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
+                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,
+                 keys=("loss", "lr", "val/loss", "tokens_per_sec")) as progress,
+    ):
         if state.step == 0 and config.train.eval_every and val_samples:  # the baseline the curve falls from
             history.append(logger.log(validate(model, val_samples, config, info, pad_id), step=0))
         for plan in planner.iter_plans(state.step, total_steps):
