@@ -34,8 +34,11 @@ from posttrain.data.audit import (
     write_dump,
 )
 from posttrain.data.formats import BadRowError
+from posttrain.data.mixture import setting_text
 from posttrain.data.render import RenderedSample
 from posttrain.models import load_tokenizer
+from posttrain.eval.prompts import prompt_rows
+from posttrain.rewards.preflight import RewardRow, reward_rows, rl_preflight
 from posttrain.rewards.registry import reward_fields
 
 
@@ -150,15 +153,16 @@ def inspect_data(
         prepared = _prepare(target, path, tokenizer, n)
     except DataError as exc:
         if as_json:
-            print(json.dumps({"source": str(path), "ok": False, "error": str(exc)}), file=out)
+            print(json.dumps({"source": setting_text(path), "ok": False, "error": str(exc)}), file=out)
         else:
             print(f"error: {exc}", file=err)
             if isinstance(exc, BadRowError):  # only a bad row can be skipped: not a file or a setting
                 print("(stopped at the first bad row; --skip-bad counts and skips bad rows)", file=err)
         return 1
     report = prepared.audit
+    checked = rl_checks(target, path, prepared, tokenizer) if target.kind == "rl" else None
     if as_json:
-        print(json.dumps(report.to_dict()), file=out)
+        print(json.dumps({**report.to_dict(), **({"rl_preflight": checked} if checked else {})}), file=out)
     else:
         for index, sample in enumerate(prepared.samples[: max(n, 0)]):
             label = f"{index // 2} ({'chosen' if index % 2 == 0 else 'rejected'})" if target.kind in ("rm", "dpo") else index
@@ -167,6 +171,10 @@ def inspect_data(
             print("([[...]] = trained tokens, ‹role› = where a message starts)\n", file=out)
         for line in report.summary_lines():
             print(line, file=out)
+        for line in (checked or {}).get("lines", []):
+            print(line, file=out)
+        if checked and checked.get("error"):
+            print(f"error: {checked['error']}", file=err)
     if html_path:
         Path(html_path).write_text(render_html(prepared.samples[: max(n, 0)], tokenizer, report), encoding="utf-8")
         if not as_json:
@@ -175,27 +183,56 @@ def inspect_data(
         write_dump(prepared.samples, dump_path)
         if not as_json:
             print(f"wrote {dump_path} ({len(prepared.samples)} samples)", file=out)
-    return 1 if report.hard_errors else 0
+    return 1 if report.hard_errors or (checked and checked.get("error")) else 0
+
+
+@dataclass
+class PreparedRLPrompts(PreparedData):
+    """RL prompts shown as samples (no trained token), with the checked rows (``prompts``)."""
+
+    prompts: Any = None
+
+
+def rl_checks(target: InspectTarget, path: str, prepared: PreparedRLPrompts, tokenizer) -> dict[str, Any]:
+    """The RL pre-flight ``posttrain rl`` runs after its prompt audit (``rewards.preflight.rl_preflight``:
+    every reward on sample rows, the agent's budget, train/held-out overlap) on the inspected
+    prompts and the config's held-out file: ``{"ok", "lines", "error"?}``."""
+    config = target.config
+    data = config.data
+    rows = reward_rows(prompt_rows(prepared.prompts), str(path))
+    held_out: list[RewardRow] = []
+    try:
+        if data.eval:
+            held_out = reward_rows(prompt_rows(load_prompt_data(
+                data.eval, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
+                limit=data.eval_limit, skip_bad=target.skip_bad, columns=data.columns,
+                reward_fields=reward_fields(config.reward),
+                allow_special_tokens_in_text=data.allow_special_tokens_in_text, seed=config.train.seed,
+                key="data.eval")), data.eval)
+        return {"ok": True, "lines": rl_preflight(config, rows, held_out)}
+    except (ConfigError, DataError) as exc:
+        return {"ok": False, "lines": [], "error": str(exc)}
 
 
 def _prepare(target: InspectTarget, path: str, tokenizer, n: int):
     """``PreparedData`` of ``path`` read the way ``target.kind``'s trainer reads it."""
 
     data = target.config.data
+    seed = target.config.train.seed if hasattr(target.config, "train") else 0  # a mixture draws as training does
     if target.kind in ("rm", "dpo"):
         from posttrain.data.preference import audit_pairs
         from posttrain.train.dpo import pair_keys as dpo_pair_keys
         from posttrain.train.rm import pair_keys as rm_pair_keys
 
         keys = dpo_pair_keys(target.config) if target.kind == "dpo" else rm_pair_keys(target.config)
-        return audit_pairs(path, tokenizer, data, keys=keys)[1]
+        return audit_pairs(path, tokenizer, data, keys=keys, seed=seed)[1]
     if target.kind == "rl":
 
         prompts = load_prompt_data(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
                                    limit=data.limit, skip_bad=target.skip_bad, columns=data.columns,
                                    reward_fields=reward_fields(target.config.reward),
-                                   allow_special_tokens_in_text=data.allow_special_tokens_in_text)
+                                   allow_special_tokens_in_text=data.allow_special_tokens_in_text, seed=seed)
         samples = [RenderedSample(input_ids=p.prompt_ids, loss_mask=[0] * len(p.prompt_ids), line=p.line,
-                                  source=str(path)) for p in prompts.prompts]
-        return PreparedData(samples=samples, audit=prompts.audit)
-    return load_sft_data(path, tokenizer, data, spans_for_first=max(n, 0))
+                                  source=p.source) for p in prompts.prompts]
+        return PreparedRLPrompts(samples=samples, audit=prompts.audit, prompts=prompts)
+    return load_sft_data(path, tokenizer, data, spans_for_first=max(n, 0), seed=seed)

@@ -49,7 +49,8 @@ from pydantic import BaseModel
 
 from posttrain.config import PipelineConfig, config_to_yaml, plain_reward_spec
 from posttrain.data.formats import is_hub_dataset_spec, parse_dataset_spec
-from posttrain.errors import ConfigError
+from posttrain.data.mixture import data_sources, is_mixture
+from posttrain.errors import ConfigError, DataError
 from posttrain.log import say
 from posttrain.models import MODEL_ALIASES
 from posttrain.rewards.registry import build_reward
@@ -78,10 +79,12 @@ def stage_fingerprint(config: BaseModel, upstream: list[str], files: list[str] =
     Only values that differ from the schema's defaults count (a field added to a schema in a
     later version does not redo finished stages). Fields the pipeline sets per attempt
     (``train.resume``, ``run.overwrite``) and display settings (``run.progress``) are left
-    out, so resuming does not count as a change. Input files count by content (``file_stamp``):
+    out, so resuming does not count as a change; so is ``eval.headline_task`` (what the report
+    leads with, not what an evaluation computes). Input files count by content (``file_stamp``):
     changed data redoes the stage, rewriting identical data does not.
     """
     dumped = config.model_dump(mode="json", exclude_defaults=True)
+    dumped.pop("headline_task", None)
     if isinstance(dumped.get("train"), dict):
         dumped["train"].pop("resume", None)
     if isinstance(dumped.get("run"), dict):
@@ -238,8 +241,10 @@ def read_marker(run_dir: Path, stage: Stage) -> dict[str, Any] | None:
 
 
 def write_state(run_dir: Path, stages: list[Stage], status: dict[str, dict[str, Any]]) -> None:
-    """pipeline.json: the plan in order with each stage's status (what the report and users read)."""
+    """pipeline.json: the plan in order with each stage's status (what the report and users read)
+    and ``eval.headline_task`` (the task the report's headline follows; null: the first)."""
     _atomic_write_json(run_dir / "pipeline.json", {
+        "headline_task": next((s.config.headline_task for s in stages if s.kind == "eval"), None),
         "stages": [{"name": s.name, "kind": s.kind, "model_in": s.model_in,
                     "output": str(s.output) if s.output else None,
                     "eval": f"{s.eval_label}/eval/results.json" if s.eval_label else None,
@@ -258,7 +263,9 @@ def run_eval_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
 
     results = run_eval(stage.config)
     scores = {result.name: result.metrics.get("accuracy", result.metrics.get("ppl")) for result in results}
-    return {"results": f"{stage.eval_label}/eval/results.json", "scores": scores}
+    intervals = {result.name: [result.metrics["accuracy/ci_low"], result.metrics["accuracy/ci_high"]]
+                 for result in results if "accuracy/ci_low" in result.metrics}
+    return {"results": f"{stage.eval_label}/eval/results.json", "scores": scores, "intervals": intervals}
 
 
 def run_sft_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
@@ -332,6 +339,8 @@ def run_pipeline(config: PipelineConfig, *, runners: dict[str, Callable] | None 
     if checked.errors:
         more = f" (and {len(checked.errors) - 1} more: see posttrain pipeline --dry-run)" if len(checked.errors) > 1 else ""
         raise ConfigError(checked.errors[0] + more)
+    for line in checked.preflight if _rank() == 0 else ():
+        say(line, stdout=True)
     lock = lock_run_dir(run_dir_of(config)) if _rank() == 0 else None
     try:
         return _run_pipeline(config, runners or RUNNERS, checked.stages)
@@ -453,6 +462,7 @@ class DryRunReport:
     stages: list[Stage]
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    preflight: list[str] = field(default_factory=list)  # the RL stages' reward pre-flight summaries
 
 
 def _check_model_spec(spec: str, key: str, produced: set[str], report: DryRunReport) -> None:
@@ -489,11 +499,11 @@ def stage_files(stage: Stage) -> list[tuple[str, str, str]]:
     if config.model.chat_template:
         files.append((f"{section}.model.chat_template", config.model.chat_template, "template"))
     if stage.kind in ("sft", "dpo", "rm"):
-        files += [(f"{section}.data.{key}", getattr(config.data, key), "data") for key in ("train", "val")
-                  if getattr(config.data, key)]
+        files += [(key, path, "data") for name in ("train", "val")
+                  for key, path in _data_files(f"{section}.data.{name}", getattr(config.data, name))]
     elif stage.kind == "rl":
-        files += [(f"rl.data.{key}", getattr(config.data, key), "data") for key in ("train", "eval")
-                  if getattr(config.data, key)]
+        files += [(key, path, "data") for name in ("train", "eval")
+                  for key, path in _data_files(f"rl.data.{name}", getattr(config.data, name))]
         if config.rl.critic.model:
             files.append(("rl.rl.critic.model", config.rl.critic.model, "model"))
         files += [(f"rl.reward{key}", path, "model") for key, path in _model_reward_paths(config.reward)]
@@ -501,6 +511,16 @@ def stage_files(stage: Stage) -> list[tuple[str, str, str]]:
         files += [(f"eval.tasks.{index}.path", task.path, "data") for index, task in enumerate(config.tasks)
                   if task.path]
     return files
+
+
+def _data_files(key: str, setting: Any) -> list[tuple[str, str]]:
+    """(key, path) of each source of a data setting: the path itself, or ``key[i]`` per source of a
+    list (``data.mixture``); none when it is unset."""
+    if not setting:
+        return []
+    if not is_mixture(setting):
+        return [(key, setting)]
+    return [(source.key, source.spec) for source in data_sources(setting, key)]
 
 
 def _model_reward_paths(spec: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -546,7 +566,9 @@ def dry_run(config: PipelineConfig, *, allow_missing_data: bool = False) -> DryR
         if check is not None:
             try:
                 check(stage.config, produced)
-            except ConfigError as exc:
+                if stage.kind == "rl":
+                    report.preflight += _rl_preflight(stage.config)
+            except (ConfigError, DataError) as exc:
                 report.errors.append(_in_section(_section_name(stage), str(exc)))
         if stage.output is not None:
             produced.add(str(stage.output))
@@ -603,6 +625,26 @@ def _rl_check(config: BaseModel, produced: set[str]) -> None:
     check_settings(config)
 
 
+def _rl_preflight(config: BaseModel) -> list[str]:
+    """The RL stage's reward pre-flight (``rewards.preflight.rl_preflight``) on its local prompt
+    files, before the first stage loads a model; a reward model an earlier stage trains is
+    skipped like any ``model`` reward. Files that are not there yet (or hub datasets) are left
+    to the stage's own pre-flight."""
+    from posttrain.rewards.preflight import read_reward_rows, rl_preflight
+
+    data = config.data
+
+    def rows(setting: Any, limit: int | None) -> list:  # the local files of one source or a list of them
+        found: list = []
+        for _, path in _data_files("data", setting):
+            if not is_hub_dataset_spec(path) and Path(path).expanduser().is_file():
+                found += read_reward_rows(path, columns=data.columns, system=data.system, limit=limit)
+        return found
+
+    train = rows(data.train, data.limit)
+    return rl_preflight(config, train, rows(data.eval, data.eval_limit), key="rl.reward") if train else []
+
+
 def _drop_pending_model_rewards(spec: Any, produced: set[str]) -> Any:
     """``spec`` without the ``model`` rewards whose path is an earlier stage's output (None if nothing is left).
 
@@ -629,8 +671,10 @@ def _drop_pending_model_rewards(spec: Any, produced: set[str]) -> Any:
 
 
 def _eval_check(config: BaseModel, produced: set[str]) -> None:
-    """Every task's reward and format specs build."""
+    """Every task's reward and format specs build; ``headline_task`` names a task."""
+    from posttrain.eval.runner import check_headline_task
 
+    check_headline_task(config)
     for index, task in enumerate(config.tasks):
         if task.reward is not None:
             build_reward(task.reward, key=f"tasks.{index}.reward")
@@ -654,6 +698,8 @@ def print_dry_run(report: DryRunReport, config: PipelineConfig) -> None:
         writes = str(stage.output) if stage.output else f"{run_dir_of(config)}/{stage.eval_label}/eval/results.json"
         table.add_row(stage.name, stage.kind, stage.model_in, writes)
     console.print(table)
+    for line in report.preflight:
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     for error in report.errors:

@@ -37,8 +37,10 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Sequence
 
-from posttrain.config import AgentConfig, plain_reward_spec
+from posttrain.config import AgentConfig, RLConfig, plain_reward_spec
+from posttrain.data.formats import prompt_from_row, read_rows_or_errors
 from posttrain.errors import ConfigError
+from posttrain.rewards.output import PromptText
 from posttrain.rewards.registry import (
     BUILTIN_REWARDS,
     TRLReward,
@@ -101,15 +103,19 @@ class RewardCheck:
     def line(self) -> str:
         if self.status == "skipped":
             return f"  {self.key} ({self.name}): skipped ({self.note})"
-        cost = f"{self.rows} rows x {self.completions // max(self.rows, 1)}, {self.seconds:.2f} s"
+        cost = f"{self.rows} rows, {self.completions} completions, {self.seconds:.2f} s"
         missing = ""
+        what = "a canonical_solution" if self.name == "code" else "a reference answer"
         if self.rows_without_reference:
             shown = ", ".join(self.rows_without_reference[:SHOW_LINES])
-            missing = f"; {len(self.rows_without_reference)} row(s) without a reference skipped ({shown})"
+            missing = f"; {len(self.rows_without_reference)} row(s) without {what} skipped ({shown})"
+        if self.status == "judged" and not self.rows:
+            return f"  {self.key} ({self.name}): not judged: no sampled row has {what.partition(' ')[2]}{missing}"
+        slow = ", most of it math-verify's worker starting (training reuses it)" if self.name == "math" and self.seconds > 0.3 else ""
         if self.status == "form":
             return f"  {self.key} ({self.name}): a form reward, not judged on answers: one finite score each ({cost}){missing}"
         return (f"  {self.key} ({self.name}): full marks for the reference ({self.note}), less for wrong, hedged, "
-                f"empty, echoed ({cost}){missing}")
+                f"empty, echoed ({cost}{slow}){missing}")
 
 
 @dataclass
@@ -303,15 +309,12 @@ def check_unit(unit: RewardUnit, reward: Any, rows: Sequence[RewardRow]) -> Rewa
     without: list[str] = []
     for row in rows:
         reference = row_reference(unit, reward, row.metadata)
-        if reference is None and judged:
+        if reference is None:
             without.append(row.where)
-            continue
+            if judged:
+                continue
         tried.append((row, candidates(row.prompt, reference, code=unit.name == "code")))
-    if judged and rows and not tried:
-        what = "a canonical_solution" if unit.name == "code" else "a reference answer"
-        raise ConfigError(f"{unit.key}: none of the {len(rows)} sampled rows has {what} to check {shown} with "
-                          f"(first {rows[0].where}; {HINT})")
-    outputs = _call_all(unit, reward, shown, tried)
+    outputs = _call_all(unit, reward, shown, tried) if tried else []
     judged = judged or any(out.correct is not None for out in outputs)
     forms: list[set[str]] = []
     for (row, cands), out in zip(tried, outputs):
@@ -323,7 +326,7 @@ def check_unit(unit: RewardUnit, reward: Any, rows: Sequence[RewardRow]) -> Rewa
     paid = set.intersection(*forms) if forms else set()
     note = ", ".join(label for label, _ in (CODE_FORMS if unit.name == "code" else FORMS) if label in paid) or "some form"
     return RewardCheck(unit.key, unit.name, "judged" if judged else "form", note, len(tried),
-                       sum(len(c) for _, c in tried), without, time.perf_counter() - started)
+                       sum(len(c) for _, c in tried), without if judged else [], time.perf_counter() - started)
 
 
 def _call_all(unit: RewardUnit, reward: Any, shown: str, tried: list[tuple[RewardRow, list[Candidate]]]) -> list[Any]:
@@ -453,3 +456,50 @@ def overlap_lines(train_prompts: Sequence[str], eval_prompts: Sequence[str], eva
     shown = ", ".join(str(line) for line in hits[:SHOW_LINES]) + (f", ... (+{len(hits) - SHOW_LINES})" if len(hits) > SHOW_LINES else "")
     return [f"held-out overlap: {len(hits)} of {len(eval_prompts)} prompts of {eval_source} also in the training data "
             f"(line{'s' if len(hits) > 1 else ''} {shown}): held-out accuracy overstates what generalises"]
+
+
+# ----------------------------------------------------------------------------- the whole RL pre-flight
+def rl_preflight(config: RLConfig, train: Sequence[RewardRow], held_out: Sequence[RewardRow], *,
+                 key: str = "reward") -> list[str]:
+    """What ``posttrain rl`` (``inspect --config``, ``pipeline``) checks after reading its
+    prompt rows and before any model loads: every reward on sample training rows
+    (``check_rewards``), the agent's token budget (``agent_budget_lines``) and the held-out
+    prompts that also occur in the training data (``overlap_lines``). Returns the summary
+    lines; raises ``ConfigError`` (one line) on a refused reward or an impossible budget.
+    Prompt lengths against ``data.max_prompt_length`` are the prompt audit's
+    (``data.audit.load_prompt_data``). ``key`` names the reward in messages."""
+    lines = check_rewards(config.reward, train, key=key).summary_lines()
+    lines += agent_budget_lines(config.agent, config.rollout.max_new_tokens)
+    if held_out:
+        source = held_out[0].where.rpartition(":")[0]
+        lines += overlap_lines([row.prompt for row in train], [row.prompt for row in held_out],
+                               [row.where.rpartition(":")[2] for row in held_out], source)
+    return lines
+
+
+def reward_rows(rows: Sequence[Any], source: str) -> list[RewardRow]:
+    """Rows that have ``text`` (what the reward reads as the prompt), ``metadata`` and ``line``
+    (``eval.prompts.PromptRow``) as the pre-flight reads them, named ``source:line`` (a row's own
+    ``source`` first: the file of a data mixture it came from)."""
+    return [RewardRow(row.text, row.metadata, f"{getattr(row, 'source', '') or source}:{row.line}") for row in rows]
+
+
+def read_reward_rows(path: str, *, columns: dict[str, str] | None = None, system: str | None = None,
+                     limit: int | None = None) -> list[RewardRow]:
+    """The rows of an RL prompt file as a reward reads them, without a tokenizer (the pipeline
+    checks its RL stage's reward before its first stage loads a model); a bad row raises the
+    prompt audit's one-line DataError.
+
+    ``prompt``: the last user message's text (``eval.prompts.prompt_text``), remembering the
+    messages when the row gave a conversation."""
+    rows = []
+    for line, row in read_rows_or_errors(path, limit=limit, columns=columns):
+        where = f"{path}:{line}"
+        if not isinstance(row, dict):
+            raise row
+        prompt = prompt_from_row(row, where, system=system)
+        users = [m for m in prompt.messages if m.get("role") == "user"] or prompt.messages
+        conversational = isinstance(row.get("messages", row.get("prompt")), (list, dict))
+        text = PromptText(str(users[-1].get("content", "")), prompt.messages if conversational else None)
+        rows.append(RewardRow(text, prompt.extra, where))
+    return rows

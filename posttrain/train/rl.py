@@ -59,6 +59,7 @@ from posttrain.algorithms.advantages import zero_variance_group_fraction
 from posttrain.algorithms.kl import make_kl_controller
 from posttrain.config import RLConfig
 from posttrain.data.audit import preflight_prompts
+from posttrain.data.mixture import source_metrics
 from posttrain.errors import ConfigError
 from posttrain.eval.generate import EvalProgress, evaluate_rows, trainer_metrics, trainer_records
 from posttrain.eval.prompts import PromptRow, prompt_rows
@@ -67,6 +68,7 @@ from posttrain.models import load_tokenizer
 from posttrain.models.prepare import count_parameters
 from posttrain.rewards import build_reward
 from posttrain.rewards.output import correct_share
+from posttrain.rewards.preflight import reward_rows, rl_preflight
 from posttrain.rewards.registry import reward_fields
 from posttrain.rollout.base import SamplingParams
 from posttrain.train import checkpoint as ckpt
@@ -83,7 +85,8 @@ from posttrain.train.rl_rollouts import (
     gather_batch,
 )
 from posttrain.train.rl_samples import RolloutBatch
-from posttrain.train.rl_settings import rl_settings
+from posttrain.train.rl_alarms import RLAlarms, reward_length_correlation
+from posttrain.train.rl_settings import alarm_settings, rl_settings
 from posttrain.train.rl_update import Trainables, update
 from posttrain.train.session import RunSession, check_step_finite, last_checkpoint_note, open_run
 from posttrain.train.steps import pad_token_id
@@ -98,6 +101,7 @@ class RLState:
     kl_controller: dict[str, float] = field(default_factory=dict)
     elapsed_s: float = 0.0
     nonfinite_skipped: int = 0  # optimizer steps skipped for a NaN/inf loss or gradient (train.skip_nonfinite_steps)
+    alarms: dict[str, Any] = field(default_factory=dict)  # the alarms' window of history (train.rl_alarms)
 
 
 @dataclass
@@ -144,14 +148,18 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
         engine.update_weights(models.policy)
     announce(config, info, models, train_rows, eval_rows, resume_path)
     result = RLResult(run.path, None, state.step)
+    start = source_metrics(config.data.train, train_rows)  # a mixture's prompts per source
     if eval_rows and config.train.eval_before and state.step == 0:
         result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info, agent=agent)
+    alarms = RLAlarms(alarm_settings(config), announce=info.is_main, state=state.alarms, before=result.eval_before)
     with (
         MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
                       wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
         Progress(config.train.max_steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress,
     ):
+        if state.step == 0 and start:
+            result.history.append(logger.log(start, step=0))
         while state.step < config.train.max_steps:
             started = time.perf_counter()
             batch = collect_rollouts(engine, train_rows, sampler, reward_fn, settings.rollout, settings.scoring,
@@ -178,12 +186,14 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
                 result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info,
                                              agent=agent)
                 metrics.update(result.eval_after)
+            metrics.update(alarms.observe(state.step, metrics))
             if info.is_main and is_due(state.step, config.train.samples_every, config.train.max_steps):
                 append_samples(run.samples, state.step, whole, train_rows, config.train.samples_per_log)
             if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 result.history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            state.sampler, state.kl_controller = sampler.state_dict(), kl_controller.state_dict()
+            state.sampler, state.kl_controller, state.alarms = (sampler.state_dict(), kl_controller.state_dict(),
+                                                                alarms.state_dict())
             session.step_boundary(state.step, config.train.max_steps, info=info, checkpoints=run.checkpoints,
                                   due=is_due(state.step, config.train.save_every, config.train.max_steps),
                                   save=lambda: save_rl_checkpoint(run, state, models, info, config=config))
@@ -217,18 +227,26 @@ def check_settings(config: RLConfig, world_size: int | None = None) -> None:
 def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list[PromptRow], list[PromptRow]]:
     """Train and held-out prompts, each file read, checked, rendered and audited once
     (``data.audit.preflight_prompts``: a bad row is a one-line error naming file:line, over-long
-    prompts are dropped and counted), before any model loads; the summary prints on rank 0."""
+    prompts are dropped and counted), then the reward pre-flight (``rewards.preflight.rl_preflight``:
+    every reward tried on sample rows, the agent's budget, train/held-out overlap), before any
+    model loads; the summaries print on rank 0, every rank refuses alike."""
 
     data = config.data
     fields = reward_fields(config.reward, "reward")  # rows lacking what the reward reads are refused
 
-    def load(path: str, limit: int | None) -> list[PromptRow]:
-        return prompt_rows(preflight_prompts(path, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
+    def load(setting: Any, limit: int | None, key: str) -> list[PromptRow]:  # one file or a list of sources
+        return prompt_rows(preflight_prompts(setting, tokenizer, system=data.system, max_prompt_length=data.max_prompt_length,
                                              limit=limit, print_fn=say_stdout if info.is_main else None,
                                              columns=data.columns, reward_fields=fields,
-                                             allow_special_tokens_in_text=data.allow_special_tokens_in_text))
+                                             allow_special_tokens_in_text=data.allow_special_tokens_in_text,
+                                             seed=config.train.seed, key=key))
 
-    return load(data.train, data.limit), load(data.eval, data.eval_limit) if data.eval else []
+    train_rows = load(data.train, data.limit, "data.train")
+    eval_rows = load(data.eval, data.eval_limit, "data.eval") if data.eval else []
+    lines = rl_preflight(config, reward_rows(train_rows, data.train), reward_rows(eval_rows, data.eval or ""))
+    for line in lines if info.is_main else ():
+        say_stdout(line)
+    return train_rows, eval_rows
 
 
 def build_reward_fn(config: RLConfig):
@@ -265,6 +283,9 @@ def step_metrics(config: RLConfig, batch: RolloutBatch, adv_metrics: dict[str, f
     metrics.update({k: v for k, v in update_metrics.items()})
     metrics.update(gap)
     metrics.update(trajectory_metrics([s.trajectory for s in samples if s.trajectory is not None]))
+    corr = reward_length_correlation([[s.reward for s in g] for g in batch.groups],
+                                     [[s.trained_length for s in g] for g in batch.groups])
+    metrics.update({} if corr is None else {"reward_length_corr": corr})  # what the reward_length_corr alarm reads
     metrics.update({
         "kl_coef": kl_coef,
         "response_len/mean": sum(lengths) / len(lengths),
@@ -319,7 +340,7 @@ def save_rl_checkpoint(run: RunDir, state: RLState, models: Trainables, info: Di
         extra = {"critic_model.pt": critic_state, "critic_optimizer.pt": critic_optim,
                  "critic_scheduler.pt": models.critic_scheduler.state_dict()}
     trainer_state = {"step": state.step, "sampler": state.sampler, "kl_controller": state.kl_controller,
-                     "elapsed_s": state.elapsed_s, "nonfinite_skipped": state.nonfinite_skipped}
+                     "elapsed_s": state.elapsed_s, "nonfinite_skipped": state.nonfinite_skipped, "alarms": state.alarms}
     ckpt.save_checkpoint(run.checkpoints, state.step, models.policy, models.optimizer, models.scheduler, trainer_state,
                          info, keep_last=config.train.keep_last, config=config, extra=extra)
 
@@ -361,7 +382,8 @@ def load_rl_checkpoint(path: Path, models: Trainables, sampler: PromptSampler, k
     if saved.get("kl_controller"):
         kl_controller.load_state_dict(saved["kl_controller"])
     return RLState(step=saved["step"], sampler=saved["sampler"], kl_controller=saved.get("kl_controller", {}),
-                   elapsed_s=saved.get("elapsed_s", 0.0), nonfinite_skipped=saved.get("nonfinite_skipped", 0))
+                   elapsed_s=saved.get("elapsed_s", 0.0), nonfinite_skipped=saved.get("nonfinite_skipped", 0),
+                   alarms=saved.get("alarms", {}))
 
 
 
