@@ -23,7 +23,7 @@ from posttrain.rewards.preflight import (
     read_reward_rows,
     rl_preflight,
 )
-from posttrain.rewards.registry import TRLReward, VerlReward, build_reward
+from posttrain.rewards.registry import VerlReward, build_reward
 
 ROOT = Path(__file__).resolve().parent.parent
 HINT = "(reward pre-flight, before the model loads; preflight: false on the reward skips it)"
