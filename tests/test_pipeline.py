@@ -236,6 +236,26 @@ def test_gpu_configs_exist():
     assert len(names) >= 2, names
 
 
+def test_headline_task_is_checked_recorded_and_redoes_nothing(tmp_path: Path, data):
+    """``eval.headline_task`` must name a task (dry run: one line naming the key and the tasks);
+    pipeline.json records it for the report; changing it changes no stage's fingerprint."""
+    wrong = full_config(tmp_path, data, "eval.headline_task=arith")
+    assert dry_run(wrong).errors == [f"eval: headline_task: 'arith' is not a task of this config "
+                                     f"(tasks: jsonl/eval.jsonl)"]
+    named = full_config(tmp_path, data, "eval.headline_task=jsonl/eval.jsonl")
+    assert dry_run(named).errors == []
+    plain = [stage.fingerprint for stage in build_plan(full_config(tmp_path, data), tmp_path / "runs" / "p")]
+    assert [stage.fingerprint for stage in build_plan(named, tmp_path / "runs" / "p")] == plain
+    run_pipeline(named, runners=Recorder().runners())
+    assert json.loads((tmp_path / "runs" / "p" / "pipeline.json").read_text())["headline_task"] == "jsonl/eval.jsonl"
+
+
+def test_agentic_quickstart_headlines_its_tool_task(capsys):
+    config = load_pipeline_config(REPO / "configs" / "agentic_quickstart.yaml")
+    assert config.eval.headline_task == "arith_tool" and config.eval.tasks[0].label == "arith_tool"
+    assert dry_run(config).errors == []
+
+
 def test_quickstart_passes_dry_run_with_its_shipped_data(capsys):
     assert main(["pipeline", str(REPO / "configs" / "quickstart.yaml"), "--dry-run"]) == 0, capsys.readouterr().out
     out = capsys.readouterr().out
@@ -261,6 +281,15 @@ def test_tiny_pipeline_end_to_end_then_rerun_skips(tmp_path: Path, data, tiny_mo
     assert (run / "report.html").is_file()
     out = capsys.readouterr().out
     assert "held-out evaluation" in out and "baseline" in out
+    # every accuracy printed with n and its interval; the two stages paired over the same 4 problems
+    assert "accuracy [95% CI]" in out and "0.000 [0.000, 0.490]" in out  # Wilson 0/4: [0, 49.0%]
+    assert ("held-out jsonl/eval.jsonl (n=4): baseline 0.0% [0.0, 49.0] -> sft 0.0% [0.0, 49.0]; "
+            "sft vs baseline +0.0 pts [+0.0, +0.0] incl. 0") in out
+    results = json.loads((run / "sft" / "eval" / "results.json").read_text())
+    assert results["headline_task"] == "jsonl/eval.jsonl"
+    # ids: the rows' line numbers, in the order eval.seed's shuffle drew them
+    assert results["per_problem"]["jsonl/eval.jsonl"] == {"ids": ["3", "1", "2", "4"], "accuracy": [0.0] * 4,
+                                                           "pass@1": [0.0] * 4}
 
     rerun = run_pipeline(load_pipeline_config(None, overrides), runners=Recorder(fail_on="baseline").runners())
     assert rerun == status  # nothing ran again: the recorder would have raised
