@@ -29,8 +29,10 @@ def command(name: str, help_line: str, add_arguments: Callable[[argparse.Argumen
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """CONFIG file plus key.sub=value overrides: the shape of every training command."""
-    parser.add_argument("config", help="YAML config file")
+    """[CONFIG] plus key.sub=value overrides: the shape of every training command. Flags and
+    overrides may come in any order (``main`` gathers overrides after a flag)."""
+    parser.add_argument("config", nargs="?", default=None, metavar="CONFIG",
+                        help="YAML config file (optional: without it the defaults, with the key.sub=value overrides)")
     parser.add_argument("overrides", nargs="*", default=[], metavar="key.sub=value", help="override config values")
     if parser.prog.split()[-1] in CONFIG_SCHEMAS:
         parser.epilog = (f"every config key, with its default and meaning: `posttrain config {parser.prog.split()[-1]}`; "
@@ -68,10 +70,19 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The CONFIG file and the overrides: a first argument holding ``=`` that is no file is an override."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not os.path.exists(config):
+        return None, [config, *overrides]
+    return config, overrides
+
+
 def choose_threads(args: argparse.Namespace) -> None:
     """Pick the CPU threads for the machine's load (``posttrain.train.threads``), before the
-    command loads torch: first thing in every command that computes (sft, rm, dpo, rl, eval,
-    pipeline, chat). A program that had torch loaded when it called ``main`` keeps its threads."""
+    command loads torch: first thing in ``chat`` (the API functions behind sft, rm, dpo, rl, eval
+    and pipeline choose their own). A program that had torch loaded when it called ``main`` keeps
+    its threads."""
     from posttrain.train.threads import configure_threads
 
     configure_threads(torch_loaded=getattr(args, "torch_loaded_by_caller", "torch" in sys.modules))
@@ -128,23 +139,31 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- sft, rm, rl, eval
-def config_command(name: str, help_line: str, config_class: str, runner: str) -> None:
-    """Register ``posttrain NAME CONFIG [key.sub=value ...]``, the shape of every trainer.
+# ----------------------------------------------------------------------------- sft, rm, dpo, rl, eval
+def config_command(name: str, help_line: str, *, dry_run: bool = True) -> None:
+    """Register ``posttrain NAME [CONFIG] [key.sub=value ...] [--dry-run]``, the shape of every
+    trainer: the Python API's function of the same name (``posttrain.api``, imported only when
+    the command runs, so ``posttrain --help`` stays fast) loads, validates and runs the config.
+    ``--dry-run`` prints the API's plan: every check that needs no model, nothing trained."""
 
-    ``config_class`` and ``runner`` are ``"module:attribute"`` names, imported only when the
-    command runs (``posttrain --help`` stays fast): the config is loaded from the file and
-    the overrides, validated, and handed to the runner.
-    """
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        add_config_arguments(parser)
+        if dry_run:
+            parser.add_argument("--dry-run", action="store_true",
+                                help="check settings, data (the audit), schedule and run directory without loading "
+                                     "a model; print what would run")
 
     def run(args: argparse.Namespace) -> int:
-        choose_threads(args)
-        from posttrain.config import load_config
+        from posttrain import api
 
-        load_attribute(runner)(load_config(load_attribute(config_class), args.config, args.overrides))
+        config, overrides = config_and_overrides(args)
+        if getattr(args, "dry_run", False):
+            print(getattr(api, name)(config, overrides=overrides, dry_run=True))
+            return 0
+        getattr(api, name)(config, overrides=overrides)
         return 0
 
-    command(name, help_line, add_config_arguments)(run)
+    command(name, help_line, add_arguments)(run)
 
 
 def load_attribute(qualified: str):
@@ -155,16 +174,13 @@ def load_attribute(qualified: str):
     return getattr(importlib.import_module(module), attribute)
 
 
-config_command("sft", "supervised fine-tuning (packing, exact step-wide loss, LoRA, resume; torchrun for FSDP2)",
-               "posttrain.config:SFTConfig", "posttrain.train.sft:run_sft")
-config_command("rm", "train a reward model on preference pairs (Bradley-Terry), report held-out accuracy, export HF",
-               "posttrain.config:RMConfig", "posttrain.train.rm:run_rm")
+config_command("sft", "supervised fine-tuning (packing, exact step-wide loss, LoRA, resume; torchrun for FSDP2)")
+config_command("rm", "train a reward model on preference pairs (Bradley-Terry), report held-out accuracy, export HF")
 config_command("dpo", "direct preference optimisation on chosen/rejected pairs: DPO (label smoothing), IPO, SimPO; "
-               "cached reference, resume, torchrun for FSDP2", "posttrain.config:DPOConfig", "posttrain.train.dpo:run_dpo")
-config_command("rl", "on-policy RL: GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic; DAPO options; hf or vllm rollouts",
-               "posttrain.config:RLConfig", "posttrain.train.rl:run_rl")
+               "cached reference, resume, torchrun for FSDP2")
+config_command("rl", "on-policy RL: GRPO, Dr. GRPO, RLOO, REINFORCE++, PPO with a critic; DAPO options; hf or vllm rollouts")
 config_command("eval", "evaluate a model: HumanEval pass@k (sandboxed), reasoning-gym, JSONL tasks, perplexity",
-               "posttrain.config:EvalConfig", "posttrain.eval.runner:run_eval")
+               dry_run=False)
 
 
 # ----------------------------------------------------------------------------- inspect
@@ -190,6 +206,9 @@ def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=["sft", "dpo", "rm", "rl"], default=None,
                         help="with a pipeline --config: the stage whose data to inspect (default: its first)")
     parser.add_argument("--limit", type=int, default=None, help="read only the first N rows")
+    parser.add_argument("--probe", type=int, nargs="?", const=8, default=0, metavar="GROUPS",
+                        help="with an RL --config: load the starting model, sample GROUPS groups (default 8) and "
+                             "forecast the share of zero-variance groups and of prompts never solved")
 
 
 @command("inspect", "show the loss mask token by token and audit a data file (exit 1 on a hard error)", _inspect_arguments)
@@ -206,12 +225,15 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.skip_bad:
         overrides.append("data.skip_bad=true")
     target = inspect_config(args.config, overrides, args.data, args.stage)
+    if args.probe and target.kind != "rl":
+        raise ConfigError("inspect --probe: samples from the starting model of an RL config (give --config with an "
+                          "rl, rollout or reward section, or a pipeline's --stage rl)")
     data = args.data or target.config.data.train
     if not data:
         raise ConfigError("inspect: give a DATA file (or --config with data.train)")
     return inspect_data(
         target, data, n=args.n, colour=use_colour(args.color, sys.stdout), as_json=args.json, html_path=args.html,
-        dump_path=args.dump, max_tokens=args.max_tokens,
+        dump_path=args.dump, max_tokens=args.max_tokens, probe_groups=args.probe,
     )
 
 
@@ -227,18 +249,17 @@ def _pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 @command("pipeline", "run baseline eval -> SFT -> eval -> reward model -> RL -> eval in one run directory, then the report",
          _pipeline_arguments)
 def _pipeline(args: argparse.Namespace) -> int:
-    from posttrain.config import load_pipeline_config
-    from posttrain.pipeline import dry_run, print_dry_run, run_pipeline
+    from posttrain import api
+    from posttrain.pipeline import print_dry_run
 
-    choose_threads(args)  # before the config loads torch: the OpenMP wait policy is read when torch loads
-    config = load_pipeline_config(args.config, args.overrides)
+    config, overrides = config_and_overrides(args)
     if args.dry_run:
-        report = dry_run(config, allow_missing_data=args.allow_missing_data)
-        print_dry_run(report, config)
-        return 2 if report.errors else 0
+        plan = api.pipeline(config, overrides=overrides, dry_run=True, allow_missing_data=args.allow_missing_data)
+        print_dry_run(plan.raw, plan.config)
+        return 2 if plan.errors else 0
     if args.allow_missing_data:
         raise UserError("--allow-missing-data applies to --dry-run only: a real run needs its data")
-    run_pipeline(config)
+    api.pipeline(config, overrides=overrides)
     return 0
 
 
@@ -262,7 +283,12 @@ def main(argv: list[str] | None = None) -> int:
 
     install_console()  # the library logs; the command line prints those messages as they are
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after a flag (`pipeline CONFIG --dry-run key=value`): argparse leaves them over
+        unknown = [item for item in extra if item.startswith("-") or "=" not in item]
+        if unknown or not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+        args.overrides = [*args.overrides, *extra]
     if getattr(args, "run", None) is None:
         parser.print_help()
         return 2

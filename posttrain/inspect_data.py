@@ -143,6 +143,7 @@ def inspect_data(
     max_tokens: int | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    probe_groups: int = 0,
 ) -> int:
     """Audit ``path`` as ``target.kind`` data and print the views; return the exit status (0 clean, 1 hard error)."""
 
@@ -175,6 +176,9 @@ def inspect_data(
             print(line, file=out)
         if checked and checked.get("error"):
             print(f"error: {checked['error']}", file=err)
+        elif checked and probe_groups > 0:
+            for line in probe(target.config, prompt_rows(prepared.prompts), tokenizer, probe_groups):
+                print(line, file=out)
     if html_path:
         Path(html_path).write_text(render_html(prepared.samples[: max(n, 0)], tokenizer, report), encoding="utf-8")
         if not as_json:
@@ -184,6 +188,53 @@ def inspect_data(
         if not as_json:
             print(f"wrote {dump_path} ({len(prepared.samples)} samples)", file=out)
     return 1 if report.hard_errors or (checked and checked.get("error")) else 0
+
+
+def probe(config: RLConfig, rows: list, tokenizer, groups: int) -> list[str]:
+    """``inspect --config RL --probe N``: sample ``N`` groups (``rollout.group_size`` completions
+    each, the run's sampling settings) from the starting model with the trainer's own pieces
+    (``train.rl_models.build_policy`` / ``build_engine``, ``train.rl_rollouts.collect_rollouts``
+    on ``train.rl_settings``), score them with the reward, and forecast the share of groups
+    whose completions all score the same (GRPO learns nothing from them) and of prompts no
+    completion solves (for rewards that check correctness); with the measured cost."""
+    import time
+
+    from posttrain.algorithms.advantages import zero_variance_group_fraction
+    from posttrain.train.distributed import init_distributed
+    from posttrain.train.loop import seed_everything
+    from posttrain.train.rl import build_reward_fn, build_rl_agent
+    from posttrain.train.rl_models import build_engine, build_policy
+    from posttrain.train.rl_rollouts import PromptSampler, collect_rollouts
+    from posttrain.train.rl_settings import rl_settings
+    from posttrain.train.steps import pad_token_id
+
+    started = time.perf_counter()
+    groups = min(groups, len(rows))
+    config = config.model_copy(update={"rl": config.rl.model_copy(update={
+        "prompts_per_step": groups, "dynamic_sampling": False, "mini_batch_size": None})})
+    info = init_distributed()
+    seed_everything(config.train.seed)
+    agent = build_rl_agent(config, tokenizer)
+    settings = rl_settings(config, info, pad_token_id(tokenizer), agent)
+    policy = build_policy(config, info)
+    engine = build_engine(config, policy, tokenizer, settings.source)
+    loaded = time.perf_counter()
+    batch = collect_rollouts(engine, rows, PromptSampler(len(rows), seed=config.train.seed), build_reward_fn(config),
+                             settings.rollout, settings.scoring, 0, info, agent)
+    flat = zero_variance_group_fraction(batch.rewards_PG())
+    checks = [[s.correct for s in group] for group in batch.groups]
+    lines = [f"probe: {len(batch.groups)} groups x {config.rollout.group_size} completions from {config.model.name} in "
+             f"{time.perf_counter() - started:.1f} s ({loaded - started:.1f} s loading, {batch.seconds_generate:.1f} s "
+             f"generating, {batch.seconds_score:.2f} s scoring)",
+             f"  zero-variance groups (every completion the same reward; no GRPO signal): {flat:.0%}"]
+    if all(c is not None for group in checks for c in group):
+        never = sum(not any(group) for group in checks)
+        always = sum(all(group) for group in checks)
+        lines.append(f"  prompts never solved: {never} of {len(checks)} ({never / max(len(checks), 1):.0%}); "
+                     f"always solved: {always} of {len(checks)}")
+    else:
+        lines.append("  prompts never solved: not forecast (the reward checks no correctness)")
+    return lines
 
 
 @dataclass

@@ -346,3 +346,19 @@ def test_every_shipped_rl_config_passes_the_reward_preflight(path, monkeypatch):
     lines = rl_preflight(config, train, held_out)
     assert lines[0].startswith("reward pre-flight: 8 sampled training rows")
     assert not any("skipped" in line for line in lines), lines
+
+
+def test_inspect_probe_forecasts_zero_variance_and_unsolved_prompts(tiny_model_dir, tmp_path, capsys):
+    data = write_rows(tmp_path / "p.jsonl", ROWS)
+    config = tmp_path / "rl.yaml"
+    config.write_text(f"model:\n  name: {tiny_model_dir}\ndata:\n  train: {data}\nreward: math\n"
+                      f"rollout:\n  group_size: 2\n  max_new_tokens: 3\n")
+    assert main(["inspect", "--config", str(config), "-n", "0", "--probe", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    probe = lines.index(next(line for line in lines if line.startswith("probe: ")))
+    assert lines[probe].startswith(f"probe: 2 groups x 2 completions from {tiny_model_dir} in ")
+    # a random tiny model writes no sum: every completion scores 0, every group is flat, nothing is solved
+    assert lines[probe + 1] == "  zero-variance groups (every completion the same reward; no GRPO signal): 100%"
+    assert lines[probe + 2] == "  prompts never solved: 2 of 2 (100%); always solved: 0 of 2"
+    assert main(["inspect", str(data), "--probe"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: inspect --probe: samples from the starting model of an RL config")
