@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, TypeVar
@@ -19,6 +20,7 @@ from typing import Annotated, Any, Callable, Literal, TypeVar
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from posttrain.data.mixture import source_problem
 from posttrain.errors import ConfigError
 from posttrain.models import DEFAULT_MODEL
 from posttrain.models import bf16_is_native
@@ -109,6 +111,54 @@ class LoRAConfig(Section):
 
 DATA_SOURCE = ("JSONL/JSON/Parquet file, datasets directory, folder of data files, or hub dataset "
                "org/name[@config][:split] (datasets.load_dataset)")
+MIXTURE_HELP = ("; or a list of sources, each a path or {path, weight, limit, split, name}: concatenated in order "
+                "without weights, else drawn by weight share with train.seed (docs/DATA.md)")
+
+
+class DataSource(Section):
+    """One source of a data mixture (``data.train: [a.jsonl, {path: b.jsonl, weight: 0.25}]``;
+    ``data.mixture`` and docs/DATA.md give the semantics)."""
+
+    path: str = Field(min_length=1, description=f"the data: {DATA_SOURCE}")
+    weight: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                 description="its share of the mixture, relative to the other sources' weights; every "
+                                             "source has one (drawn by share) or none does (concatenated)")
+    limit: int | None = Field(None, gt=0, description="read only its first N rows")
+    split: str | None = Field(None, min_length=1, description="split of a datasets directory, folder of data files or "
+                                                              "hub dataset (default train; slicing as in train[:100])")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$",
+                             description="its name in the audit and the metrics (default: the file or dataset name)")
+
+
+def _source_item_kind(value: Any) -> str | None:
+    return "path" if isinstance(value, str) else "source" if isinstance(value, (dict, DataSource)) else None
+
+
+def _setting_kind(value: Any) -> str | None:
+    return "path" if isinstance(value, str) else "list" if isinstance(value, list) else None
+
+
+def _check_sources(sources: list[Any]) -> list[Any]:
+    problem = source_problem(sources)
+    if problem is not None:
+        raise ValueError(problem)  # "[i].field: ...": _describe_error puts the key in front
+    return sources
+
+
+DATA_SOURCE_TAGS = ("path", "list", "source")
+DataSourceItem = Annotated[
+    Annotated[str, Tag("path")] | Annotated[DataSource, Tag("source")],
+    Discriminator(_source_item_kind, custom_error_type="data_source",
+                  custom_error_message="a source is a path or a mapping {path, weight, limit, split, name}"),
+]
+# A data setting: one path (str) or a list of sources. Errors name data.train[1].weight.
+DataSetting = Annotated[
+    Annotated[str, Tag("path")]
+    | Annotated[list[DataSourceItem], Field(min_length=1), AfterValidator(_check_sources), Tag("list")],
+    Discriminator(_setting_kind, custom_error_type="data_setting",
+                  custom_error_message="expected a path or a list of sources (paths or {path, weight, limit, split, "
+                                       "name})"),
+]
 COLUMNS_HELP = ("rename row fields before anything reads them: {target: source}, source a dotted path into nested "
                 "fields, e.g. {prompt: question, answer: reward_model.ground_truth}")
 
@@ -119,8 +169,8 @@ SPECIAL_TEXT_HELP = ("text of a row that holds the string of a special or added 
 
 
 class DataConfig(Section):
-    train: str | None = Field(None, description=f"training data: {DATA_SOURCE}")
-    val: str | None = Field(None, description="held-out data, same kinds as train (else val_fraction of train)")
+    train: DataSetting | None = Field(None, description=f"training data: {DATA_SOURCE}{MIXTURE_HELP}")
+    val: DataSetting | None = Field(None, description="held-out data, same kinds as train (else val_fraction of train)")
     columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_HELP)
     val_fraction: float = Field(0.0, ge=0, lt=1, description="fraction of train held out when val is unset")
     max_length: int = Field(1024, gt=1, description="maximum tokens per sample")
@@ -394,9 +444,10 @@ class RLDataConfig(Section):
     Every key other than the prompt goes to the reward as that row's metadata.
     """
 
-    train: str | None = Field(None, description=f"training prompts: {DATA_SOURCE}")
+    train: DataSetting | None = Field(None, description=f"training prompts: {DATA_SOURCE}{MIXTURE_HELP}")
     columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_HELP)
-    eval: str | None = Field(None, description="held-out prompts, scored before training, every train.eval_every steps and after")
+    eval: DataSetting | None = Field(None, description="held-out prompts (one source or a list, as train), scored before "
+                                                       "training, every train.eval_every steps and after")
     system: str | None = Field(None, description="system message put before every prompt that has none")
     max_prompt_length: int = Field(512, gt=0, description="prompts longer than this many tokens are dropped (counted)")
     limit: int | None = Field(None, gt=0, description="use only the first N training rows")
@@ -438,9 +489,9 @@ class CriticConfig(Section):
     warmup_steps: int = Field(0, ge=0, description="first steps train only the critic (the policy waits)")
 
 
-PREFLIGHT_HELP = ("false: not called on sample rows before training (rl, pipeline, inspect --config: the "
-                  "reward pre-flight, docs/PREFLIGHT.md); for a reward meant to pay otherwise than full marks for "
-                  "the reference answer and less for a wrong one")
+PREFLIGHT_HELP = ("the reward pre-flight of rl, pipeline and inspect --config (docs/PREFLIGHT.md): null or true = "
+                  "called on sample rows before training; false = skipped, for a reward meant to pay otherwise than "
+                  "full marks for the reference answer and less for a wrong one")
 
 
 class NamedReward(BaseModel):
@@ -451,7 +502,7 @@ class NamedReward(BaseModel):
     model_config = ConfigDict(extra="allow")
     name: str = Field(description="built-in reward name or module:function")
     params: dict[str, Any] | None = Field(None, description="parameters (they may also sit beside 'name')")
-    preflight: bool = Field(True, strict=True, description=PREFLIGHT_HELP)
+    preflight: bool | None = Field(None, strict=True, description=PREFLIGHT_HELP)
 
 
 class CompositeTerm(BaseModel):
@@ -460,7 +511,7 @@ class CompositeTerm(BaseModel):
     model_config = ConfigDict(extra="allow")
     weight: float = Field(1.0, strict=True, allow_inf_nan=False, description="the term's weight in the sum")
     reward: str | None = Field(None, description="the reward this term uses (default: the term's key)")
-    preflight: bool = Field(True, strict=True, description=PREFLIGHT_HELP)
+    preflight: bool | None = Field(None, strict=True, description=PREFLIGHT_HELP)
 
 
 class CompositeReward(BaseModel):
@@ -469,7 +520,7 @@ class CompositeReward(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: Literal["composite"]
     terms: dict[str, CompositeTerm | None] = Field(min_length=1, description="named, weighted terms")
-    preflight: bool = Field(True, strict=True, description=PREFLIGHT_HELP + " (every term)")
+    preflight: bool | None = Field(None, strict=True, description=PREFLIGHT_HELP + " (every term)")
 
 
 def _reward_kind(value: Any) -> str:
@@ -698,18 +749,69 @@ class RLConfig(Section):
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
-def load_config(
-    schema: type[ConfigT], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
-) -> ConfigT:
-    """Read YAML ``path`` (optional), apply ``key.sub=value`` overrides, validate with ``schema``.
+# Overrides: command-line strings ``key.sub=value`` (the value parsed as YAML), or a mapping of
+# dotted keys to values (``{"train.max_steps": 5}``, the Python API's form; values used as given);
+# a sequence may mix strings and ``(dotted key, value)`` pairs.
+Overrides = typing.Sequence[str | tuple[str, Any]] | typing.Mapping[str, Any]
 
-    Raises ConfigError with one line naming the file and the dotted key.
+
+def load_config(schema: type[ConfigT], path: str | Path | None = None, overrides: Overrides = ()) -> ConfigT:
+    """Read YAML ``path`` (optional: without it the schema's defaults), apply the overrides,
+    validate with ``schema``.
+
+    Raises ConfigError with one line naming the file and the dotted key, or the override when
+    the key the error is about was set by one.
     """
     source = str(path) if path is not None else "command line"
     raw: dict[str, Any] = read_config_file(path) if path is not None else {}
-    for override in overrides:
-        apply_override(raw, override)
-    return validate_config(schema, raw, source)
+    return validate_with_overrides(schema, raw, overrides, source)
+
+
+def validate_with_overrides(schema: type[ConfigT], raw: dict[str, Any], overrides: Overrides = (),
+                            source: str = "config") -> ConfigT:
+    """``validate_config`` of ``raw`` (changed in place) after the overrides; an error about a key
+    an override set (the key itself, a key inside it, or the section holding it) names that
+    override instead of ``source``."""
+    applied: dict[str, str] = {}  # dotted key -> the override that set it, as the user wrote it (quoted)
+    for item in overrides.items() if isinstance(overrides, typing.Mapping) else overrides:
+        if isinstance(item, str):
+            applied[apply_override(raw, item)] = f"'{_short_text(item, 120)}'"
+        else:
+            key, value = item
+            text = f"{key}={_short_repr(value, 80)}"
+            set_key(raw, str(key), value, text)
+            applied[str(key).strip()] = text
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        message = _describe_error(schema, exc)
+        culprit = _override_behind(applied, _error_key(exc, message))
+        raise ConfigError(f"override {culprit}: {message}" if culprit else f"{source}: {message}") from None
+
+
+def _error_key(exc: ValidationError, message: str) -> str:
+    """The dotted key a validation error is about: its location, else the key its message starts with."""
+    loc = [str(part) for part in exc.errors()[0]["loc"]]
+    loc = [part for i, part in enumerate(loc) if not (i and loc[i - 1] == "reward" and part in REWARD_SPEC_TAGS)]
+    if loc:
+        return ".".join(loc)
+    match = re.match(r"([a-z_][a-z_0-9]*(?:\.[a-z_0-9]+)*)[: (]", message)
+    return match.group(1) if match else ""
+
+
+def _override_behind(applied: dict[str, str], key: str) -> str | None:
+    """The last override whose key is ``key``, holds it, or lies inside it (None if none).
+
+    >>> _override_behind({"train.max_steps": "train.max_steps=x", "optim.lr": "optim.lr=1"}, "train.max_steps")
+    'train.max_steps=x'
+    >>> _override_behind({"rl": "rl={algorithm: x}"}, "rl.algorithm"), _override_behind({"optim.lr": "o"}, "train")
+    ('rl={algorithm: x}', None)
+    """
+    if not key:
+        return None
+    found = [text for set_key_, text in applied.items()
+             if set_key_ == key or key.startswith(set_key_ + ".") or set_key_.startswith(key + ".")]
+    return found[-1] if found else None
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -720,7 +822,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         examples = sorted(str(child) for child in file.glob("*.yaml"))[:3]
         hint = f" (e.g. {', '.join(examples)})" if examples else ""
         raise ConfigError(f"config file {path} is a directory; give one YAML config file{hint}")
-    if not file.is_file():
+    if not file.exists():  # /dev/null and a pipe (<(...)) are files to read too: only absence is refused
         raise ConfigError(f"config file {path} does not exist")
     try:
         loaded = load_yaml(file.read_text(encoding="utf-8"), str(path))
@@ -737,8 +839,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return loaded
 
 
-def apply_override(raw: dict[str, Any], override: str) -> None:
-    """Set ``a.b.c=value`` in the nested dict ``raw``; the value is parsed as YAML (1, true, [1,2], null)."""
+def apply_override(raw: dict[str, Any], override: str) -> str:
+    """Set ``a.b.c=value`` in the nested dict ``raw``; the value is parsed as YAML (1, true, [1,2], null).
+    Returns the dotted key."""
     key, sep, value_text = override.partition("=")
     key = key.strip()
     if _LONE_SURROGATE.search(override):
@@ -750,6 +853,15 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
         value = load_yaml(value_text, "override", key=key) if value_text.strip() else ""
     except yaml.YAMLError:
         value = value_text
+    set_key(raw, key, value, override)
+    return key
+
+
+def set_key(raw: dict[str, Any], key: str, value: Any, override: str) -> None:
+    """Set dotted ``key`` to ``value`` in the nested dict ``raw``; ``override`` names it in errors."""
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{override}': the key must look like key.sub")
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -928,7 +1040,12 @@ def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
     loc = [_short_text(str(part), 60) for part in error["loc"]]
     loc = [part for i, part in enumerate(loc)  # RewardSpec's union tags are not keys
            if not (i and loc[i - 1] == "reward" and part in REWARD_SPEC_TAGS)]
+    loc, in_source = _data_setting_loc(loc)
     key = ".".join(loc)
+    if error["type"] == "extra_forbidden" and in_source:
+        close = difflib.get_close_matches(loc[-1], list(DataSource.model_fields), n=1, cutoff=0.5)
+        suggestion = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else ""
+        return f"unknown key '{key}'{suggestion}; known keys here: {', '.join(DataSource.model_fields)}"
     if error["type"] == "extra_forbidden":
         known = _field_names(schema, loc[:-1])
         hint = nearest_key(schema, loc)
@@ -939,10 +1056,33 @@ def _describe_error(schema: type[BaseModel], exc: ValidationError) -> str:
         message = message[len("Value error, ") :]
     if not key:
         return message
+    if message.startswith("[") and error["type"] == "value_error":
+        return f"{key}{message}"  # a list of data sources: "[1].name: ..." after the setting's key
     if isinstance(error.get("input"), dict) and error["type"] == "value_error":
         return f"{key}: {message}"  # a whole section's check: its message names the key; the input is noise
     message = _short_text(message, 300)
     return f"{key}: {message} (got {_short_repr(error.get('input'))})" if error["type"] != "missing" else f"{key}: required"
+
+
+def _data_setting_loc(loc: list[str]) -> tuple[list[str], bool]:
+    """An error's ``loc`` inside a data setting (``DataSetting``: a path or a list of sources)
+    with the union's tags dropped and a source's index joined to its key, and whether it lies
+    inside one source: ``data.train.list.1.source.weight`` -> ``(data.train[1].weight, True)``.
+
+    >>> _data_setting_loc(["sft", "data", "train", "list", "1", "source", "weight"])
+    (['sft', 'data', 'train[1]', 'weight'], True)
+    >>> _data_setting_loc(["data", "val", "path"])
+    (['data', 'val'], False)
+    """
+    for at in range(1, len(loc) - 1):
+        if loc[at - 1] == "data" and loc[at] in ("train", "val", "eval") and loc[at + 1] in DATA_SOURCE_TAGS:
+            head, rest = loc[: at + 1], loc[at + 2 :]
+            if not (rest and rest[0].isdigit()):
+                return head + rest, False
+            head[-1] += f"[{rest[0]}]"
+            rest = rest[1:]
+            return head + (rest[1:] if rest and rest[0] in DATA_SOURCE_TAGS else rest), True
+    return loc, False
 
 
 def nearest_key(schema: type[BaseModel], loc: list[str]) -> str | None:
@@ -1031,10 +1171,27 @@ def _jsonable(value: Any) -> Any:
 
 
 def _type_name(annotation: Any) -> str:
-    text = str(annotation).replace("typing.", "")
-    if isinstance(annotation, type):
-        text = annotation.__name__
-    return text.replace("NoneType", "None")
+    """A type as a user reads it: validation metadata left out, classes by name, unions with ``|``.
+
+    >>> _type_name(RLConfig.model_fields["reward"].annotation)
+    'str | CompositeReward | NamedReward'
+    >>> _type_name(dict[str, Any] | None), _type_name(Literal["a", "b"]), _type_name(list[int])
+    ('dict[str, Any] | None', "Literal['a', 'b']", 'list[int]')
+    """
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _type_name(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in args)
+    if origin is Literal:
+        return f"Literal[{', '.join(repr(arg) for arg in args)}]"
+    if annotation is type(None):
+        return "None"
+    if origin is not None and args:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(arg) for arg in args)}]"
+    if isinstance(annotation, type) or annotation is Any:
+        return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+    return str(annotation).replace("typing.", "").replace("NoneType", "None")
 
 
 def _field_names(schema: type[BaseModel], loc: list[str]) -> list[str]:

@@ -423,7 +423,7 @@ def build_reward(spec: Any, key: str = "reward") -> RewardFn:
     """
     name, params = _split_spec(spec, key)
     correctness = _correctness_declared(name, params, key)
-    if not isinstance(params.pop("preflight", True), bool):
+    if not isinstance(params.pop("preflight", None), (bool, type(None))):
         raise ConfigError(f"{key}.preflight: true or false")
     if name == "composite":
         return _build_composite(params, key)
