@@ -175,3 +175,36 @@ def test_rl_training_acc_is_the_correctness_share_and_absent_without_a_check(tin
     else:
         assert "acc" not in line and "eval/acc" not in result.eval_before and "eval/acc" not in result.eval_after
         assert "eval/reward" in result.eval_after
+
+
+def test_rl_held_out_evals_before_and_after_are_metric_lines_with_a_samples_table(tiny_model_dir, tmp_path):
+    """Without train.eval_every, the evaluations before the first step and after the last reach
+    metrics.jsonl (lines at step 0 and at the last step, with the accuracy's 95% interval) and
+    TensorBoard (scalars, and the completions as a text table beside the training samples)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from posttrain.train.logging import read_metrics
+    from posttrain.train.rl import run_rl
+
+    config = validate_config(RLConfig, {
+        "model": {"name": tiny_model_dir}, "reward": "math",
+        "data": {"train": "examples/data/rl_arithmetic_train.jsonl", "limit": 8,
+                 "eval": "examples/data/rl_arithmetic_eval.jsonl", "eval_limit": 3},
+        "rollout": {"group_size": 2, "max_new_tokens": 4}, "rl": {"prompts_per_step": 2},
+        "train": {"max_steps": 2, "samples_every": 2, "samples_per_log": 2, "export": False},
+        "run": {"output_dir": str(tmp_path), "name": "evals", "progress": False}})
+    result = run_rl(config)
+    lines = read_metrics(result.run_dir / "metrics.jsonl")
+    evals = [line for line in lines if "eval/acc" in line]
+    assert [line["step"] for line in evals] == [0, 2]
+    assert evals[0] == {"step": 0, **result.eval_before} and evals[1] == {"step": 2, **result.eval_after}
+    for line in evals:
+        assert line["eval/count"] == 3 and line["eval/acc/ci_low"] <= line["eval/acc"] <= line["eval/acc/ci_high"]
+    assert [line["step"] for line in result.history] == [1, 2] and all("loss" in line for line in result.history)
+    events = EventAccumulator(str(result.run_dir / "tb"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    assert [event.step for event in events.Scalars("eval/acc")] == [0, 2]
+    tables = {tag.split("/text_summary")[0]: [e.step for e in events.Tensors(tag)] for tag in events.Tags()["tensors"]}
+    assert tables == {"eval/samples": [0, 2], "train/samples": [2]}
+    shown = events.Tensors(next(t for t in events.Tags()["tensors"] if t.startswith("eval/samples")))[0]
+    assert "| prompt | completion | reward |" in shown.tensor_proto.string_val[0].decode()

@@ -111,6 +111,9 @@ tasks:
     assert set(results["tasks"]) == {"humaneval", "rg/basic_arithmetic", "ppl/val.jsonl"}
     he = results["tasks"]["humaneval"]
     assert he["num_prompts"] == 2 and he["num_samples"] == 4 and he["pass@1"] == 0.0  # random weights
+    assert he["pass@1/ci_low"] == 0.0 and he["pass@1/ci_high"] == pytest.approx(0.6576, abs=1e-4)  # Wilson 0 of 2
+    assert results["headline_task"] == "humaneval" and "ppl/val.jsonl" not in results["per_problem"]
+    assert len(results["per_problem"]["humaneval"]["ids"]) == 2 and results["per_problem"]["humaneval"]["pass@2"] == [0.0, 0.0]
     assert results["tasks"]["ppl/val.jsonl"]["ppl"] > 1000  # a random model is nearly uniform over 49k tokens
     samples = [json.loads(line) for line in (out_dir / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8
@@ -155,3 +158,82 @@ tasks:
     monkeypatch.setattr(posttrain.log, "PLAIN_INTERVAL_S", 3600.0)
     assert main(["eval", str(config), "run.progress=false", "run.name=quiet"]) == 0
     assert "[eval" not in capsys.readouterr().err  # run.progress: false shows none
+
+
+class SeededEngine:
+    """Answers "2" (right for 1+1) or "3" by a coin that depends on the seed and the sample."""
+
+    def generate(self, prompt_ids, params):
+        import random
+
+        rng = random.Random(params.seed)
+        return [Completion(i, [1], "2" if rng.random() < 0.5 else "3", "stop")
+                for i in range(len(prompt_ids)) for _ in range(params.n)]
+
+
+def test_intervals_and_per_problem_scores_by_hand(tmp_path, tokenizer):
+    """n = 1: accuracy's interval is Wilson's over the problems; per-problem scores keep the ids."""
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "1+1?", "answer": "2"}) + "\n" for i in range(4)))
+    task = load_jsonl(str(data))
+    result = evaluate_task(CannedEngine([["2"], ["3"], ["3"], ["3"]]), tokenizer, task,
+                           SamplingParams(n=1, temperature=0.0), pass_k=(1,))
+    m = result.metrics
+    # Wilson 1/4: p = 0.25, z^2/n = 0.9604; centre 0.7302 / 1.9604 = 0.37247; half 0.32688
+    assert m["accuracy"] == 0.25 and m["accuracy/ci_low"] == pytest.approx(0.04559, abs=1e-4)
+    assert m["accuracy/ci_high"] == pytest.approx(0.69936, abs=1e-4)
+    assert (m["pass@1/ci_low"], m["pass@1/ci_high"]) == (m["accuracy/ci_low"], m["accuracy/ci_high"])
+    assert result.problems == {"ids": ["q0", "q1", "q2", "q3"], "accuracy": [1.0, 0.0, 0.0, 0.0],
+                               "pass@1": [1.0, 0.0, 0.0, 0.0]}
+    table = format_table([result])
+    assert "accuracy [95% CI]" in table and "0.250 [0.046, 0.699]" in table and "95% interval over the n prompts" in table
+
+
+def test_several_seeds_report_mean_spread_and_each_seed(tmp_path, tokenizer):
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n" for _ in range(6)))
+    task = load_jsonl(str(data))
+    sampling = SamplingParams(n=2, temperature=1.0)
+    per_seed = [evaluate_task(SeededEngine(), tokenizer, task, sampling, pass_k=(1,), seeds=[seed]) for seed in (0, 1, 2)]
+    result = evaluate_task(SeededEngine(), tokenizer, task, sampling, pass_k=(1,), seeds=[0, 1, 2])
+    accuracies = [r.metrics["accuracy"] for r in per_seed]
+    mean = sum(accuracies) / 3
+    spread = (sum((a - mean) ** 2 for a in accuracies) / 2) ** 0.5
+    assert result.metrics["accuracy"] == pytest.approx(mean) and result.metrics["accuracy/seed_std"] == pytest.approx(spread)
+    assert result.metrics["seeds"] == 3 and result.metrics["num_samples"] == 36 and result.metrics["num_prompts"] == 6
+    assert {seed: m["accuracy"] for seed, m in result.per_seed.items()} == dict(zip(("0", "1", "2"), accuracies))
+    # a problem's score is its mean over seeds; the interval is over those problems
+    assert result.problems["accuracy"] == pytest.approx(
+        [sum(r.problems["accuracy"][i] for r in per_seed) / 3 for i in range(6)])
+    assert result.metrics["accuracy/ci_low"] <= mean <= result.metrics["accuracy/ci_high"]
+    assert [(s["seed"], s["sample"]) for s in result.samples if s["id"] == "1"] == [
+        (0, 0), (0, 1), (1, 2), (1, 3), (2, 4), (2, 5)]
+    table = format_table([result])
+    assert f"{mean:.3f}±{spread:.3f} [" in table
+    assert (f"accuracy per seed: seed 0: {accuracies[0]:.3f}, seed 1: {accuracies[1]:.3f}, "
+            f"seed 2: {accuracies[2]:.3f} (mean {mean:.3f}, spread {spread:.3f})") in table
+
+
+def test_several_seeds_with_greedy_decoding_are_refused_in_one_line():
+    from posttrain.config import EvalConfig, load_config
+
+    with pytest.raises(ConfigError, match="sampling: seed lists 3 seeds but temperature is 0: greedy decoding"):
+        load_config(EvalConfig, None, ["tasks=[{name: humaneval}]", "sampling.seed=[0, 1, 2]"])
+    with pytest.raises(ConfigError, match="sampling.seed: a seed is listed twice"):
+        load_config(EvalConfig, None, ["tasks=[{name: humaneval}]", "sampling.seed=[1, 1]", "sampling.temperature=1"])
+    config = load_config(EvalConfig, None, ["tasks=[{name: humaneval}]", "sampling.seed=[0, 1]", "sampling.temperature=1"])
+    assert config.sampling.seeds == [0, 1]
+    assert load_config(EvalConfig, None, ["tasks=[{name: humaneval}]"]).sampling.seeds == [0]
+
+
+def test_headline_task_names_a_task(tmp_path):
+    from posttrain.config import EvalConfig, load_config
+    from posttrain.eval.runner import check_headline_task
+
+    tasks = "tasks=[{name: jsonl, path: a.jsonl, label: arith_tool}, {name: reasoning_gym, dataset: basic_arithmetic}]"
+    assert check_headline_task(load_config(EvalConfig, None, [tasks])) == "arith_tool"
+    assert check_headline_task(load_config(EvalConfig, None, [tasks, "headline_task=rg/basic_arithmetic"])) == \
+        "rg/basic_arithmetic"
+    with pytest.raises(ConfigError, match=r"headline_task: 'sub' is not a task of this config \(tasks: arith_tool, "
+                                          r"rg/basic_arithmetic\)"):
+        check_headline_task(load_config(EvalConfig, None, [tasks, "headline_task=sub"]))

@@ -169,3 +169,66 @@ def test_overwrite_deletes_the_earlier_runs_files_but_not_the_users(tmp_path):
     prepare_run_dir(tmp_path, "r", config, resuming=False, overwrite=True)
     assert not any(p.exists() for p in (run.checkpoints / "step_8", run.final, run.eval, run.tensorboard, run.samples))
     assert (run.path / "notes.txt").read_text() == "x" and run.checkpoints.is_dir()
+
+
+class FakeWandbRun:
+    def __init__(self):
+        self.logged = []
+
+    def log(self, data, step, commit):
+        self.logged.append((data, step, commit))
+
+    def finish(self):
+        self.logged.append("finish")
+
+
+def fake_wandb(monkeypatch):
+    """A stand-in ``wandb`` module (the package is optional): records what is logged."""
+    import sys
+    import types
+
+    module = types.ModuleType("wandb")
+    module.run = FakeWandbRun()
+    module.init = lambda **kwargs: module.run
+    module.Settings = lambda **kwargs: kwargs
+
+    class Table:
+        def __init__(self, columns, data):
+            self.columns, self.data = columns, data
+
+    module.Table = Table
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return module
+
+
+def test_samples_table_goes_to_tensorboard_text_and_a_wandb_table(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    wandb = fake_wandb(monkeypatch)
+    config = SFTConfig.model_validate({"data": {"train": "x.jsonl"}})
+    run = prepare_run_dir(tmp_path, "r", config, resuming=False)
+    records = [{"prompt": "What is 1+1?", "completion": "2 | two\nsure", "reward": 1.0, "trajectory": {"turns": 1}},
+               {"prompt": "What is 2+2?", "completion": "5", "reward": 0.0}]
+    with MetricsLogger(run, wandb=True) as logger:
+        logger.log({"eval/acc": 0.5}, step=3)
+        logger.log_samples("eval/samples", records, step=3)
+        logger.log_samples("eval/samples", [], step=4)  # nothing to show: nothing logged
+    (data, step, commit), (table, table_step, _), finished = wandb.run.logged
+    assert data == {"eval/acc": 0.5} and step == 3 and commit is False  # a later line at step 3 joins this row
+    assert table_step == 3 and table["eval/samples"].columns == ["prompt", "completion", "reward"]
+    assert table["eval/samples"].data[1] == ["What is 2+2?", "5", 0.0] and finished == "finish"
+    events = EventAccumulator(str(run.tensorboard), size_guidance={"tensors": 0})
+    events.Reload()
+    (text,) = [tag for tag in events.Tags()["tensors"] if tag.startswith("eval/samples")]
+    shown = events.Tensors(text)[0].tensor_proto.string_val[0].decode()
+    assert "| prompt | completion | reward |" in shown and "2 \\| two<br>sure" in shown and "turns" not in shown
+
+
+def test_samples_table_needs_no_wandb_and_skips_a_disabled_logger(tmp_path):
+    config = SFTConfig.model_validate({"data": {"train": "x.jsonl"}})
+    run = prepare_run_dir(tmp_path, "r", config, resuming=False)
+    with MetricsLogger(run, tensorboard=False) as logger:  # neither TensorBoard nor W&B: nothing to write to
+        logger.log_samples("eval/samples", [{"prompt": "p", "completion": "c"}], step=1)
+    with MetricsLogger(run, enabled=False) as logger:  # another rank
+        logger.log_samples("eval/samples", [{"prompt": "p", "completion": "c"}], step=1)
+    assert not list(run.tensorboard.glob("*"))

@@ -240,8 +240,8 @@ def test_headline_task_is_checked_recorded_and_redoes_nothing(tmp_path: Path, da
     """``eval.headline_task`` must name a task (dry run: one line naming the key and the tasks);
     pipeline.json records it for the report; changing it changes no stage's fingerprint."""
     wrong = full_config(tmp_path, data, "eval.headline_task=arith")
-    assert dry_run(wrong).errors == [f"eval: headline_task: 'arith' is not a task of this config "
-                                     f"(tasks: jsonl/eval.jsonl)"]
+    assert dry_run(wrong).errors == ["eval: headline_task: 'arith' is not a task of this config "
+                                     "(tasks: jsonl/eval.jsonl)"]
     named = full_config(tmp_path, data, "eval.headline_task=jsonl/eval.jsonl")
     assert dry_run(named).errors == []
     plain = [stage.fingerprint for stage in build_plan(full_config(tmp_path, data), tmp_path / "runs" / "p")]

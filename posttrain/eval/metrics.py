@@ -121,7 +121,9 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     denominator = 1 + z * z / n
     center = (p + z * z / (2 * n)) / denominator
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, center - half), min(1.0, center + half)
+    low = 0.0 if successes == 0 else max(0.0, center - half)  # exactly 0 and 1 at the ends, not rounding error
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
 
 
 def _percentiles(sorted_means: list[float], level: float) -> tuple[float, float]:

@@ -17,7 +17,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from pydantic import BaseModel
 
@@ -163,7 +163,8 @@ def _last_byte(path: Path) -> bytes:
 
 class MetricsLogger:
     """Writes metrics to ``metrics.jsonl`` (append, flushed per line), TensorBoard and, with
-    ``wandb``, Weights & Biases (``WandbBackend``)."""
+    ``wandb``, Weights & Biases (``WandbBackend``); ``log_samples`` adds a table of generated
+    samples to TensorBoard (a text summary) and W&B (a ``wandb.Table``)."""
 
     def __init__(self, run: RunDir | None, *, tensorboard: bool = True, enabled: bool = True,
                  wandb: bool = False, wandb_project: str = "posttrain"):
@@ -201,6 +202,19 @@ class MetricsLogger:
             self._wandb.log(record, step)
         return record
 
+    def log_samples(self, tag: str, records: Sequence[Mapping[str, Any]], step: int) -> None:
+        """A table of generated samples at ``step``: one row per record, one column per key
+        whose values are text or numbers (``sample_table``), as a Markdown table in
+        TensorBoard's text tab (``tag``) and a ``wandb.Table`` under ``tag`` in W&B. Nothing
+        when the logger is disabled or ``records`` is empty."""
+        if not self.enabled or not records:
+            return
+        columns, rows = sample_table(records)
+        if self._tb is not None:
+            self._tb.add_text(tag, markdown_table(columns, rows), step)
+        if self._wandb is not None:
+            self._wandb.log_table(tag, columns, rows, step)
+
     def close(self) -> None:
         if self._wandb is not None:
             self._wandb.close()
@@ -227,8 +241,11 @@ class WandbBackend:
     continues the same W&B run (W&B docs, "Resume a run"). Mode, entity and credentials come
     from W&B's own environment variables: ``WANDB_MODE=offline`` writes under ``<run>/wandb``
     for a later ``wandb sync`` (W&B docs, "Use W&B offline"). Numbers are logged at their
-    optimizer step (``wandb.log(..., step=step)``); a missing ``wandb`` package is a one-line
-    ConfigError naming ``run.wandb``.
+    optimizer step (``wandb.log(..., step=step, commit=False)``: W&B writes a step's row when a
+    later step arrives or the run finishes, so a second line at the same step, such as RL's
+    held-out evaluation after its last step or a samples table, joins that row instead of being
+    dropped as out of order); a missing ``wandb`` package is a one-line ConfigError naming
+    ``run.wandb``.
     """
 
     def __init__(self, run: RunDir, *, project: str):
@@ -251,10 +268,47 @@ class WandbBackend:
     def log(self, record: Mapping[str, Any], step: int) -> None:
         numbers = {key: value for key, value in record.items()
                    if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)}
-        self._run.log(numbers, step=step, commit=True)  # each metrics line is a whole step
+        self._run.log(numbers, step=step, commit=False)
+
+    def log_table(self, tag: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        import wandb
+
+        self._run.log({tag: wandb.Table(columns=columns, data=rows)}, step=step, commit=False)
 
     def close(self) -> None:
         self._run.finish()
+
+
+def sample_table(records: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[list[Any]]]:
+    """(columns, rows) of a samples table: the keys whose values are text, numbers or booleans
+    in any record, in the order first seen; a record without a column gets "".
+
+    >>> sample_table([{"prompt": "1+1?", "completion": "2", "reward": 1.0, "trajectory": {}}, {"prompt": "2+2?"}])
+    (['prompt', 'completion', 'reward'], [['1+1?', '2', 1.0], ['2+2?', '', '']])
+    """
+    columns: list[str] = []
+    for record in records:
+        columns += [key for key, value in record.items()
+                    if isinstance(value, (str, int, float, bool)) and key not in columns]
+    return columns, [[record.get(column, "") for column in columns] for record in records]
+
+
+def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], cell_chars: int = 2000) -> str:
+    """A Markdown table for TensorBoard's text tab: pipes escaped, line breaks as ``<br>``,
+    cells cut at ``cell_chars``.
+
+    >>> print(markdown_table(["prompt", "reward"], [["a|b\\nc", 0.5]]))
+    | prompt | reward |
+    | --- | --- |
+    | a\\|b<br>c | 0.5 |
+    """
+    def cell(value: Any) -> str:
+        text = str(value)[:cell_chars]
+        return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+    lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def optimizer_step_metrics(result: Any, *, step: int, epoch: float, tokens: int, trained_tokens: int | None = None,

@@ -160,6 +160,8 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     ):
         if state.step == 0 and start:
             result.history.append(logger.log(start, step=0))
+        if result.eval_before:
+            log_eval(logger, run, 0, result.eval_before)
         while state.step < config.train.max_steps:
             started = time.perf_counter()
             batch = collect_rollouts(engine, train_rows, sampler, reward_fn, settings.rollout, settings.scoring,
@@ -186,9 +188,12 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
                 result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info,
                                              agent=agent)
                 metrics.update(result.eval_after)
+                log_eval(logger, run, state.step)  # the metrics ride on this step's line
             metrics.update(alarms.observe(state.step, metrics))
             if info.is_main and is_due(state.step, config.train.samples_every, config.train.max_steps):
                 append_samples(run.samples, state.step, whole, train_rows, config.train.samples_per_log)
+                logger.log_samples("train/samples", training_sample_rows(whole, train_rows,
+                                                                         config.train.samples_per_log), state.step)
             if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 result.history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
@@ -197,8 +202,10 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
             session.step_boundary(state.step, config.train.max_steps, info=info, checkpoints=run.checkpoints,
                                   due=is_due(state.step, config.train.save_every, config.train.max_steps),
                                   save=lambda: save_rl_checkpoint(run, state, models, info, config=config))
-    if eval_rows and not result.eval_after and config.train.eval_every is None:
-        result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info, agent=agent)
+        if eval_rows and not result.eval_after and config.train.eval_every is None:
+            result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info,
+                                         agent=agent)
+            log_eval(logger, run, state.step, result.eval_after)
     if config.train.export:
         result.final_dir = ckpt.export_hf(models.policy, tokenizer, run.final, info,
                                           merge_lora=config.lora.merge_on_export,
@@ -310,9 +317,10 @@ def run_eval(engine: Any, rows: Sequence[PromptRow], reward_fn: Any, config: RLC
              info: DistInfo, agent: Any = None) -> dict[str, float]:
     """One completion per held-out prompt (greedy at ``eval_temperature`` 0), scored by the
     reward through ``posttrain eval``'s evaluation (``eval.generate.evaluate_rows``); logged
-    under the trainer's names (``eval/acc``, ``eval/reward``, ...); writes ``eval/step_<N>.json``
-    (metrics + every completion). Shown as a progress phase counting completions (multi-turn:
-    generations) as they finish."""
+    under the trainer's names (``eval/acc`` with its 95% interval ``eval/acc/ci_low``,
+    ``eval/acc/ci_high``, ``eval/reward``, ...); writes ``eval/step_<N>.json`` (metrics + every
+    completion). Shown as a progress phase counting completions (multi-turn: generations) as
+    they finish. ``log_eval`` puts it in the logs."""
     params = SamplingParams(n=1, temperature=config.rollout.eval_temperature,
                             max_new_tokens=config.rollout.max_new_tokens, stop=tuple(config.rollout.stop),
                             seed=config.train.seed)
@@ -324,10 +332,46 @@ def run_eval(engine: Any, rows: Sequence[PromptRow], reward_fn: Any, config: RLC
         run.eval.mkdir(parents=True, exist_ok=True)
         (run.eval / f"step_{step}.json").write_text(json.dumps({"step": step, "metrics": metrics, "samples": records},
                                                                indent=1))
-        shown = "  ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k in ("eval/acc", "eval/reward",
-                                                                               "eval/response_len"))
+        shown = "  ".join(f"{k}={v:.4g}{acc_interval(metrics) if k == 'eval/acc' else ''}"
+                          for k, v in metrics.items() if k in ("eval/acc", "eval/reward", "eval/response_len"))
         say(f"rl: held-out eval at step {step}: {shown}")
     return metrics
+
+
+def acc_interval(metrics: dict[str, float]) -> str:
+    """`` [low, high] (n=N)``: the 95% interval of a held-out ``eval/acc``, or "" without one.
+
+    >>> acc_interval({"eval/acc": 0.13, "eval/acc/ci_low": 0.0776, "eval/acc/ci_high": 0.2098, "eval/count": 100})
+    ' [0.078, 0.210] (n=100)'
+    """
+    if "eval/acc/ci_low" not in metrics or "eval/acc/ci_high" not in metrics:
+        return ""
+    count = f" (n={metrics['eval/count']:.0f})" if "eval/count" in metrics else ""
+    return f" [{metrics['eval/acc/ci_low']:.3f}, {metrics['eval/acc/ci_high']:.3f}]{count}"
+
+
+# Held-out completions shown in each evaluation's samples table (TensorBoard text, W&B table).
+EVAL_TABLE_ROWS = 32
+
+
+def log_eval(logger: MetricsLogger, run: RunDir, step: int, metrics: dict[str, float] | None = None) -> None:
+    """The held-out evaluation at ``step`` in metrics.jsonl, TensorBoard and W&B: ``metrics`` as
+    a metric line of its own (the evaluations before the first step and after the last; an
+    in-loop evaluation's metrics ride on its step's line instead), and its first
+    ``EVAL_TABLE_ROWS`` completions as the samples table ``eval/samples``, read from the
+    ``eval/step_<N>.json`` that ``run_eval`` wrote (rank 0)."""
+    if metrics:
+        logger.log(metrics, step=step)
+    written = run.eval / f"step_{step}.json"
+    if logger.enabled and written.is_file():
+        logger.log_samples("eval/samples", json.loads(written.read_text())["samples"][:EVAL_TABLE_ROWS], step)
+
+
+def training_sample_rows(batch: RolloutBatch, rows: Sequence[PromptRow], limit: int) -> list[dict[str, Any]]:
+    """The step's first ``limit`` samples as rows of the ``train/samples`` table: prompt,
+    completion, reward (what samples.jsonl keeps, without token ids and trajectories)."""
+    return [{"prompt": rows[sample.row].text, "completion": sample.text, "reward": sample.reward}
+            for sample in batch.samples[:limit]]
 
 
 def save_rl_checkpoint(run: RunDir, state: RLState, models: Trainables, info: DistInfo, *, config: RLConfig) -> None:
@@ -406,6 +450,7 @@ def finish(config: RLConfig, info: DistInfo, state: RLState, result: RLResult) -
     if not info.is_main:
         return
     before, after = result.eval_before.get("eval/acc"), result.eval_after.get("eval/acc")
-    change = f"; held-out acc {before:.3f} -> {after:.3f}" if before is not None and after is not None else ""
+    change = (f"; held-out acc {before:.3f}{acc_interval(result.eval_before)} -> "
+              f"{after:.3f}{acc_interval(result.eval_after)}" if before is not None and after is not None else "")
     where = f"final model in {result.final_dir}" if result.final_dir else "no final model (train.export=false)"
     say(f"rl: {state.step} steps in {state.elapsed_s:.0f}s{change}; {where}")
