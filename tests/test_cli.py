@@ -51,11 +51,18 @@ def test_chat_renders_template_and_prints_greedy_reply(tiny_model_dir, capsys):
 def test_training_commands_load_config_with_overrides_and_call_their_runner(tmp_path, monkeypatch, name, module,
                                                                              runner, config_class, section):
     """``posttrain NAME CONFIG key=value`` validates the file + overrides into the command's
-    config and hands it to the trainer (replaced here by a recorder)."""
+    config and hands it to the trainer (replaced here by a recorder) through the Python API."""
     import importlib
+    from types import SimpleNamespace
 
     seen = []
-    monkeypatch.setattr(importlib.import_module(module), runner, seen.append)
+
+    def record(config, **options):
+        seen.append(config)
+        return [] if name == "eval" else SimpleNamespace(run_dir=tmp_path, final_dir=None, steps=0, history=[],
+                                                         val_metrics={}, eval_after={}, eval_before={})
+
+    monkeypatch.setattr(importlib.import_module(module), runner, record)
     path = tmp_path / "c.yaml"
     path.write_text(section + "run:\n  name: from-file\n")
     assert main([name, str(path), "run.output_dir=elsewhere"]) == 0
@@ -83,3 +90,50 @@ def test_output_into_a_closed_pipe_ends_quietly():
     finally:
         os.close(write_end)
     assert child.returncode == 141 and "Traceback" not in child.stderr, child.stderr
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_a_training_command_without_a_config_file_takes_overrides_over_the_defaults(tmp_path, capsys):
+    """No YAML: ``posttrain sft data.train=x.jsonl ...``; /dev/null and an empty file are empty
+    configs; flags and overrides in any order."""
+    data = str(REPO / "examples/data/sft_arithmetic.jsonl")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    for argv in (["sft", f"data.train={data}", "--dry-run", f"run.output_dir={tmp_path}", "data.limit=4"],
+                 ["sft", "/dev/null", "--dry-run", f"data.train={data}", f"run.output_dir={tmp_path}", "data.limit=4"],
+                 ["sft", "--dry-run", str(empty), f"data.train={data}", f"run.output_dir={tmp_path}", "data.limit=4"]):
+        assert main(argv) == 0, argv
+        out = capsys.readouterr().out
+        assert f"  data      {data}: 4 samples; validation: none" in out
+        assert out.splitlines()[-1] == "config OK: `posttrain sft` would train 1 step"
+    assert main(["sft", "data.limit=4"]) == 2
+    assert capsys.readouterr().err == "error: config: data.train: a training data file is required\n"
+
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  train: rows.jsonl\n")
+    assert main(["sft", str(path), "--dry-run", "train.max_steps=many"]) == 2
+    assert capsys.readouterr().err.startswith("error: override 'train.max_steps=many': train.max_steps: Input should be")
+    path.write_text("data:\n  train: rows.jsonl\ntrain:\n  max_steps: many\n")
+    assert main(["sft", str(path), "optim.lr=1e-5"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}: train.max_steps: Input should be")
+
+
+def test_pipeline_takes_overrides_after_dry_run(tmp_path, capsys):
+    """``pipeline CONFIG --dry-run key=value`` parses (argparse alone rejected it)."""
+    assert main(["pipeline", str(REPO / "configs/quickstart.yaml"), "--dry-run", f"run.output_dir={tmp_path}",
+                 "run.name=ordered"]) == 0
+    assert f"pipeline {tmp_path}/ordered (dry run" in " ".join(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit):
+        main(["pipeline", str(REPO / "configs/quickstart.yaml"), "--dry-run", "stray"])
+    assert "unrecognized arguments: stray" in capsys.readouterr().err
+
+
+def test_config_prints_readable_types(capsys):
+    assert main(["config", "eval"]) == 0
+    out = capsys.readouterr().out
+    assert "reward: null  # str | CompositeReward | NamedReward | None: " in out
+    assert "Annotated" not in out and "Discriminator" not in out and "<function" not in out

@@ -1,7 +1,7 @@
 """Contract: posttrain's packages form layers, and a module imports only from its own layer or
 the layers below it, at module level or inside a function alike (docs/ARCHITECTURE.md).
 
-    commands   cli, pipeline, chat, inspect_data, report, __main__
+    commands   cli, api, pipeline, chat, inspect_data, report, __main__
     train      loops, checkpoints, logging, distribution
     library    data < models < config < sandbox < rollout < rewards < agent < eval
     base       errors, log, hub, algorithms (torch-only math; its own test keeps it so)
@@ -24,7 +24,7 @@ LAYERS = {
     "base": {"errors", "log", "hub", "algorithms", "__version__"},
     "library": set(LIBRARY_ORDER),
     "train": {"train"},
-    "commands": {"cli", "pipeline", "chat", "inspect_data", "report", "__main__"},
+    "commands": {"cli", "api", "pipeline", "chat", "inspect_data", "report", "__main__"},
 }
 ORDER = list(LAYERS)
 PACKAGE_DIR = pathlib.Path(posttrain.__file__).parent
