@@ -323,7 +323,7 @@ PLOTS: tuple[PlotSpec, ...] = (
     PlotSpec("Loss", ("loss", "val/loss"), "loss"),
     PlotSpec("Learning rate", ("lr",), "lr"),
     PlotSpec("Gradient norm (before clipping)", ("grad_norm",), "grad norm", log_y=True),
-    PlotSpec("Reward and accuracy per RL step", ("reward/mean", "acc"), "reward / accuracy",
+    PlotSpec("Reward and accuracy per RL step", ("reward/mean", "acc", "eval/acc"), "reward / accuracy",
              band={"reward/mean": "reward/std"}, prefix_keys=("reward/",)),
     PlotSpec("KL to the reference", ("kl",), "KL"),
     PlotSpec("Entropy", ("entropy",), "nats / token"),
@@ -597,7 +597,23 @@ def summary_rows(report: RunReport) -> list[dict[str, str]]:
             row[label] = "-" if last is None else (
                 f"{first:.3g} → {last:.3g}" if first is not None and len(stage.series(key)[1]) > 1 else f"{last:.3g}")
         rows.append(row)
+    if any(stage.last("eval/acc") is not None for stage in report.stages):
+        for row, stage in zip(rows, report.stages):
+            row["held-out acc"] = held_out_accuracy(stage)
     return rows
+
+
+def held_out_accuracy(stage: StageRun) -> str:
+    """An RL run's held-out accuracy from its metric lines (``eval/acc``): first → last, the
+    last with its 95% interval and n, e.g. ``0.1 → 0.4 [0.2, 0.6] n=20``; ``-`` without one."""
+    _, values = stage.series("eval/acc")
+    if not values:
+        return "-"
+    text = f"{values[0]:.3g} → {values[-1]:.3g}" if len(values) > 1 else f"{values[-1]:.3g}"
+    low, high, count = stage.last("eval/acc/ci_low"), stage.last("eval/acc/ci_high"), stage.last("eval/count")
+    if low is not None and high is not None:
+        text += f" [{low:.3g}, {high:.3g}]"
+    return text + (f" n={count:.0f}" if count is not None else "")
 
 
 def paired_change(before: EvalResult, after: EvalResult) -> PairedDifference | None:

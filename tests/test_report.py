@@ -243,3 +243,18 @@ def test_the_headline_follows_the_first_task_and_says_which_changes_are_noise(tm
 def test_a_configured_headline_task_is_followed(tmp_path: Path):
     report = load_report(agentic_like_run(tmp_path, headline_task="subtraction"))
     assert headline(report).startswith("held-out subtraction (n=100): baseline 0.0% [0.0, 3.7] -> sft 14.0%")
+
+
+def test_an_rl_runs_held_out_accuracy_from_its_metric_lines(tmp_path: Path, pipeline_run: Path):
+    """RL logs its evaluations before the first step and after the last as metric lines: the
+    Stages table shows first → last with the last one's interval, and the accuracy plot draws it."""
+    run = tmp_path / "rl-run"
+    lines = rl_metrics()
+    lines.insert(0, {"step": 0, "eval/acc": 0.1, "eval/acc/ci_low": 0.028, "eval/acc/ci_high": 0.301, "eval/count": 20})
+    lines.append({"step": 4, "eval/acc": 0.4, "eval/acc/ci_low": 0.219, "eval/acc/ci_high": 0.613, "eval/count": 20})
+    write_jsonl(run / "metrics.jsonl", lines)
+    report = load_report(run)
+    (row,) = summary_rows(report)
+    assert row["held-out acc"] == "0.1 → 0.4 [0.219, 0.613] n=20" and row["acc"] == "0.2 → 0.8"
+    assert all("held-out acc" not in row for row in summary_rows(load_report(pipeline_run)))  # none logged there
+    assert "Reward and accuracy per RL step" in images(render_html(report))
