@@ -49,11 +49,12 @@ CONFIG_SNAPSHOT = "config.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 # Keys that do not change the trained weights (where the run lives, display, checkpoint and
-# export bookkeeping, fault policy): never a resume conflict. Everything else must match.
+# export bookkeeping, fault policy, RL alarms): never a resume conflict. Everything else must match.
 RESUME_IGNORED_KEYS = (
     "run.name", "run.output_dir", "run.progress", "run.tensorboard", "run.overwrite", "train.resume",
     "train.resume_allow_changes", "train.save_on_signal", "train.skip_nonfinite_steps", "train.save_every",
     "train.keep_last", "train.export", "train.log_every", "train.samples_every", "train.samples_per_log",
+    "alarms",
 )
 
 

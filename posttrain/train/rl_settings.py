@@ -11,7 +11,8 @@ sees the config:
     UpdateSettings    -> train.rl_update     (mini-batches, policy and critic losses)
 
 Two values change from step to step and are passed beside the settings: the step itself
-(seeds) and the KL coefficient (the adaptive controller moves it).
+(seeds) and the KL coefficient (the adaptive controller moves it). The ``alarms:`` section
+becomes ``AlarmSettings`` for the run's alarms (``train.rl_alarms``), read by ``alarm_settings``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from posttrain.config import RLConfig
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.sources import SourceSettings
 from posttrain.train.distributed import DistInfo
+from posttrain.train.rl_alarms import ALARMS, AlarmSettings
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,31 @@ def rl_settings(config: RLConfig, info: DistInfo, pad_token_id: int, agent: Any 
                 loss_agg_mode="token-mean" if train.loss_agg_mode == "sum" else train.loss_agg_mode,
                 warmup_steps=rl.critic.warmup_steps)),
     )
+
+
+def alarm_settings(config: RLConfig) -> AlarmSettings:
+    """The thresholds of ``alarms:`` (``train.rl_alarms``) and the alarms this run can watch: all
+    whose threshold is set, the held-out one only with periodic evaluation (``train.eval_every``),
+    the tool-call one only with an agent; none when ``alarms.enabled`` is false."""
+    alarms = config.alarms
+    thresholds = {"reward_up_heldout_down": alarms.heldout_drop, "reward_length_corr": alarms.reward_length_corr,
+                  "format_saturated": alarms.term_rise, "tool_calls_no_gain": alarms.tool_calls_rise,
+                  "entropy_collapse": alarms.entropy_ratio,
+                  "kl_blowup": alarms.kl_max if alarms.kl_max is not None else alarms.approx_kl_max,
+                  "clip_frac_blowup": alarms.clip_frac_max, "length_cap": alarms.length_cap_frac,
+                  "nonfinite": alarms.nonfinite_steps}
+    runnable = {"reward_up_heldout_down": bool(config.data.eval) and config.train.eval_every is not None,
+                "tool_calls_no_gain": config.agent.enabled}
+    watched = tuple(name for name in ALARMS
+                    if alarms.enabled and thresholds[name] is not None and runnable.get(name, True))
+    return AlarmSettings(
+        window=alarms.window, acc_gain=alarms.acc_gain, heldout_drop=alarms.heldout_drop,
+        reward_rise=alarms.reward_rise, reward_length_corr=alarms.reward_length_corr, term_rise=alarms.term_rise,
+        term_saturation=alarms.term_saturation, tool_calls_rise=alarms.tool_calls_rise,
+        entropy_ratio=alarms.entropy_ratio, kl_max=alarms.kl_max, approx_kl_max=alarms.approx_kl_max,
+        clip_frac_max=alarms.clip_frac_max, blowup_factor=alarms.blowup_factor,
+        length_cap_frac=alarms.length_cap_frac, length_cap_rise=alarms.length_cap_rise,
+        nonfinite_steps=alarms.nonfinite_steps, watched=watched)
 
 
 def source_settings(config: RLConfig, info: DistInfo | None) -> SourceSettings:
