@@ -636,8 +636,10 @@ class AlarmsConfig(Section):
     "Since the start" compares the mean of the run's first ``window`` steps with the last ones."""
 
     enabled: bool = Field(True, description="watch the alarms at all; false = no alarm/* metrics, no warnings")
-    window: int = Field(10, gt=0, description="steps per window: levels are means over the last window, rises "
-                                              "compare it with the first window (so they need 2 x window steps)")
+    window: int | None = Field(
+        None, gt=0, description="steps per window: levels are means over the last window, rises compare it with the "
+                                "first window (so they need 2 x window steps); null = a quarter of train.max_steps, "
+                                "at least 3 and at most 10")
     acc_gain: float = Field(0.05, ge=0, description="accuracy (acc) 'gained' when its last-window mean exceeds its "
                                                     "first-window mean by this; below it, it stayed flat")
     heldout_drop: float | None = Field(

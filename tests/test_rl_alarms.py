@@ -260,6 +260,12 @@ def test_settings_from_the_config_watch_what_the_run_can_measure():
     assert "kl_blowup" not in kl_off.watched
 
 
+@pytest.mark.parametrize("max_steps,window", [(4, 3), (12, 3), (20, 5), (40, 10), (500, 10)])
+def test_the_window_is_a_quarter_of_the_run_between_3_and_10_steps_unless_set(max_steps, window):
+    assert alarm_settings(_config(train={"max_steps": max_steps})).window == window
+    assert alarm_settings(_config(train={"max_steps": max_steps}, alarms={"window": 7})).window == 7
+
+
 def test_the_alarms_section_refuses_unknown_keys_and_bad_values_in_one_line():
     with pytest.raises(ConfigError, match="alarms.windw"):
         _config(alarms={"windw": 3})

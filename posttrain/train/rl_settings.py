@@ -179,7 +179,8 @@ def rl_settings(config: RLConfig, info: DistInfo, pad_token_id: int, agent: Any 
 def alarm_settings(config: RLConfig) -> AlarmSettings:
     """The thresholds of ``alarms:`` (``train.rl_alarms``) and the alarms this run can watch: all
     whose threshold is set, the held-out one only with periodic evaluation (``train.eval_every``),
-    the tool-call one only with an agent; none when ``alarms.enabled`` is false."""
+    the tool-call one only with an agent; none when ``alarms.enabled`` is false. The window is a
+    quarter of the run unless set (3 to 10 steps: a 12-step run still compares 3 with 3)."""
     alarms = config.alarms
     thresholds = {"reward_up_heldout_down": alarms.heldout_drop, "reward_length_corr": alarms.reward_length_corr,
                   "format_saturated": alarms.term_rise, "tool_calls_no_gain": alarms.tool_calls_rise,
@@ -191,8 +192,9 @@ def alarm_settings(config: RLConfig) -> AlarmSettings:
                 "tool_calls_no_gain": config.agent.enabled}
     watched = tuple(name for name in ALARMS
                     if alarms.enabled and thresholds[name] is not None and runnable.get(name, True))
+    window = alarms.window if alarms.window is not None else max(3, min(10, config.train.max_steps // 4))
     return AlarmSettings(
-        window=alarms.window, acc_gain=alarms.acc_gain, heldout_drop=alarms.heldout_drop,
+        window=window, acc_gain=alarms.acc_gain, heldout_drop=alarms.heldout_drop,
         reward_rise=alarms.reward_rise, reward_length_corr=alarms.reward_length_corr, term_rise=alarms.term_rise,
         term_saturation=alarms.term_saturation, tool_calls_rise=alarms.tool_calls_rise,
         entropy_ratio=alarms.entropy_ratio, kl_max=alarms.kl_max, approx_kl_max=alarms.approx_kl_max,
