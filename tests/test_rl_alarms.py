@@ -70,10 +70,10 @@ QUICKSTART = history(**{
 })
 
 
-def replay(records, settings: AlarmSettings = AlarmSettings(), evals: dict[int, float] | None = None,
+def replay(records, settings: AlarmSettings | None = None, evals: dict[int, float] | None = None,
            before: dict | None = None) -> list[dict[str, int]]:
     """Each step's alarm/* metrics when ``records`` are observed one by one (steps 1..N)."""
-    alarms = RLAlarms(settings, announce=False, before=before)
+    alarms = RLAlarms(settings or AlarmSettings(), announce=False, before=before)
     lines = []
     for step, record in enumerate(records, start=1):
         metrics = {**record, **({"eval/acc": evals[step]} if evals and step in evals else {})}
@@ -212,8 +212,8 @@ def test_warns_once_when_an_alarm_fires_and_once_when_it_clears(caplog):
                  for step, corr in enumerate([0.1, 0.9, 0.95, 0.2, 0.1], start=1)]
     assert fired == [0, 1, 1, 0, 0]
     assert [r.getMessage() for r in caplog.records] == [
-        "rl: warning: alarm reward_length_corr at step 2: reward follows response length: within-group "
-        "correlation 0.90 over the last 1 steps (>= alarms.reward_length_corr 0.5); the reward checks no correctness",
+        ("rl: warning: alarm reward_length_corr at step 2: reward follows response length: within-group "
+         "correlation 0.90 over the last 1 steps (>= alarms.reward_length_corr 0.5); the reward checks no correctness"),
         "rl: alarm reward_length_corr cleared at step 4"]
 
 

@@ -134,13 +134,13 @@ def reward_length_correlation(rewards_PG: Sequence[Sequence[float]],
     True
     """
     products = reward_squares = length_squares = 0.0
-    for rewards, lengths in zip(rewards_PG, lengths_PG):
+    for rewards, lengths in zip(rewards_PG, lengths_PG, strict=True):
         if len(rewards) != len(lengths):
             raise ValueError(f"a group has {len(rewards)} rewards and {len(lengths)} lengths")
         if not rewards:
             continue
         reward_mean, length_mean = sum(rewards) / len(rewards), sum(lengths) / len(lengths)
-        for reward, length in zip(rewards, lengths):
+        for reward, length in zip(rewards, lengths, strict=True):
             products += (reward - reward_mean) * (length - length_mean)
             reward_squares += (reward - reward_mean) ** 2
             length_squares += (length - length_mean) ** 2
@@ -191,8 +191,8 @@ def accuracy_flat(history: Sequence[Mapping[str, float]], settings: AlarmSetting
     gain = rise_since_start(history, "acc", settings.window)
     if gain is None:
         return False, ""
-    return gain < settings.acc_gain, f"accuracy {gain:+.2f} since the first {settings.window} steps " \
-                                     f"(< alarms.acc_gain {settings.acc_gain:g})"
+    words = f"accuracy {gain:+.2f} since the first {settings.window} steps (< alarms.acc_gain {settings.acc_gain:g})"
+    return gain < settings.acc_gain, words
 
 
 # ----------------------------------------------------------------------------- the checks
