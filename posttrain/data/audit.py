@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.data.formats import BadRowError, conversation_from_row, read_rows_or_errors, text_from_row
+from posttrain.data.mixture import Mixture, SourceCount, data_sources, draw_items, is_mixture, mixture_lines, read_mixture, source_counts
 from posttrain.data.render import (
     AllowControlText,
     ControlTextError,
@@ -96,10 +97,17 @@ class AuditReport:
     control_text_kept: list[int] = field(default_factory=list)  # allowed: rendered as the control token
     control_text_refused: list[int] = field(default_factory=list)  # refused and skipped (skip_bad)
     seconds: float = 0.0
+    # a mixture of sources (data.mixture): the counts above are the mixture's (repetitions counted),
+    # the findings are each source's own, in ``parts`` (one report per source drawn from)
+    parts: list["AuditReport"] = field(default_factory=list)
+    sources: list[SourceCount] = field(default_factory=list)
+    mixture_lines: list[str] = field(default_factory=list)
 
     @property
     def hard_errors(self) -> list[Finding]:
-        """Every hard error, ordered by line."""
+        """Every hard error, ordered by line (a mixture: each source's, source by source)."""
+        if self.parts:
+            return [finding for part in self.parts for finding in part.hard_errors]
         found = list(self.consistency_failures) + list(self.untrained_end_of_turn)
         found += [Finding(line, "no trained tokens in this sample (empty loss mask)") for line in self.empty_masks]
         found.sort(key=lambda finding: finding.line)
@@ -152,10 +160,15 @@ class AuditReport:
             "hard_errors": len(self.hard_errors),
             "ok": not self.hard_errors,
             "seconds": round(self.seconds, 3),
+            **({"sources": [count.to_dict() for count in self.sources],
+                "parts": [part.to_dict() for part in self.parts]} if self.parts else {}),
         }
 
     def summary_lines(self) -> list[str]:
-        """The human summary, one fact per line, line numbers of the samples concerned."""
+        """The human summary, one fact per line, line numbers of the samples concerned (a mixture:
+        each source's summary, then the mixture's counts per source)."""
+        if self.parts:
+            return self._mixture_summary_lines()
         if self.kind == "prompts":
             return self._prompt_summary_lines()
         stats = self.ratio_stats()
@@ -196,6 +209,24 @@ class AuditReport:
         errors = self.hard_errors
         lines.append(f"  result: {'OK' if not errors else f'{len(errors)} hard error(s)'} ({self.seconds:.2f} s)")
         return lines
+
+    def _mixture_summary_lines(self) -> list[str]:
+        lines = [line for part in self.parts for line in part.summary_lines()] + list(self.mixture_lines)
+        what = "prompts" if self.kind == "prompts" else "samples"
+        lines.append(f"  mixture: rows {self.rows}, {what} {self.samples}, tokens {self.tokens}"
+                     + (f", trained tokens {self.trained_tokens}" if self.kind != "prompts" else ""))
+        errors = self.hard_errors
+        lines.append(f"  result: {'OK' if not errors else f'{len(errors)} hard error(s)'} ({self.seconds:.2f} s)")
+        return lines
+
+    def first_hard_error(self) -> tuple[str, Finding] | None:
+        """``(where, finding)`` of the first hard error: ``where`` is ``file:line`` (or the file)
+        of the source it is in; None without one."""
+        for part in self.parts or [self]:
+            errors = part.hard_errors
+            if errors:
+                return (f"{part.source}:{errors[0].line}" if errors[0].line else part.source), errors[0]
+        return None
 
     def _control_text_lines(self) -> list[str]:
         """The rows whose text holds control-token strings, kept or refused (none: no line)."""
@@ -274,6 +305,7 @@ class RenderedPrompt:
     messages: list[dict[str, Any]]
     metadata: dict[str, Any]
     conversational: bool = False  # the row gave its prompt as messages (TRL's "conversational" format)
+    source: str = ""  # the file (source spec) the row came from
 
 
 @dataclass
@@ -285,7 +317,8 @@ class PreparedPrompts:
 
 
 # ----------------------------------------------------------------------------- loading
-def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: int = 0) -> PreparedData:
+def load_sft_data(path: Any, tokenizer, data_config, *, spans_for_first: int = 0, seed: int = 0,
+                  key: str = "data.train") -> PreparedData:
     """Read, normalise, render, truncate and audit a data file (``data_config``: ``config.DataConfig``).
 
     The first bad row raises DataError naming ``file:line`` (with ``data_config.skip_bad`` bad
@@ -293,9 +326,44 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
     decides. ``prepared.samples`` holds only samples with at least one trained token, in file
     order. Rows are rendered in chunks of ``CHUNK_ROWS`` with one tokenizer call per chunk.
     The first ``spans_for_first`` rows get per-message spans (for ``inspect``).
+
+    ``path`` may be a list of sources (``data.mixture``: ``key`` names them in errors, ``seed``
+    draws a weighted mixture): each distinct drawn row is rendered and audited once, in its
+    source's own report, and its samples repeat as often as the row was drawn, in mixture order.
     """
+    columns = getattr(data_config, "columns", None)
+    if not is_mixture(path):
+        rows = read_rows_or_errors(path, limit=data_config.limit, columns=columns)
+        return _render_rows(rows, str(path), tokenizer, data_config, spans_for_first)
     started = time.perf_counter()
-    source = str(path)
+    mixture = read_mixture(data_sources(path, key), limit=data_config.limit, seed=seed, columns=columns)
+    parts = [_render_rows(mixture.drawn_rows(index), source.spec, tokenizer, data_config, spans_for_first)
+             for index, source in enumerate(mixture.sources)]
+    samples, kept, dropped = draw_items(mixture, [part.samples for part in parts], lambda sample: sample.line)
+    report = _mixture_report(mixture, [part.audit for part in parts], kept, dropped, seed, "samples")
+    for sample in samples:
+        report.samples += 1
+        report.tokens += len(sample.input_ids)
+        report.trained_tokens += sample.trained_token_count
+        report.ratios.append(sample.masked_token_ratio)
+    report.seconds = time.perf_counter() - started
+    return PreparedData(samples=samples, audit=report)
+
+
+def _mixture_report(mixture: Mixture, parts: list[AuditReport], kept: list[int], dropped: list[int], seed: int,
+                    what: str) -> AuditReport:
+    """The report of a mixture: its sources' reports as ``parts``, its rows and per-source counts;
+    the caller adds the mixture's samples and tokens."""
+    counts = source_counts(mixture, kept, dropped)
+    drawn = [part for part, count in zip(parts, counts) if count.drawn] or parts  # a source not read: no report
+    return AuditReport(source=" + ".join(source.spec for source in mixture.sources), kind=parts[0].kind,
+                       rows=sum(count.drawn for count in counts), parts=drawn, sources=counts,
+                       mixture_lines=mixture_lines(counts, weighted=mixture.weighted, seed=seed, what=what))
+
+
+def _render_rows(rows, source: str, tokenizer, data_config, spans_for_first: int) -> PreparedData:
+    """``load_sft_data`` for the ``(line, row or DataError)`` rows of one source named ``source``."""
+    started = time.perf_counter()
     report = AuditReport(source=source)
     samples: list[RenderedSample] = []
     pending: list[tuple[int, RenderJob | DataError]] = []
@@ -327,8 +395,7 @@ def load_sft_data(path: str | Path, tokenizer, data_config, *, spans_for_first: 
                     samples.append(kept)
         pending.clear()
 
-    columns = getattr(data_config, "columns", None)
-    for count, (line, row) in enumerate(read_rows_or_errors(path, limit=data_config.limit, columns=columns)):
+    for count, (line, row) in enumerate(rows):
         if isinstance(row, DataError):
             pending.append((line, row))
         elif text_from_row(row) is not None:
@@ -412,10 +479,11 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
     return sample
 
 
-def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
+def load_prompt_data(path: Any, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
                      too_long: str = "drop", limit: int | None = None, skip_bad: bool = False,
                      columns: dict[str, str] | None = None, reward_fields: dict[str, str] | None = None,
-                     allow_special_tokens_in_text: AllowControlText = False) -> PreparedPrompts:
+                     allow_special_tokens_in_text: AllowControlText = False, seed: int = 0,
+                     key: str = "data.train") -> PreparedPrompts:
     """Read, check and render an RL prompt file, auditing it like SFT data.
 
     Every row must parse and hold a non-empty prompt (``data.formats.prompt_from_row``) that
@@ -431,14 +499,37 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
     ``allow_special_tokens_in_text`` (``data.allow_special_tokens_in_text``): a row whose text
     holds a control-token string it does not allow is a bad row (``render.check_control_text``);
     rows holding one are counted either way.
+
+    ``path`` may be a list of sources (``data.mixture``; ``key`` names them in errors, ``seed``
+    draws a weighted mixture): each distinct drawn row is checked once, in its source's report.
     """
 
     if too_long not in ("drop", "error"):
         raise ValueError(f"too_long must be 'drop' or 'error', got {too_long!r}")
+    options = dict(system=system, max_prompt_length=max_prompt_length, too_long=too_long, skip_bad=skip_bad,
+                   reward_fields=reward_fields, allow_special_tokens_in_text=allow_special_tokens_in_text)
+    if not is_mixture(path):
+        return _prompt_rows(read_rows_or_errors(path, limit=limit, columns=columns), str(path), tokenizer, **options)
     started = time.perf_counter()
-    report = AuditReport(source=str(path), kind="prompts")
+    mixture = read_mixture(data_sources(path, key), limit=limit, seed=seed, columns=columns)
+    parts = [_prompt_rows(mixture.drawn_rows(index), source.spec, tokenizer, **options)
+             for index, source in enumerate(mixture.sources)]
+    prompts, kept, dropped = draw_items(mixture, [part.prompts for part in parts], lambda prompt: prompt.line)
+    report = _mixture_report(mixture, [part.audit for part in parts], kept, dropped, seed, "prompts")
+    report.samples = len(prompts)
+    report.tokens = sum(len(prompt.prompt_ids) for prompt in prompts)
+    report.seconds = time.perf_counter() - started
+    return PreparedPrompts(prompts=prompts, audit=report)
+
+
+def _prompt_rows(rows, path: str, tokenizer, *, system: str | None, max_prompt_length: int | None, too_long: str,
+                 skip_bad: bool, reward_fields: dict[str, str] | None,
+                 allow_special_tokens_in_text: AllowControlText) -> PreparedPrompts:
+    """``load_prompt_data`` for the ``(line, row or DataError)`` rows of one source named ``path``."""
+    started = time.perf_counter()
+    report = AuditReport(source=path, kind="prompts")
     prompts: list[RenderedPrompt] = []
-    for line, row in read_rows_or_errors(path, limit=limit, columns=columns):
+    for line, row in rows:
         where = f"{path}:{line}"
         try:
             if isinstance(row, DataError):
@@ -467,7 +558,7 @@ def load_prompt_data(path: str | Path, tokenizer, *, system: str | None = None, 
         report.samples += 1
         report.tokens += len(ids)
         conversational = isinstance(row.get("messages", row.get("prompt")), (list, dict))
-        prompts.append(RenderedPrompt(line, ids, prompt.messages, prompt.extra, conversational))
+        prompts.append(RenderedPrompt(line, ids, prompt.messages, prompt.extra, conversational, path))
     report.seconds = time.perf_counter() - started
     return PreparedPrompts(prompts=prompts, audit=report)
 
@@ -530,17 +621,18 @@ def _math_reference_problem(value: Any) -> str | None:
     return {dict: "an object", list: "a list inside a list"}.get(type(value), f"a {type(value).__name__}")
 
 
-def preflight_prompts(path: str | Path, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
+def preflight_prompts(path: Any, tokenizer, *, system: str | None = None, max_prompt_length: int | None = None,
                       too_long: str = "drop", limit: int | None = None,
                       print_fn: Callable[[str], Any] | None = say_stdout, columns: dict[str, str] | None = None,
                       reward_fields: dict[str, str] | None = None,
-                      allow_special_tokens_in_text: AllowControlText = False) -> PreparedPrompts:
+                      allow_special_tokens_in_text: AllowControlText = False, seed: int = 0,
+                      key: str = "data.train") -> PreparedPrompts:
     """``load_prompt_data`` then ``preflight``: what ``posttrain rl`` runs on its prompt files
-    before any model loads (one-line DataError naming ``file:line`` on a bad row, or on a row
-    without a field its reward reads)."""
+    (one file, or a list of sources drawn with ``seed``) before any model loads (one-line
+    DataError naming ``file:line`` on a bad row, or on a row without a field its reward reads)."""
     prepared = load_prompt_data(path, tokenizer, system=system, max_prompt_length=max_prompt_length,
                                 too_long=too_long, limit=limit, columns=columns, reward_fields=reward_fields,
-                                allow_special_tokens_in_text=allow_special_tokens_in_text)
+                                allow_special_tokens_in_text=allow_special_tokens_in_text, seed=seed, key=key)
     preflight(prepared, print_fn=print_fn)
     return prepared
 
@@ -559,8 +651,7 @@ def preflight(prepared: PreparedData | PreparedPrompts, *, allow_errors: bool = 
     errors = report.hard_errors
     if not errors:
         return
-    first = errors[0]
-    where = f"{report.source}:{first.line}" if first.line else report.source
+    where, first = report.first_hard_error()
     if allow_errors:
         if print_fn is not None:
             print_fn(f"warning: {len(errors)} hard data error(s), first {where}: {first.message}; training anyway (data.allow_audit_errors)")
@@ -569,7 +660,8 @@ def preflight(prepared: PreparedData | PreparedPrompts, *, allow_errors: bool = 
         raise DataError(f"{where}: {first.message} (pre-flight audit of RL prompts)")
     raise DataError(
         f"{where}: {first.message} (pre-flight audit: {len(errors)} hard error(s); "
-        f"see `posttrain inspect {report.source}`; set data.allow_audit_errors=true to train anyway)"
+        f"see `posttrain inspect {where.rsplit(':', 1)[0] if first.line else where}`; set data.allow_audit_errors=true "
+        f"to train anyway)"
     )
 
 

@@ -21,7 +21,8 @@ Row shapes (the OpenAI chat-completions message shape is the reference):
 
 Sources may also be hub datasets and folders of data files (``datasets.load_dataset``), and
 ``data.columns`` renames fields, dotted paths into nested ones (``apply_columns``), before any
-of this reads a row.
+of this reads a row. A data setting that lists several sources is read source by source through
+``read_rows_or_errors`` and mixed by ``data.mixture`` (docs/DATA.md).
 
 Preference rows ``{"prompt", "chosen", "rejected"}`` are read by ``data.preference`` (shared by
 ``posttrain rm`` and ``posttrain dpo``) and rendered with ``render.render_conversation``.

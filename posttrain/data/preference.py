@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from posttrain.data.audit import AuditReport, Finding, PreparedData, audit_sample, note_control_text, preflight
+from posttrain.data.audit import (AuditReport, Finding, PreparedData, _mixture_report, audit_sample, note_control_text,
+                                  preflight)
 from posttrain.data.batching import StepPlanner
 from posttrain.data.formats import (
     BadRowError,
@@ -38,9 +39,10 @@ from posttrain.data.formats import (
     check_turns,
     normalise_messages,
     normalise_tools,
-    read_rows,
+    read_rows_or_errors,
     visible_text,
 )
+from posttrain.data.mixture import data_sources, draw_items, is_mixture, read_mixture, setting_text
 from posttrain.data.scored_sequence import ScoredSequence, render_for_scoring, render_response, to_scored_sequence
 from posttrain.errors import ConfigError, DataError
 from posttrain.log import say_stdout
@@ -206,8 +208,8 @@ def render_pair(row: dict, tokenizer: Any, *, line: int, source: str, keys: Pair
 # ----------------------------------------------------------------------------- loading
 
 
-def load_pairs(path: str, tokenizer: Any, data: Any, *, keys: PairKeys = PairKeys(),
-               verbose: bool = True) -> list[PreferencePair]:
+def load_pairs(path: Any, tokenizer: Any, data: Any, *, keys: PairKeys = PairKeys(),
+               verbose: bool = True, seed: int = 0, key: str = "data.train") -> list[PreferencePair]:
     """Render every pair of one file and run the SFT pre-flight audit on both sides.
 
     ``data``: the trainer's ``data`` config section (``config.DataConfig``); ``keys``: the
@@ -218,28 +220,60 @@ def load_pairs(path: str, tokenizer: Any, data: Any, *, keys: PairKeys = PairKey
     to start on a hard error (unless ``data.allow_audit_errors``). A pair with an over-long
     side is dropped (``truncation: right`` or ``drop``: cutting would remove the score
     token) or refused (``error``). Malformed rows (``preference_messages``: identical sides
-    included) stop the run, or are skipped and counted with ``data.skip_bad``.
+    included) stop the run, or are skipped and counted with ``data.skip_bad``. ``path`` may be a
+    list of sources (``data.mixture``, drawn with ``seed``; ``key`` names them in errors).
     """
 
-    pairs, prepared = audit_pairs(path, tokenizer, data, keys=keys)
+    pairs, prepared = audit_pairs(path, tokenizer, data, keys=keys, seed=seed, key=key)
     preflight(prepared, allow_errors=data.allow_audit_errors, print_fn=say_stdout if verbose else None)
     return pairs
 
 
-def audit_pairs(path: str, tokenizer: Any, data: Any, *,
-                keys: PairKeys = PairKeys()) -> tuple[list[PreferencePair], PreparedData]:
+def audit_pairs(path: Any, tokenizer: Any, data: Any, *, keys: PairKeys = PairKeys(), seed: int = 0,
+                key: str = "data.train") -> tuple[list[PreferencePair], PreparedData]:
     """``load_pairs`` without the verdict: the kept pairs and a ``data.audit.PreparedData``
     (both rendered sides of every kept pair, in file order, and the audit report), for
     ``load_pairs`` and ``posttrain inspect``. Raises BadRowError on the first malformed row
-    unless ``data.skip_bad``."""
+    unless ``data.skip_bad``. A list of sources (``data.mixture``): each distinct drawn row is
+    rendered and audited once, in its source's report; pairs repeat as their rows were drawn."""
 
-    report = AuditReport(source=str(path))
+    if not is_mixture(path):
+        rows = read_rows_or_errors(path, limit=data.limit, columns=data.columns)
+        return _audit_pair_rows(rows, str(path), tokenizer, data, keys)
+    started = time.perf_counter()
+    mixture = read_mixture(data_sources(path, key), limit=data.limit, seed=seed, columns=data.columns)
+    parts = [_audit_pair_rows(mixture.drawn_rows(index), source.spec, tokenizer, data, keys)
+             for index, source in enumerate(mixture.sources)]
+    # a kept pair's two rendered sides follow each other in its source's samples
+    with_sides = [list(zip(part_pairs, prepared.samples[0::2], prepared.samples[1::2])) for part_pairs, prepared in parts]
+    drawn, kept, dropped = draw_items(mixture, with_sides, lambda item: item[0].line)
+    report = _mixture_report(mixture, [prepared.audit for _, prepared in parts], kept, dropped, seed, "pairs")
+    pairs = [pair for pair, _, _ in drawn]
+    samples = [side for _, chosen, rejected in drawn for side in (chosen, rejected)]
+    for side in samples:
+        report.samples += 1
+        report.tokens += len(side.input_ids)
+        report.trained_tokens += side.trained_token_count
+        report.ratios.append(side.masked_token_ratio)
+    report.seconds = time.perf_counter() - started
+    return pairs, PreparedData(samples=samples, audit=report)
+
+
+def _audit_pair_rows(rows, path: str, tokenizer: Any, data: Any,
+                     keys: PairKeys) -> tuple[list[PreferencePair], PreparedData]:
+    """``audit_pairs`` for the ``(line, row or DataError)`` rows of one source named ``path``."""
+    report = AuditReport(source=path)
     started = time.perf_counter()
     bad_rows: list[tuple[int, str]] = []
     pairs: list[PreferencePair] = []
     kept_samples: list[Any] = []
     too_long = "error" if data.truncation == "error" else "drop"
-    for line, row in read_rows(path, limit=data.limit, skip_bad=data.skip_bad, bad_rows=bad_rows, columns=data.columns):
+    for line, row in rows:
+        if isinstance(row, DataError):
+            if not data.skip_bad:
+                raise BadRowError(str(row))
+            bad_rows.append((line, str(row)))
+            continue
         try:
             chosen, rejected, margin, group = render_pair_samples(
                 row, tokenizer, line=line, source=str(path), keys=keys,
@@ -266,10 +300,10 @@ def load_preference_data(data: Any, tokenizer: Any, *, seed: int, keys: PairKeys
                          verbose: bool = True) -> tuple[list[PreferencePair], list[PreferencePair]]:
     """Train and held-out pairs of the ``data`` config section: ``data.val`` if set, else a
     ``data.val_fraction`` of the training pairs drawn with ``seed`` (``keys``: see ``load_pairs``)."""
-    train = load_pairs(data.train, tokenizer, data, keys=keys, verbose=verbose)
+    train = load_pairs(data.train, tokenizer, data, keys=keys, verbose=verbose, seed=seed)
     val: list[PreferencePair] = []
     if data.val:
-        val = load_pairs(data.val, tokenizer, data, keys=keys, verbose=verbose)
+        val = load_pairs(data.val, tokenizer, data, keys=keys, verbose=verbose, seed=seed, key="data.val")
     elif data.val_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -277,7 +311,7 @@ def load_preference_data(data: Any, tokenizer: Any, *, seed: int, keys: PairKeys
         val = [p for i, p in enumerate(train) if i in held]
         train = [p for i, p in enumerate(train) if i not in held]
     if not train:
-        raise DataError(f"{data.train}: no training pairs left after rendering")
+        raise DataError(f"{setting_text(data.train)}: no training pairs left after rendering")
     return train, val
 
 

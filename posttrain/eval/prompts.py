@@ -18,17 +18,19 @@ from posttrain.rewards.output import PromptText
 @dataclass
 class PromptRow:
     """One prompt: its rendered ids, its text for the reward, the row's metadata, its line in
-    the file, and ``where`` errors name it (default ``prompt row <line>``)."""
+    the file, and ``where`` errors name it (default ``<source>:<line>``, or ``prompt row <line>``
+    without a source)."""
 
     prompt_ids: list[int]
     text: str
     metadata: dict[str, Any]
     line: int
     where: str = ""
+    source: str = ""  # the file (data source) the row came from, when it came from one
 
     def __post_init__(self) -> None:
         if not self.where:
-            self.where = f"prompt row {self.line}"
+            self.where = f"{self.source}:{self.line}" if self.source else f"prompt row {self.line}"
 
 
 def prompt_text(messages: Any) -> str:
@@ -56,7 +58,7 @@ def prompt_rows(prepared: Any) -> list[PromptRow]:
     holds its prompt under ``messages`` or ``prompt``; every other key is metadata for the
     reward, ``answer``, ``tests``, ...)."""
     return [PromptRow(p.prompt_ids, PromptText(prompt_text(p.messages), p.messages if p.conversational else None),
-                      p.metadata, p.line) for p in prepared.prompts]
+                      p.metadata, p.line, source=p.source) for p in prepared.prompts]
 
 
 def agent_prompts(agent: Any, rows: Sequence[PromptRow], row_indices: Sequence[int]) -> list[Any]:

@@ -44,6 +44,7 @@ from posttrain.algorithms.preference import (
 )
 from posttrain.config import DPOConfig
 from posttrain.data.batching import MicroBatch, StepPlan, collate, trained_target_count
+from posttrain.data.mixture import source_metrics
 from posttrain.data.preference import PairKeys, PreferencePair, load_preference_data, make_pair_planner, pair_length
 from posttrain.log import say
 from posttrain.models import load_tokenizer
@@ -155,9 +156,12 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
         Progress(total_steps, "dpo", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("loss", "rewards/accuracies", "val/rewards/accuracies", "lr")) as progress,
     ):
-        if state.step == 0 and config.train.eval_every and val_pairs:  # the starting point of the curves
-            history.append(logger.log(evaluate(model, val_pairs, reference, config, info, pad_id, at_start=True),
-                                      step=0))
+        if state.step == 0:  # a mixture's pairs per source; the starting point of the validation curves
+            start = source_metrics(config.data.train, train_pairs, lambda pair: pair.chosen.source)
+            if config.train.eval_every and val_pairs:
+                start.update(evaluate(model, val_pairs, reference, config, info, pad_id, at_start=True))
+            if start:
+                history.append(logger.log(start, step=0))
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [dpo_micro_batch(train_pairs, mb, reference and reference.train, config.train.packing,
                                              pad_id).to(info.device) for mb in plan.micro_batches[info.rank]]

@@ -31,6 +31,7 @@ import torch
 from posttrain.algorithms.preference import bradley_terry_loss
 from posttrain.config import RMConfig
 from posttrain.data.batching import MicroBatch, StepPlan, collate
+from posttrain.data.mixture import source_metrics
 from posttrain.data.preference import PairKeys, PreferencePair, load_preference_data, make_pair_planner, pair_length
 from posttrain.errors import ConfigError
 from posttrain.log import say
@@ -126,6 +127,9 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
         Progress(total_steps, "rm", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("loss", "accuracy", "val/accuracy", "lr")) as progress,
     ):
+        start = source_metrics(config.data.train, train_pairs, lambda pair: pair.chosen.source)
+        if state.step == 0 and start:  # a mixture's pairs per source
+            history.append(logger.log(start, step=0))
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [pair_micro_batch([train_pairs[i] for i in mb], config.train.packing, pad_id).to(info.device)
                              for mb in plan.micro_batches[info.rank]]

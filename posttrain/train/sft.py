@@ -44,6 +44,7 @@ from posttrain.train.steps import (TrainerState, advance, announce_run, build_op
                                    pad_token_id, place_for_training, restore_state)
 from posttrain.data import load_sft_data
 from posttrain.data.audit import preflight
+from posttrain.data.mixture import setting_text, source_metrics
 from posttrain.log import say_stdout
 
 
@@ -91,8 +92,12 @@ def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] 
         Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("loss", "lr", "val/loss", "tokens_per_sec")) as progress,
     ):
-        if state.step == 0 and config.train.eval_every and val_samples:  # the baseline the curve falls from
-            history.append(logger.log(validate(model, val_samples, config, info, pad_id), step=0))
+        if state.step == 0:  # a mixture's samples per source; the baseline the validation curve falls from
+            start = source_metrics(config.data.train, train_samples)
+            if config.train.eval_every and val_samples:
+                start.update(validate(model, val_samples, config, info, pad_id))
+            if start:
+                history.append(logger.log(start, step=0))
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [collate([train_samples[i] for i in mb], packing=config.train.packing,
                                      pad_token_id=pad_id).to(info.device)
@@ -140,16 +145,17 @@ def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple
     """Render + audit the train (and val) files; refuse to start on hard audit errors.
 
     Validation: ``data.val`` if set, else a seeded ``data.val_fraction`` of the training
-    samples (at least one), else none.
+    samples (at least one), else none. A list of sources is drawn with ``train.seed``
+    (``data.mixture``).
     """
 
     say = say_stdout if info.is_main else None  # the audit summary: stdout, as the command's report
-    prepared = load_sft_data(config.data.train, tokenizer, config.data)
+    prepared = load_sft_data(config.data.train, tokenizer, config.data, seed=config.train.seed)
     preflight(prepared, allow_errors=config.data.allow_audit_errors, print_fn=say)
     train = list(prepared.samples)
     val: list = []
     if config.data.val:
-        val_prepared = load_sft_data(config.data.val, tokenizer, config.data)
+        val_prepared = load_sft_data(config.data.val, tokenizer, config.data, seed=config.train.seed, key="data.val")
         preflight(val_prepared, allow_errors=config.data.allow_audit_errors, print_fn=say)
         val = list(val_prepared.samples)
     elif config.data.val_fraction > 0:
@@ -160,7 +166,7 @@ def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple
         val = [s for i, s in enumerate(train) if i in held]
         train = [s for i, s in enumerate(train) if i not in held]
     if not train:
-        raise DataError(f"{config.data.train}: no training samples left after rendering")
+        raise DataError(f"{setting_text(config.data.train)}: no training samples left after rendering")
     return train, val
 
 
