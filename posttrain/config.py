@@ -654,10 +654,11 @@ class AlarmsConfig(Section):
                                       "while accuracy did not gain acc_gain (or the reward checks no correctness); "
                                       "null = off")
     term_rise: float | None = Field(
-        0.3, gt=0, description="format_saturated: a reward term (reward/<term>) rose by this since the start and sits "
-                               "at term_saturation x its highest value while accuracy stayed flat; null = off")
-    term_saturation: float = Field(0.9, gt=0, le=1, description="format_saturated: the share of its highest value at "
-                                                                "which a term counts as saturated")
+        0.3, gt=0, description="format_saturated: a reward term (reward/<term>) rose by this since the start to "
+                               "term_saturation over the last window while accuracy stayed flat; null = off")
+    term_saturation: float = Field(0.9, gt=0, description="format_saturated: the level at which a term counts as "
+                                                          "saturated (full marks are 1.0, as the built-in rewards "
+                                                          "score them)")
     tool_calls_rise: float | None = Field(
         0.5, gt=0, description="tool_calls_no_gain (agent runs): tool calls per trajectory rose by this since the "
                                "start while accuracy stayed flat; null = off")

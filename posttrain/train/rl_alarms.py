@@ -24,8 +24,9 @@ Investigating Length Correlations in RLHF"):
                             is >= reward_length_corr, and accuracy (when the reward checks
                             correctness) gained < acc_gain since the start
     format_saturated        a reward component (``reward/<term>``) rose by >= term_rise since
-                            the start and sits at >= term_saturation x its highest value,
-                            while accuracy gained < acc_gain
+                            the start to >= term_saturation over the last window (full marks
+                            are 1.0, as every built-in reward scores them), while accuracy
+                            gained < acc_gain
     tool_calls_no_gain      tool calls per trajectory rose by >= tool_calls_rise since the
                             start while accuracy gained < acc_gain
 
@@ -225,11 +226,10 @@ def check_format_saturated(history: Sequence[Mapping[str, float]], settings: Ala
     for key in reward_terms(history):
         rise = rise_since_start(history, key, window)
         now = mean_of(last_window(history, window), key)
-        highest = max(r[key] for r in history if key in r)
-        if rise is not None and now is not None and rise >= rise_needed and now >= settings.term_saturation * highest:
+        if rise is not None and now is not None and rise >= rise_needed and now >= settings.term_saturation:
             return (f"{key} rose {rise:+.2f} since the first {window} steps to {now:.2f} "
-                    f"(>= alarms.term_rise {rise_needed:g}, at >= {settings.term_saturation:g} x its highest "
-                    f"{highest:.2f}) while {words}")
+                    f"(>= alarms.term_rise {rise_needed:g}, saturated at >= alarms.term_saturation "
+                    f"{settings.term_saturation:g}) while {words}")
     return None
 
 
