@@ -306,3 +306,27 @@ def test_pipeline_dry_run_names_each_source(tmp_path):
     report = dry_run(config)
     assert f"sft.data.train[1]: {tmp_path / 'missing.jsonl'} does not exist" in report.errors
     assert not [error for error in report.errors if "train[0]" in error]
+
+
+def test_rl_run_on_a_mixture_logs_its_sources_once(tiny_model_dir, tmp_path):
+    from posttrain.rewards.output import RewardOutput
+    from posttrain.train.rl import run_rl
+
+    def length_reward(prompts, completions, metadata):
+        return RewardOutput([len(text) / 10 for text in completions], {})
+
+    train = REPO / "examples" / "data" / "rl_arithmetic_train.jsonl"
+    other = REPO / "examples" / "data" / "rl_arithmetic_eval.jsonl"
+    config = validate_config(RLConfig, {
+        "model": {"name": tiny_model_dir},
+        "data": {"train": [{"path": str(train), "weight": 1, "limit": 6}, {"path": str(other), "weight": 2, "limit": 3}]},
+        "rollout": {"group_size": 2, "max_new_tokens": 4}, "rl": {"prompts_per_step": 2},
+        "train": {"max_steps": 1, "samples_every": None},
+        "run": {"output_dir": str(tmp_path), "progress": False, "tensorboard": False},
+    })
+    result = run_rl(config, reward_fn=length_reward)
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    # T = 9 rows: shares 3 and 6; the 3-row file gives each row twice
+    assert lines[0] == {"step": 0, "data/source/rl_arithmetic_train/samples": 3,
+                        "data/source/rl_arithmetic_eval/samples": 6}
+    assert [line["step"] for line in lines] == [0, 1]
