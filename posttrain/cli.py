@@ -1,7 +1,8 @@
 """The one entry point: ``posttrain <command> ...`` (also ``python -m posttrain``).
 
-Each command is a small function that parses its arguments into a typed config and calls
-into ``posttrain.train`` / ``posttrain.eval`` / ...; nothing imports this module. A user
+Each command is a small function that parses its arguments and calls the Python API
+(``posttrain.api``: sft, rm, dpo, rl, eval, pipeline) or ``posttrain.chat`` / ``report`` /
+``inspect_data``; nothing imports this module. A user
 error (``posttrain.errors.UserError``) is printed as one line, ``error: ...``, exit status 2,
 never a traceback. A subcommand exists only when it works.
 """
