@@ -9,6 +9,7 @@ from posttrain.eval.metrics import (
     Z_95,
     PairedDifference,
     bootstrap_interval,
+    clopper_pearson_interval,
     mean_and_spread,
     paired_difference,
     problem_interval,
@@ -72,17 +73,44 @@ def test_bootstrap_matches_the_exact_bootstrap_distribution():
     assert bootstrap_interval([1.0, 1.0, 1.0, 1.0, 0.0]) == (0.4, 1.0)
 
 
+def test_clopper_pearson_by_hand():
+    # all successes: P(X >= n) = p^n = 0.025 -> low = 0.025^(1/n); none: high = 1 - 0.025^(1/n)
+    assert clopper_pearson_interval(4, 4) == pytest.approx((0.025 ** 0.25, 1.0))
+    assert clopper_pearson_interval(0, 10) == pytest.approx((0.0, 1 - 0.025 ** 0.1))
+    # 1 of 2: P(X >= 1) = 1 - (1 - p)^2 = 0.025 -> p = 1 - sqrt(0.975); symmetric upper end
+    low, high = clopper_pearson_interval(1, 2)
+    assert low == pytest.approx(1 - 0.975 ** 0.5) and high == pytest.approx(0.975 ** 0.5)
+    assert clopper_pearson_interval(3, 10) == pytest.approx((0.066740, 0.652453), abs=1e-6)  # the tabulated value
+
+
 def test_paired_difference_on_a_tiny_set():
+    """0/1 scores: exact and conditional on the problems that changed (McNemar)."""
     before = [0, 0, 0, 0, 0]
     after = [1, 1, 1, 1, 0]
     change = paired_difference(before, after)
-    assert change == PairedDifference(delta=0.8, low=0.4, high=1.0, n=5) and change.excludes_zero
-    # the pairing matters: the same two score lists, but one problem improved and one got worse
+    # b = 4 improved of m = 4 changed, n = 5: pi in [0.025^(1/4), 1] = [0.397635, 1];
+    # the change m (2 pi - 1) / n is in [4 (0.795271 - 1) / 5, 4 / 5] = [-0.163783, 0.8]
+    assert change.delta == 0.8 and change.n == 5
+    assert change.low == pytest.approx(-0.163783, abs=1e-6) and change.high == pytest.approx(0.8)
+    assert not change.excludes_zero  # McNemar's exact p = 2 * 0.5^4 = 0.125: not at 5%
+    # the pairing matters: one problem improved and one got worse (b = c = 1, m = 2, n = 4):
+    # pi in [1 - sqrt(0.975), sqrt(0.975)], the change in +-2 (2 sqrt(0.975) - 1) / 4
     mixed = paired_difference([1, 0, 1, 0], [0, 1, 1, 0])
-    assert mixed.delta == 0.0 and mixed.low < 0 < mixed.high and not mixed.excludes_zero
+    half = 2 * (2 * 0.975 ** 0.5 - 1) / 4
+    assert mixed.delta == 0.0 and (mixed.low, mixed.high) == pytest.approx((-half, half)) and not mixed.excludes_zero
     assert paired_difference([1, 1, 0], [1, 1, 0]) == PairedDifference(0.0, 0.0, 0.0, 3)  # identical: no change
     with pytest.raises(ValueError, match="same problems"):
         paired_difference([1, 0], [1])
+
+
+def test_paired_difference_of_fractions_is_the_paired_bootstrap():
+    """Fractions (n > 1 completions per problem): the bootstrap of the per-problem differences,
+    seeded; [1, 1, 1, 1, 0] as differences has the exact bootstrap quantiles 0.4 and 1.0."""
+    before = [0.0, 0.0, 0.0, 0.0, 0.5]
+    after = [1.0, 1.0, 1.0, 1.0, 0.5]
+    change = paired_difference(before, after)
+    assert change == PairedDifference(delta=0.8, low=0.4, high=1.0, n=5) and change.excludes_zero
+    assert paired_difference(before, after, seed=7) == paired_difference(before, after, seed=7)
 
 
 def test_a_4_point_gain_on_100_problems_is_noise_and_a_20_point_one_is_not():
@@ -92,7 +120,16 @@ def test_a_4_point_gain_on_100_problems_is_noise_and_a_20_point_one_is_not():
     noise = paired_difference(before, [1] * 34 + [0] * 6 + [1] * 10 + [0] * 50)
     assert noise.delta == pytest.approx(0.04) and noise.low < 0 < noise.high
     real = paired_difference(before, [1] * 36 + [0] * 4 + [1] * 24 + [0] * 36)
-    assert real.delta == pytest.approx(0.20) and real.excludes_zero and real.low >= 0.1
+    assert real.delta == pytest.approx(0.20) and real.excludes_zero and real.low > 0.05
+
+
+def test_four_problems_newly_right_and_none_wrong_is_not_yet_a_gain():
+    """A percentile bootstrap would put this change above 0 (no resample draws none of the 4
+    with chance (0.96)^100 = 1.7% < 2.5%); the exact test's p is 0.125, and the interval says so."""
+    before = [1] * 40 + [0] * 60
+    change = paired_difference(before, [1] * 44 + [0] * 56)
+    assert bootstrap_interval([1.0] * 4 + [0.0] * 96)[0] > 0
+    assert change.delta == pytest.approx(0.04) and change.low < 0 < change.high and not change.excludes_zero
 
 
 def test_mean_and_spread_over_seeds():

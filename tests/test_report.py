@@ -138,10 +138,11 @@ def test_summary_rows_and_gain_in_points(pipeline_run: Path):
     assert [(r["model"], r["score"], r["95% CI"], r["n"]) for r in scores] == [
         ("baseline", "25.0%", "[4.6, 69.9]", "4"), ("sft", "50.0%", "[15.0, 85.0]", "4"),
         ("rl", "75.0%", "[30.1, 95.4]", "4")]
-    # paired over the same 4 problems: rl - baseline = [0, 1, 1, 0]; the bootstrap draws no
-    # improved problem with chance 1/16 > 2.5%, so the interval starts at 0: 4 problems cannot tell
-    assert scores[2]["vs first"] == "+50.0 pts [+0.0, +100.0] incl. 0"
-    assert scores[2]["vs previous"] == "+25.0 pts [+0.0, +75.0] incl. 0" and scores[0]["vs first"] == "-"
+    # paired over the same 4 problems: rl vs baseline, b = 2 newly right of m = 2 changed:
+    # pi in [0.025^(1/2), 1] = [0.1581, 1], the change 2 (2 pi - 1) / 4 in [-34.2, +50.0] points;
+    # rl vs sft, b = 1 of 1: pi in [0.025, 1], the change in [(0.05 - 1) / 4, 1 / 4] = [-23.75, +25]
+    assert scores[2]["vs first"] == "+50.0 pts [-34.2, +50.0] incl. 0"
+    assert scores[2]["vs previous"] == "+25.0 pts [-23.8, +25.0] incl. 0" and scores[0]["vs first"] == "-"
 
 
 def test_before_after_table_puts_changed_prompts_first_and_escapes_html(pipeline_run: Path):
@@ -161,7 +162,7 @@ def test_cli_report_writes_page_and_prints_summary(pipeline_run: Path, capsys):
     assert (pipeline_run / "report.html").is_file()
     assert "held-out evaluation" in out and "+50.0 pts" in out and "report:" in out
     assert ("held-out arith (n=4): baseline 25.0% [4.6, 69.9] -> sft 50.0% [15.0, 85.0] -> rl 75.0% [30.1, 95.4]; "
-            "rl vs baseline +50.0 pts [+0.0, +100.0] incl. 0; rl vs sft +25.0 pts [+0.0, +75.0] incl. 0") in out
+            "rl vs baseline +50.0 pts [-34.2, +50.0] incl. 0; rl vs sft +25.0 pts [-23.8, +25.0] incl. 0") in out
     assert "95% interval over the n problems" in out
 
 
