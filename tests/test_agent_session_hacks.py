@@ -42,7 +42,7 @@ POISONS = {
 
 
 
-def _run_session(tokenizer, box, cells: list[str]):
+def _run_session(tokenizer, box, cells: list[str]):  # noqa: F811 (box: the fixture imported above)
     cell = lambda code: enc(tokenizer, inline.call_text("", code))  # noqa: E731
     script = [[cell(code)] for code in cells] + [[enc(tokenizer, "42") + [tokenizer.eos_token_id]]]
     (trajectory,) = run_agent(ScriptedEngine(tokenizer, script), [chat_prompt(tokenizer, "6 * 7?")], SamplingParams(),
@@ -52,7 +52,7 @@ def _run_session(tokenizer, box, cells: list[str]):
 
 
 @pytest.mark.parametrize("poison", list(POISONS), ids=list(POISONS))
-def test_a_poisoning_cell_cannot_hide_the_errors_after_it(tokenizer, box, poison):
+def test_a_poisoning_cell_cannot_hide_the_errors_after_it(tokenizer, box, poison):  # noqa: F811
     trajectory = _run_session(tokenizer, box, [POISONS[poison], *REAL_ERRORS, "print(6 * 7)"])
     outputs = [m["content"] for m in trajectory.messages if m["role"] == "tool"]
     poison_failed = not outputs[0].startswith("armed")
@@ -72,7 +72,7 @@ def test_a_poisoning_cell_cannot_hide_the_errors_after_it(tokenizer, box, poison
     assert sample.reward <= 1.1 - 0.2 * len(REAL_ERRORS) + 1e-9
 
 
-def test_each_cell_counts_only_when_the_harness_saw_it_return(box):
+def test_each_cell_counts_only_when_the_harness_saw_it_return(box):  # noqa: F811
     """The sandbox's own count: printing the harness's line, or exiting 0, is not completing."""
     forged = "print('0 ' + 'f' * 32)\nimport os\nos.write(1, b'1 ' + b'0' * 32 + b'\\n')\nos._exit(0)"
     result = box.run_cells(["x = 1", forged, "print(x)"])
