@@ -6,12 +6,13 @@ whose reward is a Python function written the way TRL's ``GRPOTrainer`` takes on
 The bundled SmolLM2-135M-Instruct first learns to work out two-digit additions
 (examples/data/sft_arithmetic.jsonl, 8 SFT steps), then RL from that model rewards the right
 sum (``correct_sum`` below, a Python callable) plus a little for ending with "The answer is N."
-(the built-in ``format`` reward, weight 0.2), on prompts training never used for SFT. RL
-evaluates 20 held-out prompts before its first step and after its last; a dry run of a longer RL
-run ends the script. Everything lands in runs/api_quickstart_sft/ and runs/api_quickstart_rl/. Runtime: 10.5 minutes of CPU time in fp32, so
-about 5 minutes on a quiet 2-core CPU (not measured there; on a 2-core VM that other jobs kept
-busy, load 6-14, the wall time was 16 minutes: SFT 9, RL 5 with its two held-out evaluations, the dry run
-seconds; held-out reward 0.49 -> 0.69 on the 20 prompts); the same code runs unchanged on a GPU.
+(the built-in ``format`` reward, weight 0.2), on prompts training never used for SFT. RL evaluates
+20 held-out prompts before its first step and after its last; a dry run of a longer RL run ends the
+script. Everything lands in runs/api_quickstart_sft/ and runs/api_quickstart_rl/. Runtime: 10.5
+minutes of CPU time in fp32, so about 5 minutes on a quiet 2-core CPU (not measured there; on a
+2-core VM that other jobs kept busy, load 6-14, the wall time was 16 minutes: SFT 9, RL 5 with its
+two held-out evaluations, the dry run seconds; held-out reward 0.49 -> 0.69 on the 20 prompts); the
+same code runs unchanged on a GPU.
 ``examples/api_quickstart.ipynb`` holds the same cells.
 """
 
