@@ -1,5 +1,5 @@
 """Gather what ``benchmarks/gpu/check.sh`` wrote into OUT_DIR/results.json and a Markdown table
-(OUT_DIR/results.md, the README's performance section); exit 1 if a part or a test failed.
+(OUT_DIR/results.md, docs/PERFORMANCE.md); exit 1 if a part or a test failed.
 Run: ``python benchmarks/gpu/summarize.py OUT_DIR``."""
 
 from __future__ import annotations

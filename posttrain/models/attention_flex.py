@@ -34,7 +34,7 @@ refuses it on a CPU in one line.
 
 ``auto`` (``model.attn_implementation: auto``) picks ``posttrain_flex`` on CUDA and
 ``posttrain_varlen`` elsewhere. ``benchmarks/gpu/bench_attention.py`` measures the two on
-the GPU (packed and shared-prompt batches); see the README's performance section.
+the GPU (packed and shared-prompt batches); see docs/PERFORMANCE.md.
 """
 
 from __future__ import annotations
