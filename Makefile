@@ -9,7 +9,7 @@ STAMP := $(VENV)/.posttrain-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-fast bench crosscheck lint clean-cache
+.PHONY: install demo test test-fast bench crosscheck lint docs clean-cache
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,13 @@ crosscheck: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m pip install -q ruff && $(VENV)/bin/ruff check posttrain tests benchmarks
+
+# The documentation site from docs/ (home page: README.md) into site/; --strict fails on a
+# broken link or anchor, or a page missing from mkdocs.yml's nav.
+docs: | $(PY)
+	$(PIP) install mkdocs
+	$(PY) scripts/readme_to_index.py README.md docs/index.md
+	$(VENV)/bin/mkdocs build --strict -d site/
 
 clean-cache:
 	rm -rf $${POSTTRAIN_CACHE:-$$HOME/.cache/posttrain}/models
