@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 LINK = re.compile(r"(?<!!)\[([^\]]*)\]\(([^)\s]+)\)")
+CODE_SPAN = re.compile(r"(`+).*?\1")
+FENCE = re.compile(r"^\s*(```|~~~)")
 
 
 def readme_to_index(text: str) -> str:
     """README text -> home page text: ``[t](docs/X.md#a)`` -> ``[t](X.md#a)``; ``[t](other/path)``
-    -> ``t``; ``[t](https://...)``, ``[t](#anchor)`` unchanged."""
+    -> ``t``; ``[t](https://...)``, ``[t](#anchor)``, images and code (fenced or inline) unchanged."""
 
     def sub(m: re.Match) -> str:
         label, target = m.group(1), m.group(2)
@@ -21,7 +23,20 @@ def readme_to_index(text: str) -> str:
             return f"[{label}]({target[len('docs/'):]})"
         return label
 
-    return LINK.sub(sub, text)
+    out = []
+    fenced = False
+    for line in text.splitlines(keepends=True):
+        if FENCE.match(line):
+            fenced = not fenced
+        if fenced or FENCE.match(line):
+            out.append(line)
+            continue
+        pieces, last = [], 0
+        for code in CODE_SPAN.finditer(line):
+            pieces += [LINK.sub(sub, line[last:code.start()]), code.group(0)]
+            last = code.end()
+        out.append("".join(pieces) + LINK.sub(sub, line[last:]))
+    return "".join(out)
 
 
 def main(argv: list[str]) -> int:
