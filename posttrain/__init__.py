@@ -16,7 +16,7 @@ import types
 
 __version__ = "0.1.0"
 
-API = ("sft", "rm", "dpo", "rl", "eval", "pipeline", "make_config", "Result", "Plan")
+API = ("sft", "rm", "dpo", "rl", "eval", "pipeline", "push", "make_config", "Result", "Plan")
 MODULE_COMMANDS = ("eval", "pipeline")  # API functions sharing their name with a submodule
 __all__ = ["__version__", *API]
 

@@ -231,6 +231,7 @@ def sft(config: ConfigSource = None, *, overrides: Overrides | None = None, dry_
 
     _choose_threads()
     raw = run_sft(loaded)
+    _push_if_asked(loaded, raw.run_dir)
     metrics = _last_values(raw.history)
     return Result("sft", loaded, raw.run_dir, raw.final_dir, raw.steps, metrics,
                   {key: value for key, value in metrics.items() if key.startswith("val/")}, raw=raw)
@@ -245,6 +246,7 @@ def rm(config: ConfigSource = None, *, overrides: Overrides | None = None, dry_r
 
     _choose_threads()
     raw = run_rm(loaded)
+    _push_if_asked(loaded, raw.run_dir)
     return Result("rm", loaded, raw.run_dir, raw.final_dir, raw.steps, _last_values(raw.history),
                   dict(raw.val_metrics), raw=raw)
 
@@ -258,6 +260,7 @@ def dpo(config: ConfigSource = None, *, overrides: Overrides | None = None, dry_
 
     _choose_threads()
     raw = run_dpo(loaded)
+    _push_if_asked(loaded, raw.run_dir)
     return Result("dpo", loaded, raw.run_dir, raw.final_dir, raw.steps, _last_values(raw.history),
                   dict(raw.val_metrics), raw=raw)
 
@@ -274,6 +277,7 @@ def rl(config: ConfigSource = None, *, reward: Any = None, overrides: Overrides 
 
     _choose_threads()
     raw = run_rl(loaded)
+    _push_if_asked(loaded, raw.run_dir)
     return Result("rl", loaded, raw.run_dir, raw.final_dir, raw.steps, _last_values(raw.history),
                   dict(raw.eval_after), dict(raw.eval_before), raw=raw)
 
@@ -332,6 +336,24 @@ def pipeline(config: ConfigSource = None, *, reward: Any = None, overrides: Over
             metrics.update({f"{stage.name}/{key}": value for key, value in logged.items()})
     final = policies[-1].output if policies else None
     return Result("pipeline", loaded, run_dir, final, None, metrics, scores, before, raw=markers)
+
+
+def push(run_dir: str | os.PathLike, repo_id: str) -> str:
+    """``posttrain push``: upload a finished run's ``final/`` to the hub model repo ``repo_id``
+    (org/name) with a model card generated from the run (``model_card``: base model, data
+    stamps, config, final metrics, held-out scores with their 95% intervals); returns the repo's
+    URL. One-line ``UserError`` when no hub is reachable, before anything is read or written."""
+    from posttrain.model_card import push_run
+
+    return push_run(run_dir, repo_id)
+
+
+def _push_if_asked(config: Any, run_dir: Path | None) -> None:
+    """``run.push_to_hub``: push the finished run, from rank 0 only (torchrun's ``RANK``)."""
+    if config.run.push_to_hub and run_dir is not None and int(os.environ.get("RANK", "0")) == 0:
+        from posttrain.log import say
+
+        say(f"pushed {run_dir / 'final'} to {push(run_dir, config.run.push_to_hub)}", stdout=True)
 
 
 # ----------------------------------------------------------------------------- dry runs

@@ -140,6 +140,20 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", help="a finished run directory (holding final/ and config.yaml)")
+    parser.add_argument("repo_id", metavar="org/name", help="the Hugging Face model repo (created if missing)")
+
+
+@command("push", "upload a run's final/ model to the Hugging Face hub with a model card generated from the run",
+         _push_arguments)
+def _push(args: argparse.Namespace) -> int:
+    from posttrain.api import push
+
+    print(f"pushed {os.path.join(args.run_dir, 'final')} to {push(args.run_dir, args.repo_id)}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- sft, rm, dpo, rl, eval
 def config_command(name: str, help_line: str, *, dry_run: bool = True) -> None:
     """Register ``posttrain NAME [CONFIG] [key.sub=value ...] [--dry-run]``, the shape of every

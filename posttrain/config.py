@@ -79,6 +79,11 @@ class RunConfig(Section):
     overwrite: bool = Field(
         False, description="start over in a directory that holds a run: its checkpoints, final/, metrics, samples "
                            "and evaluations are deleted first (ignored when train.resume finds a checkpoint)")
+    push_to_hub: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        description="after training, upload final/ with a generated model card (README.md) to this Hugging Face "
+                    "model repo, org/name (created if missing; needs a login or HF_TOKEN); an unreachable hub is "
+                    "refused before training; later: `posttrain push RUN_DIR org/name`")
 
     @model_validator(mode="after")
     def _wandb_installed(self) -> "RunConfig":

@@ -2,12 +2,15 @@
 
 Model loading (``models.loading``) and dataset loading (``data.formats``) both ask before
 they download, so each fails in one line, fast, where no hub is reachable instead of after
-minutes of retries. ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are huggingface_hub's own
+minutes of retries; a push (``run.push_to_hub``) is refused the same way before training
+(``check_push_target``). ``HF_HUB_OFFLINE`` and ``HF_ENDPOINT`` are huggingface_hub's own
 settings (its docs, "Environment variables").
 """
 
 import os
 import socket
+
+from posttrain.errors import ConfigError
 
 
 def hub_offline_set() -> bool:
@@ -27,3 +30,15 @@ def hub_status() -> tuple[bool, str]:
         return True, host
     except OSError:
         return False, host
+
+
+def check_push_target(repo_id: str | None, key: str = "run.push_to_hub") -> None:
+    """Refuse, in one line, a push to ``repo_id`` that could not happen: no hub reachable
+    (``hub_status``). Nothing to check when ``repo_id`` is None."""
+    if repo_id is None:
+        return
+    reachable, host = hub_status()
+    if not reachable:
+        why = "HF_HUB_OFFLINE is set" if hub_offline_set() else f"{host} cannot be reached from this machine"
+        raise ConfigError(f"{key}: cannot push to {repo_id}: {why}; unset {key} (push later with "
+                          f"`posttrain push RUN_DIR {repo_id}`) or run where the hub is reachable")

@@ -52,8 +52,8 @@ def test_import_is_cheap_and_exposes_the_commands():
             "print(sorted(name for name in pt.__all__ if not name.startswith('_')))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[0] == str(sorted(["Plan", "Result", "dpo", "eval", "make_config", "pipeline", "rl",
-                                                     "rm", "sft"]))
+    assert done.stdout.split("\n")[0] == str(sorted(["Plan", "Result", "dpo", "eval", "make_config", "pipeline", "push",
+                                                     "rl", "rm", "sft"]))
 
 
 def test_sft_from_a_dict_with_overrides_returns_the_run(tiny_model_dir, tmp_path):

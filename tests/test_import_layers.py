@@ -24,7 +24,7 @@ LAYERS = {
     "base": {"errors", "log", "hub", "algorithms", "__version__"},
     "library": set(LIBRARY_ORDER),
     "train": {"train"},
-    "commands": {"cli", "api", "pipeline", "chat", "inspect_data", "report", "__main__"},
+    "commands": {"cli", "api", "pipeline", "chat", "inspect_data", "report", "model_card", "__main__"},
 }
 ORDER = list(LAYERS)
 PACKAGE_DIR = pathlib.Path(posttrain.__file__).parent

@@ -46,6 +46,7 @@ from posttrain.config import DPOConfig
 from posttrain.data.batching import MicroBatch, StepPlan, collate, trained_target_count
 from posttrain.data.mixture import source_metrics
 from posttrain.data.preference import PairKeys, PreferencePair, load_preference_data, make_pair_planner, pair_length
+from posttrain.hub import check_push_target
 from posttrain.log import say
 from posttrain.models import load_tokenizer
 from posttrain.train import checkpoint as ckpt
@@ -202,6 +203,7 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
 def check_settings(config: DPOConfig) -> None:
     """Refuse settings that cannot work before anything loads (one-line ConfigError)."""
     check_warmup_before_max_steps(config.optim.warmup_steps, config.train.max_steps)
+    check_push_target(config.run.push_to_hub)
 
 
 def pair_keys(config: DPOConfig) -> PairKeys:

@@ -63,6 +63,7 @@ from posttrain.data.mixture import source_metrics
 from posttrain.errors import ConfigError
 from posttrain.eval.generate import EvalProgress, evaluate_rows, trainer_metrics, trainer_records
 from posttrain.eval.prompts import PromptRow, prompt_rows
+from posttrain.hub import check_push_target
 from posttrain.log import say, say_stdout
 from posttrain.models import load_tokenizer
 from posttrain.models.prepare import count_parameters
@@ -229,6 +230,7 @@ def check_settings(config: RLConfig, world_size: int | None = None) -> None:
     if config.rl.prompts_per_step % ranks:
         raise ConfigError(f"rl.prompts_per_step ({config.rl.prompts_per_step}) is not a multiple of the "
                           f"{ranks} ranks: each rank samples an equal share of whole groups")
+    check_push_target(config.run.push_to_hub)
 
 
 def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list[PromptRow], list[PromptRow]]:

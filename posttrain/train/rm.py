@@ -34,6 +34,7 @@ from posttrain.data.batching import MicroBatch, StepPlan, collate
 from posttrain.data.mixture import source_metrics
 from posttrain.data.preference import PairKeys, PreferencePair, load_preference_data, make_pair_planner, pair_length
 from posttrain.errors import ConfigError
+from posttrain.hub import check_push_target
 from posttrain.log import say
 from posttrain.models import load_tokenizer
 from posttrain.models.scalar_head import (
@@ -169,6 +170,7 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
 def check_settings(config: RMConfig) -> None:
     """Refuse settings that cannot work before anything loads (one-line ConfigError)."""
     check_warmup_before_max_steps(config.optim.warmup_steps, config.train.max_steps)
+    check_push_target(config.run.push_to_hub)
 
 
 def pair_keys(config: RMConfig) -> PairKeys:

@@ -25,6 +25,7 @@ import torch
 from posttrain.config import SFTConfig
 from posttrain.data.batching import StepPlan, StepPlanner, collate, sample_length, trained_target_count
 from posttrain.errors import ConfigError, DataError
+from posttrain.hub import check_push_target
 from posttrain.log import say
 from posttrain.models import load_tokenizer
 from posttrain.train import checkpoint as ckpt
@@ -139,6 +140,7 @@ def check_settings(config: SFTConfig) -> None:
             f"raise micro_batch_tokens or lower max_length"
         )
     check_warmup_before_max_steps(config.optim.warmup_steps, train.max_steps)
+    check_push_target(config.run.push_to_hub)
 
 
 def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple[list, list]:
