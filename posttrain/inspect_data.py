@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from posttrain.config import (DPOConfig, ModelConfig, RLConfig, RMConfig, Section, SFTConfig, SFTDataConfig,
                               apply_override, read_config_file, validate_config)
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, UserError
 from posttrain.data.audit import (
     format_sample,
     load_prompt_data,
@@ -33,8 +33,8 @@ from posttrain.data.audit import (
     render_html,
     write_dump,
 )
-from posttrain.data.formats import BadRowError
-from posttrain.data.mixture import setting_text
+from posttrain.data.formats import BadRowError, read_rows_or_errors
+from posttrain.data.mixture import data_sources, setting_text
 from posttrain.data.render import RenderedSample
 from posttrain.models import load_tokenizer
 from posttrain.eval.prompts import prompt_rows
@@ -58,6 +58,7 @@ class InspectTarget:
     kind: str
     config: Any
     skip_bad: bool = False
+    note: str | None = None  # how the kind was chosen when no section of the config names it
 
 
 # the inspect options that have an RL counterpart (RL prompt rows have no trained tokens)
@@ -79,6 +80,12 @@ def inspect_config(config_path: str | None, overrides: list[str], data: str | No
         config = validate_config(InspectConfig, raw, "command line")
         return InspectTarget("sft", config, config.data.skip_bad)
     raw, kind, source = training_section(read_config_file(config_path), config_path, stage)
+    note = None
+    if kind == "sft" and source == config_path and "sft" not in raw and (sniffed := sniff_kind(raw)):
+        kind = sniffed
+        note = (f"inspect: {config_path} names no trainer section; its rows are "
+                + ("preference pairs, audited as `posttrain dpo` (and rm) reads them" if kind == "dpo"
+                   else "RL prompts, audited as `posttrain rl` reads them"))
     skip_bad = False
     for override in overrides:
         key, _, value = override.partition("=")
@@ -94,7 +101,7 @@ def inspect_config(config_path: str | None, overrides: list[str], data: str | No
         apply_override(raw, f"data.train={json.dumps(data)}")
     schema = {"sft": SFTConfig, "dpo": DPOConfig, "rm": RMConfig, "rl": RLConfig}[kind]
     config = validate_config(schema, raw, source)
-    return InspectTarget(kind, config, skip_bad if kind == "rl" else config.data.skip_bad)
+    return InspectTarget(kind, config, skip_bad if kind == "rl" else config.data.skip_bad, note)
 
 
 PIPELINE_STAGES = ("sft", "dpo", "rm", "rl")  # the pipeline's training stages, in its order
@@ -120,6 +127,45 @@ def training_section(raw: dict[str, Any], path: str, stage: str | None) -> tuple
     if any(key in raw for key in ("rl", "rollout", "reward")):
         return raw, "rl", path
     return raw, next((kind for kind in ("dpo", "rm") if kind in raw), "sft"), path
+
+
+def kind_of_rows(row: Any) -> str | None:
+    """The trainer a data row belongs to, for a config whose sections name none: ``dpo`` for a
+    preference pair (``chosen``/``rejected``: ``posttrain rm`` reads it alike), ``rl`` for a
+    prompt without a response (``prompt`` or ``question`` without ``completion``; ``messages``
+    without an assistant turn), else None (SFT).
+
+    >>> [kind_of_rows(r) for r in ({"prompt": "p", "chosen": "a", "rejected": "b"}, {"question": "2+2?", "answer": "4"},
+    ...  {"prompt": "p", "completion": "c"}, {"messages": [{"role": "user", "content": "hi"}]}, {"text": "t"})]
+    ['dpo', 'rl', None, 'rl', None]
+    """
+    if not isinstance(row, dict):
+        return None
+    if "chosen" in row and "rejected" in row:
+        return "dpo"
+    if "completion" in row or "text" in row or "conversations" in row:
+        return None
+    if isinstance(row.get("messages"), list):
+        roles = {m.get("role") for m in row["messages"] if isinstance(m, dict)}
+        return None if "assistant" in roles else "rl"
+    return "rl" if "prompt" in row or "question" in row else None
+
+
+def sniff_kind(raw: dict[str, Any]) -> str | None:
+    """``kind_of_rows`` of the first row of a config's local ``data.train`` (a mixture: its first
+    source); None when it has none, it is a hub dataset, or the row cannot be read."""
+    data = raw.get("data") if isinstance(raw.get("data"), dict) else {}
+    if not data.get("train"):
+        return None
+    try:
+        source = data_sources(data["train"], "data.train")[0]
+        if not Path(source.path).expanduser().exists():
+            return None
+        for _, row in read_rows_or_errors(source.spec, limit=1, columns=data.get("columns")):
+            return kind_of_rows(row)
+    except (UserError, OSError, TypeError, ValueError):
+        return None
+    return None
 
 
 def use_colour(choice: str, stream: TextIO) -> bool:
@@ -149,6 +195,8 @@ def inspect_data(
 
     out = out or sys.stdout
     err = err or sys.stderr
+    if target.note:
+        print(target.note, file=err)
     tokenizer = load_tokenizer(target.config.model.name, chat_template=target.config.model.chat_template)
     try:
         prepared = _prepare(target, path, tokenizer, n)

@@ -24,7 +24,11 @@ def write_lines(path: Path, lines: list) -> Path:
 @pytest.mark.parametrize("bad, message", [
     ('{"prompt": "unclosed', r":2: malformed JSON"),
     ('["a", "list"]', r":2: a row must be a JSON object, got a list"),
-    ({"question": "no prompt key", "answer": "1"}, r":2: an RL prompt row needs a 'messages' or 'prompt' key \(keys: answer, question\)"),
+    ({"question": "no prompt key", "answer": "1"}, r":2: an RL prompt row needs a 'messages' or 'prompt' key \(keys: answer, "
+                                                   r"question\); map it with data.columns: \{prompt: question\} "
+                                                   r"\(data.columns.prompt=question\)$"),
+    ({"x": 1}, r":2: an RL prompt row needs a 'messages' or 'prompt' key \(keys: x\); map one with data.columns: "
+               r"\{prompt: <field>\}$"),
     ({"prompt": 42}, r":2: prompt must be a string or a list of messages, got int"),
     ({"prompt": None}, r":2: prompt must be a string or a list of messages, got null"),
     ({"messages": ["hi"]}, r":2: messages\[0\]: a message must be an object, got a string"),

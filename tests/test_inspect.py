@@ -187,3 +187,41 @@ def test_rl_reward_model_dpo_and_pipeline_configs_audit_their_own_data(tokenizer
     assert json.loads(capsys.readouterr().out)["kind"] == "prompts"
     assert main(["inspect", "--config", pipeline, "--stage", "sft"]) == 2
     assert "has no such training stage (stages: rm, rl)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows, kind, note", [
+    ([{"prompt": "Capital of Chile?", "chosen": "Santiago.", "rejected": "Lima."}], "dpo",
+     "its rows are preference pairs, audited as `posttrain dpo` (and rm) reads them"),
+    ([{"prompt": "What is 6 * 7?", "answer": "42"}], "rl", "its rows are RL prompts, audited as `posttrain rl` reads them"),
+])
+def test_a_config_without_a_trainer_section_is_audited_as_its_rows_trainer(rows, kind, note, tokenizer, tmp_path,
+                                                                           capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    config = write_config(tmp_path / "standalone.yaml", f"data:\n  train: {data}\noptim:\n  lr: 1.0e-6\n")
+    assert main(["inspect", "--config", config, "-n", "0", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == f"inspect: {config} names no trainer section; {note}"
+    summary = json.loads(captured.out.splitlines()[0])
+    assert summary["kind"] == ("prompts" if kind == "rl" else summary["kind"]) and summary["ok"]
+    assert summary["samples" if kind == "dpo" else "rows"] == (2 if kind == "dpo" else 1)  # a pair is two samples
+
+
+def test_rl_rows_with_a_question_column_get_the_data_columns_hint(tokenizer, tmp_path, capsys):
+    data = tmp_path / "gsm.jsonl"
+    data.write_text(json.dumps({"question": "What is 2 + 2?", "answer": "4"}) + "\n")
+    config = write_config(tmp_path / "rl.yaml", f"data:\n  train: {data}\nreward: math\n")
+    assert main(["inspect", "--config", config, "-n", "0"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"error: {data}:1: an RL prompt row needs a 'messages' or 'prompt' key (keys: answer, question); "
+        f"map it with data.columns: {{prompt: question}} (data.columns.prompt=question)")
+    config = write_config(tmp_path / "rl.yaml", f"data:\n  train: {data}\n  columns:\n    prompt: question\nreward: math\n")
+    assert main(["inspect", "--config", config, "-n", "0"]) == 0
+
+
+def test_inspect_data_doctests():
+    import doctest
+
+    from posttrain import inspect_data
+
+    assert doctest.testmod(inspect_data).failed == 0

@@ -554,6 +554,7 @@ def _too_deep_at(text: str) -> int:
 
 # ----------------------------------------------------------------------------- row shapes
 PROMPT_KEYS = ("messages", "prompt")  # where an RL prompt row holds its prompt, first found wins
+PROMPT_LIKE_KEYS = ("question", "problem", "query", "instruction", "input")  # columns a prompt often sits in elsewhere
 
 
 def prompt_from_row(row: dict, where: str, *, system: str | None = None) -> Conversation:
@@ -571,13 +572,20 @@ def prompt_from_row(row: dict, where: str, *, system: str | None = None) -> Conv
     Traceback (most recent call last):
     ...
     posttrain.errors.DataError: f.jsonl:2: prompt is empty
+    >>> prompt_from_row({"question": "2+2?", "answer": "4"}, "f.jsonl:3")
+    Traceback (most recent call last):
+    ...
+    posttrain.errors.DataError: f.jsonl:3: an RL prompt row needs a 'messages' or 'prompt' key (keys: answer, question); map it with data.columns: {prompt: question} (data.columns.prompt=question)
     """
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be an object, got {_type_name(row)}")
     key = next((k for k in PROMPT_KEYS if k in row), None)
     if key is None:
         keys = ", ".join(sorted(row)) or "none"
-        raise DataError(f"{where}: an RL prompt row needs a 'messages' or 'prompt' key (keys: {keys})")
+        column = next((k for k in PROMPT_LIKE_KEYS if isinstance(row.get(k), str)), None)
+        hint = (f"; map it with data.columns: {{prompt: {column}}} (data.columns.prompt={column})"
+                if column is not None else "; map one with data.columns: {prompt: <field>}")
+        raise DataError(f"{where}: an RL prompt row needs a 'messages' or 'prompt' key (keys: {keys}){hint}")
     value = row[key]
     if not isinstance(value, (str, list, dict)):
         raise DataError(f"{where}: {key} must be a string or a list of messages, got {_type_name(value)}")
