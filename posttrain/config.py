@@ -80,10 +80,19 @@ class RunConfig(Section):
         False, description="start over in a directory that holds a run: its checkpoints, final/, metrics, samples "
                            "and evaluations are deleted first (ignored when train.resume finds a checkpoint)")
     push_to_hub: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        None,
         description="after training, upload final/ with a generated model card (README.md) to this Hugging Face "
                     "model repo, org/name (created if missing; needs a login or HF_TOKEN); an unreachable hub is "
                     "refused before training; later: `posttrain push RUN_DIR org/name`")
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _push_to_hub_is_a_repo_id(cls, value: str | None) -> str | None:
+        import re
+
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", value):
+            raise ValueError("not a Hugging Face repo id: write org/name")
+        return value
 
     @model_validator(mode="after")
     def _wandb_installed(self) -> "RunConfig":
