@@ -11,6 +11,7 @@ into ``final/`` and uploads that directory with ``huggingface_hub``.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -51,6 +52,17 @@ def _number(value: float) -> str:
     return f"{value:.4g}"
 
 
+def hub_model_id(name: str) -> bool:
+    """Whether a model spec is a hub model id (``org/name``), not an alias, a ``.gguf`` file or a
+    local directory.
+
+    >>> [hub_model_id(n) for n in ("HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct", "/tmp/m", "a/b.gguf")]
+    [True, False, False, False]
+    """
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", name) is not None and not name.endswith(".gguf")
+            and not Path(name).expanduser().exists())
+
+
 def model_card(repo_id: str, config: Mapping[str, Any], metrics: Mapping[str, Any], held_out: Sequence[HeldOut],
                data: Sequence[DataLine], trainer: str) -> str:
     """The Markdown model card of a run.
@@ -65,8 +77,9 @@ def model_card(repo_id: str, config: Mapping[str, Any], metrics: Mapping[str, An
     True
     """
     base = (config.get("model") or {}).get("name", "?")
-    lines = ["---", yaml.safe_dump({"base_model": base, "library_name": "transformers",
-                                     "tags": ["posttrain", trainer]}, sort_keys=False).rstrip(), "---", "",
+    metadata = {"base_model": base} if hub_model_id(base) else {}  # the hub links a base model by its id only
+    metadata.update({"library_name": "transformers", "tags": ["posttrain", trainer]})
+    lines = ["---", yaml.safe_dump(metadata, sort_keys=False).rstrip(), "---", "",
              f"# {repo_id}", "",
              f"`{base}` post-trained with posttrain ({trainer}).", "", "## Data", ""]
     for line in data:

@@ -40,7 +40,8 @@ def finished_run(tiny_model_dir, tmp_path_factory):
 def test_the_card_names_base_model_data_stamps_config_metrics_and_intervals(finished_run, tiny_model_dir):
     card = card_for_run(finished_run.run_dir, "me/tiny")
     lines = card.splitlines()
-    assert lines[:2] == ["---", f"base_model: {tiny_model_dir}"] and "# me/tiny" in lines
+    assert lines[:2] == ["---", "library_name: transformers"]  # a local base model is named in the text only
+    assert f"`{tiny_model_dir}` post-trained with posttrain (sft)." in lines and "# me/tiny" in lines
     assert f"- data.train: `{SFT_DATA}` (stamp {file_stamp(Path(SFT_DATA))})" in lines
     assert "| tiny | add | accuracy | 0.5 | [0.25, 0.75] | 8 |" in lines
     assert "| step | 2 |" in lines
