@@ -268,11 +268,21 @@ def run_eval_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
     return {"results": f"{stage.eval_label}/eval/results.json", "scores": scores, "intervals": intervals}
 
 
+def push_stage(config: BaseModel, stage_dir: Path) -> None:
+    """A stage's ``run.push_to_hub``: upload its ``final/`` with its model card (``model_card``);
+    the hub was checked before the first stage (each trainer's ``check_settings``)."""
+    if getattr(config.run, "push_to_hub", None) and int(os.environ.get("RANK", "0")) == 0:
+        from posttrain.model_card import push_run
+
+        say(f"pushed {stage_dir / 'final'} to {push_run(stage_dir, config.run.push_to_hub)}")
+
+
 def run_sft_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
     from posttrain.train.sft import run_sft
 
     config = _with(stage.config, train__resume="latest" if resume else None, run__overwrite=True)
     result = run_sft(config)
+    push_stage(config, result.run_dir)
     return {"steps": result.steps, "final": str(result.final_dir) if result.final_dir else None}
 
 
@@ -281,6 +291,7 @@ def run_dpo_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
 
     config = _with(stage.config, train__resume="latest" if resume else None, run__overwrite=True)
     result = run_dpo(config)
+    push_stage(config, result.run_dir)
     return {"steps": result.steps, "final": str(stage.output), "val": result.val_metrics}
 
 
@@ -289,6 +300,7 @@ def run_rm_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
 
     config = _with(stage.config, train__resume="latest" if resume else None, run__overwrite=True)
     result = run_rm(config)
+    push_stage(config, result.run_dir)
     return {"steps": getattr(result, "steps", None), "final": str(stage.output)}
 
 
@@ -297,6 +309,7 @@ def run_rl_stage(stage: Stage, run_dir: Path, resume: bool) -> dict[str, Any]:
 
     config = _with(stage.config, train__resume="latest" if resume else None, run__overwrite=True)
     result = run_rl(config)
+    push_stage(config, result.run_dir)
     return {"steps": getattr(result, "steps", None), "final": str(stage.output)}
 
 

@@ -113,3 +113,14 @@ def test_model_card_doctests():
     from posttrain import model_card
 
     assert doctest.testmod(model_card).failed == 0
+
+
+def test_a_pipeline_stage_pushing_without_a_hub_is_refused_before_the_first_stage(tiny_model_dir, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _refuse_models(monkeypatch)
+    config = {"model": {"name": tiny_model_dir}, "run": {"output_dir": str(tmp_path)},
+              "sft": {"data": {"train": SFT_DATA}, "run": {"push_to_hub": "me/tiny"}}}
+    with pytest.raises(ConfigError, match=r"^sft.run.push_to_hub: cannot push to me/tiny: HF_HUB_OFFLINE is set;"):
+        pt.pipeline(config)
+    assert not (tmp_path / "pipeline").exists()
