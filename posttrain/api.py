@@ -19,6 +19,9 @@ use (``{"train.max_steps": 5, "optim.lr": 1e-5}``), values used as given; the co
 ``["train.max_steps=5"]`` strings (values parsed as YAML) are accepted too. Errors are one-line
 ``posttrain.errors.UserError`` s naming the file, key or override, raised before a model loads.
 
+``push(run_dir, "org/name")`` uploads a finished run's ``final/`` with a model card generated from
+the run (``posttrain.model_card``); ``run.push_to_hub`` does it after training.
+
 ``dry_run=True`` (sft, rm, dpo, rl, pipeline) runs every check that needs no model (settings,
 the data audit, prompts and the reward pre-flight, the schedule, the run directory and its
 checkpoints) and returns a ``Plan`` saying what would run; nothing is trained or written.
