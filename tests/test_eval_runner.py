@@ -232,8 +232,8 @@ def test_headline_task_names_a_task(tmp_path):
 
     tasks = "tasks=[{name: jsonl, path: a.jsonl, label: arith_tool}, {name: reasoning_gym, dataset: basic_arithmetic}]"
     assert check_headline_task(load_config(EvalConfig, None, [tasks])) == "arith_tool"
-    assert check_headline_task(load_config(EvalConfig, None, [tasks, "headline_task=rg/basic_arithmetic"])) == \
-        "rg/basic_arithmetic"
+    named = load_config(EvalConfig, None, [tasks, "headline_task=rg/basic_arithmetic"])
+    assert check_headline_task(named) == "rg/basic_arithmetic"
     with pytest.raises(ConfigError, match=r"headline_task: 'sub' is not a task of this config \(tasks: arith_tool, "
                                           r"rg/basic_arithmetic\)"):
         check_headline_task(load_config(EvalConfig, None, [tasks, "headline_task=sub"]))
