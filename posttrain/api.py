@@ -242,29 +242,28 @@ def sft(config: ConfigSource = None, *, overrides: Overrides | None = None, dry_
 
 def rm(config: ConfigSource = None, *, overrides: Overrides | None = None, dry_run: bool = False) -> Result | Plan:
     """``posttrain rm``: a reward model on preference pairs. ``scores``: held-out ``val/*``."""
-    loaded = make_config("rm", config, overrides)
-    if dry_run:
-        return _plan_pairs("rm", loaded)
-    from posttrain.train.rm import run_rm
-
-    _choose_threads()
-    raw = run_rm(loaded)
-    _push_if_asked(loaded, raw.run_dir)
-    return Result("rm", loaded, raw.run_dir, raw.final_dir, raw.steps, _last_values(raw.history),
-                  dict(raw.val_metrics), raw=raw)
+    return _train_on_pairs("rm", config, overrides, dry_run)
 
 
 def dpo(config: ConfigSource = None, *, overrides: Overrides | None = None, dry_run: bool = False) -> Result | Plan:
     """``posttrain dpo``: direct preference optimisation. ``scores``: held-out ``val/*``."""
-    loaded = make_config("dpo", config, overrides)
+    return _train_on_pairs("dpo", config, overrides, dry_run)
+
+
+def _train_on_pairs(trainer: str, config: ConfigSource, overrides: Overrides | None, dry_run: bool) -> Result | Plan:
+    """``rm`` or ``dpo``: both read preference pairs and report held-out ``val/*``."""
+    loaded = make_config(trainer, config, overrides)
     if dry_run:
-        return _plan_pairs("dpo", loaded)
-    from posttrain.train.dpo import run_dpo
+        return _plan_pairs(trainer, loaded)
+    if trainer == "rm":
+        from posttrain.train.rm import run_rm as run
+    else:
+        from posttrain.train.dpo import run_dpo as run
 
     _choose_threads()
-    raw = run_dpo(loaded)
+    raw = run(loaded)
     _push_if_asked(loaded, raw.run_dir)
-    return Result("dpo", loaded, raw.run_dir, raw.final_dir, raw.steps, _last_values(raw.history),
+    return Result(trainer, loaded, raw.run_dir, raw.final_dir, raw.steps, _last_values(raw.history),
                   dict(raw.val_metrics), raw=raw)
 
 

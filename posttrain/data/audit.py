@@ -41,7 +41,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from posttrain.data.formats import BadRowError, conversation_from_row, read_rows_or_errors, text_from_row
 from posttrain.data.mixture import Mixture, SourceCount, data_sources, draw_items, is_mixture, mixture_lines, read_mixture, source_counts
@@ -341,13 +341,19 @@ def load_sft_data(path: Any, tokenizer, data_config, *, spans_for_first: int = 0
              for index, source in enumerate(mixture.sources)]
     samples, kept, dropped = draw_items(mixture, [part.samples for part in parts], lambda sample: sample.line)
     report = _mixture_report(mixture, [part.audit for part in parts], kept, dropped, seed, "samples")
+    count_drawn_samples(report, samples)
+    report.seconds = time.perf_counter() - started
+    return PreparedData(samples=samples, audit=report)
+
+
+def count_drawn_samples(report: AuditReport, samples: Sequence[Any]) -> None:
+    """Add a mixture's drawn rendered samples to its report's totals (samples, tokens, trained
+    tokens, masked ratios): a row drawn twice counts twice, as it trains twice."""
     for sample in samples:
         report.samples += 1
         report.tokens += len(sample.input_ids)
         report.trained_tokens += sample.trained_token_count
         report.ratios.append(sample.masked_token_ratio)
-    report.seconds = time.perf_counter() - started
-    return PreparedData(samples=samples, audit=report)
 
 
 def _mixture_report(mixture: Mixture, parts: list[AuditReport], kept: list[int], dropped: list[int], seed: int,

@@ -30,8 +30,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from posttrain.data.audit import (AuditReport, Finding, PreparedData, _mixture_report, audit_sample, note_control_text,
-                                  preflight)
+from posttrain.data.audit import (AuditReport, Finding, PreparedData, _mixture_report, audit_sample, count_drawn_samples,
+                                   note_control_text, preflight)
 from posttrain.data.batching import StepPlanner
 from posttrain.data.formats import (
     BadRowError,
@@ -250,11 +250,7 @@ def audit_pairs(path: Any, tokenizer: Any, data: Any, *, keys: PairKeys = PairKe
     report = _mixture_report(mixture, [prepared.audit for _, prepared in parts], kept, dropped, seed, "pairs")
     pairs = [pair for pair, _, _ in drawn]
     samples = [side for _, chosen, rejected in drawn for side in (chosen, rejected)]
-    for side in samples:
-        report.samples += 1
-        report.tokens += len(side.input_ids)
-        report.trained_tokens += side.trained_token_count
-        report.ratios.append(side.masked_token_ratio)
+    count_drawn_samples(report, samples)
     report.seconds = time.perf_counter() - started
     return pairs, PreparedData(samples=samples, audit=report)
 

@@ -56,7 +56,7 @@ from posttrain.train.distributed import (
     init_distributed,
     shutdown_distributed,
 )
-from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
+from posttrain.train.logging import Progress, optimizer_step_metrics, run_metrics_logger
 from posttrain.models.prepare import unwrap_causal_lm
 from posttrain.train.loop import (
     MicroResult,
@@ -152,8 +152,7 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
     history: list[dict[str, Any]] = []
     val_metrics: dict[str, float] = {}
     with (
-        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        run_metrics_logger(run, config.run, info.is_main) as logger,
         Progress(total_steps, "dpo", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("loss", "rewards/accuracies", "val/rewards/accuracies", "lr")) as progress,
     ):

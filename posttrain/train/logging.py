@@ -161,6 +161,13 @@ def _last_byte(path: Path) -> bytes:
         return handle.read(1)
 
 
+def run_metrics_logger(run: RunDir, run_config: Any, is_main: bool) -> "MetricsLogger":
+    """The metrics logger of a training run as its ``run:`` config section asks (TensorBoard,
+    W&B); only the main rank writes."""
+    return MetricsLogger(run, tensorboard=run_config.tensorboard, enabled=is_main, wandb=run_config.wandb,
+                         wandb_project=run_config.wandb_project)
+
+
 class MetricsLogger:
     """Writes metrics to ``metrics.jsonl`` (append, flushed per line), TensorBoard and, with
     ``wandb``, Weights & Biases (``WandbBackend``); ``log_samples`` adds a table of generated

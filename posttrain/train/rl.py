@@ -74,7 +74,7 @@ from posttrain.rewards.registry import reward_fields
 from posttrain.rollout.base import SamplingParams
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, init_distributed, shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, RunDir
+from posttrain.train.logging import MetricsLogger, Progress, RunDir, run_metrics_logger
 from posttrain.train.loop import configured_hyperparameters_kept, is_due, seed_everything
 from posttrain.train.rl_advantages import advantages
 from posttrain.train.rl_logprobs import rollout_passes
@@ -154,8 +154,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
         result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info, agent=agent)
     alarms = RLAlarms(alarm_settings(config), announce=info.is_main, state=state.alarms, before=result.eval_before)
     with (
-        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        run_metrics_logger(run, config.run, info.is_main) as logger,
         Progress(config.train.max_steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress,
     ):

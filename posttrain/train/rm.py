@@ -49,7 +49,7 @@ from posttrain.models.scalar_head import (
 )
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
+from posttrain.train.logging import Progress, optimizer_step_metrics, run_metrics_logger
 from posttrain.models.prepare import apply_lora
 from posttrain.train.loop import MicroResult, autocast_context, is_due, optimizer_step, seed_everything
 from posttrain.train.session import RunSession, guard_step, open_run
@@ -123,8 +123,7 @@ def _run_rm(config: RMConfig, session: RunSession, pairs: tuple[list, list] | No
     history: list[dict[str, Any]] = []
     val_metrics: dict[str, float] = {}
     with (
-        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        run_metrics_logger(run, config.run, info.is_main) as logger,
         Progress(total_steps, "rm", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("loss", "accuracy", "val/accuracy", "lr")) as progress,
     ):

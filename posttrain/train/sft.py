@@ -30,7 +30,7 @@ from posttrain.log import say
 from posttrain.models import load_tokenizer
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
-from posttrain.train.logging import MetricsLogger, Progress, optimizer_step_metrics
+from posttrain.train.logging import Progress, optimizer_step_metrics, run_metrics_logger
 from posttrain.train.loop import (
     evaluate_nll,
     is_due,
@@ -88,8 +88,7 @@ def _run_sft(config: SFTConfig, session: RunSession, samples: tuple[list, list] 
     history: list[dict[str, Any]] = []
     pad_id = pad_token_id(tokenizer)
     with (
-        MetricsLogger(run, tensorboard=config.run.tensorboard, enabled=info.is_main,
-                      wandb=config.run.wandb, wandb_project=config.run.wandb_project) as logger,
+        run_metrics_logger(run, config.run, info.is_main) as logger,
         Progress(total_steps, "sft", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("loss", "lr", "val/loss", "tokens_per_sec")) as progress,
     ):
