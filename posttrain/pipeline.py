@@ -579,7 +579,7 @@ def dry_run(config: PipelineConfig, *, allow_missing_data: bool = False) -> DryR
         if check is not None:
             try:
                 check(stage.config, produced)
-                if stage.kind == "rl":
+                if stage.kind == "rl" and not _done_earlier(run_dir, stage, config):
                     report.preflight += _rl_preflight(stage.config)
             except (ConfigError, DataError) as exc:
                 report.errors.append(_in_section(_section_name(stage), str(exc)))
@@ -636,6 +636,14 @@ def _rl_check(config: BaseModel, produced: set[str]) -> None:
     except ImportError:  # a trainer without pre-load checks
         return
     check_settings(config)
+
+
+def _done_earlier(run_dir: Path, stage: Stage, config: BaseModel) -> bool:
+    """The stage finished in an earlier run with this fingerprint, so running the pipeline skips it
+    (its checks need not run again)."""
+    marker = read_marker(run_dir, stage)
+    return (not config.run.overwrite and marker is not None
+            and marker.get("fingerprint") == stage.fingerprint)
 
 
 def _rl_preflight(config: BaseModel) -> list[str]:
