@@ -411,14 +411,15 @@ class AgentConfig(Section):
 
     tools: list[str] = Field(
         default_factory=list, description="tools offered: 'python' (runs code in the sandbox) and/or 'module:function' "
-                                          "(a typed, docstringed function; its JSON schema comes from the signature)")
+                                          "or 'file.py:function' (a typed, docstringed function; its JSON schema comes "
+                                          "from the signature; resolved as reward: is, from the working directory)")
     tool_format: Literal["inline", "chat_template"] = Field(
         "inline", description="inline: the model writes a ```python block in its reply, posttrain runs it and appends "
                               "an <output> block (templates without tools, like the bundled model's); chat_template: "
                               "the tokenizer's own tool-call rendering (Hermes <tool_call> JSON)")
     environment: str | None = Field(
-        None, description="optional 'module:Class' with reset(row) and step(calls) -> (observation, done, reward), "
-                          "one instance per trajectory")
+        None, description="optional 'module:Class' or 'file.py:Class' with reset(row) and step(calls) -> "
+                          "(observation, done, reward), one instance per trajectory (docs/AGENTIC.md)")
     max_turns: int = Field(4, gt=0, description="model turns per trajectory at most")
     max_tool_calls: int = Field(4, ge=0, description="tool calls per trajectory at most")
     max_total_tokens: int = Field(

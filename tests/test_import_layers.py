@@ -4,7 +4,7 @@ the layers below it, at module level or inside a function alike (docs/ARCHITECTU
     commands   cli, api, pipeline, chat, inspect_data, report, __main__
     train      loops, checkpoints, logging, distribution
     library    data < models < config < sandbox < rollout < rewards < agent < eval
-    base       errors, log, hub, algorithms (torch-only math; its own test keeps it so)
+    base       errors, log, hub, plugins, algorithms (torch-only math; its own test keeps it so)
 
 Inside the library the folders are ordered too: a library module imports only its own folder
 or the folders before it in ``LIBRARY_ORDER``. So ``rewards/model.py`` scores with
@@ -21,7 +21,7 @@ import posttrain
 
 LIBRARY_ORDER = ["data", "models", "config", "sandbox", "rollout", "rewards", "agent", "eval"]
 LAYERS = {
-    "base": {"errors", "log", "hub", "algorithms", "__version__"},
+    "base": {"errors", "log", "hub", "plugins", "algorithms", "__version__"},
     "library": set(LIBRARY_ORDER),
     "train": {"train"},
     "commands": {"cli", "api", "pipeline", "chat", "inspect_data", "report", "model_card", "__main__"},

@@ -72,7 +72,7 @@ def test_verl_compute_score_is_called_per_completion_with_the_ground_truth(tmp_p
     assert out.scores == [1.0, 0.0] and out.details == [{"tag": "toy"}, {"tag": "toy"}]
     import sys
 
-    module = next(m for n, m in sys.modules.items() if n.startswith("posttrain_user_reward_verl_rewards"))
+    module = next(m for n, m in sys.modules.items() if n.startswith("posttrain_user_verl_rewards"))
     assert module.calls == [("toy", "4", {"index": 7})] * 2
 
 

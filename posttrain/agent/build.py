@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from posttrain.agent.loop import TOOL_FORMATS, AgentLimits, AgentPrompt, run_agent
-from posttrain.agent.tools import ToolBox, load_user_tool, python_tool
+from posttrain.agent.tools import ToolBox, environment_schemas, load_environment, load_user_tool, python_tool
 from posttrain.agent.trajectory import Trajectory
 from posttrain.config import AgentConfig
 from posttrain.data.formats import normalise_messages
@@ -49,9 +49,11 @@ class Agent:
 
 def build_agent(config: AgentConfig, tokenizer: Any, *, max_new_tokens: int, isolation: str = "auto",
                 unsafe_process_isolation: bool = False) -> Agent:
-    """The tools named in ``config.tools`` ('python' or 'module:function'); ``max_new_tokens``
-    is the per-turn cap (each turn is clamped further to what is left of the budget).
-    Raises ConfigError (one line naming the key)."""
+    """The tools named in ``config.tools`` ('python', 'module:function' or 'file.py:function')
+    and the environment class (``config.environment``, 'module:Class' or 'file.py:Class'),
+    both resolved here so a bad path fails before any model loads (``posttrain.plugins``, as
+    ``reward:`` resolves); ``max_new_tokens`` is the per-turn cap (each turn is clamped further
+    to what is left of the budget). Raises ConfigError (one line naming the key)."""
     if not config.enabled:
         raise ConfigError("agent: name at least one tool (agent.tools: [python]) or an environment")
     tools = []
@@ -62,9 +64,11 @@ def build_agent(config: AgentConfig, tokenizer: Any, *, max_new_tokens: int, iso
         elif ":" in spec:
             tools.append(load_user_tool(spec, key=f"agent.tools.{index}"))
         else:
-            raise ConfigError(f"agent.tools.{index}: unknown tool {spec!r}; use 'python' or 'module:function'")
+            raise ConfigError(f"agent.tools.{index}: unknown tool {spec!r}; use 'python', 'module:function' "
+                              "or 'file.py:function'")
+    declared = environment_schemas(load_environment(config.environment)) if config.environment else []
     limits = AgentLimits(max_turns=config.max_turns, max_tool_calls=config.max_tool_calls,
                          max_total_tokens=config.max_total_tokens, max_new_tokens=max_new_tokens,
                          max_tool_output_tokens=config.max_tool_output_tokens,
                          tool_concurrency=config.tool_concurrency, tool_timeout=config.tool_timeout)
-    return Agent(config, ToolBox(tools), limits, tokenizer)
+    return Agent(config, ToolBox(tools, declared), limits, tokenizer)

@@ -13,13 +13,12 @@ belongs to one trajectory. A malformed call, an unknown tool, a missing argument
 exception inside a tool becomes an ``error: ...`` observation for the model, never an
 exception in the trainer.
 
-An environment (``module:Class``, ``load_environment``) replaces the tools: one instance per
+An environment (``module:Class`` or ``file.py:Class``, ``load_environment``) replaces the tools: one instance per
 trajectory, ``reset(row) -> str | None`` and ``step(calls) -> (observation, done, reward)``.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import re
@@ -31,6 +30,7 @@ from typing import Any
 
 from posttrain.data import inline
 from posttrain.errors import ConfigError
+from posttrain.plugins import load_object
 from posttrain.sandbox.runner import Sandbox, SandboxLimits, choose_isolation
 
 
@@ -287,26 +287,13 @@ def error_text(error: BaseException) -> str:
     return f"error: {type(error).__name__}: {message}" if message else f"error: {type(error).__name__}"
 
 
-def _import_spec(spec: str, key: str) -> Any:
-    module_name, colon, attribute = spec.partition(":")
-    if not colon or not module_name or not attribute:
-        raise ConfigError(f"{key}: {spec!r} must be 'module:name'")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:
-        reason = f"{type(error).__name__}: {' '.join(str(error).split())}"
-        raise ConfigError(f"{key}: cannot import module '{module_name}' of {spec!r} ({reason})") from None
-    if not hasattr(module, attribute):
-        raise ConfigError(f"{key}: module '{module_name}' has no attribute '{attribute}' ({spec!r})")
-    return getattr(module, attribute)
-
-
 def load_user_tool(spec: str, key: str = "agent.tools") -> UserTool:
-    """``module:function`` -> a tool. The function needs type hints and a docstring with an
+    """``module:function`` or ``file.py:function`` -> a tool (``posttrain.plugins.load_object``,
+    the resolver ``reward:`` uses). The function needs type hints and a docstring with an
     ``Args:`` entry per argument (``transformers.utils.get_json_schema``)."""
     from transformers.utils import get_json_schema
 
-    function = _import_spec(spec, key)
+    function = load_object(spec, key)
     if not callable(function) or isinstance(function, type):
         raise ConfigError(f"{key}: {spec!r} is not a function")
     try:
@@ -318,11 +305,30 @@ def load_user_tool(spec: str, key: str = "agent.tools") -> UserTool:
 
 
 def load_environment(spec: str, key: str = "agent.environment") -> type:
-    """``module:Class`` -> the class (instantiated once per trajectory with no arguments)."""
-    cls = _import_spec(spec, key)
+    """``module:Class`` or ``file.py:Class`` -> the class (instantiated once per trajectory with
+    no arguments; docs/AGENTIC.md, "Environments")."""
+    cls = load_object(spec, key)
     if not isinstance(cls, type) or not callable(getattr(cls, "reset", None)) or not callable(getattr(cls, "step", None)):
         raise ConfigError(f"{key}: {spec!r} must be a class with reset(row) and step(calls) methods")
     return cls
+
+
+def environment_schemas(cls: type, key: str = "agent.environment") -> list[dict]:
+    """The tools an environment class declares (its optional ``tools`` attribute: OpenAI
+    function schemas), which a ``chat_template`` prompt announces; [] when it declares none.
+
+    >>> class Env:
+    ...     tools = [{"type": "function", "function": {"name": "calculate", "parameters": {}}}]
+    >>> [schema["function"]["name"] for schema in environment_schemas(Env)]
+    ['calculate']
+    """
+    schemas = getattr(cls, "tools", None) or []
+    if not isinstance(schemas, (list, tuple)) or not all(
+            isinstance(s, dict) and isinstance(s.get("function"), dict) and isinstance(s["function"].get("name"), str)
+            for s in schemas):
+        raise ConfigError(f"{key}: {cls.__name__}.tools must be a list of OpenAI function schemas "
+                          '({"type": "function", "function": {"name": ..., "parameters": {...}}})')
+    return list(schemas)
 
 
 def parallel_map(fn: Callable, items: Sequence, concurrency: int) -> list:
@@ -341,15 +347,18 @@ class ToolBox:
     which case they run in order.
     """
 
-    def __init__(self, tools: Sequence[Any] = ()):
+    def __init__(self, tools: Sequence[Any] = (), declared: Sequence[dict] = ()):
         self.tools: dict[str, Any] = {}
         for tool in tools:
             if tool.name in self.tools:
                 raise ConfigError(f"agent.tools: two tools are named '{tool.name}'")
             self.tools[tool.name] = tool
+        self.declared = [dict(schema) for schema in declared]  # an environment's tools: announced, never run here
 
     def schemas(self) -> list[dict]:
-        return [tool.schema for tool in self.tools.values()]
+        """The OpenAI function schemas a ``chat_template`` prompt announces: the tools', then
+        the environment's (``environment_schemas``)."""
+        return [tool.schema for tool in self.tools.values()] + self.declared
 
     def run(self, jobs: Sequence[tuple[list[ToolCall], dict]], *, concurrency: int = 4,
             timeout: float = 5.0) -> list[list[ToolResult]]:

@@ -56,8 +56,6 @@ whose message starts with the parameter name.
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
 import inspect
 import logging
 import math
@@ -65,6 +63,7 @@ from typing import Any, Mapping, Sequence
 
 from posttrain.config import plain_reward_spec
 from posttrain.errors import ConfigError
+from posttrain.plugins import load_object, split_path
 from posttrain.rewards.output import RewardFn, RewardOutput, as_reward_output, check_batch, correct_at_full_score
 from posttrain.rewards.composite import CompositeReward, CompositeTerm
 
@@ -340,50 +339,11 @@ def _split_spec(spec: Any, key: str) -> tuple[str, dict]:
 
 
 def _import(path: str, key: str):
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
+    """The object ``module:function`` / ``file.py:function`` names (``posttrain.plugins``, the
+    resolver ``agent.tools`` and ``agent.environment`` use too); errors start with ``<key>.name``."""
+    if split_path(path) is None:
         raise ConfigError(f"{key}.name: {path!r} is neither a built-in reward {sorted(BUILTIN_REWARDS)} nor 'module:function'")
-    try:
-        module = _import_module(module_name)
-    except (ImportError, OSError) as e:
-        raise ConfigError(f"{key}.name: cannot import {module_name!r} ({e})") from None
-    try:
-        obj = module
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except AttributeError:
-        raise ConfigError(f"{key}.name: module {module_name!r} has no attribute {attr!r}") from None
-    return obj
-
-
-def _import_module(module_name: str):
-    """A module by dotted name (found on ``sys.path``, then in the working directory, as
-    ``python -m`` would) or by file path (``rewards/mine.py``)."""
-    import sys
-    from pathlib import Path
-
-    if module_name.endswith(".py"):
-        path = Path(module_name).expanduser().resolve()
-        if not path.is_file():
-            raise ImportError(f"no file {module_name}")
-        name = f"posttrain_user_reward_{path.stem}_{abs(hash(str(path))):x}"
-        if name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[name]
-                raise
-        return sys.modules[name]
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError:
-        if "" in sys.path or str(Path.cwd()) in sys.path:
-            raise
-        sys.path.append(str(Path.cwd()))
-        return importlib.import_module(module_name)
+    return load_object(path, f"{key}.name")
 
 
 def _known_params(target) -> set[str] | None:
