@@ -1,147 +1,298 @@
 """Write the agentic demo files: arithmetic the bundled 135M model cannot do in its head but can
-with a Python tool.
+with a Python tool, asked the ways people ask a calculator-using assistant.
 
-    python examples/data/make_agentic_arithmetic.py       # writes the four files beside this script
+    python examples/data/make_agentic_arithmetic.py       # writes the files beside this script
 
-The tool task: three-digit by three-digit multiplication ("What is 487 * 923?") and mixed
-expressions ("Compute 38 * 47 - 129.", "Evaluate (234 + 567) * 12."), asked in several
-phrasings.
+The tool task (``FORMS``; each with several phrasings, ``Form.questions``):
+
+- products of three-digit numbers ("What is 487 * 923?", "Multiply 487 by 923."), products of
+  three (large results: "What is 412 * 388 * 905?");
+- multi-step expressions (``a * b - c``, ``a * b + c``, ``(a + b) * c``);
+- negative results (``a - b * c``, ``(a - b) * c``, ``a - b`` with ``b`` larger: "Subtract 4507
+  from 312.");
+- division: rounded to two decimal places or to a whole number, the remainder, the whole
+  quotient (no rounding tie is ever asked);
+- word problems with one or two operations and sometimes a distractor number the answer must
+  not use ("A farm has 37 cows and 126 fields. Each field has 418 apple trees. How many apple
+  trees are on the farm?"), including ones whose answer is negative (a balance, a temperature)
+  or needs rounding up (buses for a number of people).
+
+Files:
 
 - ``agentic_sft.jsonl``: the cold start, OpenAI messages: the question; an assistant message
   calling the ``python`` tool (``{"code": "print(487 * 923)"}``, sometimes ``x = ...`` then
-  ``print(x)``); the tool result; ``The answer is 449501.`` Half of the ``a * b +/- c``
-  problems go step by step: the product first, then a second call on its output. Train it with
-  ``data.tool_format: inline`` (the bundled template has no tools). About a quarter of the rows
-  are a tool-free mixture that keeps other skills: two-digit subtractions and additions answered
-  directly (the tool is for the hard problems), and short chat answers from ``sft_chat.jsonl``
-  (counting, sorting, capitals; no arithmetic). The cold start is kept small on purpose, so
-  that RL has room to add on top of it.
-- ``agentic_rl_train.jsonl``: RL prompts ``{"messages": [user], "answer": "449501"}`` of the
-  tool task.
-- ``agentic_eval.jsonl``: held-out prompts of the tool task, same shape.
+  ``print(x)``); the tool result; ``The answer is 449501.``, the printed value copied exactly
+  (sign included). Half of the ``a * b +/- c`` problems go step by step: the product first,
+  then a second call on its output. Train it with ``data.tool_format: inline`` (the bundled
+  template has no tools). About a quarter of the rows are a tool-free mixture that keeps other
+  skills: two-digit subtractions and additions answered directly (the tool is for the hard
+  problems), and short chat answers from ``sft_chat.jsonl`` (counting, sorting, capitals; no
+  arithmetic). The cold start is kept small on purpose, so that RL has room to add on top.
+- ``agentic_chat_sft.jsonl``: the same rows for ``data.tool_format: chat_template``: every
+  arithmetic row carries ``"tools": [the python tool's schema]`` (posttrain's
+  ``agent.tools.PYTHON_SCHEMA``, the schema an agent prompt announces), so the rendered system
+  turn is the one RL and eval prompts start with; chat rows carry none.
+- ``agentic_rl_train.jsonl``: RL prompts ``{"messages": [user], "answer": "449501", "form":
+  ..., "operands": {...}}`` of the tool task (``form`` and ``operands`` are metadata; a reward
+  ignores them).
+- ``agentic_eval.jsonl``: held-out prompts of the tool task, same shape and forms: the
+  *same-form* set. Other forms and phrasings, never generated here, are written by
+  ``make_agentic_heldout.py``.
 - ``subtraction_eval.jsonl``: held-out two-digit subtractions, a control task outside the
   training data (does tool training break what the model did without tools?).
 
-No problem is shared between the SFT, RL and held-out files, not even with the operands of
-``+`` or ``*`` swapped; no held-out subtraction is in the SFT mixture. The mixture's
-additions come from ``rl_arithmetic_train.jsonl``, so none is in the quickstart's held-out
-``rl_arithmetic_eval.jsonl``. Deterministic: the same seed writes the same files.
+No problem is shared between the SFT, RL and held-out files (two problems are the same when
+they have the same form and the same numbers in any order); no held-out subtraction is in the
+SFT mixture. The mixture's additions come from ``rl_arithmetic_train.jsonl``, so none is in
+the quickstart's held-out ``rl_arithmetic_eval.jsonl``. Deterministic: the same seed writes the
+same files.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import re
+from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
+from typing import Callable
 
 HERE = Path(__file__).resolve().parent
-QUESTIONS = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "What is the value of {e}?", "Work out {e}.", "Evaluate {e}.")
+EXPRESSION_QUESTIONS = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "What is the value of {e}?", "Work out {e}.",
+                        "Evaluate {e}.")
 CODE = (("print({e})", 0.6), ("x = {e}\nprint(x)", 0.25), ("result = {e}\nprint(result)", 0.15))
-# the problem shapes of the tool task: (form, share of the problems)
-FORMS = (("a * b", 0.55), ("a * b - c", 0.15), ("a * b + c", 0.15), ("(a + b) * c", 0.15))
 ADDITION = re.compile(r"What is (\d+) \+ (\d+)\?")
 ARITHMETIC_CHAT = re.compile(r"\d\s*[-+*/x]\s*\d|^Conversion:|^Step ", re.MULTILINE)
+# the python tool's schema as posttrain.agent.tools.PYTHON_SCHEMA has it (tests check they agree)
+PYTHON_SCHEMA = {
+    "type": "function",
+    "function": {
+        "name": "python",
+        "description": "Run Python code in a fresh sandboxed interpreter and return what it prints.",
+        "parameters": {
+            "type": "object",
+            "properties": {"code": {"type": "string", "description": "The Python code to run; print the results."}},
+            "required": ["code"],
+        },
+    },
+}
 
 
-def expression(form: str, a: int, b: int, c: int = 0) -> str:
-    """The text of a problem.
+def rounding_tie(a: int, b: int, places: int) -> bool:
+    """True when ``a / b`` lies exactly halfway between two values with ``places`` decimals
+    (Python's round() then goes to the even one, which a person would not expect).
 
-    >>> expression("a * b", 487, 923), expression("(a + b) * c", 234, 567, 12)
-    ('487 * 923', '(234 + 567) * 12')
+    >>> rounding_tie(1, 8, 2), rounding_tie(5, 2, 0), rounding_tie(17, 6, 2)
+    (True, True, False)
     """
-    return form.replace("a", str(a)).replace("b", str(b)).replace("c", str(c))
+    scaled = Fraction(a, b) * 10 ** places
+    return scaled - math.floor(scaled) == Fraction(1, 2)
 
 
-def value(form: str, a: int, b: int, c: int = 0) -> int:
-    """The exact value of a problem.
-
-    >>> value("a * b", 487, 923), value("a * b - c", 38, 47, 129), value("(a + b) * c", 234, 567, 12)
-    (449501, 1657, 9612)
-    """
-    if form == "a * b":
-        return a * b
-    if form == "a * b - c":
-        return a * b - c
-    if form == "a * b + c":
-        return a * b + c
-    if form == "(a + b) * c":
-        return (a + b) * c
-    raise ValueError(f"unknown form {form!r}")
+def _three(rng: random.Random) -> int:
+    return rng.randint(100, 999)
 
 
-def key(form: str, a: int, b: int, c: int = 0) -> tuple:
-    """What makes two problems the same: the operands of ``+`` and ``*`` in either order.
-
-    >>> key("a * b", 923, 487) == key("a * b", 487, 923), key("a * b - c", 47, 38, 129)
-    (True, ('a * b - c', 38, 47, 129))
-    """
-    return (form, min(a, b), max(a, b), c)
+def _two(rng: random.Random) -> int:
+    return rng.randint(11, 99)
 
 
-def draw_problem(rng: random.Random) -> tuple[str, int, int, int]:
-    """One tool-task problem ``(form, a, b, c)``: operands sized so no 135M model does it in its head."""
-    form = rng.choices([f for f, _ in FORMS], weights=[w for _, w in FORMS])[0]
-    if form == "a * b":
-        return form, rng.randint(100, 999), rng.randint(100, 999), 0
-    if form == "(a + b) * c":
-        return form, rng.randint(100, 999), rng.randint(100, 999), rng.randint(11, 99)
-    a, b = rng.randint(11, 99), rng.randint(11, 99)
-    return form, a, b, rng.randint(100, min(999, a * b - 1))  # a * b - c stays positive
+def _division(rng: random.Random, places: int | None = None) -> dict:
+    while True:
+        a, b = rng.randint(100, 9999), rng.randint(7, 99)
+        if a % b and (places is None or not rounding_tie(a, b, places)):
+            return {"a": a, "b": b}
 
 
-def tool_problems(rng: random.Random, count: int) -> list[tuple[str, int, int, int]]:
-    """``count`` distinct problems (``key``), in draw order."""
+def _draw_product_minus(rng: random.Random) -> dict:
+    a, b = _two(rng), _two(rng)
+    return {"a": a, "b": b, "c": rng.randint(100, min(999, a * b - 1))}  # a * b - c stays positive
+
+
+def _draw_negative_product(rng: random.Random) -> dict:
+    b, c = _two(rng), _two(rng)
+    return {"a": rng.randint(10, min(999, b * c - 1)), "b": b, "c": c}  # a - b * c < 0
+
+
+def _draw_negative_difference(rng: random.Random) -> dict:
+    a = rng.randint(10, 98)
+    return {"a": a, "b": rng.randint(a + 1, 99), "c": _two(rng)}  # (a - b) * c < 0
+
+
+def _draw_with_distractor(rng: random.Random, **operands: int) -> dict:
+    return {**operands, "d": rng.randint(2, 99)}
+
+
+@dataclass(frozen=True)
+class Form:
+    """One problem shape: ``python`` is the expression the tool call computes (``{a}``...
+    replaced by the operands; ``math`` is importable), ``text`` the same written for a person
+    (``{e}`` in a question), ``questions`` its phrasings, ``draw`` the operands
+    (``d``: a distractor number the answer does not use), ``weight`` its share of the problems."""
+
+    name: str
+    weight: float
+    draw: Callable[[random.Random], dict]
+    python: str
+    questions: tuple[str, ...]
+    text: str = ""
+
+
+FORMS = (
+    Form("a * b", 0.20, lambda r: {"a": _three(r), "b": _three(r)}, "{a} * {b}",
+         EXPRESSION_QUESTIONS + ("Multiply {a} by {b}.", "What is {a} times {b}?", "What is the product of {a} and {b}?"),
+         "{a} * {b}"),
+    Form("a * b - c", 0.07, _draw_product_minus, "{a} * {b} - {c}", EXPRESSION_QUESTIONS, "{a} * {b} - {c}"),
+    Form("a * b + c", 0.07, lambda r: {"a": _two(r), "b": _two(r), "c": _three(r)}, "{a} * {b} + {c}",
+         EXPRESSION_QUESTIONS, "{a} * {b} + {c}"),
+    Form("(a + b) * c", 0.07, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
+         EXPRESSION_QUESTIONS, "({a} + {b}) * {c}"),
+    Form("a * b * c", 0.05, lambda r: {"a": _three(r), "b": _three(r), "c": _three(r)}, "{a} * {b} * {c}",
+         EXPRESSION_QUESTIONS + ("Multiply {a}, {b} and {c}.", "What is the product of {a}, {b} and {c}?"),
+         "{a} * {b} * {c}"),
+    Form("a - b * c", 0.06, _draw_negative_product, "{a} - {b} * {c}", EXPRESSION_QUESTIONS, "{a} - {b} * {c}"),
+    Form("(a - b) * c", 0.06, _draw_negative_difference, "({a} - {b}) * {c}", EXPRESSION_QUESTIONS, "({a} - {b}) * {c}"),
+    Form("a - b", 0.05, lambda r: {"a": _three(r), "b": r.randint(1000, 9999)}, "{a} - {b}",
+         ("What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."), "{a} - {b}"),
+    Form("round(a / b, 2)", 0.06, lambda r: _division(r, 2), "round({a} / {b}, 2)",
+         ("What is {a} / {b}, rounded to two decimal places?", "Divide {a} by {b} and round to 2 decimal places.",
+          "What is {a} divided by {b}? Round the result to two decimals.")),
+    Form("round(a / b)", 0.04, lambda r: _division(r, 0), "round({a} / {b})",
+         ("What is {a} / {b}, rounded to the nearest whole number?", "Divide {a} by {b} and round to a whole number.",
+          "Round {a} divided by {b} to the nearest integer.")),
+    Form("a % b", 0.05, _division, "{a} % {b}",
+         ("What is the remainder when {a} is divided by {b}?", "What is {a} mod {b}?",
+          "Divide {a} by {b}. What is the remainder?")),
+    Form("a // b", 0.04, _division, "{a} // {b}",
+         ("What is {a} divided by {b}, without the remainder?", "How many whole times does {b} go into {a}?",
+          "What is the whole-number quotient of {a} divided by {b}?")),
+    Form("word: a * b", 0.06, lambda r: _draw_with_distractor(r, a=_three(r), b=_three(r)), "{a} * {b}",
+         ("A warehouse has {a} shelves with {b} boxes on each shelf. How many boxes are there?",
+          "A printer prints {a} pages per hour. How many pages does it print in {b} hours?",
+          "A farm has {d} cows and {a} fields. Each field has {b} apple trees. How many apple trees are on the farm?",
+          "A school orders {a} packs of pencils for its {d} classes. Each pack holds {b} pencils. "
+          "How many pencils are ordered?")),
+    Form("word: a - b", 0.04, lambda r: {"a": _three(r), "b": r.randint(1000, 9999)}, "{a} - {b}",
+         ("A bank account has {a} dollars. A payment of {b} dollars is taken out. What is the balance now?",
+          "A company earned {a} dollars and spent {b} dollars. What is its profit?",
+          "A balloon is {a} meters above sea level and drops {b} meters. How high is it now, in meters?")),
+    Form("word: (a + b) * c", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
+         ("A ticket costs {a} cents and a drink costs {b} cents. How many cents do {c} tickets and {c} drinks cost?",
+          "A truck carries {a} kg of sand and {b} kg of stone on each trip. How many kg does it carry in {c} trips?")),
+    Form("word: a % b", 0.03, lambda r: _draw_with_distractor(r, **_division(r)), "{a} % {b}",
+         ("{a} cookies are packed into bags of {b}. How many cookies are left over?",
+          "{a} eggs are put into cartons of {b}; {d} cartons are already full. How many eggs do not fill a carton?")),
+    Form("word: ceil(a / b)", 0.02, _division, "math.ceil({a} / {b})",
+         ("A bus holds {b} people. How many buses are needed for {a} people?",
+          "Each box holds {b} books. How many boxes are needed to pack {a} books?")),
+)
+FORMS_BY_NAME = {form.name: form for form in FORMS}
+
+
+@dataclass(frozen=True)
+class Problem:
+    form: str
+    operands: tuple[tuple[str, int], ...]  # sorted (name, value) pairs
+
+    @property
+    def values(self) -> dict:
+        return dict(self.operands)
+
+    @property
+    def key(self) -> tuple:
+        """What makes two problems the same: the form and its numbers in any order (a
+        distractor ``d`` aside)."""
+        return self.form, tuple(sorted(v for k, v in self.operands if k != "d"))
+
+    @property
+    def python(self) -> str:
+        return FORMS_BY_NAME[self.form].python.format(**self.values)
+
+    @property
+    def answer(self) -> str:
+        """What the tool call prints, the exact answer.
+
+        >>> Problem("a - b * c", (("a", 56), ("b", 12), ("c", 86))).answer
+        '-976'
+        >>> Problem("round(a / b, 2)", (("a", 17), ("b", 6))).answer, Problem("word: ceil(a / b)", (("a", 41), ("b", 8))).answer
+        ('2.83', '6')
+        """
+        return str(eval(self.python, {"math": math, "round": round}))  # our own expression, never a model's
+
+
+def draw_problem(rng: random.Random) -> Problem:
+    form = rng.choices(FORMS, weights=[f.weight for f in FORMS])[0]
+    return Problem(form.name, tuple(sorted(form.draw(rng).items())))
+
+
+def tool_problems(rng: random.Random, count: int) -> list[Problem]:
+    """``count`` distinct problems (``Problem.key``), in draw order."""
     seen, problems = set(), []
     while len(problems) < count:
         problem = draw_problem(rng)
-        if key(*problem) not in seen:
-            seen.add(key(*problem))
+        if problem.key not in seen:
+            seen.add(problem.key)
             problems.append(problem)
     return problems
 
 
-def question(rng: random.Random, problem: tuple[str, int, int, int]) -> str:
-    return rng.choice(QUESTIONS).format(e=expression(*problem))
+def phrasing(rng: random.Random, problem: Problem) -> str:
+    """One of the problem's phrasings, its ``{e}`` (the expression as text) filled in."""
+    form = FORMS_BY_NAME[problem.form]
+    return rng.choice(form.questions).replace("{e}", form.text)
 
 
-def prompt_row(rng: random.Random, problem: tuple[str, int, int, int]) -> dict:
-    return {"messages": [{"role": "user", "content": question(rng, problem)}], "answer": str(value(*problem))}
+def question(rng: random.Random, problem: Problem) -> str:
+    return phrasing(rng, problem).format(**problem.values)
+
+
+def prompt_row(rng: random.Random, problem: Problem) -> dict:
+    """An RL or held-out prompt; ``operands``: the numbers its question shows (a distractor
+    only when this phrasing has one)."""
+    template = phrasing(rng, problem)
+    shown = {name: value for name, value in problem.values.items() if "{" + name + "}" in template}
+    return {"messages": [{"role": "user", "content": template.format(**problem.values)}], "answer": problem.answer,
+            "form": problem.form, "operands": shown}
 
 
 def python_call(code: str) -> dict:
     return {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
 
 
-def step_by_step(problem: tuple[str, int, int, int]) -> bool:
+def step_by_step(problem: Problem) -> bool:
     """Half of the ``a * b +/- c`` trajectories compute the product first, then the rest: two
-    calls, so the cold start also shows a model reading one output and calling again. Decided
-    by the problem alone (the shared generator's draws stay as they were)."""
-    return problem[0] in ("a * b - c", "a * b + c") and random.Random(repr(problem)).random() < 0.5
+    calls, so the cold start also shows a model reading one output and calling again."""
+    return problem.form in ("a * b - c", "a * b + c") and random.Random(repr(problem.key)).random() < 0.5
 
 
-def tool_trajectory(rng: random.Random, problem: tuple[str, int, int, int]) -> dict:
+def code_for(rng: random.Random, problem: Problem) -> str:
+    code = rng.choices([c for c, _ in CODE], weights=[w for _, w in CODE])[0].format(e=problem.python)
+    return f"import math\n{code}" if "math." in code else code
+
+
+def tool_trajectory(rng: random.Random, problem: Problem) -> dict:
     """The question, one python call (two for a step-by-step ``a * b +/- c``), the outputs,
-    the answer."""
-    code = rng.choices([c for c, _ in CODE], weights=[w for _, w in CODE])[0].format(e=expression(*problem))
-    answer = str(value(*problem))
+    the answer: the last output, copied exactly."""
+    answer = problem.answer
     user = {"role": "user", "content": question(rng, problem)}
     if step_by_step(problem):
-        form, a, b, c = problem
-        product = a * b
-        sign = "-" if form == "a * b - c" else "+"
+        values = problem.values
+        product = values["a"] * values["b"]
+        sign = "-" if problem.form == "a * b - c" else "+"
         return {"messages": [
             user,
-            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({a} * {b})")]},
+            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({values['a']} * {values['b']})")]},
             {"role": "tool", "content": str(product)},
-            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({product} {sign} {c})")]},
+            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({product} {sign} {values['c']})")]},
             {"role": "tool", "content": answer},
             {"role": "assistant", "content": f"The answer is {answer}."},
         ]}
     return {"messages": [
         user,
-        {"role": "assistant", "content": "", "tool_calls": [python_call(code)]},
+        {"role": "assistant", "content": "", "tool_calls": [python_call(code_for(rng, problem))]},
         {"role": "tool", "content": answer},
         {"role": "assistant", "content": f"The answer is {answer}."},
     ]}
@@ -181,6 +332,12 @@ def addition_rows(path: Path, rng: random.Random, count: int) -> list[dict]:
     return out
 
 
+def with_tools(row: dict) -> dict:
+    """A chat_template SFT row: arithmetic rows announce the python tool, chat rows do not."""
+    arithmetic = row["messages"][1].get("tool_calls") or row["messages"][1]["content"].startswith("The answer is ")
+    return {**row, "tools": [PYTHON_SCHEMA]} if arithmetic else row
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
 
@@ -188,11 +345,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft", type=int, default=300, help="tool trajectories in the cold-start file")
+    parser.add_argument("--sft", type=int, default=400, help="tool trajectories in the cold-start file")
     parser.add_argument("--subtractions", type=int, default=40, help="direct two-digit subtractions in the SFT mixture")
     parser.add_argument("--additions", type=int, default=20, help="direct two-digit additions in the SFT mixture")
     parser.add_argument("--chat", type=int, default=40, help="short chat rows in the SFT mixture")
-    parser.add_argument("--rl", type=int, default=400, help="RL training prompts")
+    parser.add_argument("--rl", type=int, default=600, help="RL training prompts")
     parser.add_argument("--eval", type=int, default=100, help="held-out prompts (tool task and subtraction each)")
     parser.add_argument("--out", type=Path, default=HERE)
     args = parser.parse_args()
@@ -210,6 +367,7 @@ def main() -> None:
     rng.shuffle(sft_rows)
     files = {
         "agentic_sft.jsonl": sft_rows,
+        "agentic_chat_sft.jsonl": [with_tools(row) for row in sft_rows],
         "agentic_rl_train.jsonl": [prompt_row(rng, problem) for problem in rl],
         "agentic_eval.jsonl": [prompt_row(rng, problem) for problem in held_out],
         "subtraction_eval.jsonl": [{"messages": [{"role": "user", "content": f"What is {a} - {b}?"}], "answer": str(a - b)}
