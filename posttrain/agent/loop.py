@@ -286,6 +286,7 @@ def _run_calls(pending: list[tuple[_Run, list[ToolCall]]], tokenizer, form: Tool
         text = form.output_text(run, tokenizer, outputs, tool_messages, toolbox)
         if _append_env(run, tokenizer.encode(text, add_special_tokens=False), limits):
             traj.messages.extend(tool_messages)
+            traj.last_tool_output = outputs[-1]  # what the model read last (agent.trajectory.wrong_copy)
             sources = [call_source(call.arguments) for call in calls]
             if len(observations) < len(calls):  # an environment answered every call with one observation
                 sources = ["\n".join(sources)]
@@ -415,7 +416,7 @@ def _finalise(run: _Run, tokenizer, form: ToolFormat) -> None:
     traj = run.traj
     traj.text = tokenizer.decode(traj.response_ids, skip_special_tokens=False)
     if run.unanswered:
-        traj.final_text, traj.answer_from_tool = "", False
+        traj.final_text, traj.answer_from_tool, traj.last_tool_output = "", False, None
         return
     last_env = max((i for i, s in enumerate(traj.segments) if s.kind != "sampled"), default=0)
     final = [i for segment in traj.segments[last_env + 1 :] for i in segment.token_ids]

@@ -40,7 +40,9 @@ class Trajectory:
     ``final_text``: decoded sampled text after the last env segment without any tool call in
     it (``answer_text``; what a final-answer reward reads), empty when the last call was
     never answered; ``answer_from_tool``: the final answer is the value a successful call
-    printed (``answer_from_tool``; what the tool-call bonus pays for); ``text``: the decoded
+    printed (``answer_from_tool``; what the tool-call bonus pays for); ``last_tool_output``:
+    the last tool output the model read (as it read it: defused and cut), None when no call
+    was answered or the last call never got its output (what ``wrong_copy`` reads); ``text``: the decoded
     response (every segment after the prompt, special tokens kept, for logs); ``messages``:
     the conversation as OpenAI messages.
 
@@ -61,6 +63,7 @@ class Trajectory:
     turn_rewards: list[float] = field(default_factory=list)
     final_text: str = ""
     answer_from_tool: bool = False
+    last_tool_output: str | None = None
     text: str = ""
     messages: list[dict] = field(default_factory=list)
 
@@ -119,6 +122,8 @@ class Trajectory:
             "env_reward": self.env_reward,
             "turn_rewards": list(self.turn_rewards),
             "answer_from_tool": self.answer_from_tool,
+            "final_text": self.final_text,
+            "last_tool_output": self.last_tool_output,
             "segments": [{"kind": segment.kind, "token_ids": list(segment.token_ids)} for segment in self.segments],
         }
 
@@ -178,11 +183,8 @@ def answer_from_tool(answer: str, calls: Sequence[tuple[str, str]]) -> bool:
         return False
     numeric = re.fullmatch(r"-?[\d.,/]+", value) is not None
     for source, output in calls:
-        printed = extract_last_number(output)
-        if printed is None:
-            lines = [line.strip() for line in output.splitlines() if line.strip()]
-            printed = lines[-1] if lines else None
-        if printed is None or len(printed) > 100 or not answers_match_plain(value, printed):
+        printed = printed_value(output)
+        if printed is None or not answers_match_plain(value, printed):
             continue
         spelled = any(answers_match_plain(value, number) for number in numbers_in(source) if len(number) <= 100)
         if not spelled and not numeric:
@@ -190,6 +192,40 @@ def answer_from_tool(answer: str, calls: Sequence[tuple[str, str]]) -> bool:
         if not spelled:
             return True
     return False
+
+
+def printed_value(output: str) -> str | None:
+    """The value a tool output gives: its last number, else its last non-empty line; None for
+    an empty output or a value over 100 characters.
+
+    >>> printed_value("x = 3\\n-4144"), printed_value("done\\nParis"), printed_value("  ")
+    ('-4144', 'Paris', None)
+    """
+    printed = extract_last_number(output)
+    if printed is None:
+        lines = [line.strip() for line in output.splitlines() if line.strip()]
+        printed = lines[-1] if lines else None
+    return printed if printed is not None and len(printed) <= 100 else None
+
+
+def wrong_copy(final_text: str, last_tool_output: str | None, answer: Any) -> bool | None:
+    """Whether the final answer fails to copy a tool output that had the right answer: None
+    when the last tool output the model read did not print ``answer`` (the reference) or there
+    was none; else True when the final answer's value (``extract_answer``: boxed, ``####``,
+    answer tag, last number) differs from the printed one, or there is no final answer.
+
+    >>> wrong_copy("The answer is 4144.", "-4144", "-4144"), wrong_copy("The answer is -4144.", "-4144", -4144)
+    (True, False)
+    >>> wrong_copy("The answer is 12.", "13", "12") is None, wrong_copy("", "12", "12")
+    (True, True)
+    """
+    if last_tool_output is None or answer is None or isinstance(answer, (list, dict)):
+        return None
+    printed = printed_value(last_tool_output)
+    if printed is None or not answers_match_plain(printed, str(answer)):
+        return None
+    value = extract_answer(final_text)
+    return not value or len(value) > 100 or not answers_match_plain(value, printed)
 
 
 def check_trajectory(trajectory: Trajectory) -> None:
@@ -228,17 +264,41 @@ def trajectory_record(trajectory: Trajectory, tokenizer: Any = None) -> dict:
     return record
 
 
-def trajectory_metrics(records: Sequence[dict], prefix: str = "agent") -> dict[str, float]:
+def trajectory_metrics(records: Sequence[dict], prefix: str = "agent",
+                       answers: Sequence[Any] | None = None) -> dict[str, float]:
     """Means per trajectory: turns, tool calls, tool errors, tool seconds, env tokens, the
     share that called a tool, the share whose answer a tool printed (``answer_from_tool``)
-    and the share that ended on a limit (docs/METRICS.md)."""
+    and the share that ended on a limit (docs/METRICS.md).
+
+    With ``answers`` (each record's reference answer, None where unknown) also the reading of
+    tool output: ``tool_printed_right_rate``, the share of trajectories whose last tool output
+    printed the reference answer, and ``wrong_copy_rate``, the share of those whose final
+    answer is not that printed value (``wrong_copy``; 0.0 when no trajectory qualifies).
+
+    >>> record = lambda final, output: {"turns": 2, "tool_calls": 1, "tool_errors": 0, "tool_seconds": 0.1,
+    ...     "env_tokens": 5, "finish_reason": "stop", "final_text": final, "last_tool_output": output}
+    >>> metrics = trajectory_metrics([record("The answer is 4144.", "-4144"), record("It is -4144.", "-4144"),
+    ...                               record("The answer is 7.", "8"), record("No idea.", None)],
+    ...                              answers=["-4144", "-4144", "7", "7"])
+    >>> metrics["agent/tool_printed_right_rate"], metrics["agent/wrong_copy_rate"]
+    (0.5, 0.5)
+    """
     if not records:
         return {}
     count = len(records)
     mean = lambda key: sum(float(r[key]) for r in records) / count  # noqa: E731
-    return {f"{prefix}/turns": mean("turns"), f"{prefix}/tool_calls": mean("tool_calls"),
-            f"{prefix}/tool_errors": mean("tool_errors"), f"{prefix}/tool_seconds": mean("tool_seconds"),
-            f"{prefix}/env_tokens": mean("env_tokens"),
-            f"{prefix}/tool_call_rate": sum(r["tool_calls"] > 0 for r in records) / count,
-            f"{prefix}/answer_from_tool_rate": sum(bool(r.get("answer_from_tool")) for r in records) / count,
-            f"{prefix}/budget_truncated_frac": sum(r["finish_reason"] in BUDGET_FINISHES for r in records) / count}
+    metrics = {f"{prefix}/turns": mean("turns"), f"{prefix}/tool_calls": mean("tool_calls"),
+               f"{prefix}/tool_errors": mean("tool_errors"), f"{prefix}/tool_seconds": mean("tool_seconds"),
+               f"{prefix}/env_tokens": mean("env_tokens"),
+               f"{prefix}/tool_call_rate": sum(r["tool_calls"] > 0 for r in records) / count,
+               f"{prefix}/answer_from_tool_rate": sum(bool(r.get("answer_from_tool")) for r in records) / count,
+               f"{prefix}/budget_truncated_frac": sum(r["finish_reason"] in BUDGET_FINISHES for r in records) / count}
+    if answers is not None:
+        if len(answers) != count:
+            raise ValueError(f"{len(answers)} answers for {count} trajectories")
+        copies = [wrong_copy(r.get("final_text", ""), r.get("last_tool_output"), answer)
+                  for r, answer in zip(records, answers)]
+        right = [copy for copy in copies if copy is not None]
+        metrics[f"{prefix}/tool_printed_right_rate"] = len(right) / count
+        metrics[f"{prefix}/wrong_copy_rate"] = sum(right) / len(right) if right else 0.0
+    return metrics

@@ -20,7 +20,9 @@ Metrics (``posttrain eval``'s names; ``trainer_metrics`` gives RL's, docs/METRIC
 - ``format_rate`` (with a format reward beside the task's reward);
 - ``response_len/mean`` (tokens), ``response_len/clipped_frac`` (hit max_new_tokens);
 - ``<name>/unverified``: samples a reward could not check within its bounds;
-- ``agent/*`` with an agent: tool calls, errors, turns (``agent.trajectory.trajectory_metrics``);
+- ``agent/*`` with an agent: tool calls, errors, turns, and how faithfully the final answer
+  copies a tool output that printed the row's ``answer`` (``agent/tool_printed_right_rate``,
+  ``agent/wrong_copy_rate``; ``agent.trajectory.trajectory_metrics``);
 - ``time/generate``, ``time/score``.
 """
 
@@ -124,8 +126,8 @@ def evaluate_rows(engine: Any, rows: Sequence[PromptRow], reward: RewardFn, para
     metrics["time/generate"] = seconds_generate
     metrics["time/score"] = seconds_score
     metrics.update(unverified_counts(scored.components))  # samples a reward could not check within its bounds
-    if trajectories is not None:
-        metrics.update(trajectory_metrics(trajectories, prefix="agent"))
+    if trajectories is not None:  # the reference answer: the row's ``answer`` (the RL and eval row contract)
+        metrics.update(trajectory_metrics(trajectories, prefix="agent", answers=[m.get("answer") for m in metadata]))
     return RowsEvaluation(metrics, samples, problem_scores(samples, params.n, pass_k))
 
 

@@ -287,12 +287,29 @@ def _is_figure(key: str, prefix: str) -> bool:
     return key.startswith(prefix) and "/" not in key
 
 
+def wrong_copy_cell(metrics: dict[str, float]) -> str:
+    """``rate of count`` for the table's ``wrong copy`` column, ``-`` without an agent.
+
+    >>> wrong_copy_cell({"agent/wrong_copy_rate": 0.25, "agent/tool_printed_right_rate": 0.4, "num_samples": 10})
+    '0.250 of 4'
+    """
+    if "agent/wrong_copy_rate" not in metrics:
+        return "-"
+    count = round(metrics.get("agent/tool_printed_right_rate", 0.0) * metrics.get("num_samples", 0))
+    return f"{metrics['agent/wrong_copy_rate']:.3f} of {count}"
+
+
 def format_table(results: Sequence[TaskResult]) -> str:
     """A plain-text table: one row per task, the headline metrics as columns, each with its
     95% interval over the n prompts in brackets (and ± its spread over seeds); several seeds
-    add one line per task with each seed's figure."""
+    add one line per task with each seed's figure. With an agentic task, a ``wrong copy``
+    column: ``agent/wrong_copy_rate`` and the number of samples it is over (those whose last
+    tool output printed the answer)."""
     columns = ["task", "n", "samples", "accuracy [95% CI]", "pass@k [95% CI]", "maj [95% CI]", "format", "ppl", "len",
                "gen s", "score s"]
+    agentic = any("agent/wrong_copy_rate" in r.metrics for r in results)
+    if agentic:
+        columns.insert(columns.index("len"), "wrong copy")
     rows = []
     for r in results:
         m = r.metrics
@@ -309,6 +326,7 @@ def format_table(results: Sequence[TaskResult]) -> str:
                 " ".join(f"{k}={figure(m, k)}" for k in maj_keys) or "-",
                 fmt(m.get("format_rate")),
                 fmt(m.get("ppl"), ".2f"),
+                *([wrong_copy_cell(m)] if agentic else []),
                 fmt(m.get("response_len/mean"), ".0f"),
                 fmt(m.get("time/generate"), ".1f"),
                 fmt(m.get("time/score"), ".1f"),
