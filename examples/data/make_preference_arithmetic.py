@@ -1,4 +1,5 @@
-"""Write the arithmetic preference data set used by ``configs/rm_quickstart.yaml``.
+"""Write the arithmetic preference data set used by ``configs/rm_quickstart.yaml`` and
+``configs/dpo_quickstart.yaml``.
 
 Each row is a verifiable arithmetic question with two answers: ``chosen`` is correct,
 ``rejected`` contains one error of a named kind (the ``error`` key; ``rm.group_key: error``
@@ -6,16 +7,19 @@ breaks held-out accuracy down by kind):
 
 - ``slip``      a step and everything after it are off (+-1..3 or +-10, as a carrying slip);
 - ``mismatch``  every step is right but the final answer says another number;
-- ``wrong_op``  the answer applies the wrong operation (adds instead of subtracting, ...);
+- ``wrong_op``  the answer applies the wrong operation (adds instead of subtracting, or, in a
+                worked addition, multiplies the ones or subtracts the tens);
 - ``evasive``   no answer at all (restates the question or gives up).
 
-Half the questions are the RL quickstart's task, two-digit additions "What is a + b?", and
-half of those are answered in the worked style the SFT quickstart teaches ("50 + 70 = 120.
-7 + 3 = 10. 120 + 10 = 130. The answer is 130."), so the trained model can score the
-pipeline's policy; the rest are differences, products and small word problems answered in
-one line. No question of the RL held-out file (``rl_arithmetic_eval.jsonl``, either operand
-order) appears here, and the train and held-out files of this set share no question.
-Deterministic for a given seed::
+Every addition (two two-digit operands: the RL quickstart's "What is a + b?", "Compute a + b.",
+small word problems) is answered in exactly the worked style the SFT quickstart teaches
+(``make_sft_arithmetic.worked_answer``: "50+70=120, 7+3=10, 120+10=130. The answer is 130."),
+and its rejected answer is that same style with the error in it (evasive aside): a preference
+pair then differs in the error alone, and DPO's chosen side (and RPO's NLL on it) keeps the
+style SFT taught instead of teaching one-line answers. Differences and products, which SFT
+does not teach, are answered in one line. No question of the RL held-out file
+(``rl_arithmetic_eval.jsonl``, either operand order) appears here, and the train and held-out
+files of this set share no question. Deterministic for a given seed::
 
     python examples/data/make_preference_arithmetic.py            # the shipped files
     python examples/data/make_preference_arithmetic.py --train 2000 --val 400 --out /tmp/rm
@@ -42,10 +46,8 @@ def apply(op: str, a: int, b: int) -> int:
 def question(rng: random.Random) -> dict:
     """A question, its operation and operands."""
     kind = rng.choice(["rl_add", "rl_add", "rl_add", "add", "sub", "mul", "word_add", "word_sub"])
-    if kind == "rl_add":
+    if kind in ("rl_add", "add", "word_add"):  # two-digit operands: the worked style needs tens and ones
         op, a, b = "add", rng.randint(10, 99), rng.randint(10, 99)
-    elif kind in ("add", "word_add"):
-        op, a, b = "add", rng.randint(2, 99), rng.randint(2, 99)
     elif kind in ("sub", "word_sub"):
         op = "sub"
         a = rng.randint(10, 99)
@@ -66,16 +68,28 @@ def question(rng: random.Random) -> dict:
             f"Calculate {a} {SYMBOL[op]} {b}.",
             f"What is {a} {SYMBOL[op]} {b}?",
         ])
-    return {"prompt": text, "op": op, "a": a, "b": b, "stepwise": kind == "rl_add" and rng.random() < 0.5}
+    return {"prompt": text, "op": op, "a": a, "b": b}
 
 
-def stepwise(a: int, b: int, tens_error: int = 0, ones_error: int = 0, final: int | None = None) -> str:
-    """The SFT quickstart's worked addition, optionally with a slip in one step (propagated)."""
-    tens = a // 10 * 10 + b // 10 * 10 + tens_error
-    ones = a % 10 + b % 10 + ones_error
+def stepwise(a: int, b: int, tens_error: int = 0, ones_error: int = 0, final: int | None = None,
+             ones_op: str = "+", tens_op: str = "+") -> str:
+    """The SFT quickstart's worked addition (``make_sft_arithmetic.worked_answer``), optionally
+    with an error in it: a slip in one step (propagated), a final answer that contradicts the
+    work, or another operation in the tens or ones step.
+
+    >>> stepwise(57, 73)
+    '50+70=120, 7+3=10, 120+10=130. The answer is 130.'
+    >>> stepwise(57, 73, ones_error=1), stepwise(57, 73, final=131)
+    ('50+70=120, 7+3=11, 120+11=131. The answer is 131.', '50+70=120, 7+3=10, 120+10=130. The answer is 131.')
+    >>> stepwise(57, 73, ones_op="*")
+    '50+70=120, 7*3=21, 120+21=141. The answer is 141.'
+    """
+    ta, tb, oa, ob = a // 10 * 10, b // 10 * 10, a % 10, b % 10
+    tens = (ta + tb if tens_op == "+" else ta - tb) + tens_error
+    ones = (oa + ob if ones_op == "+" else oa * ob) + ones_error
     total = tens + ones
-    return (f"{a // 10 * 10} + {b // 10 * 10} = {tens}. {a % 10} + {b % 10} = {ones}. "
-            f"{tens} + {ones} = {total}. The answer is {total if final is None else final}.")
+    return (f"{ta}{tens_op}{tb}={tens}, {oa}{ones_op}{ob}={ones}, {tens}+{ones}={total}. "
+            f"The answer is {total if final is None else final}.")
 
 
 def worked(op: str, a: int, b: int, result: int, final: int, rng: random.Random) -> str:
@@ -96,17 +110,24 @@ def pair(rng: random.Random, error: str, excluded: set[tuple[int, int]]) -> dict
     if op == "add" and (min(a, b), max(a, b)) in excluded:
         return None
     correct = apply(op, a, b)
-    chosen = stepwise(a, b) if q["stepwise"] else worked(op, a, b, correct, correct, rng)
+    addition = op == "add"  # the SFT worked style, on both sides
+    chosen = stepwise(a, b) if addition else worked(op, a, b, correct, correct, rng)
     if error == "slip":
-        if q["stepwise"]:
+        if addition:
             slip = rng.choice([-10, 10]) if rng.random() < 0.5 else 0
-            rejected = stepwise(a, b, tens_error=slip, ones_error=0 if slip else rng.choice([-2, -1, 1, 2]))
+            ones_slip = 0 if slip else rng.choice([-2, -1, 1, 2])
+            if a % 10 + b % 10 + ones_slip < 0:  # a slip never writes a negative ones sum
+                ones_slip = -ones_slip
+            rejected = stepwise(a, b, tens_error=slip, ones_error=ones_slip)
         else:
             wrong = wrong_number(correct, rng)
             rejected = worked(op, a, b, wrong, wrong, rng)
     elif error == "mismatch":
         wrong = wrong_number(correct, rng)
-        rejected = stepwise(a, b, final=wrong) if q["stepwise"] else worked(op, a, b, correct, wrong, rng)
+        rejected = stepwise(a, b, final=wrong) if addition else worked(op, a, b, correct, wrong, rng)
+    elif error == "wrong_op" and addition:
+        ones_wrong = (a % 10) * (b % 10) != a % 10 + b % 10
+        rejected = stepwise(a, b, ones_op="*") if ones_wrong else stepwise(a, b, tens_op="-")
     elif error == "wrong_op":
         other = rng.choice([o for o in ("add", "sub", "mul") if o != op and apply(o, a, b) != correct])
         value = apply(other, a, b)
