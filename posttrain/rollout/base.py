@@ -4,6 +4,7 @@ Every engine (``hf``: transformers generate; ``vllm``: vLLM's offline engine) im
 
     engine.generate(prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]
     engine.update_weights(model) -> None     # after a policy update (RL)
+    engine.version: int                      # updates applied so far (0 = the starting weights)
 
 Prompts arrive already rendered (``posttrain.data.render``); completions carry the exact
 token ids the engine sampled, so RL trains on those ids and never re-tokenises text
@@ -40,7 +41,8 @@ class Completion:
 
     ``token_ids`` are exactly the sampled ids, including the end-of-sequence token when the
     model emitted one (``finish_reason == "stop"``); ``logprobs`` (if requested) are the
-    engine's log-probabilities of those ids at temperature 1.
+    engine's log-probabilities of those ids at the sampling temperature, before top-p / top-k
+    truncation (the distribution the trainer computes, ``models.logprobs``).
     """
 
     prompt_index: int
@@ -48,6 +50,7 @@ class Completion:
     text: str
     finish_reason: Literal["stop", "length"]
     logprobs: list[float] | None = field(default=None)
+    weight_version: int | None = None  # the policy version (updates applied) of the weights that sampled it
 
 
 class RolloutEngine(Protocol):

@@ -9,7 +9,8 @@ Two savings that leave the sampled distribution as it is:
   repeated to their rows (a group of 8 pays for one prompt instead of 8);
 - ``dtype``: generation may run on a copy of the policy in another dtype (bf16 on a CPU with
   bf16 matmuls, like vLLM serving bf16 weights), refreshed by ``update_weights`` after every
-  update. The trainer still trains on the exact sampled ids at its own precision; the
+  update. ``separate_copy``: a copy even in the same dtype, so generation for the next steps
+  can run while the trainer updates the policy (``rl.max_staleness`` > 0). The trainer still trains on the exact sampled ids at its own precision; the
   log-prob gap between the two is logged when the engine reports log-probs.
 
 Progress: inside a phase of ``posttrain.log.Progress`` (an evaluation, a trainer's step) the
@@ -59,9 +60,14 @@ class HFEngine:
     """
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, synced_gpus: bool = False,
-                 dtype: torch.dtype | None = None, share_prefill: bool = True):
+                 dtype: torch.dtype | None = None, share_prefill: bool = True, separate_copy: bool = False):
         self.dtype = None if dtype is None or _is_sharded(model) or _dtype_of(model) == dtype else dtype
-        self.model = model if self.dtype is None else copy.deepcopy(model).to(self.dtype).eval()
+        if separate_copy and _is_sharded(model):
+            raise ValueError("a separate generation copy of an FSDP-sharded policy is not supported")
+        self.separate_copy = separate_copy or self.dtype is not None
+        self.model = (copy.deepcopy(model).to(self.dtype or _dtype_of(model)).eval() if self.separate_copy
+                      else model)
+        self.version = 0
         self.share_prefill = share_prefill and not synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
@@ -72,10 +78,11 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     def update_weights(self, model) -> None:
-        if self.dtype is None:
+        if not self.separate_copy:
             self.model = model
         else:  # refresh the generation copy in place (load_state_dict casts to its dtype)
             self.model.load_state_dict(model.state_dict())
+        self.version += 1
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[Completion]:
@@ -131,7 +138,9 @@ class HFEngine:
         new_tokens = out.sequences[:, width:].cpu()
         logprobs = None
         if params.return_logprobs:
-            logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, new, V]
+            logits = torch.stack(out.logits, dim=1).float().cpu()  # [B, new, V], before any logits processor
+            if params.temperature > 0:  # the distribution sampled from, as the trainer computes it (logits / T)
+                logits = logits / params.temperature
             logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return [
             self._completion(index, new_tokens[row].tolist(), None if logprobs is None else logprobs[row].tolist(), params)
@@ -175,7 +184,7 @@ class HFEngine:
             token_ids=tokens,
             text=self.tokenizer.decode(tokens, skip_special_tokens=True),
             finish_reason=finish,
-            logprobs=None if logprobs is None else logprobs[:end],
+            logprobs=None if logprobs is None else logprobs[:end], weight_version=self.version,
         )
 
     def _has_stop(self, tokens: list[int], stops: tuple[str, ...]) -> bool:

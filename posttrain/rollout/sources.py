@@ -41,6 +41,17 @@ class SourceSettings:
     vllm_gpu_memory_utilization: float
     vllm_kv_cache_gb: float
     vllm_enforce_eager: bool
+    separate_weights: bool = False  # hf: generate on a copy of the policy (asynchronous steps), not the module itself
+    lora: bool = False  # the policy is a LoRA (peft) model: a server takes the adapter alone after each update
+    top_p: float = 1.0
+    top_k: int = 0
+    server_url: str | None = None  # vllm_server: a running server; None = start one (server_python, server_args)
+    server_python: str | None = None
+    server_args: tuple[str, ...] = ()
+    server_start_timeout_s: float = 600.0
+    server_timeout_s: float = 600.0
+    sync_dir: str | None = None  # vllm_server: where each update's weights are written for the server to load
+    log_dir: str | None = None  # vllm_server started by posttrain: its log goes here (vllm_server.log)
 
 
 def hf_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings) -> RolloutEngine:
@@ -48,7 +59,7 @@ def hf_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings)
     from posttrain.rollout.hf import HFEngine
 
     return HFEngine(policy, tokenizer, batch_size=settings.batch_size, synced_gpus=settings.synced_gpus,
-                    dtype=settings.dtype)
+                    dtype=settings.dtype, separate_copy=settings.separate_weights)
 
 
 def vllm_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings) -> RolloutEngine:

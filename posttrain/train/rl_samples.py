@@ -41,6 +41,7 @@ class RolloutSample:
     raw_reward: float = 0.0
     components: dict[str, float] = field(default_factory=dict)
     correct: bool | None = None  # the reward's correctness check passed (RewardOutput.correct); None: it checks none
+    policy_version: int | None = None  # updates the sampling weights had seen (train.rl_async)
     trained: bool = True
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
@@ -79,6 +80,8 @@ class RolloutBatch:
     seconds_generate: float = 0.0
     seconds_score: float = 0.0
     kept_zero_variance: int = 0
+    sampler_state: dict[str, int] | None = None  # the prompt sampler's position after this batch's draws
+    stale_rows: list[int] = field(default_factory=list)  # prompt rows of samples dropped as too stale
 
     @property
     def samples(self) -> list[RolloutSample]:

@@ -18,11 +18,13 @@ becomes ``AlarmSettings`` for the run's alarms (``train.rl_alarms``), read by ``
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from posttrain.algorithms.advantages import ADVANTAGE_ESTIMATORS, AdvantageOptions
+from posttrain.algorithms.mismatch import MismatchOptions
 from posttrain.algorithms.policy import PolicyLossOptions
 from posttrain.config import RLConfig
 from posttrain.rollout.base import SamplingParams
@@ -99,6 +101,7 @@ class LossSettings:
     temperature: float
     chunk_size: int
     sum_tokens_per_sequence: int  # loss_agg_mode 'sum' divides by sequences x this (Dr. GRPO: max_new_tokens)
+    mismatch: MismatchOptions | None = None  # engine/trainer importance weights (None: the engine is the trainer)
 
 
 @dataclass(frozen=True)
@@ -131,13 +134,15 @@ class RLSettings:
     update: UpdateSettings
 
 
-def rl_settings(config: RLConfig, info: DistInfo, pad_token_id: int, agent: Any = None) -> RLSettings:
-    """Every stage's settings from ``config`` (``agent``: the run's multi-turn agent, or None)."""
+def rl_settings(config: RLConfig, info: DistInfo, pad_token_id: int, agent: Any = None,
+                run_dir: Any = None) -> RLSettings:
+    """Every stage's settings from ``config`` (``agent``: the run's multi-turn agent, or None;
+    ``run_dir``: where a rollout server's weight syncs and log go unless ``rollout.sync_dir``)."""
     rl, rollout, train = config.rl, config.rollout, config.train
     layout = LayoutSettings(train.micro_batch_tokens, rl.share_prompt, pad_token_id)
     batch = rl.prompts_per_step * rollout.group_size
     return RLSettings(
-        source=source_settings(config, info),
+        source=source_settings(config, info, run_dir),
         rollout=RolloutSettings(
             prompts_per_step=rl.prompts_per_step,
             sampling=SamplingParams(n=rollout.group_size, temperature=rollout.temperature, top_p=rollout.top_p,
@@ -168,7 +173,8 @@ def rl_settings(config: RLConfig, info: DistInfo, pad_token_id: int, agent: Any 
                                                  importance_level=rl.gspo_importance_level),
                 loss_agg_mode=train.loss_agg_mode, kl_in_loss=rl.kl_in == "loss", kl_estimator=rl.kl_estimator,
                 kl_clamp=rl.kl_clamp, entropy_coef=rl.entropy_coef, temperature=rollout.temperature,
-                chunk_size=train.logits_chunk_size, sum_tokens_per_sequence=rollout.max_new_tokens),
+                chunk_size=train.logits_chunk_size, sum_tokens_per_sequence=rollout.max_new_tokens,
+                mismatch=mismatch_options(config)),
             critic=None if not uses_critic(config) else CriticLossSettings(
                 value_clip=rl.critic.value_clip,
                 loss_agg_mode="token-mean" if train.loss_agg_mode == "sum" else train.loss_agg_mode,
@@ -203,16 +209,21 @@ def alarm_settings(config: RLConfig) -> AlarmSettings:
         nonfinite_steps=alarms.nonfinite_steps, watched=watched)
 
 
-def source_settings(config: RLConfig, info: DistInfo | None) -> SourceSettings:
+def source_settings(config: RLConfig, info: DistInfo | None, run_dir: Any = None) -> SourceSettings:
     rollout = config.rollout
     precision = config.train.precision if rollout.precision == "auto" else rollout.precision
+    sync_dir = rollout.sync_dir or (None if run_dir is None else str(Path(run_dir) / "weight_sync"))
     return SourceSettings(
         model_name=config.model.name, seed=config.train.seed,
         max_model_len=config.data.max_prompt_length + rollout.max_new_tokens, batch_size=rollout.batch_size,
         dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
         synced_gpus=info is not None and info.distributed,
         vllm_gpu_memory_utilization=rollout.vllm_gpu_memory_utilization, vllm_kv_cache_gb=rollout.vllm_kv_cache_gb,
-        vllm_enforce_eager=rollout.vllm_enforce_eager)
+        vllm_enforce_eager=rollout.vllm_enforce_eager, separate_weights=config.rl.max_staleness > 0,
+        lora=config.lora.enabled, top_p=rollout.top_p, top_k=rollout.top_k, server_url=rollout.server_url,
+        server_python=rollout.server_python, server_args=tuple(rollout.server_args),
+        server_start_timeout_s=rollout.server_start_timeout_s, server_timeout_s=rollout.server_timeout_s,
+        sync_dir=sync_dir, log_dir=None if run_dir is None else str(run_dir))
 
 
 def uses_critic(config: RLConfig) -> bool:
@@ -220,12 +231,34 @@ def uses_critic(config: RLConfig) -> bool:
     return ADVANTAGE_ESTIMATORS[config.rl.advantage].needs_values
 
 
+def engine_is_trainer(config: RLConfig) -> bool:
+    """Rollouts come from the trained module itself, in step with it (hf, synchronous)."""
+    return config.rollout.engine == "hf" and config.rl.max_staleness == 0
+
+
 def engine_logprobs_wanted(config: RLConfig) -> bool:
-    """Engine log-probs are compared at temperature 1 only (the engines report raw log-probs)."""
+    """The engine reports the log-probs of what it sampled: asked by ``rollout.engine_logprobs``,
+    by default whenever the engine is not the trainer, and always when mismatch correction
+    reads them. Both sides are at the sampling temperature; with top-p / top-k truncation the
+    engine's distribution is not the trainer's, so they are not compared then (the config
+    refuses a correction with truncation)."""
     wanted = config.rollout.engine_logprobs
     if wanted is None:
-        wanted = config.rollout.engine == "vllm"
-    return bool(wanted) and config.rollout.temperature == 1.0
+        wanted = not engine_is_trainer(config)
+    wanted = wanted or mismatch_options(config) is not None
+    return bool(wanted) and config.rollout.top_p == 1.0 and config.rollout.top_k == 0
+
+
+def mismatch_options(config: RLConfig) -> MismatchOptions | None:
+    """``rl.mismatch`` resolved: ``auto`` = tis when the engine is not the trainer, else off
+    (None: no weights, no mismatch metrics)."""
+    mismatch = config.rl.mismatch
+    correction = mismatch.correction
+    if correction == "auto":
+        correction = "none" if engine_is_trainer(config) else "tis"
+        if correction == "none":
+            return None
+    return MismatchOptions(correction, level=mismatch.level, cap=mismatch.cap, low=mismatch.low, high=mismatch.high)
 
 
 def needs_old_logprobs(config: RLConfig) -> bool:

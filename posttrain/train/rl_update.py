@@ -25,6 +25,7 @@ import torch
 
 from posttrain.algorithms.aggregate import aggregate_token_losses
 from posttrain.algorithms.kl import kl_estimate
+from posttrain.algorithms.mismatch import mismatch_weights
 from posttrain.algorithms.policy import POLICY_LOSSES, entropy_bonus, value_loss
 from posttrain.data.batching import MicroBatch
 from posttrain.models.logprobs import response_token_logprobs, response_token_values
@@ -172,9 +173,17 @@ def policy_micro_loss(model: torch.nn.Module, item: MicroItem, objective: Policy
     old_logp = concat_field(samples, "old_logp", device) if samples[0].old_logp is not None else logp.detach()
     advantages = concat_field(samples, "advantages", device)
     mode, index = settings.loss_agg_mode, tokens.sequence_index
+    weight, mismatch_metrics = None, {}
+    if settings.mismatch is not None and samples[0].engine_logp is not None:
+        # decoupled PPO: the ratio is to the proximal policy (old_logp: the trainer's weights at the start of the
+        # update), the weight corrects from the behaviour policy (the engine's log-probs) to it
+        weight, mismatch_metrics = mismatch_weights(old_logp, concat_engine_logp(samples, device), index,
+                                                    settings.mismatch)
     loss, metrics = POLICY_LOSSES[settings.policy_loss](
         logp, old_logp, advantages, mask, settings.policy_options, loss_agg_mode=mode,
-        step_trained_tokens=normalisers.tokens, step_sequences=normalisers.sequences, sequence_index=index)
+        step_trained_tokens=normalisers.tokens, step_sequences=normalisers.sequences, sequence_index=index,
+        token_weight=weight)
+    metrics.update(mismatch_metrics)
     if objective.kl_coef:
         kl = kl_estimate(logp, concat_field(samples, "ref_logp", device), settings.kl_estimator,
                          clamp=settings.kl_clamp)
@@ -197,9 +206,13 @@ def policy_micro_loss(model: torch.nn.Module, item: MicroItem, objective: Policy
         loss = loss / objective.sum_normaliser
     gap = None
     if samples[0].engine_logp is not None and samples[0].old_logp is None:
-        engine_logp = torch.tensor([v for s in samples for v in s.engine_logp], dtype=torch.float32, device=device)
-        gap = engine_logp - logp.detach().float()
+        gap = concat_engine_logp(samples, device) - logp.detach().float()
     return MicroResult(loss, float(logp.numel()), metrics, token_gap=gap)
+
+
+def concat_engine_logp(samples: Sequence[RolloutSample], device: torch.device) -> torch.Tensor:
+    """[N] float32: the engine's log-probs of every trained token of ``samples``, in order."""
+    return torch.tensor([v for s in samples for v in s.engine_logp], dtype=torch.float32, device=device)
 
 
 def critic_micro_loss(model: torch.nn.Module, item: MicroItem, settings: CriticLossSettings,
