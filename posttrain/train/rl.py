@@ -77,7 +77,7 @@ from posttrain.train.distributed import DistInfo, init_distributed, shutdown_dis
 from posttrain.train.logging import MetricsLogger, Progress, RunDir, run_metrics_logger
 from posttrain.train.loop import configured_hyperparameters_kept, is_due, seed_everything
 from posttrain.train.rl_advantages import advantages
-from posttrain.train.rl_async import RolloutAhead, StalenessCounts, drop_stale
+from posttrain.train.rl_async import RolloutAhead, RolloutError, StalenessCounts, drop_stale
 from posttrain.train.rl_logprobs import rollout_passes
 from posttrain.train.rl_models import build_engine, build_policy, build_trainables
 from posttrain.train.rl_rollouts import (
@@ -196,7 +196,7 @@ def _train_rl(config: RLConfig, session: RunSession, info: DistInfo, tokenizer: 
             batch = ahead.next(state.step)  # this rank's groups, scored (generated ahead when rl.max_staleness > 0)
             stale = drop_stale(batch, state.step, config.rl.max_staleness, staleness)
             if not batch.groups:
-                raise RuntimeError(f"rl: every sample of step {state.step + 1} was sampled by a policy more than "
+                raise RolloutError(f"rl: every sample of step {state.step + 1} was sampled by a policy more than "
                                    f"rl.max_staleness={config.rl.max_staleness} versions old (the engine's weights "
                                    f"are not being updated); {last_checkpoint_note(run.checkpoints)}")
             whole = gather_batch(batch, info)  # every rank's samples (no tensors): metrics, samples.jsonl

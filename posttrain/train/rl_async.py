@@ -37,7 +37,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from posttrain.errors import UserError
 from posttrain.train.rl_samples import RolloutBatch
+
+
+class RolloutError(UserError):
+    """The rollouts of a step cannot be trained on (one line, the checkpoints named)."""
 
 
 @dataclass
