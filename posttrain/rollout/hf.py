@@ -59,6 +59,8 @@ class HFEngine:
     ``synced_gpus``). The ranks must then call ``generate`` with as many sequences each.
     """
 
+    version = 0  # updates applied (update_weights calls)
+
     def __init__(self, model, tokenizer, *, batch_size: int = 64, synced_gpus: bool = False,
                  dtype: torch.dtype | None = None, share_prefill: bool = True, separate_copy: bool = False):
         self.dtype = None if dtype is None or _is_sharded(model) or _dtype_of(model) == dtype else dtype
@@ -67,7 +69,6 @@ class HFEngine:
         self.separate_copy = separate_copy or self.dtype is not None
         self.model = (copy.deepcopy(model).to(self.dtype or _dtype_of(model)).eval() if self.separate_copy
                       else model)
-        self.version = 0
         self.share_prefill = share_prefill and not synced_gpus
         self.tokenizer = tokenizer
         self.batch_size = batch_size
