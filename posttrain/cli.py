@@ -154,6 +154,70 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- rollout-server
+def _rollout_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="model spec: alias (default smollm2-135m-instruct), HF dir, "
+                                                       ".gguf, hub id; the RL run's starting model")
+    parser.add_argument("--out", default="runs/rollout-server", help="the exported model goes to OUT/model "
+                                                                     "(default runs/rollout-server)")
+    parser.add_argument("--host", default="0.0.0.0", help="interface to listen on (default all)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--python", default=None, help="the Python that has vLLM (default: this one if it has "
+                                                       "vLLM, else .venv-vllm/bin/python)")
+    parser.add_argument("--max-model-len", type=int, default=2048, help="longest prompt + completion")
+    parser.add_argument("--dtype", default=None, help="server weights dtype (default bfloat16 with a GPU, else float32)")
+    parser.add_argument("--lora-rank", type=int, default=None, help="serve LoRA adapters up to this rank (an RL run "
+                                                                    "with model.lora pushes its adapter only)")
+    parser.add_argument("--kv-cache-gb", type=float, default=2.0, help="CPU: KV-cache size in GiB")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dry-run", action="store_true", help="export the model and print the command, do not start it")
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, metavar="-- VLLM_ARGS",
+                        help="after --: more `vllm serve` arguments (e.g. --gpu-memory-utilization 0.8)")
+
+
+@command("rollout-server", "export a model and start the vLLM server an RL run with rollout.engine=vllm_server "
+                           "drives (prints its URL)", _rollout_server_arguments)
+def _rollout_server(args: argparse.Namespace) -> int:
+    import importlib.util
+    import shlex
+    import socket
+    from pathlib import Path
+
+    from posttrain.errors import ConfigError
+
+    python = args.python
+    if python is None:
+        python = sys.executable if importlib.util.find_spec("vllm") else ".venv-vllm/bin/python"
+    if not os.path.exists(python) and os.sep in python:
+        raise ConfigError(f"rollout-server --python: {python} does not exist (make vllm-env creates .venv-vllm)")
+    choose_threads(args)
+    import torch
+
+    from posttrain.models import DEFAULT_MODEL, load_model, load_tokenizer
+    from posttrain.rollout.vllm_server import export_untied, server_command, server_env
+
+    spec = args.model or DEFAULT_MODEL
+    dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ConfigError(f"rollout-server --dtype: {dtype} is not a torch dtype (float32, bfloat16, float16)")
+    out = Path(args.out)
+    model_dir = export_untied(load_model(spec, dtype=torch.float32), load_tokenizer(spec), out / "model",
+                               getattr(torch, dtype))
+    extra = tuple(args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args)
+    command = server_command(python, model_dir.resolve(), args.port, dtype=dtype, max_model_len=args.max_model_len,
+                             seed=args.seed, lora_rank=args.lora_rank, host=args.host, extra=extra)
+    env = server_env(args.kv_cache_gb, args.lora_rank is not None)
+    host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
+    print(f"model {spec} exported to {model_dir}")
+    print(f"server: {shlex.join(command)}")
+    print(f"url: http://{host}:{args.port}   (RL: rollout.engine=vllm_server rollout.server_url=http://{host}:{args.port} "
+          f"rollout.sync_dir=<a directory this machine reads>)", flush=True)
+    if args.dry_run:
+        return 0
+    os.execvpe(command[0], command, env)
+    return 0  # not reached: exec replaces this process
+
+
 # ----------------------------------------------------------------------------- sft, rm, dpo, rl, eval
 def config_command(name: str, help_line: str, *, dry_run: bool = True) -> None:
     """Register ``posttrain NAME [CONFIG] [key.sub=value ...] [--dry-run]``, the shape of every

@@ -9,6 +9,9 @@ in the config names one (``ROLLOUT_SOURCES``):
   FSDP every rank generates in step (``synced_gpus``).
 - ``vllm``: vLLM's offline engine in this process, on a snapshot of the policy
   (``rollout.vllm.VLLMEngine``), reloaded after every update.
+- ``vllm_server``: a vLLM server in its own process, on this machine or another
+  (``rollout.vllm_server.VLLMServerEngine``), driven over HTTP token in / token out; the
+  weights (or the LoRA adapter alone) are pushed to it after every update.
 
 Adding a source (for example a remote inference server) is one function here and one
 registry line (docs/ARCHITECTURE.md, "How to add").
@@ -21,6 +24,7 @@ from typing import Any, Callable
 
 import torch
 
+from posttrain.errors import ConfigError
 from posttrain.rollout.base import RolloutEngine
 
 
@@ -72,9 +76,32 @@ def vllm_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSetting
                                   kv_cache_gb=settings.vllm_kv_cache_gb, enforce_eager=settings.vllm_enforce_eager)
 
 
+def vllm_server_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings) -> RolloutEngine:
+    """A vLLM server in its own process (``rollout.vllm_server.VLLMServerEngine``): the one at
+    ``server_url``, or one started on this machine for the run; weights (or the LoRA adapter)
+    pushed through ``sync_dir`` after every update."""
+    from posttrain.rollout.vllm_server import VLLMServerEngine
+
+    hint = f"; the run's checkpoints in {settings.log_dir} are intact" if settings.log_dir else ""
+    if settings.server_url:
+        if settings.sync_dir is None:
+            raise ConfigError("rollout.sync_dir: a directory the trainer and the server at rollout.server_url both "
+                              "read is needed to pass weights")
+        return VLLMServerEngine.connect(settings.server_url, policy, tokenizer, sync_dir=settings.sync_dir,
+                                        timeout_s=settings.server_timeout_s, error_hint=hint)
+    return VLLMServerEngine.start(policy, tokenizer, sync_dir=settings.sync_dir, log_dir=settings.log_dir,
+                                  python=settings.server_python, seed=settings.seed,
+                                  max_model_len=settings.max_model_len, kv_cache_gb=settings.vllm_kv_cache_gb,
+                                  gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+                                  enforce_eager=settings.vllm_enforce_eager, extra_args=tuple(settings.server_args),
+                                  start_timeout_s=settings.server_start_timeout_s,
+                                  timeout_s=settings.server_timeout_s, error_hint=hint)
+
+
 RolloutSource = Callable[[torch.nn.Module, Any, SourceSettings], RolloutEngine]
 
 ROLLOUT_SOURCES: dict[str, RolloutSource] = {
     "hf": hf_source,
     "vllm": vllm_source,
+    "vllm_server": vllm_server_source,
 }
