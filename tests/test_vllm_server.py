@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,18 @@ def test_sampled_ids_and_logprobs_match_a_trainer_forward(engine, policy, tokeni
     assert len({tuple(c.token_ids) for c in completions}) == 6  # no two samples share a seed
     again = engine.generate(prompts, params)
     assert [c.token_ids for c in again] == [c.token_ids for c in completions]  # seeded: reproducible
+
+
+def test_a_stop_string_ends_the_completion_on_the_exact_sampled_ids(engine, tokenizer):
+    prompt = _prompt(tokenizer, "Write a sentence.")
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=12, seed=21)
+    full = engine.generate([prompt], params)[0]
+    # a stop string the same seeded sample meets at its 4th token (or earlier, inside a token before it)
+    stop = tokenizer.decode(full.token_ids[3:4]).strip() or tokenizer.decode(full.token_ids[3:4])
+    stopped = engine.generate([prompt], replace(params, stop=(stop,)))[0]
+    assert stopped.finish_reason == "stop" and 1 <= len(stopped.token_ids) <= 4
+    assert stopped.token_ids == full.token_ids[:len(stopped.token_ids)]  # the ids as sampled, none re-encoded
+    assert stop in tokenizer.decode(stopped.token_ids) and stop not in tokenizer.decode(stopped.token_ids[:-1])
 
 
 def test_full_weight_sync_matches_the_trainer(engine, policy, tokenizer):
