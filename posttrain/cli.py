@@ -194,15 +194,16 @@ def _rollout_server(args: argparse.Namespace) -> int:
     import torch
 
     from posttrain.models import DEFAULT_MODEL, load_model, load_tokenizer
-    from posttrain.rollout.vllm_server import export_untied, server_command, server_env
+    from posttrain.rollout.vllm import export_for_vllm
+    from posttrain.rollout.vllm_server import server_command, server_env
 
     spec = args.model or DEFAULT_MODEL
     dtype = args.dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
     if not isinstance(getattr(torch, dtype, None), torch.dtype):
         raise ConfigError(f"rollout-server --dtype: {dtype} is not a torch dtype (float32, bfloat16, float16)")
     out = Path(args.out)
-    model_dir = export_untied(load_model(spec, dtype=torch.float32), load_tokenizer(spec), out / "model",
-                               getattr(torch, dtype))
+    model_dir = export_for_vllm(load_model(spec, dtype=torch.float32), load_tokenizer(spec), out / "model",
+                                getattr(torch, dtype))
     extra = tuple(args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args)
     command = server_command(python, model_dir.resolve(), args.port, dtype=dtype, max_model_len=args.max_model_len,
                              seed=args.seed, lora_rank=args.lora_rank, host=args.host, extra=extra)

@@ -128,7 +128,7 @@ def test_full_weight_sync_matches_the_trainer(engine, policy, tokenizer):
     before = _server_logprobs(engine, prompt, fixed)
     torch.testing.assert_close(before, _trainer_logprobs(policy, prompt, fixed), atol=TOLERANCE, rtol=0)
     _perturb(policy, "layers.1.", seed=5, scale=0.5)
-    _perturb(policy, "embed_tokens", seed=6, scale=0.05)  # tied to lm_head in the trainer, untied on the server
+    _perturb(policy, "embed_tokens", seed=6, scale=0.05)  # tied to lm_head: each sync's file holds lm_head.weight too
     version = engine.version
     engine.update_weights(policy)
     assert engine.version == version + 1

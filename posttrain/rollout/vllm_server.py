@@ -11,7 +11,8 @@ serving" / "RLHF"):
   sample ``j`` of a request ``seed + j``, so no two samples of a call share a seed).
 - weight sync after every update, full weights: the policy's Hugging Face-named weights
   (``rollout.vllm.policy_state_for_inference``, LoRA merged) are written to
-  ``sync_dir/v<N>/model.safetensors`` (only the newest is kept), then ``/pause?mode=keep``
+  ``sync_dir/v<N>/model.safetensors`` (only the newest is kept; ``lm_head.weight`` included
+  even when tied, see ``with_lm_head``), then ``/pause?mode=keep``
   (requests in flight freeze and go on with the new weights), ``/collective_rpc``
   ``reload_weights(weights_path=...)``, ``/reset_prefix_cache``, ``/update_weight_version N``,
   ``/resume``. These need ``VLLM_SERVER_DEV_MODE=1`` on the server.
@@ -277,7 +278,9 @@ class VLLMServerEngine:
         process = None
         outcome: str | RolloutServerError | None = None
         if rank == 0:
-            model_dir = export_untied(policy, tokenizer, sync_path / "model", dtype, merge=not lora)
+            from posttrain.rollout.vllm import export_for_vllm
+
+            model_dir = export_for_vllm(policy, tokenizer, sync_path / "model", dtype, merge=not lora)
             port = free_port()
             lora_rank = max(int(cfg.r) for cfg in policy.peft_config.values()) if lora else None
             command = server_command(python or sys.executable, model_dir, port, dtype=str(dtype).removeprefix("torch."),
@@ -429,7 +432,7 @@ class VLLMServerEngine:
                 tmp = self.sync_dir / f".v{version}.tmp"
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
-                tensors = {name: tensor.to(self.dtype).contiguous() for name, tensor in untied(state).items()}
+                tensors = {name: tensor.to(self.dtype).contiguous() for name, tensor in with_lm_head(state).items()}
                 save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
                 shutil.rmtree(target, ignore_errors=True)
                 tmp.rename(target)
@@ -491,36 +494,16 @@ class VLLMServerEngine:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def untied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with ``lm_head.weight`` present (a copy of the input embeddings when tied)."""
+def with_lm_head(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with ``lm_head.weight`` present (a copy of the input embeddings when they are tied).
+
+    vLLM 0.32's in-place ``reload_weights`` from a file without ``lm_head.weight`` leaves a tied
+    output layer stale (measured on CPU: log-probs off by ~100 nats after a sync that changed the
+    embeddings); with it in the file the reload is exact, tied or not.
+    """
     if "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
         state = {**state, "lm_head.weight": state["model.embed_tokens.weight"].clone()}
     return state
-
-
-def export_untied(model: torch.nn.Module, tokenizer: Any, out_dir: Path, dtype: torch.dtype, *,
-                  merge: bool = True) -> Path:
-    """``rollout.vllm.export_for_vllm`` with the output embeddings untied (``lm_head.weight``
-    written, ``tie_word_embeddings: false``).
-
-    vLLM 0.32's in-place ``reload_weights`` does not refresh a tied ``lm_head`` (on CPU: the
-    log-probs after a sync that changed the embeddings were off by ~100 nats), so the server
-    keeps its own copy, which every sync rewrites.
-    """
-    from safetensors.torch import load_file, save_file
-
-    from posttrain.rollout.vllm import export_for_vllm
-
-    out_dir = export_for_vllm(model, tokenizer, out_dir, dtype, merge=merge)
-    config_path = out_dir / "config.json"
-    config = json.loads(config_path.read_text())
-    if config.get("tie_word_embeddings") or "lm_head.weight" not in load_file(str(out_dir / "model.safetensors")):
-        state = untied(load_file(str(out_dir / "model.safetensors")))
-        save_file({name: tensor.contiguous() for name, tensor in state.items()}, str(out_dir / "model.safetensors"),
-                  metadata={"format": "pt"})
-        config["tie_word_embeddings"] = False
-        config_path.write_text(json.dumps(config, indent=2))
-    return out_dir
 
 
 def wait_until_up(url: str, process: ServerProcess, timeout_s: float) -> None:
@@ -561,10 +544,5 @@ def _check_server(client: ServerClient, lora: bool) -> torch.dtype:
     if lora and not config.get("lora_config"):
         raise RolloutServerError(f"rollout.server_url: the policy is LoRA but the server at {client.url} was started "
                                  f"without --enable-lora")
-    config_file = Path(str(model_config.get("model", ""))) / "config.json"
-    if config_file.is_file() and json.loads(config_file.read_text()).get("tie_word_embeddings"):
-        raise RolloutServerError(f"rollout.server_url: the server at {client.url} serves {config_file.parent}, whose "
-                                 f"output embeddings are tied (vLLM's weight reload leaves a tied lm_head stale); "
-                                 f"start it with `posttrain rollout-server`, which unties them")
     dtype = str(model_config.get("dtype", "float32")).removeprefix("torch.")
     return getattr(torch, dtype, torch.float32)
