@@ -21,7 +21,7 @@ from conftest import build_tiny_llama  # noqa: E402
 from posttrain.rollout.base import SamplingParams  # noqa: E402
 from posttrain.rollout.hf import HFEngine  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 
 
 @pytest.fixture(scope="module")
