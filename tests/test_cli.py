@@ -137,3 +137,24 @@ def test_config_prints_readable_types(capsys):
     out = capsys.readouterr().out
     assert "reward: null  # str | CompositeReward | NamedReward | None: " in out
     assert "Annotated" not in out and "Discriminator" not in out and "<function" not in out
+
+
+def test_rollout_server_dry_run_exports_the_model_and_prints_the_server_line(tiny_model_dir, tmp_path):
+    python = tmp_path / "vllm-python"
+    python.write_text("#!/bin/sh\n")
+    out = run_cli("rollout-server", "--model", tiny_model_dir, "--out", str(tmp_path / "served"), "--port", "8123",
+                  "--python", str(python), "--lora-rank", "8", "--dry-run", "--", "--max-num-seqs", "64")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "served" / "model" / "model.safetensors").is_file()
+    server = next(line for line in out.stdout.splitlines() if line.startswith("server: "))
+    for part in (str(python), "vllm.entrypoints.openai.api_server", "--port 8123", "--enable-scale-out",
+                 "--logprobs-mode processed_logprobs", "--enable-lora", "--max-lora-rank 8", "--max-num-seqs 64"):
+        assert part in server, part
+    assert "rollout.server_url=http://" in out.stdout
+
+
+def test_rollout_server_refuses_a_missing_python_in_one_line(tmp_path):
+    out = run_cli("rollout-server", "--python", str(tmp_path / "nope" / "python"), "--dry-run")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: rollout-server --python: {tmp_path / 'nope' / 'python'} does not exist (make vllm-env creates .venv-vllm)"]
