@@ -24,8 +24,7 @@ import pytest
 DATA = Path(__file__).resolve().parents[1] / "examples" / "data"
 TRAINING = DATA / "make_agentic_arithmetic.py"
 HELDOUT = DATA / "make_agentic_heldout.py"
-TRAINING_FILES = ("agentic_sft.jsonl", "agentic_chat_sft.jsonl", "agentic_rl_train.jsonl", "agentic_eval.jsonl",
-                  "subtraction_eval.jsonl")
+TRAINING_FILES = ("agentic_sft.jsonl", "agentic_chat_sft.jsonl", "agentic_rl_train.jsonl", "agentic_eval.jsonl")
 HELDOUT_FORMS = ("word", "division", "negative", "multistep")
 HELDOUT_FILES = tuple(f"agentic_heldout_{form}.jsonl" for form in HELDOUT_FORMS)
 NUMBER = re.compile(r"\d+")
@@ -174,6 +173,8 @@ def test_no_held_out_problem_is_trained_on():
     training_phrasings = {q for form in training_module.FORMS for q in form.questions}
     heldout_phrasings = {t.question for templates in load(HELDOUT).FORMS.values() for t in templates}
     assert not training_phrasings & heldout_phrasings
+    # the subtraction control is fixed (read by the generator, never rewritten) and never trained on
     subtraction = {m[0]["content"] for m in (r["messages"] for r in rows("subtraction_eval.jsonl"))}
     direct = {r["messages"][0]["content"] for r in rows("agentic_sft.jsonl") if len(r["messages"]) == 2}
     assert len(subtraction) == 100 and not subtraction & direct
+    assert sum(re.fullmatch(r"What is \d+ - \d+\?", q) is not None for q in direct) == 40

@@ -39,7 +39,9 @@ Files:
   *same-form* set. Other forms and phrasings, never generated here, are written by
   ``make_agentic_heldout.py``.
 - ``subtraction_eval.jsonl``: held-out two-digit subtractions, a control task outside the
-  training data (does tool training break what the model did without tools?).
+  training data (does tool training break what the model did without tools?). A control must
+  not move when the tool data changes: the file is fixed (the 100 subtractions every earlier
+  measurement used) and read, never rewritten; the mixture's subtractions avoid it.
 
 No problem is shared between the SFT, RL and held-out files (two problems are the same when
 they have the same form and the same numbers in any order); no held-out subtraction is in the
@@ -309,6 +311,18 @@ def subtractions(rng: random.Random) -> list[tuple[int, int]]:
     return pairs
 
 
+def control_subtractions(path: Path) -> set[tuple[int, int]]:
+    """The ``(a, b)`` of the fixed subtraction control (``What is a - b?``, checked)."""
+    found = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        match = re.fullmatch(r"What is (\d+) - (\d+)\?", row["messages"][0]["content"])
+        if match is None or int(match.group(1)) - int(match.group(2)) != int(row["answer"]):
+            raise ValueError(f"{path}: not a checked two-number subtraction: {row}")
+        found.add((int(match.group(1)), int(match.group(2))))
+    return found
+
+
 def chat_rows(path: Path, rng: random.Random, count: int) -> list[dict]:
     """``count`` short single-turn rows of ``path`` with no arithmetic in them."""
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -357,8 +371,8 @@ def main() -> None:
 
     problems = tool_problems(rng, args.eval + args.rl + args.sft)
     held_out, rl, sft = problems[: args.eval], problems[args.eval : args.eval + args.rl], problems[args.eval + args.rl :]
-    pairs = subtractions(rng)
-    held_out_subtractions, mixture_subtractions = pairs[: args.eval], pairs[args.eval : args.eval + args.subtractions]
+    control = control_subtractions(HERE / "subtraction_eval.jsonl")
+    mixture_subtractions = [pair for pair in subtractions(rng) if pair not in control][: args.subtractions]
 
     sft_rows = [tool_trajectory(rng, problem) for problem in sft]
     sft_rows += [direct(f"What is {a} - {b}?", a - b) for a, b in mixture_subtractions]
@@ -370,8 +384,6 @@ def main() -> None:
         "agentic_chat_sft.jsonl": [with_tools(row) for row in sft_rows],
         "agentic_rl_train.jsonl": [prompt_row(rng, problem) for problem in rl],
         "agentic_eval.jsonl": [prompt_row(rng, problem) for problem in held_out],
-        "subtraction_eval.jsonl": [{"messages": [{"role": "user", "content": f"What is {a} - {b}?"}], "answer": str(a - b)}
-                                   for a, b in held_out_subtractions],
     }
     for name, rows in files.items():
         write_jsonl(args.out / name, rows)
