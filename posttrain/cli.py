@@ -206,7 +206,8 @@ def _rollout_server(args: argparse.Namespace) -> int:
                                 getattr(torch, dtype))
     extra = tuple(args.vllm_args[1:] if args.vllm_args[:1] == ["--"] else args.vllm_args)
     command = server_command(python, model_dir.resolve(), args.port, dtype=dtype, max_model_len=args.max_model_len,
-                             seed=args.seed, lora_rank=args.lora_rank, host=args.host, extra=extra)
+                             seed=args.seed, lora_rank=args.lora_rank, host=args.host, extra=extra,
+                             cpu=not torch.cuda.is_available())
     env = server_env(args.kv_cache_gb, args.lora_rank is not None)
     host = socket.gethostname() if args.host in ("0.0.0.0", "::") else args.host
     print(f"model {spec} exported to {model_dir}")

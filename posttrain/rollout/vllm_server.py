@@ -100,8 +100,14 @@ def lora_rank_flag(rank: int) -> int:
 
 def server_command(python: str, model_dir: Path, port: int, *, dtype: str, max_model_len: int, seed: int,
                    enforce_eager: bool = True, lora_rank: int | None = None, host: str = "127.0.0.1",
-                   gpu_memory_utilization: float | None = None, extra: tuple[str, ...] = ()) -> list[str]:
-    """The command line that starts a vLLM server posttrain can drive (see the module docstring)."""
+                   gpu_memory_utilization: float | None = None, extra: tuple[str, ...] = (),
+                   cpu: bool = False) -> list[str]:
+    """The command line that starts a vLLM server posttrain can drive (see the module docstring).
+
+    ``cpu``: the server runs on the CPU build, whose seeded sampling cannot rewind a request's
+    random generator when a prefill is split over engine steps (vLLM 0.32 CPU: "CPU Generator
+    does not use offset", the engine dies); prompts are then prefilled whole
+    (``--no-enable-chunked-prefill``, a token budget of at least ``max_model_len``)."""
     command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir), "--host", host,
                "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", str(seed),
                "--enable-scale-out", "--logprobs-mode", "processed_logprobs", "--served-model-name", SERVED_NAME]
@@ -111,6 +117,8 @@ def server_command(python: str, model_dir: Path, port: int, *, dtype: str, max_m
         command += ["--gpu-memory-utilization", str(gpu_memory_utilization)]
     if lora_rank is not None:
         command += ["--enable-lora", "--max-lora-rank", str(lora_rank_flag(lora_rank)), "--max-loras", "2"]
+    if cpu:
+        command += ["--no-enable-chunked-prefill", "--max-num-batched-tokens", str(max(max_model_len, 8192))]
     return command + list(extra)
 
 
@@ -286,7 +294,7 @@ class VLLMServerEngine:
             command = server_command(python or sys.executable, model_dir, port, dtype=str(dtype).removeprefix("torch."),
                                      max_model_len=max_model_len, seed=seed, enforce_eager=enforce_eager,
                                      lora_rank=lora_rank, gpu_memory_utilization=gpu_memory_utilization if on_gpu else None,
-                                     extra=tuple(extra_args))
+                                     extra=tuple(extra_args), cpu=not on_gpu)
             log_path = Path(log_dir or sync_path) / "vllm_server.log"
             process = ServerProcess(command, server_env(kv_cache_gb, lora), log_path)
             url = f"http://127.0.0.1:{port}"
