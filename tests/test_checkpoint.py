@@ -210,3 +210,26 @@ def test_checksums_catch_every_kind_of_damage(tmp_path):
     assert ckpt.verify_checkpoint(path) == "checksums.json is unreadable"
     (path / ckpt.CHECKSUMS).unlink()
     assert ckpt.verify_checkpoint(path) == "checksums.json is missing"
+
+
+def test_checksums_are_hashed_as_the_files_are_written_not_read_back(tmp_path, monkeypatch):
+    """write_checkpoint hashes each file on its way to disk: no file is read again for
+    checksums.json, and the sums equal a fresh read of what is on disk."""
+    from posttrain.train.distributed import DistInfo
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"), None)
+    state = {"w": torch.randn(1000), "b": torch.arange(7)}
+
+    def no_read_back(path, chunk_bytes=1 << 22):
+        raise AssertionError(f"{path} was read back")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ckpt, "file_digest", no_read_back)
+        path = ckpt.write_checkpoint(tmp_path, 1, {"model.pt": state, "optimizer.pt": {"lr": 0.1}}, {"step": 1},
+                                     info, keep_last=1, config=sft_config("m", tmp_path))
+    sums = json.loads((path / ckpt.CHECKSUMS).read_text())
+    for name, entry in sums.items():
+        assert entry["sha256"] == ckpt.file_digest(path / name) and entry["bytes"] == (path / name).stat().st_size
+    assert ckpt.verify_checkpoint(path) is None
+    loaded = torch.load(path / "model.pt")
+    assert torch.equal(loaded["w"], state["w"]) and torch.equal(loaded["b"], state["b"])

@@ -165,10 +165,18 @@ def file_digest(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def write_checksums(directory: Path) -> None:
-    """``checksums.json``: SHA-256 and size of every file of ``directory`` (relative paths)."""
+def write_checksums(directory: Path, known: Mapping[str, str] | None = None) -> None:
+    """``checksums.json``: SHA-256 and size of every file of ``directory`` (relative paths).
+
+    ``known``: relative path -> SHA-256 of files hashed as they were written
+    (``_write_file``), so they are not read back; every other file is read and hashed."""
     directory = Path(directory)
-    sums = {str(f.relative_to(directory)): {"sha256": file_digest(f), "bytes": f.stat().st_size}
+    known = known or {}
+
+    def digest(file: Path) -> str:
+        return known.get(str(file.relative_to(directory))) or file_digest(file)
+
+    sums = {str(f.relative_to(directory)): {"sha256": digest(f), "bytes": f.stat().st_size}
             for f in sorted(directory.rglob("*")) if f.is_file() and f.name not in (CHECKSUMS, COMPLETE_MARKER)}
     _write_file(directory / CHECKSUMS, lambda h: h.write(json.dumps(sums, indent=1)), mode="w")
 
@@ -343,11 +351,34 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    with open(path, mode) as handle:
-        write(handle)
+class _DigestingFile:
+    """A binary file that hashes (SHA-256) what is written through it; text is written as UTF-8."""
+
+    def __init__(self, handle: Any):
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        self.handle.write(data)
+        self.digest.update(data)
+        return len(memoryview(data).cast("B"))
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _write_file(path: Path, write: Callable[[Any], None], mode: str = "wb") -> str:
+    """Write ``path`` through ``write(handle)`` (``mode`` "w": text, UTF-8), flushed and
+    fsynced; returns the SHA-256 of the bytes written, computed as they went out."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"unsupported mode {mode!r}")
+    with open(path, "wb") as handle:
+        digesting = _DigestingFile(handle)
+        write(digesting)
         handle.flush()
         os.fsync(handle.fileno())
+    return digesting.digest.hexdigest()
 
 
 def atomic_directory_write(final_dir: Path, fill: Callable[[Path], None]) -> Path:
@@ -423,15 +454,16 @@ def write_checkpoint(checkpoints_dir: Path, step: int, files: Mapping[str, Any],
         raise NonFiniteError(f"{exc} (checkpoint step_{step} not written){previous}") from None
 
     def write() -> Path:
-        def fill(tmp: Path) -> None:
-            for name, value in files.items():
-                _write_file(tmp / name, lambda h, value=value: torch.save(value, h))
+        def fill(tmp: Path) -> None:  # each file hashed as it is written, not read back for checksums.json
+            known = {name: _write_file(tmp / name, lambda h, value=value: torch.save(value, h))
+                     for name, value in files.items()}
             state = {**trainer_state, "step": step, "world_size": info.world_size}
-            _write_file(tmp / "trainer_state.json", lambda h: h.write(json.dumps(state, indent=2)), mode="w")
+            known["trainer_state.json"] = _write_file(tmp / "trainer_state.json",
+                                                      lambda h: h.write(json.dumps(state, indent=2)), mode="w")
             if config is not None:
                 snapshot = json.dumps(config_snapshot(config), indent=1)
-                _write_file(tmp / CONFIG_SNAPSHOT, lambda h: h.write(snapshot), mode="w")
-            write_checksums(tmp)
+                known[CONFIG_SNAPSHOT] = _write_file(tmp / CONFIG_SNAPSHOT, lambda h: h.write(snapshot), mode="w")
+            write_checksums(tmp, known)
 
         with storage_errors(f"writing checkpoint step_{step}", checkpoints_dir, previous):
             path = atomic_directory_write(checkpoints_dir / f"step_{step}", fill)
