@@ -19,18 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import cpu_flags
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET_S = 300.0
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    present = set(flags.split(":", 1)[-1].split())
-    return " ".join(flag for flag in wanted if flag in present) or "no avx2"
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sft import _peak_rss_mib, measure_matmul_flops, rates, spawn_worker, trl_step_timer
 
+from machine import machine_line
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -220,7 +222,7 @@ def main() -> None:
     print(f"data: {len(per_pair)} pairs from {args.data_file}, {sum(t for t, _ in per_step)} tokens "
           f"({sum(n for _, n in per_step)} trained response tokens) in {len(per_step)} steps of {args.batch} pairs; "
           f"max_length {args.max_length} per side; {args.precision}; torch threads {args.threads}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"{machine_line()}")
     flops_before = measure_matmul_flops(args.precision)
     results = {"posttrain": run_worker("posttrain", args, data_path)}
     for mode in [m for m in args.trl_modes.split(",") if m]:

@@ -23,10 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_line
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -36,13 +37,6 @@ VARIANTS = {
 }
 
 
-def cpu_flags() -> str:
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return platform.processor()
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return " ".join(flag for flag in wanted if f" {flag}" in flags) or "no avx2"
 
 
 def mean(values: list[float]) -> float:
@@ -86,8 +80,7 @@ def main() -> None:
     from posttrain.train.rl import run_rl
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    print(f"# GRPO quickstart, rollout engines side by side; CPU {platform.machine()} [{cpu_flags()}], "
-          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"# GRPO quickstart, rollout engines side by side; {machine_line()}", flush=True)
     table: dict[str, dict[str, float]] = {}
     for name in args.variants:
         overrides = [f"run.output_dir={args.out}", f"run.name={name}-{stamp}", "run.progress=false",

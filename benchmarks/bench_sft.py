@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import machine_line
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -317,7 +319,7 @@ def main() -> None:
     print(f"data: {rows} rows from {args.data_file}, {sum(t for t, _ in per_step)} tokens "
           f"({sum(n for _, n in per_step)} trained) in {len(per_step)} steps of {args.batch}; "
           f"max_length {args.max_length}; {args.precision}; torch threads {torch.get_num_threads()}; "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"{machine_line()}")
     flops_before = measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device)
 
     results = {"posttrain": run_worker("posttrain", args, data_path)}
