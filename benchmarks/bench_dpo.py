@@ -32,8 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_sft import _peak_rss_mib, measure_matmul_flops, rates, spawn_worker, trl_step_timer
-
-from machine import machine_line
+from machine import machine_line  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
