@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from posttrain.errors import UserError
 from posttrain.rollout.base import Completion, SamplingParams
@@ -449,6 +450,8 @@ class VLLMServerEngine:
                 self._remove_older(f"v{version}", prefix="v")
             except RolloutServerError as exc:
                 error = exc
+            except (OSError, SafetensorError) as exc:  # a full or unwritable disk
+                error = self._write_error(target, exc)
         del state
         error = _broadcast(error)
         if error is not None:
@@ -489,12 +492,19 @@ class VLLMServerEngine:
                 self._remove_older(f"adapter_v{version}", prefix="adapter_v")
             except RolloutServerError as exc:
                 error = exc
+            except (OSError, SafetensorError) as exc:  # a full or unwritable disk
+                error = self._write_error(target, exc)
         error = _broadcast(error)
         if error is not None:
             raise error
         self.version = version
         self.model_name = f"{SERVED_NAME}-v{version}"
         _barrier()
+
+    def _write_error(self, target: Path, exc: Exception) -> RolloutServerError:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return RolloutServerError(f"rollout: writing the weights for the vLLM server to {target} failed ({reason})"
+                                  f"{self.client.checkpoint_hint}")
 
     def _remove_older(self, keep: str, *, prefix: str) -> None:
         for path in self.sync_dir.glob(f"{prefix}*"):
