@@ -62,25 +62,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
+from posttrain.agent.tools import PYTHON_SCHEMA  # the python tool's schema, as the agent offers it
+
 HERE = Path(__file__).resolve().parent
 EXPRESSION_QUESTIONS = ("What is {e}?", "Compute {e}.", "Calculate {e}.", "What is the value of {e}?", "Work out {e}.",
                         "Evaluate {e}.")
 CODE = (("print({e})", 0.6), ("x = {e}\nprint(x)", 0.25), ("result = {e}\nprint(result)", 0.15))
 ADDITION = re.compile(r"What is (\d+) \+ (\d+)\?")
 ARITHMETIC_CHAT = re.compile(r"\d\s*[-+*/x]\s*\d|^Conversion:|^Step ", re.MULTILINE)
-# the python tool's schema as posttrain.agent.tools.PYTHON_SCHEMA has it (tests check they agree)
-PYTHON_SCHEMA = {
-    "type": "function",
-    "function": {
-        "name": "python",
-        "description": "Run Python code in a fresh sandboxed interpreter and return what it prints.",
-        "parameters": {
-            "type": "object",
-            "properties": {"code": {"type": "string", "description": "The Python code to run; print the results."}},
-            "required": ["code"],
-        },
-    },
-}
 
 
 def rounding_tie(a: int, b: int, places: int) -> bool:
