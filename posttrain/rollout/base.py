@@ -41,8 +41,11 @@ class Completion:
 
     ``token_ids`` are exactly the sampled ids, including the end-of-sequence token when the
     model emitted one (``finish_reason == "stop"``); ``logprobs`` (if requested) are the
-    engine's log-probabilities of those ids at the sampling temperature, before top-p / top-k
-    truncation (the distribution the trainer computes, ``models.logprobs``).
+    engine's log-probabilities of those ids at the sampling temperature: with top_p 1 and
+    top_k 0 the distribution the trainer computes (``models.logprobs``); with truncation, vLLM's
+    are of the truncated distribution and the hf engine's are not (docs/METRICS.md "Mismatch").
+    ``weight_version`` is the engine's own count of weight updates (a server reports it per
+    token span); the RL loop stamps samples with its own policy version (``train.rl_async``).
     """
 
     prompt_index: int

@@ -3,9 +3,10 @@ and scored while the trainer updates, with a bound on how old the policy that sa
 trained token may be.
 
 Policy versions: version v is the policy after v updates (0: the starting weights, or the
-checkpoint's step on resume). The engine tags every completion with the version that sampled
-it (``Completion.weight_version``, kept as ``RolloutSample.policy_version``); the update of
-step s (0-based) starts from version s, so a sample of version v is ``s - v`` versions stale.
+checkpoint's step on resume). ``RolloutAhead`` knows which version the engine holds when a
+batch is sampled (it pushes every version itself) and the loop stamps each sample with it
+(``RolloutSample.policy_version``); the update of step s (0-based) starts from version s, so
+a sample of version v is ``s - v`` versions stale.
 
 How the bound is kept (``RolloutAhead``): a background thread collects the batch of step t
 (prompts, generation, scoring: ``train.rl_rollouts.collect_rollouts``) as soon as the engine
