@@ -42,6 +42,8 @@ def main() -> None:
                            "run.name=demo", *args.overrides], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
         sys.exit(f"bench_demo: the pipeline failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
     stages = json.loads((out / "demo" / "pipeline.json").read_text())["stages"]
     verdict = (f"target {TARGET_S:.0f} s: {'met' if wall <= TARGET_S else 'missed'} ({wall / TARGET_S:.2f}x)"
