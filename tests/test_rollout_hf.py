@@ -76,7 +76,7 @@ def test_bf16_generation_copy_follows_the_policy(tokenizer):
     from conftest import build_tiny_llama
 
     policy = build_tiny_llama(tokenizer)
-    engine = HFEngine(policy, tokenizer, dtype=torch.bfloat16)
+    engine = HFEngine(policy, tokenizer, dtype=torch.bfloat16, prepack=False)
     assert engine.model is not policy and next(engine.model.parameters()).dtype == torch.bfloat16
     assert next(policy.parameters()).dtype == torch.float32  # the trainer's weights are untouched
     params = SamplingParams(n=2, temperature=0, max_new_tokens=5)
@@ -90,7 +90,36 @@ def test_bf16_generation_copy_follows_the_policy(tokenizer):
         torch.testing.assert_close(p, policy.state_dict()[name].to(torch.bfloat16))
     after = [c.token_ids for c in engine.generate([[1, 2, 3]], params)]
     assert before != after
-    assert HFEngine(policy, tokenizer, dtype=torch.float32).model is policy  # same dtype: no copy
+    assert HFEngine(policy, tokenizer, dtype=torch.float32, prepack=False).model is policy  # same dtype: no copy
+
+
+def test_the_prepacked_generation_copy_computes_what_the_policy_computes_after_every_update(tokenizer):
+    """On CPU the engine generates with a copy whose linear weights are stored transposed
+    (rollout.prepacked): same logits as the policy (tied output layer included), before and
+    after an update; the trainer's modules are untouched; LoRA-wrapped policies are not copied."""
+    from conftest import build_tiny_llama
+
+    from posttrain.rollout.prepacked import TransposedLinear
+
+    policy = build_tiny_llama(tokenizer)
+    engine = HFEngine(policy, tokenizer)
+    assert engine.prepack and engine.model is not policy
+    assert isinstance(engine.model.lm_head, TransposedLinear) and type(policy.lm_head) is torch.nn.Linear
+    ids = torch.tensor([[1, 2, 3, 4]])
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(engine.model(ids).logits, policy(ids).logits, atol=1e-5, rtol=1e-5)
+            for p in policy.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+        engine.update_weights(policy)
+    params = SamplingParams(n=2, temperature=0, max_new_tokens=6)
+    assert ([c.token_ids for c in engine.generate([[1, 2, 3]], params)]
+            == [c.token_ids for c in HFEngine(policy, tokenizer, prepack=False).generate([[1, 2, 3]], params)])
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(build_tiny_llama(tokenizer), LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not HFEngine(lora, tokenizer).prepack
 
 
 class _Collect:

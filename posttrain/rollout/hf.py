@@ -1,10 +1,15 @@
-"""Rollouts with transformers' ``generate``: batched, left-padded, CPU or GPU.
+"""Rollouts with a transformers model: batched, left-padded, CPU or GPU.
+
+Decoding runs in ``rollout.decode`` (finished sequences leave the batch), or in transformers'
+``generate`` for truncated sampling (top-p / top-k) and for FSDP ranks in lock-step. On a CPU
+the engine generates with a copy whose linear weights are stored transposed
+(``rollout.prepacked``: about twice as fast at decode's batch sizes), refreshed after every update.
 
 Completions are returned in prompt order, ``n`` per prompt, each trimmed after its first
 end-of-sequence token (kept: the model must learn to emit it) or after the stop string that
 ended it.
 
-Two savings that leave the sampled distribution as it is:
+More savings that leave the sampled distribution as it is:
 - shared prefill: the ``n`` copies of a prompt are prefilled once and the key/value cache is
   repeated to their rows (a group of 8 pays for one prompt instead of 8);
 - ``dtype``: generation may run on a copy of the policy in another dtype (bf16 on a CPU with
@@ -28,6 +33,8 @@ import torch
 
 from posttrain.log import current_phase, heartbeat, sequences_generated
 from posttrain.rollout.base import Completion, SamplingParams
+from posttrain.rollout.decode import decode, stop_string_hit
+from posttrain.rollout.prepacked import can_prepack, prepacked_copy, refresh
 
 
 @contextlib.contextmanager
@@ -62,14 +69,21 @@ class HFEngine:
     version = 0  # updates applied (update_weights calls)
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, synced_gpus: bool = False,
-                 dtype: torch.dtype | None = None, share_prefill: bool = True, separate_copy: bool = False):
+                 dtype: torch.dtype | None = None, share_prefill: bool = True, separate_copy: bool = False,
+                 compact: bool = True, prepack: bool | None = None):
         self.dtype = None if dtype is None or _is_sharded(model) or _dtype_of(model) == dtype else dtype
         if separate_copy and _is_sharded(model):
             raise ValueError("a separate generation copy of an FSDP-sharded policy is not supported")
-        self.separate_copy = separate_copy or self.dtype is not None
-        self.model = (copy.deepcopy(model).to(self.dtype or _dtype_of(model)).eval() if self.separate_copy
-                      else model)
+        self.prepack = can_prepack(model) and prepack is not False  # None: wherever it can (rollout.prepacked)
+        self.separate_copy = separate_copy or self.dtype is not None or self.prepack
+        if self.prepack:
+            self.model = prepacked_copy(model, self.dtype)
+        elif self.separate_copy:
+            self.model = copy.deepcopy(model).to(self.dtype or _dtype_of(model)).eval()
+        else:
+            self.model = model
         self.share_prefill = share_prefill and not synced_gpus
+        self.compact = compact  # rollout.decode: finished rows leave the batch (else transformers' generate)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.synced_gpus = synced_gpus
@@ -79,7 +93,9 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     def update_weights(self, model) -> None:
-        if not self.separate_copy:
+        if self.prepack:
+            refresh(self.model, model)
+        elif not self.separate_copy:
             self.model = model
         else:  # refresh the generation copy in place (load_state_dict casts to its dtype)
             self.model.load_state_dict(model.state_dict())
@@ -129,10 +145,18 @@ class HFEngine:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         try:
             with _generation_attention(self.model):
-                if self.share_prefill:
-                    cache = self._shared_prefill(input_ids, attention_mask, indices)
-                    if cache is not None:
-                        kwargs[cache_keyword(self.model)] = cache
+                cache = self._shared_prefill(input_ids, attention_mask, indices) if self.share_prefill else None
+                if self.compact and not self.synced_gpus and params.top_p == 1.0 and not params.top_k:
+                    tokens, logprobs = decode(
+                        self.model, input_ids, attention_mask, max_new_tokens=params.max_new_tokens,
+                        temperature=params.temperature, eos_ids=self.eos_ids, cache=cache,
+                        cache_keyword=cache_keyword(self.model), return_logprobs=params.return_logprobs,
+                        stop_hit=stop_string_hit(self.tokenizer, params.stop) if params.stop else None,
+                        on_step=heartbeat if current_phase() is not None else None)
+                    return [self._completion(index, tokens[row], None if logprobs is None else logprobs[row], params)
+                            for row, index in enumerate(indices)]
+                if cache is not None:
+                    kwargs[cache_keyword(self.model)] = cache
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         finally:
             self.model.train(was_training)

@@ -1,0 +1,94 @@
+"""The hf engine's two decode paths side by side: transformers' ``generate`` (every row stays in
+the batch until the last one ends) against ``posttrain.rollout.decode`` (finished rows leave the
+batch), on the same prompts, in the same process, alternating, with the same thread count.
+
+Two jobs, the ones the quickstart runs:
+- ``rollout``: RL groups, ``--prompts`` prompts x ``--group-size`` samples at temperature 1,
+  ``--rollout-tokens`` new tokens at most (the quickstart's GRPO step);
+- ``eval``: greedy, ``--eval-prompts`` held-out prompts in one batch, ``--eval-tokens`` at most
+  (the quickstart's evaluations). Greedy ids must be the same on both paths; the share that is
+  identical is printed (a row can differ only where two logits tie within rounding).
+
+Run: ``python benchmarks/bench_generate.py [--model DIR]`` (default: the bundled
+SmolLM2-135M-Instruct; pass an SFT checkpoint to time the short answers a trained model gives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from machine import machine_line
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _prompts(tokenizer, count: int, offset: int = 0) -> list[list[int]]:
+    from posttrain.data.render import render_prompt
+
+    rows = [json.loads(line) for line in (REPO / "examples/data/rl_arithmetic_eval.jsonl").read_text().splitlines()]
+    return [render_prompt(row["prompt"], tokenizer) for row in rows[offset : offset + count]]
+
+
+def _time(engine, prompts, params, repeats: int) -> tuple[list[float], list]:
+    seconds, out = [], None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        out = engine.generate(prompts, params)
+        seconds.append(time.perf_counter() - started)
+    return seconds, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    parser.add_argument("--prompts", type=int, default=6)
+    parser.add_argument("--group-size", type=int, default=6)
+    parser.add_argument("--rollout-tokens", type=int, default=48)
+    parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--eval-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from posttrain.models import resolve_model_dir
+    from posttrain.rollout.base import SamplingParams
+    from posttrain.rollout.hf import HFEngine
+
+    directory = args.model or str(resolve_model_dir())
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    print(machine_line())
+    print(f"model {directory}, fp32, {torch.get_num_threads()} threads")
+    jobs = {
+        "rollout": (_prompts(tokenizer, args.prompts, offset=0),
+                    SamplingParams(n=args.group_size, temperature=1.0, max_new_tokens=args.rollout_tokens, seed=0,
+                                   return_logprobs=True)),
+        "eval": (_prompts(tokenizer, args.eval_prompts),
+                 SamplingParams(n=1, temperature=0.0, max_new_tokens=args.eval_tokens)),
+    }
+    engines = {"generate": HFEngine(model, tokenizer, batch_size=128, compact=False, prepack=False),
+               "decode": HFEngine(model, tokenizer, batch_size=128, compact=True, prepack=True)}
+    for job, (prompts, params) in jobs.items():
+        results = {name: _time(engine, prompts, params, args.repeats) for name, engine in engines.items()}
+        lengths = {name: statistics.mean(len(c.token_ids) for c in out) for name, (_, out) in results.items()}
+        medians = {name: statistics.median(seconds) for name, (seconds, _) in results.items()}
+        line = (f"{job:8s} {len(prompts)} prompts x {params.n}, <= {params.max_new_tokens} tokens: "
+                f"generate {medians['generate']:.2f} s (mean length {lengths['generate']:.1f}, "
+                f"max {max(len(c.token_ids) for c in results['generate'][1])}), "
+                f"decode {medians['decode']:.2f} s (mean length {lengths['decode']:.1f}); "
+                f"decode/generate {medians['decode'] / medians['generate']:.2f}x")
+        if params.temperature == 0:
+            same = sum(a.token_ids == b.token_ids for a, b in zip(results["generate"][1], results["decode"][1]))
+            line += f"; greedy ids identical {same}/{len(prompts)}"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
