@@ -342,6 +342,13 @@ class RMConfig(Section):
     def _needs_data(self) -> "RMConfig":
         if not self.data.train:
             raise ValueError("data.train: a preference data file is required")
+        if self.dpo.share_prompt and (not self.train.packing
+                                      or self.model.attn_implementation not in SHARED_PROMPT_ATTENTION):
+            raise ValueError(
+                f"dpo.share_prompt: the shared-prompt layout needs train.packing and an attention that honours its "
+                f"mask (each response sees the prompt, never the other response); train.packing="
+                f"{str(self.train.packing).lower()}, model.attn_implementation={self.model.attn_implementation!r}. "
+                f"Set dpo.share_prompt=null or false")
         if self.train.micro_batch_tokens < 2 * self.data.max_length and self.data.truncation == "error":
             raise ValueError(
                 "train.micro_batch_tokens is smaller than 2 x data.max_length with truncation=error: "
@@ -369,6 +376,10 @@ class DPOSection(Section):
     reference_cache: bool = Field(
         True, description="keep the reference log-probs in <run>/reference_logps.pt, keyed by a fingerprint of "
                           "the model and data, and reuse them on a rerun or resume")
+    share_prompt: bool | None = Field(
+        None, description="lay out each pair's prompt once, both responses attending to it (rl.share_prompt's "
+                          "layout; the same log-probs, fewer tokens to compute); null = wherever train.packing and "
+                          "the attention allow it; true = required")
 
 
 class DPOConfig(Section):
@@ -396,6 +407,13 @@ class DPOConfig(Section):
             raise ValueError("data.train: a preference data file is required")
         if self.dpo.loss_type == "ipo" and self.dpo.label_smoothing:
             raise ValueError("dpo.label_smoothing: does not apply to loss_type ipo")
+        if self.dpo.share_prompt and (not self.train.packing
+                                      or self.model.attn_implementation not in SHARED_PROMPT_ATTENTION):
+            raise ValueError(
+                f"dpo.share_prompt: the shared-prompt layout needs train.packing and an attention that honours its "
+                f"mask (each response sees the prompt, never the other response); train.packing="
+                f"{str(self.train.packing).lower()}, model.attn_implementation={self.model.attn_implementation!r}. "
+                f"Set dpo.share_prompt=null or false")
         if self.train.micro_batch_tokens < 2 * self.data.max_length and self.data.truncation == "error":
             raise ValueError(
                 "train.micro_batch_tokens is smaller than 2 x data.max_length with truncation=error: "

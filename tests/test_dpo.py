@@ -118,8 +118,9 @@ def _full_logits_logps(model, pairs):
     dict(loss_type="sigmoid", beta=0.5, rpo_alpha=0.7),  # RPO: + chosen NLL, per token then per pair
 ])
 def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer, options):
-    """Sum of micro-batch shares == one micro-batch holding every pair == padded rows (loss
-    and gradient), and equals the hand formula on full-logits log-probs."""
+    """Sum of micro-batch shares == one micro-batch holding every pair == padded rows == each
+    pair's prompt laid out once (loss and gradient), and equals the hand formula on full-logits
+    log-probs."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.algorithms.preference import preference_optimization_loss
@@ -132,18 +133,22 @@ def test_step_loss_does_not_depend_on_the_split(tiny_model_dir, tokenizer, optio
     # any constants: the reference is data
     reference = None if options["loss_type"] == "simpo" else torch.linspace(-30.0, -20.0, 12).reshape(6, 2)
 
-    def run(groups, packing):
+    def run(groups, packing, share_prompt=False):
         model.zero_grad()
         total = 0.0
         for group in groups:
-            micro = dpo_micro_batch(pairs, group, reference, packing, tokenizer.pad_token_id)
+            micro = dpo_micro_batch(pairs, group, reference, packing, tokenizer.pad_token_id, share_prompt)
+            if share_prompt and group:  # the prompt is laid out once per pair
+                assert micro.batch.num_tokens < sum(pairs[i].tokens for i in group)
             loss = dpo_micro_loss(model, micro, step_pairs=len(pairs), chunk_size=7, **options).loss
             loss.backward()
             total += float(loss.detach())
         return total, model.model.layers[0].self_attn.q_proj.weight.grad.clone(), model.lm_head.weight.grad.clone()
 
     whole = run([list(range(6))], packing=True)
-    for other in (run([[0, 3], [1], [2, 4, 5], []], packing=True), run([[5, 0, 1], [2, 3, 4]], packing=False)):
+    for other in (run([[0, 3], [1], [2, 4, 5], []], packing=True), run([[5, 0, 1], [2, 3, 4]], packing=False),
+                  run([list(range(6))], packing=True, share_prompt=True),
+                  run([[4], [0, 3], [2, 1, 5], []], packing=True, share_prompt=True)):
         assert other[0] == pytest.approx(whole[0], rel=1e-5)
         torch.testing.assert_close(other[1], whole[1], atol=1e-6, rtol=1e-4)
         # the tied output/embedding matrix (3M entries) sums many more terms per entry: 1e-5 absolute
@@ -228,6 +233,12 @@ def test_config_errors_name_the_key():
         validate_config(DPOConfig, {"data": {"train": "x"}, "dpo": {"bta": 0.1}})
     with pytest.raises(ConfigError, match="dpo.loss_type"):
         validate_config(DPOConfig, {"data": {"train": "x"}, "dpo": {"loss_type": "kto"}})
+    with pytest.raises(ConfigError, match="dpo.share_prompt: the shared-prompt layout needs train.packing"):
+        validate_config(DPOConfig, {"data": {"train": "x"}, "train": {"packing": False}, "dpo": {"share_prompt": True}})
+    from posttrain.train.dpo import shares_prompt
+
+    assert shares_prompt(validate_config(DPOConfig, {"data": {"train": "x"}}))  # on by default with packing
+    assert not shares_prompt(validate_config(DPOConfig, {"data": {"train": "x"}, "model": {"attn_implementation": "sdpa"}}))
 
 
 def test_warmup_not_shorter_than_max_steps_fails_before_anything_loads(tmp_path, monkeypatch):

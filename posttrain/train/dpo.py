@@ -42,8 +42,8 @@ from posttrain.algorithms.preference import (
     preference_optimization_rewards,
     sequence_logp_sums,
 )
-from posttrain.config import DPOConfig
-from posttrain.data.batching import MicroBatch, StepPlan, collate, trained_target_count
+from posttrain.config import SHARED_PROMPT_ATTENTION, DPOConfig
+from posttrain.data.batching import MicroBatch, StepPlan, collate, collate_shared_prompt, trained_target_count
 from posttrain.data.mixture import source_metrics
 from posttrain.data.preference import PairKeys, PreferencePair, load_preference_data, make_pair_planner, pair_length
 from posttrain.hub import check_push_target
@@ -164,7 +164,8 @@ def _run_dpo(config: DPOConfig, session: RunSession, pairs: tuple[list, list] | 
                 history.append(logger.log(start, step=0))
         for plan in planner.iter_plans(state.step, total_steps):
             micro_batches = [dpo_micro_batch(train_pairs, mb, reference and reference.train, config.train.packing,
-                                             pad_id).to(info.device) for mb in plan.micro_batches[info.rank]]
+                                             pad_id, shares_prompt(config)).to(info.device)
+                             for mb in plan.micro_batches[info.rank]]
             result = optimizer_step(
                 model, optimizer, scheduler, micro_batches,
                 lambda m, b: dpo_micro_loss(m, b, step_pairs=plan.trained_sequences,
@@ -260,12 +261,41 @@ def pair_metric_keys(config: DPOConfig) -> tuple[str, ...]:
     return PAIR_METRICS + (("loss/nll_chosen",) if config.dpo.rpo_alpha else ())
 
 
+def shares_prompt(config: DPOConfig) -> bool:
+    """``dpo.share_prompt`` resolved: null = on wherever packing and the attention allow it."""
+    if config.dpo.share_prompt is not None:
+        return config.dpo.share_prompt
+    return config.train.packing and config.model.attn_implementation in SHARED_PROMPT_ATTENTION
+
+
+def shared_prompt_length(pair: PreferencePair) -> int:
+    """Leading tokens the two sides have in common and neither trains on: the prompt, laid out
+    once by the shared-prompt layout (a response's first token stays on its own side)."""
+    chosen, rejected = pair.chosen, pair.rejected
+    limit = min(len(chosen.input_ids), len(rejected.input_ids))
+    length = 0
+    while (length < limit and chosen.input_ids[length] == rejected.input_ids[length]
+           and not chosen.loss_mask[length] and not rejected.loss_mask[length]):
+        length += 1
+    return length
+
+
 def dpo_micro_batch(pairs: Sequence[PreferencePair], indices: Sequence[int], reference_P2: torch.Tensor | None,
-                    packing: bool, pad_token_id: int) -> DPOMicroBatch:
+                    packing: bool, pad_token_id: int, share_prompt: bool = False) -> DPOMicroBatch:
     """Collate pairs ``indices`` as [c0, r0, c1, r1, ...] with their reference log-probs
-    (an empty list gives a filler micro-batch)."""
-    sequences = [side for i in indices for side in (pairs[i].chosen, pairs[i].rejected)]
-    batch = collate(sequences, packing=packing, pad_token_id=pad_token_id)
+    (an empty list gives a filler micro-batch). ``share_prompt``: each pair is one block,
+    prompt + chosen response + rejected response, the responses seeing the prompt and not each
+    other (``data.batching.collate_shared_prompt``): the same log-probs from fewer tokens."""
+    prompts = [shared_prompt_length(pairs[i]) for i in indices] if share_prompt and packing else []
+    if prompts and min(prompts) > 0:
+        batch = collate_shared_prompt([
+            (pairs[i].chosen.input_ids[:length],
+             [pairs[i].chosen.input_ids[length:], pairs[i].rejected.input_ids[length:]],
+             [pairs[i].chosen.loss_mask[length:], pairs[i].rejected.loss_mask[length:]])
+            for i, length in zip(indices, prompts)])
+    else:
+        sequences = [side for i in indices for side in (pairs[i].chosen, pairs[i].rejected)]
+        batch = collate(sequences, packing=packing, pad_token_id=pad_token_id)
     reference = None if reference_P2 is None else reference_P2[list(indices)].reshape(-1)
     return DPOMicroBatch(batch, reference, len(indices))
 
@@ -309,7 +339,8 @@ def score_pairs(model: torch.nn.Module, pairs: Sequence[PreferencePair], config:
         with Progress(sum(len(indices) for indices in mine), phase, enabled=info.is_main and config.run.progress,
                       keys=(), unit="pairs") as progress:
             for indices in mine:
-                micro = dpo_micro_batch(pairs, indices, None, config.train.packing, pad_token_id).to(info.device)
+                micro = dpo_micro_batch(pairs, indices, None, config.train.packing, pad_token_id,
+                                        shares_prompt(config)).to(info.device)
                 with autocast_context(config.train.precision, info.device):
                     sums, _, _ = sequence_logps(model, micro, config.train.logits_chunk_size)
                 for k, value in enumerate(sums.float().cpu().tolist()):
