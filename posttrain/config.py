@@ -342,13 +342,6 @@ class RMConfig(Section):
     def _needs_data(self) -> "RMConfig":
         if not self.data.train:
             raise ValueError("data.train: a preference data file is required")
-        if self.dpo.share_prompt and (not self.train.packing
-                                      or self.model.attn_implementation not in SHARED_PROMPT_ATTENTION):
-            raise ValueError(
-                f"dpo.share_prompt: the shared-prompt layout needs train.packing and an attention that honours its "
-                f"mask (each response sees the prompt, never the other response); train.packing="
-                f"{str(self.train.packing).lower()}, model.attn_implementation={self.model.attn_implementation!r}. "
-                f"Set dpo.share_prompt=null or false")
         if self.train.micro_batch_tokens < 2 * self.data.max_length and self.data.truncation == "error":
             raise ValueError(
                 "train.micro_batch_tokens is smaller than 2 x data.max_length with truncation=error: "
