@@ -64,6 +64,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sft.py
 	$(PY) benchmarks/bench_grpo.py
 	$(PY) benchmarks/bench_dpo.py
+	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_demo.py
 
 # posttrain's policy losses (PPO-clip, GSPO, CISPO) against veRL's core_algos on the same
