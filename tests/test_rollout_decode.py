@@ -110,3 +110,21 @@ def test_a_row_ends_at_the_token_that_completes_a_stop_string(tiny_model, tokeni
         assert completion.token_ids == row.token_ids[: ends[0] if ends else 10]
         assert completion.finish_reason == ("stop" if ends else "length")
     assert fast[1].finish_reason == "stop" and len(fast[1].token_ids) <= 5
+
+
+def test_a_prepacked_copy_with_biases_follows_its_source():
+    """Linear layers with a bias (Qwen's q/k/v projections) are copied and refreshed too."""
+    from posttrain.rollout.prepacked import TransposedLinear, prepacked_copy, refresh
+
+    torch.manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2, bias=False))
+    packed = prepacked_copy(source)
+    assert all(isinstance(packed[i], TransposedLinear) for i in (0, 2)) and packed[0].weight_t.is_contiguous()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), source(x))
+        for p in source.parameters():
+            p.add_(1.0)
+    refresh(packed, source)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), source(x))
