@@ -222,11 +222,17 @@ def main() -> None:
           f"({sum(n for _, n in per_step)} trained response tokens) in {len(per_step)} steps of {args.batch} pairs; "
           f"max_length {args.max_length} per side; {args.precision}; torch threads {args.threads}; "
           f"{machine_line()}")
-    flops_before = measure_matmul_flops(args.precision)
+    # the matmul rate before and after every system: this VM's speed drifts with its neighbours'
+    # load, so each system's rate is also printed per GFLOP/s of the rate around its own run
+    flops = [measure_matmul_flops(args.precision)]
     results = {"posttrain": run_worker("posttrain", args, data_path)}
+    flops.append(measure_matmul_flops(args.precision))
     for mode in [m for m in args.trl_modes.split(",") if m]:
         results[f"trl/{mode}"] = run_worker("trl", args, data_path, trl_mode=mode)
-    flops_after = measure_matmul_flops(args.precision)
+        flops.append(measure_matmul_flops(args.precision))
+    flops_before, flops_after = flops[0], flops[-1]
+    for k, result in enumerate(results.values()):
+        result["matmul_gflops_around"] = (flops[k] + flops[k + 1]) / 2e9
 
     print(f"\nmatmul rate ({args.precision}, 2048^2): before {flops_before / 1e9:.1f}, after "
           f"{flops_after / 1e9:.1f} GFLOP/s (a drop means other load grew during the runs)")
@@ -249,8 +255,13 @@ def main() -> None:
         ratio = ours["trained_tokens_per_s"] / table[best]["trained_tokens_per_s"]
         memory = ours["peak_rss_mib"] / table[best]["peak_rss_mib"]
         cpu_ratio = ours["trained_tokens_per_cpu_s"] / table[best]["trained_tokens_per_cpu_s"]
+        drift_free = ((ours["trained_tokens_per_s"] / ours["matmul_gflops_around"])
+                      / (table[best]["trained_tokens_per_s"] / table[best]["matmul_gflops_around"]))
         print(f"\nposttrain / fastest TRL ({best}): {ratio:.2f}x trained tokens/s (wall), {cpu_ratio:.2f}x per "
-              f"CPU-second, peak RSS {memory:.2f}x (target: >= 2x speed at <= 1.0x memory)")
+              f"CPU-second, peak RSS {memory:.2f}x (target: >= 2x speed at <= 1.0x memory); "
+              f"{drift_free:.2f}x per GFLOP/s of the matmul rate measured around each run "
+              f"({ours['matmul_gflops_around']:.0f} and {table[best]['matmul_gflops_around']:.0f} GFLOP/s)")
+        summary["ratio_per_matmul_rate"] = drift_free
         diffs = [abs(a - b) for a, b in zip(ours["losses"], table[best]["losses"])]
         print("loss per step (posttrain | " + " | ".join(trl_names) + "):")
         for k, loss in enumerate(ours["losses"]):

@@ -320,12 +320,17 @@ def main() -> None:
           f"({sum(n for _, n in per_step)} trained) in {len(per_step)} steps of {args.batch}; "
           f"max_length {args.max_length}; {args.precision}; torch threads {torch.get_num_threads()}; "
           f"{machine_line()}")
-    flops_before = measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device)
-
+    # the matmul rate before and after every system: a VM's speed drifts with its neighbours' load,
+    # so each system's rate is also compared per GFLOP/s of the rate around its own run
+    around = [measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device)]
     results = {"posttrain": run_worker("posttrain", args, data_path)}
+    around.append(measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device))
     for mode in [m for m in args.trl_modes.split(",") if m]:
         results[f"trl/{mode}"] = run_worker("trl", args, data_path, trl_mode=mode)
-    flops_after = measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device)
+        around.append(measure_matmul_flops(args.precision, size=args.matmul_size, device=args.device))
+    for k, result in enumerate(results.values()):
+        result["matmul_flops_around"] = (around[k] + around[k + 1]) / 2
+    flops_before, flops_after = around[0], around[-1]
     flops = (flops_before + flops_after) / 2
 
     print(f"\nmatmul rate ({args.precision}, {args.matmul_size}^2 on {args.device}): {flops / 1e9:.1f} GFLOP/s "
@@ -350,8 +355,13 @@ def main() -> None:
         ratio = ours["trained_tokens_per_s"] / table[best]["trained_tokens_per_s"]
         memory = ours[memory_key] / table[best][memory_key]
         cpu_ratio = ours["trained_tokens_per_cpu_s"] / table[best]["trained_tokens_per_cpu_s"]
+        drift_free = ((ours["trained_tokens_per_s"] / ours["matmul_flops_around"])
+                      / (table[best]["trained_tokens_per_s"] / table[best]["matmul_flops_around"]))
         print(f"\nposttrain / best TRL ({best}): {ratio:.2f}x trained tokens/s (wall), {cpu_ratio:.2f}x per "
-              f"CPU-second, peak RSS {memory:.2f}x")
+              f"CPU-second, peak RSS {memory:.2f}x; {drift_free:.2f}x per GFLOP/s of the matmul rate measured "
+              f"around each run ({ours['matmul_flops_around'] / 1e9:.0f} and "
+              f"{table[best]['matmul_flops_around'] / 1e9:.0f} GFLOP/s)")
+        summary["speed_ratio_per_matmul_rate"] = drift_free
         diffs = [abs(a - b) / max(abs(b), 1e-9) for a, b in zip(ours["losses"], table[best]["losses"])]
         print("loss per step (posttrain | " + best + "):")
         for k, (a, b) in enumerate(zip(ours["losses"], table[best]["losses"])):
