@@ -44,6 +44,31 @@ def _time(engine, prompts, params, repeats: int) -> tuple[list[float], list]:
     return seconds, out
 
 
+def kernel_table(rows=(8, 36, 100, 1316), shapes=((576, 1536), (1536, 576), (576, 49152))) -> None:
+    """The matmul of one linear layer at decode's and training's row counts: ``nn.Linear``'s
+    row-major [out, in] weight against a contiguous [in, out] copy (``rollout.prepacked``)."""
+    def best_of(run, repeats: int = 20) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    with torch.no_grad():
+        for count in rows:
+            for inputs, outputs in shapes:
+                x, weight = torch.randn(count, inputs), torch.randn(outputs, inputs)
+                transposed = weight.t().contiguous()
+                linear = best_of(lambda: torch.nn.functional.linear(x, weight))
+                packed = best_of(lambda: x @ transposed)
+                rate = 2 * count * inputs * outputs / 1e9
+                print(f"kernel  {count:5d} rows x [{inputs} -> {outputs}]: nn.Linear {linear * 1e3:7.2f} ms "
+                      f"({rate / linear:4.0f} GFLOP/s), transposed copy {packed * 1e3:7.2f} ms "
+                      f"({rate / packed:4.0f} GFLOP/s); {packed / linear:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: the bundled model)")
@@ -66,6 +91,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     print(machine_line())
     print(f"model {directory}, fp32, {torch.get_num_threads()} threads")
+    kernel_table()
     jobs = {
         "rollout": (_prompts(tokenizer, args.prompts, offset=0),
                     SamplingParams(n=args.group_size, temperature=1.0, max_new_tokens=args.rollout_tokens, seed=0,
