@@ -93,9 +93,14 @@ def worker_posttrain(args) -> dict:
     cpu_s: list[float] = []
     real_step = sft_module.optimizer_step
 
+    profile: dict = {}
+
     def timed_step(*a, **k):
         started = time.process_time()
-        result = real_step(*a, **k)
+        if len(cpu_s) == args.steps // 2:  # one step in the middle, under the profiler: where its time goes
+            result, profile["split"] = profiled(lambda: real_step(*a, **k))
+        else:
+            result = real_step(*a, **k)
         cpu_s.append(time.process_time() - started)
         return result
 
@@ -104,7 +109,29 @@ def worker_posttrain(args) -> dict:
     result = run_sft(config, samples=(samples, []))
     steps = [h for h in result.history if "loss" in h]
     return {"losses": [h["loss"] for h in steps], "step_s": [h["step_time_s"] for h in steps],
-            "step_cpu_s": cpu_s, **_peak_memory(args)}
+            "step_cpu_s": cpu_s, "profile": profile.get("split"), **_peak_memory(args)}
+
+
+# aten kernels by kind, for the profiled step's split (self time: each op's own time, no children)
+KERNEL_KINDS = {"matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+                "attention": ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                              "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+                              "aten::_flash_attention_forward", "aten::_flash_attention_backward")}
+
+
+def profiled(run):
+    """(run(), {kind: share of the profiled ops' self CPU time}) with ``torch.profiler``: matmul,
+    attention, and everything else (norms, rotary, activations, the loss, the optimizer)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        result = run()
+    times: dict[str, float] = {}
+    for event in prof.key_averages():
+        kind = next((k for k, names in KERNEL_KINDS.items() if event.key in names), "other")
+        times[kind] = times.get(kind, 0.0) + event.self_cpu_time_total
+    total = sum(times.values()) or 1.0
+    return result, {kind: value / total for kind, value in times.items()}
 
 
 def worker_trl(args) -> dict:
@@ -369,6 +396,9 @@ def main() -> None:
         print(f"loss curves: mean relative difference {sum(diffs) / len(diffs):.2%}, max {max(diffs):.2%}")
         summary.update(best_trl=best, speed_ratio=ratio, cpu_speed_ratio=cpu_ratio, memory_ratio=memory,
                        loss_rel_diff_max=max(diffs))
+    if ours.get("profile"):
+        print("posttrain's profiled step (self CPU time by kind): " + ", ".join(
+            f"{kind} {share:.0%}" for kind, share in sorted(ours["profile"].items(), key=lambda kv: -kv[1])))
     mfu = 6 * n_params * ours["tokens_per_s"] / flops
     print(f"posttrain MFU: 6 x {n_params / 1e6:.1f}M x {ours['tokens_per_s']:.1f} tokens/s / "
           f"{flops / 1e9:.1f} GFLOP/s = {mfu:.1%}")
