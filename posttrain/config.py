@@ -495,6 +495,10 @@ class RolloutConfig(Section):
     max_new_tokens: int = Field(256, gt=0, description="completion length cap (a capped completion is 'clipped')")
     stop: list[str] = Field(default_factory=list, description="stop strings (the completion ends after one)")
     batch_size: int = Field(64, gt=0, description="sequences per generate call (hf engine)")
+    prepacked_copy: bool | None = Field(
+        None, description="hf engine on a CPU: generate with a copy of the policy whose linear weights are stored "
+                          "transposed (about 2x faster decoding at small batches; one more copy of the weights in "
+                          "memory; docs/PERFORMANCE.md); null = on for full (non-LoRA, unsharded) models on a CPU")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="hf engine: weights generation runs with (bf16 = a bf16 copy of the policy, refreshed "
                             "after every update); auto = train.precision")

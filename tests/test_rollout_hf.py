@@ -188,3 +188,18 @@ def test_the_engine_reports_sequences_and_decode_steps_to_the_current_phase(tiny
     counts = [line.split("] ")[1].split()[0] for line in lines if line.startswith("[eval t: generate]")]
     assert counts[0] == "0/10" and counts[-1] == "10/10" and {"4/10", "8/10"} <= set(counts)
     assert counts.count("0/10") >= 3  # decode steps of the first batch beat before any sequence is done
+
+
+def test_rollout_prepacked_copy_false_generates_with_the_policy_itself(tiny_model_dir, tokenizer, tmp_path):
+    """``rollout.prepacked_copy: false`` saves the copy's memory (the engine uses the policy
+    module); unset, a full model on a CPU gets the prepacked copy."""
+    from conftest import build_tiny_llama
+    from test_rl import make_config
+
+    from posttrain.rollout.sources import hf_source
+    from posttrain.train.rl_settings import source_settings
+
+    policy = build_tiny_llama(tokenizer)
+    off = source_settings(make_config(tiny_model_dir, tmp_path, rollout={"prepacked_copy": False}), None)
+    assert hf_source(policy, tokenizer, off).model is policy
+    assert hf_source(policy, tokenizer, source_settings(make_config(tiny_model_dir, tmp_path), None)).prepack

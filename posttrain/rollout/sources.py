@@ -46,6 +46,7 @@ class SourceSettings:
     vllm_kv_cache_gb: float
     vllm_enforce_eager: bool
     separate_weights: bool = False  # hf: generate on a copy of the policy (asynchronous steps), not the module itself
+    prepacked_copy: bool | None = None  # hf on a CPU: a copy with transposed linear weights (rollout.prepacked); None = auto
     lora: bool = False  # the policy is a LoRA (peft) model: a server takes the adapter alone after each update
     top_p: float = 1.0
     top_k: int = 0
@@ -59,11 +60,12 @@ class SourceSettings:
 
 
 def hf_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings) -> RolloutEngine:
-    """transformers ``generate`` on the policy itself (no copy of the weights)."""
+    """The hf engine on the policy itself, or on a copy of it (another dtype, asynchronous steps,
+    or the CPU's prepacked copy: ``rollout.hf``)."""
     from posttrain.rollout.hf import HFEngine
 
     return HFEngine(policy, tokenizer, batch_size=settings.batch_size, synced_gpus=settings.synced_gpus,
-                    dtype=settings.dtype, separate_copy=settings.separate_weights)
+                    dtype=settings.dtype, separate_copy=settings.separate_weights, prepack=settings.prepacked_copy)
 
 
 def vllm_source(policy: torch.nn.Module, tokenizer: Any, settings: SourceSettings) -> RolloutEngine:

@@ -220,6 +220,7 @@ def source_settings(config: RLConfig, info: DistInfo | None, run_dir: Any = None
         synced_gpus=info is not None and info.distributed,
         vllm_gpu_memory_utilization=rollout.vllm_gpu_memory_utilization, vllm_kv_cache_gb=rollout.vllm_kv_cache_gb,
         vllm_enforce_eager=rollout.vllm_enforce_eager, separate_weights=config.rl.max_staleness > 0,
+        prepacked_copy=rollout.prepacked_copy,
         lora=config.lora.enabled, top_p=rollout.top_p, top_k=rollout.top_k, server_url=rollout.server_url,
         server_python=rollout.server_python, server_args=tuple(rollout.server_args),
         server_start_timeout_s=rollout.server_start_timeout_s, server_timeout_s=rollout.server_timeout_s,
