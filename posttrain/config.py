@@ -485,9 +485,9 @@ class RolloutConfig(Section):
     """How completions are sampled (``rollout:`` section)."""
 
     engine: Literal["hf", "vllm", "vllm_server"] = Field(
-        "hf", description="hf = transformers generate; vllm = vLLM offline engine in this process (extra); "
-                          "vllm_server = a vLLM server in its own process or machine (rollout.server_url, or started "
-                          "by posttrain), weights pushed after every update")
+        "hf", description="hf = a transformers model in this process (posttrain's decode loop); vllm = vLLM "
+                          "offline engine in this process (extra); vllm_server = a vLLM server in its own process "
+                          "or machine (rollout.server_url, or started by posttrain), weights pushed after every update")
     group_size: int = Field(8, gt=0, description="completions sampled per prompt (GRPO's G)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs are computed at it too")
     top_p: float = Field(1.0, gt=0, le=1)
