@@ -113,6 +113,11 @@ def _draw_negative_difference(rng: random.Random) -> dict:
     return {"a": a, "b": rng.randint(a + 1, 99), "c": _two(rng)}  # (a - b) * c < 0
 
 
+def _draw_leftover(rng: random.Random) -> dict:
+    b, c = _two(rng), _two(rng)
+    return {"a": rng.randint(b * c + 1, b * c + 999), "b": b, "c": c}  # a - b * c stays positive
+
+
 def _draw_with_distractor(rng: random.Random, **operands: int) -> dict:
     return {**operands, "d": rng.randint(2, 99)}
 
@@ -133,52 +138,105 @@ class Form:
 
 
 FORMS = (
-    Form("a * b", 0.20, lambda r: {"a": _three(r), "b": _three(r)}, "{a} * {b}",
+    Form("a * b", 0.12, lambda r: {"a": _three(r), "b": _three(r)}, "{a} * {b}",
          EXPRESSION_QUESTIONS + ("Multiply {a} by {b}.", "What is {a} times {b}?", "What is the product of {a} and {b}?"),
          "{a} * {b}"),
-    Form("a * b - c", 0.07, _draw_product_minus, "{a} * {b} - {c}", EXPRESSION_QUESTIONS, "{a} * {b} - {c}"),
-    Form("a * b + c", 0.07, lambda r: {"a": _two(r), "b": _two(r), "c": _three(r)}, "{a} * {b} + {c}",
+    Form("a * b - c", 0.04, _draw_product_minus, "{a} * {b} - {c}", EXPRESSION_QUESTIONS, "{a} * {b} - {c}"),
+    Form("a * b + c", 0.04, lambda r: {"a": _two(r), "b": _two(r), "c": _three(r)}, "{a} * {b} + {c}",
          EXPRESSION_QUESTIONS, "{a} * {b} + {c}"),
-    Form("(a + b) * c", 0.07, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
+    Form("(a + b) * c", 0.04, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
          EXPRESSION_QUESTIONS, "({a} + {b}) * {c}"),
-    Form("a * b * c", 0.05, lambda r: {"a": _three(r), "b": _three(r), "c": _three(r)}, "{a} * {b} * {c}",
+    Form("a * b * c", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _three(r)}, "{a} * {b} * {c}",
          EXPRESSION_QUESTIONS + ("Multiply {a}, {b} and {c}.", "What is the product of {a}, {b} and {c}?"),
          "{a} * {b} * {c}"),
-    Form("a - b * c", 0.06, _draw_negative_product, "{a} - {b} * {c}", EXPRESSION_QUESTIONS, "{a} - {b} * {c}"),
-    Form("(a - b) * c", 0.06, _draw_negative_difference, "({a} - {b}) * {c}", EXPRESSION_QUESTIONS, "({a} - {b}) * {c}"),
-    Form("a - b", 0.05, lambda r: {"a": _three(r), "b": r.randint(1000, 9999)}, "{a} - {b}",
+    Form("a * b - c * d", 0.03, lambda r: {"a": _three(r), "b": _two(r), "c": _three(r), "d": _two(r)},
+         "{a} * {b} - {c} * {d}", EXPRESSION_QUESTIONS, "{a} * {b} - {c} * {d}"),
+    Form("(a - b) * (c + d)", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r), "d": _two(r)},
+         "({a} - {b}) * ({c} + {d})", EXPRESSION_QUESTIONS, "({a} - {b}) * ({c} + {d})"),
+    Form("a * (b + c)", 0.03, lambda r: {"a": _two(r), "b": _three(r), "c": _three(r)}, "{a} * ({b} + {c})",
+         EXPRESSION_QUESTIONS, "{a} * ({b} + {c})"),
+    Form("(a + b) * c - d", 0.02, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r), "d": _three(r)},
+         "({a} + {b}) * {c} - {d}", EXPRESSION_QUESTIONS, "({a} + {b}) * {c} - {d}"),
+    Form("steps: (a + b) * c", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
+         ("First add {a} and {b}, then multiply the sum by {c}.", "Add {a} to {b} and multiply the total by {c}.")),
+    Form("steps: a * b - c", 0.03, lambda r: {"a": _three(r), "b": _two(r), "c": _three(r)}, "{a} * {b} - {c}",
+         ("Subtract {c} from the product of {a} and {b}.", "Find the product of {a} and {b}, then take away {c}.")),
+    Form("vars: a * b + c", 0.02, lambda r: {"a": _three(r), "b": _two(r), "c": _three(r)}, "{a} * {b} + {c}",
+         ("Let p = {a}, q = {b} and r = {c}. What is p * q + r?", "Given m = {a}, n = {b} and k = {c}, compute m * n + k.")),
+    Form("a - b * c", 0.04, _draw_negative_product, "{a} - {b} * {c}",
+         EXPRESSION_QUESTIONS + ("Subtract the product of {b} and {c} from {a}.", "What is {a} less {b} times {c}?"),
+         "{a} - {b} * {c}"),
+    Form("(a - b) * c", 0.03, _draw_negative_difference, "({a} - {b}) * {c}", EXPRESSION_QUESTIONS, "({a} - {b}) * {c}"),
+    Form("-a + b", 0.03, lambda r: {"a": r.randint(1000, 9999), "b": _three(r)}, "-{a} + {b}", EXPRESSION_QUESTIONS,
+         "-{a} + {b}"),
+    Form("a - b", 0.03, lambda r: {"a": _three(r), "b": r.randint(1000, 9999)}, "{a} - {b}",
          ("What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."), "{a} - {b}"),
-    Form("round(a / b, 2)", 0.06, lambda r: _division(r, 2), "round({a} / {b}, 2)",
+    Form("round(a / b, 2)", 0.04, lambda r: _division(r, 2), "round({a} / {b}, 2)",
          ("What is {a} / {b}, rounded to two decimal places?", "Divide {a} by {b} and round to 2 decimal places.",
           "What is {a} divided by {b}? Round the result to two decimals.")),
-    Form("round(a / b)", 0.04, lambda r: _division(r, 0), "round({a} / {b})",
+    Form("round(a / b, 1)", 0.02, lambda r: _division(r, 1), "round({a} / {b}, 1)",
+         ("What is {a} / {b}, rounded to 1 decimal place?", "Divide {a} by {b}. Give the result with one decimal.")),
+    Form("round(a / b, 3)", 0.02, lambda r: _division(r, 3), "round({a} / {b}, 3)",
+         ("What is {a} / {b}, rounded to three decimal places?", "Compute {a} / {b} to 3 decimal places.")),
+    Form("round(a / b)", 0.03, lambda r: _division(r, 0), "round({a} / {b})",
          ("What is {a} / {b}, rounded to the nearest whole number?", "Divide {a} by {b} and round to a whole number.",
           "Round {a} divided by {b} to the nearest integer.")),
-    Form("a % b", 0.05, _division, "{a} % {b}",
+    Form("a % b", 0.03, _division, "{a} % {b}",
          ("What is the remainder when {a} is divided by {b}?", "What is {a} mod {b}?",
           "Divide {a} by {b}. What is the remainder?")),
-    Form("a // b", 0.04, _division, "{a} // {b}",
+    Form("a // b", 0.03, _division, "{a} // {b}",
          ("What is {a} divided by {b}, without the remainder?", "How many whole times does {b} go into {a}?",
           "What is the whole-number quotient of {a} divided by {b}?")),
-    Form("word: a * b", 0.06, lambda r: _draw_with_distractor(r, a=_three(r), b=_three(r)), "{a} * {b}",
+    Form("word: a * b", 0.08, lambda r: _draw_with_distractor(r, a=_three(r), b=_three(r)), "{a} * {b}",
          ("A warehouse has {a} shelves with {b} boxes on each shelf. How many boxes are there?",
           "A printer prints {a} pages per hour. How many pages does it print in {b} hours?",
           "A farm has {d} cows and {a} fields. Each field has {b} apple trees. How many apple trees are on the farm?",
           "A school orders {a} packs of pencils for its {d} classes. Each pack holds {b} pencils. "
-          "How many pencils are ordered?")),
+          "How many pencils are ordered?",
+          "A car travels {a} km each day. How many km does it travel in {b} days?",
+          "A theater has {a} rows with {b} seats in each row. How many seats does it have?",
+          "Each of {a} students pays {b} cents for a trip. How many cents are paid in total?",
+          "A garden has {a} rows of {b} tulips and {d} bees. How many tulips are in the garden?",
+          "A machine fills {a} bottles a minute. How many bottles does it fill in {b} minutes?",
+          "A city has {d} parks and {a} streets with {b} houses on each street. How many houses are there?")),
+    Form("word: a * b * c", 0.04, lambda r: {"a": _three(r), "b": _two(r), "c": _two(r)}, "{a} * {b} * {c}",
+         ("A school has {c} buildings, each with {b} classrooms of {a} chairs. How many chairs are there?",
+          "A factory runs {c} machines for {b} hours, and each machine makes {a} parts an hour. "
+          "How many parts are made?",
+          "There are {c} boxes, each holding {b} packs of {a} cards. How many cards are there?")),
+    Form("word: a - b * c", 0.04, lambda r: _draw_leftover(r), "{a} - {b} * {c}",
+         ("A shop has {a} apples and sells {c} bags of {b} apples each. How many apples are left?",
+          "A farmer has {a} kg of rice and fills {c} sacks with {b} kg each. How many kg of rice are left?",
+          "A library owns {a} books and lends {b} books to each of {c} schools. How many books does it keep?")),
+    Form("word: a + b * c", 0.02, lambda r: {"a": _three(r), "b": _two(r), "c": _three(r)}, "{a} + {b} * {c}",
+         ("A jar has {a} coins, and {b} bags of {c} coins each are added. How many coins are in the jar now?",
+          "A stadium has {a} seats and adds {b} new rows of {c} seats. How many seats does it have now?")),
     Form("word: a - b", 0.04, lambda r: {"a": _three(r), "b": r.randint(1000, 9999)}, "{a} - {b}",
          ("A bank account has {a} dollars. A payment of {b} dollars is taken out. What is the balance now?",
           "A company earned {a} dollars and spent {b} dollars. What is its profit?",
-          "A balloon is {a} meters above sea level and drops {b} meters. How high is it now, in meters?")),
-    Form("word: (a + b) * c", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
+          "A balloon is {a} meters above sea level and drops {b} meters. How high is it now, in meters?",
+          "A game score is {a} points, and a penalty takes away {b} points. What is the score now?")),
+    Form("word: (a + b) * c", 0.02, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
          ("A ticket costs {a} cents and a drink costs {b} cents. How many cents do {c} tickets and {c} drinks cost?",
           "A truck carries {a} kg of sand and {b} kg of stone on each trip. How many kg does it carry in {c} trips?")),
     Form("word: a % b", 0.03, lambda r: _draw_with_distractor(r, **_division(r)), "{a} % {b}",
          ("{a} cookies are packed into bags of {b}. How many cookies are left over?",
-          "{a} eggs are put into cartons of {b}; {d} cartons are already full. How many eggs do not fill a carton?")),
+          "{a} eggs are put into cartons of {b}; {d} cartons are already full. How many eggs do not fill a carton?",
+          "{a} students are split into groups of {b}. How many students are not in a full group?",
+          "A ribbon of {a} cm is cut into pieces of {b} cm. How many cm are left over?")),
+    Form("word: a // b", 0.03, _division, "{a} // {b}",
+         ("A ribbon of {a} cm is cut into pieces of {b} cm. How many whole pieces are there?",
+          "{a} apples are packed {b} to a box. How many full boxes are there?",
+          "How many rows of {b} chairs can be filled completely with {a} chairs?")),
     Form("word: ceil(a / b)", 0.02, _division, "math.ceil({a} / {b})",
          ("A bus holds {b} people. How many buses are needed for {a} people?",
-          "Each box holds {b} books. How many boxes are needed to pack {a} books?")),
+          "Each box holds {b} books. How many boxes are needed to pack {a} books?",
+          "A van carries {b} boxes per trip. How many trips are needed to move {a} boxes?")),
+    Form("word: round(a / b, 2)", 0.02, lambda r: _division(r, 2), "round({a} / {b}, 2)",
+         ("A bill of {a} dollars is split equally among {b} friends. How many dollars does each pay, rounded to "
+          "two decimal places?",
+          "{a} liters of juice are poured equally into {b} jugs. How many liters are in each jug, rounded to 2 "
+          "decimal places?")),
 )
 FORMS_BY_NAME = {form.name: form for form in FORMS}
 
@@ -348,10 +406,10 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sft", type=int, default=400, help="tool trajectories in the cold-start file")
-    parser.add_argument("--subtractions", type=int, default=40, help="direct two-digit subtractions in the SFT mixture")
-    parser.add_argument("--additions", type=int, default=20, help="direct two-digit additions in the SFT mixture")
-    parser.add_argument("--chat", type=int, default=40, help="short chat rows in the SFT mixture")
+    parser.add_argument("--sft", type=int, default=640, help="tool trajectories in the cold-start file")
+    parser.add_argument("--subtractions", type=int, default=60, help="direct two-digit subtractions in the SFT mixture")
+    parser.add_argument("--additions", type=int, default=30, help="direct two-digit additions in the SFT mixture")
+    parser.add_argument("--chat", type=int, default=70, help="short chat rows in the SFT mixture")
     parser.add_argument("--rl", type=int, default=600, help="RL training prompts")
     parser.add_argument("--eval", type=int, default=100, help="held-out prompts (tool task and subtraction each)")
     parser.add_argument("--out", type=Path, default=HERE)
