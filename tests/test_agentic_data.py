@@ -65,6 +65,23 @@ TRAINING_CHECKS = {
     "word: (a + b) * c": exact(lambda o: o["a"] * o["c"] + o["b"] * o["c"]),
     "word: a % b": exact(lambda o: o["a"] % o["b"]),
     "word: ceil(a / b)": exact(lambda o: -(-o["a"] // o["b"])),
+    "a * b - c * d": exact(lambda o: o["a"] * o["b"] - o["c"] * o["d"]),
+    "(a - b) * (c + d)": exact(lambda o: o["a"] * (o["c"] + o["d"]) - o["b"] * (o["c"] + o["d"])),
+    "a * (b + c)": exact(lambda o: o["a"] * o["b"] + o["a"] * o["c"]),
+    "(a + b) * c - d": exact(lambda o: o["a"] * o["c"] + o["b"] * o["c"] - o["d"]),
+    "steps: (a + b) * c": exact(lambda o: o["a"] * o["c"] + o["b"] * o["c"]),
+    "steps: a * b - c": exact(lambda o: o["a"] * o["b"] - o["c"]),
+    "vars: a * b": exact(lambda o: o["a"] * o["b"]),
+    "vars: (a + b) * c": exact(lambda o: o["a"] * o["c"] + o["b"] * o["c"]),
+    "vars: a * b + c": exact(lambda o: o["a"] * o["b"] + o["c"]),
+    "-a + b": exact(lambda o: o["b"] - o["a"]),
+    "round(a / b, 1)": rounded(1),
+    "round(a / b, 3)": rounded(3),
+    "word: a * b * c": exact(lambda o: o["a"] * o["b"] * o["c"]),
+    "word: a - b * c": exact(lambda o: o["a"] - o["b"] * o["c"]),
+    "word: a + b * c": exact(lambda o: o["a"] + o["b"] * o["c"]),
+    "word: a // b": exact(lambda o: (o["a"] - o["a"] % o["b"]) // o["b"]),
+    "word: round(a / b, 2)": rounded(2),
 }
 # the held-out forms, by (form, template index)
 HELDOUT_CHECKS = {
@@ -122,7 +139,7 @@ def test_sft_outputs_are_what_the_code_prints_and_the_answer_copies_the_last_one
     sft = rows("agentic_sft.jsonl")
     tool = [row["messages"] for row in sft if any(m.get("tool_calls") for m in row["messages"])]
     mixture = [row["messages"] for row in sft if not any(m.get("tool_calls") for m in row["messages"])]
-    assert len(tool) == 400 and len(mixture) == 100
+    assert len(tool) == 640 and len(mixture) == 160
     negative = two_calls = 0
     for messages in tool:
         calls = [m["tool_calls"][0]["function"] for m in messages if m.get("tool_calls")]
@@ -132,7 +149,7 @@ def test_sft_outputs_are_what_the_code_prints_and_the_answer_copies_the_last_one
         assert messages[-1] == {"role": "assistant", "content": f"The answer is {outputs[-1]}."}
         negative += outputs[-1].startswith("-")
         two_calls += len(calls) == 2
-    assert negative >= 60 and 20 <= two_calls <= 60
+    assert negative >= 100 and 20 <= two_calls <= 80
     # the words the model must read: division, remainders, word problems with distractors
     questions = [m[0]["content"] for m in tool]
     assert sum("remainder" in q or "left over" in q for q in questions) >= 15
@@ -177,4 +194,4 @@ def test_no_held_out_problem_is_trained_on():
     subtraction = {m[0]["content"] for m in (r["messages"] for r in rows("subtraction_eval.jsonl"))}
     direct = {r["messages"][0]["content"] for r in rows("agentic_sft.jsonl") if len(r["messages"]) == 2}
     assert len(subtraction) == 100 and not subtraction & direct
-    assert sum(re.fullmatch(r"What is \d+ - \d+\?", q) is not None for q in direct) == 40
+    assert sum(re.fullmatch(r"What is \d+ - \d+\?", q) is not None for q in direct) == 60

@@ -7,24 +7,30 @@ The tool task (``FORMS``; each with several phrasings, ``Form.questions``):
 
 - products of three-digit numbers ("What is 487 * 923?", "Multiply 487 by 923."), products of
   three (large results: "What is 412 * 388 * 905?");
-- multi-step expressions (``a * b - c``, ``a * b + c``, ``(a + b) * c``);
-- negative results (``a - b * c``, ``(a - b) * c``, ``a - b`` with ``b`` larger: "Subtract 4507
-  from 312.");
-- division: rounded to two decimal places or to a whole number, the remainder, the whole
-  quotient (no rounding tie is ever asked);
-- word problems with one or two operations and sometimes a distractor number the answer must
+- multi-step expressions (``a * b - c``, ``a * b + c``, ``(a + b) * c``, ``a * b - c * d``,
+  ``(a - b) * (c + d)``, ``a * (b + c)``, ``(a + b) * c - d``), also described step by step in
+  words ("First add 312 and 45, then multiply the sum by 17.") or with named numbers ("Let p =
+  412, q = 38 and r = 905. What is p * q + r?": the code assigns the same names);
+- negative results (``a - b * c``, ``(a - b) * c``, ``-a + b``, ``a - b`` with ``b`` larger:
+  "Subtract 4507 from 312.");
+- division: rounded to one, two or three decimal places or to a whole number, the remainder,
+  the whole quotient (no rounding tie is ever asked);
+- word problems with one to three operations and sometimes a distractor number the answer must
   not use ("A farm has 37 cows and 126 fields. Each field has 418 apple trees. How many apple
-  trees are on the farm?"), including ones whose answer is negative (a balance, a temperature)
-  or needs rounding up (buses for a number of people).
+  trees are on the farm?"): products of two or three factors, what is left after taking
+  several equal parts away, additions of equal parts, results that are negative (a balance, a
+  score), remainders and whole quotients (pieces of ribbon, full boxes), rounding up (buses for
+  a number of people) and shares rounded to cents.
 
 Files:
 
 - ``agentic_sft.jsonl``: the cold start, OpenAI messages: the question; an assistant message
   calling the ``python`` tool (``{"code": "print(487 * 923)"}``, sometimes ``x = ...`` then
   ``print(x)``); the tool result; ``The answer is 449501.``, the printed value copied exactly
-  (sign included). Half of the ``a * b +/- c`` problems go step by step: the product first,
+  (sign included). Half of the ``a * b +/- c`` problems (and of the worded
+  "product, then take away") go step by step: the product first,
   then a second call on its output. Train it with ``data.tool_format: inline`` (the bundled
-  template has no tools). About a quarter of the rows are a tool-free mixture that keeps other
+  template has no tools). A fifth of the rows are a tool-free mixture that keeps other
   skills: two-digit subtractions and additions answered directly (the tool is for the hard
   problems), and short chat answers from ``sft_chat.jsonl`` (counting, sorting, capitals; no
   arithmetic). The cold start is kept small on purpose, so that RL has room to add on top.
@@ -161,12 +167,17 @@ FORMS = (
          ("First add {a} and {b}, then multiply the sum by {c}.", "Add {a} to {b} and multiply the total by {c}.")),
     Form("steps: a * b - c", 0.03, lambda r: {"a": _three(r), "b": _two(r), "c": _three(r)}, "{a} * {b} - {c}",
          ("Subtract {c} from the product of {a} and {b}.", "Find the product of {a} and {b}, then take away {c}.")),
+    Form("vars: a * b", 0.01, lambda r: {"a": _three(r), "b": _three(r)}, "{a} * {b}",
+         ("Let p = {a} and q = {b}. What is p * q?",)),
+    Form("vars: (a + b) * c", 0.02, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
+         ("Let u = {a}, v = {b} and w = {c}. Find (u + v) * w.", "Given a = {a}, b = {b} and c = {c}, what is (a + b) * c?")),
     Form("vars: a * b + c", 0.02, lambda r: {"a": _three(r), "b": _two(r), "c": _three(r)}, "{a} * {b} + {c}",
          ("Let p = {a}, q = {b} and r = {c}. What is p * q + r?", "Given m = {a}, n = {b} and k = {c}, compute m * n + k.")),
     Form("a - b * c", 0.04, _draw_negative_product, "{a} - {b} * {c}",
          EXPRESSION_QUESTIONS + ("Subtract the product of {b} and {c} from {a}.", "What is {a} less {b} times {c}?"),
          "{a} - {b} * {c}"),
-    Form("(a - b) * c", 0.03, _draw_negative_difference, "({a} - {b}) * {c}", EXPRESSION_QUESTIONS, "({a} - {b}) * {c}"),
+    Form("(a - b) * c", 0.03, _draw_negative_difference, "({a} - {b}) * {c}",
+         EXPRESSION_QUESTIONS + ("Multiply the difference of {a} and {b} by {c}.",), "({a} - {b}) * {c}"),
     Form("-a + b", 0.03, lambda r: {"a": r.randint(1000, 9999), "b": _three(r)}, "-{a} + {b}", EXPRESSION_QUESTIONS,
          "-{a} + {b}"),
     Form("a - b", 0.03, lambda r: {"a": _three(r), "b": r.randint(1000, 9999)}, "{a} - {b}",
@@ -314,7 +325,8 @@ def python_call(code: str) -> dict:
 def step_by_step(problem: Problem) -> bool:
     """Half of the ``a * b +/- c`` trajectories compute the product first, then the rest: two
     calls, so the cold start also shows a model reading one output and calling again."""
-    return problem.form in ("a * b - c", "a * b + c") and random.Random(repr(problem.key)).random() < 0.5
+    return (problem.form in ("a * b - c", "a * b + c", "steps: a * b - c")
+            and random.Random(repr(problem.key)).random() < 0.5)
 
 
 def code_for(rng: random.Random, problem: Problem) -> str:
@@ -322,15 +334,38 @@ def code_for(rng: random.Random, problem: Problem) -> str:
     return f"import math\n{code}" if "math." in code else code
 
 
+def named_code(template: str, problem: Problem) -> str:
+    """For a question that names its numbers ("Let p = {a}, q = {b} ..."): the same names
+    assigned in the code, then the expression written with them.
+
+    >>> named_code("Let p = {a} and q = {b}. What is p * q?", Problem("vars: a * b", (("a", 12), ("b", 34))))
+    'p = 12\\nq = 34\\nprint(p * q)'
+    """
+    names = re.findall(r"\b([a-z]) = \{([a-z])\}", template)
+    expression = FORMS_BY_NAME[problem.form].python
+    for name, operand in names:
+        expression = expression.replace("{" + operand + "}", name)
+    assignments = "".join(f"{name} = {problem.values[operand]}\n" for name, operand in names)
+    return f"{assignments}print({expression})"
+
+
 def tool_trajectory(rng: random.Random, problem: Problem) -> dict:
     """The question, one python call (two for a step-by-step ``a * b +/- c``), the outputs,
     the answer: the last output, copied exactly."""
     answer = problem.answer
-    user = {"role": "user", "content": question(rng, problem)}
+    template = phrasing(rng, problem)
+    user = {"role": "user", "content": template.format(**problem.values)}
+    if problem.form.startswith("vars:"):
+        return {"messages": [
+            user,
+            {"role": "assistant", "content": "", "tool_calls": [python_call(named_code(template, problem))]},
+            {"role": "tool", "content": answer},
+            {"role": "assistant", "content": f"The answer is {answer}."},
+        ]}
     if step_by_step(problem):
         values = problem.values
         product = values["a"] * values["b"]
-        sign = "-" if problem.form == "a * b - c" else "+"
+        sign = "-" if problem.form.endswith("a * b - c") else "+"
         return {"messages": [
             user,
             {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({values['a']} * {values['b']})")]},
