@@ -72,6 +72,30 @@ def test_shared_prefill_samples_what_separate_prefills_sample(tiny_model, tokeni
     assert engine._shared_prefill(ids, mask, [0, 1, 2, 3]) is None  # nothing repeats: plain generate
 
 
+def test_equal_prompts_passed_separately_share_one_prefill(tiny_model, tokenizer):
+    """An agent asks for each trajectory of a group with n=1: equal prompts still get one prefill
+    between them, and sample what separate prefills sample."""
+    hello, longer = tokenizer.encode("hello there"), tokenizer.encode("a much longer prompt than the first one")
+    prompts = [hello, longer, hello, hello, longer]
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=6, seed=5, return_logprobs=True)
+    engine = HFEngine(tiny_model, tokenizer, share_prefill=True)
+    prefilled = []
+    original = engine._shared_prefill
+
+    def spy(ids, mask, keys):
+        prefilled.append(list(keys))
+        return original(ids, mask, keys)
+
+    engine._shared_prefill = spy
+    shared = engine.generate(prompts, params)
+    separate = HFEngine(tiny_model, tokenizer, share_prefill=False).generate(prompts, params)
+    assert prefilled == [[0, 1, 0, 0, 1]]
+    assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
+    assert [c.prompt_index for c in shared] == [0, 1, 2, 3, 4]
+    for a, b in zip(shared, separate):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
 def test_bf16_generation_copy_follows_the_policy(tokenizer):
     from conftest import build_tiny_llama
 

@@ -10,8 +10,9 @@ end-of-sequence token (kept: the model must learn to emit it) or after the stop 
 ended it.
 
 More savings that leave the sampled distribution as it is:
-- shared prefill: the ``n`` copies of a prompt are prefilled once and the key/value cache is
-  repeated to their rows (a group of 8 pays for one prompt instead of 8);
+- shared prefill: the ``n`` copies of a prompt (or equal prompts passed separately, as an agent's
+  first turns of one group) are prefilled once and the key/value cache is repeated to their rows
+  (a group of 8 pays for one prompt instead of 8);
 - ``dtype``: generation may run on a copy of the policy in another dtype (bf16 on a CPU with
   bf16 matmuls, like vLLM serving bf16 weights), refreshed by ``update_weights`` after every
   update. ``separate_copy``: a copy even in the same dtype, so generation for the next steps
@@ -55,6 +56,18 @@ def _generation_attention(model):
             config._attn_implementation = saved_attn
         config.use_cache = saved_cache
 
+
+
+def same_prompt_as(prompt_ids: list[list[int]]) -> list[int]:
+    """For each prompt, the index of the first prompt with the same ids: the prefill is shared
+    by equal prompts whether they come as ``n`` copies or as separate entries (an agent's
+    trajectories of one group, each asked with n=1).
+
+    >>> same_prompt_as([[1, 2], [3], [1, 2], [3], [4]])
+    [0, 1, 0, 1, 4]
+    """
+    first: dict[tuple[int, ...], int] = {}
+    return [first.setdefault(tuple(ids), index) for index, ids in enumerate(prompt_ids)]
 
 class HFEngine:
     """Generates with the live policy module itself (``update_weights`` has nothing to copy),
@@ -106,14 +119,19 @@ class HFEngine:
         expanded = [index for index in range(len(prompt_ids)) for _ in range(params.n)]
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        same_as = same_prompt_as(prompt_ids)
         completions: list[Completion] = []
         for start in range(0, len(expanded), self.batch_size):
             chunk = expanded[start : start + self.batch_size]
-            completions.extend(self._generate_batch([prompt_ids[i] for i in chunk], chunk, params))
+            completions.extend(self._generate_batch([prompt_ids[i] for i in chunk], chunk, params,
+                                                    [same_as[i] for i in chunk]))
             sequences_generated(len(chunk))
         return completions
 
-    def _generate_batch(self, prompts: list[list[int]], indices: list[int], params: SamplingParams) -> list[Completion]:
+    def _generate_batch(self, prompts: list[list[int]], indices: list[int], params: SamplingParams,
+                        share_keys: list[int] | None = None) -> list[Completion]:
+        """indices: each row's prompt index; share_keys: rows with the same key have the same
+        prompt (the prefill is shared among them), default ``indices``."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -145,7 +163,8 @@ class HFEngine:
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         try:
             with _generation_attention(self.model):
-                cache = self._shared_prefill(input_ids, attention_mask, indices) if self.share_prefill else None
+                keys = indices if share_keys is None else share_keys
+                cache = self._shared_prefill(input_ids, attention_mask, keys) if self.share_prefill else None
                 if self.compact and not self.synced_gpus and params.top_p == 1.0 and not params.top_k:
                     tokens, logprobs = decode(
                         self.model, input_ids, attention_mask, max_new_tokens=params.max_new_tokens,
