@@ -39,8 +39,9 @@ Files:
   ``agent.tools.PYTHON_SCHEMA``, the schema an agent prompt announces), so the rendered system
   turn is the one RL and eval prompts start with; chat rows carry none.
 - ``agentic_rl_train.jsonl``: RL prompts ``{"messages": [user], "answer": "449501", "form":
-  ..., "operands": {...}}`` of the tool task (``form`` and ``operands`` are metadata; a reward
-  ignores them).
+  ..., "operands": {...}}`` of the tool task, the forms that take reading or division weighted
+  up (``rl_weight``: RL learns from the prompts the cold start solves sometimes); ``form`` and
+  ``operands`` are metadata, a reward ignores them.
 - ``agentic_eval.jsonl``: held-out prompts of the tool task, same shape and forms: the
   *same-form* set. Other forms and phrasings, never generated here, are written by
   ``make_agentic_heldout.py``.
@@ -283,20 +284,40 @@ class Problem:
         return str(eval(self.python, {"math": math, "round": round}))  # our own expression, never a model's
 
 
-def draw_problem(rng: random.Random) -> Problem:
-    form = rng.choices(FORMS, weights=[f.weight for f in FORMS])[0]
+def draw_problem(rng: random.Random, weights: list[float] | None = None) -> Problem:
+    form = rng.choices(FORMS, weights=weights or [f.weight for f in FORMS])[0]
     return Problem(form.name, tuple(sorted(form.draw(rng).items())))
 
 
-def tool_problems(rng: random.Random, count: int) -> list[Problem]:
-    """``count`` distinct problems (``Problem.key``), in draw order."""
-    seen, problems = set(), []
+def tool_problems(rng: random.Random, count: int, weights: list[float] | None = None,
+                  seen: set | None = None) -> list[Problem]:
+    """``count`` distinct problems (``Problem.key``), in draw order, none of them in ``seen``
+    (which gains their keys)."""
+    seen = set() if seen is None else seen
+    problems = []
     while len(problems) < count:
-        problem = draw_problem(rng)
+        problem = draw_problem(rng, weights)
         if problem.key not in seen:
             seen.add(problem.key)
             problems.append(problem)
     return problems
+
+
+RL_EMPHASIS = 3.0
+
+
+def rl_weight(form: Form) -> float:
+    """A form's share of the RL prompts: ``RL_EMPHASIS`` times its SFT share for the forms that
+    take reading (word problems, steps or names in words), division of any kind and a leading
+    minus; plain products and sums, which the cold start already solves nearly always (their
+    groups all right: no signal, dropped by dynamic sampling), keep their share.
+
+    >>> rl_weight(FORMS_BY_NAME["a * b"]) == FORMS_BY_NAME["a * b"].weight, rl_weight(FORMS_BY_NAME["a % b"]) > 0.05
+    (True, True)
+    """
+    reading = form.name.startswith(("word:", "steps:", "vars:"))
+    division = any(op in form.name for op in ("%", "//", "/"))
+    return form.weight * (RL_EMPHASIS if reading or division or form.name.startswith("-") else 1.0)
 
 
 def phrasing(rng: random.Random, problem: Problem) -> str:
@@ -451,8 +472,10 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(args.seed)
 
-    problems = tool_problems(rng, args.eval + args.rl + args.sft)
-    held_out, rl, sft = problems[: args.eval], problems[args.eval : args.eval + args.rl], problems[args.eval + args.rl :]
+    seen: set = set()
+    problems = tool_problems(rng, args.eval + args.sft, seen=seen)
+    held_out, sft = problems[: args.eval], problems[args.eval :]
+    rl = tool_problems(rng, args.rl, weights=[rl_weight(form) for form in FORMS], seen=seen)
     control = control_subtractions(HERE / "subtraction_eval.jsonl")
     mixture_subtractions = [pair for pair in subtractions(rng) if pair not in control][: args.subtractions]
 
