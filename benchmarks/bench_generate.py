@@ -9,6 +9,10 @@ Two jobs, the ones the quickstart runs:
   (the quickstart's evaluations). Greedy ids must be the same on both paths; the share that is
   identical is printed (a row can differ only where two logits tie within rounding).
 
+Third, ``agentic``: the first turns of the agentic demos' evaluations, greedy, with the prefix
+every prompt shares (the system turn; the tool schema with ``tool_format: chat_template``)
+prefilled once against prefilled with every row.
+
 Run: ``python benchmarks/bench_generate.py [--model DIR]`` (default: the bundled
 SmolLM2-135M-Instruct; pass an SFT checkpoint to time the short answers a trained model gives).
 """
@@ -114,6 +118,43 @@ def main() -> None:
             same = sum(a.token_ids == b.token_ids for a, b in zip(results["generate"][1], results["decode"][1]))
             line += f"; greedy ids identical {same}/{len(prompts)}"
         print(line)
+    agentic_prefill(model, tokenizer, args.repeats)
+
+
+def _agent_prompts(config_path: str, tokenizer, count: int) -> list[list[int]]:
+    """The first-turn prompts an agentic demo's evaluation renders (its template, its tools)."""
+    import copy
+
+    from posttrain.agent.build import build_agent
+    from posttrain.config import PipelineConfig, read_config_file, validate_config
+
+    config = validate_config(PipelineConfig, read_config_file(REPO / config_path), config_path)
+    tokenizer = copy.deepcopy(tokenizer)
+    if config.model.chat_template:
+        tokenizer.chat_template = (REPO / config.model.chat_template).read_text()
+    agent = build_agent(config.rl.agent, tokenizer, max_new_tokens=48)
+    rows = [json.loads(line) for line in (REPO / "examples/data/agentic_eval.jsonl").read_text().splitlines()]
+    return [agent.prompt(row["messages"], None, {}, f"row{i}").prompt_ids for i, row in enumerate(rows[:count])]
+
+
+def agentic_prefill(model, tokenizer, repeats: int, count: int = 50) -> None:
+    """Greedy first turns of the agentic demos' evaluations, the prefix every prompt shares (the
+    system turn; with chat_template also the tool schema) prefilled once or with every row."""
+    from posttrain.rollout.base import SamplingParams
+    from posttrain.rollout.hf import HFEngine, common_prefix_length
+
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=48)
+    engines = {"whole": HFEngine(model, tokenizer, batch_size=128, share_common_prefix=False),
+               "shared": HFEngine(model, tokenizer, batch_size=128, share_common_prefix=True)}
+    for config in ("configs/agentic_quickstart.yaml", "configs/agentic_chat_template.yaml"):
+        prompts = _agent_prompts(config, tokenizer, count)
+        results = {name: _time(engine, prompts, params, repeats) for name, engine in engines.items()}
+        medians = {name: statistics.median(seconds) for name, (seconds, _) in results.items()}
+        same = sum(a.token_ids == b.token_ids for a, b in zip(results["whole"][1], results["shared"][1]))
+        print(f"agentic {Path(config).stem}: {len(prompts)} prompts of mean {statistics.mean(map(len, prompts)):.0f} "
+              f"tokens, {common_prefix_length(prompts)} shared; prefill whole {medians['whole']:.2f} s, "
+              f"shared prefix {medians['shared']:.2f} s: {medians['shared'] / medians['whole']:.2f}x; "
+              f"greedy ids identical {same}/{len(prompts)}")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,35 @@ def test_equal_prompts_passed_separately_share_one_prefill(tiny_model, tokenizer
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
+def test_a_prefix_all_prompts_share_is_prefilled_once_and_samples_what_separate_prefills_sample(tiny_model, tokenizer):
+    """A system turn every prompt starts with: prefilled once, each prompt's rest right-aligned
+    after it (padding between), the last tokens decoded together. Same greedy and seeded ids,
+    same log-probs as prefilling every prompt whole; prompts whose rest is empty or repeats too."""
+    system = tokenizer.encode("you are a careful assistant that answers with one short line")
+    rests = ["what is two", "a much longer question than the first one, with more words", "what is two", "", "x"]
+    prompts = [system + tokenizer.encode(rest) + tokenizer.encode(" ok") for rest in rests]
+    engine = HFEngine(tiny_model, tokenizer, share_prefill=True)
+    taken = []
+    original = engine._common_prefix_prefill
+
+    def spy(*args):
+        result = original(*args)
+        taken.append(result is not None)
+        return result
+
+    engine._common_prefix_prefill = spy
+    for params in (SamplingParams(n=2, temperature=0, max_new_tokens=6, return_logprobs=True),
+                   SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=11, return_logprobs=True)):
+        shared = engine.generate(prompts, params)
+        separate = HFEngine(tiny_model, tokenizer, share_prefill=False).generate(prompts, params)
+        assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
+        for a, b in zip(shared, separate):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    assert taken == [True, True]
+    short = [tokenizer.encode("hello there"), tokenizer.encode("a different start")]
+    assert engine._common_prefix_prefill(short, [0, 1], "cpu") is None  # nothing long enough in common
+
+
 def test_bf16_generation_copy_follows_the_policy(tokenizer):
     from conftest import build_tiny_llama
 

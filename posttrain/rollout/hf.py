@@ -12,7 +12,8 @@ ended it.
 More savings that leave the sampled distribution as it is:
 - shared prefill: the ``n`` copies of a prompt (or equal prompts passed separately, as an agent's
   first turns of one group) are prefilled once and the key/value cache is repeated to their rows
-  (a group of 8 pays for one prompt instead of 8);
+  (a group of 8 pays for one prompt instead of 8); in the decode loop, the prefix all prompts of
+  a batch share (a chat template's system turn and tool schemas) is prefilled once as well;
 - ``dtype``: generation may run on a copy of the policy in another dtype (bf16 on a CPU with
   bf16 matmuls, like vLLM serving bf16 weights), refreshed by ``update_weights`` after every
   update. ``separate_copy``: a copy even in the same dtype, so generation for the next steps
@@ -58,6 +59,22 @@ def _generation_attention(model):
 
 
 
+MIN_COMMON_PREFIX = 8  # tokens every prompt of a batch must share before they are prefilled once
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading ids all ``sequences`` share.
+
+    >>> common_prefix_length([[1, 2, 3], [1, 2, 4, 5], [1, 2]]), common_prefix_length([[1], [2]])
+    (2, 0)
+    """
+    shortest = min(len(sequence) for sequence in sequences)
+    for position in range(shortest):
+        if any(sequence[position] != sequences[0][position] for sequence in sequences):
+            return position
+    return shortest
+
+
 def same_prompt_as(prompt_ids: list[list[int]]) -> list[int]:
     """For each prompt, the index of the first prompt with the same ids: the prefill is shared
     by equal prompts whether they come as ``n`` copies or as separate entries (an agent's
@@ -83,7 +100,7 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, synced_gpus: bool = False,
                  dtype: torch.dtype | None = None, share_prefill: bool = True, separate_copy: bool = False,
-                 compact: bool = True, prepack: bool | None = None):
+                 compact: bool = True, prepack: bool | None = None, share_common_prefix: bool = True):
         self.dtype = None if dtype is None or _is_sharded(model) or _dtype_of(model) == dtype else dtype
         if separate_copy and _is_sharded(model):
             raise ValueError("a separate generation copy of an FSDP-sharded policy is not supported")
@@ -97,6 +114,7 @@ class HFEngine:
             self.model = model
         self.share_prefill = share_prefill and not synced_gpus
         self.compact = compact  # rollout.decode: finished rows leave the batch (else transformers' generate)
+        self.share_common_prefix = share_common_prefix  # the decode loop prefills a batch's common prefix once
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.synced_gpus = synced_gpus
@@ -164,8 +182,15 @@ class HFEngine:
         try:
             with _generation_attention(self.model):
                 keys = indices if share_keys is None else share_keys
-                cache = self._shared_prefill(input_ids, attention_mask, keys) if self.share_prefill else None
-                if self.compact and not self.synced_gpus and params.top_p == 1.0 and not params.top_k:
+                compact = self.compact and not self.synced_gpus and params.top_p == 1.0 and not params.top_k
+                cache = None
+                if compact and self.share_prefill and self.share_common_prefix:  # decode takes any row layout
+                    prefilled = self._common_prefix_prefill(prompts, keys, device)
+                    if prefilled is not None:
+                        cache, input_ids, attention_mask = prefilled
+                if cache is None and self.share_prefill:
+                    cache = self._shared_prefill(input_ids, attention_mask, keys)
+                if compact:
                     tokens, logprobs = decode(
                         self.model, input_ids, attention_mask, max_new_tokens=params.max_new_tokens,
                         temperature=params.temperature, eos_ids=self.eos_ids, cache=cache,
@@ -190,6 +215,51 @@ class HFEngine:
             self._completion(index, new_tokens[row].tolist(), None if logprobs is None else logprobs[row].tolist(), params)
             for row, index in enumerate(indices)
         ]
+
+    def _common_prefix_prefill(self, prompts: list[list[int]], keys: list[int], device):
+        """Prefill the prefix every prompt shares (a chat template's system turn, a tool schema)
+        once, then each distinct prompt's rest but its last token, and repeat the cache to the
+        rows; None when the shared prefix is shorter than ``MIN_COMMON_PREFIX`` tokens.
+
+        prompts: B token lists; keys: [B], equal for equal prompts (``same_prompt_as``).
+        Returns (cache, input_ids [B, C + S + 1], attention_mask [B, C + S + 1]) for the decode
+        loop: C shared columns, the rests right-aligned in S columns (padding between, masked),
+        every row's last prompt token in the last column. Position ids count unmasked columns,
+        so each token keeps the position it has in its own prompt; the rows are those a
+        separate prefill of every prompt gives, up to floating-point rounding.
+        """
+        distinct = list(dict.fromkeys(keys))
+        heads = [prompts[keys.index(key)][:-1] for key in distinct]
+        common = common_prefix_length(heads)
+        if common < MIN_COMMON_PREFIX:
+            return None
+        keyword = cache_keyword(self.model)
+        out = self.model(input_ids=torch.tensor([heads[0][:common]], device=device),
+                         attention_mask=torch.ones((1, common), dtype=torch.long, device=device),
+                         position_ids=torch.arange(common, device=device)[None], use_cache=True, logits_to_keep=1)
+        cache = getattr(out, keyword)
+        cache.batch_select_indices(torch.zeros(len(distinct), dtype=torch.long, device=device))
+        rests = [head[common:] for head in heads]
+        width = max(len(rest) for rest in rests)
+        mask_UW = torch.zeros((len(distinct), common + width + 1), dtype=torch.long, device=device)
+        mask_UW[:, :common] = 1
+        mask_UW[:, -1] = 1
+        if width:
+            block_US = torch.full((len(distinct), width), self.pad_id, dtype=torch.long, device=device)
+            for row, rest in enumerate(rests):
+                if rest:
+                    block_US[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long, device=device)
+                    mask_UW[row, common + width - len(rest) : common + width] = 1
+            positions_US = (mask_UW[:, :-1].cumsum(-1) - 1).clamp(min=0)[:, common:]
+            out = self.model(input_ids=block_US, attention_mask=mask_UW[:, :-1], position_ids=positions_US,
+                             use_cache=True, logits_to_keep=1, **{keyword: cache})
+            cache = getattr(out, keyword)
+        rows = torch.tensor([distinct.index(key) for key in keys], device=device)
+        cache.batch_select_indices(rows)
+        attention_mask = mask_UW.index_select(0, rows)
+        input_ids = torch.full(attention_mask.shape, self.pad_id, dtype=torch.long, device=device)
+        input_ids[:, -1] = torch.tensor([prompt[-1] for prompt in prompts], dtype=torch.long, device=device)
+        return cache, input_ids, attention_mask
 
     def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, indices: list[int]):
         """The key/value cache of every row's prompt but its last token, computed once per
