@@ -149,7 +149,7 @@ def test_sft_outputs_are_what_the_code_prints_and_the_answer_copies_the_last_one
         assert messages[-1] == {"role": "assistant", "content": f"The answer is {outputs[-1]}."}
         negative += outputs[-1].startswith("-")
         two_calls += len(calls) == 2
-    assert negative >= 100 and 20 <= two_calls <= 80
+    assert negative >= 100 and two_calls == 0  # one call computes the whole answer
     # the words the model must read: division, remainders, word problems with distractors
     questions = [m[0]["content"] for m in tool]
     assert sum("remainder" in q or "left over" in q for q in questions) >= 15

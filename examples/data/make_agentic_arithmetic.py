@@ -27,9 +27,7 @@ Files:
 - ``agentic_sft.jsonl``: the cold start, OpenAI messages: the question; an assistant message
   calling the ``python`` tool (``{"code": "print(487 * 923)"}``, sometimes ``x = ...`` then
   ``print(x)``); the tool result; ``The answer is 449501.``, the printed value copied exactly
-  (sign included). Half of the ``a * b +/- c`` problems (and of the worded
-  "product, then take away") go step by step: the product first,
-  then a second call on its output. Train it with ``data.tool_format: inline`` (the bundled
+  (sign included). One call computes the whole answer, multi-step expressions included. Train it with ``data.tool_format: inline`` (the bundled
   template has no tools). A fifth of the rows are a tool-free mixture that keeps other
   skills: two-digit subtractions and additions answered directly (the tool is for the hard
   problems), and short chat answers from ``sft_chat.jsonl`` (counting, sorting, capitals; no
@@ -343,13 +341,6 @@ def python_call(code: str) -> dict:
     return {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
 
 
-def step_by_step(problem: Problem) -> bool:
-    """Half of the ``a * b +/- c`` trajectories compute the product first, then the rest: two
-    calls, so the cold start also shows a model reading one output and calling again."""
-    return (problem.form in ("a * b - c", "a * b + c", "steps: a * b - c")
-            and random.Random(repr(problem.key)).random() < 0.5)
-
-
 def code_for(rng: random.Random, problem: Problem) -> str:
     code = rng.choices([c for c, _ in CODE], weights=[w for _, w in CODE])[0].format(e=problem.python)
     return f"import math\n{code}" if "math." in code else code
@@ -371,8 +362,9 @@ def named_code(template: str, problem: Problem) -> str:
 
 
 def tool_trajectory(rng: random.Random, problem: Problem) -> dict:
-    """The question, one python call (two for a step-by-step ``a * b +/- c``), the outputs,
-    the answer: the last output, copied exactly."""
+    """The question, one python call that computes the whole answer, its output, the answer: the
+    output, copied exactly. (Two calls, the product first, taught a 135M model to answer with
+    the product: after an output it could not tell a step from the result.)"""
     answer = problem.answer
     template = phrasing(rng, problem)
     user = {"role": "user", "content": template.format(**problem.values)}
@@ -380,18 +372,6 @@ def tool_trajectory(rng: random.Random, problem: Problem) -> dict:
         return {"messages": [
             user,
             {"role": "assistant", "content": "", "tool_calls": [python_call(named_code(template, problem))]},
-            {"role": "tool", "content": answer},
-            {"role": "assistant", "content": f"The answer is {answer}."},
-        ]}
-    if step_by_step(problem):
-        values = problem.values
-        product = values["a"] * values["b"]
-        sign = "-" if problem.form.endswith("a * b - c") else "+"
-        return {"messages": [
-            user,
-            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({values['a']} * {values['b']})")]},
-            {"role": "tool", "content": str(product)},
-            {"role": "assistant", "content": "", "tool_calls": [python_call(f"print({product} {sign} {values['c']})")]},
             {"role": "tool", "content": answer},
             {"role": "assistant", "content": f"The answer is {answer}."},
         ]}
