@@ -11,7 +11,8 @@ Two jobs, the ones the quickstart runs:
 
 Third, ``agentic``: the first turns of the agentic demos' evaluations, greedy, with the prefix
 every prompt shares (the system turn; the tool schema with ``tool_format: chat_template``)
-prefilled once against prefilled with every row.
+prefilled once against prefilled with every row; then whole agent trajectories of the same
+prompts, each turn prefilled whole against reusing the keys/values of the last turn's rows.
 
 Run: ``python benchmarks/bench_generate.py [--model DIR]`` (default: the bundled
 SmolLM2-135M-Instruct; pass an SFT checkpoint to time the short answers a trained model gives).
@@ -119,10 +120,11 @@ def main() -> None:
             line += f"; greedy ids identical {same}/{len(prompts)}"
         print(line)
     agentic_prefill(model, tokenizer, args.repeats)
+    agentic_turns(model, tokenizer, args.repeats)
 
 
-def _agent_prompts(config_path: str, tokenizer, count: int) -> list[list[int]]:
-    """The first-turn prompts an agentic demo's evaluation renders (its template, its tools)."""
+def _agent(config_path: str, tokenizer, count: int):
+    """An agentic demo's agent (its template, its tools) and its first ``count`` held-out prompts."""
     import copy
 
     from posttrain.agent.build import build_agent
@@ -132,9 +134,43 @@ def _agent_prompts(config_path: str, tokenizer, count: int) -> list[list[int]]:
     tokenizer = copy.deepcopy(tokenizer)
     if config.model.chat_template:
         tokenizer.chat_template = (REPO / config.model.chat_template).read_text()
-    agent = build_agent(config.rl.agent, tokenizer, max_new_tokens=48)
+    agent = build_agent(config.rl.agent, tokenizer, max_new_tokens=config.rl.rollout.max_new_tokens)
     rows = [json.loads(line) for line in (REPO / "examples/data/agentic_eval.jsonl").read_text().splitlines()]
-    return [agent.prompt(row["messages"], None, {}, f"row{i}").prompt_ids for i, row in enumerate(rows[:count])]
+    return agent, [agent.prompt(row["messages"], None, {}, f"row{i}") for i, row in enumerate(rows[:count])]
+
+
+def _agent_prompts(config_path: str, tokenizer, count: int) -> list[list[int]]:
+    """The first-turn prompts an agentic demo's evaluation renders."""
+    return [prompt.prompt_ids for prompt in _agent(config_path, tokenizer, count)[1]]
+
+
+def agentic_turns(model, tokenizer, repeats: int, count: int = 50) -> None:
+    """Whole greedy agent trajectories (call, tool output, answer) of the agentic demos'
+    evaluations: each turn prefilled whole, or reusing the keys/values of the last turn's rows
+    (``rollout.kv_reuse``). The trajectories must be the same."""
+    from posttrain.rollout.base import SamplingParams
+    from posttrain.rollout.hf import HFEngine
+
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=48)
+    engines = {"prefill": HFEngine(model, tokenizer, batch_size=128, reuse_kv=False),
+               "reuse": HFEngine(model, tokenizer, batch_size=128, reuse_kv=True)}
+    for config in ("configs/agentic_quickstart.yaml", "configs/agentic_chat_template.yaml"):
+        agent, prompts = _agent(config, tokenizer, count)
+        seconds: dict[str, list[float]] = {name: [] for name in engines}
+        out = {}
+        for _ in range(repeats):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                out[name] = agent.run(engine, prompts, params)
+                seconds[name].append(time.perf_counter() - started)
+        medians = {name: statistics.median(values) for name, values in seconds.items()}
+        same = sum([s.token_ids for s in a.segments] == [s.token_ids for s in b.segments]
+                   for a, b in zip(out["prefill"], out["reuse"]))
+        turns = statistics.mean(t.turns for t in out["reuse"])
+        print(f"agentic {Path(config).stem} trajectories: {len(prompts)} prompts, {turns:.1f} turns on average; "
+              f"every turn prefilled {medians['prefill']:.2f} s, last turn's keys/values reused "
+              f"{medians['reuse']:.2f} s: {medians['reuse'] / medians['prefill']:.2f}x; "
+              f"trajectories identical {same}/{len(prompts)}")
 
 
 def agentic_prefill(model, tokenizer, repeats: int, count: int = 50) -> None:
@@ -144,8 +180,8 @@ def agentic_prefill(model, tokenizer, repeats: int, count: int = 50) -> None:
     from posttrain.rollout.hf import HFEngine, common_prefix_length
 
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=48)
-    engines = {"whole": HFEngine(model, tokenizer, batch_size=128, share_common_prefix=False),
-               "shared": HFEngine(model, tokenizer, batch_size=128, share_common_prefix=True)}
+    engines = {"whole": HFEngine(model, tokenizer, batch_size=128, share_common_prefix=False, reuse_kv=False),
+               "shared": HFEngine(model, tokenizer, batch_size=128, share_common_prefix=True, reuse_kv=False)}
     for config in ("configs/agentic_quickstart.yaml", "configs/agentic_chat_template.yaml"):
         prompts = _agent_prompts(config, tokenizer, count)
         results = {name: _time(engine, prompts, params, repeats) for name, engine in engines.items()}

@@ -103,7 +103,7 @@ def test_a_prefix_all_prompts_share_is_prefilled_once_and_samples_what_separate_
     system = tokenizer.encode("you are a careful assistant that answers with one short line")
     rests = ["what is two", "a much longer question than the first one, with more words", "what is two", "", "x"]
     prompts = [system + tokenizer.encode(rest) + tokenizer.encode(" ok") for rest in rests]
-    engine = HFEngine(tiny_model, tokenizer, share_prefill=True)
+    engine = HFEngine(tiny_model, tokenizer, share_prefill=True, reuse_kv=False)
     taken = []
     original = engine._common_prefix_prefill
 
@@ -123,6 +123,41 @@ def test_a_prefix_all_prompts_share_is_prefilled_once_and_samples_what_separate_
     assert taken == [True, True]
     short = [tokenizer.encode("hello there"), tokenizer.encode("a different start")]
     assert engine._common_prefix_prefill(short, [0, 1], "cpu") is None  # nothing long enough in common
+
+
+def test_the_next_turn_reuses_the_keys_and_values_of_the_last_call(tiny_model, tokenizer):
+    """An agent's next turn: the last prompt + its completion + new text. Its kept ids are not
+    prefilled again, and it samples what a fresh engine samples (ids, log-probs); a prompt that
+    shares too little is prefilled whole; new weights make the kept rows unusable."""
+    system = "you are a careful assistant who answers every question in one short line."
+    first = [tokenizer.encode(system + " question one: what is two"),
+             tokenizer.encode(system + " question two, a longer one: what is three")]
+    params = SamplingParams(n=1, temperature=1.0, max_new_tokens=5, seed=7, return_logprobs=True)
+    engine = HFEngine(tiny_model, tokenizer)
+    reused = []
+    original = engine._reused_prefill
+
+    def spy(*args):
+        result = original(*args)
+        reused.append(result is not None)
+        return result
+
+    engine._reused_prefill = spy
+    turn = engine.generate(first, params)
+    assert reused == []  # nothing kept yet
+    second = [prompt + c.token_ids + tokenizer.encode(" output: 4. next") for prompt, c in zip(first, turn)]
+    second.append(tokenizer.encode(system + " a new question"))  # shares the system text only
+    again = engine.generate(second, params)
+    fresh = HFEngine(tiny_model, tokenizer, share_prefill=False, reuse_kv=False).generate(second, params)
+    assert reused == [True]
+    assert [c.token_ids for c in again] == [c.token_ids for c in fresh]
+    for a, b in zip(again, fresh):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    assert original([tokenizer.encode("something else entirely here")], engine._kept, "cpu") is None
+    with torch.no_grad():  # an optimizer step on the generating weights: what was kept is stale
+        next(engine.model.parameters()).add_(0.01)
+    engine.generate(second[:1], params)
+    assert reused == [True]  # not read again
 
 
 def test_bf16_generation_copy_follows_the_policy(tokenizer):

@@ -57,6 +57,7 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
            temperature: float, eos_ids: set[int], cache=None, cache_keyword: str = "cache",
            stop_hit: Callable[[list[int]], bool] | None = None, return_logprobs: bool = False,
            on_step: Callable[[], None] | None = None, compact_fraction: float = 0.125,
+           on_rows_leave: Callable[[list[int], list[int], object, torch.Tensor, list[list[int]]], None] | None = None,
            ) -> tuple[list[list[int]], list[list[float]] | None]:
     """Sample up to ``max_new_tokens`` ids after each left-padded prompt row.
 
@@ -68,6 +69,10 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
     of those ids under softmax(logits / temperature) (temperature 0: plain softmax), or None.
     Finished rows leave the batch once they are at least ``compact_fraction`` of it (each
     removal copies the cache once, about one decode step's memory traffic).
+    on_rows_leave(rows, batch_rows, cache, mask_AL, tokens): called as rows leave the batch and
+    for the rows left at the end, with their original and their batch indices; the cache holds
+    each row's prompt and all its sampled ids but the last (then, for a row that ended before
+    it left, ids fed after its end).
     """
     positions_B = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     if cache is not None:
@@ -108,6 +113,9 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
         if bool(ended_A.all()) or step == max_new_tokens - 1:
             break
         if int(ended_A.sum()) >= max(1, compact_fraction * len(rows)):
+            if on_rows_leave is not None:
+                leaving = ended_A.nonzero().squeeze(-1).tolist()
+                on_rows_leave([rows[index] for index in leaving], leaving, cache, mask_AL, tokens)
             keep_A = (~ended_A).nonzero().squeeze(-1)
             cache.batch_select_indices(keep_A)
             rows_A, mask_AL, positions_A, next_A = rows_A[keep_A], mask_AL[keep_A], positions_A[keep_A], next_A[keep_A]
@@ -118,4 +126,6 @@ def decode(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, max_
                     use_cache=True, **{cache_keyword: cache})
         cache = getattr(out, cache_keyword)
         logits_AV = out.logits[:, -1].float()
+    if on_rows_leave is not None:
+        on_rows_leave(rows_A.tolist(), list(range(len(rows_A))), cache, mask_AL, tokens)
     return tokens, logprobs

@@ -14,6 +14,9 @@ More savings that leave the sampled distribution as it is:
   first turns of one group) are prefilled once and the key/value cache is repeated to their rows
   (a group of 8 pays for one prompt instead of 8); in the decode loop, the prefix all prompts of
   a batch share (a chat template's system turn and tool schemas) is prefilled once as well;
+- kept keys/values (``rollout.kv_reuse``, CPU): an agent's next turn extends the last turn's
+  prompt and completion; the keys/values of the last call's rows are kept until the weights
+  change, and a prompt that starts with a kept row's ids prefills only its rest;
 - ``dtype``: generation may run on a copy of the policy in another dtype (bf16 on a CPU with
   bf16 matmuls, like vLLM serving bf16 weights), refreshed by ``update_weights`` after every
   update. ``separate_copy``: a copy even in the same dtype, so generation for the next steps
@@ -32,10 +35,12 @@ import copy
 import inspect
 
 import torch
+from transformers import DynamicCache
 
 from posttrain.log import current_phase, heartbeat, sequences_generated
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.decode import decode, stop_string_hit
+from posttrain.rollout.kv_reuse import KeptRows, build_cache, weights_stamp
 from posttrain.rollout.prepacked import can_prepack, prepacked_copy, refresh
 
 
@@ -100,7 +105,8 @@ class HFEngine:
 
     def __init__(self, model, tokenizer, *, batch_size: int = 64, synced_gpus: bool = False,
                  dtype: torch.dtype | None = None, share_prefill: bool = True, separate_copy: bool = False,
-                 compact: bool = True, prepack: bool | None = None, share_common_prefix: bool = True):
+                 compact: bool = True, prepack: bool | None = None, share_common_prefix: bool = True,
+                 reuse_kv: bool = True):
         self.dtype = None if dtype is None or _is_sharded(model) or _dtype_of(model) == dtype else dtype
         if separate_copy and _is_sharded(model):
             raise ValueError("a separate generation copy of an FSDP-sharded policy is not supported")
@@ -115,6 +121,10 @@ class HFEngine:
         self.share_prefill = share_prefill and not synced_gpus
         self.compact = compact  # rollout.decode: finished rows leave the batch (else transformers' generate)
         self.share_common_prefix = share_common_prefix  # the decode loop prefills a batch's common prefix once
+        # keys/values of the last call's rows serve the next (kv_reuse); on a CPU only, where memory is
+        # plentiful and prefill is most of an agent turn's cost
+        self.reuse_kv = reuse_kv and not synced_gpus and next(self.model.parameters()).device.type == "cpu"
+        self._kept: KeptRows | None = None
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.synced_gpus = synced_gpus
@@ -124,6 +134,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
 
     def update_weights(self, model) -> None:
+        self._kept = None  # keys/values of the old weights
         if self.prepack:
             refresh(self.model, model)
         elif not self.separate_copy:
@@ -138,18 +149,22 @@ class HFEngine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         same_as = same_prompt_as(prompt_ids)
+        stamp = weights_stamp(self.model) if self.reuse_kv else 0
+        kept = self._kept if self._kept is not None and self._kept.stamp == stamp else None
+        self._kept = KeptRows(stamp) if self.reuse_kv else None  # this call's rows, for the next call
         completions: list[Completion] = []
         for start in range(0, len(expanded), self.batch_size):
             chunk = expanded[start : start + self.batch_size]
             completions.extend(self._generate_batch([prompt_ids[i] for i in chunk], chunk, params,
-                                                    [same_as[i] for i in chunk]))
+                                                    [same_as[i] for i in chunk], kept))
             sequences_generated(len(chunk))
         return completions
 
     def _generate_batch(self, prompts: list[list[int]], indices: list[int], params: SamplingParams,
-                        share_keys: list[int] | None = None) -> list[Completion]:
+                        share_keys: list[int] | None = None, kept: KeptRows | None = None) -> list[Completion]:
         """indices: each row's prompt index; share_keys: rows with the same key have the same
-        prompt (the prefill is shared among them), default ``indices``."""
+        prompt (the prefill is shared among them), default ``indices``; kept: the last call's
+        rows, whose keys/values a prompt that starts with their ids reuses."""
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -184,7 +199,11 @@ class HFEngine:
                 keys = indices if share_keys is None else share_keys
                 compact = self.compact and not self.synced_gpus and params.top_p == 1.0 and not params.top_k
                 cache = None
-                if compact and self.share_prefill and self.share_common_prefix:  # decode takes any row layout
+                if compact and kept is not None and kept.ids:
+                    prefilled = self._reused_prefill(prompts, kept, device)
+                    if prefilled is not None:
+                        cache, input_ids, attention_mask = prefilled
+                if cache is None and compact and self.share_prefill and self.share_common_prefix:  # any row layout
                     prefilled = self._common_prefix_prefill(prompts, keys, device)
                     if prefilled is not None:
                         cache, input_ids, attention_mask = prefilled
@@ -196,7 +215,10 @@ class HFEngine:
                         temperature=params.temperature, eos_ids=self.eos_ids, cache=cache,
                         cache_keyword=cache_keyword(self.model), return_logprobs=params.return_logprobs,
                         stop_hit=stop_string_hit(self.tokenizer, params.stop) if params.stop else None,
-                        on_step=heartbeat if current_phase() is not None else None)
+                        on_step=heartbeat if current_phase() is not None else None,
+                        on_rows_leave=None if self._kept is None else (
+                            lambda rows, batch_rows, cache, mask, tokens: self._kept.keep(
+                                cache, batch_rows, mask, [prompts[r] + tokens[r][:-1] for r in rows])))
                     return [self._completion(index, tokens[row], None if logprobs is None else logprobs[row], params)
                             for row, index in enumerate(indices)]
                 if cache is not None:
@@ -215,6 +237,53 @@ class HFEngine:
             self._completion(index, new_tokens[row].tolist(), None if logprobs is None else logprobs[row].tolist(), params)
             for row, index in enumerate(indices)
         ]
+
+    def _reused_prefill(self, prompts: list[list[int]], kept: KeptRows, device):
+        """Each prompt's longest run of leading ids kept from the last call, its keys/values
+        reused, right-aligned in R columns; then each prompt's rest but its last token prefilled
+        in S columns (padding between, masked). None when some prompt shares fewer than
+        ``MIN_COMMON_PREFIX`` ids with every kept row (a prompt from elsewhere: prefilled whole),
+        or when prefilling the batch's distinct prompts after their common prefix costs less.
+
+        Returns (cache, input_ids [B, R + S + 1], attention_mask [B, R + S + 1]) like
+        ``_common_prefix_prefill``: every row's last prompt token in the last column, positions
+        counted over unmasked columns."""
+        picks = []
+        for prompt in prompts:
+            index, shared = kept.longest_shared(prompt[:-1])
+            if shared < MIN_COMMON_PREFIX:
+                return None
+            picks.append((index, shared))
+        heads = {tuple(prompt[:-1]) for prompt in prompts}
+        common = common_prefix_length([list(head) for head in heads])
+        common = common if common >= MIN_COMMON_PREFIX and self.share_common_prefix else 0
+        to_prefill = sum(len(prompt) - 1 - length for prompt, (_, length) in zip(prompts, picks))
+        if to_prefill >= common + sum(len(head) - common for head in heads):
+            return None  # the prefix the prompts share with each other is the larger saving
+        reused = max(length for _, length in picks)
+        rests = [prompt[length:-1] for prompt, (_, length) in zip(prompts, picks)]
+        width = max(len(rest) for rest in rests)
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        cache = build_cache(kept, picks, reused, DynamicCache, base.config, next(self.model.parameters()).dtype,
+                            device)
+        mask_BW = torch.zeros((len(prompts), reused + width + 1), dtype=torch.long, device=device)
+        mask_BW[:, -1] = 1
+        for row, (_, length) in enumerate(picks):
+            mask_BW[row, reused - length : reused] = 1
+        if width:
+            block_BS = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
+            for row, rest in enumerate(rests):
+                if rest:
+                    block_BS[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long, device=device)
+                    mask_BW[row, reused + width - len(rest) : reused + width] = 1
+            positions_BS = (mask_BW[:, :-1].cumsum(-1) - 1).clamp(min=0)[:, reused:]
+            keyword = cache_keyword(self.model)
+            out = self.model(input_ids=block_BS, attention_mask=mask_BW[:, :-1], position_ids=positions_BS,
+                             use_cache=True, logits_to_keep=1, **{keyword: cache})
+            cache = getattr(out, keyword)
+        input_ids = torch.full(mask_BW.shape, self.pad_id, dtype=torch.long, device=device)
+        input_ids[:, -1] = torch.tensor([prompt[-1] for prompt in prompts], dtype=torch.long, device=device)
+        return cache, input_ids, mask_BW
 
     def _common_prefix_prefill(self, prompts: list[list[int]], keys: list[int], device):
         """Prefill the prefix every prompt shares (a chat template's system turn, a tool schema)
