@@ -63,7 +63,6 @@ def _generation_attention(model):
         config.use_cache = saved_cache
 
 
-
 MIN_COMMON_PREFIX = 8  # tokens every prompt of a batch must share before they are prefilled once
 
 
@@ -90,6 +89,7 @@ def same_prompt_as(prompt_ids: list[list[int]]) -> list[int]:
     """
     first: dict[tuple[int, ...], int] = {}
     return [first.setdefault(tuple(ids), index) for index, ids in enumerate(prompt_ids)]
+
 
 class HFEngine:
     """Generates with the live policy module itself (``update_weights`` has nothing to copy),
@@ -261,29 +261,15 @@ class HFEngine:
         if to_prefill >= common + sum(len(head) - common for head in heads):
             return None  # the prefix the prompts share with each other is the larger saving
         reused = max(length for _, length in picks)
-        rests = [prompt[length:-1] for prompt, (_, length) in zip(prompts, picks)]
-        width = max(len(rest) for rest in rests)
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         cache = build_cache(kept, picks, reused, DynamicCache, base.config, next(self.model.parameters()).dtype,
                             device)
-        mask_BW = torch.zeros((len(prompts), reused + width + 1), dtype=torch.long, device=device)
-        mask_BW[:, -1] = 1
+        cached_BR = torch.zeros((len(prompts), reused), dtype=torch.long, device=device)
         for row, (_, length) in enumerate(picks):
-            mask_BW[row, reused - length : reused] = 1
-        if width:
-            block_BS = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=device)
-            for row, rest in enumerate(rests):
-                if rest:
-                    block_BS[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long, device=device)
-                    mask_BW[row, reused + width - len(rest) : reused + width] = 1
-            positions_BS = (mask_BW[:, :-1].cumsum(-1) - 1).clamp(min=0)[:, reused:]
-            keyword = cache_keyword(self.model)
-            out = self.model(input_ids=block_BS, attention_mask=mask_BW[:, :-1], position_ids=positions_BS,
-                             use_cache=True, logits_to_keep=1, **{keyword: cache})
-            cache = getattr(out, keyword)
-        input_ids = torch.full(mask_BW.shape, self.pad_id, dtype=torch.long, device=device)
-        input_ids[:, -1] = torch.tensor([prompt[-1] for prompt in prompts], dtype=torch.long, device=device)
-        return cache, input_ids, mask_BW
+            cached_BR[row, reused - length :] = 1
+        cache, mask_BW = self._prefill_rests(cache, cached_BR, [prompt[length:-1] for prompt, (_, length)
+                                                                in zip(prompts, picks)], device)
+        return cache, *self._last_tokens(prompts, mask_BW)
 
     def _common_prefix_prefill(self, prompts: list[list[int]], keys: list[int], device):
         """Prefill the prefix every prompt shares (a chat template's system turn, a tool schema)
@@ -308,27 +294,38 @@ class HFEngine:
                          position_ids=torch.arange(common, device=device)[None], use_cache=True, logits_to_keep=1)
         cache = getattr(out, keyword)
         cache.batch_select_indices(torch.zeros(len(distinct), dtype=torch.long, device=device))
-        rests = [head[common:] for head in heads]
-        width = max(len(rest) for rest in rests)
-        mask_UW = torch.zeros((len(distinct), common + width + 1), dtype=torch.long, device=device)
-        mask_UW[:, :common] = 1
-        mask_UW[:, -1] = 1
-        if width:
-            block_US = torch.full((len(distinct), width), self.pad_id, dtype=torch.long, device=device)
-            for row, rest in enumerate(rests):
-                if rest:
-                    block_US[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long, device=device)
-                    mask_UW[row, common + width - len(rest) : common + width] = 1
-            positions_US = (mask_UW[:, :-1].cumsum(-1) - 1).clamp(min=0)[:, common:]
-            out = self.model(input_ids=block_US, attention_mask=mask_UW[:, :-1], position_ids=positions_US,
-                             use_cache=True, logits_to_keep=1, **{keyword: cache})
-            cache = getattr(out, keyword)
+        cache, mask_UW = self._prefill_rests(cache, torch.ones((len(distinct), common), dtype=torch.long, device=device),
+                                             [head[common:] for head in heads], device)
         rows = torch.tensor([distinct.index(key) for key in keys], device=device)
         cache.batch_select_indices(rows)
-        attention_mask = mask_UW.index_select(0, rows)
-        input_ids = torch.full(attention_mask.shape, self.pad_id, dtype=torch.long, device=device)
-        input_ids[:, -1] = torch.tensor([prompt[-1] for prompt in prompts], dtype=torch.long, device=device)
-        return cache, input_ids, attention_mask
+        return cache, *self._last_tokens(prompts, mask_UW.index_select(0, rows))
+
+    def _prefill_rests(self, cache, cached_XC: torch.Tensor, rests: list[list[int]], device):
+        """Prefill each row's ``rests`` ids after the C columns ``cache`` holds (``cached_XC``: which
+        of them are the row's), right-aligned in S columns. Returns (cache, mask [X, C + S])."""
+        width = max(len(rest) for rest in rests)
+        mask_XW = torch.cat([cached_XC, cached_XC.new_zeros((len(rests), width))], dim=1)
+        if not width:
+            return cache, mask_XW
+        columns = cached_XC.shape[1]
+        block_XS = torch.full((len(rests), width), self.pad_id, dtype=torch.long, device=device)
+        for row, rest in enumerate(rests):
+            if rest:
+                block_XS[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long, device=device)
+                mask_XW[row, columns + width - len(rest) :] = 1
+        positions_XS = (mask_XW.cumsum(-1) - 1).clamp(min=0)[:, columns:]
+        keyword = cache_keyword(self.model)
+        out = self.model(input_ids=block_XS, attention_mask=mask_XW, position_ids=positions_XS, use_cache=True,
+                         logits_to_keep=1, **{keyword: cache})
+        return getattr(out, keyword), mask_XW
+
+    def _last_tokens(self, prompts: list[list[int]], mask_BW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode loop's (input_ids, attention_mask) [B, W + 1]: a prefilled layout whose
+        columns ``mask_BW`` describes, then every prompt's last token."""
+        mask_BW = torch.cat([mask_BW, mask_BW.new_ones((len(prompts), 1))], dim=1)
+        input_ids = torch.full(mask_BW.shape, self.pad_id, dtype=torch.long, device=mask_BW.device)
+        input_ids[:, -1] = torch.tensor([prompt[-1] for prompt in prompts], dtype=torch.long, device=mask_BW.device)
+        return input_ids, mask_BW
 
     def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, indices: list[int]):
         """The key/value cache of every row's prompt but its last token, computed once per
