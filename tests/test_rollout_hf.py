@@ -72,6 +72,26 @@ def test_shared_prefill_samples_what_separate_prefills_sample(tiny_model, tokeni
     assert engine._shared_prefill(ids, mask, [0, 1, 2, 3]) is None  # nothing repeats: plain generate
 
 
+def record_prefills(engine, name: str) -> tuple[list[bool], callable]:
+    """Wrap ``engine.<name>`` (a prefill path): the list records, per call, whether the path was
+    taken (returned a cache); also returns the unwrapped method."""
+    taken, original = [], getattr(engine, name)
+
+    def spy(*args):
+        result = original(*args)
+        taken.append(result is not None)
+        return result
+
+    setattr(engine, name, spy)
+    return taken, original
+
+
+def assert_same_completions(got, expected) -> None:
+    assert [c.token_ids for c in got] == [c.token_ids for c in expected]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
 def test_equal_prompts_passed_separately_share_one_prefill(tiny_model, tokenizer):
     """An agent asks for each trajectory of a group with n=1: equal prompts still get one prefill
     between them, and sample what separate prefills sample."""
@@ -90,10 +110,8 @@ def test_equal_prompts_passed_separately_share_one_prefill(tiny_model, tokenizer
     shared = engine.generate(prompts, params)
     separate = HFEngine(tiny_model, tokenizer, share_prefill=False).generate(prompts, params)
     assert prefilled == [[0, 1, 0, 0, 1]]
-    assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
+    assert_same_completions(shared, separate)
     assert [c.prompt_index for c in shared] == [0, 1, 2, 3, 4]
-    for a, b in zip(shared, separate):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
 def test_a_prefix_all_prompts_share_is_prefilled_once_and_samples_what_separate_prefills_sample(tiny_model, tokenizer):
@@ -104,22 +122,11 @@ def test_a_prefix_all_prompts_share_is_prefilled_once_and_samples_what_separate_
     rests = ["what is two", "a much longer question than the first one, with more words", "what is two", "", "x"]
     prompts = [system + tokenizer.encode(rest) + tokenizer.encode(" ok") for rest in rests]
     engine = HFEngine(tiny_model, tokenizer, share_prefill=True, reuse_kv=False)
-    taken = []
-    original = engine._common_prefix_prefill
-
-    def spy(*args):
-        result = original(*args)
-        taken.append(result is not None)
-        return result
-
-    engine._common_prefix_prefill = spy
+    taken, _ = record_prefills(engine, "_common_prefix_prefill")
     for params in (SamplingParams(n=2, temperature=0, max_new_tokens=6, return_logprobs=True),
                    SamplingParams(n=2, temperature=1.0, max_new_tokens=6, seed=11, return_logprobs=True)):
         shared = engine.generate(prompts, params)
-        separate = HFEngine(tiny_model, tokenizer, share_prefill=False).generate(prompts, params)
-        assert [c.token_ids for c in shared] == [c.token_ids for c in separate]
-        for a, b in zip(shared, separate):
-            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+        assert_same_completions(shared, HFEngine(tiny_model, tokenizer, share_prefill=False).generate(prompts, params))
     assert taken == [True, True]
     short = [tokenizer.encode("hello there"), tokenizer.encode("a different start")]
     assert engine._common_prefix_prefill(short, [0, 1], "cpu") is None  # nothing long enough in common
@@ -134,15 +141,7 @@ def test_the_next_turn_reuses_the_keys_and_values_of_the_last_call(tiny_model, t
              tokenizer.encode(system + " question two, a longer one: what is three")]
     params = SamplingParams(n=1, temperature=1.0, max_new_tokens=5, seed=7, return_logprobs=True)
     engine = HFEngine(tiny_model, tokenizer)
-    reused = []
-    original = engine._reused_prefill
-
-    def spy(*args):
-        result = original(*args)
-        reused.append(result is not None)
-        return result
-
-    engine._reused_prefill = spy
+    reused, original = record_prefills(engine, "_reused_prefill")
     turn = engine.generate(first, params)
     assert reused == []  # nothing kept yet
     second = [prompt + c.token_ids + tokenizer.encode(" output: 4. next") for prompt, c in zip(first, turn)]
@@ -150,9 +149,7 @@ def test_the_next_turn_reuses_the_keys_and_values_of_the_last_call(tiny_model, t
     again = engine.generate(second, params)
     fresh = HFEngine(tiny_model, tokenizer, share_prefill=False, reuse_kv=False).generate(second, params)
     assert reused == [True]
-    assert [c.token_ids for c in again] == [c.token_ids for c in fresh]
-    for a, b in zip(again, fresh):
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+    assert_same_completions(again, fresh)
     assert original([tokenizer.encode("something else entirely here")], engine._kept, "cpu") is None
     with torch.no_grad():  # an optimizer step on the generating weights: what was kept is stale
         next(engine.model.parameters()).add_(0.01)
