@@ -227,6 +227,7 @@ def gaps(completions):
 
 first = engine.generate([prompt], params)
 result = {"rank": rank, "before": [c.weight_version for c in first], "gap_before": max(gaps(first))}
+dist.barrier()  # as the RL loop's gradient all-reduce does: no rank still generates when rank 0 reloads
 with torch.no_grad():
     generator = torch.Generator().manual_seed(11)
     for name, parameter in policy.named_parameters():
