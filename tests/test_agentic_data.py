@@ -190,6 +190,8 @@ def test_no_held_out_problem_is_trained_on():
     training_phrasings = {q for form in training_module.FORMS for q in form.questions}
     heldout_phrasings = {t.question for templates in load(HELDOUT).FORMS.values() for t in templates}
     assert not training_phrasings & heldout_phrasings
+    bare = lambda text: re.sub(r"[^a-z{}]+", " ", text.lower()).strip()  # noqa: E731  (case, digits, punctuation aside)
+    assert not {bare(q) for q in training_phrasings} & {bare(q) for q in heldout_phrasings}
     # the subtraction control is fixed (read by the generator, never rewritten) and never trained on
     subtraction = {m[0]["content"] for m in (r["messages"] for r in rows("subtraction_eval.jsonl"))}
     direct = {r["messages"][0]["content"] for r in rows("agentic_sft.jsonl") if len(r["messages"]) == 2}

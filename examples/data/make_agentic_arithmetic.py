@@ -127,6 +127,125 @@ def _draw_with_distractor(rng: random.Random, **operands: int) -> dict:
     return {**operands, "d": rng.randint(2, 99)}
 
 
+# Division asked with each of the usual operator words and roundings, in several frames.
+DIVIDES = ("/", "÷", "divided by")
+PLACES = {
+    0: ("the nearest whole number", "a whole number", "the nearest integer"),
+    1: ("one decimal place", "1 decimal place", "the nearest tenth"),
+    2: ("two decimal places", "2 decimal places", "the nearest hundredth"),
+    3: ("three decimal places", "3 decimal places", "the nearest thousandth"),
+}
+
+
+def rounding_questions(places: int) -> tuple[str, ...]:
+    """Every phrasing of ``round(a / b, places)``: three frames x operator words x roundings.
+
+    >>> len(rounding_questions(2)), rounding_questions(1)[0]
+    (21, 'What is {a} / {b}, rounded to one decimal place?')
+    """
+    frames = [f"What is {{a}} {op} {{b}}, rounded to {to}?" for op in DIVIDES for to in PLACES[places]]
+    frames += [f"Round {{a}} {op} {{b}} to {to}." for op in DIVIDES for to in PLACES[places]]
+    frames += [f"Divide {{a}} by {{b}} and round to {to}." for to in PLACES[places]]
+    return tuple(frames)
+
+
+# Word problems written from parts, so that the model reads the quantities rather than
+# recognising a sentence: a scene (container, item, preposition), a question, and sometimes a
+# sentence with a number the answer does not use, before or after the facts.
+SCENES = (("shelves", "books", "on each shelf"), ("crates", "bottles", "in each crate"), ("trays", "cupcakes", "on each tray"),
+          ("buses", "passengers", "on each bus"), ("floors", "windows", "on each floor"), ("bags", "marbles", "in each bag"),
+          ("boxes", "pens", "in each box"), ("racks", "plates", "on each rack"), ("teams", "players", "in each team"),
+          ("pallets", "cans", "on each pallet"))
+TOTAL_QUESTIONS = ("How many {item} are there in all?", "What is the total number of {item}?",
+                   "How many {item} are there altogether?")
+DISTRACTORS = ("The building is {d} years old.", "{d} people work there.", "It is {d} km from the town.",
+               "The owner bought it {d} months ago.")
+
+
+def scene_product_questions() -> tuple[str, ...]:
+    """``a * b`` as a scene: ``{a}`` containers of ``{b}`` items, sometimes a distractor ``{d}``.
+
+    >>> questions = scene_product_questions(); len(questions), questions[0]
+    (110, 'There are {a} shelves with {b} books on each shelf. How many books are there in all?')
+    """
+    out = []
+    for index, (container, item, where) in enumerate(SCENES):
+        facts = f"There are {{a}} {container} with {{b}} {item} {where}."
+        for number, ask in enumerate(TOTAL_QUESTIONS):
+            ask = ask.format(item=item)
+            out.append(f"{facts} {ask}")
+            distractor = DISTRACTORS[(index + number) % len(DISTRACTORS)]
+            out += [f"{distractor} {facts} {ask}", f"{facts} {distractor} {ask}"]
+    for container, item, where in SCENES:  # the items counted first
+        out += [f"Each of {{a}} {container} holds {{b}} {item}. How many {item} is that?",
+                f"{{b}} {item} go {where}, and there are {{a}} {container}. How many {item} are needed?"]
+    return tuple(out)
+
+
+RATES = (("A pump moves", "liters", "minute"), ("A baker bakes", "loaves", "day"), ("A cyclist rides", "meters", "minute"),
+         ("A mill grinds", "kilograms", "hour"), ("A robot packs", "parcels", "hour"), ("A farm collects", "eggs", "week"))
+
+
+def rate_questions() -> tuple[str, ...]:
+    """``a * b`` as a rate over a time: ``{a}`` units per period, for ``{b}`` periods.
+
+    >>> rate_questions()[0]
+    'A pump moves {a} liters every minute. How many liters in {b} minutes?'
+    """
+    out = []
+    for who, unit, period in RATES:
+        out += [f"{who} {{a}} {unit} every {period}. How many {unit} in {{b}} {period}s?",
+                f"{who} {{a}} {unit} per {period}. How many {unit} after {{b}} {period}s?"]
+    return tuple(out)
+
+
+def chained_rate_questions() -> tuple[str, ...]:
+    """``a * b * c``: ``{a}`` units an hour, ``{b}`` hours a day, for ``{c}`` days.
+
+    >>> chained_rate_questions()[0]
+    'A pump moves {a} liters an hour for {b} hours a day. How many liters in {c} days?'
+    """
+    out = []
+    for who, unit, _ in RATES:
+        out += [f"{who} {{a}} {unit} an hour for {{b}} hours a day. How many {unit} in {{c}} days?",
+                f"{who} {{a}} {unit} each hour. It works {{b}} hours a day for {{c}} days. How many {unit} is that?"]
+    return tuple(out)
+
+
+def decrease_questions() -> tuple[str, ...]:
+    """``a - b * c``: a stock of ``{a}`` that loses ``{b}`` each period for ``{c}`` periods.
+
+    >>> decrease_questions()[0]
+    'A store has {a} cans and sells {b} cans each day. How many cans are left after {c} days?'
+    """
+    stocks = (("A store has", "cans", "sells", "day"), ("A depot holds", "tires", "ships", "week"),
+              ("A printer has", "sheets", "uses", "hour"), ("A school has", "pencils", "hands out", "month"))
+    out = []
+    for has, item, verb, period in stocks:
+        out += [f"{has} {{a}} {item} and {verb} {{b}} {item} each {period}. How many {item} are left after {{c}} {period}s?",
+                f"{has} {{a}} {item}. It {verb} {{b}} {item} a {period}. How many {item} remain after {{c}} {period}s?"]
+    return tuple(out)
+
+
+def sharing_questions(whole: bool) -> tuple[str, ...]:
+    """``a // b`` (each share, ``whole``) or ``a % b`` (what remains) of ``{a}`` items shared out
+    among ``{b}`` people.
+
+    >>> sharing_questions(True)[0]
+    '{a} stickers are shared equally among {b} kids. How many stickers does each kid get?'
+    """
+    pairs = (("stickers", "kids", "kid"), ("coins", "players", "player"), ("seeds", "gardeners", "gardener"),
+             ("tickets", "classes", "class"))
+    out = []
+    for item, people, person in pairs:
+        facts = (f"{{a}} {item} are shared equally among {{b}} {people}.",
+                 f"{{a}} {item} are divided equally between {{b}} {people}.")
+        asks = ((f"How many {item} does each {person} get?", f"How many whole {item} does each {person} get?") if whole
+                else (f"How many {item} remain?", f"How many {item} are not given out?"))
+        out += [f"{fact} {ask}" for fact in facts for ask in asks]
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Form:
     """One problem shape: ``python`` is the expression the tool call computes (``{a}``...
@@ -150,7 +269,7 @@ FORMS = (
     Form("a * b + c", 0.04, lambda r: {"a": _two(r), "b": _two(r), "c": _three(r)}, "{a} * {b} + {c}",
          EXPRESSION_QUESTIONS, "{a} * {b} + {c}"),
     Form("(a + b) * c", 0.04, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
-         EXPRESSION_QUESTIONS, "({a} + {b}) * {c}"),
+         EXPRESSION_QUESTIONS + ("What is {c} times the sum of {a} and {b}?",), "({a} + {b}) * {c}"),
     Form("a * b * c", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _three(r)}, "{a} * {b} * {c}",
          EXPRESSION_QUESTIONS + ("Multiply {a}, {b} and {c}.", "What is the product of {a}, {b} and {c}?"),
          "{a} * {b} * {c}"),
@@ -159,7 +278,7 @@ FORMS = (
     Form("(a - b) * (c + d)", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r), "d": _two(r)},
          "({a} - {b}) * ({c} + {d})", EXPRESSION_QUESTIONS, "({a} - {b}) * ({c} + {d})"),
     Form("a * (b + c)", 0.03, lambda r: {"a": _two(r), "b": _three(r), "c": _three(r)}, "{a} * ({b} + {c})",
-         EXPRESSION_QUESTIONS, "{a} * ({b} + {c})"),
+         EXPRESSION_QUESTIONS + ("Multiply {a} by the sum of {b} and {c}.",), "{a} * ({b} + {c})"),
     Form("(a + b) * c - d", 0.02, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r), "d": _three(r)},
          "({a} + {b}) * {c} - {d}", EXPRESSION_QUESTIONS, "({a} + {b}) * {c} - {d}"),
     Form("steps: (a + b) * c", 0.03, lambda r: {"a": _three(r), "b": _three(r), "c": _two(r)}, "({a} + {b}) * {c}",
@@ -176,27 +295,27 @@ FORMS = (
          EXPRESSION_QUESTIONS + ("Subtract the product of {b} and {c} from {a}.", "What is {a} less {b} times {c}?"),
          "{a} - {b} * {c}"),
     Form("(a - b) * c", 0.03, _draw_negative_difference, "({a} - {b}) * {c}",
-         EXPRESSION_QUESTIONS + ("Multiply the difference of {a} and {b} by {c}.",), "({a} - {b}) * {c}"),
+         EXPRESSION_QUESTIONS + ("Multiply the difference of {a} and {b} by {c}.",
+                                 "What is {c} times the difference between {a} and {b}?"), "({a} - {b}) * {c}"),
     Form("-a + b", 0.03, lambda r: {"a": r.randint(1000, 9999), "b": _three(r)}, "-{a} + {b}", EXPRESSION_QUESTIONS,
          "-{a} + {b}"),
     Form("a - b", 0.03, lambda r: {"a": _three(r), "b": r.randint(1000, 9999)}, "{a} - {b}",
          ("What is {a} - {b}?", "What is {a} minus {b}?", "Subtract {b} from {a}.", "Compute {a} - {b}."), "{a} - {b}"),
     Form("round(a / b, 2)", 0.04, lambda r: _division(r, 2), "round({a} / {b}, 2)",
-         ("What is {a} / {b}, rounded to two decimal places?", "Divide {a} by {b} and round to 2 decimal places.",
-          "What is {a} divided by {b}? Round the result to two decimals.")),
+         ("What is {a} divided by {b}? Round the result to two decimals.",) + rounding_questions(2)),
     Form("round(a / b, 1)", 0.02, lambda r: _division(r, 1), "round({a} / {b}, 1)",
-         ("What is {a} / {b}, rounded to 1 decimal place?", "Divide {a} by {b}. Give the result with one decimal.")),
+         ("Divide {a} by {b}. Give the result with one decimal.",) + rounding_questions(1)),
     Form("round(a / b, 3)", 0.02, lambda r: _division(r, 3), "round({a} / {b}, 3)",
-         ("What is {a} / {b}, rounded to three decimal places?", "Compute {a} / {b} to 3 decimal places.")),
+         ("Compute {a} / {b} to 3 decimal places.",) + rounding_questions(3)),
     Form("round(a / b)", 0.03, lambda r: _division(r, 0), "round({a} / {b})",
-         ("What is {a} / {b}, rounded to the nearest whole number?", "Divide {a} by {b} and round to a whole number.",
-          "Round {a} divided by {b} to the nearest integer.")),
+         rounding_questions(0)),
     Form("a % b", 0.03, _division, "{a} % {b}",
          ("What is the remainder when {a} is divided by {b}?", "What is {a} mod {b}?",
-          "Divide {a} by {b}. What is the remainder?")),
+          "Divide {a} by {b}. What is the remainder?", "What is left over when {a} is divided by {b}?",
+          "Find the remainder of {a} ÷ {b}.")),
     Form("a // b", 0.03, _division, "{a} // {b}",
          ("What is {a} divided by {b}, without the remainder?", "How many whole times does {b} go into {a}?",
-          "What is the whole-number quotient of {a} divided by {b}?")),
+          "What is the whole-number quotient of {a} divided by {b}?", "What is {a} ÷ {b}, ignoring the remainder?")),
     Form("word: a * b", 0.08, lambda r: _draw_with_distractor(r, a=_three(r), b=_three(r)), "{a} * {b}",
          ("A warehouse has {a} shelves with {b} boxes on each shelf. How many boxes are there?",
           "A printer prints {a} pages per hour. How many pages does it print in {b} hours?",
@@ -208,16 +327,19 @@ FORMS = (
           "Each of {a} students pays {b} cents for a trip. How many cents are paid in total?",
           "A garden has {a} rows of {b} tulips and {d} bees. How many tulips are in the garden?",
           "A machine fills {a} bottles a minute. How many bottles does it fill in {b} minutes?",
-          "A city has {d} parks and {a} streets with {b} houses on each street. How many houses are there?")),
+          "A city has {d} parks and {a} streets with {b} houses on each street. How many houses are there?")
+         + scene_product_questions() + rate_questions()),
     Form("word: a * b * c", 0.04, lambda r: {"a": _three(r), "b": _two(r), "c": _two(r)}, "{a} * {b} * {c}",
          ("A school has {c} buildings, each with {b} classrooms of {a} chairs. How many chairs are there?",
           "A factory runs {c} machines for {b} hours, and each machine makes {a} parts an hour. "
           "How many parts are made?",
-          "There are {c} boxes, each holding {b} packs of {a} cards. How many cards are there?")),
+          "There are {c} boxes, each holding {b} packs of {a} cards. How many cards are there?")
+         + chained_rate_questions()),
     Form("word: a - b * c", 0.04, lambda r: _draw_leftover(r), "{a} - {b} * {c}",
          ("A shop has {a} apples and sells {c} bags of {b} apples each. How many apples are left?",
           "A farmer has {a} kg of rice and fills {c} sacks with {b} kg each. How many kg of rice are left?",
-          "A library owns {a} books and lends {b} books to each of {c} schools. How many books does it keep?")),
+          "A library owns {a} books and lends {b} books to each of {c} schools. How many books does it keep?")
+         + decrease_questions()),
     Form("word: a + b * c", 0.02, lambda r: {"a": _three(r), "b": _two(r), "c": _three(r)}, "{a} + {b} * {c}",
          ("A jar has {a} coins, and {b} bags of {c} coins each are added. How many coins are in the jar now?",
           "A stadium has {a} seats and adds {b} new rows of {c} seats. How many seats does it have now?")),
@@ -233,11 +355,11 @@ FORMS = (
          ("{a} cookies are packed into bags of {b}. How many cookies are left over?",
           "{a} eggs are put into cartons of {b}; {d} cartons are already full. How many eggs do not fill a carton?",
           "{a} students are split into groups of {b}. How many students are not in a full group?",
-          "A ribbon of {a} cm is cut into pieces of {b} cm. How many cm are left over?")),
+          "A ribbon of {a} cm is cut into pieces of {b} cm. How many cm are left over?") + sharing_questions(False)),
     Form("word: a // b", 0.03, _division, "{a} // {b}",
          ("A ribbon of {a} cm is cut into pieces of {b} cm. How many whole pieces are there?",
           "{a} apples are packed {b} to a box. How many full boxes are there?",
-          "How many rows of {b} chairs can be filled completely with {a} chairs?")),
+          "How many rows of {b} chairs can be filled completely with {a} chairs?") + sharing_questions(True)),
     Form("word: ceil(a / b)", 0.02, _division, "math.ceil({a} / {b})",
          ("A bus holds {b} people. How many buses are needed for {a} people?",
           "Each box holds {b} books. How many boxes are needed to pack {a} books?",
