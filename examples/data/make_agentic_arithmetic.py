@@ -22,6 +22,14 @@ The tool task (``FORMS``; each with several phrasings, ``Form.questions``):
   score), remainders and whole quotients (pieces of ribbon, full boxes), rounding up (buses for
   a number of people) and shares rounded to cents.
 
+Many phrasings are composed from parts rather than written one by one, so that a 135M model
+learns to read the quantities and the operation instead of recognising a sentence: division
+with each operator word (``/``, ``÷``, "divided by") and each way of naming a rounding ("two
+decimal places", "the nearest hundredth"); word problems from scenes (containers of items,
+rates over time, a stock that shrinks each period, items shared out among people) with a
+distractor sentence before or after the facts. None equals a held-out phrasing, even up to case
+and punctuation (tests/test_agentic_data.py).
+
 Files:
 
 - ``agentic_sft.jsonl``: the cold start, OpenAI messages: the question; an assistant message
