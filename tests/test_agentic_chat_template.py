@@ -43,10 +43,9 @@ def test_the_config_loads_and_mirrors_the_inline_demo(monkeypatch):
     assert chat.model.chat_template == "configs/templates/smollm2_tools.jinja" and inline.model.chat_template is None
     assert chat.rl.agent.tool_format == "chat_template" and chat.sft.data.tool_format == "chat_template"
     labels = lambda config: [(t.label, t.path) for t in config.eval.tasks]  # noqa: E731
-    assert labels(chat) == labels(inline)  # same held-out sets per form, same controls
-    assert {label for label, _ in labels(chat)} >= {"arith_tool", "heldout_word", "heldout_division",
-                                                    "heldout_negative", "heldout_multistep", "arith_no_tool",
-                                                    "subtraction", "chat_ppl"}
+    # the same-form set and the same controls; the other-form sets are the inline demo's to measure
+    assert labels(chat) == [(label, path) for label, path in labels(inline) if not label.startswith("heldout_")]
+    assert [label for label, _ in labels(chat)] == ["arith_tool", "arith_no_tool", "subtraction", "chat_ppl"]
     for task in chat.eval.tasks:
         assert (task.agent is not None and task.agent.enabled) == (task.label.startswith(("arith_tool", "heldout_")))
         if task.agent is not None and task.agent.enabled:
