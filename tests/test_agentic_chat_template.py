@@ -1,5 +1,5 @@
 """The chat-template agentic demo (configs/agentic_chat_template.yaml): the config loads as a
-pipeline and mirrors the inline quickstart's held-out sets and controls, its shipped template
+pipeline and mirrors the inline quickstart's same-form set and controls, its shipped template
 (configs/templates/smollm2_tools.jinja) renders a Hermes tool call on SmolLM2's own special
 tokens and is append-only for tool turns, the SFT rows pass the mask audit (`posttrain
 inspect`'s checks) with the tool call trained and the tool response not, and a trained
