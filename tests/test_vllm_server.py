@@ -178,6 +178,13 @@ def test_lora_adapter_sync_matches_the_trainer(engine, policy, tokenizer, tmp_pa
     lora_engine.close()
 
 
+def _generated_tokens(engine) -> float:
+    """The server's count of generated tokens so far (its Prometheus counter)."""
+    text = engine.client.request("GET", "/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
+
+
 def test_a_sync_during_generation_freezes_requests_and_reports_the_oldest_version(engine, policy, tokenizer):
     """Requests in flight during a sync pause, go on with the new weights, and their tokens are
     tagged with both versions by the server; the completion carries the oldest."""
@@ -188,8 +195,14 @@ def test_a_sync_during_generation_freezes_requests_and_reports_the_oldest_versio
     with ThreadPoolExecutor(len(bodies) + 1) as pool:
         ours = pool.submit(engine.generate, [prompt] * 4, SamplingParams(n=1, temperature=1.0, max_new_tokens=200,
                                                                        seed=9, return_logprobs=True))
+        started = _generated_tokens(engine)
         raw = [pool.submit(engine.client.request, "POST", "/inference/v1/generate", body) for body in bodies]
-        time.sleep(0.5)
+        deadline = time.monotonic() + 60  # a busy CPU can take seconds to schedule them: wait for tokens, not a time
+        while _generated_tokens(engine) < started + 2 * len(bodies) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # freeze them mid-flight now: writing the weights takes longer than the rest of the
+        # generation on a busy CPU; the sync's own pause then finds them frozen, as a long rollout would be
+        engine.client.request("POST", "/pause?mode=keep")
         engine.update_weights(policy)
         spans = [future.result()["choices"][0]["weight_versions"] for future in raw]
         completions = ours.result()
