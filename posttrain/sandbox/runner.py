@@ -958,11 +958,11 @@ class Sandbox:
     def _cleanup(self, proc, cfg, group):
         if group is not None:
             group.kill()
-        for uid in (cfg["uid"], cfg["judge_uid"]):
-            if uid is not None:
-                # Killing the run's uids kills the PID namespace's processes; the root boot
-                # process then exits by itself.
-                kill_uid(uid)
+        uids = [uid for uid in (cfg["uid"], cfg["judge_uid"]) if uid is not None]
+        for uid in uids:
+            # Killing the run's uids kills the PID namespace's processes; the root boot
+            # process then exits by itself.
+            kill_uid(uid)
         if cfg["uid"] is not None:
             try:
                 proc.wait(timeout=2)
@@ -978,6 +978,10 @@ class Sandbox:
             except OSError:
                 pass
         proc.wait()
+        for uid in uids:
+            # again: a child forked by a root process takes the uid only when it drops root,
+            # possibly after the first pass looked; none is left when run() returns
+            kill_uid(uid)
 
 
 def _feed(stream, data: bytes) -> None:
