@@ -178,11 +178,10 @@ def test_lora_adapter_sync_matches_the_trainer(engine, policy, tokenizer, tmp_pa
     lora_engine.close()
 
 
-def _generated_tokens(engine) -> float:
-    """The server's count of generated tokens so far (its Prometheus counter)."""
+def _metric(engine, name: str) -> float:
+    """One of the server's Prometheus metrics (``vllm:generation_tokens_total``...), summed over its labels."""
     text = engine.client.request("GET", "/metrics")
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("vllm:generation_tokens_total"))
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
 
 
 def test_a_sync_during_generation_freezes_requests_and_reports_the_oldest_version(engine, policy, tokenizer):
@@ -195,10 +194,11 @@ def test_a_sync_during_generation_freezes_requests_and_reports_the_oldest_versio
     with ThreadPoolExecutor(len(bodies) + 1) as pool:
         ours = pool.submit(engine.generate, [prompt] * 4, SamplingParams(n=1, temperature=1.0, max_new_tokens=200,
                                                                        seed=9, return_logprobs=True))
-        started = _generated_tokens(engine)
         raw = [pool.submit(engine.client.request, "POST", "/inference/v1/generate", body) for body in bodies]
-        deadline = time.monotonic() + 60  # a busy CPU can take seconds to schedule them: wait for tokens, not a time
-        while _generated_tokens(engine) < started + 2 * len(bodies) and time.monotonic() < deadline:
+        # a busy CPU can take seconds to schedule them: wait until all 8 run and have made tokens, not for a time
+        started, deadline = _metric(engine, "vllm:generation_tokens_total"), time.monotonic() + 60
+        while time.monotonic() < deadline and (_metric(engine, "vllm:num_requests_running") < 2 * len(bodies)
+                                               or _metric(engine, "vllm:generation_tokens_total") <= started):
             time.sleep(0.02)
         # freeze them mid-flight now: writing the weights takes longer than the rest of the
         # generation on a busy CPU; the sync's own pause then finds them frozen, as a long rollout would be
