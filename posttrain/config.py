@@ -286,6 +286,10 @@ class SFTConfig(Section):
     data: SFTDataConfig = SFTDataConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    train_top_layers: int | None = Field(
+        None, ge=0, description="train only the top N decoder blocks and the final norm (embeddings, head and the "
+                                "blocks below frozen), so backward stops below them: a step costs about "
+                                "(1 + 2N/L) / 3 of a full one on an L-block model; null = all (or LoRA)")
 
     @model_validator(mode="after")
     def _needs_data(self) -> "SFTConfig":

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from posttrain.cli import main as cli_main
 from posttrain.config import SFTConfig, validate_config
@@ -144,3 +145,24 @@ def test_masked_token_count_is_the_loss_normaliser_by_hand(tiny_model_dir, tmp_p
                 if sample.loss_mask[t + 1]:
                     nll_sum -= float(logp[t, sample.input_ids[t + 1]])
     assert line["loss"] == pytest.approx(nll_sum / 11, rel=1e-4)
+
+
+def test_train_top_layers_trains_only_the_top_blocks(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    config = validate_config(SFTConfig, {**config_for(tiny_model_dir, tmp_path, max_steps=3, eval_every=None)
+                                         .model_dump(), "train_top_layers": 1})
+    result = run_sft(config)
+    before = load_file(str(Path(tiny_model_dir) / "model.safetensors"))
+    after = load_file(str(result.final_dir / "model.safetensors"))
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(("model.layers.1.", "model.norm.")) for name in changed), changed
+    assert any(name.startswith("model.layers.1.") for name in changed)
+
+
+def test_train_top_layers_refuses_lora_and_too_many_blocks(tiny_model_dir, tmp_path, monkeypatch):
+    base = config_for(tiny_model_dir, tmp_path).model_dump()
+    with pytest.raises(ConfigError, match="train_top_layers: LoRA"):
+        run_sft(validate_config(SFTConfig, {**base, "train_top_layers": 1, "lora": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="train_top_layers: the model has 2 decoder blocks, got 3"):
+        run_sft(validate_config(SFTConfig, {**base, "train_top_layers": 3}))

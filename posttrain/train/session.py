@@ -270,6 +270,7 @@ RESUME_FIXED_KEYS: tuple[tuple[str, str, Callable[[Mapping[str, Any]], bool]], .
     ("lora.r", "the checkpoint's adapters have the rank it sets", _lora_on),
     ("lora.alpha", "the checkpoint's adapters were trained under the scale alpha / r it sets", _lora_on),
     ("lora.target_modules", "the checkpoint holds adapters on the modules it names", _lora_on),
+    ("train_top_layers", "it decides which weights the checkpoint holds", _always),
     ("rm.train_top_layers", "it decides which weights the checkpoint holds", _always),
     ("rl.train_top_layers", "it decides which weights the checkpoint holds", _always),
     ("rl.critic.model", "the checkpoint's critic was trained from the model it names", _has_critic),

@@ -28,6 +28,7 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.hub import check_push_target
 from posttrain.log import say
 from posttrain.models import load_tokenizer
+from posttrain.models.prepare import train_top_blocks_only
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from posttrain.train.logging import Progress, optimizer_step_metrics, run_metrics_logger
@@ -140,6 +141,9 @@ def check_settings(config: SFTConfig) -> None:
         )
     check_warmup_before_max_steps(config.optim.warmup_steps, train.max_steps)
     check_push_target(config.run.push_to_hub)
+    if config.train_top_layers is not None and config.lora.enabled:
+        raise ConfigError("train_top_layers: LoRA already freezes the base weights and trains adapters; set "
+                          "lora.enabled: false or train_top_layers: null")
 
 
 def load_sft_samples(config: SFTConfig, tokenizer: Any, info: DistInfo) -> tuple[list, list]:
@@ -190,6 +194,11 @@ def make_planner(config: SFTConfig, samples: Sequence[Any], world_size: int) -> 
 def build_model(config: SFTConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
     """Load the model (fp32 master weights), add LoRA, set attention/checkpointing, shard."""
     model = load_causal_lm(config.model.name, config.lora)
+    if config.train_top_layers is not None:
+        try:
+            train_top_blocks_only(model, config.train_top_layers)
+        except ValueError as exc:
+            raise ConfigError(f"train_top_layers: {exc}") from None
     if unsharded:
         return model
     return place_for_training(model, info, packing=config.train.packing,
