@@ -448,6 +448,21 @@ def rl_weight(form: Form) -> float:
     return form.weight * (RL_EMPHASIS if reading or division or form.name.startswith("-") else 1.0)
 
 
+SFT_FLATTENING = 0.5
+
+
+def sft_weight(form: Form) -> float:
+    """A form's share of the cold-start trajectories: its share of the problems raised to
+    ``SFT_FLATTENING``, so that rare forms (rounding up, word problems with a sum inside, steps
+    in words) get enough rows to be learned at all, and the common products, which a 135M model
+    learns from a few rows, fewer. The same-form held-out set keeps the problems' own shares.
+
+    >>> round(sft_weight(FORMS_BY_NAME["a * b"]) / sft_weight(FORMS_BY_NAME["word: ceil(a / b)"]), 2)
+    2.45
+    """
+    return form.weight ** SFT_FLATTENING
+
+
 def phrasing(rng: random.Random, problem: Problem) -> str:
     """One of the problem's phrasings, its ``{e}`` (the expression as text) filled in."""
     form = FORMS_BY_NAME[problem.form]
@@ -583,8 +598,9 @@ def main() -> None:
     rng = random.Random(args.seed)
 
     seen: set = set()
-    problems = tool_problems(rng, args.eval + args.sft, seen=seen)
-    held_out, sft = problems[: args.eval], problems[args.eval :]
+    held_out = tool_problems(rng, args.eval, seen=seen)
+    same_form_eval = [prompt_row(rng, problem) for problem in held_out]  # drawn first: training changes leave it be
+    sft = tool_problems(rng, args.sft, weights=[sft_weight(form) for form in FORMS], seen=seen)
     rl = tool_problems(rng, args.rl, weights=[rl_weight(form) for form in FORMS], seen=seen)
     control = control_subtractions(HERE / "subtraction_eval.jsonl")
     mixture_subtractions = [pair for pair in subtractions(rng) if pair not in control][: args.subtractions]
@@ -598,7 +614,7 @@ def main() -> None:
         "agentic_sft.jsonl": sft_rows,
         "agentic_chat_sft.jsonl": [with_tools(row) for row in sft_rows],
         "agentic_rl_train.jsonl": [prompt_row(rng, problem) for problem in rl],
-        "agentic_eval.jsonl": [prompt_row(rng, problem) for problem in held_out],
+        "agentic_eval.jsonl": same_form_eval,
     }
     for name, rows in files.items():
         write_jsonl(args.out / name, rows)
