@@ -39,7 +39,9 @@ Files:
   template has no tools). A fifth of the rows are a tool-free mixture that keeps other
   skills: two-digit subtractions and additions answered directly (the tool is for the hard
   problems), and short chat answers from ``sft_chat.jsonl`` (counting, sorting, capitals; no
-  arithmetic). The cold start is kept small on purpose, so that RL has room to add on top.
+  arithmetic). The cold start is kept small on purpose, so that RL has room to add on top. Its
+  forms are drawn with flattened shares (``sft_weight``: the problems' shares to the power 0.5),
+  so a rare form still gets enough rows to be learned.
 - ``agentic_chat_sft.jsonl``: the same rows for ``data.tool_format: chat_template``: every
   arithmetic row carries ``"tools": [the python tool's schema]`` (posttrain's
   ``agent.tools.PYTHON_SCHEMA``, the schema an agent prompt announces), so the rendered system
@@ -49,7 +51,8 @@ Files:
   up (``rl_weight``: RL learns from the prompts the cold start solves sometimes); ``form`` and
   ``operands`` are metadata, a reward ignores them.
 - ``agentic_eval.jsonl``: held-out prompts of the tool task, same shape and forms: the
-  *same-form* set. Other forms and phrasings, never generated here, are written by
+  *same-form* set, drawn and phrased before any training row, so that changes to the
+  training files leave it unchanged. Other forms and phrasings, never generated here, are written by
   ``make_agentic_heldout.py``.
 - ``subtraction_eval.jsonl``: held-out two-digit subtractions, a control task outside the
   training data (does tool training break what the model did without tools?). A control must
