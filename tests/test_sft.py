@@ -160,7 +160,7 @@ def test_train_top_layers_trains_only_the_top_blocks(tiny_model_dir, tmp_path):
     assert any(name.startswith("model.layers.1.") for name in changed)
 
 
-def test_train_top_layers_refuses_lora_and_too_many_blocks(tiny_model_dir, tmp_path, monkeypatch):
+def test_train_top_layers_refuses_lora_and_too_many_blocks(tiny_model_dir, tmp_path):
     base = config_for(tiny_model_dir, tmp_path).model_dump()
     with pytest.raises(ConfigError, match="train_top_layers: LoRA"):
         run_sft(validate_config(SFTConfig, {**base, "train_top_layers": 1, "lora": {"enabled": True}}))

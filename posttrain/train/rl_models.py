@@ -18,7 +18,7 @@ import torch
 from posttrain.config import RLConfig
 from posttrain.errors import ConfigError
 from posttrain.models.attention import choose_attention
-from posttrain.models.prepare import prepare_for_training, train_top_blocks_only
+from posttrain.models.prepare import prepare_for_training
 from posttrain.models.scalar_head import load_scalar_head_model, train_top_layers_only
 from posttrain.rollout.base import RolloutEngine
 from posttrain.rollout.sources import ROLLOUT_SOURCES
@@ -26,7 +26,7 @@ from posttrain.train.distributed import DistInfo, shard_model
 from posttrain.train.loop import build_optimizer, build_scheduler, optimizer_steps_per_rollout_batch, resolve_warmup_steps
 from posttrain.train.rl_settings import SourceSettings, uses_critic
 from posttrain.train.rl_update import Trainables
-from posttrain.train.steps import build_optimizer_and_scheduler, load_causal_lm, place_for_training
+from posttrain.train.steps import build_optimizer_and_scheduler, load_causal_lm, place_for_training, train_top_layers
 
 
 def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -> torch.nn.Module:
@@ -34,20 +34,11 @@ def build_policy(config: RLConfig, info: DistInfo, *, unsharded: bool = False) -
 
     model = load_causal_lm(config.model.name, config.lora)
     if config.rl.train_top_layers is not None:
-        train_top_layers(model, config.rl.train_top_layers)
+        train_top_layers(model, config.rl.train_top_layers, "rl.train_top_layers")
     if unsharded:
         return model
     return place_for_training(model, info, packing=True, attn_implementation=config.model.attn_implementation,
                               gradient_checkpointing=config.model.gradient_checkpointing)
-
-
-def train_top_layers(model: torch.nn.Module, layers: int) -> torch.nn.Module:
-    """Train only the top ``layers`` decoder blocks and the final norm of the policy
-    (``models.prepare.train_top_blocks_only``); a bad count names ``rl.train_top_layers``."""
-    try:
-        return train_top_blocks_only(model, layers)
-    except ValueError as exc:
-        raise ConfigError(f"rl.train_top_layers: {exc}") from None
 
 
 def build_reference(config: RLConfig, policy: torch.nn.Module, info: DistInfo):

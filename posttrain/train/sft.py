@@ -28,7 +28,6 @@ from posttrain.errors import ConfigError, DataError
 from posttrain.hub import check_push_target
 from posttrain.log import say
 from posttrain.models import load_tokenizer
-from posttrain.models.prepare import train_top_blocks_only
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, init_distributed, shutdown_distributed
 from posttrain.train.logging import Progress, optimizer_step_metrics, run_metrics_logger
@@ -43,7 +42,7 @@ from posttrain.train.loop import (
 from posttrain.train.session import RunSession, guard_step, open_run
 from posttrain.train.steps import (TrainerState, advance, announce_run, build_optimizer_and_scheduler, check_schedule,
                                    check_warmup_before_max_steps, end_step, load_causal_lm, lockstep_micro_batches,
-                                   pad_token_id, place_for_training, restore_state)
+                                   pad_token_id, place_for_training, restore_state, train_top_layers)
 from posttrain.data import load_sft_data
 from posttrain.data.audit import preflight
 from posttrain.data.mixture import setting_text, source_metrics
@@ -195,10 +194,7 @@ def build_model(config: SFTConfig, info: DistInfo, *, unsharded: bool = False) -
     """Load the model (fp32 master weights), add LoRA, set attention/checkpointing, shard."""
     model = load_causal_lm(config.model.name, config.lora)
     if config.train_top_layers is not None:
-        try:
-            train_top_blocks_only(model, config.train_top_layers)
-        except ValueError as exc:
-            raise ConfigError(f"train_top_layers: {exc}") from None
+        train_top_layers(model, config.train_top_layers, "train_top_layers")
     if unsharded:
         return model
     return place_for_training(model, info, packing=config.train.packing,

@@ -23,7 +23,7 @@ from posttrain.errors import ConfigError
 from posttrain.log import say
 from posttrain.models import load_model
 from posttrain.models.attention import choose_attention
-from posttrain.models.prepare import apply_lora, count_parameters, prepare_for_training
+from posttrain.models.prepare import apply_lora, count_parameters, prepare_for_training, train_top_blocks_only
 from posttrain.train import checkpoint as ckpt
 from posttrain.train.distributed import DistInfo, all_reduce_sum, shard_model
 from posttrain.train.logging import MetricsLogger, Progress
@@ -85,6 +85,15 @@ def check_schedule(config: Any, total_steps: int, *, has_val: bool) -> int:
 def pad_token_id(tokenizer: Any) -> int:
     """The id that pads a causal LM's training batches: the tokenizer's own, else 0."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def train_top_layers(model: torch.nn.Module, layers: int, key: str) -> torch.nn.Module:
+    """Train only the top ``layers`` decoder blocks and the final norm of a causal LM
+    (``models.prepare.train_top_blocks_only``); a bad count is a ConfigError naming ``key``."""
+    try:
+        return train_top_blocks_only(model, layers)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
 
 
 def load_causal_lm(model_name: str, lora: Any) -> torch.nn.Module:
