@@ -489,8 +489,25 @@ def python_call(code: str) -> dict:
     return {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}
 
 
-def code_for(rng: random.Random, problem: Problem) -> str:
+ROUNDING_NAMES = tuple(to for names in PLACES.values() for to in names) + ("two decimals", "one decimal")
+
+
+def rounding_comment(question_text: str) -> str:
+    """For a question that asks for a rounding, a first code line that copies how it names the
+    precision: the model reads "the nearest hundredth" right before it writes ``round(..., 2)``
+    instead of many tokens back (without it a 135M cold start wrote ``, 2`` for most roundings);
+    empty for any other question.
+
+    >>> rounding_comment("Round 457 / 42 to the nearest integer."), rounding_comment("What is 4 * 5?")
+    ('# to the nearest integer\\n', '')
+    """
+    named = [to for to in ROUNDING_NAMES if to in question_text]
+    return f"# to {max(named, key=len)}\n" if named else ""
+
+
+def code_for(rng: random.Random, problem: Problem, question_text: str = "") -> str:
     code = rng.choices([c for c, _ in CODE], weights=[w for _, w in CODE])[0].format(e=problem.python)
+    code = rounding_comment(question_text) + code if "round(" in code else code
     return f"import math\n{code}" if "math." in code else code
 
 
@@ -525,7 +542,7 @@ def tool_trajectory(rng: random.Random, problem: Problem) -> dict:
         ]}
     return {"messages": [
         user,
-        {"role": "assistant", "content": "", "tool_calls": [python_call(code_for(rng, problem))]},
+        {"role": "assistant", "content": "", "tool_calls": [python_call(code_for(rng, problem, user["content"]))]},
         {"role": "tool", "content": answer},
         {"role": "assistant", "content": f"The answer is {answer}."},
     ]}
