@@ -157,6 +157,29 @@ def test_sft_outputs_are_what_the_code_prints_and_the_answer_copies_the_last_one
     assert sum("cows" in q or "classes" in q or "cartons are already full" in q for q in questions) >= 5
 
 
+ROUND_CALL = re.compile(r"round\(\d+ / \d+(?:, (\d))?\)")
+PRECISION_WORDS = {"0": ("whole number", "integer"), "1": ("one decimal", "1 decimal", "tenth"),
+                   "2": ("two decimal", "2 decimal", "hundredth"), "3": ("three decimal", "3 decimal", "thousandth")}
+
+
+def test_a_rounding_call_first_copies_the_questions_precision_and_rounds_to_it():
+    rounding = 0
+    for row in rows("agentic_sft.jsonl"):
+        messages = row["messages"]
+        if not messages[1].get("tool_calls"):
+            continue
+        code = messages[1]["tool_calls"][0]["function"]["arguments"]["code"]
+        call = ROUND_CALL.search(code)
+        if call is None:
+            assert not code.startswith("#"), code
+            continue
+        rounding += 1
+        comment, _, _ = code.partition("\n")
+        assert comment.startswith("# to ") and comment[len("# to "):] in messages[0]["content"], (comment, messages[0])
+        assert any(word in comment for word in PRECISION_WORDS[call.group(1) or "0"]), (comment, code)
+    assert rounding >= 50
+
+
 def test_the_chat_template_sft_file_announces_the_python_tool_on_arithmetic_rows_only():
     from posttrain.agent.tools import PYTHON_SCHEMA
 
