@@ -35,8 +35,8 @@ Files:
 - ``agentic_sft.jsonl``: the cold start, OpenAI messages: the question; an assistant message
   calling the ``python`` tool (``{"code": "print(487 * 923)"}``, sometimes ``x = ...`` then
   ``print(x)``; a rounding's code opens with a comment that copies how the question names the
-  precision, ``# to the nearest hundredth``); the tool result; ``The answer is 449501.``, the printed value copied exactly
-  (sign included). One call computes the whole answer, multi-step expressions included. Train it with ``data.tool_format: inline`` (the bundled
+  precision, ``# to the nearest hundredth``); the tool result; ``The answer is 449501.``, the
+  printed value copied exactly (sign included). One call computes the whole answer, multi-step expressions included. Train it with ``data.tool_format: inline`` (the bundled
   template has no tools). A fifth of the rows are a tool-free mixture that keeps other
   skills: two-digit subtractions and additions answered directly (the tool is for the hard
   problems), and short chat answers from ``sft_chat.jsonl`` (counting, sorting, capitals; no
@@ -506,7 +506,7 @@ def rounding_comment(question_text: str) -> str:
     return f"# to {max(named, key=len)}\n" if named else ""
 
 
-def code_for(rng: random.Random, problem: Problem, question_text: str = "") -> str:
+def code_for(rng: random.Random, problem: Problem, question_text: str) -> str:
     code = rng.choices([c for c, _ in CODE], weights=[w for _, w in CODE])[0].format(e=problem.python)
     code = rounding_comment(question_text) + code if "round(" in code else code
     return f"import math\n{code}" if "math." in code else code
