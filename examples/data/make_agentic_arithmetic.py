@@ -36,7 +36,8 @@ Files:
   calling the ``python`` tool (``{"code": "print(487 * 923)"}``, sometimes ``x = ...`` then
   ``print(x)``; a rounding's code opens with a comment that copies how the question names the
   precision, ``# to the nearest hundredth``); the tool result; ``The answer is 449501.``, the
-  printed value copied exactly (sign included). One call computes the whole answer, multi-step expressions included. Train it with ``data.tool_format: inline`` (the bundled
+  printed value copied exactly (sign included). One call computes the whole answer,
+  multi-step expressions included. Train it with ``data.tool_format: inline`` (the bundled
   template has no tools). A fifth of the rows are a tool-free mixture that keeps other
   skills: two-digit subtractions and additions answered directly (the tool is for the hard
   problems), and short chat answers from ``sft_chat.jsonl`` (counting, sorting, capitals; no
