@@ -763,6 +763,20 @@ class RLOptimConfig(OptimConfig):
     schedule: Literal["cosine", "linear", "constant"] = Field("constant", description="decay after warmup")
 
 
+class PtxConfig(Section):
+    """``ptx:`` of ``posttrain rl``: PPO-ptx (Ouyang et al. 2022, eq. 2), a supervised next-token
+    loss on rows of SFT data added to the policy loss of every optimizer step, so RL keeps what
+    the reward does not ask for (chat, tasks outside the prompts). ``train.rl_ptx``."""
+
+    coef: float = Field(0.0, ge=0, description="weight of the supervised loss (token mean over the step's rows) beside "
+                                               "the policy loss; 0 = off")
+    rows_per_step: int = Field(8, gt=0, description="SFT rows per optimizer step, drawn from ptx.data.train with the "
+                                                    "run's seed and the step (a resumed run draws the same rows)")
+    data: SFTDataConfig = Field(default_factory=SFTDataConfig,
+                                description="the SFT rows, read and audited as sft's data section (train, "
+                                            "tool_format, max_length, ...)")
+
+
 # Attention backends that apply the shared-prompt block masks (None = posttrain's choice: varlen SDPA).
 SHARED_PROMPT_ATTENTION = (None, "posttrain_varlen", "posttrain_flex", "auto")
 
@@ -783,6 +797,7 @@ class RLConfig(Section):
     optim: RLOptimConfig = RLOptimConfig()
     rl: RLAlgorithmConfig = RLAlgorithmConfig()
     agent: AgentConfig = AgentConfig()
+    ptx: PtxConfig = PtxConfig()
     train: RLTrainConfig = RLTrainConfig()
     alarms: AlarmsConfig = AlarmsConfig()
 
@@ -817,6 +832,17 @@ class RLConfig(Section):
                              f"(docs/METRICS.md 'Mismatch'): set top_p 1 and top_k 0")
         if self.train.eval_every is not None and not self.data.eval:
             raise ValueError("train.eval_every: set data.eval (held-out prompts) to evaluate")
+        if self.ptx.coef > 0 and not self.ptx.data.train:
+            raise ValueError("ptx.data.train: ptx.coef > 0 trains on SFT rows; name their file")
+        if self.ptx.data.train and self.ptx.coef == 0:
+            raise ValueError("ptx.coef: 0 switches the supervised term off, so ptx.data.train would be read for "
+                             "nothing; set ptx.coef > 0 or remove ptx.data.train")
+        if self.ptx.data.val or self.ptx.data.val_fraction:
+            key = "ptx.data.val" if self.ptx.data.val else "ptx.data.val_fraction"
+            raise ValueError(f"{key}: PPO-ptx only trains on its rows and holds none out; remove it")
+        if self.ptx.data.max_length > self.train.micro_batch_tokens:
+            raise ValueError(f"ptx.data.max_length: {self.ptx.data.max_length} tokens would not fit in a micro-batch "
+                             f"of train.micro_batch_tokens={self.train.micro_batch_tokens}; lower it or raise that")
         attention = self.model.attn_implementation
         if rl.share_prompt and attention not in SHARED_PROMPT_ATTENTION:
             raise ValueError(

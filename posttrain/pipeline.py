@@ -517,6 +517,7 @@ def stage_files(stage: Stage) -> list[tuple[str, str, str]]:
     elif stage.kind == "rl":
         files += [(key, path, "data") for name in ("train", "eval")
                   for key, path in _data_files(f"rl.data.{name}", getattr(config.data, name))]
+        files += [(key, path, "data") for key, path in _data_files("rl.ptx.data.train", config.ptx.data.train)]
         if config.rl.critic.model:
             files.append(("rl.rl.critic.model", config.rl.critic.model, "model"))
         files += [(f"rl.reward{key}", path, "model") for key, path in _model_reward_paths(config.reward)]

@@ -9,7 +9,8 @@ settings built once from the config (``train.rl_settings``):
     rollout_passes    train.rl_logprobs    old / reference log-probs and critic values (no grad)
     advantages        train.rl_advantages  the estimator rl.advantage names (packed, per token)
     update            train.rl_update      ppo_epochs passes of mini-batch updates with the
-                                           policy loss rl.policy_loss names (and the critic's)
+                                           policy loss rl.policy_loss names (and the critic's),
+                                           plus ptx.coef x an SFT loss on ptx rows (train.rl_ptx)
 
 then log, samples.jsonl, held-out eval and checkpoints every N steps. The models and the
 engine are built by ``train.rl_models``.
@@ -58,9 +59,9 @@ from posttrain.agent.trajectory import trajectory_metrics
 from posttrain.algorithms.advantages import zero_variance_group_fraction
 from posttrain.algorithms.kl import make_kl_controller
 from posttrain.config import RLConfig
-from posttrain.data.audit import preflight_prompts
-from posttrain.data.mixture import source_metrics
-from posttrain.errors import ConfigError
+from posttrain.data.audit import load_sft_data, preflight, preflight_prompts
+from posttrain.data.mixture import setting_text, source_metrics
+from posttrain.errors import ConfigError, DataError
 from posttrain.eval.generate import EvalProgress, evaluate_rows, trainer_metrics, trainer_records
 from posttrain.eval.prompts import PromptRow, prompt_rows
 from posttrain.hub import check_push_target
@@ -80,6 +81,7 @@ from posttrain.train.rl_advantages import advantages
 from posttrain.train.rl_async import RolloutAhead, RolloutError, StalenessCounts, drop_stale
 from posttrain.train.rl_logprobs import rollout_passes
 from posttrain.train.rl_models import build_engine, build_policy, build_trainables
+from posttrain.train.rl_ptx import PtxMix
 from posttrain.train.rl_rollouts import (
     PromptSampler,
     append_samples,
@@ -138,6 +140,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     seed_everything(config.train.seed)  # same on every rank while building: FSDP shards each rank's own init
     tokenizer = load_tokenizer(config.model.name, config.model.chat_template)
     train_rows, eval_rows = prompts if prompts is not None else load_prompts(config, tokenizer, info)
+    ptx = load_ptx(config, tokenizer, info)
     reward_fn = reward_fn if reward_fn is not None else build_reward_fn(config)
     run, resume_path = open_run("rl", config, info)
     models = build_trainables(config, info)
@@ -149,7 +152,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
     engine = engine if engine is not None else build_engine(config, models.policy, tokenizer, settings.source)
     try:
         return _train_rl(config, session, info, tokenizer, train_rows, eval_rows, reward_fn, run, resume_path, models,
-                         agent, settings, engine)
+                         agent, settings, engine, ptx)
     finally:
         if built and hasattr(engine, "close"):  # a rollout server posttrain started stops with the run
             engine.close()
@@ -157,7 +160,7 @@ def _run_rl(config: RLConfig, session: RunSession, engine: Any, prompts: Any, re
 
 def _train_rl(config: RLConfig, session: RunSession, info: DistInfo, tokenizer: Any, train_rows: list[PromptRow],
               eval_rows: list[PromptRow], reward_fn: Any, run: RunDir, resume_path: Path | None, models: Trainables,
-              agent: Any, settings: Any, engine: Any) -> RLResult:
+              agent: Any, settings: Any, engine: Any, ptx: PtxMix | None) -> RLResult:
     sampler = PromptSampler(len(train_rows), seed=config.train.seed)
     kl_controller = make_kl_controller(config.rl.kl_coef, target_kl=config.rl.target_kl, horizon=config.rl.kl_horizon)
     state = RLState()
@@ -207,7 +210,7 @@ def _train_rl(config: RLConfig, session: RunSession, info: DistInfo, tokenizer: 
             adv_metrics = advantages(batch, settings.advantages, kl_controller.value, info)
             times["time/logprob"] = time.perf_counter() - tick
             tick = time.perf_counter()
-            update_metrics = update(models, batch, settings.update, state.step, kl_controller.value, info)
+            update_metrics = update(models, batch, settings.update, state.step, kl_controller.value, info, ptx)
             state.nonfinite_skipped = guard_update(config, models, update_metrics, state, run, info)
             times["time/update"] = time.perf_counter() - tick
             tick = time.perf_counter()
@@ -300,6 +303,22 @@ def load_prompts(config: RLConfig, tokenizer: Any, info: DistInfo) -> tuple[list
     for line in lines if info.is_main else ():
         say_stdout(line)
     return train_rows, eval_rows
+
+
+def load_ptx(config: RLConfig, tokenizer: Any, info: DistInfo) -> PtxMix | None:
+    """The SFT rows of PPO-ptx (``ptx:``; None when ``ptx.coef`` is 0), read, rendered and
+    audited as ``posttrain sft`` does (a bad row is a one-line error naming file:line; hard
+    audit errors refuse the run), before any model loads."""
+    ptx = config.ptx
+    if ptx.coef == 0:
+        return None
+    prepared = load_sft_data(ptx.data.train, tokenizer, ptx.data, seed=config.train.seed, key="ptx.data.train")
+    preflight(prepared, allow_errors=ptx.data.allow_audit_errors, print_fn=say_stdout if info.is_main else None)
+    if not prepared.samples:
+        raise DataError(f"{setting_text(ptx.data.train)}: no trained tokens left after rendering (ptx.data.train)")
+    return PtxMix(samples=list(prepared.samples), coef=ptx.coef, rows_per_step=ptx.rows_per_step,
+                  seed=config.train.seed, micro_batch_tokens=config.train.micro_batch_tokens,
+                  pad_token_id=pad_token_id(tokenizer), chunk_size=config.train.logits_chunk_size)
 
 
 def build_reward_fn(config: RLConfig):
@@ -489,6 +508,8 @@ def announce(config: RLConfig, info: DistInfo, models: Trainables, train_rows: S
           f"x {rl.prompts_per_step} prompts x {rollout.group_size} completions (<= {rollout.max_new_tokens} tokens, "
           f"{rollout.engine}); model {config.model.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trained); "
           f"reference: {reference}" + (f"; critic: {config.rl.critic.model or config.model.name}" if models.critic else "")
+          + (f"; ptx: {config.ptx.rows_per_step} SFT rows per optimizer step, coef {config.ptx.coef:g}"
+             if config.ptx.coef else "")
           + (f"; resuming from {resume_path}" if resume_path else ""))
 
 

@@ -33,6 +33,7 @@ from posttrain.train.distributed import DistInfo, all_gather_objects, all_reduce
 from posttrain.train.loop import MicroResult, optimizer_step
 from posttrain.train.rl_layout import concat_field, filler_sample, mini_batches, pack_micro_batches, reshuffle
 from posttrain.train.rl_logprobs import logprob_gap_metrics
+from posttrain.train.rl_ptx import PtxMix, PtxStep, ptx_micro_loss, ptx_step
 from posttrain.train.rl_samples import RolloutBatch, RolloutSample
 from posttrain.train.rl_settings import CriticLossSettings, LossSettings, UpdateSettings
 
@@ -59,6 +60,7 @@ class PolicyObjective:
     settings: LossSettings
     kl_coef: float  # the KL term's weight in the loss (0 when the KL is a reward)
     sum_normaliser: float  # loss_agg_mode 'sum' divides the loss by this
+    ptx: PtxMix | None = None  # PPO-ptx: SFT rows whose loss joins every optimizer step (train.rl_ptx)
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ class StepNormalisers:
 
 
 def update(models: Trainables, batch: RolloutBatch, settings: UpdateSettings, step: int, kl_coef: float,
-           info: DistInfo) -> dict[str, float]:
-    """Critic (when there is one) then policy updates over ``ppo_epochs`` passes of mini-batches."""
+           info: DistInfo, ptx: PtxMix | None = None) -> dict[str, float]:
+    """Critic (when there is one) then policy updates over ``ppo_epochs`` passes of mini-batches;
+    ``ptx``: SFT rows whose supervised loss joins each of the policy's optimizer steps."""
     batches = mini_batches(batch.groups, settings.mini_batches, seed=settings.seed * 7919 + step,
                            keep_empty=info.distributed)
     sizes = [float(len(b)) for b in batches]
@@ -90,7 +93,7 @@ def update(models: Trainables, batch: RolloutBatch, settings: UpdateSettings, st
             return metrics
     loss = settings.loss
     objective = PolicyObjective(loss, kl_coef=kl_coef if loss.kl_in_loss else 0.0,
-                                sum_normaliser=float(max(1, int(sizes[0])) * loss.sum_tokens_per_sequence))
+                                sum_normaliser=float(max(1, int(sizes[0])) * loss.sum_tokens_per_sequence), ptx=ptx)
     metrics.update(update_model(models.policy, models.optimizer, models.scheduler, batches, objective, settings,
                                 step, info))
     return metrics
@@ -116,15 +119,23 @@ def update_model(model: torch.nn.Module, optimizer: Any, scheduler: Any, batches
     step_results: list[list[MicroResult]] = []
     grad_norms, losses, lrs = [], [], []
     nonfinite = 0
+    mix = objective.ptx if isinstance(objective, PolicyObjective) else None
     for epoch in range(settings.ppo_epochs):
         for mini in batches if epoch == 0 else reshuffle(batches, settings.seed + step + epoch):
             normalisers = StepNormalisers(float(sum(s.trained_length for s in mini)), float(len(mini)))
             items = [(chunk, batch.to(settings.device)) for chunk, batch in pack_micro_batches(mini, settings.layout)]
+            rows = None if mix is None else ptx_step(mix, step, len(losses), info.rank if distributed else 0,
+                                                     world_size, settings.device)
+            if rows is not None:
+                items += rows.micro_batches
             if distributed:
                 normalisers = StepNormalisers(*all_reduce_sum([normalisers.tokens, normalisers.sequences], info))
                 items += [filler] * (int(all_reduce_max([float(len(items))], info)[0]) - len(items))
 
-            def loss_of(m: torch.nn.Module, item: MicroItem, normalisers: StepNormalisers = normalisers) -> MicroResult:
+            def loss_of(m: torch.nn.Module, item: MicroItem | MicroBatch, normalisers: StepNormalisers = normalisers,
+                        rows: PtxStep | None = rows) -> MicroResult:
+                if isinstance(item, MicroBatch):  # one of the step's SFT rows (PPO-ptx)
+                    return ptx_micro_loss(m, item, mix, rows)
                 result = micro_loss(m, item, objective, normalisers)
                 if item is filler:  # keeps FSDP's collectives in step; adds nothing
                     return MicroResult(result.loss * 0.0, 0.0)
