@@ -840,7 +840,7 @@ class RLConfig(Section):
         if self.ptx.data.val or self.ptx.data.val_fraction:
             key = "ptx.data.val" if self.ptx.data.val else "ptx.data.val_fraction"
             raise ValueError(f"{key}: PPO-ptx only trains on its rows and holds none out; remove it")
-        if self.ptx.data.max_length > self.train.micro_batch_tokens:
+        if self.ptx.coef > 0 and self.ptx.data.max_length > self.train.micro_batch_tokens:
             raise ValueError(f"ptx.data.max_length: {self.ptx.data.max_length} tokens would not fit in a micro-batch "
                              f"of train.micro_batch_tokens={self.train.micro_batch_tokens}; lower it or raise that")
         attention = self.model.attn_implementation

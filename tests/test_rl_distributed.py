@@ -2,7 +2,8 @@
 train on half of a step's prompts, and give the same logged metrics, samples.jsonl and final
 weights as one process on the same prompts (grpo: group-relative advantages computed per
 rank; reinforce_pp and ppo (critic, whitened GAE): batch-normalised advantages over the
-gathered batch; grpo with LoRA: the reference is the adapter-disabled policy). Completions come
+gathered batch; grpo with LoRA: the reference is the adapter-disabled policy; grpo with PPO-ptx:
+each rank trains its share of the step's SFT rows). Completions come
 from an engine that depends only on the prompt, so both runs sample the same tokens. The
 prompts dealt to rank 0 are long and rank 1's short, so rank 1 runs filler micro-batches.
 DAPO dynamic sampling with overlong filtering (ranks refilling different amounts, one rank
@@ -69,6 +70,8 @@ WORKER = textwrap.dedent("""
 
     from dataclasses import replace
     from posttrain.agent.loop import AgentPrompt
+    from posttrain.data.render import RenderedSample
+    from posttrain.train.rl_ptx import PtxMix
     from posttrain.agent.trajectory import Segment, Trajectory
 
     class PromptDeterminedAgent:
@@ -98,8 +101,8 @@ WORKER = textwrap.dedent("""
         scores = [sum(c in "aeiou" for c in text) / len(text) for text in completions]
         return RewardOutput(scores, {"vowels": scores})
 
-    def config(name, algorithm, engine="hf", steps=2, train=(), **rl):
-        return validate_config(RLConfig, {
+    def config(name, algorithm, engine="hf", steps=2, train=(), ptx=None, **rl):
+        return validate_config(RLConfig, {**({"ptx": ptx} if ptx else {}),
             "model": {"name": model_dir}, "data": {"train": "unused.jsonl"},
             "rollout": {"group_size": 3, "max_new_tokens": 5, "engine": engine},
             "rl": {"algorithm": algorithm, "prompts_per_step": 4, "kl_coef": 0.05, **rl},
@@ -120,6 +123,14 @@ WORKER = textwrap.dedent("""
     runs["grpo_lora"] = config("grpo_lora", "grpo")
     runs["grpo_lora"].lora.enabled, runs["grpo_lora"].lora.r = True, 4
     runs["agentic"] = config("agentic", "ppo", kl_in="reward")  # multi-turn: env tokens inside every response
+    # PPO-ptx: SFT rows of 4 to 12 tokens in the small vocabulary, 5 per optimizer step, shared by tokens over the ranks
+    runs["grpo_ptx"] = config("grpo_ptx", "grpo", ptx={"coef": 0.5, "rows_per_step": 5, "data": {"train": "unused.jsonl", "max_length": 16}},
+                              ppo_epochs=2)
+    ptx_rows = [RenderedSample([(r * 17 + j * 5) % 290 + 5 for j in range(4 + r % 9)], [0, 0] + [1] * (2 + r % 9))
+                for r in range(10)]
+    rl.load_ptx = lambda config, tokenizer, info: PtxMix(
+        ptx_rows, config.ptx.coef, config.ptx.rows_per_step, config.train.seed, config.train.micro_batch_tokens, 0,
+        config.train.logits_chunk_size) if config.ptx.coef else None
     for name, cfg in runs.items():
         engine = PromptDeterminedEngine(dapo=name == "dapo")
         rl.build_rl_agent = (lambda config, tokenizer: PromptDeterminedAgent()) if name == "agentic" else build_rl_agent
@@ -155,7 +166,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer):
     one, out_one = run_worker(WORKER, tmp_path, model_dir, 1, timeout=900)
     two, out_two = run_worker(WORKER, tmp_path, model_dir, 2, timeout=900)
     out_one, out_two = out_one.parent, out_two.parent
-    for name in ("grpo", "reinforce_pp", "ppo", "grpo_lora", "agentic"):
+    for name in ("grpo", "reinforce_pp", "ppo", "grpo_lora", "agentic", "grpo_ptx"):
         assert [h["step"] for h in one[name]] == [h["step"] for h in two[name]] == [1, 2]
         for a, b in zip(one[name], two[name]):
             assert a.keys() == b.keys()
@@ -199,6 +210,7 @@ def test_two_processes_match_one_process(tmp_path, tokenizer):
     assert two["agentic"][0]["agent/env_tokens"] == 3.0 and two["agentic"][0]["agent/turns"] == 2.0
     assert all(s["trajectory"]["segments"][2]["kind"] == "env" for s in samples_of(out_two / "agentic"))
     assert two["ppo"][0]["optimizer_steps"] == 2 and two["ppo"][0]["critic/grad_norm"] > 0
+    assert two["grpo_ptx"][0]["optimizer_steps"] == 2 and two["grpo_ptx"][0]["ptx/nll"] > 0
     assert two["hf"][0]["tokens_per_step"] > 0 and two["hf"][0]["grad_norm"] > 0
 
 
