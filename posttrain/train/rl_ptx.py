@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import torch
@@ -38,8 +39,8 @@ class PtxMix:
     pad_token_id: int
     chunk_size: int
 
-    @property
-    def lengths(self) -> list[int]:
+    @cached_property
+    def lengths(self) -> list[int]:  # read on every optimizer step: computed once
         return [sample_length(s) for s in self.samples]
 
 

@@ -4,6 +4,9 @@ optimizer step each, for the critic (gae) and then the policy. The math lives in
 ``algorithms.policy.POLICY_LOSSES``, kl, aggregate); this module lays the samples out
 (``train.rl_layout``) and calls it.
 
+With ``ptx:`` (PPO-ptx, ``train.rl_ptx``) each policy optimizer step also trains its drawn SFT
+rows: their micro-batches join the step's, their loss is ``ptx.coef`` x their own token mean.
+
 A step's normalisers (trained tokens, sequences) span its whole mini-batch
 (``algorithms.aggregate``), so how it is split into micro-batches or ranks never changes the
 loss or the gradient. ``loss_agg_mode: sum`` (Dr. GRPO) is divided by the first mini-batch's
