@@ -61,7 +61,12 @@ def ptx_rows(count: int, rows: int, *, seed: int, step: int, optimizer_step: int
     True
     >>> sorted(ptx_rows(3, 3, seed=1, step=0, optimizer_step=0))
     [0, 1, 2]
+    >>> ptx_rows(0, 3, seed=0, step=0, optimizer_step=0)
+    Traceback (most recent call last):
+    ValueError: ptx: no SFT rows to draw from
     """
+    if count < 1:
+        raise ValueError("ptx: no SFT rows to draw from")
     rng = random.Random(f"ptx/{seed}/{step}/{optimizer_step}")
     drawn: list[int] = []
     while len(drawn) < rows:
