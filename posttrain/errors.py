@@ -6,6 +6,9 @@ names the file/line or config key. The CLI prints ``error: <message>`` and exits
 status 2, never a traceback. Programming errors stay ordinary exceptions.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 MAX_MESSAGE_CHARS = 1000
 
@@ -44,3 +47,32 @@ class DataError(UserError):
 
 class ModelLoadError(UserError):
     """A model or tokenizer could not be found or loaded."""
+
+
+# The config section the running code reads its settings from, so that a message can name a key
+# as the user writes it: ``data.allow_audit_errors`` in ``posttrain sft``, ``rl.ptx.data.allow_audit_errors``
+# for the PPO-ptx rows of a pipeline's RL stage. Set by ``config_section``; read by ``config_key``.
+_SECTION: ContextVar[str] = ContextVar("posttrain_config_section", default="")
+
+
+@contextmanager
+def config_section(name: str) -> Iterator[None]:
+    """Within the block, ``config_key`` names keys inside section ``name`` (nested blocks join their names).
+
+    >>> with config_section("rl"), config_section("ptx"):
+    ...     config_key("data.allow_audit_errors")
+    'rl.ptx.data.allow_audit_errors'
+    >>> config_key("data.allow_audit_errors")
+    'data.allow_audit_errors'
+    """
+    token = _SECTION.set(f"{_SECTION.get()}{name}.")
+    try:
+        yield
+    finally:
+        _SECTION.reset(token)
+
+
+def config_key(key: str) -> str:
+    """``key`` (dotted, relative to the section of the config being run) as the user writes it
+    in their config file (``config_section``)."""
+    return _SECTION.get() + key

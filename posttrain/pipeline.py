@@ -50,7 +50,7 @@ from pydantic import BaseModel
 from posttrain.config import PipelineConfig, config_to_yaml, plain_reward_spec
 from posttrain.data.formats import is_hub_dataset_spec, parse_dataset_spec
 from posttrain.data.mixture import data_sources, is_mixture
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, config_section
 from posttrain.log import say
 from posttrain.models import MODEL_ALIASES
 from posttrain.rewards.registry import build_reward
@@ -401,7 +401,8 @@ def _run_pipeline(config: PipelineConfig, runners: dict[str, Callable], stages: 
             _wait_for_marker(run_dir, stage)
             status[stage.name] = read_marker(run_dir, stage) or {}
             continue
-        details = runners[stage.kind](stage, run_dir, resume)
+        with config_section(_section_name(stage)):  # a stage's messages name keys as the pipeline file writes them
+            details = runners[stage.kind](stage, run_dir, resume)
         _release_memory()
         wall = time.monotonic() - stage_start
         done = {"status": "done", "fingerprint": stage.fingerprint, "wall_s": round(wall, 1),
@@ -579,7 +580,8 @@ def dry_run(config: PipelineConfig, *, allow_missing_data: bool = False) -> DryR
         check = PRELOAD_CHECKS.get(stage.kind)
         if check is not None:
             try:
-                check(stage.config, produced)
+                with config_section(_section_name(stage)):
+                    check(stage.config, produced)
                 if stage.kind == "rl" and not _done_earlier(run_dir, stage, config):
                     report.preflight += _rl_preflight(stage.config)
             except (ConfigError, DataError) as exc:

@@ -55,7 +55,7 @@ from posttrain.data.render import (
     check_control_text,
     truncate_sample,
 )
-from posttrain.errors import DataError
+from posttrain.errors import DataError, config_key
 from posttrain.log import say_stdout
 from posttrain.data.formats import prompt_from_row
 from posttrain.data.render import render_prompt
@@ -113,7 +113,7 @@ class AuditReport:
         found.sort(key=lambda finding: finding.line)
         if self.samples == 0:
             found.append(Finding(0, "no usable prompt in the file" + (
-                f" ({len(self.dropped)} longer than data.max_prompt_length)" if self.dropped else "")
+                f" ({len(self.dropped)} longer than {config_key('data.max_prompt_length')})" if self.dropped else "")
                 if self.kind == "prompts" else "no usable training sample in the file"))
         return found
 
@@ -233,7 +233,7 @@ class AuditReport:
         lines = []
         if self.control_text_kept:
             lines.append(_count_line("text holding special-token strings, kept as control tokens "
-                                     "(data.allow_special_tokens_in_text)", self.control_text_kept))
+                                     f"({config_key('data.allow_special_tokens_in_text')})", self.control_text_kept))
         if self.control_text_refused:
             lines.append(_count_line("text holding special-token strings, refused (among the bad rows)",
                                      self.control_text_refused))
@@ -243,7 +243,7 @@ class AuditReport:
         mean = f", mean {self.tokens / self.samples:.1f} per prompt" if self.samples else ""
         lines = [f"data audit: {self.source} (RL prompts)",
                  f"  rows {self.rows}, prompts {self.samples}, prompt tokens {self.tokens}{mean}",
-                 _count_line("dropped (longer than data.max_prompt_length)", [f.line for f in self.dropped])]
+                 _count_line(f"dropped (longer than {config_key('data.max_prompt_length')})", [f.line for f in self.dropped])]
         if self.bad_rows:
             lines.append(_count_line("bad rows skipped", [f.line for f in self.bad_rows]))
             lines += [f"    {f.message}" for f in self.bad_rows[:3]]
@@ -336,7 +336,7 @@ def load_sft_data(path: Any, tokenizer, data_config, *, spans_for_first: int = 0
         rows = read_rows_or_errors(path, limit=data_config.limit, columns=columns)
         return _render_rows(rows, str(path), tokenizer, data_config, spans_for_first)
     started = time.perf_counter()
-    mixture = read_mixture(data_sources(path, key), limit=data_config.limit, seed=seed, columns=columns)
+    mixture = read_mixture(data_sources(path, config_key(key)), limit=data_config.limit, seed=seed, columns=columns)
     parts = [_render_rows(mixture.drawn_rows(index), source.spec, tokenizer, data_config, spans_for_first)
              for index, source in enumerate(mixture.sources)]
     samples, kept, dropped = draw_items(mixture, [part.samples for part in parts], lambda sample: sample.line)
@@ -461,8 +461,8 @@ def audit_sample(sample: RenderedSample, report: AuditReport, max_length: int, t
     if len(sample.input_ids) > max_length:
         if truncation == "error":
             raise DataError(
-                f"{where}: sample has {len(sample.input_ids)} tokens, more than data.max_length={max_length} "
-                f"(data.truncation=error; use right or drop)"
+                f"{where}: sample has {len(sample.input_ids)} tokens, more than {config_key('data.max_length')}={max_length} "
+                f"({config_key('data.truncation')}=error; use right or drop)"
             )
         if truncation == "drop":
             report.dropped.append(Finding(line, f"{len(sample.input_ids)} tokens > max_length {max_length}"))
@@ -517,7 +517,7 @@ def load_prompt_data(path: Any, tokenizer, *, system: str | None = None, max_pro
     if not is_mixture(path):
         return _prompt_rows(read_rows_or_errors(path, limit=limit, columns=columns), str(path), tokenizer, **options)
     started = time.perf_counter()
-    mixture = read_mixture(data_sources(path, key), limit=limit, seed=seed, columns=columns)
+    mixture = read_mixture(data_sources(path, config_key(key)), limit=limit, seed=seed, columns=columns)
     parts = [_prompt_rows(mixture.drawn_rows(index), source.spec, tokenizer, **options)
              for index, source in enumerate(mixture.sources)]
     prompts, kept, dropped = draw_items(mixture, [part.prompts for part in parts], lambda prompt: prompt.line)
@@ -557,7 +557,7 @@ def _prompt_rows(rows, path: str, tokenizer, *, system: str | None, max_prompt_l
         report.rows += 1
         if max_prompt_length is not None and len(ids) > max_prompt_length:
             if too_long == "error":
-                raise DataError(f"{where}: prompt has {len(ids)} tokens, more than data.max_prompt_length="
+                raise DataError(f"{where}: prompt has {len(ids)} tokens, more than {config_key('data.max_prompt_length')}="
                                 f"{max_prompt_length}")
             report.dropped.append(Finding(line, f"{len(ids)} tokens > max_prompt_length {max_prompt_length}"))
             continue
@@ -598,7 +598,7 @@ def check_reward_fields(metadata: dict[str, Any], reward_fields: dict[str, str],
             fields = sorted(metadata)
             shown = ", ".join(fields[:20]) + (f", ... ({len(fields) - 20} more)" if len(fields) > 20 else "")
             raise DataError(f"{where}: no '{name}' field, which reward '{reward}' reads (fields: "
-                            f"{shown or 'none besides the prompt'}); map one with data.columns.{name}=<field, dotted for nested>")
+                            f"{shown or 'none besides the prompt'}); map one with {config_key('data.columns')}.{name}=<field, dotted for nested>")
         if (isinstance(value, str) and not value.strip()) or (isinstance(value, (list, dict)) and not value):
             # present but empty: every completion would score 0 (or an empty program pass nothing)
             raise DataError(f"{where}: '{name}' is empty, so reward '{reward}' could only score 0 on this row")
@@ -660,13 +660,13 @@ def preflight(prepared: PreparedData | PreparedPrompts, *, allow_errors: bool = 
     where, first = report.first_hard_error()
     if allow_errors:
         if print_fn is not None:
-            print_fn(f"warning: {len(errors)} hard data error(s), first {where}: {first.message}; training anyway (data.allow_audit_errors)")
+            print_fn(f"warning: {len(errors)} hard data error(s), first {where}: {first.message}; training anyway ({config_key('data.allow_audit_errors')})")
         return
     if report.kind == "prompts":
         raise DataError(f"{where}: {first.message} (pre-flight audit of RL prompts)")
     raise DataError(
         f"{where}: {first.message} (pre-flight audit: {len(errors)} hard error(s); "
-        f"see `posttrain inspect {where.rsplit(':', 1)[0] if first.line else where}`; set data.allow_audit_errors=true "
+        f"see `posttrain inspect {where.rsplit(':', 1)[0] if first.line else where}`; set {config_key('data.allow_audit_errors')}=true "
         f"to train anyway)"
     )
 

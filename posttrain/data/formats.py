@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
-from posttrain.errors import DataError
+from posttrain.errors import DataError, config_key
 from posttrain.hub import hub_status
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -271,7 +271,7 @@ def apply_columns(row: dict, columns: Mapping[str, str], where: str) -> dict:
         found, value = lookup_path(row, source)
         if not found:
             fields = ", ".join(sorted(row)) or "none"
-            raise DataError(f"{where}: data.columns.{target}: no field '{source}' in this row (fields: {fields})")
+            raise DataError(f"{where}: {config_key('data.columns')}.{target}: no field '{source}' in this row (fields: {fields})")
         out[target] = value
     return out
 
@@ -583,8 +583,9 @@ def prompt_from_row(row: dict, where: str, *, system: str | None = None) -> Conv
     if key is None:
         keys = ", ".join(sorted(row)) or "none"
         column = next((k for k in PROMPT_LIKE_KEYS if isinstance(row.get(k), str)), None)
-        hint = (f"; map it with data.columns: {{prompt: {column}}} (data.columns.prompt={column})"
-                if column is not None else "; map one with data.columns: {prompt: <field>}")
+        columns = config_key("data.columns")
+        hint = (f"; map it with {columns}: {{prompt: {column}}} ({columns}.prompt={column})"
+                if column is not None else f"; map one with {columns}: {{prompt: <field>}}")
         raise DataError(f"{where}: an RL prompt row needs a 'messages' or 'prompt' key (keys: {keys}){hint}")
     value = row[key]
     if not isinstance(value, (str, list, dict)):

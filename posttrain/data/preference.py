@@ -44,7 +44,7 @@ from posttrain.data.formats import (
 )
 from posttrain.data.mixture import data_sources, draw_items, is_mixture, read_mixture, setting_text
 from posttrain.data.scored_sequence import ScoredSequence, render_for_scoring, render_response, to_scored_sequence
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, config_key
 from posttrain.log import say_stdout
 
 
@@ -241,7 +241,7 @@ def audit_pairs(path: Any, tokenizer: Any, data: Any, *, keys: PairKeys = PairKe
         rows = read_rows_or_errors(path, limit=data.limit, columns=data.columns)
         return _audit_pair_rows(rows, str(path), tokenizer, data, keys)
     started = time.perf_counter()
-    mixture = read_mixture(data_sources(path, key), limit=data.limit, seed=seed, columns=data.columns)
+    mixture = read_mixture(data_sources(path, config_key(key)), limit=data.limit, seed=seed, columns=data.columns)
     parts = [_audit_pair_rows(mixture.drawn_rows(index), source.spec, tokenizer, data, keys)
              for index, source in enumerate(mixture.sources)]
     # a kept pair's two rendered sides follow each other in its source's samples
@@ -327,8 +327,8 @@ def make_pair_planner(pairs: Sequence[PreferencePair], train: Any, world_size: i
     lengths = [pair_length(p, train.packing) for p in pairs]
     if max(lengths) > train.micro_batch_tokens:
         raise ConfigError(
-            f"train.micro_batch_tokens ({train.micro_batch_tokens}) is smaller than a {max(lengths)}-token "
-            f"pair (both sides share a micro-batch): raise it or lower data.max_length")
+            f"{config_key('train.micro_batch_tokens')} ({train.micro_batch_tokens}) is smaller than a {max(lengths)}-token "
+            f"pair (both sides share a micro-batch): raise it or lower {config_key('data.max_length')}")
     return StepPlanner(
         lengths, [1] * len(pairs),
         global_batch_size=train.global_batch_size, global_batch_tokens=train.global_batch_tokens,

@@ -65,7 +65,7 @@ from typing import Any, Callable, Literal, Sequence
 
 from posttrain.data.formats import normalise_messages
 from posttrain.data.inline import call_text, first_closed_block, output_text
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, config_key
 
 TrainOn = Literal["all_assistant", "last_assistant"]
 HistoryRewrite = Literal["split", "error"]
@@ -538,7 +538,7 @@ def check_control_text(value: Any, tokenizer, allow: AllowControlText, where: st
     allowed = frozenset(allow or ())
     unknown = sorted(allowed - set(control_tokens(tokenizer))) if allowed else []
     if unknown:
-        raise ConfigError(f"data.allow_special_tokens_in_text: {unknown[0]!r} is not a special or added token of the "
+        raise ConfigError(f"{config_key('data.allow_special_tokens_in_text')}: {unknown[0]!r} is not a special or added token of the "
                           f"tokenizer (it has {len(control_tokens(tokenizer))}, e.g. "
                           f"{', '.join(list(control_tokens(tokenizer))[:4])})")
     refused = find_control_text(value, tokenizer, path=path, ignore=allowed)
@@ -546,7 +546,7 @@ def check_control_text(value: Any, tokenizer, allow: AllowControlText, where: st
         token, place = refused
         raise ControlTextError(
             f"{where}: {place} holds {token!r}, the text of a special token of the tokenizer: it would be encoded as "
-            f"that control token, not as text; remove it, or set data.allow_special_tokens_in_text=true (or a list "
+            f"that control token, not as text; remove it, or set {config_key('data.allow_special_tokens_in_text')}=true (or a list "
             f"of the tokens you mean) to keep it as the token")
     kept = find_control_text(value, tokenizer, path=path) if allowed else None
     return f"{kept[0]!r} in {kept[1]}" if kept else ""
@@ -837,7 +837,7 @@ def _group_turns(turns: list[_Turn], tokenizer, history_rewrite: str, where: str
             if history_rewrite == "error":
                 raise DataError(
                     f"{where}: the chat template rewrites history (messages[{previous.index}] renders differently once "
-                    f"later messages follow, e.g. dropped reasoning); set data.history_rewrite=split to train one sample per turn"
+                    f"later messages follow, e.g. dropped reasoning); set {config_key('data.history_rewrite')}=split to train one sample per turn"
                 )
         groups.append([turn])
     return groups, boundary_errors, rewritten
@@ -975,7 +975,7 @@ def _check_tool_rendering(messages, turns: list[_Turn], tokenizer, tools, kwargs
             raise DataError(
                 f"{where}: the chat template drops tool calls (messages[{turn.index}] calls {', '.join(missing or names)}, "
                 f"which the rendered text does not contain); pass --chat-template FILE with a template that renders tool_calls"
-                + (", or set data.tool_format=inline (python tool calls)" if "python" in names else "")
+                + (f", or set {config_key('data.tool_format')}=inline (python tool calls)" if "python" in names else "")
             )
         if messages[turn.index]["content"].strip():
             silent = {**messages[turn.index], "content": ""}

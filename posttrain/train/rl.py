@@ -61,7 +61,7 @@ from posttrain.algorithms.kl import make_kl_controller
 from posttrain.config import RLConfig
 from posttrain.data.audit import load_sft_data, preflight, preflight_prompts
 from posttrain.data.mixture import setting_text, source_metrics
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, config_key, config_section
 from posttrain.eval.generate import EvalProgress, evaluate_rows, trainer_metrics, trainer_records
 from posttrain.eval.prompts import PromptRow, prompt_rows
 from posttrain.hub import check_push_target
@@ -312,10 +312,12 @@ def load_ptx(config: RLConfig, tokenizer: Any, info: DistInfo) -> PtxMix | None:
     ptx = config.ptx
     if ptx.coef == 0:
         return None
-    prepared = load_sft_data(ptx.data.train, tokenizer, ptx.data, seed=config.train.seed, key="ptx.data.train")
-    preflight(prepared, allow_errors=ptx.data.allow_audit_errors, print_fn=say_stdout if info.is_main else None)
-    if not prepared.samples:
-        raise DataError(f"{setting_text(ptx.data.train)}: no trained tokens left after rendering (ptx.data.train)")
+    with config_section("ptx"):  # its messages name ptx.data.allow_audit_errors, not data.allow_audit_errors
+        prepared = load_sft_data(ptx.data.train, tokenizer, ptx.data, seed=config.train.seed)
+        preflight(prepared, allow_errors=ptx.data.allow_audit_errors, print_fn=say_stdout if info.is_main else None)
+        if not prepared.samples:
+            raise DataError(f"{setting_text(ptx.data.train)}: no trained tokens left after rendering "
+                            f"({config_key('data.train')})")
     return PtxMix(samples=list(prepared.samples), coef=ptx.coef, rows_per_step=ptx.rows_per_step,
                   seed=config.train.seed, micro_batch_tokens=config.train.micro_batch_tokens,
                   pad_token_id=pad_token_id(tokenizer), chunk_size=config.train.logits_chunk_size)

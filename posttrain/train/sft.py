@@ -24,7 +24,7 @@ import torch
 
 from posttrain.config import SFTConfig
 from posttrain.data.batching import StepPlan, StepPlanner, collate, sample_length, trained_target_count
-from posttrain.errors import ConfigError, DataError
+from posttrain.errors import ConfigError, DataError, config_key
 from posttrain.hub import check_push_target
 from posttrain.log import say
 from posttrain.models import load_tokenizer
@@ -134,7 +134,7 @@ def check_settings(config: SFTConfig) -> None:
     train = config.train
     if train.micro_batch_tokens < config.data.max_length:
         raise ConfigError(
-            f"train.micro_batch_tokens ({train.micro_batch_tokens}) is smaller than data.max_length "
+            f"{config_key('train.micro_batch_tokens')} ({train.micro_batch_tokens}) is smaller than {config_key('data.max_length')} "
             f"({config.data.max_length}): a full-length sample could never fit in a micro-batch; "
             f"raise micro_batch_tokens or lower max_length"
         )
@@ -179,8 +179,8 @@ def make_planner(config: SFTConfig, samples: Sequence[Any], world_size: int) -> 
     too_long = max(lengths)
     if too_long > config.train.micro_batch_tokens:
         raise ConfigError(
-            f"train.micro_batch_tokens ({config.train.micro_batch_tokens}) is smaller than a "
-            f"{too_long}-token sample: raise it or lower data.max_length"
+            f"{config_key('train.micro_batch_tokens')} ({config.train.micro_batch_tokens}) is smaller than a "
+            f"{too_long}-token sample: raise it or lower {config_key('data.max_length')}"
         )
     return StepPlanner(
         lengths, [trained_target_count(s) for s in samples],

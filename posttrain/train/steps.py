@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from posttrain.data.batching import StepPlan, split_across_ranks, split_into_micro_batches
-from posttrain.errors import ConfigError
+from posttrain.errors import ConfigError, config_key
 from posttrain.log import say
 from posttrain.models import load_model
 from posttrain.models.attention import choose_attention
@@ -75,7 +75,8 @@ def check_schedule(config: Any, total_steps: int, *, has_val: bool) -> int:
             f"the learning rate would never reach its peak"
         )
     if config.train.eval_every is not None and not has_val:
-        raise ConfigError("train.eval_every is set but there is no validation data: set data.val or data.val_fraction")
+        raise ConfigError(f"{config_key('train.eval_every')} is set but there is no validation data: set "
+                          f"{config_key('data.val')} or {config_key('data.val_fraction')}")
     return warmup
 
 
